@@ -1,0 +1,21 @@
+//! outpost: an edge gateway.
+//!
+//! Local devices publish telemetry to the embedded MQTT broker ([`edge`]). Each publish becomes
+//! an [`event::Event`]; the [`router`] decides by topic which routes it belongs to; a route may
+//! run a sandboxed WebAssembly handler on it ([`runtime`]); the results are committed to a
+//! SQLite outbox ([`store`]) before anything is sent, and the [`uplink`] drains the outbox to
+//! the upstream broker in order, deleting a row only when the upstream acknowledged it.
+//! [`pipeline`] is the stage that turns events into outbox rows; [`gateway`] wires the stages
+//! together and owns their lifecycle.
+
+pub mod config;
+pub mod edge;
+pub mod event;
+pub mod examples;
+pub mod gateway;
+pub mod metrics;
+pub mod pipeline;
+pub mod router;
+pub mod runtime;
+pub mod store;
+pub mod uplink;
