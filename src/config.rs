@@ -1,1 +1,662 @@
-//! (being written)
+//! The gateway's one typed configuration: TOML on disk, defaults for every field, and
+//! validation that names the offending key.
+//!
+//! Loading never panics: a file that cannot be read, parsed or validated gives a
+//! [`ConfigError`] whose message names the key (for example
+//! `route "alerts".upstream: no upstream named "clowd"`).
+//!
+//! This module does not open sockets or files other than the configuration file itself; the
+//! module paths it lists are checked for existence by [`Config::validate`], not loaded.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::router::{RouteSpec, RouteTable};
+
+/// The documented default configuration, as printed by `outpost config default`.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("default_config.toml");
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file that was asked for.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has a key of the wrong type or an unknown key.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file being parsed.
+        path: PathBuf,
+        /// The parser's message, which names the key and the line.
+        message: String,
+    },
+    /// A value is out of range or refers to something that does not exist.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// The offending key, e.g. `upstream "cloud".url`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// The whole configuration of one gateway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// This gateway's identity: used in upstream client ids and output message ids.
+    pub gateway_id: String,
+    /// Directory for the SQLite database (outbox, dead letters, handler state).
+    pub data_dir: PathBuf,
+    /// The device-facing MQTT broker.
+    pub broker: BrokerConfig,
+    /// Limits applied to every handler invocation.
+    pub handlers: HandlerConfig,
+    /// Upstream brokers, by name (`[[upstream]]` tables).
+    #[serde(rename = "upstream")]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Handler modules, by name (`[[module]]` tables).
+    #[serde(rename = "module")]
+    pub modules: Vec<ModuleConfig>,
+    /// Routes, in order (`[[route]]` tables). Every matching route gets the event.
+    #[serde(rename = "route")]
+    pub routes: Vec<RouteConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            gateway_id: "outpost".to_string(),
+            data_dir: PathBuf::from("outpost-data"),
+            broker: BrokerConfig::default(),
+            handlers: HandlerConfig::default(),
+            upstreams: vec![UpstreamConfig::default()],
+            modules: Vec::new(),
+            routes: vec![RouteConfig {
+                name: "telemetry".to_string(),
+                filter: "telemetry/#".to_string(),
+                device_segment: default_device_segment(),
+                handler: None,
+                upstream: None,
+                topic: None,
+            }],
+        }
+    }
+}
+
+/// The device-facing MQTT broker (rumqttd).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// MQTT 3.1.1 listeners.
+    pub listen: Vec<SocketAddr>,
+    /// MQTT 5 listeners.
+    pub listen_v5: Vec<SocketAddr>,
+    /// Largest accepted publish payload, in bytes.
+    pub max_payload_bytes: usize,
+    /// Most simultaneous device connections.
+    pub max_connections: usize,
+    /// Most unacknowledged QoS1/2 messages per device connection.
+    pub max_inflight: usize,
+    /// How long a new connection may take to send CONNECT, in milliseconds.
+    pub connect_timeout_ms: u16,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 1883))],
+            listen_v5: Vec::new(),
+            max_payload_bytes: 256 * 1024,
+            max_connections: 1024,
+            max_inflight: 100,
+            connect_timeout_ms: 5000,
+        }
+    }
+}
+
+/// Limits applied to every handler invocation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandlerConfig {
+    /// Wall-clock deadline for one batch, in milliseconds.
+    pub deadline_ms: u64,
+    /// Linear memory cap per instance, in MiB.
+    pub memory_limit_mib: usize,
+    /// Most events given to a handler in one batch.
+    pub max_batch: usize,
+}
+
+impl Default for HandlerConfig {
+    fn default() -> Self {
+        HandlerConfig {
+            deadline_ms: 1000,
+            memory_limit_mib: 32,
+            max_batch: 64,
+        }
+    }
+}
+
+impl HandlerConfig {
+    /// The deadline as a [`Duration`].
+    pub fn deadline(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms)
+    }
+}
+
+/// One upstream (cloud) broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// The name routes use to refer to it.
+    pub name: String,
+    /// `mqtt://HOST:PORT` (the port defaults to 1883).
+    pub url: String,
+    /// MQTT client id; defaults to `outpost-<gateway_id>-<name>`.
+    pub client_id: Option<String>,
+    /// MQTT keep-alive, in seconds (at least 5).
+    pub keep_alive_secs: u64,
+    /// Most publishes awaiting PUBACK at once.
+    pub inflight: u16,
+    /// First reconnect delay, in milliseconds; doubles up to `reconnect_max_ms`.
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, in milliseconds.
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            name: "cloud".to_string(),
+            url: "mqtt://127.0.0.1:1884".to_string(),
+            client_id: None,
+            keep_alive_secs: 30,
+            inflight: 100,
+            reconnect_min_ms: 250,
+            reconnect_max_ms: 10_000,
+        }
+    }
+}
+
+/// A parsed `mqtt://HOST:PORT` address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    /// Host name or IP address (without brackets for IPv6).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl fmt::Display for BrokerAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "mqtt://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Parses `mqtt://HOST[:PORT]`; the error says what is wrong in words.
+pub fn parse_broker_url(url: &str) -> Result<BrokerAddress, String> {
+    let rest = url
+        .strip_prefix("mqtt://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .ok_or_else(|| {
+            format!("{url:?} must start with mqtt:// (TLS upstreams are not supported yet)")
+        })?;
+    let rest = rest.trim_end_matches('/');
+    if rest.contains('/') || rest.contains('@') || rest.contains('?') {
+        return Err(format!(
+            "{url:?}: expected mqtt://HOST:PORT with nothing after the port"
+        ));
+    }
+    let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
+        let (host, after) = inner
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?}: unclosed '[' in IPv6 address"))?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(format!("{url:?}: unexpected {after:?} after the address")),
+        };
+        (host, port)
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (rest, None),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    let port = match port {
+        None => 1883,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{url:?}: port {p:?} is not a number from 1 to 65535"))?,
+    };
+    Ok(BrokerAddress {
+        host: host.to_string(),
+        port,
+    })
+}
+
+/// A handler module loaded at start-up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModuleConfig {
+    /// The name routes use to refer to it.
+    pub name: String,
+    /// Path of the WebAssembly component, relative to the configuration file's directory.
+    pub path: PathBuf,
+}
+
+/// One route: which events, which handler, which upstream, which output topic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Unique name, used in logs and dead letters.
+    pub name: String,
+    /// MQTT topic filter (`+` and `#` allowed).
+    pub filter: String,
+    /// Which topic level (0-based) names the device; default 1 (`telemetry/<device>/...`).
+    #[serde(default = "default_device_segment")]
+    pub device_segment: usize,
+    /// Handler module to run; without one the event itself is forwarded.
+    pub handler: Option<String>,
+    /// Upstream for the outputs; may be left out when exactly one upstream is configured.
+    pub upstream: Option<String>,
+    /// Output topic template: `{topic}`, `{device}`, `{gateway}`, `{output}`, `{N}`.
+    pub topic: Option<String>,
+}
+
+fn default_device_segment() -> usize {
+    1
+}
+
+/// Command-line values that replace parts of the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Replaces `broker.listen` with this one address.
+    pub listen: Option<SocketAddr>,
+    /// Replaces the first upstream's URL (or adds an upstream named `cloud`).
+    pub upstream: Option<String>,
+    /// Replaces `data_dir`.
+    pub data_dir: Option<PathBuf>,
+    /// Replaces `gateway_id`.
+    pub gateway_id: Option<String>,
+}
+
+impl Config {
+    /// Parses TOML text; `origin` is used in messages only. Module paths stay as written.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.to_string().trim_end().replace('\n', " | "),
+        })
+    }
+
+    /// Reads and parses a file, and makes relative module paths relative to its directory.
+    /// Does not validate; call [`Config::validate`].
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::from_toml(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for module in &mut config.modules {
+            if module.path.is_relative() {
+                module.path = base.join(&module.path);
+            }
+        }
+        Ok(config)
+    }
+
+    /// Applies command-line overrides.
+    pub fn apply(&mut self, overrides: &Overrides) {
+        if let Some(listen) = overrides.listen {
+            self.broker.listen = vec![listen];
+        }
+        if let Some(url) = &overrides.upstream {
+            match self.upstreams.first_mut() {
+                Some(first) => first.url = url.clone(),
+                None => self.upstreams.push(UpstreamConfig {
+                    url: url.clone(),
+                    ..UpstreamConfig::default()
+                }),
+            }
+        }
+        if let Some(dir) = &overrides.data_dir {
+            self.data_dir = dir.clone();
+        }
+        if let Some(id) = &overrides.gateway_id {
+            self.gateway_id = id.clone();
+        }
+    }
+
+    /// The route specs with every route's upstream resolved (a route without `upstream` gets
+    /// the only configured upstream).
+    pub fn route_specs(&self) -> Result<Vec<RouteSpec>, ConfigError> {
+        self.routes
+            .iter()
+            .map(|r| {
+                let upstream = match (&r.upstream, self.upstreams.as_slice()) {
+                    (Some(u), _) => u.clone(),
+                    (None, [only]) => only.name.clone(),
+                    (None, []) => {
+                        return Err(invalid(
+                            format!("route {:?}.upstream", r.name),
+                            "no [[upstream]] is configured",
+                        ))
+                    }
+                    (None, _) => {
+                        return Err(invalid(
+                            format!("route {:?}.upstream", r.name),
+                            "required when more than one upstream is configured",
+                        ))
+                    }
+                };
+                Ok(RouteSpec {
+                    name: r.name.clone(),
+                    filter: r.filter.clone(),
+                    device_segment: r.device_segment,
+                    handler: r.handler.clone(),
+                    upstream,
+                    topic: r.topic.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Checks every value and cross-reference, and compiles the route table.
+    /// Module files must exist; their contents are checked when the runtime loads them.
+    pub fn validate(&self) -> Result<RouteTable, ConfigError> {
+        if self.gateway_id.is_empty()
+            || !self
+                .gateway_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(invalid(
+                "gateway_id",
+                format!(
+                    "{:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
+                    self.gateway_id
+                ),
+            ));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        let b = &self.broker;
+        if b.listen.is_empty() && b.listen_v5.is_empty() {
+            return Err(invalid(
+                "broker.listen",
+                "at least one listener (broker.listen or broker.listen_v5) is required",
+            ));
+        }
+        let mut seen_addrs = HashSet::new();
+        for addr in b.listen.iter().chain(&b.listen_v5) {
+            if addr.port() != 0 && !seen_addrs.insert(*addr) {
+                return Err(invalid("broker.listen", format!("{addr} is listed twice")));
+            }
+        }
+        if b.max_payload_bytes == 0 || b.max_payload_bytes > 256 * 1024 * 1024 {
+            return Err(invalid(
+                "broker.max_payload_bytes",
+                "must be between 1 and 268435456",
+            ));
+        }
+        if b.max_connections == 0 {
+            return Err(invalid("broker.max_connections", "must be at least 1"));
+        }
+        if b.max_inflight == 0 || b.max_inflight > u16::MAX as usize {
+            return Err(invalid(
+                "broker.max_inflight",
+                "must be between 1 and 65535",
+            ));
+        }
+        let h = &self.handlers;
+        if h.deadline_ms == 0 || h.deadline_ms > 600_000 {
+            return Err(invalid(
+                "handlers.deadline_ms",
+                "must be between 1 and 600000",
+            ));
+        }
+        if h.memory_limit_mib == 0 || h.memory_limit_mib > 4096 {
+            return Err(invalid(
+                "handlers.memory_limit_mib",
+                "must be between 1 and 4096",
+            ));
+        }
+        if h.max_batch == 0 || h.max_batch > 10_000 {
+            return Err(invalid("handlers.max_batch", "must be between 1 and 10000"));
+        }
+
+        let mut upstream_names = HashSet::new();
+        for u in &self.upstreams {
+            let key = |field: &str| format!("upstream {:?}.{field}", u.name);
+            if u.name.is_empty() {
+                return Err(invalid("upstream.name", "must not be empty"));
+            }
+            if !upstream_names.insert(u.name.as_str()) {
+                return Err(invalid(key("name"), "is used by two upstreams"));
+            }
+            parse_broker_url(&u.url).map_err(|m| invalid(key("url"), m))?;
+            if u.keep_alive_secs < 5 || u.keep_alive_secs > 65_535 {
+                return Err(invalid(
+                    key("keep_alive_secs"),
+                    "must be between 5 and 65535",
+                ));
+            }
+            if u.inflight == 0 {
+                return Err(invalid(key("inflight"), "must be at least 1"));
+            }
+            if u.reconnect_min_ms == 0 || u.reconnect_min_ms > u.reconnect_max_ms {
+                return Err(invalid(
+                    key("reconnect_min_ms"),
+                    "must be at least 1 and not more than reconnect_max_ms",
+                ));
+            }
+        }
+
+        let mut module_names = HashSet::new();
+        for m in &self.modules {
+            if m.name.is_empty() {
+                return Err(invalid("module.name", "must not be empty"));
+            }
+            if !module_names.insert(m.name.as_str()) {
+                return Err(invalid(
+                    format!("module {:?}.name", m.name),
+                    "is used by two modules",
+                ));
+            }
+            if !m.path.is_file() {
+                return Err(invalid(
+                    format!("module {:?}.path", m.name),
+                    format!("{} does not exist or is not a file", m.path.display()),
+                ));
+            }
+        }
+
+        if self.routes.is_empty() {
+            return Err(invalid(
+                "route",
+                "no routes are configured, so nothing would ever be forwarded",
+            ));
+        }
+        let specs = self.route_specs()?;
+        for spec in &specs {
+            if let Some(handler) = &spec.handler {
+                if !module_names.contains(handler.as_str()) {
+                    return Err(invalid(
+                        format!("route {:?}.handler", spec.name),
+                        format!("no [[module]] named {handler:?}"),
+                    ));
+                }
+            }
+            if !upstream_names.contains(spec.upstream.as_str()) {
+                return Err(invalid(
+                    format!("route {:?}.upstream", spec.name),
+                    format!("no [[upstream]] named {:?}", spec.upstream),
+                ));
+            }
+        }
+        RouteTable::compile(&specs).map_err(|e| invalid("route", e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn documented_default_equals_built_in_default() {
+        let parsed = parse(DEFAULT_CONFIG_TOML).expect("default config parses");
+        assert_eq!(parsed, Config::default());
+        parsed.validate().expect("default config is valid");
+    }
+
+    #[test]
+    fn empty_file_is_the_default() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse("[broker]\nlisten = []\nmax_payload = 3\n").unwrap_err();
+        assert!(err.to_string().contains("max_payload"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = parse("gateway_id = 5\n").unwrap_err();
+        assert!(err.to_string().contains("gateway_id"), "{err}");
+    }
+
+    #[test]
+    fn route_to_unknown_upstream_is_rejected() {
+        let cfg = parse(
+            "[[upstream]]\nname = \"a\"\nurl = \"mqtt://h:1\"\n[[upstream]]\nname = \"b\"\nurl = \"mqtt://h:2\"\n\
+             [[route]]\nname = \"r\"\nfilter = \"x/#\"\nupstream = \"c\"\n",
+        )
+        .unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.starts_with("route \"r\".upstream"), "{err}");
+    }
+
+    #[test]
+    fn route_needs_upstream_when_several() {
+        let cfg = parse(
+            "[[upstream]]\nname = \"a\"\nurl = \"mqtt://h:1\"\n[[upstream]]\nname = \"b\"\nurl = \"mqtt://h:2\"\n\
+             [[route]]\nname = \"r\"\nfilter = \"x/#\"\n",
+        )
+        .unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("required when more than one upstream"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn route_to_unknown_module_is_rejected() {
+        let cfg = parse("[[route]]\nname = \"r\"\nfilter = \"x/#\"\nhandler = \"nope\"\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("route \"r\".handler"), "{err}");
+    }
+
+    #[test]
+    fn missing_module_file_is_rejected() {
+        let cfg = parse("[[module]]\nname = \"m\"\npath = \"/nonexistent/m.wasm\"\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("module \"m\".path"), "{err}");
+    }
+
+    #[test]
+    fn bad_filter_is_rejected_with_route_name() {
+        let cfg = parse("[[route]]\nname = \"r\"\nfilter = \"a/#/b\"\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("\"r\""), "{err}");
+    }
+
+    #[test]
+    fn overrides_replace_file_values() {
+        let mut cfg = Config::default();
+        cfg.apply(&Overrides {
+            listen: Some("127.0.0.1:9999".parse().unwrap()),
+            upstream: Some("mqtt://10.0.0.1:1883".into()),
+            data_dir: Some("/tmp/x".into()),
+            gateway_id: Some("gw-7".into()),
+        });
+        assert_eq!(cfg.broker.listen, vec!["127.0.0.1:9999".parse().unwrap()]);
+        assert_eq!(cfg.upstreams[0].url, "mqtt://10.0.0.1:1883");
+        assert_eq!(cfg.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(cfg.gateway_id, "gw-7");
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn broker_urls() {
+        let ok = |u: &str, h: &str, p: u16| {
+            assert_eq!(
+                parse_broker_url(u).unwrap(),
+                BrokerAddress {
+                    host: h.into(),
+                    port: p
+                }
+            )
+        };
+        ok("mqtt://example.com", "example.com", 1883);
+        ok("mqtt://127.0.0.1:1884", "127.0.0.1", 1884);
+        ok("mqtt://[::1]:1885", "::1", 1885);
+        ok("tcp://h:7/", "h", 7);
+        for bad in [
+            "http://h:1",
+            "mqtt://",
+            "mqtt://h:0",
+            "mqtt://h:x",
+            "mqtt://h:70000",
+            "mqtt://h:1/path",
+            "mqtt://[::1",
+            "h:1883",
+        ] {
+            assert!(parse_broker_url(bad).is_err(), "{bad} should be rejected");
+        }
+    }
+
+    #[test]
+    fn bad_gateway_id_is_rejected() {
+        let cfg = parse("gateway_id = \"a b\"\n").unwrap();
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("gateway_id"));
+    }
+}

@@ -1,1 +1,138 @@
-//! (being written)
+//! Wires the stages together (edge -> pipeline -> store -> uplinks) and owns their lifecycle.
+//!
+//! [`Gateway::start`] either returns a running gateway or a clear error (bad configuration,
+//! unusable data directory, a module that does not load, a port in use); it never leaves half
+//! a gateway running. [`Gateway::shutdown`] stops the listeners first, lets the pipeline
+//! commit everything it has received, then stops the uplinks: rows not yet acknowledged by an
+//! upstream stay in the outbox for the next start.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::config::Config;
+use crate::edge::Edge;
+use crate::metrics::Metrics;
+use crate::pipeline::Pipeline;
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::store::Store;
+use crate::uplink::Uplink;
+
+/// How many device publishes may wait between the edge and the pipeline.
+const PIPELINE_QUEUE: usize = 8192;
+
+/// A running gateway.
+pub struct Gateway {
+    /// Counters of everything the gateway did.
+    pub metrics: Arc<Metrics>,
+    /// The database.
+    pub store: Arc<Store>,
+    edge: Edge,
+    pipeline: JoinHandle<()>,
+    uplinks: Vec<JoinHandle<()>>,
+    stop_uplinks: watch::Sender<bool>,
+}
+
+impl Gateway {
+    /// Validates the configuration, opens the database, loads the handler modules, connects
+    /// the uplinks and opens the listeners. Must be called inside a tokio runtime.
+    pub async fn start(config: Config) -> anyhow::Result<Gateway> {
+        let routes = Arc::new(config.validate()?);
+        let store = Arc::new(Store::open(&config.data_dir)?);
+        let metrics = Arc::new(Metrics::default());
+
+        let runtime = Runtime::new(
+            RuntimeConfig {
+                deadline: config.handlers.deadline(),
+                memory_limit_bytes: config.handlers.memory_limit_mib * 1024 * 1024,
+                ..RuntimeConfig::default()
+            },
+            store.clone(),
+        )
+        .context("cannot start the WebAssembly runtime")?;
+        let mut handlers = HashMap::new();
+        for module in &config.modules {
+            let wasm = std::fs::read(&module.path).with_context(|| {
+                format!(
+                    "module {:?}: cannot read {}",
+                    module.name,
+                    module.path.display()
+                )
+            })?;
+            let handler = runtime
+                .load(&module.name, &wasm)
+                .with_context(|| format!("module {:?} ({})", module.name, module.path.display()))?;
+            info!(module = %module.name, path = %module.path.display(), "handler loaded");
+            handlers.insert(module.name.clone(), handler);
+        }
+
+        let (stop_uplinks, stop_rx) = watch::channel(false);
+        let mut wakes = HashMap::new();
+        let mut uplinks = Vec::new();
+        for upstream in &config.upstreams {
+            let wake = Arc::new(Notify::new());
+            wakes.insert(upstream.name.clone(), wake.clone());
+            metrics.set_link_connected(&upstream.name, false);
+            let uplink = Uplink {
+                config: upstream.clone(),
+                gateway_id: config.gateway_id.clone(),
+                store: store.clone(),
+                wake,
+                metrics: metrics.clone(),
+            };
+            uplinks.push(tokio::spawn(uplink.run(stop_rx.clone())));
+        }
+
+        let (publish_tx, publish_rx) = mpsc::channel(PIPELINE_QUEUE);
+        let pipeline = Pipeline {
+            routes,
+            handlers,
+            store: store.clone(),
+            wakes,
+            metrics: metrics.clone(),
+            gateway_id: config.gateway_id.clone(),
+            max_batch: config.handlers.max_batch,
+        };
+        let pipeline = tokio::spawn(pipeline.run(publish_rx));
+
+        let edge = match Edge::start(&config.broker, publish_tx, metrics.clone()) {
+            Ok(edge) => edge,
+            Err(e) => {
+                let _ = stop_uplinks.send(true);
+                pipeline.abort();
+                return Err(e.into());
+            }
+        };
+        info!(
+            gateway = %config.gateway_id,
+            data = %config.data_dir.display(),
+            listen = ?config.broker.listen,
+            "gateway running"
+        );
+        Ok(Gateway {
+            metrics,
+            store,
+            edge,
+            pipeline,
+            uplinks,
+            stop_uplinks,
+        })
+    }
+
+    /// Stops accepting publishes, commits what was received, and disconnects the uplinks.
+    pub async fn shutdown(self) {
+        self.edge.stop();
+        // The edge's subscriber task owned the only sender; once it is gone the pipeline
+        // drains its queue, commits, and ends.
+        let _ = self.pipeline.await;
+        let _ = self.stop_uplinks.send(true);
+        for uplink in self.uplinks {
+            let _ = uplink.await;
+        }
+        info!("gateway stopped");
+    }
+}

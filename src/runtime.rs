@@ -1,1 +1,1294 @@
-//! (being written)
+//! The WebAssembly handler runtime: one wasmtime engine, handlers loaded from components that
+//! implement the `outpost:handler/handler` world (`modules/wit/handler.wit`), and the host
+//! interface given to them.
+//!
+//! A [`Runtime`] owns the engine, the linker with the host interface, and a ticker thread that
+//! drives the invocation deadlines. [`Runtime::load`] compiles a component and checks it
+//! against the world once, giving a [`Handler`]. [`Handler::invoke`] runs one batch in a fresh
+//! instance with its own store, so nothing survives an invocation except what the handler
+//! wrote to the key-value store ([`KvBackend`]).
+//!
+//! Invariant 5 ("a handler cannot hurt the gateway") is kept here:
+//!
+//! - **time**: every invocation has a deadline, enforced by epoch interruption; running past
+//!   it is [`HandlerFailure::Timeout`];
+//! - **memory**: the linear memories of one invocation are capped together
+//!   ([`RuntimeConfig::memory_limit_bytes`]); going past the cap is
+//!   [`HandlerFailure::OutOfMemory`], and the engine's address-space reservations are sized
+//!   for a 512 MiB board;
+//! - **outputs**: their number and total payload size are capped; going past either is
+//!   [`HandlerFailure::OutputLimit`];
+//! - **reach**: the only capabilities are the host interface (log, per-module key-value
+//!   state, clock) and a locked-down WASI: no files, no environment, no arguments, no
+//!   sockets, no stdin; stdout is discarded and the start of stderr is kept only to explain a
+//!   trap.
+//!
+//! Key-value writes are buffered and applied only when an invocation succeeds, so a failed
+//! invocation can be retried from the same state.
+//!
+//! What this module does not do: it does not limit how many invocations run at once (the
+//! caller's thread pool does), retry, or keep dead letters; it does not cache compiled
+//! artifacts across restarts.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::event::{Event, Output};
+
+/// Host-side bindings for the `handler` world, generated from `modules/wit`.
+mod bindings {
+    wasmtime::component::bindgen!({
+        path: "modules/wit",
+        world: "handler",
+        // Every host function may trap: a key-value backend failure must stop the guest.
+        imports: { default: trappable },
+    });
+}
+
+use bindings::outpost::handler::{host, types};
+
+/// How often the ticker thread advances the engine's epoch: the granularity of deadlines.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+/// Largest table (in elements) an instance may have. Rust guests use a few hundred.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Log messages longer than this are cut (at a character boundary).
+const MAX_LOG_MESSAGE_BYTES: usize = 4 * 1024;
+
+/// Log lines one invocation may write; further lines are dropped (and that is logged once).
+const MAX_LOG_LINES: usize = 1_000;
+
+/// Error and trap messages kept in a [`HandlerFailure`] are cut to this length, so a
+/// dead-letter reason stays small.
+const MAX_REASON_BYTES: usize = 4 * 1024;
+
+/// How much of the guest's stderr is kept to explain a trap (a Rust panic message).
+const STDERR_CAPTURE_BYTES: usize = 2 * 1024;
+
+/// Longest key-value key a handler may use.
+const MAX_KV_KEY_BYTES: usize = 1024;
+
+/// Largest key-value value a handler may write.
+const MAX_KV_VALUE_BYTES: usize = 1024 * 1024;
+
+/// Largest total (keys plus values) of the key-value writes one invocation may buffer.
+const MAX_KV_PENDING_BYTES: usize = 8 * 1024 * 1024;
+
+/// Largest address-space reservation made up front for one linear memory.
+const MAX_MEMORY_RESERVATION: u64 = 64 * 1024 * 1024;
+
+/// WebAssembly page size; reservations are whole pages.
+const WASM_PAGE: u64 = 64 * 1024;
+
+/// Limits applied to every invocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// Wall-clock time one invocation (instantiation plus the `handle` call) may take. It is
+    /// enforced with a granularity of 10 ms: an invocation is stopped no earlier than this and
+    /// at most about 20 ms later. Default: 1 s.
+    pub deadline: Duration,
+    /// Bytes of linear memory all the memories of one invocation may have together. Default:
+    /// 32 MiB.
+    pub memory_limit_bytes: usize,
+    /// Outputs one invocation may return. Default: 10 000.
+    pub max_outputs: usize,
+    /// Total payload bytes of the outputs of one invocation. Default: 8 MiB.
+    pub max_output_bytes: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            deadline: Duration::from_secs(1),
+            memory_limit_bytes: 32 * 1024 * 1024,
+            max_outputs: 10_000,
+            max_output_bytes: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// Where handlers' persistent key-value state lives (in the gateway, the `kv` table of the
+/// store). Each module has its own key space: the runtime always passes the name the handler
+/// was loaded under as `module`, so one handler can never read or write another's keys.
+pub trait KvBackend: Send + Sync + 'static {
+    /// The value stored under `key` for `module`, if any.
+    fn get(&self, module: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>>;
+    /// Stores `value` under `key` for `module`, replacing any previous value.
+    fn set(&self, module: &str, key: &str, value: &[u8]) -> anyhow::Result<()>;
+}
+
+/// Why a [`Runtime`] could not be created.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// wasmtime rejected the engine configuration (for example, an unsupported host).
+    #[error("cannot create the WebAssembly engine: {0}")]
+    Engine(String),
+    /// The host interface or WASI could not be added to the linker.
+    #[error("cannot link the handler host interface: {0}")]
+    Linker(String),
+    /// The thread that drives invocation deadlines could not be started.
+    #[error("cannot start the deadline ticker thread: {0}")]
+    Ticker(String),
+}
+
+/// Why [`Runtime::load`] refused a module. Each message names the module and says what is
+/// wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The bytes are not WebAssembly at all.
+    #[error("module `{name}` is not WebAssembly (it does not start with the `\\0asm` magic)")]
+    NotWasm {
+        /// The name the module was loaded under.
+        name: String,
+    },
+    /// The bytes are a core WebAssembly module; handlers must be components.
+    #[error(
+        "module `{name}` is a core WebAssembly module, not a component: build it for \
+         wasm32-wasip2 (or wrap it with `wasm-tools component new`)"
+    )]
+    NotComponent {
+        /// The name the module was loaded under.
+        name: String,
+    },
+    /// The component is malformed or uses features this engine does not support.
+    #[error("module `{name}` is not a valid component: {reason}")]
+    Invalid {
+        /// The name the module was loaded under.
+        name: String,
+        /// wasmtime's explanation.
+        reason: String,
+    },
+    /// The component is valid but does not fit the `outpost:handler/handler` world: an import
+    /// the gateway does not provide, or a missing or mistyped `handle` export.
+    #[error(
+        "module `{name}` does not implement the outpost:handler/handler@0.1.0 world: {reason}"
+    )]
+    WrongWorld {
+        /// The name the module was loaded under.
+        name: String,
+        /// What does not match.
+        reason: String,
+    },
+}
+
+/// Why an invocation produced no outputs. Every variant is an ordinary, per-invocation
+/// failure: the gateway and the other handlers are unaffected, and the caller may retry.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerFailure {
+    /// The guest trapped (a Rust panic, `unreachable`, an out-of-bounds access, misuse of the
+    /// host interface...). The message says which trap, followed by the start of the guest's
+    /// stderr when it wrote any (where a Rust panic message goes).
+    #[error("handler trapped: {0}")]
+    Trap(String),
+    /// The invocation ran past [`RuntimeConfig::deadline`] and was stopped.
+    #[error("handler exceeded its deadline")]
+    Timeout,
+    /// The guest needed more memory than [`RuntimeConfig::memory_limit_bytes`].
+    #[error("handler exceeded its memory limit")]
+    OutOfMemory,
+    /// The handler returned an error for the batch; the message is the handler's.
+    #[error("handler returned an error: {0}")]
+    Error(String),
+    /// The handler returned more outputs, or more payload bytes, than allowed.
+    #[error("handler exceeded the output limit: {0}")]
+    OutputLimit(String),
+    /// The gateway failed while serving the handler (the key-value backend, most likely).
+    /// The handler itself may be fine.
+    #[error("host failure during handler invocation: {0}")]
+    Host(String),
+}
+
+impl HandlerFailure {
+    /// A short, stable name for the kind of failure, for metrics labels and dead-letter
+    /// reasons: `trap`, `timeout`, `out-of-memory`, `handler-error`, `output-limit` or
+    /// `host-error`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            HandlerFailure::Trap(_) => "trap",
+            HandlerFailure::Timeout => "timeout",
+            HandlerFailure::OutOfMemory => "out-of-memory",
+            HandlerFailure::Error(_) => "handler-error",
+            HandlerFailure::OutputLimit(_) => "output-limit",
+            HandlerFailure::Host(_) => "host-error",
+        }
+    }
+}
+
+/// The handler runtime: a wasmtime engine configured for small boards, the host interface,
+/// and the ticker that enforces deadlines.
+///
+/// Cloning is cheap and every clone shares the same engine. The ticker thread stops when the
+/// last clone of the `Runtime`, and the last [`Handler`] loaded from it, are dropped.
+#[derive(Clone)]
+pub struct Runtime {
+    /// Everything the clones and the handlers share.
+    shared: Arc<Shared>,
+}
+
+/// The state shared by a [`Runtime`], its clones and its [`Handler`]s.
+struct Shared {
+    /// The engine every handler is compiled for.
+    engine: Engine,
+    /// WASI plus the `outpost:handler/host` interface.
+    linker: Linker<State>,
+    /// The limits applied to every invocation.
+    config: RuntimeConfig,
+    /// The invocation deadline in epoch ticks (see [`deadline_ticks`]).
+    deadline_ticks: u64,
+    /// Handlers' persistent state.
+    kv: Arc<dyn KvBackend>,
+    /// Advances the engine's epoch; stops when this is dropped.
+    _ticker: Ticker,
+}
+
+impl Runtime {
+    /// Creates the engine, links the host interface and starts the deadline ticker.
+    ///
+    /// The engine does not reserve wasmtime's default 4 GiB of address space (plus 2 GiB of
+    /// guards) per linear memory, which fails on small boards: each memory reserves its cap
+    /// (at most 64 MiB) and 64 KiB guards.
+    pub fn new(config: RuntimeConfig, kv: Arc<dyn KvBackend>) -> Result<Runtime, RuntimeError> {
+        let engine = Engine::new(&engine_config(&config))
+            .map_err(|e| RuntimeError::Engine(format!("{e:#}")))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| RuntimeError::Linker(format!("WASI: {e:#}")))?;
+        bindings::Handler::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)
+            .map_err(|e| RuntimeError::Linker(format!("outpost:handler/host: {e:#}")))?;
+        let ticker =
+            Ticker::start(engine.clone()).map_err(|e| RuntimeError::Ticker(e.to_string()))?;
+        Ok(Runtime {
+            shared: Arc::new(Shared {
+                engine,
+                linker,
+                deadline_ticks: deadline_ticks(config.deadline),
+                config,
+                kv,
+                _ticker: ticker,
+            }),
+        })
+    }
+
+    /// Compiles `wasm` and checks it against the `handler` world: every import it needs must
+    /// be provided by the gateway and it must export `handle` with the right type. Nothing of
+    /// the module runs here. `name` is the module's identity: it scopes its key-value state
+    /// and tags its log lines.
+    ///
+    /// This is CPU-heavy (Cranelift compiles the whole component); call it off the async
+    /// executor.
+    pub fn load(&self, name: &str, wasm: &[u8]) -> Result<Handler, LoadError> {
+        let name_owned = || name.to_string();
+        match wasm {
+            [0, b'a', b's', b'm', _, _, 0, 0, ..] => {
+                return Err(LoadError::NotComponent { name: name_owned() })
+            }
+            [0, b'a', b's', b'm', ..] => {}
+            _ => return Err(LoadError::NotWasm { name: name_owned() }),
+        }
+        let component =
+            Component::new(&self.shared.engine, wasm).map_err(|e| LoadError::Invalid {
+                name: name_owned(),
+                reason: format!("{e:#}"),
+            })?;
+        let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
+            name: name_owned(),
+            reason: format!("{e:#}"),
+        };
+        let instance_pre = self
+            .shared
+            .linker
+            .instantiate_pre(&component)
+            .map_err(wrong_world)?;
+        let pre = bindings::HandlerPre::new(instance_pre).map_err(wrong_world)?;
+        Ok(Handler {
+            name: Arc::from(name),
+            pre,
+            shared: Arc::clone(&self.shared),
+        })
+    }
+}
+
+/// A loaded handler: a compiled, type-checked component ready to be instantiated.
+///
+/// Cloning is cheap; clones (on any threads) share the compiled code, and every invocation
+/// gets its own instance, so any number may run at once.
+#[derive(Clone)]
+pub struct Handler {
+    /// The module name: the key-value scope and the log tag.
+    name: Arc<str>,
+    /// The pre-linked component.
+    pre: bindings::HandlerPre<State>,
+    /// The runtime it was loaded by (kept alive, with its ticker, by this handler).
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handler")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Handler {
+    /// The name the handler was loaded under.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `batch` through a fresh instance of the handler and returns its outputs.
+    ///
+    /// Blocking: it returns when the handler has finished, failed, or been stopped at the
+    /// deadline. Call it from a blocking thread (for example `tokio::task::spawn_blocking`),
+    /// never directly from async code: the WASI streams use a tokio runtime internally.
+    ///
+    /// Guarantees: the instance is discarded afterwards; on success, the outputs respect the
+    /// output limits and the key-value writes the handler made are applied (in key order)
+    /// before this returns; on failure, none of its key-value writes are applied (unless the
+    /// backend itself fails part-way through applying them: [`HandlerFailure::Host`]).
+    pub fn invoke(&self, batch: &[Event]) -> Result<Vec<Output>, HandlerFailure> {
+        let shared = &self.shared;
+        let mut store = Store::new(
+            &shared.engine,
+            State::new(
+                Arc::clone(&self.name),
+                Arc::clone(&shared.kv),
+                shared.config.memory_limit_bytes,
+            ),
+        );
+        store.limiter(|state| &mut state.limits);
+        store.set_epoch_deadline(shared.deadline_ticks);
+        store.epoch_deadline_trap();
+
+        let batch: Vec<types::Event> = batch.iter().map(to_wit).collect();
+        let result = self
+            .pre
+            .instantiate(&mut store)
+            .and_then(|handler| handler.call_handle(&mut store, &batch));
+        let outputs = match result {
+            Ok(Ok(outputs)) => outputs,
+            Ok(Err(message)) => return Err(HandlerFailure::Error(cut(&message, MAX_REASON_BYTES))),
+            Err(error) => return Err(classify(&error, store.data())),
+        };
+        check_output_limits(&outputs, &shared.config)?;
+
+        let state = store.into_data();
+        for (key, value) in &state.kv_writes {
+            shared
+                .kv
+                .set(&self.name, key, value)
+                .map_err(|e| HandlerFailure::Host(format!("kv-set {key:?}: {e:#}")))?;
+        }
+        Ok(outputs
+            .into_iter()
+            .map(|output| Output {
+                topic: output.topic,
+                payload: output.payload,
+            })
+            .collect())
+    }
+}
+
+/// The wasmtime configuration: epoch interruption for deadlines, and memory reservations
+/// sized for a 512 MiB board.
+///
+/// wasmtime's 64-bit defaults reserve 4 GiB of address space per linear memory plus 2 GiB of
+/// guard (to elide bounds checks), which fails where address space is limited (32-bit boards,
+/// 39-bit kernels, `ulimit -v`; wasmtime issues #8607, #7637). Here each memory reserves its
+/// cap up front, rounded to whole pages but at most 64 MiB, so it grows in place up to the cap
+/// without being copied; a memory allowed to outgrow 64 MiB moves with 16 MiB of room to grow
+/// into each time. Guards are 64 KiB (enough to share bounds checks between nearby accesses).
+/// Generated code does explicit bounds checks, which costs a few percent of speed and is the
+/// price of running on these boards. The reservations are address space, not RAM: resident
+/// memory is what the guest actually touches, capped by the limiter.
+fn engine_config(config: &RuntimeConfig) -> Config {
+    let cap = u64::try_from(config.memory_limit_bytes).unwrap_or(u64::MAX);
+    let reservation = cap
+        .div_ceil(WASM_PAGE)
+        .saturating_mul(WASM_PAGE)
+        .min(MAX_MEMORY_RESERVATION);
+    let mut engine = Config::new();
+    engine
+        .epoch_interruption(true)
+        .memory_reservation(reservation)
+        .memory_guard_size(WASM_PAGE)
+        .memory_reservation_for_growth(16 * 1024 * 1024);
+    engine
+}
+
+/// Epoch ticks after which an invocation is stopped: enough that at least `deadline` passes
+/// whatever the phase of the ticker when the invocation starts (hence the extra tick). Huge
+/// deadlines are capped far beyond any uptime, where wasmtime's `current + ticks` cannot
+/// overflow.
+fn deadline_ticks(deadline: Duration) -> u64 {
+    const NEVER: u64 = u64::MAX / 4;
+    let ticks = deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()).max(1);
+    u64::try_from(ticks).unwrap_or(NEVER).min(NEVER) + 1
+}
+
+/// Converts an event to its WIT form.
+fn to_wit(event: &Event) -> types::Event {
+    types::Event {
+        id: event.id,
+        topic: event.topic.clone(),
+        device: event.device.clone(),
+        payload: event.payload.clone(),
+        received_ms: event.received_ms,
+        location: event.location.map(|l| types::Location {
+            lat: l.lat,
+            lon: l.lon,
+        }),
+        regions: event.regions.clone(),
+    }
+}
+
+/// Checks the outputs against [`RuntimeConfig::max_outputs`] and
+/// [`RuntimeConfig::max_output_bytes`].
+fn check_output_limits(
+    outputs: &[types::Output],
+    config: &RuntimeConfig,
+) -> Result<(), HandlerFailure> {
+    if outputs.len() > config.max_outputs {
+        return Err(HandlerFailure::OutputLimit(format!(
+            "{} outputs, at most {} allowed",
+            outputs.len(),
+            config.max_outputs
+        )));
+    }
+    let bytes = outputs.iter().fold(0usize, |sum, output| {
+        sum.saturating_add(output.payload.len())
+    });
+    if bytes > config.max_output_bytes {
+        return Err(HandlerFailure::OutputLimit(format!(
+            "{bytes} payload bytes, at most {} allowed",
+            config.max_output_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// Turns a failed instantiation or call into the failure it stands for. The signals recorded
+/// in the store take precedence over the error itself: a denied memory growth usually
+/// surfaces as the guest aborting (an `unreachable` trap), and a host fault as a trap carrying
+/// the host's error.
+fn classify(error: &wasmtime::Error, state: &State) -> HandlerFailure {
+    if let Some(fault) = &state.fault {
+        return match fault {
+            Fault::Backend(message) => HandlerFailure::Host(message.clone()),
+            Fault::Misuse(message) => HandlerFailure::Trap(message.clone()),
+        };
+    }
+    if state.limits.denied {
+        return HandlerFailure::OutOfMemory;
+    }
+    let mut message = match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => return HandlerFailure::Timeout,
+        Some(trap) => trap.to_string(),
+        None => format!("{error:#}"),
+    };
+    let stderr = state.stderr.text();
+    let stderr = stderr.trim();
+    if !stderr.is_empty() {
+        message.push_str("; guest stderr: ");
+        message.push_str(stderr);
+    }
+    HandlerFailure::Trap(cut(&message, MAX_REASON_BYTES))
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, marked when cut.
+fn cut(text: &str, max: usize) -> String {
+    truncated(text, max).into_owned()
+}
+
+/// `text` cut to at most `max` bytes at a character boundary (plus a marker), borrowed when
+/// it already fits.
+fn truncated(text: &str, max: usize) -> Cow<'_, str> {
+    if text.len() <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!(
+        "{}... [{} bytes cut]",
+        &text[..end],
+        text.len() - end
+    ))
+}
+
+/// The store data of one invocation.
+struct State {
+    /// The module name: the key-value scope and the log tag.
+    module: Arc<str>,
+    /// Persistent state, read through on a miss in `kv_writes`.
+    kv: Arc<dyn KvBackend>,
+    /// Key-value writes made so far, applied to `kv` only if the invocation succeeds.
+    kv_writes: BTreeMap<String, Vec<u8>>,
+    /// Bytes (keys plus values) in `kv_writes`.
+    kv_pending_bytes: usize,
+    /// Log lines written so far.
+    log_lines: usize,
+    /// The memory cap, and whether it was hit.
+    limits: Limits,
+    /// Set when a host function trapped the guest, saying why.
+    fault: Option<Fault>,
+    /// The start of the guest's stderr.
+    stderr: CapturedStderr,
+    /// The locked-down WASI context.
+    wasi: WasiCtx,
+    /// WASI resources (streams, pollables) of this instance.
+    table: ResourceTable,
+}
+
+/// Why a host function trapped the guest.
+enum Fault {
+    /// The key-value backend failed: the gateway's fault ([`HandlerFailure::Host`]).
+    Backend(String),
+    /// The guest broke a rule of the host interface ([`HandlerFailure::Trap`]).
+    Misuse(String),
+}
+
+impl State {
+    /// Fresh state for one invocation of `module`.
+    fn new(module: Arc<str>, kv: Arc<dyn KvBackend>, memory_limit: usize) -> State {
+        let stderr = CapturedStderr::default();
+        let wasi = WasiCtxBuilder::new()
+            .stderr(stderr.clone())
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
+        State {
+            module,
+            kv,
+            kv_writes: BTreeMap::new(),
+            kv_pending_bytes: 0,
+            log_lines: 0,
+            limits: Limits {
+                cap: memory_limit,
+                used: 0,
+                denied: false,
+            },
+            fault: None,
+            stderr,
+            wasi,
+            table: ResourceTable::new(),
+        }
+    }
+
+    /// Records `fault` and returns the error that traps the guest.
+    fn trap(&mut self, fault: Fault) -> wasmtime::Error {
+        let message = match &fault {
+            Fault::Backend(message) | Fault::Misuse(message) => message.clone(),
+        };
+        self.fault = Some(fault);
+        wasmtime::Error::msg(message)
+    }
+
+    /// Traps the guest if `key` is longer than allowed.
+    fn check_key(&mut self, operation: &str, key: &str) -> wasmtime::Result<()> {
+        if key.len() > MAX_KV_KEY_BYTES {
+            return Err(self.trap(Fault::Misuse(format!(
+                "{operation}: key of {} bytes, at most {MAX_KV_KEY_BYTES} allowed",
+                key.len()
+            ))));
+        }
+        Ok(())
+    }
+}
+
+impl WasiView for State {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for State {}
+
+impl host::Host for State {
+    fn log(&mut self, level: host::Level, message: String) -> wasmtime::Result<()> {
+        self.log_lines += 1;
+        let module = &*self.module;
+        if self.log_lines > MAX_LOG_LINES {
+            if self.log_lines == MAX_LOG_LINES + 1 {
+                tracing::warn!(
+                    module,
+                    "more than {MAX_LOG_LINES} log lines in one invocation; dropping the rest"
+                );
+            }
+            return Ok(());
+        }
+        let message = truncated(&message, MAX_LOG_MESSAGE_BYTES);
+        match level {
+            host::Level::Trace => tracing::trace!(module, "{message}"),
+            host::Level::Debug => tracing::debug!(module, "{message}"),
+            host::Level::Info => tracing::info!(module, "{message}"),
+            host::Level::Warn => tracing::warn!(module, "{message}"),
+            host::Level::Error => tracing::error!(module, "{message}"),
+        }
+        Ok(())
+    }
+
+    fn kv_get(&mut self, key: String) -> wasmtime::Result<Option<Vec<u8>>> {
+        self.check_key("kv-get", &key)?;
+        if let Some(value) = self.kv_writes.get(&key) {
+            return Ok(Some(value.clone()));
+        }
+        match self.kv.get(&self.module, &key) {
+            Ok(value) => Ok(value),
+            Err(e) => Err(self.trap(Fault::Backend(format!("kv-get {key:?}: {e:#}")))),
+        }
+    }
+
+    fn kv_set(&mut self, key: String, value: Vec<u8>) -> wasmtime::Result<()> {
+        self.check_key("kv-set", &key)?;
+        if value.len() > MAX_KV_VALUE_BYTES {
+            return Err(self.trap(Fault::Misuse(format!(
+                "kv-set {key:?}: value of {} bytes, at most {MAX_KV_VALUE_BYTES} allowed",
+                value.len()
+            ))));
+        }
+        let replaced = self
+            .kv_writes
+            .get(&key)
+            .map_or(0, |old| key.len() + old.len());
+        let pending = self.kv_pending_bytes - replaced + key.len() + value.len();
+        if pending > MAX_KV_PENDING_BYTES {
+            return Err(self.trap(Fault::Misuse(format!(
+                "kv-set {key:?}: more than {MAX_KV_PENDING_BYTES} bytes written in one invocation"
+            ))));
+        }
+        self.kv_pending_bytes = pending;
+        self.kv_writes.insert(key, value);
+        Ok(())
+    }
+
+    fn now_ms(&mut self) -> wasmtime::Result<u64> {
+        Ok(crate::event::now_ms())
+    }
+}
+
+/// The memory cap of one invocation, shared by all its linear memories, and the record of
+/// whether it was hit.
+struct Limits {
+    /// Bytes all memories may have together.
+    cap: usize,
+    /// Bytes granted so far (memories never shrink).
+    used: usize,
+    /// Whether a memory growth was refused (or failed) during this invocation.
+    denied: bool,
+}
+
+impl ResourceLimiter for Limits {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // Creating a memory is reported as growth from 0, so `used` covers initial sizes too.
+        let used = self.used.saturating_add(desired.saturating_sub(current));
+        if used > self.cap {
+            // Refused growth makes `memory.grow` return -1 to the guest, as WebAssembly
+            // specifies; a Rust guest then aborts, which `classify` reports as out-of-memory.
+            self.denied = true;
+            return Ok(false);
+        }
+        self.used = used;
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.denied = true;
+        Ok(())
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// The guest's stderr: the first [`STDERR_CAPTURE_BYTES`] are kept, the rest is discarded.
+/// Writes never fail, so a chatty guest is not stopped by a full buffer.
+#[derive(Clone, Default)]
+struct CapturedStderr(Arc<Mutex<Vec<u8>>>);
+
+impl CapturedStderr {
+    /// Keeps as much of `bytes` as still fits.
+    fn append(&self, bytes: &[u8]) {
+        let mut kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let room = STDERR_CAPTURE_BYTES.saturating_sub(kept.len());
+        kept.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
+
+    /// What was kept, as text.
+    fn text(&self) -> String {
+        let kept = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        String::from_utf8_lossy(&kept).into_owned()
+    }
+}
+
+impl IsTerminal for CapturedStderr {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for CapturedStderr {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+}
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for CapturedStderr {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for CapturedStderr {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.append(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for CapturedStderr {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.append(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// The thread that advances the engine's epoch every [`EPOCH_TICK`], which is what lets
+/// deadlines fire. Dropping the `Ticker` stops and joins the thread at once.
+struct Ticker {
+    /// Dropping this wakes the thread and tells it to stop.
+    stop: Option<mpsc::Sender<()>>,
+    /// The thread, joined on drop.
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Ticker {
+    /// Starts the thread for `engine`.
+    fn start(engine: Engine) -> std::io::Result<Ticker> {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("outpost-epoch".to_string())
+            .spawn(move || {
+                while let Err(RecvTimeoutError::Timeout) = stopped.recv_timeout(EPOCH_TICK) {
+                    engine.increment_epoch();
+                }
+            })?;
+        Ok(Ticker {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            // The thread cannot panic; if it did, there is nothing left to clean up.
+            let _ = thread.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::examples;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// An in-memory [`KvBackend`] that can be told to fail.
+    #[derive(Default)]
+    struct MemoryKv {
+        /// Values by (module, key).
+        values: Mutex<HashMap<(String, String), Vec<u8>>>,
+        /// When set, every call fails.
+        broken: AtomicBool,
+    }
+
+    impl MemoryKv {
+        fn value(&self, module: &str, key: &str) -> Option<Vec<u8>> {
+            self.values
+                .lock()
+                .unwrap()
+                .get(&(module.to_string(), key.to_string()))
+                .cloned()
+        }
+    }
+
+    impl KvBackend for MemoryKv {
+        fn get(&self, module: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+            anyhow::ensure!(!self.broken.load(Ordering::SeqCst), "disk on fire");
+            Ok(self.value(module, key))
+        }
+
+        fn set(&self, module: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
+            anyhow::ensure!(!self.broken.load(Ordering::SeqCst), "disk on fire");
+            self.values
+                .lock()
+                .unwrap()
+                .insert((module.to_string(), key.to_string()), value.to_vec());
+            Ok(())
+        }
+    }
+
+    fn runtime_with(config: RuntimeConfig) -> (Runtime, Arc<MemoryKv>) {
+        let kv = Arc::new(MemoryKv::default());
+        let runtime = Runtime::new(config, kv.clone()).expect("runtime");
+        (runtime, kv)
+    }
+
+    fn runtime() -> (Runtime, Arc<MemoryKv>) {
+        runtime_with(RuntimeConfig::default())
+    }
+
+    fn faulty(runtime: &Runtime) -> Handler {
+        let wasm = std::fs::read(examples::guest_path("faulty")).expect("faulty.wasm was built");
+        runtime.load("faulty", &wasm).expect("faulty loads")
+    }
+
+    fn event(id: u64, device: &str, payload: &str) -> Event {
+        Event {
+            id,
+            topic: format!("sensors/{device}/telemetry"),
+            device: device.to_string(),
+            payload: payload.as_bytes().to_vec(),
+            received_ms: 1_700_000_000_000 + id,
+            location: None,
+            regions: vec![],
+        }
+    }
+
+    fn json(output: &Output) -> serde_json::Value {
+        serde_json::from_slice(&output.payload).expect("output is JSON")
+    }
+
+    #[test]
+    fn enrich_adds_device_time_and_fahrenheit() {
+        let (runtime, _) = runtime();
+        let enrich = runtime.load("enrich", examples::ENRICH).unwrap();
+        let outputs = enrich
+            .invoke(&[event(1, "dev-1", r#"{"temp_c": 21.5, "hum": 40}"#)])
+            .unwrap();
+        assert_eq!(outputs.len(), 1);
+        assert_eq!(outputs[0].topic, "enriched/dev-1");
+        assert_eq!(
+            json(&outputs[0]),
+            serde_json::json!({
+                "temp_c": 21.5, "hum": 40, "temp_f": 70.7,
+                "device": "dev-1", "received_ms": 1_700_000_000_001u64,
+            })
+        );
+    }
+
+    #[test]
+    fn enrich_converts_fahrenheit_to_rounded_celsius() {
+        let (runtime, _) = runtime();
+        let enrich = runtime.load("enrich", examples::ENRICH).unwrap();
+        let outputs = enrich
+            .invoke(&[event(2, "dev-2", r#"{"temp_f": 100}"#)])
+            .unwrap();
+        assert_eq!(json(&outputs[0])["temp_c"], serde_json::json!(37.78));
+    }
+
+    #[test]
+    fn enrich_fails_the_batch_on_a_non_object_payload() {
+        let (runtime, _) = runtime();
+        let enrich = runtime.load("enrich", examples::ENRICH).unwrap();
+        let batch = [event(1, "d", r#"{"temp_c": 1}"#), event(7, "d", "not json")];
+        match enrich.invoke(&batch) {
+            Err(HandlerFailure::Error(message)) => {
+                assert!(
+                    message.starts_with("event 7: payload is not a JSON object"),
+                    "{message}"
+                );
+            }
+            other => panic!("expected a handler error, got {other:?}"),
+        }
+        let array = enrich.invoke(&[event(8, "d", "[1, 2]")]);
+        assert!(matches!(array, Err(HandlerFailure::Error(m)) if m.contains("event 8")));
+    }
+
+    /// The state of each invocation of `threshold` for a series of readings, one reading per
+    /// invocation, so the alert state must live in the key-value store.
+    fn alert_states(handler: &Handler, device: &str, readings: &[f64]) -> Vec<Option<String>> {
+        readings
+            .iter()
+            .enumerate()
+            .map(|(i, temp_c)| {
+                let batch = [event(
+                    i as u64,
+                    device,
+                    &format!(r#"{{"temp_c": {temp_c}}}"#),
+                )];
+                let outputs = handler.invoke(&batch).unwrap();
+                assert!(outputs.len() <= 1);
+                outputs.first().map(|output| {
+                    assert_eq!(output.topic, format!("alerts/{device}"));
+                    let alert = json(output);
+                    assert_eq!(alert["device"], device);
+                    assert_eq!(alert["temp_c"], *temp_c);
+                    alert["state"].as_str().unwrap().to_string()
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn threshold_raises_once_and_clears_with_hysteresis() {
+        let (runtime, kv) = runtime();
+        let threshold = runtime.load("threshold", examples::THRESHOLD).unwrap();
+        let raised = Some("raised".to_string());
+        let cleared = Some("cleared".to_string());
+        let states = alert_states(
+            &threshold,
+            "boiler",
+            &[20.0, 30.0, 31.0, 35.0, 26.0, 25.0, 24.9, 24.0, 29.0, 30.5],
+        );
+        assert_eq!(
+            states,
+            [
+                None,
+                None,
+                raised.clone(),
+                None,
+                None,
+                None,
+                cleared,
+                None,
+                None,
+                raised
+            ]
+        );
+        assert_eq!(
+            kv.value("threshold", "alerting/boiler").as_deref(),
+            Some(&b"1"[..])
+        );
+    }
+
+    #[test]
+    fn threshold_alert_names_the_crossed_threshold() {
+        let (runtime, _) = runtime();
+        let threshold = runtime.load("threshold", examples::THRESHOLD).unwrap();
+        let raised = threshold
+            .invoke(&[event(1, "d", r#"{"temp_c": 40}"#)])
+            .unwrap();
+        assert_eq!(json(&raised[0])["threshold"], 30.0);
+        let cleared = threshold
+            .invoke(&[event(2, "d", r#"{"temp_c": 10}"#)])
+            .unwrap();
+        assert_eq!(json(&cleared[0])["threshold"], 25.0);
+        assert_eq!(json(&cleared[0])["state"], "cleared");
+    }
+
+    #[test]
+    fn threshold_state_is_per_device_and_per_module() {
+        let (runtime, kv) = runtime();
+        let first = runtime.load("first", examples::THRESHOLD).unwrap();
+        let second = runtime.load("second", examples::THRESHOLD).unwrap();
+        let hot = |device| event(1, device, r#"{"temp_c": 40}"#);
+        assert_eq!(first.invoke(&[hot("a")]).unwrap().len(), 1);
+        assert_eq!(
+            first.invoke(&[hot("b")]).unwrap().len(),
+            1,
+            "another device"
+        );
+        assert_eq!(
+            second.invoke(&[hot("a")]).unwrap().len(),
+            1,
+            "another module"
+        );
+        assert_eq!(
+            first.invoke(&[hot("a")]).unwrap().len(),
+            0,
+            "already raised"
+        );
+        assert!(kv.value("first", "alerting/a").is_some());
+        assert!(kv.value("second", "alerting/b").is_none());
+    }
+
+    #[test]
+    fn threshold_skips_events_without_a_temperature() {
+        let (runtime, _) = runtime();
+        let threshold = runtime.load("threshold", examples::THRESHOLD).unwrap();
+        let batch = [
+            event(1, "d", r#"{"hum": 99}"#),
+            event(2, "d", r#"{"temp_c": "hot"}"#),
+        ];
+        assert_eq!(threshold.invoke(&batch).unwrap(), vec![]);
+        let not_json = threshold.invoke(&[event(3, "d", "31")]);
+        assert!(matches!(not_json, Err(HandlerFailure::Error(m)) if m.contains("event 3")));
+    }
+
+    #[test]
+    fn a_failed_invocation_leaves_the_kv_state_unchanged() {
+        let (runtime, kv) = runtime();
+        let threshold = runtime.load("threshold", examples::THRESHOLD).unwrap();
+        let batch = [event(1, "d", r#"{"temp_c": 40}"#), event(2, "d", "garbage")];
+        assert!(matches!(
+            threshold.invoke(&batch),
+            Err(HandlerFailure::Error(_))
+        ));
+        assert_eq!(kv.value("threshold", "alerting/d"), None);
+        let retry = threshold.invoke(&batch[..1]).unwrap();
+        assert_eq!(json(&retry[0])["state"], "raised");
+    }
+
+    #[test]
+    fn a_kv_backend_failure_is_a_host_failure() {
+        let (runtime, kv) = runtime();
+        let threshold = runtime.load("threshold", examples::THRESHOLD).unwrap();
+        kv.broken.store(true, Ordering::SeqCst);
+        match threshold.invoke(&[event(1, "d", r#"{"temp_c": 40}"#)]) {
+            Err(failure @ HandlerFailure::Host(_)) => {
+                assert_eq!(failure.reason(), "host-error");
+                assert!(failure.to_string().contains("disk on fire"), "{failure}");
+            }
+            other => panic!("expected a host failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn faulty_echoes_ordinary_payloads() {
+        let (runtime, _) = runtime();
+        let faulty = faulty(&runtime);
+        let outputs = faulty.invoke(&[event(1, "d", "hello")]).unwrap();
+        assert_eq!(
+            outputs,
+            [Output {
+                topic: "sensors/d/telemetry".to_string(),
+                payload: b"hello".to_vec(),
+            }]
+        );
+    }
+
+    #[test]
+    fn a_panic_is_a_trap_that_carries_the_panic_message() {
+        let (runtime, _) = runtime();
+        match faulty(&runtime).invoke(&[event(1, "d", "trap")]) {
+            Err(failure @ HandlerFailure::Trap(_)) => {
+                assert_eq!(failure.reason(), "trap");
+                assert!(failure.to_string().contains("requested trap"), "{failure}");
+            }
+            other => panic!("expected a trap, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_returned_error_is_a_handler_error() {
+        let (runtime, _) = runtime();
+        let failure = faulty(&runtime)
+            .invoke(&[event(1, "d", "error")])
+            .unwrap_err();
+        assert!(matches!(&failure, HandlerFailure::Error(m) if m == "requested error"));
+        assert_eq!(failure.reason(), "handler-error");
+    }
+
+    #[test]
+    fn an_endless_loop_is_stopped_at_the_deadline() {
+        let (runtime, _) = runtime_with(RuntimeConfig {
+            deadline: Duration::from_millis(200),
+            ..RuntimeConfig::default()
+        });
+        let failure = faulty(&runtime)
+            .invoke(&[event(1, "d", "loop")])
+            .unwrap_err();
+        assert!(matches!(failure, HandlerFailure::Timeout), "{failure:?}");
+        assert_eq!(failure.reason(), "timeout");
+    }
+
+    #[test]
+    fn unbounded_allocation_is_out_of_memory() {
+        let (runtime, _) = runtime();
+        let failure = faulty(&runtime)
+            .invoke(&[event(1, "d", "grow")])
+            .unwrap_err();
+        assert!(
+            matches!(failure, HandlerFailure::OutOfMemory),
+            "{failure:?}"
+        );
+        assert_eq!(failure.reason(), "out-of-memory");
+    }
+
+    #[test]
+    fn a_handler_survives_its_failures() {
+        let (runtime, _) = runtime();
+        let faulty = faulty(&runtime);
+        for payload in ["trap", "grow", "error"] {
+            assert!(faulty.invoke(&[event(1, "d", payload)]).is_err());
+            assert_eq!(faulty.invoke(&[event(2, "d", "ok")]).unwrap().len(), 1);
+        }
+    }
+
+    #[test]
+    fn too_many_outputs_is_an_output_limit_failure() {
+        let (runtime, _) = runtime_with(RuntimeConfig {
+            max_outputs: 2,
+            ..RuntimeConfig::default()
+        });
+        let faulty = faulty(&runtime);
+        let batch: Vec<Event> = (0..3).map(|i| event(i, "d", "x")).collect();
+        assert_eq!(faulty.invoke(&batch[..2]).unwrap().len(), 2);
+        let failure = faulty.invoke(&batch).unwrap_err();
+        assert!(
+            matches!(failure, HandlerFailure::OutputLimit(_)),
+            "{failure:?}"
+        );
+        assert_eq!(failure.reason(), "output-limit");
+    }
+
+    #[test]
+    fn too_many_output_bytes_is_an_output_limit_failure() {
+        let (runtime, _) = runtime_with(RuntimeConfig {
+            max_output_bytes: 10,
+            ..RuntimeConfig::default()
+        });
+        let faulty = faulty(&runtime);
+        assert!(faulty.invoke(&[event(1, "d", "0123456789")]).is_ok());
+        let failure = faulty.invoke(&[event(1, "d", "0123456789a")]).unwrap_err();
+        assert!(
+            matches!(failure, HandlerFailure::OutputLimit(_)),
+            "{failure:?}"
+        );
+    }
+
+    #[test]
+    fn garbage_is_not_wasm() {
+        let (runtime, _) = runtime();
+        let error = runtime.load("junk", b"hello, world").unwrap_err();
+        assert!(matches!(error, LoadError::NotWasm { .. }), "{error:?}");
+        assert!(
+            error.to_string().contains("`junk` is not WebAssembly"),
+            "{error}"
+        );
+        assert!(matches!(
+            runtime.load("empty", b""),
+            Err(LoadError::NotWasm { .. })
+        ));
+    }
+
+    #[test]
+    fn a_core_module_is_not_a_component() {
+        let (runtime, _) = runtime();
+        let error = runtime.load("core", b"\0asm\x01\0\0\0").unwrap_err();
+        assert!(matches!(error, LoadError::NotComponent { .. }), "{error:?}");
+        assert!(error.to_string().contains("not a component"), "{error}");
+    }
+
+    #[test]
+    fn a_component_without_handle_is_the_wrong_world() {
+        let (runtime, _) = runtime();
+        // The smallest valid component: a header and nothing else.
+        let error = runtime.load("empty", b"\0asm\x0d\0\x01\0").unwrap_err();
+        assert!(matches!(error, LoadError::WrongWorld { .. }), "{error:?}");
+        assert!(error.to_string().contains("handle"), "{error}");
+    }
+
+    #[test]
+    fn a_truncated_component_is_invalid() {
+        let (runtime, _) = runtime();
+        let error = runtime.load("cut", &examples::ENRICH[..100]).unwrap_err();
+        assert!(matches!(error, LoadError::Invalid { .. }), "{error:?}");
+    }
+
+    #[test]
+    fn deadlines_never_fire_early() {
+        assert_eq!(deadline_ticks(Duration::from_millis(200)), 21);
+        assert_eq!(deadline_ticks(Duration::from_millis(1)), 2);
+        assert_eq!(deadline_ticks(Duration::ZERO), 2);
+        assert_eq!(deadline_ticks(Duration::MAX), u64::MAX / 4 + 1);
+    }
+
+    #[test]
+    fn the_runtime_lives_as_long_as_its_last_handler() {
+        let (runtime, _) = runtime();
+        let shared = Arc::downgrade(&runtime.shared);
+        let handler = runtime.load("enrich", examples::ENRICH).unwrap();
+        drop(runtime);
+        assert!(handler.invoke(&[event(1, "d", "{}")]).is_ok());
+        drop(handler);
+        assert!(shared.upgrade().is_none(), "nothing else holds the engine");
+    }
+
+    #[test]
+    fn the_ticker_thread_stops_when_dropped() {
+        let engine = Engine::new(&engine_config(&RuntimeConfig::default())).unwrap();
+        let mut ticker = Ticker::start(engine).unwrap();
+        let thread = ticker.thread.take().unwrap();
+        assert!(!thread.is_finished());
+        drop(ticker);
+        let start = std::time::Instant::now();
+        while !thread.is_finished() && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(
+            thread.is_finished(),
+            "the ticker thread outlived its Ticker"
+        );
+    }
+
+    #[test]
+    fn long_text_is_cut_at_a_character_boundary() {
+        assert_eq!(truncated("short", 10), "short");
+        assert_eq!(cut("ééé", 3), "é... [4 bytes cut]");
+    }
+
+    #[test]
+    fn runtime_and_handler_are_shareable() {
+        fn shareable<T: Clone + Send + Sync + 'static>() {}
+        shareable::<Runtime>();
+        shareable::<Handler>();
+    }
+}

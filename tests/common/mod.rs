@@ -1,0 +1,416 @@
+//! Real peers for the integration tests: a Mosquitto broker as the upstream, the `outpost`
+//! binary as a child process, and rumqttc clients as devices and as the upstream's subscriber.
+//! Everything binds to 127.0.0.1 on free ports and is stopped when dropped.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+/// Generous bound for anything that should happen "soon" on a slow shared machine.
+pub const PATIENCE: Duration = Duration::from_secs(90);
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind an ephemeral port")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// Waits until `check` returns true, polling; panics with `what` after `PATIENCE`.
+pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn wait_for_port(port: u16, child: &mut Child, log: &Path) {
+    let deadline = Instant::now() + PATIENCE;
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "process exited ({status}) before listening on {port}:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        assert!(Instant::now() < deadline, "nothing listens on port {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A Mosquitto broker on a free port, with persistence so that a subscriber's queued messages
+/// survive a restart (the upstream "going away" and coming back).
+pub struct Mosquitto {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Mosquitto {
+    pub fn new(dir: &Path) -> Mosquitto {
+        let port = free_port();
+        let dir = dir.join(format!("mosquitto-{port}"));
+        std::fs::create_dir_all(&dir).expect("mosquitto dir");
+        let mut conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+             persistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 100\n\
+             log_dest stdout\n",
+            dir.display()
+        );
+        // Started as root, Mosquitto switches to the `mosquitto` user, which cannot write its
+        // persistence file into our private temporary directory.
+        if running_as_root() {
+            conf.push_str("user root\n");
+        }
+        std::fs::write(dir.join("mosquitto.conf"), conf).expect("write mosquitto.conf");
+        Mosquitto {
+            port,
+            dir,
+            child: None,
+        }
+    }
+
+    /// Starts (or restarts) the broker and waits until it listens.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "mosquitto already running");
+        let log_path = self.dir.join("mosquitto.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("mosquitto log");
+        let mut child = Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(self.dir.join("mosquitto.conf"))
+            .stdout(Stdio::from(log.try_clone().expect("log fd")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start mosquitto (apt-get install mosquitto)");
+        wait_for_port(self.port, &mut child, &log_path);
+        self.child = Some(child);
+    }
+
+    /// Stops the broker cleanly (it saves its persistent sessions).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            terminate(&mut child);
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn mosquitto_binary() -> PathBuf {
+    for candidate in [
+        "/usr/sbin/mosquitto",
+        "/usr/bin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+    ] {
+        if Path::new(candidate).exists() {
+            return PathBuf::from(candidate);
+        }
+    }
+    PathBuf::from("mosquitto")
+}
+
+/// The `outpost` binary running as a child process.
+pub struct Gateway {
+    pub port: u16,
+    pub data: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Gateway {
+    /// `outpost run --listen 127.0.0.1:<free> --data <dir>/gw-data <extra args>`.
+    pub fn new(dir: &Path, extra: &[&str]) -> Gateway {
+        let port = free_port();
+        let data = dir.join("gw-data");
+        let mut args = vec![
+            "run".to_string(),
+            "--listen".to_string(),
+            format!("127.0.0.1:{port}"),
+            "--data".to_string(),
+            data.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Gateway {
+            port,
+            data,
+            args,
+            log: dir.join("gateway.log"),
+            child: None,
+        }
+    }
+
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "gateway already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("gateway log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().expect("log fd")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start outpost");
+        wait_for_port(self.port, &mut child, &self.log);
+        self.child = Some(child);
+    }
+
+    /// SIGTERM, and wait for a clean exit; returns whether it exited with status 0.
+    pub fn stop(&mut self) -> bool {
+        match self.child.take() {
+            Some(mut child) => {
+                terminate(&mut child);
+                child.wait().map(|s| s.success()).unwrap_or(false)
+            }
+            None => true,
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Rows waiting in the outbox, read from the gateway's database.
+    pub fn outbox_depth(&self) -> u64 {
+        self.count("SELECT COUNT(*) FROM outbox")
+    }
+
+    /// Dead letters per reason.
+    pub fn dead_letters(&self) -> HashMap<String, u64> {
+        let Ok(conn) = self.db() else {
+            return HashMap::new();
+        };
+        let Ok(mut stmt) =
+            conn.prepare("SELECT reason, COUNT(*) FROM dead_letters GROUP BY reason")
+        else {
+            return HashMap::new();
+        };
+        stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default()
+    }
+
+    fn db(&self) -> rusqlite::Result<rusqlite::Connection> {
+        let conn = rusqlite::Connection::open_with_flags(
+            self.data.join("outpost.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(conn)
+    }
+
+    fn count(&self, sql: &str) -> u64 {
+        self.db()
+            .and_then(|c| c.query_row(sql, [], |r| r.get::<_, i64>(0)))
+            .map(|n| n as u64)
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- gateway log ----\n{}", self.log());
+        }
+    }
+}
+
+/// A device: an MQTT client that publishes with QoS 1 and counts the acknowledgements.
+pub struct Device {
+    client: AsyncClient,
+    acked: Arc<Mutex<u64>>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Device {
+    pub async fn connect(port: u16, id: &str) -> Device {
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_inflight(100);
+        let (client, mut eventloop) = AsyncClient::new(options, 256);
+        let acked = Arc::new(Mutex::new(0u64));
+        let counter = acked.clone();
+        let driver = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::PubAck(_))) => {
+                        *counter.lock().unwrap() += 1;
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        Device {
+            client,
+            acked,
+            driver,
+        }
+    }
+
+    pub async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("queue publish");
+    }
+
+    pub fn acked(&self) -> u64 {
+        *self.acked.lock().unwrap()
+    }
+
+    /// Waits until `n` publishes were acknowledged by the gateway.
+    pub async fn wait_acked(&self, n: u64) {
+        eventually(&format!("{n} PUBACKs"), || self.acked() >= n).await;
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// What the upstream subscriber received, in arrival order.
+#[derive(Clone, Default)]
+pub struct Received(Arc<Mutex<Vec<Message>>>);
+
+/// A received message: topic and payload.
+pub type Message = (String, Vec<u8>);
+
+impl Received {
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
+    pub fn all(&self) -> Vec<Message> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A subscriber on the upstream broker with a persistent session (clean_session = false,
+/// QoS 1), so messages published while it is away, or while the broker restarts, wait for it.
+pub struct Subscriber {
+    pub received: Received,
+    client: AsyncClient,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Subscriber {
+    pub async fn connect(port: u16, id: &str, filter: &str) -> Subscriber {
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_clean_session(false);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let received = Received::default();
+        let sink = received.clone();
+        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+        let mut subscribed_tx = Some(subscribed_tx);
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("queue subscribe");
+        let driver = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        sink.0
+                            .lock()
+                            .unwrap()
+                            .push((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(tx) = subscribed_tx.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        tokio::time::timeout(PATIENCE, subscribed_rx)
+            .await
+            .expect("SUBACK in time")
+            .expect("subscriber alive");
+        Subscriber {
+            received,
+            client,
+            driver,
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// Writes a configuration file into `dir` and returns its path.
+pub fn write_config(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("outpost.toml");
+    let mut file = std::fs::File::create(&path).expect("create config");
+    file.write_all(text.as_bytes()).expect("write config");
+    path
+}
