@@ -70,9 +70,11 @@ enum ConfigCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // rumqttd logs every connection at info and every disconnect as an error; the demo's
+    // progress lines say what matters.
     let default_level = match cli.command {
-        Command::Demo { .. } => "warn",
-        _ => "info",
+        Command::Demo { .. } => "error,rumqttd=off",
+        _ => "info,rumqttd=warn",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
