@@ -84,6 +84,9 @@ impl Uplink {
         let min = Duration::from_millis(self.config.reconnect_min_ms);
         let max = Duration::from_millis(self.config.reconnect_max_ms);
         let mut backoff = min;
+        // Failed attempts since the link was last up: the first is a warning, the rest (one
+        // per backoff step) are debug lines, so a long outage does not flood the log.
+        let mut failed_attempts: u64 = 0;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -105,11 +108,15 @@ impl Uplink {
                 SessionEnd::Shutdown => break,
                 SessionEnd::Lost { was_up, reason } => {
                     if was_up {
-                        warn!(link = %name, upstream = %address, %reason, "upstream connection lost");
+                        warn!(link = %name, upstream = %address, %reason, "upstream connection lost; outputs wait in the outbox");
                         backoff = min;
+                        failed_attempts = 0;
+                    } else if failed_attempts == 0 {
+                        warn!(link = %name, upstream = %address, %reason, "upstream not reachable; outputs wait in the outbox, retrying with backoff");
                     } else {
-                        debug!(link = %name, upstream = %address, %reason, "upstream not reachable");
+                        debug!(link = %name, upstream = %address, %reason, attempt = failed_attempts + 1, "upstream still not reachable");
                     }
+                    failed_attempts += 1;
                     let jitter = rand::rng().random_range(0.5..1.0);
                     let delay = backoff.mul_f64(jitter);
                     backoff = (backoff * 2).min(max);

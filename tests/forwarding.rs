@@ -140,3 +140,58 @@ async fn queued_events_survive_a_gateway_restart() {
     eventually("subscriber got 300", || subscriber.received.len() >= 300).await;
     assert_complete_in_order(&subscriber.received.all(), 1, 300);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_listener_forwards_too() {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    use rumqttc::v5::{mqttbytes::QoS, AsyncClient, Event, MqttOptions};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
+    let v5_port = common::free_port();
+    let file = common::write_config(
+        dir.path(),
+        &format!("[broker]\nlisten_v5 = [\"127.0.0.1:{v5_port}\"]\n"),
+    );
+    let mut gateway = Gateway::new(
+        dir.path(),
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--upstream",
+            &upstream.url(),
+        ],
+    );
+    gateway.start();
+
+    let (client, mut eventloop) =
+        AsyncClient::new(MqttOptions::new("v5-device", "127.0.0.1", v5_port), 16);
+    client
+        .publish(
+            "telemetry/v5-device/env",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"seq":1}"#,
+        )
+        .await
+        .unwrap();
+    let acked = tokio::time::timeout(common::PATIENCE, async {
+        loop {
+            if let Ok(Event::Incoming(Packet::PubAck(_))) = eventloop.poll().await {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(acked.is_ok(), "no PUBACK on the MQTT 5 listener");
+    eventually("the v5 publish upstream", || subscriber.received.len() >= 1).await;
+    assert_eq!(
+        subscriber.received.all(),
+        vec![(
+            "telemetry/v5-device/env".to_string(),
+            br#"{"seq":1}"#.to_vec()
+        )]
+    );
+}
