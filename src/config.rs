@@ -179,6 +179,23 @@ pub struct UpstreamConfig {
     pub reconnect_min_ms: u64,
     /// Longest reconnect delay, in milliseconds.
     pub reconnect_max_ms: u64,
+    /// MQTT version spoken to the upstream.
+    pub protocol: MqttVersion,
+    /// For MQTT 3.1.1 upstreams: wrap each payload in a JSON envelope carrying its message id
+    /// (MQTT 5 upstreams get the id as a user property instead).
+    pub envelope: bool,
+}
+
+/// An MQTT protocol version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum MqttVersion {
+    /// MQTT 3.1.1.
+    #[serde(rename = "3.1.1")]
+    #[default]
+    V311,
+    /// MQTT 5.
+    #[serde(rename = "5")]
+    V5,
 }
 
 impl Default for UpstreamConfig {
@@ -191,6 +208,8 @@ impl Default for UpstreamConfig {
             inflight: 100,
             reconnect_min_ms: 250,
             reconnect_max_ms: 10_000,
+            protocol: MqttVersion::default(),
+            envelope: false,
         }
     }
 }
@@ -468,6 +487,12 @@ impl Config {
                 return Err(invalid(
                     key("keep_alive_secs"),
                     "must be between 5 and 65535",
+                ));
+            }
+            if u.envelope && u.protocol == MqttVersion::V5 {
+                return Err(invalid(
+                    key("envelope"),
+                    "only for protocol \"3.1.1\": MQTT 5 upstreams get the message id as a user property",
                 ));
             }
             if u.inflight == 0 {

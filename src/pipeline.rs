@@ -198,6 +198,7 @@ impl Pipeline {
         match route.topic.render(&context) {
             Ok(topic) => results.outputs.push(NewOutboxRow {
                 link: route.upstream.clone(),
+                msg_id: format!("{}-{}-{}", self.gateway_id, event.id, route.name),
                 route: route.name.clone(),
                 topic,
                 payload,

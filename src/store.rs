@@ -64,6 +64,9 @@ pub enum StoreError {
 pub struct NewOutboxRow {
     /// The upstream link's name.
     pub link: String,
+    /// Stable message id (`<gateway>-<journal id>-<route>-<n>`), the same each time the event
+    /// is processed, so that the upstream can drop duplicates.
+    pub msg_id: String,
     /// The route that produced it.
     pub route: String,
     /// The MQTT topic to publish on.
@@ -79,6 +82,8 @@ pub struct NewOutboxRow {
 pub struct OutboxRow {
     /// The row id; strictly increasing, never reused.
     pub id: i64,
+    /// The stable message id given when the row was queued.
+    pub msg_id: String,
     /// The MQTT topic to publish on.
     pub topic: String,
     /// The payload to publish.
@@ -129,6 +134,7 @@ const MIGRATIONS: &[&str] = &[r#"
     CREATE TABLE outbox (
         id          INTEGER PRIMARY KEY AUTOINCREMENT,
         link        TEXT    NOT NULL,
+        msg_id      TEXT    NOT NULL,
         route       TEXT    NOT NULL,
         topic       TEXT    NOT NULL,
         payload     BLOB    NOT NULL,
@@ -215,14 +221,15 @@ impl Store {
         {
             let mut insert = tx
                 .prepare_cached(
-                    "INSERT INTO outbox (link, route, topic, payload, received_ms, created_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT INTO outbox (link, msg_id, route, topic, payload, received_ms, created_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )
                 .map_err(|e| self.err(e))?;
             for o in outputs {
                 insert
                     .execute(params![
                         o.link,
+                        o.msg_id,
                         o.route,
                         o.topic,
                         o.payload,
@@ -268,7 +275,7 @@ impl Store {
         let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
         let mut stmt = conn
             .prepare_cached(
-                "SELECT id, topic, payload FROM outbox WHERE link = ?1 AND id > ?2
+                "SELECT id, msg_id, topic, payload FROM outbox WHERE link = ?1 AND id > ?2
                  ORDER BY id LIMIT ?3",
             )
             .map_err(|e| self.err(e))?;
@@ -276,8 +283,9 @@ impl Store {
             .query_map(params![link, after, limit as i64], |r| {
                 Ok(OutboxRow {
                     id: r.get(0)?,
-                    topic: r.get(1)?,
-                    payload: r.get(2)?,
+                    msg_id: r.get(1)?,
+                    topic: r.get(2)?,
+                    payload: r.get(3)?,
                 })
             })
             .map_err(|e| self.err(e))?;
@@ -417,6 +425,7 @@ mod tests {
     fn row(link: &str, n: u8) -> NewOutboxRow {
         NewOutboxRow {
             link: link.into(),
+            msg_id: format!("gw-{n}"),
             route: "r".into(),
             topic: format!("t/{n}"),
             payload: vec![n],
