@@ -1,29 +1,28 @@
-//! Wires the stages together (edge -> pipeline -> store -> uplinks) and owns their lifecycle.
+//! Wires the stages together (edge -> journal -> pipeline -> outbox -> uplinks) and owns their
+//! lifecycle.
 //!
 //! [`Gateway::start`] either returns a running gateway or a clear error (bad configuration,
 //! unusable data directory, a module that does not load, a port in use); it never leaves half
-//! a gateway running. [`Gateway::shutdown`] stops the listeners first, lets the pipeline
-//! commit everything it has received, then stops the uplinks: rows not yet acknowledged by an
-//! upstream stay in the outbox for the next start.
+//! a gateway running. [`Gateway::shutdown`] stops the listeners first, lets the journal commit
+//! what it was given and the pipeline move the journal to the outbox, then stops the uplinks:
+//! rows not yet acknowledged by an upstream stay in the outbox for the next start.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::Context;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::config::Config;
 use crate::edge::Edge;
+use crate::journal::{Journal, JournalThread};
 use crate::metrics::Metrics;
 use crate::pipeline::Pipeline;
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::store::Store;
 use crate::uplink::Uplink;
-
-/// How many device publishes may wait between the edge and the pipeline.
-const PIPELINE_QUEUE: usize = 8192;
 
 /// A running gateway.
 pub struct Gateway {
@@ -32,7 +31,9 @@ pub struct Gateway {
     /// The database.
     pub store: Arc<Store>,
     edge: Edge,
+    journal: JournalThread,
     pipeline: JoinHandle<()>,
+    finish_pipeline: watch::Sender<bool>,
     uplinks: Vec<JoinHandle<()>>,
     stop_uplinks: watch::Sender<bool>,
 }
@@ -87,7 +88,9 @@ impl Gateway {
             uplinks.push(tokio::spawn(uplink.run(stop_rx.clone())));
         }
 
-        let (publish_tx, publish_rx) = mpsc::channel(PIPELINE_QUEUE);
+        let committed = Arc::new(Notify::new());
+        let (journal, journal_thread) = Journal::start(&store, committed.clone(), metrics.clone())?;
+        let (finish_pipeline, finish_rx) = watch::channel(false);
         let pipeline = Pipeline {
             routes,
             handlers,
@@ -97,12 +100,13 @@ impl Gateway {
             gateway_id: config.gateway_id.clone(),
             max_batch: config.handlers.max_batch,
         };
-        let pipeline = tokio::spawn(pipeline.run(publish_rx));
+        let pipeline = tokio::spawn(pipeline.run(committed, finish_rx));
 
-        let edge = match Edge::start(&config.broker, publish_tx, metrics.clone()) {
+        let edge = match Edge::start_durable(&config.broker, journal, metrics.clone()).await {
             Ok(edge) => edge,
             Err(e) => {
                 let _ = stop_uplinks.send(true);
+                let _ = finish_pipeline.send(true);
                 pipeline.abort();
                 return Err(e.into());
             }
@@ -117,17 +121,23 @@ impl Gateway {
             metrics,
             store,
             edge,
+            journal: journal_thread,
             pipeline,
+            finish_pipeline,
             uplinks,
             stop_uplinks,
         })
     }
 
-    /// Stops accepting publishes, commits what was received, and disconnects the uplinks.
+    /// Stops accepting publishes, commits what was received, moves the journal to the outbox,
+    /// and disconnects the uplinks.
     pub async fn shutdown(self) {
         self.edge.stop();
-        // The edge's subscriber task owned the only sender; once it is gone the pipeline
-        // drains its queue, commits, and ends.
+        // The edge's connections held the only journal handles; once they are gone the journal
+        // thread commits what it has and ends.
+        let journal = self.journal;
+        let _ = tokio::task::spawn_blocking(move || journal.join()).await;
+        let _ = self.finish_pipeline.send(true);
         let _ = self.pipeline.await;
         let _ = self.stop_uplinks.send(true);
         for uplink in self.uplinks {

@@ -13,6 +13,7 @@ pub mod edge;
 pub mod event;
 pub mod examples;
 pub mod gateway;
+pub mod journal;
 pub mod metrics;
 pub mod pipeline;
 pub mod router;

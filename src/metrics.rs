@@ -15,6 +15,10 @@ use serde::Serialize;
 pub struct Metrics {
     /// Publishes received from local devices.
     pub received: AtomicU64,
+    /// Publishes committed to the journal (acknowledgeable).
+    pub journaled: AtomicU64,
+    /// Device connections closed for a malformed or oversized packet.
+    pub edge_rejected: AtomicU64,
     /// Publishes that matched no route (they still reach local subscribers).
     pub unrouted: AtomicU64,
     /// Handler invocations (one per batch, plus one per event when a batch is retried singly).
@@ -45,6 +49,10 @@ struct LinkState {
 pub struct Snapshot {
     /// See [`Metrics::received`].
     pub received: u64,
+    /// See [`Metrics::journaled`].
+    pub journaled: u64,
+    /// See [`Metrics::edge_rejected`].
+    pub edge_rejected: u64,
     /// See [`Metrics::unrouted`].
     pub unrouted: u64,
     /// See [`Metrics::handler_invocations`].
@@ -98,6 +106,8 @@ impl Metrics {
             .unwrap_or_default();
         Snapshot {
             received: get(&self.received),
+            journaled: get(&self.journaled),
+            edge_rejected: get(&self.edge_rejected),
             unrouted: get(&self.unrouted),
             handler_invocations: get(&self.handler_invocations),
             handler_failures: get(&self.handler_failures),

@@ -1,9 +1,11 @@
-//! The processing stage: device publishes in, durable outbox rows (or dead letters) out.
+//! The processing stage: journaled device publishes in, durable outbox rows (or dead letters)
+//! out.
 //!
-//! For each batch of publishes taken from the edge, the pipeline finds the matching routes,
-//! runs each route's handler (if any) on the route's events, renders the output topics, and
-//! commits all outputs and dead letters of the batch in one SQLite transaction before it
-//! wakes the uplinks.
+//! The pipeline reads the journal in id order, in batches; for each batch it finds the
+//! matching routes, runs each route's handler (if any) on the route's events, renders the
+//! output topics, and in one SQLite transaction inserts all outputs and dead letters and deletes
+//! the batch's journal rows. Then it wakes the uplinks. A crash at any point leaves each event
+//! either still in the journal (processed again on start: at-least-once) or fully moved.
 //!
 //! Guarantees:
 //! - Nothing leaves this stage uncounted: every publish is routed or counted as `unrouted`;
@@ -21,15 +23,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{watch, Notify};
 use tracing::{debug, error, warn};
 
-use crate::edge::DevicePublish;
 use crate::event::{Event, Output};
 use crate::metrics::Metrics;
 use crate::router::{Route, RouteTable, TemplateContext};
 use crate::runtime::{Handler, HandlerFailure};
-use crate::store::{NewDeadLetter, NewOutboxRow, Store};
+use crate::store::{JournalRow, NewDeadLetter, NewOutboxRow, Store};
 
 /// The processing stage and everything it needs.
 pub struct Pipeline {
@@ -54,58 +55,78 @@ pub struct Pipeline {
 struct Results {
     outputs: Vec<NewOutboxRow>,
     dead: Vec<NewDeadLetter>,
+    journal_done: Vec<i64>,
 }
 
 impl Pipeline {
-    /// Processes publishes until the channel closes and everything received is committed.
-    pub async fn run(self, mut publishes: mpsc::Receiver<DevicePublish>) {
-        let mut next_id: u64 = 1;
-        let mut buffer = Vec::with_capacity(self.max_batch * 4);
-        while publishes
-            .recv_many(&mut buffer, (self.max_batch * 4).max(256))
-            .await
-            > 0
-        {
-            Metrics::add(&self.metrics.received, buffer.len() as u64);
+    /// Processes the journal: first what a previous run left, then each new commit (`committed`
+    /// is notified after every journal commit). Once `finish` is true, it processes what is
+    /// left and returns.
+    pub async fn run(self, committed: Arc<Notify>, mut finish: watch::Receiver<bool>) {
+        let limit = (self.max_batch * 4).max(512);
+        let mut last: i64 = 0;
+        loop {
+            let store = self.store.clone();
+            let rows = tokio::task::spawn_blocking(move || store.journal_after(last, limit)).await;
+            let rows = match rows {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(e)) => {
+                    Metrics::add(&self.metrics.store_errors, 1);
+                    error!(error = %e, "cannot read the journal; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(e) => {
+                    error!(error = %e, "journal reader task failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            let Some(newest) = rows.last().map(|r| r.id) else {
+                if *finish.borrow() {
+                    debug!("pipeline finished: journal drained");
+                    return;
+                }
+                tokio::select! {
+                    _ = committed.notified() => {}
+                    _ = finish.changed() => {}
+                }
+                continue;
+            };
+            last = newest;
+            Metrics::add(&self.metrics.received, rows.len() as u64);
             let mut results = Results::default();
-            self.process(&mut buffer, &mut next_id, &mut results).await;
+            self.process(rows, &mut results).await;
             self.commit(results).await;
         }
-        debug!("pipeline finished: the edge closed");
     }
 
-    async fn process(
-        &self,
-        publishes: &mut Vec<DevicePublish>,
-        next_id: &mut u64,
-        results: &mut Results,
-    ) {
-        // Events per route, and for handler routes per topic, in arrival order.
+    async fn process(&self, rows: Vec<JournalRow>, results: &mut Results) {
+        // Events per route, and for handler routes per topic, in journal order.
         let mut groups: Vec<(usize, Vec<Event>)> = Vec::new();
         let mut group_index: HashMap<(usize, String), usize> = HashMap::new();
-        for publish in publishes.drain(..) {
-            let id = *next_id;
-            *next_id += 1;
+        for row in rows {
+            results.journal_done.push(row.id);
             let mut matched = false;
             for (route_index, route) in self.routes.routes().iter().enumerate() {
-                if !route.filter.matches(&publish.topic) {
+                if !route.filter.matches(&row.topic) {
                     continue;
                 }
                 matched = true;
                 let event = Event {
-                    id,
-                    topic: publish.topic.clone(),
-                    device: route.device_of(&publish.topic).unwrap_or("").to_string(),
-                    payload: publish.payload.to_vec(),
-                    received_ms: publish.received_ms,
+                    id: row.id as u64,
+                    topic: row.topic.clone(),
+                    device: route.device_of(&row.topic).unwrap_or("").to_string(),
+                    payload: row.payload.clone(),
+                    received_ms: row.received_ms,
                     location: None,
                     regions: Vec::new(),
                 };
                 if route.handler.is_none() {
-                    self.queue(route, &event, None, results);
+                    self.queue(route, &event, None, 0, results);
                     continue;
                 }
-                let key = (route_index, publish.topic.clone());
+                let key = (route_index, row.topic.clone());
                 match group_index.get(&key) {
                     Some(&g) if groups[g].1.len() < self.max_batch => groups[g].1.push(event),
                     _ => {
@@ -147,8 +168,8 @@ impl Pipeline {
         match invoke(handler, events.clone(), &self.metrics).await {
             Ok(outputs) => {
                 if let Some(first) = first {
-                    for output in outputs {
-                        self.queue(route, &first, Some(output), results);
+                    for (n, output) in outputs.into_iter().enumerate() {
+                        self.queue(route, &first, Some(output), n, results);
                     }
                 }
             }
@@ -160,8 +181,8 @@ impl Pipeline {
                 for event in events {
                     match invoke(handler, vec![event.clone()], &self.metrics).await {
                         Ok(outputs) => {
-                            for output in outputs {
-                                self.queue(route, &event, Some(output), results);
+                            for (n, output) in outputs.into_iter().enumerate() {
+                                self.queue(route, &event, Some(output), n, results);
                             }
                         }
                         Err(failure) => self.fail(route, &event, &failure, results),
@@ -183,8 +204,16 @@ impl Pipeline {
     }
 
     /// Renders the output topic and adds the row, or a dead letter when the topic is invalid.
-    /// `output` is the handler's output; `None` forwards the event itself.
-    fn queue(&self, route: &Route, event: &Event, output: Option<Output>, results: &mut Results) {
+    /// `output` is the handler's output; `None` forwards the event itself. `n` numbers the
+    /// outputs derived from one event (or one batch), for the message id.
+    fn queue(
+        &self,
+        route: &Route,
+        event: &Event,
+        output: Option<Output>,
+        n: usize,
+        results: &mut Results,
+    ) {
         let (output_topic, payload) = match output {
             Some(o) => (Some(o.topic), o.payload),
             None => (None, event.payload.clone()),
@@ -198,7 +227,7 @@ impl Pipeline {
         match route.topic.render(&context) {
             Ok(topic) => results.outputs.push(NewOutboxRow {
                 link: route.upstream.clone(),
-                msg_id: format!("{}-{}-{}", self.gateway_id, event.id, route.name),
+                msg_id: format!("{}-{}-{}-{n}", self.gateway_id, event.id, route.name),
                 route: route.name.clone(),
                 topic,
                 payload,
@@ -217,7 +246,8 @@ impl Pipeline {
 
     /// Commits the batch, retrying until it succeeds, then wakes the uplinks that got rows.
     async fn commit(&self, results: Results) {
-        if results.outputs.is_empty() && results.dead.is_empty() {
+        if results.outputs.is_empty() && results.dead.is_empty() && results.journal_done.is_empty()
+        {
             return;
         }
         let results = Arc::new(results);
@@ -225,8 +255,10 @@ impl Pipeline {
         loop {
             let store = self.store.clone();
             let batch = results.clone();
-            match tokio::task::spawn_blocking(move || store.commit(&batch.outputs, &batch.dead))
-                .await
+            match tokio::task::spawn_blocking(move || {
+                store.commit(&batch.outputs, &batch.dead, &batch.journal_done)
+            })
+            .await
             {
                 Ok(Ok(())) => break,
                 Ok(Err(e)) => {

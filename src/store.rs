@@ -54,6 +54,9 @@ pub enum StoreError {
         /// The newest version this build knows.
         known: i64,
     },
+    /// A database thread could not be started.
+    #[error("cannot start a database thread: {0}")]
+    Thread(String),
     /// A lock was poisoned by a panic in another thread.
     #[error("database lock poisoned")]
     Poisoned,
@@ -88,6 +91,78 @@ pub struct OutboxRow {
     pub topic: String,
     /// The payload to publish.
     pub payload: Vec<u8>,
+}
+
+/// A device publish to journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJournalEntry {
+    /// The topic it was published on.
+    pub topic: String,
+    /// The payload, as published.
+    pub payload: bytes::Bytes,
+    /// The QoS it was published with.
+    pub qos: u8,
+    /// The retain flag.
+    pub retain: bool,
+    /// The publishing client's id.
+    pub client_id: std::sync::Arc<str>,
+    /// When the gateway received it, in ms since the Unix epoch.
+    pub received_ms: u64,
+}
+
+/// A journaled device publish not yet routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalRow {
+    /// Its id: strictly increasing, never reused; stable across restarts.
+    pub id: i64,
+    /// The topic it was published on.
+    pub topic: String,
+    /// The payload, as published.
+    pub payload: Vec<u8>,
+    /// The publishing client's id.
+    pub client_id: String,
+    /// When the gateway received it, in ms since the Unix epoch.
+    pub received_ms: u64,
+}
+
+/// The journal's own write connection, owned by the journal's group-commit thread.
+pub struct JournalWriter {
+    path: PathBuf,
+    conn: Connection,
+}
+
+impl JournalWriter {
+    /// Durably appends entries in one transaction: when this returns `Ok`, all of them survive
+    /// a crash or a power cut; on `Err`, none of them was written.
+    pub fn append(&mut self, entries: &[NewJournalEntry]) -> Result<(), StoreError> {
+        let path = &self.path;
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO journal (topic, payload, qos, retain, client_id, received_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(err)?;
+            for e in entries {
+                insert
+                    .execute(params![
+                        e.topic,
+                        &e.payload[..],
+                        e.qos,
+                        e.retain,
+                        &*e.client_id,
+                        e.received_ms as i64
+                    ])
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
 }
 
 /// An event a route could not process, to keep for inspection and replay.
@@ -155,6 +230,15 @@ const MIGRATIONS: &[&str] = &[r#"
         received_ms INTEGER NOT NULL,
         created_ms  INTEGER NOT NULL
     );
+    CREATE TABLE journal (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic       TEXT    NOT NULL,
+        payload     BLOB    NOT NULL,
+        qos         INTEGER NOT NULL,
+        retain      INTEGER NOT NULL,
+        client_id   TEXT    NOT NULL,
+        received_ms INTEGER NOT NULL
+    );
     CREATE TABLE kv (
         module TEXT NOT NULL,
         key    TEXT NOT NULL,
@@ -171,27 +255,54 @@ impl Store {
             source,
         })?;
         let path = data_dir.join(DB_FILE);
-        let sql = |source| StoreError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let writer = Connection::open(&path).map_err(sql)?;
-        writer.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
-        // WAL lets the uplink read while the pipeline writes; FULL makes every commit durable
-        // before it returns, which is what queuing an output promises.
-        writer
-            .execute_batch(
-                "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;",
-            )
-            .map_err(sql)?;
+        let writer = open_connection(&path)?;
         migrate(&writer, &path)?;
-        let reader = Connection::open(&path).map_err(sql)?;
-        reader.busy_timeout(Duration::from_secs(5)).map_err(sql)?;
+        let reader = open_connection(&path)?;
         Ok(Store {
             path,
             writer: Mutex::new(writer),
             reader: Mutex::new(reader),
         })
+    }
+
+    /// A separate write connection for the journal's group-commit thread.
+    pub fn journal_writer(&self) -> Result<JournalWriter, StoreError> {
+        Ok(JournalWriter {
+            path: self.path.clone(),
+            conn: open_connection(&self.path)?,
+        })
+    }
+
+    /// Up to `limit` journaled publishes with an id greater than `after`, oldest first.
+    pub fn journal_after(&self, after: i64, limit: usize) -> Result<Vec<JournalRow>, StoreError> {
+        let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, topic, payload, client_id, received_ms FROM journal WHERE id > ?1
+                 ORDER BY id LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![after, limit as i64], |r| {
+                Ok(JournalRow {
+                    id: r.get(0)?,
+                    topic: r.get(1)?,
+                    payload: r.get(2)?,
+                    client_id: r.get(3)?,
+                    received_ms: r.get::<_, i64>(4)? as u64,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// How many publishes are journaled and not yet routed.
+    pub fn journal_depth(&self) -> Result<u64, StoreError> {
+        let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
+        let n: i64 = conn
+            .query_row("SELECT COUNT(*) FROM journal", [], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
+        Ok(n as u64)
     }
 
     /// The database file.
@@ -206,13 +317,16 @@ impl Store {
         }
     }
 
-    /// Durably queues outputs and dead letters together: all of them or none.
+    /// Durably queues outputs and dead letters and removes the journal rows they came from,
+    /// all in one transaction: all of it happens or none of it (an event has one durable home
+    /// at a time).
     pub fn commit(
         &self,
         outputs: &[NewOutboxRow],
         dead: &[NewDeadLetter],
+        journal_done: &[i64],
     ) -> Result<(), StoreError> {
-        if outputs.is_empty() && dead.is_empty() {
+        if outputs.is_empty() && dead.is_empty() && journal_done.is_empty() {
             return Ok(());
         }
         let now = crate::event::now_ms() as i64;
@@ -260,6 +374,12 @@ impl Store {
                         now
                     ])
                     .map_err(|e| self.err(e))?;
+            }
+            let mut delete = tx
+                .prepare_cached("DELETE FROM journal WHERE id = ?1")
+                .map_err(|e| self.err(e))?;
+            for id in journal_done {
+                delete.execute(params![id]).map_err(|e| self.err(e))?;
             }
         }
         tx.commit().map_err(|e| self.err(e))
@@ -392,6 +512,21 @@ impl KvBackend for Store {
     }
 }
 
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let sql = |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(sql)?;
+    // Writers (journal, pipeline, uplink deletes) take turns on SQLite's write lock.
+    conn.busy_timeout(Duration::from_secs(30)).map_err(sql)?;
+    // WAL lets readers work while a writer commits; FULL makes every commit durable before it
+    // returns, which is what acknowledging a publish and queuing an output promise.
+    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
+        .map_err(sql)?;
+    Ok(conn)
+}
+
 fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let sql = |source| StoreError::Sqlite {
         path: path.to_path_buf(),
@@ -439,7 +574,7 @@ mod tests {
         {
             let store = Store::open(dir.path()).unwrap();
             store
-                .commit(&[row("a", 1), row("b", 2), row("a", 3)], &[])
+                .commit(&[row("a", 1), row("b", 2), row("a", 3)], &[], &[])
                 .unwrap();
         }
         let store = Store::open(dir.path()).unwrap();
@@ -460,10 +595,10 @@ mod tests {
     fn ids_are_never_reused_after_delete() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.commit(&[row("a", 1)], &[]).unwrap();
+        store.commit(&[row("a", 1)], &[], &[]).unwrap();
         let first = store.outbox_after("a", 0, 1).unwrap()[0].id;
         store.delete_outbox(&[first]).unwrap();
-        store.commit(&[row("a", 2)], &[]).unwrap();
+        store.commit(&[row("a", 2)], &[], &[]).unwrap();
         let second = store.outbox_after("a", 0, 1).unwrap()[0].id;
         assert!(second > first);
     }
@@ -483,7 +618,9 @@ mod tests {
             payload: b"x".to_vec(),
             received_ms: 5,
         };
-        store.commit(&[], std::slice::from_ref(&letter)).unwrap();
+        store
+            .commit(&[], std::slice::from_ref(&letter), &[])
+            .unwrap();
         let kept = store.dead_letters(10).unwrap();
         assert_eq!(kept.len(), 1);
         assert_eq!(kept[0].letter, letter);
@@ -494,6 +631,35 @@ mod tests {
         store.set("m", "k", b"2").unwrap();
         assert_eq!(store.get("m", "k").unwrap(), Some(b"2".to_vec()));
         assert_eq!(store.get("other", "k").unwrap(), None);
+    }
+
+    #[test]
+    fn journal_rows_leave_with_their_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut writer = store.journal_writer().unwrap();
+        let entry = |n: u8| NewJournalEntry {
+            topic: format!("t/{n}"),
+            payload: bytes::Bytes::from(vec![n]),
+            qos: 1,
+            retain: false,
+            client_id: "c".into(),
+            received_ms: 7,
+        };
+        writer.append(&[entry(1), entry(2)]).unwrap();
+        let rows = store.journal_after(0, 10).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(
+            (rows[0].topic.as_str(), rows[0].client_id.as_str()),
+            ("t/1", "c")
+        );
+        store.commit(&[row("a", 1)], &[], &[rows[0].id]).unwrap();
+        assert_eq!(store.journal_depth().unwrap(), 1);
+        assert_eq!(store.outbox_depth(None).unwrap(), 1);
+        assert_eq!(
+            store.journal_after(rows[0].id, 10).unwrap()[0].id,
+            rows[1].id
+        );
     }
 
     #[test]

@@ -1,0 +1,435 @@
+//! Just enough MQTT to stand between a device and the broker: framing of the byte stream into
+//! packets, the fields of CONNECT the front needs, and PUBLISH decoding (through rumqttc's
+//! codecs, for MQTT 3.1.1 and 5).
+//!
+//! Guarantees: never panics on any input; a malformed or oversized packet is an error that
+//! names the problem; frames are returned exactly as received so they can be relayed
+//! unchanged.
+
+use bytes::Bytes;
+
+/// MQTT control packet types (the high nibble of the first byte).
+pub mod kind {
+    /// CONNECT
+    pub const CONNECT: u8 = 1;
+    /// PUBLISH
+    pub const PUBLISH: u8 = 3;
+    /// PUBACK
+    pub const PUBACK: u8 = 4;
+    /// PUBREC
+    pub const PUBREC: u8 = 5;
+    /// PUBREL
+    pub const PUBREL: u8 = 6;
+    /// PINGRESP
+    pub const PINGRESP: u8 = 13;
+}
+
+/// A PINGREQ packet.
+pub const PINGREQ: [u8; 2] = [0xC0, 0x00];
+
+/// What is wrong with a packet.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The remaining-length field is longer than four bytes.
+    #[error("malformed remaining length")]
+    BadLength,
+    /// The packet is larger than allowed.
+    #[error("packet of {size} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The packet's content is malformed.
+    #[error("malformed {what}: {detail}")]
+    Malformed {
+        /// Which packet.
+        what: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+fn malformed(what: &'static str, detail: impl Into<String>) -> FrameError {
+    FrameError::Malformed {
+        what,
+        detail: detail.into(),
+    }
+}
+
+/// The fixed header of one complete packet at the start of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    /// The first byte (type and flags).
+    pub byte1: u8,
+    /// Bytes taken by the fixed header (1 + length of the remaining-length field).
+    pub header_len: usize,
+    /// Bytes after the fixed header.
+    pub remaining: usize,
+}
+
+impl Frame {
+    /// The packet type (see [`kind`]).
+    pub fn kind(&self) -> u8 {
+        self.byte1 >> 4
+    }
+
+    /// The whole packet's length.
+    #[allow(clippy::len_without_is_empty)]
+    pub fn len(&self) -> usize {
+        self.header_len + self.remaining
+    }
+}
+
+/// Finds the packet at the start of `buffer`: `Ok(None)` when more bytes are needed.
+pub fn next_frame(buffer: &[u8], max_size: usize) -> Result<Option<Frame>, FrameError> {
+    let Some(&byte1) = buffer.first() else {
+        return Ok(None);
+    };
+    let mut remaining: usize = 0;
+    let mut shift = 0;
+    let mut header_len = 1;
+    loop {
+        let Some(&byte) = buffer.get(header_len) else {
+            return Ok(None);
+        };
+        header_len += 1;
+        remaining += ((byte & 0x7F) as usize) << shift;
+        if byte & 0x80 == 0 {
+            break;
+        }
+        shift += 7;
+        if header_len > 4 {
+            return Err(FrameError::BadLength);
+        }
+    }
+    let frame = Frame {
+        byte1,
+        header_len,
+        remaining,
+    };
+    if frame.len() > max_size {
+        return Err(FrameError::TooLarge {
+            size: frame.len(),
+            limit: max_size,
+        });
+    }
+    Ok((buffer.len() >= frame.len()).then_some(frame))
+}
+
+/// The packet identifier of a PUBACK, PUBREC, PUBREL or PUBCOMP.
+pub fn packet_id(frame: &Frame, packet: &[u8]) -> Result<u16, FrameError> {
+    match packet.get(frame.header_len..frame.header_len + 2) {
+        Some(&[hi, lo]) => Ok(u16::from_be_bytes([hi, lo])),
+        _ => Err(malformed("acknowledgement", "no packet identifier")),
+    }
+}
+
+/// The MQTT protocol level of a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// MQTT 3.1.1 (level 4) or 3.1 (level 3).
+    V4,
+    /// MQTT 5 (level 5).
+    V5,
+}
+
+/// What the front needs from a CONNECT packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectInfo {
+    /// Protocol level.
+    pub version: Version,
+    /// Keep-alive in seconds; 0 turns keep-alive off.
+    pub keep_alive: u16,
+    /// Offset of the two keep-alive bytes in the packet.
+    pub keep_alive_offset: usize,
+    /// The client identifier (may be empty).
+    pub client_id: String,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], FrameError> {
+        let slice = self
+            .bytes
+            .get(self.at..self.at + n)
+            .ok_or_else(|| malformed(what, "packet ends early"))?;
+        self.at += n;
+        Ok(slice)
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, FrameError> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, FrameError> {
+        let b = self.take(2, what)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn varint(&mut self, what: &'static str) -> Result<usize, FrameError> {
+        let mut value = 0usize;
+        for i in 0..4 {
+            let byte = self.u8(what)?;
+            value += ((byte & 0x7F) as usize) << (7 * i);
+            if byte & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+        Err(malformed(what, "variable byte integer longer than 4 bytes"))
+    }
+}
+
+/// Reads the protocol level, keep-alive and client id of a CONNECT packet.
+pub fn parse_connect(frame: &Frame, packet: &[u8]) -> Result<ConnectInfo, FrameError> {
+    const WHAT: &str = "CONNECT";
+    if frame.kind() != kind::CONNECT {
+        return Err(malformed(WHAT, "the first packet must be CONNECT"));
+    }
+    let mut r = Reader {
+        bytes: packet,
+        at: frame.header_len,
+    };
+    let name_len = r.u16(WHAT)? as usize;
+    let name = r.take(name_len, WHAT)?;
+    let level = r.u8(WHAT)?;
+    let version = match (name, level) {
+        (b"MQTT", 4) | (b"MQIsdp", 3) => Version::V4,
+        (b"MQTT", 5) => Version::V5,
+        _ => {
+            return Err(malformed(
+                WHAT,
+                format!(
+                    "unsupported protocol {:?} level {level}",
+                    String::from_utf8_lossy(name)
+                ),
+            ))
+        }
+    };
+    let _flags = r.u8(WHAT)?;
+    let keep_alive_offset = r.at;
+    let keep_alive = r.u16(WHAT)?;
+    if version == Version::V5 {
+        let properties = r.varint(WHAT)?;
+        r.take(properties, WHAT)?;
+    }
+    let id_len = r.u16(WHAT)? as usize;
+    let client_id = std::str::from_utf8(r.take(id_len, WHAT)?)
+        .map_err(|_| malformed(WHAT, "client id is not UTF-8"))?
+        .to_string();
+    Ok(ConnectInfo {
+        version,
+        keep_alive,
+        keep_alive_offset,
+        client_id,
+    })
+}
+
+/// A decoded PUBLISH.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    /// The topic; empty for an MQTT 5 publish that uses only a topic alias.
+    pub topic: String,
+    /// MQTT 5 topic alias, if any.
+    pub topic_alias: Option<u16>,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    /// Packet identifier (0 for QoS 0).
+    pub pkid: u16,
+    /// Retain flag.
+    pub retain: bool,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// Decodes a PUBLISH with rumqttc's codec for the connection's protocol level.
+pub fn parse_publish(
+    frame: &Frame,
+    packet: Bytes,
+    version: Version,
+) -> Result<Publish, FrameError> {
+    const WHAT: &str = "PUBLISH";
+    let len_len = frame.header_len - 1;
+    match version {
+        Version::V4 => {
+            let header =
+                rumqttc::mqttbytes::FixedHeader::new(frame.byte1, len_len, frame.remaining);
+            let p = rumqttc::mqttbytes::v4::Publish::read(header, packet)
+                .map_err(|e| malformed(WHAT, format!("{e:?}")))?;
+            Ok(Publish {
+                topic: p.topic,
+                topic_alias: None,
+                qos: p.qos as u8,
+                pkid: p.pkid,
+                retain: p.retain,
+                payload: p.payload,
+            })
+        }
+        Version::V5 => {
+            let header =
+                rumqttc::v5::mqttbytes::v5::FixedHeader::new(frame.byte1, len_len, frame.remaining);
+            let p = rumqttc::v5::mqttbytes::v5::Publish::read(header, packet)
+                .map_err(|e| malformed(WHAT, format!("{e:?}")))?;
+            let topic = String::from_utf8(p.topic.to_vec())
+                .map_err(|_| malformed(WHAT, "topic is not UTF-8"))?;
+            Ok(Publish {
+                topic,
+                topic_alias: p.properties.as_ref().and_then(|props| props.topic_alias),
+                qos: p.qos as u8,
+                pkid: p.pkid,
+                retain: p.retain,
+                payload: p.payload,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::BytesMut;
+    use proptest::prelude::*;
+
+    fn encode_v4_publish(topic: &str, qos: rumqttc::QoS, pkid: u16, payload: &[u8]) -> BytesMut {
+        let mut p = rumqttc::mqttbytes::v4::Publish::new(topic, qos, payload.to_vec());
+        p.pkid = pkid;
+        let mut buf = BytesMut::new();
+        p.write(&mut buf).expect("encode");
+        buf
+    }
+
+    #[test]
+    fn frames_need_the_whole_packet() {
+        let packet = encode_v4_publish("a/b", rumqttc::QoS::AtLeastOnce, 7, b"hello");
+        for cut in 0..packet.len() {
+            assert_eq!(
+                next_frame(&packet[..cut], 1 << 20),
+                Ok(None),
+                "cut at {cut}"
+            );
+        }
+        let frame = next_frame(&packet, 1 << 20).unwrap().unwrap();
+        assert_eq!(frame.len(), packet.len());
+        assert_eq!(frame.kind(), kind::PUBLISH);
+    }
+
+    #[test]
+    fn oversized_and_malformed_lengths_are_errors() {
+        let packet = encode_v4_publish("a", rumqttc::QoS::AtMostOnce, 0, &[0; 100]);
+        assert!(matches!(
+            next_frame(&packet, 50),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert_eq!(
+            next_frame(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01], 1 << 30),
+            Err(FrameError::BadLength)
+        );
+    }
+
+    #[test]
+    fn v4_publish_round_trips() {
+        let packet =
+            encode_v4_publish("telemetry/x", rumqttc::QoS::AtLeastOnce, 42, b"{\"t\":1}").freeze();
+        let frame = next_frame(&packet, 1 << 20).unwrap().unwrap();
+        let p = parse_publish(&frame, packet.clone(), Version::V4).unwrap();
+        assert_eq!(
+            (p.topic.as_str(), p.qos, p.pkid, &p.payload[..]),
+            ("telemetry/x", 1, 42, &b"{\"t\":1}"[..])
+        );
+    }
+
+    #[test]
+    fn v5_publish_with_alias_round_trips() {
+        use rumqttc::v5::mqttbytes::v5::{Publish as P5, PublishProperties};
+        let mut p = P5::new("", rumqttc::v5::mqttbytes::QoS::ExactlyOnce, "x", None);
+        p.pkid = 9;
+        p.properties = Some(PublishProperties {
+            topic_alias: Some(3),
+            ..Default::default()
+        });
+        let mut buf = BytesMut::new();
+        p.write(&mut buf).unwrap();
+        let packet = buf.freeze();
+        let frame = next_frame(&packet, 1 << 20).unwrap().unwrap();
+        let parsed = parse_publish(&frame, packet.clone(), Version::V5).unwrap();
+        assert_eq!(parsed.topic, "");
+        assert_eq!(parsed.topic_alias, Some(3));
+        assert_eq!((parsed.qos, parsed.pkid), (2, 9));
+    }
+
+    #[test]
+    fn connect_fields_v4_and_v5() {
+        let mut c = rumqttc::mqttbytes::v4::Connect::new("dev-1");
+        c.keep_alive = 0;
+        let mut buf = BytesMut::new();
+        c.write(&mut buf).unwrap();
+        let frame = next_frame(&buf, 1 << 20).unwrap().unwrap();
+        let info = parse_connect(&frame, &buf).unwrap();
+        assert_eq!(
+            (info.version, info.keep_alive, info.client_id.as_str()),
+            (Version::V4, 0, "dev-1")
+        );
+        assert_eq!(
+            &buf[info.keep_alive_offset..info.keep_alive_offset + 2],
+            &[0, 0]
+        );
+
+        let mut buf = BytesMut::new();
+        let c5 = rumqttc::v5::mqttbytes::v5::Connect {
+            keep_alive: 30,
+            client_id: "dev-5".into(),
+            clean_start: true,
+            properties: Some(rumqttc::v5::mqttbytes::v5::ConnectProperties {
+                session_expiry_interval: Some(10),
+                ..Default::default()
+            }),
+        };
+        c5.write(&None, &None, &mut buf).unwrap();
+        let frame = next_frame(&buf, 1 << 20).unwrap().unwrap();
+        let info = parse_connect(&frame, &buf).unwrap();
+        assert_eq!(
+            (info.version, info.keep_alive, info.client_id.as_str()),
+            (Version::V5, 30, "dev-5")
+        );
+        assert_eq!(
+            &buf[info.keep_alive_offset..info.keep_alive_offset + 2],
+            &[0, 30]
+        );
+    }
+
+    #[test]
+    fn first_packet_must_be_connect() {
+        let packet = encode_v4_publish("a", rumqttc::QoS::AtMostOnce, 0, b"");
+        let frame = next_frame(&packet, 1 << 20).unwrap().unwrap();
+        assert!(parse_connect(&frame, &packet).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn framing_and_parsing_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(Some(frame)) = next_frame(&bytes, 1 << 20) {
+                let packet = Bytes::copy_from_slice(&bytes[..frame.len()]);
+                let _ = parse_connect(&frame, &packet);
+                let _ = parse_publish(&frame, packet.clone(), Version::V4);
+                let _ = parse_publish(&frame, packet.clone(), Version::V5);
+                let _ = packet_id(&frame, &packet);
+            }
+        }
+
+        #[test]
+        fn any_v4_publish_parses_back(topic in "[a-z/]{1,20}", pkid in 1u16.., payload in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let packet = encode_v4_publish(&topic, rumqttc::QoS::AtLeastOnce, pkid, &payload).freeze();
+            let frame = next_frame(&packet, 1 << 20).unwrap().unwrap();
+            prop_assert_eq!(frame.len(), packet.len());
+            let p = parse_publish(&frame, packet.clone(), Version::V4).unwrap();
+            prop_assert_eq!(p.topic, topic);
+            prop_assert_eq!(p.pkid, pkid);
+            prop_assert_eq!(&p.payload[..], &payload[..]);
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! The device-facing side: an embedded rumqttd broker (its router handles sessions,
+//! subscriptions, retained messages and fan-out to local subscribers), with outpost's own
+//! connection front on the device listeners.
+//!
+//! [`Edge::start_durable`] is the gateway's edge: devices connect to the front
+//! ([`front`]), which relays each connection to the broker's internal listener, journals every
+//! publish and holds its acknowledgement until the journal commit. [`Edge::start`] is a plain
+//! broker whose publishes are tapped into a channel: the demo and the benchmark use it as a
+//! stand-in upstream.
+//!
+//! Guarantees: a listener that cannot bind makes start-up fail with the address in the message;
+//! with [`Edge::start_durable`], a QoS 1 or 2 publish is acknowledged to its device only after
+//! it is durable in the journal.
+//!
+//! What it does not do: the broker's internal listeners are on 127.0.0.1 ephemeral ports; a
+//! local process that connects there directly bypasses the journal (devices cannot: they only
+//! see the front's addresses).
+
+mod frame;
+mod front;
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
+use rumqttd::protocol::{v4::V4, v5::V5};
+use rumqttd::{
+    ConnectionSettings, LinkType, Notification, Router, RouterConfig, Server, ServerSettings,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, error, info, warn};
+
+use crate::config::BrokerConfig;
+use crate::journal::Journal;
+use crate::metrics::Metrics;
+
+/// The client id of the in-process link that taps a plain broker's publishes.
+pub const TAP_CLIENT_ID: &str = "outpost-pipeline";
+
+/// One publish from a local device, as received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevicePublish {
+    /// The topic it was published on.
+    pub topic: String,
+    /// The payload, as published.
+    pub payload: Bytes,
+    /// When the gateway received it, in ms since the Unix epoch.
+    pub received_ms: u64,
+}
+
+/// Why the edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EdgeError {
+    /// A listener address is in use or not available on this machine.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The broker's internal listener did not come up.
+    #[error("the embedded broker's internal listener on {0} did not come up")]
+    Internal(SocketAddr),
+    /// The broker's router refused the gateway's own link.
+    #[error("cannot attach to the embedded broker: {0}")]
+    Link(String),
+}
+
+/// The running broker and the task feeding the pipeline. Dropping it stops the listeners.
+pub struct Edge {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Edge {
+    /// Starts the broker with outpost's front on every configured device address: publishes
+    /// are journaled and acknowledged only when durable. Must be called inside a tokio runtime.
+    pub async fn start_durable(
+        config: &BrokerConfig,
+        journal: Journal,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> Result<Edge, EdgeError> {
+        let mut device_listeners = Vec::new();
+        for (addr, v5) in config
+            .listen
+            .iter()
+            .map(|a| (a, false))
+            .chain(config.listen_v5.iter().map(|a| (a, true)))
+        {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| EdgeError::Bind {
+                    addr: *addr,
+                    source,
+                })?;
+            device_listeners.push((listener, v5));
+        }
+        let router_tx = Router::new(0, router_config(config)).spawn();
+        let mut tasks = Vec::new();
+        let mut internal = [None, None];
+        for (listener, v5) in device_listeners {
+            let slot = usize::from(v5);
+            let broker = match internal[slot] {
+                Some(addr) => addr,
+                None => {
+                    let addr = free_loopback_address()?;
+                    let settings = server_settings(
+                        config,
+                        format!("internal-v{}", if v5 { 5 } else { 4 }),
+                        addr,
+                    );
+                    tasks.push(if v5 {
+                        spawn_server(Server::new(settings, router_tx.clone(), V5), addr)
+                    } else {
+                        spawn_server(Server::new(settings, router_tx.clone(), V4), addr)
+                    });
+                    wait_until_listening(addr).await?;
+                    internal[slot] = Some(addr);
+                    addr
+                }
+            };
+            let front = front::Front {
+                broker,
+                journal: journal.clone(),
+                metrics: metrics.clone(),
+                max_payload: config.max_payload_bytes,
+            };
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, protocol = if v5 { "MQTT 5" } else { "MQTT 3.1.1" }, "device listener up");
+            }
+            tasks.push(tokio::spawn(front.serve(listener)));
+        }
+        Ok(Edge { tasks })
+    }
+
+    /// Starts the broker's router, its listeners and the in-process subscriber that sends every
+    /// device publish to `events`. Must be called inside a tokio runtime.
+    pub fn start(
+        config: &BrokerConfig,
+        events: mpsc::Sender<DevicePublish>,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> Result<Edge, EdgeError> {
+        // Check every address first: rumqttd's listener only logs a bind failure.
+        for addr in config.listen.iter().chain(&config.listen_v5) {
+            std::net::TcpListener::bind(addr).map_err(|source| EdgeError::Bind {
+                addr: *addr,
+                source,
+            })?;
+        }
+
+        let router_tx = Router::new(0, router_config(config)).spawn();
+        let mut tasks = Vec::new();
+        for (i, addr) in config.listen.iter().enumerate() {
+            let settings = server_settings(config, format!("v4-{i}"), *addr);
+            tasks.push(spawn_server(
+                Server::new(settings, router_tx.clone(), V4),
+                *addr,
+            ));
+        }
+        for (i, addr) in config.listen_v5.iter().enumerate() {
+            let settings = server_settings(config, format!("v5-{i}"), *addr);
+            tasks.push(spawn_server(
+                Server::new(settings, router_tx.clone(), V5),
+                *addr,
+            ));
+        }
+
+        let (mut link_tx, link_rx, _ack) = LinkBuilder::new(TAP_CLIENT_ID, router_tx)
+            .dynamic_filters(true)
+            .build()
+            .map_err(|e| EdgeError::Link(e.to_string()))?;
+        link_tx
+            .subscribe("#")
+            .map_err(|e| EdgeError::Link(e.to_string()))?;
+        tasks.push(tokio::spawn(forward_publishes(
+            link_tx, link_rx, events, metrics,
+        )));
+        Ok(Edge { tasks })
+    }
+
+    /// Stops the listeners and the subscriber. Connections already open are closed when the
+    /// process exits.
+    pub fn stop(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn router_config(config: &BrokerConfig) -> RouterConfig {
+    RouterConfig {
+        max_connections: config.max_connections + 1,
+        max_outgoing_packet_count: 200,
+        // The in-memory log the router keeps per subscribed filter, for local subscribers;
+        // this bounds its memory on a small board.
+        max_segment_size: 16 * 1024 * 1024,
+        max_segment_count: 4,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    }
+}
+
+fn server_settings(config: &BrokerConfig, name: String, listen: SocketAddr) -> ServerSettings {
+    ServerSettings {
+        name,
+        listen,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections: ConnectionSettings {
+            connection_timeout_ms: config.connect_timeout_ms,
+            max_payload_size: config.max_payload_bytes,
+            max_inflight_count: config.max_inflight,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    }
+}
+
+fn spawn_server<P>(mut server: Server<P>, addr: SocketAddr) -> JoinHandle<()>
+where
+    P: rumqttd::protocol::Protocol + Clone + Send + Sync + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = server.start(LinkType::Remote).await {
+            error!(%addr, error = %e, "MQTT listener stopped");
+        }
+    })
+}
+
+fn free_loopback_address() -> Result<SocketAddr, EdgeError> {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    std::net::TcpListener::bind(any)
+        .and_then(|l| l.local_addr())
+        .map_err(|source| EdgeError::Bind { addr: any, source })
+}
+
+async fn wait_until_listening(addr: SocketAddr) -> Result<(), EdgeError> {
+    for _ in 0..500 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    Err(EdgeError::Internal(addr))
+}
+
+async fn forward_publishes(
+    // Kept alive: dropping the sending half would disconnect the link.
+    _link_tx: LinkTx,
+    mut link_rx: LinkRx,
+    events: mpsc::Sender<DevicePublish>,
+    metrics: std::sync::Arc<Metrics>,
+) {
+    loop {
+        let notification = match link_rx.next().await {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
+            Err(e) => {
+                error!(error = %e, "link to the embedded broker closed; no more device publishes");
+                return;
+            }
+        };
+        match notification {
+            Notification::Forward(forward) => {
+                let topic = match String::from_utf8(forward.publish.topic.to_vec()) {
+                    Ok(t) => t,
+                    Err(_) => {
+                        Metrics::add(&metrics.unrouted, 1);
+                        warn!("dropped a publish whose topic is not UTF-8");
+                        continue;
+                    }
+                };
+                let publish = DevicePublish {
+                    topic,
+                    payload: forward.publish.payload,
+                    received_ms: crate::event::now_ms(),
+                };
+                if events.send(publish).await.is_err() {
+                    debug!("pipeline closed; edge subscriber stops");
+                    return;
+                }
+            }
+            Notification::Unschedule => {
+                // The router paused this link because its buffer was full; ask for more.
+                if let Err(e) = link_rx.wake().await {
+                    error!(error = %e, "cannot resume the link to the embedded broker");
+                    return;
+                }
+            }
+            other => debug!(?other, "ignored broker notification"),
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! The journal: where a device publish becomes durable before the device is told so.
+//!
+//! The edge appends each publish with [`Journal::append`] and gets a [`Committed`] signal that
+//! fires once the publish is in SQLite (`synchronous=FULL`); only then does the edge release the
+//! PUBACK (or PUBREC) to the device. One thread does group commit: it takes everything queued
+//! while the previous commit was syncing and writes it in one transaction, so the cost of a
+//! disk sync is shared by every publish that arrived meanwhile and no publish waits for more
+//! than one commit after its own.
+//!
+//! Guarantees:
+//! - A signal fires only after the commit that contains its publish returned `Ok`.
+//! - A commit that fails (disk full, read-only file system, I/O error) is logged, counted and
+//!   retried with backoff; its publishes stay unacknowledged meanwhile, which stops the devices
+//!   (backpressure) instead of losing anything.
+//! - Publishes are journaled in the order `append` was called.
+//!
+//! The pipeline, not this module, reads the journal back (see [`crate::pipeline`]).
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{error, info};
+
+use crate::metrics::Metrics;
+use crate::store::{NewJournalEntry, Store, StoreError};
+
+/// Most publishes in one transaction.
+const MAX_GROUP: usize = 8192;
+/// Publishes that may wait for the journal thread before `append` waits too.
+const QUEUE: usize = 65_536;
+
+/// Fires when the publish it was returned for is durable. If the journal stops before that,
+/// the signal is dropped unfired (the publish must not be acknowledged).
+pub type Committed = oneshot::Receiver<()>;
+
+struct Pending {
+    entry: NewJournalEntry,
+    done: Option<oneshot::Sender<()>>,
+}
+
+/// The edge's handle to the journal. Cheap to clone.
+#[derive(Clone)]
+pub struct Journal {
+    queue: mpsc::Sender<Pending>,
+}
+
+/// The journal thread; [`JournalThread::join`] waits until it has committed everything
+/// appended before every [`Journal`] handle was dropped.
+pub struct JournalThread(JoinHandle<()>);
+
+/// The journal has stopped; nothing more can be appended.
+#[derive(Debug, thiserror::Error)]
+#[error("the journal has stopped")]
+pub struct JournalClosed;
+
+impl Journal {
+    /// Starts the group-commit thread on its own write connection. `committed` is notified
+    /// after every commit (the pipeline waits on it).
+    pub fn start(
+        store: &Store,
+        committed: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Journal, JournalThread), StoreError> {
+        let mut writer = store.journal_writer()?;
+        let (queue, mut rx) = mpsc::channel::<Pending>(QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("outpost-journal".into())
+            .spawn(move || {
+                let mut group: Vec<Pending> = Vec::with_capacity(MAX_GROUP);
+                while let Some(first) = rx.blocking_recv() {
+                    group.push(first);
+                    while group.len() < MAX_GROUP {
+                        match rx.try_recv() {
+                            Ok(next) => group.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    let entries: Vec<NewJournalEntry> =
+                        group.iter().map(|p| p.entry.clone()).collect();
+                    let mut attempt: u32 = 0;
+                    while let Err(e) = writer.append(&entries) {
+                        attempt += 1;
+                        Metrics::add(&metrics.store_errors, 1);
+                        error!(error = %e, attempt, held = entries.len(),
+                            "cannot commit to the journal; holding acknowledgements and retrying");
+                        std::thread::sleep(Duration::from_millis(50 * u64::from(attempt.min(40))));
+                    }
+                    Metrics::add(&metrics.journaled, entries.len() as u64);
+                    for pending in group.drain(..) {
+                        if let Some(done) = pending.done {
+                            let _ = done.send(());
+                        }
+                    }
+                    committed.notify_one();
+                }
+                info!("journal thread finished");
+            })
+            .map_err(|e| StoreError::Thread(e.to_string()))?;
+        Ok((Journal { queue }, JournalThread(thread)))
+    }
+
+    /// Queues a publish for the next commit. With `want_signal`, returns the signal that fires
+    /// when it is durable. Waits only when the journal thread is far behind.
+    pub async fn append(
+        &self,
+        entry: NewJournalEntry,
+        want_signal: bool,
+    ) -> Result<Option<Committed>, JournalClosed> {
+        let (done, signal) = if want_signal {
+            let (tx, rx) = oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        self.queue
+            .send(Pending { entry, done })
+            .await
+            .map_err(|_| JournalClosed)?;
+        Ok(signal)
+    }
+}
+
+impl JournalThread {
+    /// Waits for the thread to commit what it has and stop (after every handle was dropped).
+    pub fn join(self) {
+        let _ = self.0.join();
+    }
+}
