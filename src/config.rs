@@ -69,6 +69,8 @@ pub struct Config {
     pub broker: BrokerConfig,
     /// Limits applied to every handler invocation.
     pub handlers: HandlerConfig,
+    /// Caps on the database: journal, outbox, dead letters, file size.
+    pub store: StoreConfig,
     /// Upstream brokers, by name (`[[upstream]]` tables).
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
@@ -87,18 +89,99 @@ impl Default for Config {
             data_dir: PathBuf::from("outpost-data"),
             broker: BrokerConfig::default(),
             handlers: HandlerConfig::default(),
+            store: StoreConfig::default(),
             upstreams: vec![UpstreamConfig::default()],
             modules: Vec::new(),
-            routes: vec![RouteConfig {
-                name: "telemetry".to_string(),
-                filter: "telemetry/#".to_string(),
-                device_segment: default_device_segment(),
-                handler: None,
-                upstream: None,
-                topic: None,
-            }],
+            routes: vec![RouteConfig::new("telemetry", "telemetry/#")],
         }
     }
+}
+
+/// Caps on what the database holds, and what happens when they are reached.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Largest database file, in MiB; 0: only the disk limits it. Reaching it (or a full disk)
+    /// stops acknowledging devices until space is freed; nothing is lost or corrupted.
+    pub max_db_mib: u64,
+    /// Publishes waiting to be routed before devices stop being acknowledged.
+    pub journal_max_rows: i64,
+    /// Rows in the outbox.
+    pub outbox_max_rows: i64,
+    /// Payload MiB in the outbox.
+    pub outbox_max_mib: i64,
+    /// At the outbox cap: "reject-new" (hold new data back; devices stop being acknowledged
+    /// once the journal is full too) or "drop-oldest" (oldest rows become dead letters,
+    /// reason `evicted`).
+    pub outbox_policy: crate::store::OutboxPolicy,
+    /// Dead letters kept; beyond it the oldest are deleted (and counted).
+    pub dead_letters_max_rows: i64,
+    /// Payload MiB of dead letters kept.
+    pub dead_letters_max_mib: i64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        let limits = crate::store::StoreLimits::default();
+        StoreConfig {
+            max_db_mib: 0,
+            journal_max_rows: limits.journal_max_rows,
+            outbox_max_rows: limits.outbox_max_rows,
+            outbox_max_mib: limits.outbox_max_bytes / (1024 * 1024),
+            outbox_policy: limits.outbox_policy,
+            dead_letters_max_rows: limits.dead_letters_max_rows,
+            dead_letters_max_mib: limits.dead_letters_max_bytes / (1024 * 1024),
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The limits the store enforces.
+    pub fn limits(&self) -> crate::store::StoreLimits {
+        const MIB: i64 = 1024 * 1024;
+        crate::store::StoreLimits {
+            max_db_bytes: self.max_db_mib.saturating_mul(MIB as u64),
+            journal_max_rows: self.journal_max_rows,
+            outbox_max_rows: self.outbox_max_rows,
+            outbox_max_bytes: self.outbox_max_mib.saturating_mul(MIB),
+            outbox_policy: self.outbox_policy,
+            dead_letters_max_rows: self.dead_letters_max_rows,
+            dead_letters_max_bytes: self.dead_letters_max_mib.saturating_mul(MIB),
+        }
+    }
+}
+
+/// How a route retries an event its handler failed on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Handler attempts per event before it becomes a dead letter (1: no retry).
+    pub max_attempts: u32,
+    /// Delay before the first retry, in milliseconds; doubles each time, with jitter.
+    pub backoff_ms: u64,
+    /// Longest delay between attempts, in milliseconds.
+    pub backoff_max_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_attempts: 3,
+            backoff_ms: 1000,
+            backoff_max_ms: 60_000,
+        }
+    }
+}
+
+/// What a route requires of payloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// Any bytes.
+    #[default]
+    Any,
+    /// A JSON document; anything else becomes a dead letter (reason `malformed`).
+    Json,
 }
 
 /// The device-facing MQTT broker (rumqttd).
@@ -307,6 +390,37 @@ pub struct RouteConfig {
     pub upstream: Option<String>,
     /// Output topic template: `{topic}`, `{device}`, `{gateway}`, `{output}`, `{N}`.
     pub topic: Option<String>,
+    /// Retries of failed handler attempts.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Handler deadline for this route, in milliseconds (default: `handlers.deadline_ms`).
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+    /// Outputs not delivered within this many seconds become dead letters (`expired`);
+    /// 0: no limit.
+    #[serde(default)]
+    pub ttl_secs: u64,
+    /// What payloads the route accepts.
+    #[serde(default)]
+    pub payload: PayloadFormat,
+}
+
+impl RouteConfig {
+    /// A route with every optional setting at its default: forwards what `filter` matches.
+    pub fn new(name: &str, filter: &str) -> RouteConfig {
+        RouteConfig {
+            name: name.to_string(),
+            filter: filter.to_string(),
+            device_segment: default_device_segment(),
+            handler: None,
+            upstream: None,
+            topic: None,
+            retry: RetryConfig::default(),
+            deadline_ms: None,
+            ttl_secs: 0,
+            payload: PayloadFormat::Any,
+        }
+    }
 }
 
 fn default_device_segment() -> usize {
@@ -525,6 +639,50 @@ impl Config {
             }
         }
 
+        let st = &self.store;
+        for (key, value) in [
+            ("store.journal_max_rows", st.journal_max_rows),
+            ("store.outbox_max_rows", st.outbox_max_rows),
+            ("store.outbox_max_mib", st.outbox_max_mib),
+            ("store.dead_letters_max_rows", st.dead_letters_max_rows),
+            ("store.dead_letters_max_mib", st.dead_letters_max_mib),
+        ] {
+            if value < 1 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if st.max_db_mib != 0 && st.max_db_mib < 1 {
+            return Err(invalid(
+                "store.max_db_mib",
+                "must be 0 (no cap) or at least 1",
+            ));
+        }
+        for r in &self.routes {
+            let key = |field: &str| format!("route {:?}.{field}", r.name);
+            if r.retry.max_attempts == 0 || r.retry.max_attempts > 1000 {
+                return Err(invalid(
+                    key("retry.max_attempts"),
+                    "must be between 1 and 1000",
+                ));
+            }
+            if r.retry.backoff_ms == 0 || r.retry.backoff_ms > r.retry.backoff_max_ms {
+                return Err(invalid(
+                    key("retry.backoff_ms"),
+                    "must be at least 1 and not more than retry.backoff_max_ms",
+                ));
+            }
+            if let Some(d) = r.deadline_ms {
+                if d == 0 || d > 600_000 {
+                    return Err(invalid(key("deadline_ms"), "must be between 1 and 600000"));
+                }
+                if r.handler.is_none() {
+                    return Err(invalid(
+                        key("deadline_ms"),
+                        "only applies to a route with a handler",
+                    ));
+                }
+            }
+        }
         if self.routes.is_empty() {
             return Err(invalid(
                 "route",

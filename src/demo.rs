@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use outpost::config::{BrokerConfig, Config, ModuleConfig, RouteConfig, UpstreamConfig};
+use outpost::config::{
+    BrokerConfig, Config, ModuleConfig, PayloadFormat, RouteConfig, UpstreamConfig,
+};
 use outpost::edge::{DevicePublish, Edge};
 use outpost::gateway::Gateway;
 use outpost::metrics::Metrics;
@@ -118,20 +120,16 @@ pub async fn run(phase_secs: u64, device_count: usize) -> anyhow::Result<()> {
         ],
         routes: vec![
             RouteConfig {
-                name: "enrich".into(),
-                filter: "telemetry/+/env".into(),
-                device_segment: 1,
                 handler: Some("enrich".into()),
-                upstream: None,
                 topic: Some("site/{gateway}/{output}".into()),
+                payload: PayloadFormat::Json,
+                ..RouteConfig::new("enrich", "telemetry/+/env")
             },
             RouteConfig {
-                name: "alerts".into(),
-                filter: "telemetry/+/env".into(),
-                device_segment: 1,
                 handler: Some("threshold".into()),
-                upstream: None,
                 topic: Some("site/{gateway}/{output}".into()),
+                payload: PayloadFormat::Json,
+                ..RouteConfig::new("alerts", "telemetry/+/env")
             },
         ],
         ..Config::default()
@@ -227,7 +225,7 @@ pub async fn run(phase_secs: u64, device_count: usize) -> anyhow::Result<()> {
     gateway.shutdown().await;
     upstream_edge.stop();
 
-    let letters = store.dead_letters(usize::MAX >> 1)?;
+    let letters = store.dead_letters(&outpost::store::DeadLetterFilter::default(), 1_000_000)?;
     let dead_enrich = letters
         .iter()
         .filter(|d| d.letter.route == "enrich")
@@ -245,7 +243,9 @@ pub async fn run(phase_secs: u64, device_count: usize) -> anyhow::Result<()> {
         "  enriched readings delivered upstream  {unique} ({} duplicate deliveries)",
         total - unique
     );
-    println!("  dead letters on the enrich route      {dead_enrich} (malformed payloads)");
+    println!(
+        "  dead letters on the enrich route      {dead_enrich} (malformed payloads: not JSON)"
+    );
     println!(
         "  alerts delivered upstream             {}",
         upstream.alerts.load(Ordering::Relaxed)

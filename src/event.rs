@@ -15,12 +15,14 @@ pub struct Location {
 /// One publish received from a local device, as the router and the handlers see it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event {
-    /// Gateway-local sequence number; unique for the lifetime of the process.
+    /// The event's journal id: unique, and the same each time the event is processed.
     pub id: u64,
     /// The MQTT topic the device published on.
     pub topic: String,
     /// The device identity derived from the topic (see the route's `device_segment`).
     pub device: String,
+    /// The MQTT client id of the connection that published it.
+    pub client_id: String,
     /// The payload exactly as published.
     pub payload: Vec<u8>,
     /// When the gateway received it, in milliseconds since the Unix epoch.

@@ -19,7 +19,7 @@ use crate::config::Config;
 use crate::edge::Edge;
 use crate::journal::{Journal, JournalThread};
 use crate::metrics::Metrics;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, RoutePolicy};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::store::Store;
 use crate::uplink::Uplink;
@@ -43,7 +43,7 @@ impl Gateway {
     /// the uplinks and opens the listeners. Must be called inside a tokio runtime.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let routes = Arc::new(config.validate()?);
-        let store = Arc::new(Store::open(&config.data_dir)?);
+        let store = Arc::new(Store::open_with(&config.data_dir, config.store.limits())?);
         let metrics = Arc::new(Metrics::default());
 
         let runtime = Runtime::new(
@@ -91,8 +91,22 @@ impl Gateway {
         let committed = Arc::new(Notify::new());
         let (journal, journal_thread) = Journal::start(&store, committed.clone(), metrics.clone())?;
         let (finish_pipeline, finish_rx) = watch::channel(false);
+        let policies = config
+            .routes
+            .iter()
+            .map(|r| {
+                let policy = RoutePolicy {
+                    retry: r.retry.clone(),
+                    deadline: r.deadline_ms.map(std::time::Duration::from_millis),
+                    ttl: (r.ttl_secs > 0).then(|| std::time::Duration::from_secs(r.ttl_secs)),
+                    payload: r.payload,
+                };
+                (r.name.clone(), policy)
+            })
+            .collect();
         let pipeline = Pipeline {
             routes,
+            policies,
             handlers,
             store: store.clone(),
             wakes,

@@ -77,6 +77,17 @@ impl Journal {
                             Err(_) => break,
                         }
                     }
+                    // At the journal's cap the pipeline is far behind (or the outbox is full
+                    // under reject-new): wait, holding these publishes' acknowledgements.
+                    let mut waited = false;
+                    while writer.is_full() {
+                        if !waited {
+                            Metrics::add(&metrics.journal_full_waits, 1);
+                            error!("journal full: devices are not acknowledged until the pipeline catches up");
+                            waited = true;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                     let entries: Vec<NewJournalEntry> =
                         group.iter().map(|p| p.entry.clone()).collect();
                     let mut attempt: u32 = 0;

@@ -35,6 +35,20 @@ pub struct Metrics {
     pub render_failures: AtomicU64,
     /// Store commits that failed (the events are retried; see the log).
     pub store_errors: AtomicU64,
+    /// Events dead-lettered because their payload did not match the route's format.
+    pub malformed: AtomicU64,
+    /// Handler failures that were scheduled for another attempt.
+    pub retries_scheduled: AtomicU64,
+    /// Outbox rows moved to the dead letters by the `drop-oldest` policy.
+    pub evicted: AtomicU64,
+    /// Outbox rows whose time to live passed before delivery (dead-lettered).
+    pub expired: AtomicU64,
+    /// Dead letters deleted to stay within the dead-letter cap.
+    pub dead_letters_evicted: AtomicU64,
+    /// Times a batch waited because the outbox was full (`reject-new`).
+    pub outbox_full_waits: AtomicU64,
+    /// Times the journal waited because it was at its cap (devices not acknowledged meanwhile).
+    pub journal_full_waits: AtomicU64,
     links: Mutex<BTreeMap<String, LinkState>>,
 }
 
@@ -69,6 +83,20 @@ pub struct Snapshot {
     pub render_failures: u64,
     /// See [`Metrics::store_errors`].
     pub store_errors: u64,
+    /// See [`Metrics::malformed`].
+    pub malformed: u64,
+    /// See [`Metrics::retries_scheduled`].
+    pub retries_scheduled: u64,
+    /// See [`Metrics::evicted`].
+    pub evicted: u64,
+    /// See [`Metrics::expired`].
+    pub expired: u64,
+    /// See [`Metrics::dead_letters_evicted`].
+    pub dead_letters_evicted: u64,
+    /// See [`Metrics::outbox_full_waits`].
+    pub outbox_full_waits: u64,
+    /// See [`Metrics::journal_full_waits`].
+    pub journal_full_waits: u64,
     /// Per upstream link: whether it is connected now.
     pub links_connected: BTreeMap<String, bool>,
 }
@@ -116,6 +144,13 @@ impl Metrics {
             dead_lettered: get(&self.dead_lettered),
             render_failures: get(&self.render_failures),
             store_errors: get(&self.store_errors),
+            malformed: get(&self.malformed),
+            retries_scheduled: get(&self.retries_scheduled),
+            evicted: get(&self.evicted),
+            expired: get(&self.expired),
+            dead_letters_evicted: get(&self.dead_letters_evicted),
+            outbox_full_waits: get(&self.outbox_full_waits),
+            journal_full_waits: get(&self.journal_full_waits),
             links_connected,
         }
     }

@@ -1,41 +1,75 @@
-//! The processing stage: journaled device publishes in, durable outbox rows (or dead letters)
-//! out.
+//! The processing stage: journaled device publishes in, durable outbox rows (or retries, or
+//! dead letters) out.
 //!
 //! The pipeline reads the journal in id order, in batches; for each batch it finds the
 //! matching routes, runs each route's handler (if any) on the route's events, renders the
-//! output topics, and in one SQLite transaction inserts all outputs and dead letters and deletes
-//! the batch's journal rows. Then it wakes the uplinks. A crash at any point leaves each event
-//! either still in the journal (processed again on start: at-least-once) or fully moved.
+//! output topics, and in one SQLite transaction inserts all outputs, retries and dead letters
+//! and deletes the batch's journal rows. Then it wakes the uplinks. Retries that fell due are
+//! processed the same way, on their route only.
 //!
 //! Guarantees:
+//! - One durable home at a time: a crash at any point leaves each event either still in the
+//!   journal (or the retries), processed again on start (at-least-once), or fully moved.
 //! - Nothing leaves this stage uncounted: every publish is routed or counted as `unrouted`;
-//!   every event a handler fails on, and every output whose topic cannot be rendered, becomes a
-//!   dead letter with its reason.
+//!   every event a handler fails on is retried with exponential backoff and jitter up to the
+//!   route's `max_attempts`, then becomes a dead letter with its reason; malformed payloads on a
+//!   JSON route and outputs whose topic cannot be rendered become dead letters at once.
 //! - A handler failure affects only the events that cause it: a failed batch is retried one
-//!   event at a time, and only the events that still fail are dead-lettered.
-//! - Order: a passthrough route queues events in arrival order; a handler route batches events
+//!   event at a time, and only the events that still fail are retried later.
+//! - Order: a passthrough route queues events in journal order; a handler route batches events
 //!   by topic, so its outputs keep the order of their events per topic (MQTT's own ordering
-//!   guarantee).
-//! - A failing commit (disk full, read-only file system) is retried with backoff, holding the
-//!   batch in memory and applying backpressure to the edge; it is never skipped.
+//!   guarantee). Retried events arrive later than their successors (that is what a retry is).
+//! - A failing commit (disk full, read-only file system, outbox full under `reject-new`) is
+//!   retried with backoff, holding the batch, which lets the journal fill and so stops the
+//!   devices (backpressure); it is never skipped.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rand::Rng;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, error, warn};
 
-use crate::event::{Event, Output};
+use crate::config::{PayloadFormat, RetryConfig};
+use crate::event::{now_ms, Event, Output};
 use crate::metrics::Metrics;
 use crate::router::{Route, RouteTable, TemplateContext};
 use crate::runtime::{Handler, HandlerFailure};
-use crate::store::{JournalRow, NewDeadLetter, NewOutboxRow, Store};
+use crate::store::{
+    Batch, JournalRow, NewDeadLetter, NewOutboxRow, NewRetry, RetryRow, Stage, Store, StoreError,
+};
+
+/// What a route does besides routing: retries, deadline, time to live, payload check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoutePolicy {
+    /// Handler retries.
+    pub retry: RetryConfig,
+    /// Handler deadline (None: the runtime's).
+    pub deadline: Option<Duration>,
+    /// Outputs' time to live (None: forever).
+    pub ttl: Option<Duration>,
+    /// Required payload format.
+    pub payload: PayloadFormat,
+}
+
+impl Default for RoutePolicy {
+    fn default() -> Self {
+        RoutePolicy {
+            retry: RetryConfig::default(),
+            deadline: None,
+            ttl: None,
+            payload: PayloadFormat::Any,
+        }
+    }
+}
 
 /// The processing stage and everything it needs.
 pub struct Pipeline {
     /// The compiled routes.
     pub routes: Arc<RouteTable>,
+    /// Per route name: retries, deadline, TTL, payload format.
+    pub policies: HashMap<String, RoutePolicy>,
     /// Loaded handlers by module name.
     pub handlers: HashMap<String, Handler>,
     /// The database.
@@ -44,41 +78,50 @@ pub struct Pipeline {
     pub wakes: HashMap<String, Arc<Notify>>,
     /// Counters.
     pub metrics: Arc<Metrics>,
-    /// This gateway's id, for `{gateway}` in templates.
+    /// This gateway's id, for `{gateway}` in templates and message ids.
     pub gateway_id: String,
     /// Most events per handler invocation.
     pub max_batch: usize,
 }
 
-/// What one batch produced, ready to commit.
-#[derive(Default)]
-struct Results {
-    outputs: Vec<NewOutboxRow>,
-    dead: Vec<NewDeadLetter>,
-    journal_done: Vec<i64>,
+/// One event on one route, with what is known of its history.
+struct Pending {
+    event: Event,
+    /// Handler attempts already made.
+    attempts: u32,
 }
 
 impl Pipeline {
-    /// Processes the journal: first what a previous run left, then each new commit (`committed`
-    /// is notified after every journal commit). Once `finish` is true, it processes what is
-    /// left and returns.
+    /// Processes the journal and due retries: first what a previous run left, then each new
+    /// commit (`committed` is notified after every journal commit). Once `finish` is true, it
+    /// processes what is left in the journal and returns (retries not yet due stay stored).
     pub async fn run(self, committed: Arc<Notify>, mut finish: watch::Receiver<bool>) {
         let limit = (self.max_batch * 4).max(512);
         let mut last: i64 = 0;
         loop {
             let store = self.store.clone();
+            let due = tokio::task::spawn_blocking(move || store.due_retries(now_ms(), 256)).await;
+            match due {
+                Ok(Ok(due)) if !due.is_empty() => {
+                    let batch = self.process_retries(due).await;
+                    self.commit(batch).await;
+                    continue;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => self.read_failed(&e.to_string()).await,
+                Err(e) => self.read_failed(&e.to_string()).await,
+            }
+
+            let store = self.store.clone();
             let rows = tokio::task::spawn_blocking(move || store.journal_after(last, limit)).await;
             let rows = match rows {
                 Ok(Ok(rows)) => rows,
                 Ok(Err(e)) => {
-                    Metrics::add(&self.metrics.store_errors, 1);
-                    error!(error = %e, "cannot read the journal; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    self.read_failed(&e.to_string()).await;
                     continue;
                 }
                 Err(e) => {
-                    error!(error = %e, "journal reader task failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    self.read_failed(&e.to_string()).await;
                     continue;
                 }
             };
@@ -87,28 +130,48 @@ impl Pipeline {
                     debug!("pipeline finished: journal drained");
                     return;
                 }
+                let store = self.store.clone();
+                let next_due = tokio::task::spawn_blocking(move || store.next_retry_due())
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten();
+                let wait = match next_due {
+                    Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).max(1)),
+                    None => Duration::from_secs(3600),
+                };
                 tokio::select! {
                     _ = committed.notified() => {}
                     _ = finish.changed() => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
                 continue;
             };
             last = newest;
             Metrics::add(&self.metrics.received, rows.len() as u64);
-            let mut results = Results::default();
-            self.process(rows, &mut results).await;
-            self.commit(results).await;
+            let batch = self.process_journal(rows).await;
+            self.commit(batch).await;
         }
     }
 
-    async fn process(&self, rows: Vec<JournalRow>, results: &mut Results) {
-        // Events per route, and for handler routes per topic, in journal order.
-        let mut groups: Vec<(usize, Vec<Event>)> = Vec::new();
-        let mut group_index: HashMap<(usize, String), usize> = HashMap::new();
+    async fn read_failed(&self, error: &str) {
+        Metrics::add(&self.metrics.store_errors, 1);
+        error!(%error, "cannot read the journal or retries; retrying");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    fn policy(&self, route: &Route) -> RoutePolicy {
+        self.policies.get(&route.name).cloned().unwrap_or_default()
+    }
+
+    async fn process_journal(&self, rows: Vec<JournalRow>) -> Batch {
+        let mut batch = Batch::default();
+        let mut per_route: Vec<Vec<Pending>> =
+            self.routes.routes().iter().map(|_| Vec::new()).collect();
         for row in rows {
-            results.journal_done.push(row.id);
+            batch.journal_done.push(row.id);
             let mut matched = false;
-            for (route_index, route) in self.routes.routes().iter().enumerate() {
+            for (index, route) in self.routes.routes().iter().enumerate() {
                 if !route.filter.matches(&row.topic) {
                     continue;
                 }
@@ -117,90 +180,246 @@ impl Pipeline {
                     id: row.id as u64,
                     topic: row.topic.clone(),
                     device: route.device_of(&row.topic).unwrap_or("").to_string(),
+                    client_id: row.client_id.clone(),
                     payload: row.payload.clone(),
                     received_ms: row.received_ms,
                     location: None,
                     regions: Vec::new(),
                 };
-                if route.handler.is_none() {
-                    self.queue(route, &event, None, 0, results);
-                    continue;
-                }
-                let key = (route_index, row.topic.clone());
-                match group_index.get(&key) {
-                    Some(&g) if groups[g].1.len() < self.max_batch => groups[g].1.push(event),
-                    _ => {
-                        group_index.insert(key, groups.len());
-                        groups.push((route_index, vec![event]));
-                    }
-                }
+                per_route[index].push(Pending { event, attempts: 0 });
             }
             if !matched {
                 Metrics::add(&self.metrics.unrouted, 1);
             }
         }
-        for (route_index, events) in groups {
-            let route = &self.routes.routes()[route_index];
-            self.run_handler(route, events, results).await;
+        for (index, pending) in per_route.into_iter().enumerate() {
+            if !pending.is_empty() {
+                self.run_route(&self.routes.routes()[index], pending, &mut batch)
+                    .await;
+            }
+        }
+        batch
+    }
+
+    async fn process_retries(&self, due: Vec<RetryRow>) -> Batch {
+        let mut batch = Batch::default();
+        let mut per_route: HashMap<usize, Vec<Pending>> = HashMap::new();
+        for row in due {
+            batch.retries_done.push(row.id);
+            let r = row.retry;
+            let Some(index) = self
+                .routes
+                .routes()
+                .iter()
+                .position(|route| route.name == r.route)
+            else {
+                // The route was removed from the configuration since: keep the event.
+                Metrics::add(&self.metrics.dead_lettered, 1);
+                batch.dead.push(NewDeadLetter {
+                    stage: Stage::Event,
+                    event_id: r.event_id,
+                    route: r.route.clone(),
+                    module: None,
+                    link: None,
+                    msg_id: None,
+                    reason: "no-route".into(),
+                    detail: format!("route {:?} is no longer configured", r.route),
+                    attempts: r.attempts,
+                    topic: r.topic,
+                    device: r.device,
+                    client_id: r.client_id,
+                    payload: r.payload,
+                    received_ms: r.received_ms,
+                });
+                continue;
+            };
+            let event = Event {
+                id: r.event_id,
+                topic: r.topic,
+                device: r.device,
+                client_id: r.client_id,
+                payload: r.payload,
+                received_ms: r.received_ms,
+                location: None,
+                regions: Vec::new(),
+            };
+            per_route.entry(index).or_default().push(Pending {
+                event,
+                attempts: r.attempts,
+            });
+        }
+        let mut indexes: Vec<usize> = per_route.keys().copied().collect();
+        indexes.sort_unstable();
+        for index in indexes {
+            if let Some(pending) = per_route.remove(&index) {
+                self.run_route(&self.routes.routes()[index], pending, &mut batch)
+                    .await;
+            }
+        }
+        batch
+    }
+
+    /// Runs one route on its events (in order): payload check, then passthrough or handler.
+    async fn run_route(&self, route: &Route, pending: Vec<Pending>, batch: &mut Batch) {
+        let policy = self.policy(route);
+        let mut accepted = Vec::with_capacity(pending.len());
+        for p in pending {
+            if policy.payload == PayloadFormat::Json
+                && serde_json::from_slice::<serde::de::IgnoredAny>(&p.event.payload).is_err()
+            {
+                Metrics::add(&self.metrics.malformed, 1);
+                self.dead_letter(route, &p, "malformed", "payload is not JSON".into(), batch);
+                continue;
+            }
+            accepted.push(p);
+        }
+        if route.handler.is_none() {
+            for p in &accepted {
+                self.queue(route, &policy, &p.event, None, 0, batch);
+            }
+            return;
+        }
+        // Handler routes: batches of events that share a topic, in order of first appearance.
+        let mut groups: Vec<Vec<Pending>> = Vec::new();
+        let mut by_topic: HashMap<String, usize> = HashMap::new();
+        for p in accepted {
+            match by_topic.get(&p.event.topic) {
+                Some(&g) if groups[g].len() < self.max_batch => groups[g].push(p),
+                _ => {
+                    by_topic.insert(p.event.topic.clone(), groups.len());
+                    groups.push(vec![p]);
+                }
+            }
+        }
+        for group in groups {
+            self.run_handler(route, &policy, group, batch).await;
         }
     }
 
     /// Runs the route's handler on events that share a topic; on failure, retries them one by
-    /// one so that only the failing ones become dead letters.
-    async fn run_handler(&self, route: &Route, events: Vec<Event>, results: &mut Results) {
+    /// one so that only the failing ones are retried later.
+    async fn run_handler(
+        &self,
+        route: &Route,
+        policy: &RoutePolicy,
+        group: Vec<Pending>,
+        batch: &mut Batch,
+    ) {
         let Some(module) = route.handler.as_deref() else {
             return;
         };
         let Some(handler) = self.handlers.get(module) else {
             // Config validation makes this unreachable; record it rather than lose the events.
-            for event in &events {
-                results.dead.push(dead_letter(
+            for p in &group {
+                self.dead_letter(
                     route,
-                    event,
+                    p,
                     "no-handler",
                     format!("module {module:?} is not loaded"),
-                ));
+                    batch,
+                );
             }
-            Metrics::add(&self.metrics.dead_lettered, events.len() as u64);
             return;
         };
-        let first = events.first().cloned();
-        match invoke(handler, events.clone(), &self.metrics).await {
+        let events: Vec<Event> = group.iter().map(|p| p.event.clone()).collect();
+        match invoke(handler, events, policy.deadline, &self.metrics).await {
             Ok(outputs) => {
-                if let Some(first) = first {
+                if let Some(first) = group.first() {
                     for (n, output) in outputs.into_iter().enumerate() {
-                        self.queue(route, &first, Some(output), n, results);
+                        self.queue(route, policy, &first.event, Some(output), n, batch);
                     }
                 }
             }
-            Err(failure) if events.len() == 1 => {
-                self.fail(route, &events[0], &failure, results);
+            Err(failure) if group.len() == 1 => {
+                for p in &group {
+                    self.fail(route, policy, p, &failure, batch);
+                }
             }
             Err(failure) => {
-                debug!(route = %route.name, %failure, size = events.len(), "batch failed; retrying its events one by one");
-                for event in events {
-                    match invoke(handler, vec![event.clone()], &self.metrics).await {
+                debug!(route = %route.name, %failure, size = group.len(), "batch failed; retrying its events one by one");
+                for p in group {
+                    match invoke(
+                        handler,
+                        vec![p.event.clone()],
+                        policy.deadline,
+                        &self.metrics,
+                    )
+                    .await
+                    {
                         Ok(outputs) => {
                             for (n, output) in outputs.into_iter().enumerate() {
-                                self.queue(route, &event, Some(output), n, results);
+                                self.queue(route, policy, &p.event, Some(output), n, batch);
                             }
                         }
-                        Err(failure) => self.fail(route, &event, &failure, results),
+                        Err(failure) => self.fail(route, policy, &p, &failure, batch),
                     }
                 }
             }
         }
     }
 
-    fn fail(&self, route: &Route, event: &Event, failure: &HandlerFailure, results: &mut Results) {
-        warn!(route = %route.name, topic = %event.topic, reason = failure.reason(), %failure, "handler failed; event dead-lettered");
+    /// Schedules another attempt with backoff, or gives up when the route's attempts are spent.
+    fn fail(
+        &self,
+        route: &Route,
+        policy: &RoutePolicy,
+        p: &Pending,
+        failure: &HandlerFailure,
+        batch: &mut Batch,
+    ) {
+        let attempts = p.attempts + 1;
+        if attempts < policy.retry.max_attempts {
+            let delay = backoff(&policy.retry, attempts);
+            debug!(route = %route.name, topic = %p.event.topic, reason = failure.reason(), attempts, ?delay, "handler failed; will retry");
+            Metrics::add(&self.metrics.retries_scheduled, 1);
+            batch.retries.push(NewRetry {
+                event_id: p.event.id,
+                route: route.name.clone(),
+                topic: p.event.topic.clone(),
+                device: p.event.device.clone(),
+                client_id: p.event.client_id.clone(),
+                payload: p.event.payload.clone(),
+                received_ms: p.event.received_ms,
+                attempts,
+                next_attempt_ms: now_ms() + delay.as_millis() as u64,
+                reason: failure.reason().to_string(),
+                detail: failure.to_string(),
+            });
+            return;
+        }
+        warn!(route = %route.name, topic = %p.event.topic, reason = failure.reason(), attempts, %failure, "handler failed; event dead-lettered");
+        let done = Pending {
+            event: p.event.clone(),
+            attempts,
+        };
+        self.dead_letter(route, &done, failure.reason(), failure.to_string(), batch);
+    }
+
+    fn dead_letter(
+        &self,
+        route: &Route,
+        p: &Pending,
+        reason: &str,
+        detail: String,
+        batch: &mut Batch,
+    ) {
         Metrics::add(&self.metrics.dead_lettered, 1);
-        results.dead.push(dead_letter(
-            route,
-            event,
-            failure.reason(),
-            failure.to_string(),
-        ));
+        batch.dead.push(NewDeadLetter {
+            stage: Stage::Event,
+            event_id: p.event.id,
+            route: route.name.clone(),
+            module: route.handler.clone(),
+            link: None,
+            msg_id: None,
+            reason: reason.to_string(),
+            detail,
+            attempts: p.attempts,
+            topic: p.event.topic.clone(),
+            device: p.event.device.clone(),
+            client_id: p.event.client_id.clone(),
+            payload: p.event.payload.clone(),
+            received_ms: p.event.received_ms,
+        });
     }
 
     /// Renders the output topic and adds the row, or a dead letter when the topic is invalid.
@@ -209,10 +428,11 @@ impl Pipeline {
     fn queue(
         &self,
         route: &Route,
+        policy: &RoutePolicy,
         event: &Event,
         output: Option<Output>,
         n: usize,
-        results: &mut Results,
+        batch: &mut Batch,
     ) {
         let (output_topic, payload) = match output {
             Some(o) => (Some(o.topic), o.payload),
@@ -225,58 +445,88 @@ impl Pipeline {
             output: output_topic.as_deref(),
         };
         match route.topic.render(&context) {
-            Ok(topic) => results.outputs.push(NewOutboxRow {
+            Ok(topic) => batch.outputs.push(NewOutboxRow {
                 link: route.upstream.clone(),
                 msg_id: format!("{}-{}-{}-{n}", self.gateway_id, event.id, route.name),
                 route: route.name.clone(),
                 topic,
                 payload,
                 received_ms: event.received_ms,
+                expires_ms: policy
+                    .ttl
+                    .map(|ttl| event.received_ms + ttl.as_millis() as u64)
+                    .unwrap_or(0),
             }),
             Err(e) => {
                 warn!(route = %route.name, error = %e, "output topic cannot be rendered; dead-lettered");
                 Metrics::add(&self.metrics.render_failures, 1);
-                Metrics::add(&self.metrics.dead_lettered, 1);
-                let mut letter = dead_letter(route, event, "bad-output-topic", e.to_string());
-                letter.payload = payload;
-                results.dead.push(letter);
+                let p = Pending {
+                    event: Event {
+                        payload,
+                        ..event.clone()
+                    },
+                    attempts: 0,
+                };
+                self.dead_letter(route, &p, "bad-output-topic", e.to_string(), batch);
             }
         }
     }
 
     /// Commits the batch, retrying until it succeeds, then wakes the uplinks that got rows.
-    async fn commit(&self, results: Results) {
-        if results.outputs.is_empty() && results.dead.is_empty() && results.journal_done.is_empty()
-        {
+    async fn commit(&self, batch: Batch) {
+        if batch.is_empty() {
             return;
         }
-        let results = Arc::new(results);
+        let batch = Arc::new(batch);
         let mut attempt: u32 = 0;
         loop {
             let store = self.store.clone();
-            let batch = results.clone();
-            match tokio::task::spawn_blocking(move || {
-                store.commit(&batch.outputs, &batch.dead, &batch.journal_done)
-            })
-            .await
-            {
-                Ok(Ok(())) => break,
-                Ok(Err(e)) => {
-                    attempt += 1;
+            let pending = batch.clone();
+            let result = tokio::task::spawn_blocking(move || store.commit(&pending))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Thread(e.to_string())));
+            match result {
+                Ok(report) => {
+                    Metrics::add(&self.metrics.evicted, report.evicted_outbox);
+                    Metrics::add(
+                        &self.metrics.dead_letters_evicted,
+                        report.evicted_dead_letters,
+                    );
+                    if report.evicted_outbox > 0 {
+                        warn!(
+                            rows = report.evicted_outbox,
+                            "outbox full: oldest rows moved to the dead letters (drop-oldest)"
+                        );
+                    }
+                    if report.evicted_dead_letters > 0 {
+                        warn!(
+                            rows = report.evicted_dead_letters,
+                            "dead letters full: oldest deleted"
+                        );
+                    }
+                    break;
+                }
+                Err(e @ StoreError::OutboxFull { .. }) => {
+                    if attempt == 0 {
+                        warn!(error = %e, "holding new outputs until the upstream drains the outbox");
+                    }
+                    Metrics::add(&self.metrics.outbox_full_waits, 1);
+                    attempt = attempt.saturating_add(1);
+                    // Deliveries free room; there is no faster signal to wait on here.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => {
+                    attempt = attempt.saturating_add(1);
                     Metrics::add(&self.metrics.store_errors, 1);
                     error!(error = %e, attempt, "cannot commit to the outbox; holding the batch and retrying");
                 }
-                Err(e) => {
-                    attempt += 1;
-                    Metrics::add(&self.metrics.store_errors, 1);
-                    error!(error = %e, attempt, "outbox commit task failed; retrying");
-                }
             }
-            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt.min(100)))).await;
+            tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt.min(40)))).await;
         }
-        Metrics::add(&self.metrics.queued, results.outputs.len() as u64);
+        Metrics::add(&self.metrics.queued, batch.outputs.len() as u64);
         let mut woken: Vec<&str> = Vec::new();
-        for row in &results.outputs {
+        for row in &batch.outputs {
             if !woken.contains(&row.link.as_str()) {
                 woken.push(&row.link);
                 if let Some(wake) = self.wakes.get(&row.link) {
@@ -287,32 +537,65 @@ impl Pipeline {
     }
 }
 
+/// The delay before attempt `attempts + 1`: `backoff_ms * 2^(attempts-1)`, capped, times a
+/// random factor in [0.5, 1) so that many failing events do not retry in lockstep.
+fn backoff(retry: &RetryConfig, attempts: u32) -> Duration {
+    let exponent = attempts.saturating_sub(1).min(30);
+    let base = retry
+        .backoff_ms
+        .saturating_mul(1u64 << exponent)
+        .min(retry.backoff_max_ms);
+    let jitter = rand::rng().random_range(0.5..1.0);
+    Duration::from_millis(((base as f64) * jitter) as u64)
+}
+
 async fn invoke(
     handler: &Handler,
     events: Vec<Event>,
+    deadline: Option<Duration>,
     metrics: &Metrics,
 ) -> Result<Vec<Output>, HandlerFailure> {
     Metrics::add(&metrics.handler_invocations, 1);
     let handler = handler.clone();
-    let result = tokio::task::spawn_blocking(move || handler.invoke(&events))
-        .await
-        .unwrap_or_else(|e| Err(HandlerFailure::Host(format!("handler task failed: {e}"))));
+    let result = tokio::task::spawn_blocking(move || match deadline {
+        Some(deadline) => handler.invoke_within(&events, deadline),
+        None => handler.invoke(&events),
+    })
+    .await
+    .unwrap_or_else(|e| Err(HandlerFailure::Host(format!("handler task failed: {e}"))));
     if result.is_err() {
         Metrics::add(&metrics.handler_failures, 1);
     }
     result
 }
 
-fn dead_letter(route: &Route, event: &Event, reason: &str, detail: String) -> NewDeadLetter {
-    NewDeadLetter {
-        route: route.name.clone(),
-        module: route.handler.clone(),
-        reason: reason.to_string(),
-        detail,
-        attempts: 1,
-        topic: event.topic.clone(),
-        device: event.device.clone(),
-        payload: event.payload.clone(),
-        received_ms: event.received_ms,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_caps() {
+        let retry = RetryConfig {
+            max_attempts: 10,
+            backoff_ms: 100,
+            backoff_max_ms: 1000,
+        };
+        for (attempts, base) in [
+            (1, 100u64),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (5, 1000),
+            (20, 1000),
+        ] {
+            for _ in 0..50 {
+                let d = backoff(&retry, attempts).as_millis() as u64;
+                assert!(
+                    d >= base / 2 && d < base,
+                    "attempt {attempts}: {d} not in [{}, {base})",
+                    base / 2
+                );
+            }
+        }
     }
 }

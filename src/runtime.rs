@@ -360,6 +360,23 @@ impl Handler {
     /// before this returns; on failure, none of its key-value writes are applied (unless the
     /// backend itself fails part-way through applying them: [`HandlerFailure::Host`]).
     pub fn invoke(&self, batch: &[Event]) -> Result<Vec<Output>, HandlerFailure> {
+        self.invoke_with_deadline(batch, self.shared.deadline_ticks)
+    }
+
+    /// [`Handler::invoke`] with a deadline of its own instead of the runtime's.
+    pub fn invoke_within(
+        &self,
+        batch: &[Event],
+        deadline: Duration,
+    ) -> Result<Vec<Output>, HandlerFailure> {
+        self.invoke_with_deadline(batch, deadline_ticks(deadline))
+    }
+
+    fn invoke_with_deadline(
+        &self,
+        batch: &[Event],
+        deadline_ticks: u64,
+    ) -> Result<Vec<Output>, HandlerFailure> {
         let shared = &self.shared;
         let mut store = Store::new(
             &shared.engine,
@@ -370,7 +387,7 @@ impl Handler {
             ),
         );
         store.limiter(|state| &mut state.limits);
-        store.set_epoch_deadline(shared.deadline_ticks);
+        store.set_epoch_deadline(deadline_ticks);
         store.epoch_deadline_trap();
 
         let batch: Vec<types::Event> = batch.iter().map(to_wit).collect();
@@ -904,6 +921,7 @@ mod tests {
             id,
             topic: format!("sensors/{device}/telemetry"),
             device: device.to_string(),
+            client_id: device.to_string(),
             payload: payload.as_bytes().to_vec(),
             received_ms: 1_700_000_000_000 + id,
             location: None,

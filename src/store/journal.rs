@@ -1,0 +1,135 @@
+//! The journal table: device publishes, durable before they are acknowledged, until the
+//! pipeline moves them on.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rusqlite::{params, Connection, Transaction};
+
+use super::{open_connection, Store, StoreError, Totals};
+
+/// A device publish to journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJournalEntry {
+    /// The topic it was published on.
+    pub topic: String,
+    /// The payload, as published.
+    pub payload: bytes::Bytes,
+    /// The QoS it was published with.
+    pub qos: u8,
+    /// The retain flag.
+    pub retain: bool,
+    /// The publishing client's id.
+    pub client_id: Arc<str>,
+    /// When the gateway received it, in ms since the Unix epoch.
+    pub received_ms: u64,
+}
+
+/// A journaled device publish not yet routed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalRow {
+    /// Its id: strictly increasing, never reused; stable across restarts.
+    pub id: i64,
+    /// The topic it was published on.
+    pub topic: String,
+    /// The payload, as published.
+    pub payload: Vec<u8>,
+    /// The publishing client's id.
+    pub client_id: String,
+    /// When the gateway received it, in ms since the Unix epoch.
+    pub received_ms: u64,
+}
+
+/// The journal's own write connection, owned by the journal's group-commit thread.
+pub struct JournalWriter {
+    path: PathBuf,
+    conn: Connection,
+    totals: Arc<Totals>,
+    max_rows: i64,
+}
+
+impl JournalWriter {
+    /// Durably appends entries in one transaction: when this returns `Ok`, all of them survive
+    /// a crash or a power cut; on `Err`, none of them was written.
+    pub fn append(&mut self, entries: &[NewJournalEntry]) -> Result<(), StoreError> {
+        let path = &self.path;
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO journal (topic, payload, qos, retain, client_id, received_ms)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(err)?;
+            for e in entries {
+                insert
+                    .execute(params![
+                        e.topic,
+                        &e.payload[..],
+                        e.qos,
+                        e.retain,
+                        &*e.client_id,
+                        e.received_ms as i64
+                    ])
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        self.totals
+            .journal_rows
+            .fetch_add(entries.len() as i64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Whether the journal is at its cap (the pipeline is that far behind): the caller should
+    /// wait before appending more.
+    pub fn is_full(&self) -> bool {
+        self.totals.journal_rows.load(Ordering::Relaxed) >= self.max_rows
+    }
+}
+
+impl Store {
+    /// A separate write connection for the journal's group-commit thread.
+    pub fn journal_writer(&self) -> Result<JournalWriter, StoreError> {
+        Ok(JournalWriter {
+            path: self.path.clone(),
+            conn: open_connection(&self.path, &self.limits)?,
+            totals: self.totals.clone(),
+            max_rows: self.limits.journal_max_rows,
+        })
+    }
+
+    /// Up to `limit` journaled publishes with an id greater than `after`, oldest first.
+    pub fn journal_after(&self, after: i64, limit: usize) -> Result<Vec<JournalRow>, StoreError> {
+        let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, topic, payload, client_id, received_ms FROM journal WHERE id > ?1
+                 ORDER BY id LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![after, limit as i64], |r| {
+                Ok(JournalRow {
+                    id: r.get(0)?,
+                    topic: r.get(1)?,
+                    payload: r.get(2)?,
+                    client_id: r.get(3)?,
+                    received_ms: r.get::<_, i64>(4)? as u64,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+}
+
+pub(super) fn delete(tx: &Transaction<'_>, id: i64) -> rusqlite::Result<()> {
+    tx.prepare_cached("DELETE FROM journal WHERE id = ?1")?
+        .execute(params![id])?;
+    Ok(())
+}

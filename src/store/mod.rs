@@ -1,0 +1,506 @@
+//! Every SQLite table of the gateway: the journal (device publishes not yet routed), the
+//! retries (events waiting for another handler attempt), the outbox (outputs waiting for their
+//! upstream), the dead letters, and the handlers' key-value state.
+//!
+//! Guarantees:
+//! - Every write that backs a promise (journal append, [`Store::commit`]) is one transaction
+//!   with `synchronous=FULL` in WAL mode: once it returns `Ok`, it survives a crash or a power
+//!   cut; on `Err`, none of it happened.
+//! - One durable home at a time: [`Store::commit`] inserts a batch's outputs, dead letters and
+//!   retries and deletes the journal and retry rows they came from in the same transaction.
+//! - Ids of journal, outbox and dead-letter rows increase strictly and are never reused
+//!   (`AUTOINCREMENT`), so reading by id gives commit order.
+//! - Caps are enforced inside the transaction that would exceed them: the outbox's by its
+//!   policy ([`OutboxPolicy`]), the dead letters' by evicting the oldest (counted in
+//!   [`CommitReport`]). The database's own size cap ([`StoreLimits::max_db_bytes`]) turns into
+//!   a "database or disk is full" error, which callers treat like a full disk: retry, hold.
+//!
+//! All calls block on SQLite; async callers run them on a blocking thread. This module knows
+//! nothing about MQTT or handlers.
+
+mod dead_letters;
+mod journal;
+mod kv;
+mod outbox;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, Transaction};
+use serde::{Deserialize, Serialize};
+
+pub use dead_letters::{DeadLetter, DeadLetterFilter, NewDeadLetter, NewRetry, RetryRow, Stage};
+pub use journal::{JournalRow, JournalWriter, NewJournalEntry};
+pub use outbox::{NewOutboxRow, OutboxRow};
+
+/// The database file inside the data directory.
+pub const DB_FILE: &str = "outpost.db";
+
+/// What went wrong with the database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite refused the operation (disk full, read-only file system, corruption, ...).
+    #[error("database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// SQLite's error.
+        source: rusqlite::Error,
+    },
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The database was written by a newer outpost.
+    #[error("database {path} has schema version {found}; this outpost knows up to {known}")]
+    TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// The version found in the file.
+        found: i64,
+        /// The newest version this build knows.
+        known: i64,
+    },
+    /// The outbox is at its cap and the policy is `reject-new`: nothing was written.
+    #[error(
+        "outbox full ({rows} rows, {bytes} bytes queued); policy reject-new holds new data back"
+    )]
+    OutboxFull {
+        /// Rows queued.
+        rows: i64,
+        /// Payload bytes queued.
+        bytes: i64,
+    },
+    /// A database thread could not be started.
+    #[error("cannot start a database thread: {0}")]
+    Thread(String),
+    /// A lock was poisoned by a panic in another thread.
+    #[error("database lock poisoned")]
+    Poisoned,
+}
+
+impl StoreError {
+    /// Whether this is SQLite's "database or disk is full" (a real full disk, or the
+    /// configured size cap).
+    pub fn is_full(&self) -> bool {
+        matches!(self, StoreError::Sqlite { source: rusqlite::Error::SqliteFailure(e, _), .. }
+            if e.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
+/// What to do when the outbox is at its cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutboxPolicy {
+    /// Refuse new outputs: the pipeline waits, the journal fills, and then devices stop being
+    /// acknowledged (backpressure: they keep their data).
+    #[default]
+    RejectNew,
+    /// Make room by moving the oldest queued rows to the dead letters (reason `evicted`).
+    DropOldest,
+}
+
+/// Caps on what the database holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Whole database file, in bytes (0: only the disk limits it).
+    pub max_db_bytes: u64,
+    /// Rows in the journal before new publishes wait (are not acknowledged).
+    pub journal_max_rows: i64,
+    /// Rows in the outbox.
+    pub outbox_max_rows: i64,
+    /// Payload bytes in the outbox.
+    pub outbox_max_bytes: i64,
+    /// What happens at the outbox cap.
+    pub outbox_policy: OutboxPolicy,
+    /// Dead letters kept; beyond it the oldest are evicted.
+    pub dead_letters_max_rows: i64,
+    /// Payload bytes of dead letters kept.
+    pub dead_letters_max_bytes: i64,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        StoreLimits {
+            max_db_bytes: 0,
+            journal_max_rows: 100_000,
+            outbox_max_rows: 1_000_000,
+            outbox_max_bytes: 256 * 1024 * 1024,
+            outbox_policy: OutboxPolicy::RejectNew,
+            dead_letters_max_rows: 100_000,
+            dead_letters_max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Running totals, kept in memory so that caps cost no table scan. Loaded once at open.
+#[derive(Debug, Default)]
+pub(crate) struct Totals {
+    journal_rows: AtomicI64,
+    outbox_rows: AtomicI64,
+    outbox_bytes: AtomicI64,
+    dead_rows: AtomicI64,
+    dead_bytes: AtomicI64,
+}
+
+/// Everything one pipeline step changes, committed together by [`Store::commit`].
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Outputs to queue.
+    pub outputs: Vec<NewOutboxRow>,
+    /// Events (or outputs) given up on.
+    pub dead: Vec<NewDeadLetter>,
+    /// Events to try again later.
+    pub retries: Vec<NewRetry>,
+    /// Journal rows fully handled by this batch.
+    pub journal_done: Vec<i64>,
+    /// Retry rows fully handled (or rescheduled as new retries) by this batch.
+    pub retries_done: Vec<i64>,
+}
+
+impl Batch {
+    /// Whether committing it would change nothing.
+    pub fn is_empty(&self) -> bool {
+        self.outputs.is_empty()
+            && self.dead.is_empty()
+            && self.retries.is_empty()
+            && self.journal_done.is_empty()
+            && self.retries_done.is_empty()
+    }
+}
+
+/// What a commit had to do to stay within the caps.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct CommitReport {
+    /// Outbox rows moved to the dead letters (policy `drop-oldest`).
+    pub evicted_outbox: u64,
+    /// Dead letters deleted to stay within the dead-letter cap.
+    pub evicted_dead_letters: u64,
+}
+
+/// The gateway's database. Cheap to share behind an `Arc`.
+pub struct Store {
+    path: PathBuf,
+    limits: StoreLimits,
+    totals: Arc<Totals>,
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+}
+
+/// Each entry upgrades the schema by one version; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[r#"
+    CREATE TABLE journal (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        topic       TEXT    NOT NULL,
+        payload     BLOB    NOT NULL,
+        qos         INTEGER NOT NULL,
+        retain      INTEGER NOT NULL,
+        client_id   TEXT    NOT NULL,
+        received_ms INTEGER NOT NULL
+    );
+    CREATE TABLE outbox (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        link        TEXT    NOT NULL,
+        msg_id      TEXT    NOT NULL,
+        route       TEXT    NOT NULL,
+        topic       TEXT    NOT NULL,
+        payload     BLOB    NOT NULL,
+        received_ms INTEGER NOT NULL,
+        created_ms  INTEGER NOT NULL,
+        expires_ms  INTEGER NOT NULL
+    );
+    CREATE INDEX outbox_by_link ON outbox(link, id);
+    CREATE TABLE retries (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id        INTEGER NOT NULL,
+        route           TEXT    NOT NULL,
+        topic           TEXT    NOT NULL,
+        device          TEXT    NOT NULL,
+        client_id       TEXT    NOT NULL,
+        payload         BLOB    NOT NULL,
+        received_ms     INTEGER NOT NULL,
+        attempts        INTEGER NOT NULL,
+        next_attempt_ms INTEGER NOT NULL,
+        reason          TEXT    NOT NULL,
+        detail          TEXT    NOT NULL
+    );
+    CREATE INDEX retries_by_due ON retries(next_attempt_ms);
+    CREATE TABLE dead_letters (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        stage       TEXT    NOT NULL,
+        event_id    INTEGER NOT NULL,
+        route       TEXT    NOT NULL,
+        module      TEXT,
+        link        TEXT,
+        msg_id      TEXT,
+        reason      TEXT    NOT NULL,
+        detail      TEXT    NOT NULL,
+        attempts    INTEGER NOT NULL,
+        topic       TEXT    NOT NULL,
+        device      TEXT    NOT NULL,
+        client_id   TEXT    NOT NULL,
+        payload     BLOB    NOT NULL,
+        received_ms INTEGER NOT NULL,
+        created_ms  INTEGER NOT NULL
+    );
+    CREATE TABLE kv (
+        module TEXT NOT NULL,
+        key    TEXT NOT NULL,
+        value  BLOB NOT NULL,
+        PRIMARY KEY (module, key)
+    ) WITHOUT ROWID;
+"#];
+
+impl Store {
+    /// Opens (creating if needed) the database in `data_dir` with default limits.
+    pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(data_dir, StoreLimits::default())
+    }
+
+    /// Opens (creating if needed) the database in `data_dir`, brings its schema up to date and
+    /// loads the running totals.
+    pub fn open_with(data_dir: &Path, limits: StoreLimits) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir {
+            path: data_dir.to_path_buf(),
+            source,
+        })?;
+        let path = data_dir.join(DB_FILE);
+        let writer = open_connection(&path, &limits)?;
+        migrate(&writer, &path)?;
+        let reader = open_connection(&path, &limits)?;
+        let totals = Arc::new(load_totals(&writer).map_err(|source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        })?);
+        Ok(Store {
+            path,
+            limits,
+            totals,
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The caps this store enforces.
+    pub fn limits(&self) -> &StoreLimits {
+        &self.limits
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StoreError {
+        StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Commits one pipeline step: queues outputs, records dead letters and retries, and removes
+    /// the journal and retry rows they came from, all in one transaction, enforcing the caps.
+    /// With policy `reject-new` and a full outbox it returns [`StoreError::OutboxFull`] and
+    /// writes nothing.
+    pub fn commit(&self, batch: &Batch) -> Result<CommitReport, StoreError> {
+        let mut report = CommitReport::default();
+        if batch.is_empty() {
+            return Ok(report);
+        }
+        let new_rows = batch.outputs.len() as i64;
+        let new_bytes: i64 = batch.outputs.iter().map(|o| o.payload.len() as i64).sum();
+        let rows = self.totals.outbox_rows.load(Ordering::Relaxed);
+        let bytes = self.totals.outbox_bytes.load(Ordering::Relaxed);
+        let over_rows = rows + new_rows - self.limits.outbox_max_rows;
+        let over_bytes = bytes + new_bytes - self.limits.outbox_max_bytes;
+        let must_free = new_rows > 0 && (over_rows > 0 || over_bytes > 0);
+        if must_free && self.limits.outbox_policy == OutboxPolicy::RejectNew {
+            return Err(StoreError::OutboxFull { rows, bytes });
+        }
+
+        let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let mut delta = Delta::default();
+        if must_free {
+            let (n, freed_bytes, letters) =
+                outbox::evict_oldest(&tx, over_rows.max(0), over_bytes.max(0))
+                    .map_err(|e| self.err(e))?;
+            report.evicted_outbox = n as u64;
+            delta.outbox_rows -= n;
+            delta.outbox_bytes -= freed_bytes;
+            for letter in letters {
+                delta.add_dead(&letter);
+                dead_letters::insert(&tx, &letter).map_err(|e| self.err(e))?;
+            }
+        }
+        for output in &batch.outputs {
+            outbox::insert(&tx, output).map_err(|e| self.err(e))?;
+            delta.outbox_rows += 1;
+            delta.outbox_bytes += output.payload.len() as i64;
+        }
+        for letter in &batch.dead {
+            dead_letters::insert(&tx, letter).map_err(|e| self.err(e))?;
+            delta.add_dead(letter);
+        }
+        for retry in &batch.retries {
+            dead_letters::insert_retry(&tx, retry).map_err(|e| self.err(e))?;
+        }
+        for id in &batch.retries_done {
+            dead_letters::delete_retry(&tx, *id).map_err(|e| self.err(e))?;
+        }
+        for id in &batch.journal_done {
+            journal::delete(&tx, *id).map_err(|e| self.err(e))?;
+        }
+        delta.journal_rows -= batch.journal_done.len() as i64;
+        let (evicted, freed) = self
+            .enforce_dead_letter_cap(&tx, &delta)
+            .map_err(|e| self.err(e))?;
+        report.evicted_dead_letters = evicted as u64;
+        delta.dead_rows -= evicted;
+        delta.dead_bytes -= freed;
+        tx.commit().map_err(|e| self.err(e))?;
+        delta.apply(&self.totals);
+        Ok(report)
+    }
+
+    fn enforce_dead_letter_cap(
+        &self,
+        tx: &Transaction<'_>,
+        delta: &Delta,
+    ) -> rusqlite::Result<(i64, i64)> {
+        let rows = self.totals.dead_rows.load(Ordering::Relaxed) + delta.dead_rows;
+        let bytes = self.totals.dead_bytes.load(Ordering::Relaxed) + delta.dead_bytes;
+        let over_rows = rows - self.limits.dead_letters_max_rows;
+        let over_bytes = bytes - self.limits.dead_letters_max_bytes;
+        if over_rows <= 0 && over_bytes <= 0 {
+            return Ok((0, 0));
+        }
+        dead_letters::evict_oldest(tx, over_rows.max(0), over_bytes.max(0))
+    }
+
+    /// Publishes journaled and not yet routed.
+    pub fn journal_depth(&self) -> u64 {
+        self.totals.journal_rows.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Rows queued in the outbox, all links together.
+    pub fn outbox_rows(&self) -> u64 {
+        self.totals.outbox_rows.load(Ordering::Relaxed).max(0) as u64
+    }
+
+    /// Dead letters kept.
+    pub fn dead_letter_count(&self) -> u64 {
+        self.totals.dead_rows.load(Ordering::Relaxed).max(0) as u64
+    }
+}
+
+/// Changes to the running totals made by one transaction, applied once it committed.
+#[derive(Debug, Default)]
+struct Delta {
+    journal_rows: i64,
+    outbox_rows: i64,
+    outbox_bytes: i64,
+    dead_rows: i64,
+    dead_bytes: i64,
+}
+
+impl Delta {
+    fn add_dead(&mut self, letter: &NewDeadLetter) {
+        self.dead_rows += 1;
+        self.dead_bytes += letter.payload.len() as i64;
+    }
+
+    fn apply(&self, totals: &Totals) {
+        totals
+            .journal_rows
+            .fetch_add(self.journal_rows, Ordering::Relaxed);
+        totals
+            .outbox_rows
+            .fetch_add(self.outbox_rows, Ordering::Relaxed);
+        totals
+            .outbox_bytes
+            .fetch_add(self.outbox_bytes, Ordering::Relaxed);
+        totals
+            .dead_rows
+            .fetch_add(self.dead_rows, Ordering::Relaxed);
+        totals
+            .dead_bytes
+            .fetch_add(self.dead_bytes, Ordering::Relaxed);
+    }
+}
+
+fn load_totals(conn: &Connection) -> rusqlite::Result<Totals> {
+    let pair = |sql: &str| -> rusqlite::Result<(i64, i64)> {
+        conn.query_row(sql, [], |r| Ok((r.get(0)?, r.get(1)?)))
+    };
+    let (journal_rows, _) = pair("SELECT COUNT(*), 0 FROM journal")?;
+    let (outbox_rows, outbox_bytes) =
+        pair("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox")?;
+    let (dead_rows, dead_bytes) =
+        pair("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM dead_letters")?;
+    Ok(Totals {
+        journal_rows: AtomicI64::new(journal_rows),
+        outbox_rows: AtomicI64::new(outbox_rows),
+        outbox_bytes: AtomicI64::new(outbox_bytes),
+        dead_rows: AtomicI64::new(dead_rows),
+        dead_bytes: AtomicI64::new(dead_bytes),
+    })
+}
+
+fn open_connection(path: &Path, limits: &StoreLimits) -> Result<Connection, StoreError> {
+    let sql = |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let conn = Connection::open(path).map_err(sql)?;
+    // Writers (journal, pipeline, uplink deletes) take turns on SQLite's write lock.
+    conn.busy_timeout(Duration::from_secs(30)).map_err(sql)?;
+    // WAL lets readers work while a writer commits; FULL makes every commit durable before it
+    // returns, which is what acknowledging a publish and queuing an output promise.
+    conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
+        .map_err(sql)?;
+    if limits.max_db_bytes > 0 {
+        let page_size: i64 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(sql)?;
+        let pages = (limits.max_db_bytes as i64 / page_size.max(512)).max(16);
+        conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+            .map_err(sql)?;
+    }
+    Ok(conn)
+}
+
+fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let sql = |source| StoreError::Sqlite {
+        path: path.to_path_buf(),
+        source,
+    };
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(sql)?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found: version,
+            known,
+        });
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        conn.execute_batch(&format!(
+            "BEGIN; {step}; PRAGMA user_version = {}; COMMIT;",
+            i + 1
+        ))
+        .map_err(sql)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

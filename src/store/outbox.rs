@@ -1,0 +1,232 @@
+//! The outbox: outputs waiting for their upstream link, in commit order per link.
+
+use std::sync::atomic::Ordering;
+
+use rusqlite::{params, Transaction};
+
+use super::dead_letters::{self, NewDeadLetter, Stage};
+use super::{Store, StoreError};
+
+/// An output to queue for an upstream link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewOutboxRow {
+    /// The upstream link's name.
+    pub link: String,
+    /// Stable message id (`<gateway>-<journal id>-<route>-<n>`), the same each time the event
+    /// is processed, so that the upstream can drop duplicates.
+    pub msg_id: String,
+    /// The route that produced it.
+    pub route: String,
+    /// The MQTT topic to publish on.
+    pub topic: String,
+    /// The payload to publish.
+    pub payload: Vec<u8>,
+    /// When the source event was received, in ms since the Unix epoch.
+    pub received_ms: u64,
+    /// After this time (ms since the Unix epoch) the row is not sent but dead-lettered as
+    /// `expired`; 0: never.
+    pub expires_ms: u64,
+}
+
+/// A queued output as read back from the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// The row id; strictly increasing, never reused.
+    pub id: i64,
+    /// The stable message id given when the row was queued.
+    pub msg_id: String,
+    /// The MQTT topic to publish on.
+    pub topic: String,
+    /// The payload to publish.
+    pub payload: Vec<u8>,
+    /// Expiry time in ms since the Unix epoch; 0: never.
+    pub expires_ms: u64,
+}
+
+impl OutboxRow {
+    /// Whether the row's time to live has passed at `now_ms`.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expires_ms != 0 && self.expires_ms <= now_ms
+    }
+}
+
+impl Store {
+    /// Up to `limit` rows queued for `link` with an id greater than `after`, oldest first.
+    pub fn outbox_after(
+        &self,
+        link: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, msg_id, topic, payload, expires_ms FROM outbox
+                 WHERE link = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![link, after, limit as i64], |r| {
+                Ok(OutboxRow {
+                    id: r.get(0)?,
+                    msg_id: r.get(1)?,
+                    topic: r.get(2)?,
+                    payload: r.get(3)?,
+                    expires_ms: r.get::<_, i64>(4)? as u64,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+
+    /// Removes delivered rows. Ids that are already gone are ignored.
+    pub fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let mut rows = 0i64;
+        let mut bytes = 0i64;
+        {
+            let mut delete = tx
+                .prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING LENGTH(payload)")
+                .map_err(|e| self.err(e))?;
+            for id in ids {
+                let mut found = delete.query(params![id]).map_err(|e| self.err(e))?;
+                if let Some(row) = found.next().map_err(|e| self.err(e))? {
+                    rows += 1;
+                    bytes += row.get::<_, i64>(0).map_err(|e| self.err(e))?;
+                }
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        self.totals.outbox_rows.fetch_sub(rows, Ordering::Relaxed);
+        self.totals.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Moves rows whose time to live has passed to the dead letters (reason `expired`), in one
+    /// transaction; returns how many.
+    pub fn expire_outbox(&self, ids: &[i64]) -> Result<u64, StoreError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let mut moved = Vec::new();
+        for id in ids {
+            if let Some(letter) = take(&tx, *id, "expired", "time to live passed before delivery")
+                .map_err(|e| self.err(e))?
+            {
+                dead_letters::insert(&tx, &letter).map_err(|e| self.err(e))?;
+                moved.push(letter);
+            }
+        }
+        tx.commit().map_err(|e| self.err(e))?;
+        let bytes: i64 = moved.iter().map(|l| l.payload.len() as i64).sum();
+        let n = moved.len() as i64;
+        self.totals.outbox_rows.fetch_sub(n, Ordering::Relaxed);
+        self.totals.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.totals.dead_rows.fetch_add(n, Ordering::Relaxed);
+        self.totals.dead_bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(n as u64)
+    }
+
+    /// How many rows are queued, for one link or for all.
+    pub fn outbox_depth(&self, link: Option<&str>) -> Result<u64, StoreError> {
+        let Some(link) = link else {
+            return Ok(self.outbox_rows());
+        };
+        let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
+        let n: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM outbox WHERE link = ?1",
+                params![link],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))?;
+        Ok(n as u64)
+    }
+}
+
+pub(super) fn insert(tx: &Transaction<'_>, o: &NewOutboxRow) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO outbox (link, msg_id, route, topic, payload, received_ms, created_ms,
+                             expires_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        o.link,
+        o.msg_id,
+        o.route,
+        o.topic,
+        o.payload,
+        o.received_ms as i64,
+        crate::event::now_ms() as i64,
+        o.expires_ms as i64
+    ])?;
+    Ok(())
+}
+
+/// Deletes one outbox row and returns it as a dead letter with `reason`.
+fn take(
+    tx: &Transaction<'_>,
+    id: i64,
+    reason: &str,
+    detail: &str,
+) -> rusqlite::Result<Option<NewDeadLetter>> {
+    let mut stmt = tx.prepare_cached(
+        "DELETE FROM outbox WHERE id = ?1
+         RETURNING link, msg_id, route, topic, payload, received_ms",
+    )?;
+    let mut rows = stmt.query(params![id])?;
+    let Some(r) = rows.next()? else {
+        return Ok(None);
+    };
+    Ok(Some(NewDeadLetter {
+        stage: Stage::Output,
+        event_id: 0,
+        route: r.get(2)?,
+        module: None,
+        link: Some(r.get(0)?),
+        msg_id: Some(r.get(1)?),
+        reason: reason.to_string(),
+        detail: detail.to_string(),
+        attempts: 0,
+        topic: r.get(3)?,
+        device: String::new(),
+        client_id: String::new(),
+        payload: r.get(4)?,
+        received_ms: r.get::<_, i64>(5)? as u64,
+    }))
+}
+
+/// Moves the oldest rows (all links) out until at least `rows` rows and `bytes` payload bytes
+/// are freed; returns (rows freed, bytes freed, the dead letters to insert).
+pub(super) fn evict_oldest(
+    tx: &Transaction<'_>,
+    rows: i64,
+    bytes: i64,
+) -> rusqlite::Result<(i64, i64, Vec<NewDeadLetter>)> {
+    let mut freed_rows = 0i64;
+    let mut freed_bytes = 0i64;
+    let mut letters = Vec::new();
+    let oldest: Vec<i64> = {
+        let mut stmt = tx.prepare_cached("SELECT id FROM outbox ORDER BY id LIMIT ?1")?;
+        // Enough candidates for the row target, plus some for the byte target.
+        let ids = stmt.query_map(params![rows.max(1) + 1024], |r| r.get(0))?;
+        ids.collect::<rusqlite::Result<Vec<_>>>()?
+    };
+    for id in oldest {
+        if freed_rows >= rows && freed_bytes >= bytes {
+            break;
+        }
+        if let Some(letter) = take(tx, id, "evicted", "outbox full (policy drop-oldest)")? {
+            freed_rows += 1;
+            freed_bytes += letter.payload.len() as i64;
+            letters.push(letter);
+        }
+    }
+    Ok((freed_rows, freed_bytes, letters))
+}

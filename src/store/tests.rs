@@ -1,0 +1,355 @@
+use super::*;
+use crate::runtime::KvBackend;
+
+fn row(link: &str, n: u8) -> NewOutboxRow {
+    NewOutboxRow {
+        link: link.into(),
+        msg_id: format!("gw-{n}"),
+        route: "r".into(),
+        topic: format!("t/{n}"),
+        payload: vec![n],
+        received_ms: 1,
+        expires_ms: 0,
+    }
+}
+
+fn outputs(rows: Vec<NewOutboxRow>) -> Batch {
+    Batch {
+        outputs: rows,
+        ..Batch::default()
+    }
+}
+
+fn letter(reason: &str, route: &str) -> NewDeadLetter {
+    NewDeadLetter {
+        stage: Stage::Event,
+        event_id: 42,
+        route: route.into(),
+        module: Some("m".into()),
+        link: None,
+        msg_id: None,
+        reason: reason.into(),
+        detail: "detail".into(),
+        attempts: 3,
+        topic: "t".into(),
+        device: "d".into(),
+        client_id: "c".into(),
+        payload: b"x".to_vec(),
+        received_ms: 5,
+    }
+}
+
+fn entry(n: u8) -> NewJournalEntry {
+    NewJournalEntry {
+        topic: format!("t/{n}"),
+        payload: bytes::Bytes::from(vec![n]),
+        qos: 1,
+        retain: false,
+        client_id: "c".into(),
+        received_ms: 7,
+    }
+}
+
+#[test]
+fn outbox_is_per_link_in_order_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .commit(&outputs(vec![row("a", 1), row("b", 2), row("a", 3)]))
+            .unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let a = store.outbox_after("a", 0, 10).unwrap();
+    assert_eq!(
+        a.iter().map(|r| r.payload[0]).collect::<Vec<_>>(),
+        vec![1, 3]
+    );
+    assert!(a[0].id < a[1].id);
+    assert_eq!(store.outbox_after("a", a[0].id, 10).unwrap().len(), 1);
+    assert_eq!(
+        store.outbox_depth(None).unwrap(),
+        3,
+        "totals reloaded at open"
+    );
+    store.delete_outbox(&[a[0].id]).unwrap();
+    assert_eq!(store.outbox_depth(Some("a")).unwrap(), 1);
+    assert_eq!(store.outbox_depth(Some("b")).unwrap(), 1);
+    assert_eq!(store.outbox_rows(), 2);
+}
+
+#[test]
+fn ids_are_never_reused_after_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.commit(&outputs(vec![row("a", 1)])).unwrap();
+    let first = store.outbox_after("a", 0, 1).unwrap()[0].id;
+    store.delete_outbox(&[first]).unwrap();
+    store.commit(&outputs(vec![row("a", 2)])).unwrap();
+    let second = store.outbox_after("a", 0, 1).unwrap()[0].id;
+    assert!(second > first);
+}
+
+#[test]
+fn journal_rows_leave_with_their_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut writer = store.journal_writer().unwrap();
+    writer.append(&[entry(1), entry(2)]).unwrap();
+    assert_eq!(store.journal_depth(), 2);
+    let rows = store.journal_after(0, 10).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0].topic.as_str(), rows[0].client_id.as_str()),
+        ("t/1", "c")
+    );
+    store
+        .commit(&Batch {
+            outputs: vec![row("a", 1)],
+            journal_done: vec![rows[0].id],
+            ..Batch::default()
+        })
+        .unwrap();
+    assert_eq!(store.journal_depth(), 1);
+    assert_eq!(store.outbox_rows(), 1);
+    assert_eq!(
+        store.journal_after(rows[0].id, 10).unwrap()[0].id,
+        rows[1].id
+    );
+}
+
+#[test]
+fn journal_cap_is_reported_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = StoreLimits {
+        journal_max_rows: 2,
+        ..StoreLimits::default()
+    };
+    let store = Store::open_with(dir.path(), limits).unwrap();
+    let mut writer = store.journal_writer().unwrap();
+    writer.append(&[entry(1)]).unwrap();
+    assert!(!writer.is_full());
+    writer.append(&[entry(2)]).unwrap();
+    assert!(writer.is_full());
+}
+
+#[test]
+fn reject_new_refuses_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = StoreLimits {
+        outbox_max_rows: 2,
+        ..StoreLimits::default()
+    };
+    let store = Store::open_with(dir.path(), limits).unwrap();
+    let mut writer = store.journal_writer().unwrap();
+    writer.append(&[entry(1)]).unwrap();
+    let journal_id = store.journal_after(0, 1).unwrap()[0].id;
+    store
+        .commit(&outputs(vec![row("a", 1), row("a", 2)]))
+        .unwrap();
+    let err = store
+        .commit(&Batch {
+            outputs: vec![row("a", 3)],
+            journal_done: vec![journal_id],
+            ..Batch::default()
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::OutboxFull { rows: 2, .. }),
+        "{err}"
+    );
+    assert_eq!(store.outbox_rows(), 2);
+    assert_eq!(store.journal_depth(), 1, "the journal row stays");
+}
+
+#[test]
+fn drop_oldest_moves_the_oldest_to_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = StoreLimits {
+        outbox_max_rows: 2,
+        outbox_policy: OutboxPolicy::DropOldest,
+        ..StoreLimits::default()
+    };
+    let store = Store::open_with(dir.path(), limits).unwrap();
+    store
+        .commit(&outputs(vec![row("a", 1), row("a", 2)]))
+        .unwrap();
+    let report = store.commit(&outputs(vec![row("b", 3)])).unwrap();
+    assert_eq!(report.evicted_outbox, 1);
+    let left: Vec<u8> = ["a", "b"]
+        .iter()
+        .flat_map(|l| store.outbox_after(l, 0, 10).unwrap())
+        .map(|r| r.payload[0])
+        .collect();
+    assert_eq!(left, vec![2, 3]);
+    let dead = store
+        .dead_letters(&DeadLetterFilter::default(), 10)
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].letter.reason, "evicted");
+    assert_eq!(dead[0].letter.stage, Stage::Output);
+    assert_eq!(dead[0].letter.msg_id.as_deref(), Some("gw-1"));
+
+    // Replaying the evicted output queues it again for its link, with its message id.
+    assert_eq!(
+        store
+            .replay_dead_letters(&DeadLetterFilter::default())
+            .unwrap(),
+        1
+    );
+    let again = store.outbox_after("a", 0, 10).unwrap();
+    assert_eq!(again.last().map(|r| r.msg_id.as_str()), Some("gw-1"));
+    assert_eq!(store.dead_letter_count(), 0);
+}
+
+#[test]
+fn dead_letter_cap_evicts_the_oldest_and_counts() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = StoreLimits {
+        dead_letters_max_rows: 3,
+        ..StoreLimits::default()
+    };
+    let store = Store::open_with(dir.path(), limits).unwrap();
+    let mut evicted = 0;
+    for i in 0..5 {
+        let report = store
+            .commit(&Batch {
+                dead: vec![letter(&format!("r{i}"), "route")],
+                ..Batch::default()
+            })
+            .unwrap();
+        evicted += report.evicted_dead_letters;
+    }
+    assert_eq!(evicted, 2);
+    let kept: Vec<String> = store
+        .dead_letters(&DeadLetterFilter::default(), 10)
+        .unwrap()
+        .into_iter()
+        .map(|d| d.letter.reason)
+        .collect();
+    assert_eq!(kept, vec!["r4", "r3", "r2"]);
+    assert_eq!(store.dead_letter_count(), 3);
+}
+
+#[test]
+fn replay_by_filter_turns_events_into_due_retries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store
+        .commit(&Batch {
+            dead: vec![
+                letter("trap", "a"),
+                letter("timeout", "a"),
+                letter("trap", "b"),
+            ],
+            ..Batch::default()
+        })
+        .unwrap();
+    let by_reason = DeadLetterFilter {
+        reason: Some("trap".into()),
+        ..DeadLetterFilter::default()
+    };
+    assert_eq!(store.dead_letters(&by_reason, 10).unwrap().len(), 2);
+    let only_a = DeadLetterFilter {
+        route: Some("a".into()),
+        ..by_reason.clone()
+    };
+    assert_eq!(store.replay_dead_letters(&only_a).unwrap(), 1);
+    let due = store.due_retries(crate::event::now_ms() + 1, 10).unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(
+        (
+            due[0].retry.route.as_str(),
+            due[0].retry.event_id,
+            due[0].retry.attempts
+        ),
+        ("a", 42, 0)
+    );
+    assert_eq!(store.dead_letter_count(), 2);
+    assert!(store.next_retry_due().unwrap().is_some());
+
+    // A retry handled by a commit disappears with it.
+    store
+        .commit(&Batch {
+            retries_done: vec![due[0].id],
+            ..Batch::default()
+        })
+        .unwrap();
+    assert_eq!(store.retry_count().unwrap(), 0);
+
+    assert_eq!(store.purge_dead_letters(&by_reason).unwrap(), 1);
+    assert_eq!(
+        store
+            .purge_dead_letters(&DeadLetterFilter::default())
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.dead_letter_count(), 0);
+}
+
+#[test]
+fn expired_rows_become_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut r = row("a", 1);
+    r.expires_ms = 10;
+    store.commit(&outputs(vec![r])).unwrap();
+    let rows = store.outbox_after("a", 0, 10).unwrap();
+    assert!(rows[0].is_expired(11));
+    assert!(!rows[0].is_expired(9));
+    assert_eq!(store.expire_outbox(&[rows[0].id]).unwrap(), 1);
+    assert_eq!(store.outbox_rows(), 0);
+    let dead = store.dead_letters(&DeadLetterFilter::default(), 1).unwrap();
+    assert_eq!(dead[0].letter.reason, "expired");
+}
+
+#[test]
+fn a_full_database_is_a_clear_error_and_keeps_what_it_had() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = StoreLimits {
+        max_db_bytes: 256 * 1024,
+        ..StoreLimits::default()
+    };
+    let store = Store::open_with(dir.path(), limits).unwrap();
+    let mut writer = store.journal_writer().unwrap();
+    let big = |n: u8| NewJournalEntry {
+        payload: bytes::Bytes::from(vec![n; 16 * 1024]),
+        ..entry(n)
+    };
+    let mut written = 0;
+    let err = loop {
+        match writer.append(&[big(written as u8)]) {
+            Ok(()) => written += 1,
+            Err(e) => break e,
+        }
+        assert!(written < 1000, "the size cap never applied");
+    };
+    assert!(err.is_full(), "{err}");
+    assert_eq!(store.journal_depth(), written);
+    assert_eq!(
+        store.journal_after(0, 10_000).unwrap().len() as u64,
+        written
+    );
+}
+
+#[test]
+fn kv_round_trip_per_module() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.get("m", "k").unwrap(), None);
+    store.set("m", "k", b"1").unwrap();
+    store.set("m", "k", b"2").unwrap();
+    assert_eq!(store.get("m", "k").unwrap(), Some(b"2".to_vec()));
+    assert_eq!(store.get("other", "k").unwrap(), None);
+}
+
+#[test]
+fn newer_schema_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path()).unwrap());
+    let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+    conn.execute_batch("PRAGMA user_version = 99").unwrap();
+    drop(conn);
+    let err = Store::open(dir.path()).err().expect("must refuse");
+    assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+}
