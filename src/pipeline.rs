@@ -40,6 +40,10 @@ use crate::store::{
     Batch, JournalRow, NewDeadLetter, NewOutboxRow, NewRetry, RetryRow, Stage, Store, StoreError,
 };
 
+/// Longest sleep when idle: retries scheduled by another process (or a clock change) are
+/// noticed within this.
+const IDLE_POLL: Duration = Duration::from_secs(5);
+
 /// What a route does besides routing: retries, deadline, time to live, payload check.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RoutePolicy {
@@ -138,8 +142,9 @@ impl Pipeline {
                     .flatten();
                 let wait = match next_due {
                     Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).max(1)),
-                    None => Duration::from_secs(3600),
+                    None => IDLE_POLL,
                 };
+                let wait = wait.min(IDLE_POLL);
                 tokio::select! {
                     _ = committed.notified() => {}
                     _ = finish.changed() => {}

@@ -71,6 +71,26 @@ pub enum EdgeError {
 /// The running broker and the task feeding the pipeline. Dropping it stops the listeners.
 pub struct Edge {
     tasks: Vec<JoinHandle<()>>,
+    links: LinkFactory,
+}
+
+/// Builds in-process links to the broker's router (rumqttd does not name its router channel's
+/// type, so the channel is kept inside this closure).
+type LinkFactory = Box<dyn Fn(&str) -> Result<(LinkTx, LinkRx), EdgeError> + Send + Sync>;
+
+/// A [`LinkFactory`] over a router channel; a macro because the channel's type cannot be named.
+macro_rules! link_factory {
+    ($router_tx:expr) => {{
+        let router_tx = $router_tx;
+        let links: LinkFactory = Box::new(move |client_id: &str| {
+            LinkBuilder::new(client_id, router_tx.clone())
+                .dynamic_filters(true)
+                .build()
+                .map(|(tx, rx, _ack)| (tx, rx))
+                .map_err(|e| EdgeError::Link(e.to_string()))
+        });
+        links
+    }};
 }
 
 impl Edge {
@@ -131,7 +151,10 @@ impl Edge {
             }
             tasks.push(tokio::spawn(front.serve(listener)));
         }
-        Ok(Edge { tasks })
+        Ok(Edge {
+            tasks,
+            links: link_factory!(router_tx),
+        })
     }
 
     /// Starts the broker's router, its listeners and the in-process subscriber that sends every
@@ -166,17 +189,21 @@ impl Edge {
             ));
         }
 
-        let (mut link_tx, link_rx, _ack) = LinkBuilder::new(TAP_CLIENT_ID, router_tx)
-            .dynamic_filters(true)
-            .build()
-            .map_err(|e| EdgeError::Link(e.to_string()))?;
+        let links = link_factory!(router_tx);
+        let (mut link_tx, link_rx) = links(TAP_CLIENT_ID)?;
         link_tx
             .subscribe("#")
             .map_err(|e| EdgeError::Link(e.to_string()))?;
         tasks.push(tokio::spawn(forward_publishes(
             link_tx, link_rx, events, metrics,
         )));
-        Ok(Edge { tasks })
+        Ok(Edge { tasks, links })
+    }
+
+    /// An in-process MQTT connection to the broker (for the gateway's own control plane): it
+    /// can subscribe and publish like a device, without a socket and without the journal.
+    pub fn local_link(&self, client_id: &str) -> Result<(LinkTx, LinkRx), EdgeError> {
+        (self.links)(client_id)
     }
 
     /// Stops the listeners and the subscriber. Connections already open are closed when the
