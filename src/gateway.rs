@@ -6,6 +6,8 @@
 //! a gateway running. [`Gateway::shutdown`] stops the listeners first, lets the journal commit
 //! what it was given and the pipeline move the journal to the outbox, then stops the uplinks:
 //! rows not yet acknowledged by an upstream stay in the outbox for the next start.
+//! The dead-letter control plane ([`Control`]) answers on the embedded broker from start-up
+//! until shutdown.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,6 +18,7 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::config::Config;
+use crate::control::{self, Control};
 use crate::edge::Edge;
 use crate::journal::{Journal, JournalThread};
 use crate::metrics::Metrics;
@@ -32,6 +35,7 @@ pub struct Gateway {
     pub store: Arc<Store>,
     edge: Edge,
     journal: JournalThread,
+    control: JoinHandle<()>,
     pipeline: JoinHandle<()>,
     finish_pipeline: watch::Sender<bool>,
     uplinks: Vec<JoinHandle<()>>,
@@ -88,6 +92,7 @@ impl Gateway {
             uplinks.push(tokio::spawn(uplink.run(stop_rx.clone())));
         }
 
+        let uplink_wakes: Vec<Arc<Notify>> = wakes.values().cloned().collect();
         let committed = Arc::new(Notify::new());
         let (journal, journal_thread) = Journal::start(&store, committed.clone(), metrics.clone())?;
         let (finish_pipeline, finish_rx) = watch::channel(false);
@@ -114,7 +119,7 @@ impl Gateway {
             gateway_id: config.gateway_id.clone(),
             max_batch: config.handlers.max_batch,
         };
-        let pipeline = tokio::spawn(pipeline.run(committed, finish_rx));
+        let pipeline = tokio::spawn(pipeline.run(committed.clone(), finish_rx));
 
         let edge = match Edge::start_durable(&config.broker, journal, metrics.clone()).await {
             Ok(edge) => edge,
@@ -123,6 +128,26 @@ impl Gateway {
                 let _ = finish_pipeline.send(true);
                 pipeline.abort();
                 return Err(e.into());
+            }
+        };
+        let control = Control {
+            gateway_id: config.gateway_id.clone(),
+            store: store.clone(),
+            pipeline: committed,
+            uplinks: uplink_wakes,
+        };
+        let control = match edge.local_link(control::CLIENT_ID) {
+            Ok((link_tx, link_rx)) => control.start(link_tx, link_rx).await.map_err(Into::into),
+            Err(e) => Err(anyhow::Error::from(e)),
+        };
+        let control = match control {
+            Ok(task) => task,
+            Err(e) => {
+                edge.stop();
+                let _ = stop_uplinks.send(true);
+                let _ = finish_pipeline.send(true);
+                pipeline.abort();
+                return Err(e);
             }
         };
         info!(
@@ -136,6 +161,7 @@ impl Gateway {
             store,
             edge,
             journal: journal_thread,
+            control,
             pipeline,
             finish_pipeline,
             uplinks,
@@ -147,6 +173,7 @@ impl Gateway {
     /// and disconnects the uplinks.
     pub async fn shutdown(self) {
         self.edge.stop();
+        self.control.abort();
         // The edge's connections held the only journal handles; once they are gone the journal
         // thread commits what it has and ends.
         let journal = self.journal;

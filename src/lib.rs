@@ -6,9 +6,11 @@
 //! SQLite outbox ([`store`]) before anything is sent, and the [`uplink`] drains the outbox to
 //! the upstream broker in order, deleting a row only when the upstream acknowledged it.
 //! [`pipeline`] is the stage that turns events into outbox rows; [`gateway`] wires the stages
-//! together and owns their lifecycle.
+//! together and owns their lifecycle. [`control`] answers the dead-letter control topics (list,
+//! show, replay, purge) on the embedded broker.
 
 pub mod config;
+pub mod control;
 pub mod edge;
 pub mod event;
 pub mod examples;

@@ -1,4 +1,5 @@
-//! The `outpost` command line: run the gateway, check configuration, run the demo.
+//! The `outpost` command line: run the gateway, check configuration, run the demo, work with
+//! a running gateway's dead letters.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use outpost::config::{Config, Overrides, DEFAULT_CONFIG_TOML};
 use outpost::gateway::Gateway;
 use tracing_subscriber::EnvFilter;
 
+mod bench;
 mod demo;
 
 /// outpost: an edge gateway with an embedded MQTT broker, sandboxed WebAssembly handlers and a
@@ -45,6 +47,14 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Inspect, replay or purge the dead letters of a running gateway (an MQTT client of its
+    /// control topics, `outpost/<gateway-id>/deadletters/...`).
+    Deadletters {
+        #[command(subcommand)]
+        command: DeadLettersCommand,
+        #[command(flatten)]
+        options: DeadLettersOptions,
+    },
     /// Run the gateway with example handlers, simulated devices and a stand-in upstream; take
     /// the upstream away, bring it back, and print a summary.
     Demo {
@@ -54,6 +64,45 @@ enum Command {
         /// Number of simulated devices (at most the number of cities known).
         #[arg(long, default_value_t = 12)]
         devices: usize,
+    },
+    /// Measure the gateway end to end: simulated devices publish QoS 1 as fast as they can
+    /// through an in-process gateway to a stand-in upstream; then, with the upstream
+    /// unreachable, the rate as the outbox grows. Build with --release.
+    Bench {
+        /// Number of simulated devices (one MQTT connection each).
+        #[arg(long, default_value_t = 50)]
+        devices: usize,
+        /// Total publishes of the throughput phase.
+        #[arg(long, default_value_t = 200_000)]
+        messages: u64,
+        /// Payload size in bytes (JSON with a sequence number and the send time, padded).
+        #[arg(long, default_value_t = 100)]
+        payload_bytes: usize,
+        /// Unacknowledged QoS 1 publishes each device keeps in flight.
+        #[arg(long, default_value_t = 100)]
+        inflight: u16,
+        /// At most this many publishes per second in all (0: as fast as the windows allow);
+        /// use a sustainable rate to measure latency without queueing.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// Outbox depths at which the backlog phase measures, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
+        backlog: Vec<u64>,
+        /// Publishes per backlog measurement.
+        #[arg(long, default_value_t = 50_000)]
+        window: u64,
+        /// Skip the throughput phase.
+        #[arg(long)]
+        skip_throughput: bool,
+        /// Skip the backlog phase.
+        #[arg(long)]
+        skip_backlog: bool,
+        /// Directory for the gateway's databases (default: a fresh one under the temp dir).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Also write the report as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
 }
 
@@ -68,12 +117,61 @@ enum ConfigCommand {
     Default,
 }
 
+#[derive(Subcommand)]
+enum DeadLettersCommand {
+    /// List dead letters, newest first (without payloads).
+    List,
+    /// Show one dead letter, with its payload.
+    Show {
+        /// The dead letter's id (see `list`).
+        #[arg(value_name = "ID")]
+        number: i64,
+    },
+    /// Process dead letters again: events through their route, outputs to their upstream.
+    /// Needs --id, --reason, --route or --all.
+    Replay,
+    /// Delete dead letters for good. Needs --id, --reason, --route or --all.
+    Purge,
+}
+
+#[derive(clap::Args)]
+struct DeadLettersOptions {
+    /// Only the dead letter with this id.
+    #[arg(long, global = true)]
+    id: Option<i64>,
+    /// Only dead letters with this reason (trap, timeout, handler-error, expired, ...).
+    #[arg(long, global = true)]
+    reason: Option<String>,
+    /// Only dead letters from this route.
+    #[arg(long, global = true)]
+    route: Option<String>,
+    /// Replay or purge every dead letter (required when no filter is given).
+    #[arg(long, global = true)]
+    all: bool,
+    /// List or show at most this many (default 100, at most 1000).
+    #[arg(long, global = true)]
+    limit: Option<usize>,
+    /// Print the gateway's JSON reply instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// The gateway's MQTT listener.
+    #[arg(long, global = true, default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// The gateway's id (its `gateway_id`).
+    #[arg(long, global = true, default_value = "outpost")]
+    gateway_id: String,
+    /// Seconds to wait for the gateway's answer.
+    #[arg(long, global = true, default_value_t = 10)]
+    timeout_secs: u64,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // rumqttd logs every connection at info and every disconnect as an error; the demo's
     // progress lines say what matters.
     let default_level = match cli.command {
-        Command::Demo { .. } => "error,rumqttd=off",
+        Command::Demo { .. } | Command::Bench { .. } => "error,rumqttd=off",
+        Command::Deadletters { .. } => "warn",
         _ => "info,rumqttd=warn",
     };
     tracing_subscriber::fmt()
@@ -108,10 +206,38 @@ fn main() -> ExitCode {
             print!("{DEFAULT_CONFIG_TOML}");
             Ok(())
         }
+        Command::Deadletters { command, options } => deadletters(command, options),
         Command::Demo {
             phase_secs,
             devices,
         } => tokio_runtime().and_then(|rt| rt.block_on(demo::run(phase_secs, devices))),
+        Command::Bench {
+            devices,
+            messages,
+            payload_bytes,
+            inflight,
+            rate,
+            backlog,
+            window,
+            skip_throughput,
+            skip_backlog,
+            data,
+            json,
+        } => tokio_runtime().and_then(|rt| {
+            rt.block_on(bench::run(bench::Options {
+                devices,
+                messages,
+                payload_bytes,
+                inflight,
+                rate,
+                backlog,
+                window,
+                skip_throughput,
+                skip_backlog,
+                data,
+                json,
+            }))
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -166,6 +292,58 @@ async fn wait_for_stop_signal() -> anyhow::Result<()> {
     tokio::select! {
         result = tokio::signal::ctrl_c() => result?,
         _ = terminate.recv() => {}
+    }
+    Ok(())
+}
+
+fn deadletters(command: DeadLettersCommand, o: DeadLettersOptions) -> anyhow::Result<()> {
+    use outpost::control::{self, Request, Verb};
+    let (verb, id) = match command {
+        DeadLettersCommand::List => (Verb::List, o.id),
+        DeadLettersCommand::Show { number } => {
+            if o.id.is_some_and(|id| id != number) {
+                anyhow::bail!("show takes one id: {number} or --id {}?", o.id.unwrap_or(0));
+            }
+            (Verb::Show, Some(number))
+        }
+        DeadLettersCommand::Replay => (Verb::Replay, o.id),
+        DeadLettersCommand::Purge => (Verb::Purge, o.id),
+    };
+    let request = Request {
+        reply_to: None,
+        id,
+        reason: o.reason,
+        route: o.route,
+        limit: o.limit,
+        all: o.all,
+    };
+    let timeout = std::time::Duration::from_secs(o.timeout_secs);
+    let reply = tokio_runtime()?.block_on(control::request(
+        &o.broker,
+        &o.gateway_id,
+        verb,
+        &request,
+        timeout,
+    ))?;
+    if o.json {
+        println!("{}", serde_json::to_string_pretty(&reply)?);
+    }
+    if let Some(error) = control::reply_error(&reply) {
+        anyhow::bail!("gateway {} refused the request: {error}", o.gateway_id);
+    }
+    let found = reply["dead_letters"].as_array().map_or(0, Vec::len);
+    if verb == Verb::Show && found == 0 {
+        anyhow::bail!(
+            "gateway {} has no dead letter {}",
+            o.gateway_id,
+            id.unwrap_or(0)
+        );
+    }
+    if !o.json {
+        print!(
+            "{}",
+            control::render(verb, &reply, outpost::event::now_ms())
+        );
     }
     Ok(())
 }

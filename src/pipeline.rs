@@ -37,7 +37,8 @@ use crate::metrics::Metrics;
 use crate::router::{Route, RouteTable, TemplateContext};
 use crate::runtime::{Handler, HandlerFailure};
 use crate::store::{
-    Batch, JournalRow, NewDeadLetter, NewOutboxRow, NewRetry, RetryRow, Stage, Store, StoreError,
+    Batch, JournalRow, NewDeadLetter, NewOutboxRow, NewRetry, OutboxPolicy, RetryRow, Stage, Store,
+    StoreError,
 };
 
 /// Longest sleep when idle: retries scheduled by another process (or a clock change) are
@@ -116,8 +117,27 @@ impl Pipeline {
                 Err(e) => self.read_failed(&e.to_string()).await,
             }
 
+            // Under reject-new, take no more events than the outbox has room for, so that what
+            // fits is queued and only the rest waits in the journal.
+            let mut take = limit;
+            if self.store.limits().outbox_policy == OutboxPolicy::RejectNew {
+                let room = self.store.outbox_room() as usize;
+                if room == 0 {
+                    Metrics::add(&self.metrics.outbox_full_waits, 1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        _ = finish.changed() => {}
+                    }
+                    if *finish.borrow() && self.store.journal_depth() > 0 {
+                        warn!(left = self.store.journal_depth(), "stopping with the outbox full; the journal keeps the rest for the next start");
+                        return;
+                    }
+                    continue;
+                }
+                take = take.min(room);
+            }
             let store = self.store.clone();
-            let rows = tokio::task::spawn_blocking(move || store.journal_after(last, limit)).await;
+            let rows = tokio::task::spawn_blocking(move || store.journal_after(last, take)).await;
             let rows = match rows {
                 Ok(Ok(rows)) => rows,
                 Ok(Err(e)) => {

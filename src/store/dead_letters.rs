@@ -5,7 +5,7 @@
 use std::sync::atomic::Ordering;
 
 use rusqlite::types::Value;
-use rusqlite::{params, params_from_iter, Transaction};
+use rusqlite::{params, params_from_iter, Transaction, TransactionBehavior};
 use serde::Serialize;
 
 use super::{Store, StoreError};
@@ -209,7 +209,9 @@ impl Store {
         let (clause, values) = filter.where_clause();
         let now = crate::event::now_ms();
         let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
         let letters: Vec<DeadLetter> = {
             let mut stmt = tx
                 .prepare(&format!(
@@ -287,7 +289,9 @@ impl Store {
     pub fn purge_dead_letters(&self, filter: &DeadLetterFilter) -> Result<u64, StoreError> {
         let (clause, values) = filter.where_clause();
         let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
         let (rows, bytes): (i64, i64) = tx
             .query_row(
                 &format!(

@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use rusqlite::{params, Connection, Transaction};
+use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
-use super::{open_connection, Store, StoreError, Totals};
+use super::{open_connection_capped, Store, StoreError, Totals, JOURNAL_SHARE_OF_CAP};
 
 /// A device publish to journal.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +58,10 @@ impl JournalWriter {
             path: path.clone(),
             source,
         };
-        let tx = self.conn.transaction().map_err(err)?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
         {
             let mut insert = tx
                 .prepare_cached(
@@ -98,7 +101,10 @@ impl Store {
     pub fn journal_writer(&self) -> Result<JournalWriter, StoreError> {
         Ok(JournalWriter {
             path: self.path.clone(),
-            conn: open_connection(&self.path, &self.limits)?,
+            conn: open_connection_capped(
+                &self.path,
+                (self.limits.max_db_bytes as f64 * JOURNAL_SHARE_OF_CAP) as u64,
+            )?,
             totals: self.totals.clone(),
             max_rows: self.limits.journal_max_rows,
         })

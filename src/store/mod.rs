@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, Transaction};
+use rusqlite::{Connection, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
 pub use dead_letters::{DeadLetter, DeadLetterFilter, NewDeadLetter, NewRetry, RetryRow, Stage};
@@ -325,13 +325,48 @@ impl Store {
         }
 
         let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
         let mut delta = Delta::default();
+        // Deletes first: the pages they free are reused by the inserts below, which matters
+        // when the database is at its size cap.
+        for id in &batch.journal_done {
+            journal::delete(&tx, *id).map_err(|e| self.err(e))?;
+        }
+        delta.journal_rows -= batch.journal_done.len() as i64;
+        for id in &batch.retries_done {
+            dead_letters::delete_retry(&tx, *id).map_err(|e| self.err(e))?;
+        }
+        // Under drop-oldest, a batch larger than the whole cap keeps only its newest outputs;
+        // its older ones are evicted at once, like any older row.
+        let mut skip = 0usize;
         if must_free {
+            let (mut rows_left, mut bytes_left) =
+                (self.limits.outbox_max_rows, self.limits.outbox_max_bytes);
+            for output in batch.outputs.iter().rev() {
+                rows_left -= 1;
+                bytes_left -= output.payload.len() as i64;
+                if rows_left < 0 || bytes_left < 0 {
+                    break;
+                }
+                skip += 1;
+            }
+            skip = batch.outputs.len() - skip;
+            for output in &batch.outputs[..skip] {
+                let letter = outbox::evicted_letter(output);
+                delta.add_dead(&letter);
+                dead_letters::insert(&tx, &letter).map_err(|e| self.err(e))?;
+            }
+            let kept = &batch.outputs[skip..];
+            let kept_rows = kept.len() as i64;
+            let kept_bytes: i64 = kept.iter().map(|o| o.payload.len() as i64).sum();
+            let over_rows = rows + kept_rows - self.limits.outbox_max_rows;
+            let over_bytes = bytes + kept_bytes - self.limits.outbox_max_bytes;
             let (n, freed_bytes, letters) =
                 outbox::evict_oldest(&tx, over_rows.max(0), over_bytes.max(0))
                     .map_err(|e| self.err(e))?;
-            report.evicted_outbox = n as u64;
+            report.evicted_outbox = (n as usize + skip) as u64;
             delta.outbox_rows -= n;
             delta.outbox_bytes -= freed_bytes;
             for letter in letters {
@@ -339,7 +374,7 @@ impl Store {
                 dead_letters::insert(&tx, &letter).map_err(|e| self.err(e))?;
             }
         }
-        for output in &batch.outputs {
+        for output in &batch.outputs[skip..] {
             outbox::insert(&tx, output).map_err(|e| self.err(e))?;
             delta.outbox_rows += 1;
             delta.outbox_bytes += output.payload.len() as i64;
@@ -351,13 +386,6 @@ impl Store {
         for retry in &batch.retries {
             dead_letters::insert_retry(&tx, retry).map_err(|e| self.err(e))?;
         }
-        for id in &batch.retries_done {
-            dead_letters::delete_retry(&tx, *id).map_err(|e| self.err(e))?;
-        }
-        for id in &batch.journal_done {
-            journal::delete(&tx, *id).map_err(|e| self.err(e))?;
-        }
-        delta.journal_rows -= batch.journal_done.len() as i64;
         let (evicted, freed) = self
             .enforce_dead_letter_cap(&tx, &delta)
             .map_err(|e| self.err(e))?;
@@ -382,6 +410,12 @@ impl Store {
             return Ok((0, 0));
         }
         dead_letters::evict_oldest(tx, over_rows.max(0), over_bytes.max(0))
+    }
+
+    /// How many more outbox rows fit before the cap (never negative).
+    pub fn outbox_room(&self) -> u64 {
+        (self.limits.outbox_max_rows - self.totals.outbox_rows.load(Ordering::Relaxed)).max(0)
+            as u64
     }
 
     /// Publishes journaled and not yet routed.
@@ -453,7 +487,16 @@ fn load_totals(conn: &Connection) -> rusqlite::Result<Totals> {
     })
 }
 
+/// The share of the size cap the journal may fill: the rest is headroom in which the pipeline
+/// can still move events from the journal to the outbox, and the uplink delete delivered rows,
+/// so that a full database drains instead of locking up.
+const JOURNAL_SHARE_OF_CAP: f64 = 0.8;
+
 fn open_connection(path: &Path, limits: &StoreLimits) -> Result<Connection, StoreError> {
+    open_connection_capped(path, limits.max_db_bytes)
+}
+
+fn open_connection_capped(path: &Path, max_db_bytes: u64) -> Result<Connection, StoreError> {
     let sql = |source| StoreError::Sqlite {
         path: path.to_path_buf(),
         source,
@@ -465,11 +508,11 @@ fn open_connection(path: &Path, limits: &StoreLimits) -> Result<Connection, Stor
     // returns, which is what acknowledging a publish and queuing an output promise.
     conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
         .map_err(sql)?;
-    if limits.max_db_bytes > 0 {
+    if max_db_bytes > 0 {
         let page_size: i64 = conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .map_err(sql)?;
-        let pages = (limits.max_db_bytes as i64 / page_size.max(512)).max(16);
+        let pages = (max_db_bytes as i64 / page_size.max(512)).max(16);
         conn.query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
             .map_err(sql)?;
     }

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 
-use rusqlite::{params, Transaction};
+use rusqlite::{params, Transaction, TransactionBehavior};
 
 use super::dead_letters::{self, NewDeadLetter, Stage};
 use super::{Store, StoreError};
@@ -85,7 +85,9 @@ impl Store {
             return Ok(());
         }
         let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
         let mut rows = 0i64;
         let mut bytes = 0i64;
         {
@@ -113,7 +115,9 @@ impl Store {
             return Ok(0);
         }
         let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
-        let tx = conn.transaction().map_err(|e| self.err(e))?;
+        let tx = conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| self.err(e))?;
         let mut moved = Vec::new();
         for id in ids {
             if let Some(letter) = take(&tx, *id, "expired", "time to live passed before delivery")
@@ -200,6 +204,26 @@ fn take(
         payload: r.get(4)?,
         received_ms: r.get::<_, i64>(5)? as u64,
     }))
+}
+
+/// The dead letter for an output evicted before it was ever queued.
+pub(super) fn evicted_letter(o: &NewOutboxRow) -> NewDeadLetter {
+    NewDeadLetter {
+        stage: Stage::Output,
+        event_id: 0,
+        route: o.route.clone(),
+        module: None,
+        link: Some(o.link.clone()),
+        msg_id: Some(o.msg_id.clone()),
+        reason: "evicted".to_string(),
+        detail: "outbox full (policy drop-oldest)".to_string(),
+        attempts: 0,
+        topic: o.topic.clone(),
+        device: String::new(),
+        client_id: String::new(),
+        payload: o.payload.clone(),
+        received_ms: o.received_ms,
+    }
 }
 
 /// Moves the oldest rows (all links) out until at least `rows` rows and `bytes` payload bytes

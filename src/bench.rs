@@ -1,0 +1,1107 @@
+//! `outpost bench`: a reproducible end-to-end benchmark of the gateway, in one process.
+//!
+//! What runs: the real gateway ([`Gateway::start`]) with the default passthrough route
+//! (`telemetry/#` forwarded unchanged) and its SQLite journal and outbox (`synchronous=FULL`),
+//! real sockets on 127.0.0.1 (free ports), a stand-in upstream broker (a second embedded
+//! broker, like the demo's) whose every arrival is counted and timed, and a load generator of
+//! many simulated devices (rumqttc clients) publishing QoS 1 as fast as their inflight window
+//! allows (or at `--rate`).
+//!
+//! Two phases:
+//! - **throughput**: `--messages` publishes spread over `--devices` devices, upstream reachable.
+//!   Reports PUBACKs per second over the publishing phase (the gateway acknowledges a publish
+//!   only once its journal commit is durable), the rates at which the gateway journaled them,
+//!   moved them to its outbox and delivered them upstream, the latency from the device's
+//!   publish to the upstream's arrival (the send time travels in the payload), and the bytes
+//!   written to disk per message.
+//! - **backlog**: upstream unreachable (a closed port), publish until the outbox holds each of
+//!   the `--backlog` sizes, and at each measure the rates over a window of `--window` messages,
+//!   to show whether the cost per message stays flat as the outbox grows. The outbox caps are
+//!   raised above the largest depth asked for, so that they do not hold data back.
+//!
+//! Everything is in one process on purpose: `/proc/self/io` then counts the gateway's disk
+//! writes, but `/proc/self/status`'s peak RSS and the CPU time include the load generator and
+//! the stand-in upstream.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use outpost::config::{BrokerConfig, Config, UpstreamConfig};
+use outpost::edge::{DevicePublish, Edge};
+use outpost::gateway::Gateway;
+use outpost::metrics::Metrics;
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+/// How long no counter may move before the benchmark gives up.
+const STALL: Duration = Duration::from_secs(30);
+/// How often the waiting loops look at the counters (tokio's timer resolution is 1 ms).
+const POLL: Duration = Duration::from_millis(1);
+/// Most publishes the backlog phase releases before waiting for them to reach the outbox, so
+/// that each measurement starts with the journal empty and the outbox at the depth asked for.
+const FILL_CHUNK: u64 = 50_000;
+/// The Linux clock tick used by `/proc/self/stat` (USER_HZ, 100 on every common platform).
+const USER_HZ: f64 = 100.0;
+
+/// What to run, from the command line.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Simulated devices (one MQTT connection each).
+    pub devices: usize,
+    /// Total publishes of the throughput phase, spread over the devices.
+    pub messages: u64,
+    /// Size of each publish's payload (JSON with `seq` and `sent_us`, padded to this size).
+    pub payload_bytes: usize,
+    /// Unacknowledged QoS 1 publishes each device keeps in flight.
+    pub inflight: u16,
+    /// At most this many publishes per second in all (spread evenly over the devices); 0 for
+    /// as fast as the inflight windows allow.
+    pub rate: u64,
+    /// Outbox depths at which the backlog phase measures.
+    pub backlog: Vec<u64>,
+    /// Publishes per backlog measurement.
+    pub window: u64,
+    /// Skip the throughput phase.
+    pub skip_throughput: bool,
+    /// Skip the backlog phase.
+    pub skip_backlog: bool,
+    /// Where the gateway's databases go (a fresh subdirectory per phase, removed afterwards).
+    pub data: Option<PathBuf>,
+    /// Also write the report as JSON here.
+    pub json: Option<PathBuf>,
+}
+
+/// The whole report, as printed and as written with `--json`.
+#[derive(Debug, Serialize)]
+struct Report {
+    /// When the run started, in seconds since the Unix epoch.
+    started_unix: u64,
+    machine: Machine,
+    settings: Settings,
+    throughput: Option<Throughput>,
+    backlog: Vec<BacklogPoint>,
+    /// VmHWM at the end of the run: the whole process, load generator and stand-in upstream
+    /// included.
+    peak_rss_kib: u64,
+    notes: Vec<&'static str>,
+}
+
+#[derive(Debug, Serialize)]
+struct Machine {
+    cpus: usize,
+    cpu_model: String,
+    mem_total_kib: u64,
+    data_dir: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Settings {
+    devices: usize,
+    messages: u64,
+    payload_bytes: usize,
+    inflight_per_device: u16,
+    /// Publishes per second in all, 0 = as fast as possible.
+    rate: u64,
+    backlog_depths: Vec<u64>,
+    backlog_window: u64,
+}
+
+/// Results of the throughput phase.
+#[derive(Debug, Serialize)]
+struct Throughput {
+    messages: u64,
+    /// From the release of the load to the last PUBACK received by a device.
+    publish_secs: f64,
+    /// PUBACKs received by devices / `publish_secs`.
+    acked_per_sec: f64,
+    /// From the release of the load until the gateway had journaled every message
+    /// (`metrics.journaled`).
+    journaled_secs: f64,
+    journaled_per_sec: f64,
+    /// From the release of the load until the gateway had moved every message to its outbox
+    /// (`metrics.queued`).
+    outbox_secs: f64,
+    outbox_per_sec: f64,
+    /// From the release of the load until the stand-in upstream had received every message.
+    delivered_secs: f64,
+    delivered_per_sec: f64,
+    /// Publish (device) to arrival (stand-in upstream), first arrival of each message.
+    latency_us: Latency,
+    upstream_arrivals: u64,
+    upstream_unique: u64,
+    upstream_unparsed: u64,
+    /// Bytes the process caused to be written to storage (`/proc/self/io` `write_bytes`),
+    /// from the release of the load until the outbox was empty again (so including the deletes
+    /// after delivery, the WAL and its checkpoints), per message.
+    disk_bytes_per_msg: f64,
+    /// The same, only until the last PUBACK (the journal's writes, and whatever the pipeline
+    /// and uplink wrote meanwhile).
+    disk_bytes_per_msg_until_acked: f64,
+    /// The most publishes acknowledged to devices but not yet journaled at one poll: what a
+    /// crash at that moment would have lost. 0 when PUBACK waits for the journal commit.
+    peak_acked_not_journaled: u64,
+    /// Process CPU time (user + system) during the publishing phase, in seconds, and as a
+    /// share of the wall time (1.0 = one core busy).
+    cpu_secs: f64,
+    cpu_cores_busy: f64,
+    /// Times a device's connection failed (each may lose in-flight publishes).
+    device_connection_errors: u64,
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Serialize, PartialEq, Eq)]
+struct Latency {
+    samples: usize,
+    p50: u64,
+    p90: u64,
+    p99: u64,
+    max: u64,
+}
+
+/// One measurement of the backlog phase.
+#[derive(Debug, Serialize)]
+struct BacklogPoint {
+    /// The depth asked for.
+    target_depth: u64,
+    /// `outbox_depth` when the window started.
+    outbox_depth: u64,
+    window: u64,
+    /// PUBACKs over the window / time from its release to its last PUBACK.
+    acked_per_sec: f64,
+    /// Outbox rows added over the window / time from its release until all were in the outbox.
+    outbox_per_sec: f64,
+    /// See [`Throughput::peak_acked_not_journaled`].
+    peak_acked_not_journaled: u64,
+    disk_bytes_per_msg: f64,
+    cpu_cores_busy: f64,
+}
+
+/// The honest small print, repeated in the JSON.
+const NOTES: &[&str] = &[
+    "acked = PUBACKs received by the simulated devices; the gateway sends each only after the publish's journal commit (SQLite WAL, synchronous=FULL), so acked_per_sec is the durable rate; outbox = moved from the journal to the outbox by the pipeline",
+    "disk bytes = /proc/self/io write_bytes of this process (page-granular, includes the WAL, its checkpoints and the deletes after delivery; not the file system's own journal)",
+    "peak RSS and CPU are the whole process: gateway, load generator and stand-in upstream share it and the same cores",
+    "acked, not journaled = the most publishes PUBACKed to devices but not yet journaled at one poll (1 ms): what a crash at that moment would have lost; must be 0",
+];
+
+/// Runs the benchmark and prints (and optionally writes) the report.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    if options.devices == 0 || options.messages == 0 || options.window == 0 {
+        bail!("--devices, --messages and --window must be at least 1");
+    }
+    if options.inflight == 0 {
+        bail!("--inflight must be at least 1");
+    }
+    let root = match &options.data {
+        Some(dir) => dir.clone(),
+        None => std::env::temp_dir().join(format!("outpost-bench-{}", std::process::id())),
+    };
+    let started_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let machine = Machine {
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        cpu_model: cpu_model(),
+        mem_total_kib: proc_field("/proc/meminfo", "MemTotal:").unwrap_or(0),
+        data_dir: root.display().to_string(),
+    };
+    let mut backlog_depths = options.backlog.clone();
+    backlog_depths.sort_unstable();
+    backlog_depths.dedup();
+    let settings = Settings {
+        devices: options.devices,
+        messages: options.messages,
+        payload_bytes: options.payload_bytes,
+        inflight_per_device: options.inflight,
+        rate: options.rate,
+        backlog_depths: backlog_depths.clone(),
+        backlog_window: options.window,
+    };
+    println!("outpost bench");
+    println!(
+        "  machine   {} CPU(s), {}, {} MiB RAM; data in {}",
+        machine.cpus,
+        machine.cpu_model,
+        machine.mem_total_kib / 1024,
+        machine.data_dir
+    );
+    println!(
+        "  load      {} devices, QoS 1, {} in flight each, {}-byte payloads, {}",
+        options.devices,
+        options.inflight,
+        options.payload_bytes,
+        match options.rate {
+            0 => "as fast as possible".to_string(),
+            rate => format!("at most {rate} msg/s in all"),
+        }
+    );
+
+    let throughput = if options.skip_throughput {
+        None
+    } else {
+        let dir = fresh_dir(&root.join("throughput"))?;
+        let result = throughput_phase(&options, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        Some(result.context("throughput phase")?)
+    };
+    let mut backlog = Vec::new();
+    if !options.skip_backlog && !backlog_depths.is_empty() {
+        let dir = fresh_dir(&root.join("backlog"))?;
+        let result = backlog_phase(&options, &backlog_depths, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        backlog = result.context("backlog phase")?;
+    }
+    if options.data.is_none() {
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    let report = Report {
+        started_unix,
+        machine,
+        settings,
+        throughput,
+        backlog,
+        peak_rss_kib: proc_field("/proc/self/status", "VmHWM:").unwrap_or(0),
+        notes: NOTES
+            .iter()
+            .copied()
+            .chain(std::iter::once(if options.rate == 0 {
+                "latency is measured at saturation (every device keeps its inflight window full), so it is mostly queueing in the gateway's outbox; use --rate for latency at a sustainable load"
+            } else {
+                "latency is measured at the --rate given; it includes queueing only if that rate is above what the gateway sustains"
+            }))
+            .collect(),
+    };
+    print_report(&report);
+    if let Some(path) = &options.json {
+        let text = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        println!("  report written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Phase 1: upstream reachable, `messages` publishes as fast as the devices' windows allow.
+async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<Throughput> {
+    println!();
+    println!(
+        "throughput: {} messages through the journal to a stand-in upstream",
+        options.messages
+    );
+    let clock = Instant::now();
+    let upstream_port = free_port()?;
+    let (upstream_tx, upstream_rx) = mpsc::channel(8192);
+    let upstream_edge = Edge::start(
+        &broker_on(upstream_port, 16),
+        upstream_tx,
+        Arc::new(Metrics::default()),
+    )
+    .context("starting the stand-in upstream")?;
+    let arrivals = Arc::new(Arrivals::default());
+    let counter = tokio::spawn(count_arrivals(upstream_rx, arrivals.clone(), clock));
+
+    let gateway_port = free_port()?;
+    let gateway = Gateway::start(gateway_config(
+        data_dir,
+        gateway_port,
+        options.devices,
+        format!("mqtt://127.0.0.1:{upstream_port}"),
+    ))
+    .await
+    .context("starting the gateway")?;
+    let fleet = Fleet::connect(gateway_port, options, clock).await?;
+
+    let total = options.messages;
+    let io_start = write_bytes();
+    let cpu_start = cpu_secs();
+    let start = Instant::now();
+    fleet.release(total);
+    let metrics = gateway.metrics.clone();
+    let waited = wait_all(
+        start,
+        vec![
+            ("acked", total, Box::new(|| fleet.acked())),
+            (
+                "journaled",
+                total,
+                Box::new(|| metrics.snapshot().journaled),
+            ),
+            ("outbox", total, Box::new(|| metrics.snapshot().queued)),
+            (
+                "delivered",
+                total,
+                Box::new(|| arrivals.unique.load(Ordering::Relaxed)),
+            ),
+        ],
+    )
+    .await?;
+    let reached = &waited.reached;
+    let (acked_at, journaled_at, outbox_at, delivered_at) =
+        (&reached[0], &reached[1], &reached[2], &reached[3]);
+    let cpu_publish = cpu_start.map(|c0| acked_at.cpu - c0);
+
+    // The outbox empties once the uplink's batched deletes have run.
+    let deadline = Instant::now() + STALL;
+    while depth(&gateway).await? > 0 {
+        if Instant::now() > deadline {
+            bail!("the outbox did not empty after delivery");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let io_end = write_bytes();
+    let device_connection_errors = fleet.errors.load(Ordering::Relaxed);
+
+    fleet.stop().await;
+    gateway.shutdown().await;
+    upstream_edge.stop();
+    counter.abort();
+
+    let tally = arrivals
+        .tally
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the arrival counter panicked"))?;
+    let mut latencies = tally.latencies_us.clone();
+    latencies.sort_unstable();
+    let latency_us = Latency::of_sorted(&latencies);
+    let secs = |at: &Reached| at.at.duration_since(start).as_secs_f64();
+    let per_msg = |end: Option<u64>| match (io_start, end) {
+        (Some(a), Some(b)) => b.saturating_sub(a) as f64 / total as f64,
+        _ => f64::NAN,
+    };
+    let publish_secs = secs(acked_at);
+    Ok(Throughput {
+        messages: total,
+        publish_secs,
+        acked_per_sec: total as f64 / publish_secs,
+        journaled_secs: secs(journaled_at),
+        journaled_per_sec: total as f64 / secs(journaled_at),
+        outbox_secs: secs(outbox_at),
+        outbox_per_sec: total as f64 / secs(outbox_at),
+        delivered_secs: secs(delivered_at),
+        delivered_per_sec: total as f64 / secs(delivered_at),
+        latency_us,
+        upstream_arrivals: tally.arrivals,
+        upstream_unique: arrivals.unique.load(Ordering::Relaxed),
+        upstream_unparsed: tally.unparsed,
+        disk_bytes_per_msg: per_msg(io_end),
+        disk_bytes_per_msg_until_acked: per_msg(acked_at.write_bytes),
+        peak_acked_not_journaled: waited.peak_lead,
+        cpu_secs: cpu_publish.unwrap_or(f64::NAN),
+        cpu_cores_busy: cpu_publish.map_or(f64::NAN, |c| c / publish_secs),
+        device_connection_errors,
+    })
+}
+
+/// Phase 2: upstream unreachable; fill the outbox to each depth and measure a window there.
+async fn backlog_phase(
+    options: &Options,
+    depths: &[u64],
+    data_dir: &Path,
+) -> anyhow::Result<Vec<BacklogPoint>> {
+    println!();
+    println!(
+        "backlog: upstream unreachable; rates over {} messages at outbox depths {:?}",
+        options.window, depths
+    );
+    // A port nothing listens on: the uplink's connection attempts are refused.
+    let closed_port = free_port()?;
+    let gateway_port = free_port()?;
+    let mut config = gateway_config(
+        data_dir,
+        gateway_port,
+        options.devices,
+        format!("mqtt://127.0.0.1:{closed_port}"),
+    );
+    // Room in the outbox for every publish of this phase (the default caps would hold new
+    // data back at a million rows or 256 MiB, which is a different measurement).
+    let most = depths.last().copied().unwrap_or(0) + options.window * depths.len() as u64;
+    let rows = most + most / 10;
+    let mib = rows.saturating_mul(options.payload_bytes as u64 + 64) / (1024 * 1024) + 1;
+    let store = &mut config.store;
+    store.outbox_max_rows = store
+        .outbox_max_rows
+        .max(i64::try_from(rows).unwrap_or(i64::MAX));
+    store.outbox_max_mib = store
+        .outbox_max_mib
+        .max(i64::try_from(mib).unwrap_or(i64::MAX));
+    let gateway = Gateway::start(config)
+        .await
+        .context("starting the gateway")?;
+    let clock = Instant::now();
+    let fleet = Fleet::connect(gateway_port, options, clock).await?;
+    let metrics = gateway.metrics.clone();
+
+    let mut points = Vec::new();
+    let mut released = 0u64;
+    for &target in depths {
+        // Fill: publish up to the target depth, in chunks each in the outbox before the next
+        // is released, so that every window starts from a settled gateway.
+        while released < target {
+            let start = Instant::now();
+            let limit = target.min(released + FILL_CHUNK);
+            fleet.release(limit);
+            released = limit;
+            wait_all(
+                start,
+                vec![
+                    ("acked", limit, Box::new(|| fleet.acked())),
+                    (
+                        "journaled",
+                        limit,
+                        Box::new(|| metrics.snapshot().journaled),
+                    ),
+                    ("outbox", limit, Box::new(|| metrics.snapshot().queued)),
+                ],
+            )
+            .await?;
+        }
+        let outbox_depth = depth(&gateway).await?;
+
+        // Measure one window at this depth.
+        let end = released + options.window;
+        let io_start = write_bytes();
+        let cpu_start = cpu_secs();
+        let start = Instant::now();
+        fleet.release(end);
+        released = end;
+        let waited = wait_all(
+            start,
+            vec![
+                ("acked", end, Box::new(|| fleet.acked())),
+                ("journaled", end, Box::new(|| metrics.snapshot().journaled)),
+                ("outbox", end, Box::new(|| metrics.snapshot().queued)),
+            ],
+        )
+        .await?;
+        let (acked_at, outbox_at) = (&waited.reached[0], &waited.reached[2]);
+        let window = options.window as f64;
+        let outbox_secs = outbox_at.at.duration_since(start).as_secs_f64();
+        let point = BacklogPoint {
+            target_depth: target,
+            outbox_depth,
+            window: options.window,
+            acked_per_sec: window / acked_at.at.duration_since(start).as_secs_f64(),
+            outbox_per_sec: window / outbox_secs,
+            peak_acked_not_journaled: waited.peak_lead,
+            disk_bytes_per_msg: match (io_start, outbox_at.write_bytes) {
+                (Some(a), Some(b)) => b.saturating_sub(a) as f64 / window,
+                _ => f64::NAN,
+            },
+            cpu_cores_busy: match cpu_start {
+                Some(c0) => (outbox_at.cpu - c0) / outbox_secs,
+                None => f64::NAN,
+            },
+        };
+        eprintln!(
+            "  depth {:>9}: acked {:>8.0}/s  outbox {:>8.0}/s  {:>6.0} B/msg",
+            point.outbox_depth, point.acked_per_sec, point.outbox_per_sec, point.disk_bytes_per_msg
+        );
+        points.push(point);
+    }
+    fleet.stop().await;
+    gateway.shutdown().await;
+    Ok(points)
+}
+
+/// The gateway as the benchmark runs it: defaults (passthrough `telemetry/#`, one upstream),
+/// devices on `port`, data in `data_dir`.
+fn gateway_config(data_dir: &Path, port: u16, devices: usize, upstream_url: String) -> Config {
+    Config {
+        gateway_id: "bench-gw".into(),
+        data_dir: data_dir.to_path_buf(),
+        broker: broker_on(port, devices),
+        upstreams: vec![UpstreamConfig {
+            name: "cloud".into(),
+            url: upstream_url,
+            reconnect_max_ms: 1000,
+            ..UpstreamConfig::default()
+        }],
+        ..Config::default()
+    }
+}
+
+/// A broker configuration listening on 127.0.0.1:`port` with room for `connections` clients.
+fn broker_on(port: u16, connections: usize) -> BrokerConfig {
+    let defaults = BrokerConfig::default();
+    BrokerConfig {
+        listen: vec![SocketAddr::from(([127, 0, 0, 1], port))],
+        max_connections: defaults.max_connections.max(connections + 16),
+        ..defaults
+    }
+}
+
+/// The counters when one of [`wait_all`]'s targets was reached.
+struct Reached {
+    at: Instant,
+    write_bytes: Option<u64>,
+    cpu: f64,
+}
+
+/// What [`wait_all`] saw.
+struct Waited {
+    /// Per target, when it was reached.
+    reached: Vec<Reached>,
+    /// The most the first counter (PUBACKs) was ahead of the second (journal commits) at any
+    /// poll: publishes acknowledged to a device but not yet durable.
+    peak_lead: u64,
+}
+
+/// A named counter and the value it must reach.
+type Target<'a> = (&'static str, u64, Box<dyn Fn() -> u64 + 'a>);
+
+/// Polls the counters until each has reached its target; returns, per target, the moment it
+/// did with the disk and CPU counters then. Prints progress every second; fails when no counter
+/// moved for [`STALL`], saying how far each got.
+///
+/// By convention the first target counts PUBACKs and the second journal commits (see
+/// [`Waited::peak_lead`]).
+async fn wait_all(start: Instant, targets: Vec<Target<'_>>) -> anyhow::Result<Waited> {
+    let mut reached: Vec<Option<Reached>> = targets.iter().map(|_| None).collect();
+    let mut last_values: Vec<u64> = vec![0; targets.len()];
+    let mut peak_lead = 0u64;
+    let mut last_move = Instant::now();
+    let mut next_print = Instant::now() + Duration::from_secs(1);
+    loop {
+        let now = Instant::now();
+        let mut moved = false;
+        for (i, (_, target, value)) in targets.iter().enumerate() {
+            let v = value();
+            if v != last_values[i] {
+                last_values[i] = v;
+                moved = true;
+            }
+            if reached[i].is_none() && v >= *target {
+                reached[i] = Some(Reached {
+                    at: now,
+                    write_bytes: write_bytes(),
+                    cpu: cpu_secs().unwrap_or(f64::NAN),
+                });
+            }
+        }
+        if let [acked, journaled, ..] = last_values[..] {
+            peak_lead = peak_lead.max(acked.saturating_sub(journaled));
+        }
+        if reached.iter().all(Option::is_some) {
+            return Ok(Waited {
+                reached: reached.into_iter().flatten().collect(),
+                peak_lead,
+            });
+        }
+        if moved {
+            last_move = now;
+        } else if now.duration_since(last_move) > STALL {
+            let state: Vec<String> = targets
+                .iter()
+                .zip(&last_values)
+                .map(|((name, target, _), v)| format!("{name} {v}/{target}"))
+                .collect();
+            let mut message = format!(
+                "no progress for {} s: {}",
+                STALL.as_secs(),
+                state.join(", ")
+            );
+            if let [acked, journaled, ..] = last_values[..] {
+                if acked > journaled {
+                    message.push_str(&format!(
+                        "; {} publishes were acknowledged to devices but never journaled: the \
+                         gateway lost them",
+                        acked - journaled
+                    ));
+                }
+            }
+            bail!(message);
+        }
+        if now >= next_print {
+            next_print = now + Duration::from_secs(1);
+            let state: Vec<String> = targets
+                .iter()
+                .zip(&last_values)
+                .map(|((name, _, _), v)| format!("{name} {v:>8}"))
+                .collect();
+            eprintln!(
+                "  {:>6.1}s  {}",
+                now.duration_since(start).as_secs_f64(),
+                state.join("  ")
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// The outbox depth, read off the async threads.
+async fn depth(gateway: &Gateway) -> anyhow::Result<u64> {
+    let store = gateway.store.clone();
+    Ok(tokio::task::spawn_blocking(move || store.outbox_depth(None)).await??)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The load generator.
+
+/// How many publishes the devices may send in total, or that they must stop.
+#[derive(Debug, Clone, Copy, Default)]
+struct Gate {
+    limit: u64,
+    stop: bool,
+}
+
+/// The simulated devices. Each publish takes the next global sequence number (a ticket) and
+/// waits until the gate's limit is above it, so exactly `limit` publishes are sent in all.
+struct Fleet {
+    next: Arc<AtomicU64>,
+    acked: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    gate: watch::Sender<Gate>,
+    clients: Vec<AsyncClient>,
+    publishers: Vec<JoinHandle<anyhow::Result<()>>>,
+    drivers: Vec<JoinHandle<()>>,
+}
+
+impl Fleet {
+    /// Connects `options.devices` devices to the gateway on `port` and waits for every CONNACK.
+    /// Nothing is published until [`Fleet::release`].
+    async fn connect(port: u16, options: &Options, clock: Instant) -> anyhow::Result<Fleet> {
+        let (gate, _) = watch::channel(Gate::default());
+        let mut fleet = Fleet {
+            next: Arc::new(AtomicU64::new(0)),
+            acked: Arc::new(AtomicU64::new(0)),
+            errors: Arc::new(AtomicU64::new(0)),
+            gate,
+            clients: Vec::new(),
+            publishers: Vec::new(),
+            drivers: Vec::new(),
+        };
+        let connected = Arc::new(AtomicU64::new(0));
+        // Each device's share of the rate, as the time between two of its publishes.
+        let period = (options.rate > 0)
+            .then(|| Duration::from_secs_f64(options.devices as f64 / options.rate as f64));
+        for device in 0..options.devices {
+            let mut mqtt = MqttOptions::new(format!("bench-{device}"), "127.0.0.1", port);
+            mqtt.set_keep_alive(Duration::from_secs(30))
+                .set_inflight(options.inflight)
+                // A short request queue: the send time is stamped just before the window has
+                // room, not long before.
+                .set_request_channel_capacity(8);
+            let (client, eventloop) = AsyncClient::new(mqtt, 8);
+            fleet.drivers.push(tokio::spawn(drive(
+                eventloop,
+                fleet.acked.clone(),
+                fleet.errors.clone(),
+                connected.clone(),
+            )));
+            // Devices start their pacing at staggered offsets, not all on the same tick.
+            let pacing = period.map(|p| (p, p.mul_f64(device as f64 / options.devices as f64)));
+            fleet.publishers.push(tokio::spawn(publish_loop(
+                client.clone(),
+                device,
+                options.payload_bytes,
+                pacing,
+                clock,
+                fleet.next.clone(),
+                fleet.gate.subscribe(),
+            )));
+            fleet.clients.push(client);
+        }
+        let deadline = Instant::now() + STALL;
+        while connected.load(Ordering::Relaxed) < options.devices as u64 {
+            if Instant::now() > deadline {
+                bail!(
+                    "only {} of {} devices connected",
+                    connected.load(Ordering::Relaxed),
+                    options.devices
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(fleet)
+    }
+
+    /// Lets the devices publish until `limit` publishes were sent in all.
+    fn release(&self, limit: u64) {
+        self.gate.send_modify(|g| g.limit = limit);
+    }
+
+    /// PUBACKs received so far.
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Stops publishing and disconnects every device.
+    async fn stop(self) {
+        self.gate.send_modify(|g| g.stop = true);
+        for publisher in self.publishers {
+            if tokio::time::timeout(Duration::from_secs(5), publisher)
+                .await
+                .is_err()
+            {
+                eprintln!("  a device did not stop publishing within 5 s");
+            }
+        }
+        for client in &self.clients {
+            let _ = client.try_disconnect();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        for driver in self.drivers {
+            driver.abort();
+        }
+    }
+}
+
+/// Runs one device's MQTT event loop: counts CONNACKs, PUBACKs and connection errors
+/// (rumqttc reconnects on the next poll).
+async fn drive(
+    mut eventloop: rumqttc::EventLoop,
+    acked: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    connected: Arc<AtomicU64>,
+) {
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::PubAck(_))) => {
+                acked.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => {
+                connected.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(_) => {}
+            Err(_) => {
+                errors.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Publishes one device's share: takes tickets (global sequence numbers) and publishes each
+/// once the gate allows it, until the gate says stop. With `pacing` (period, first offset), at
+/// most one publish per period, never catching up in bursts.
+async fn publish_loop(
+    client: AsyncClient,
+    device: usize,
+    payload_bytes: usize,
+    pacing: Option<(Duration, Duration)>,
+    clock: Instant,
+    next: Arc<AtomicU64>,
+    mut gate: watch::Receiver<Gate>,
+) -> anyhow::Result<()> {
+    let topic = format!("telemetry/bench-{device}/data");
+    let mut ticker = pacing.map(|(period, offset)| {
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
+    });
+    loop {
+        let seq = next.fetch_add(1, Ordering::Relaxed);
+        loop {
+            let g = *gate.borrow_and_update();
+            if g.stop {
+                return Ok(());
+            }
+            if seq < g.limit {
+                break;
+            }
+            if gate.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+        if let Some(ticker) = ticker.as_mut() {
+            ticker.tick().await;
+        }
+        let sent_us = clock.elapsed().as_micros() as u64;
+        client
+            .publish(
+                topic.as_str(),
+                QoS::AtLeastOnce,
+                false,
+                payload(seq, sent_us, device, payload_bytes),
+            )
+            .await
+            .with_context(|| format!("device {device} cannot publish"))?;
+    }
+}
+
+/// A JSON payload carrying the sequence number and the send time, padded to `size` bytes
+/// (longer when `size` is too small for the fields).
+fn payload(seq: u64, sent_us: u64, device: usize, size: usize) -> Vec<u8> {
+    let head = format!(r#"{{"seq":{seq},"sent_us":{sent_us},"device":{device},"pad":""#);
+    let tail = "\"}";
+    let pad = size.saturating_sub(head.len() + tail.len());
+    let mut out = Vec::with_capacity(head.len() + pad + tail.len());
+    out.extend_from_slice(head.as_bytes());
+    out.resize(head.len() + pad, b'x');
+    out.extend_from_slice(tail.as_bytes());
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The stand-in upstream's arrival counter.
+
+/// The fields of a payload the counter reads.
+#[derive(Deserialize)]
+struct Stamp {
+    seq: u64,
+    sent_us: u64,
+}
+
+/// Arrivals at the stand-in upstream.
+#[derive(Default)]
+struct Arrivals {
+    /// Distinct sequence numbers received (polled while waiting, hence outside the lock).
+    unique: AtomicU64,
+    tally: Mutex<Tally>,
+}
+
+#[derive(Default)]
+struct Tally {
+    arrivals: u64,
+    unparsed: u64,
+    seen: Vec<bool>,
+    latencies_us: Vec<u64>,
+}
+
+/// Counts what the stand-in upstream receives; records each message's latency once.
+async fn count_arrivals(
+    mut rx: mpsc::Receiver<DevicePublish>,
+    arrivals: Arc<Arrivals>,
+    clock: Instant,
+) {
+    let mut batch = Vec::with_capacity(1024);
+    while rx.recv_many(&mut batch, 1024).await > 0 {
+        let now_us = clock.elapsed().as_micros() as u64;
+        let Ok(mut tally) = arrivals.tally.lock() else {
+            return;
+        };
+        for publish in batch.drain(..) {
+            tally.arrivals += 1;
+            let Ok(stamp) = serde_json::from_slice::<Stamp>(&publish.payload) else {
+                tally.unparsed += 1;
+                continue;
+            };
+            let Ok(index) = usize::try_from(stamp.seq) else {
+                tally.unparsed += 1;
+                continue;
+            };
+            if index >= tally.seen.len() {
+                tally.seen.resize(index + 1, false);
+            }
+            if !tally.seen[index] {
+                tally.seen[index] = true;
+                tally
+                    .latencies_us
+                    .push(now_us.saturating_sub(stamp.sent_us));
+                arrivals.unique.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl Latency {
+    /// Percentiles of an ascending slice of microseconds (all zero when it is empty).
+    fn of_sorted(sorted: &[u64]) -> Latency {
+        let at = |p| percentile(sorted, p).unwrap_or(0);
+        Latency {
+            samples: sorted.len(),
+            p50: at(50.0),
+            p90: at(90.0),
+            p99: at(99.0),
+            max: sorted.last().copied().unwrap_or(0),
+        }
+    }
+}
+
+/// The `p`-th percentile (0 < p <= 100) of an ascending slice, by the nearest-rank method:
+/// the smallest value such that at least p % of the values are less than or equal to it.
+/// `None` for an empty slice.
+fn percentile(sorted: &[u64], p: f64) -> Option<u64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    Some(sorted[rank.clamp(1, sorted.len()) - 1])
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading the process's own counters.
+
+/// Bytes this process caused to be written to storage so far (`/proc/self/io` `write_bytes`).
+fn write_bytes() -> Option<u64> {
+    proc_field("/proc/self/io", "write_bytes:")
+}
+
+/// User + system CPU seconds of this process so far (`/proc/self/stat`).
+fn cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which is in parentheses and may hold spaces); utime and
+    // stime are fields 14 and 15 of the whole line, so 12th and 13th after the name.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / USER_HZ)
+}
+
+/// The first number on the line starting with `key` in a `/proc` file (`key: 1234 kB`).
+fn proc_field(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("model name"))
+                .and_then(|rest| rest.split_once(':'))
+                .map(|(_, model)| model.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Creates `dir` empty (removing what a previous run left there).
+fn fresh_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir.to_path_buf())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Printing.
+
+fn print_report(report: &Report) {
+    println!();
+    println!("results");
+    if let Some(t) = &report.throughput {
+        println!(
+            "  acknowledged QoS 1       {:>9.0} msg/s  ({} PUBACKs in {:.2} s)",
+            t.acked_per_sec, t.messages, t.publish_secs
+        );
+        println!(
+            "  journaled                {:>9.0} msg/s  (all journaled after {:.2} s)",
+            t.journaled_per_sec, t.journaled_secs
+        );
+        println!(
+            "  moved to the outbox      {:>9.0} msg/s  (all in the outbox after {:.2} s)",
+            t.outbox_per_sec, t.outbox_secs
+        );
+        println!(
+            "  delivered upstream       {:>9.0} msg/s  (all delivered after {:.2} s; {} arrivals, {} unique, {} unparsed)",
+            t.delivered_per_sec, t.delivered_secs, t.upstream_arrivals, t.upstream_unique, t.upstream_unparsed
+        );
+        println!(
+            "  latency publish->upstream  p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} samples)",
+            t.latency_us.p50 as f64 / 1000.0,
+            t.latency_us.p90 as f64 / 1000.0,
+            t.latency_us.p99 as f64 / 1000.0,
+            t.latency_us.max as f64 / 1000.0,
+            t.latency_us.samples
+        );
+        println!(
+            "  disk written             {:>9.0} B/msg  (until the last PUBACK: {:.0} B/msg; WAL + checkpoints + deletes)",
+            t.disk_bytes_per_msg, t.disk_bytes_per_msg_until_acked
+        );
+        println!(
+            "  acked, not journaled     {:>9} at most  (PUBACKed before the journal commit; must be 0)",
+            t.peak_acked_not_journaled
+        );
+        println!(
+            "  CPU while publishing     {:>9.2} cores busy of {} ({:.1} s CPU)",
+            t.cpu_cores_busy, report.machine.cpus, t.cpu_secs
+        );
+        if t.device_connection_errors > 0 {
+            println!("  device connection errors {}", t.device_connection_errors);
+        }
+    }
+    if !report.backlog.is_empty() {
+        println!("  backlog (upstream unreachable)");
+        println!("    outbox depth   acked msg/s   to outbox msg/s   disk B/msg   cores busy   acked, not journaled");
+        for p in &report.backlog {
+            println!(
+                "    {:>12}   {:>11.0}   {:>15.0}   {:>10.0}   {:>10.2}   {:>20}",
+                p.outbox_depth,
+                p.acked_per_sec,
+                p.outbox_per_sec,
+                p.disk_bytes_per_msg,
+                p.cpu_cores_busy,
+                p.peak_acked_not_journaled
+            );
+        }
+    }
+    println!(
+        "  peak RSS                 {:>9} KiB  (whole process: gateway + load generator + stand-in upstream)",
+        report.peak_rss_kib
+    );
+    println!("  notes");
+    for note in &report.notes {
+        println!("    - {note}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_uses_nearest_rank() {
+        let values: Vec<u64> = (1..=100).collect();
+        assert_eq!(percentile(&values, 50.0), Some(50));
+        assert_eq!(percentile(&values, 99.0), Some(99));
+        assert_eq!(percentile(&values, 100.0), Some(100));
+        assert_eq!(percentile(&values, 0.5), Some(1));
+        // Ten values: p50 is the 5th, p90 the 9th, p99 rounds up to the 10th.
+        let ten = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100];
+        assert_eq!(percentile(&ten, 50.0), Some(50));
+        assert_eq!(percentile(&ten, 90.0), Some(90));
+        assert_eq!(percentile(&ten, 99.0), Some(100));
+        assert_eq!(percentile(&[7], 50.0), Some(7));
+        assert_eq!(percentile(&[], 50.0), None);
+    }
+
+    #[test]
+    fn latency_summary_of_an_empty_run_is_zero() {
+        let l = Latency::of_sorted(&[]);
+        assert_eq!(
+            l,
+            Latency {
+                samples: 0,
+                p50: 0,
+                p90: 0,
+                p99: 0,
+                max: 0
+            }
+        );
+    }
+
+    #[test]
+    fn payload_is_padded_json_with_the_stamp() {
+        let p = payload(42, 1234, 3, 100);
+        assert_eq!(p.len(), 100);
+        let stamp: Stamp = serde_json::from_slice(&p).expect("valid JSON");
+        assert_eq!((stamp.seq, stamp.sent_us), (42, 1234));
+        // Too small a size still gives the whole stamp.
+        let small = payload(u64::MAX, u64::MAX, 0, 10);
+        assert!(serde_json::from_slice::<Stamp>(&small).is_ok());
+    }
+}
