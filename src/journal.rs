@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{error, info};
 
 use crate::metrics::Metrics;
-use crate::store::{NewJournalEntry, Store, StoreError};
+use crate::store::{JournalWriter, NewJournalEntry, Store, StoreError};
 
 /// Most publishes in one transaction.
 const MAX_GROUP: usize = 8192;
@@ -90,20 +90,15 @@ impl Journal {
                     }
                     let entries: Vec<NewJournalEntry> =
                         group.iter().map(|p| p.entry.clone()).collect();
-                    let mut attempt: u32 = 0;
-                    while let Err(e) = writer.append(&entries) {
-                        attempt += 1;
-                        Metrics::add(&metrics.store_errors, 1);
-                        error!(error = %e, attempt, held = entries.len(),
-                            "cannot commit to the journal; holding acknowledgements and retrying");
-                        std::thread::sleep(Duration::from_millis(50 * u64::from(attempt.min(40))));
-                    }
-                    Metrics::add(&metrics.journaled, entries.len() as u64);
-                    for pending in group.drain(..) {
-                        if let Some(done) = pending.done {
-                            let _ = done.send(());
+                    commit_in_pieces(&mut writer, &entries, &metrics, |range| {
+                        for pending in &mut group[range] {
+                            if let Some(done) = pending.done.take() {
+                                let _ = done.send(());
+                            }
                         }
-                    }
+                        committed.notify_one();
+                    });
+                    group.clear();
                     committed.notify_one();
                 }
                 info!("journal thread finished");
@@ -130,6 +125,47 @@ impl Journal {
             .await
             .map_err(|_| JournalClosed)?;
         Ok(signal)
+    }
+}
+
+/// Commits `entries` in order, calling `on_commit` with the index range of each piece that
+/// became durable. A failed commit is retried in halves, so a group larger than the room left
+/// in a capped database still goes in as far as it fits; at a single entry it is retried with
+/// backoff until it succeeds (the entries wait, unacknowledged, meanwhile).
+fn commit_in_pieces(
+    writer: &mut JournalWriter,
+    entries: &[NewJournalEntry],
+    metrics: &Metrics,
+    mut on_commit: impl FnMut(std::ops::Range<usize>),
+) {
+    let mut start = 0;
+    let mut piece = entries.len();
+    let mut failures: u32 = 0;
+    while start < entries.len() {
+        let end = (start + piece).min(entries.len());
+        match writer.append(&entries[start..end]) {
+            Ok(()) => {
+                Metrics::add(&metrics.journaled, (end - start) as u64);
+                on_commit(start..end);
+                start = end;
+                failures = 0;
+            }
+            Err(e) if piece > 1 => {
+                tracing::debug!(error = %e, piece, "journal commit failed; retrying in halves");
+                piece /= 2;
+            }
+            Err(e) => {
+                failures += 1;
+                Metrics::add(&metrics.store_errors, 1);
+                if failures == 1 || failures % 20 == 0 {
+                    error!(error = %e, attempt = failures, held = entries.len() - start,
+                        "cannot commit to the journal; holding acknowledgements and retrying");
+                }
+                std::thread::sleep(Duration::from_millis(50 * u64::from(failures.min(40))));
+                // Room may come back for more than one entry at a time.
+                piece = (entries.len() - start).min(64);
+            }
+        }
     }
 }
 

@@ -18,7 +18,7 @@
 //! Guarantees: a malformed or oversized packet closes that connection (logged and counted)
 //! and affects nothing else; no input panics.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -28,6 +28,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot::error::RecvError;
 use tracing::{debug, warn};
 
 use super::frame::{self, kind, Frame, FrameError, Version};
@@ -267,8 +268,14 @@ impl Session {
     }
 }
 
-/// Relays the broker's packets to the device, holding each PUBACK/PUBREC until its publish is
-/// journaled, and dropping the answers to the front's own pings.
+/// Most bytes of broker packets queued behind a held acknowledgement before the front stops
+/// reading from the broker (rumqttd then buffers, and eventually slows, what it sends).
+const HELD_BYTES: usize = 4 * 1024 * 1024;
+
+/// Relays the broker's packets to the device, holding each PUBACK/PUBREC (and everything the
+/// broker sent after it) until its publish is journaled, and dropping the answers to the
+/// front's own pings. A PINGRESP is never held: a device whose acknowledgements wait for a
+/// slow or full disk stays connected instead of timing out its keep-alive.
 async fn relay_broker_packets(
     shared: Arc<Shared>,
     mut broker: OwnedReadHalf,
@@ -276,49 +283,62 @@ async fn relay_broker_packets(
 ) -> Result<(), String> {
     let mut input = BytesMut::with_capacity(16 * 1024);
     let mut output = BytesMut::with_capacity(16 * 1024);
+    // Packets waiting for the head gate, in the order the broker sent them.
+    let mut held: VecDeque<Held> = VecDeque::new();
+    let mut held_bytes = 0usize;
     loop {
-        let n = broker
-            .read_buf(&mut input)
-            .await
-            .map_err(|e| format!("broker read: {e}"))?;
-        if n == 0 {
-            return Ok(());
+        let reading = held_bytes < HELD_BYTES;
+        tokio::select! {
+            read = broker.read_buf(&mut input), if reading => {
+                let n = read.map_err(|e| format!("broker read: {e}"))?;
+                if n == 0 {
+                    return Ok(());
+                }
+            }
+            opened = wait_for_head(&mut held) => {
+                opened.map_err(|_| "journal stopped before the publish was durable".to_string())?;
+                while let Some(next) = held.front_mut() {
+                    if next.gate.is_some() {
+                        break;
+                    }
+                    if let Some(item) = held.pop_front() {
+                        held_bytes -= item.packet.len();
+                        output.extend_from_slice(&item.packet);
+                    }
+                }
+            }
         }
         while let Some(frame) =
             frame::next_frame(&input, usize::MAX).map_err(|e| format!("broker sent {e}"))?
         {
             let packet = input.split_to(frame.len());
+            let mut gate = None;
             match frame.kind() {
                 kind::PUBACK | kind::PUBREC => {
                     let pkid = frame::packet_id(&frame, &packet).map_err(|e| e.to_string())?;
-                    let gate = shared.gates.lock().ok().and_then(|mut g| g.remove(&pkid));
-                    if let Some(gate) = gate {
-                        // Everything before this acknowledgement may go now; it and what
-                        // follows wait for the commit.
-                        if !output.is_empty() {
-                            device
-                                .write_all(&output)
-                                .await
-                                .map_err(|e| format!("device write: {e}"))?;
-                            output.clear();
-                        }
-                        gate.await.map_err(|_| {
-                            "journal stopped before the publish was durable".to_string()
-                        })?;
-                    }
+                    gate = shared.gates.lock().ok().and_then(|mut g| g.remove(&pkid));
                 }
                 kind::PINGRESP => {
                     let swallow = shared
                         .injected_pings
                         .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                         .is_ok();
-                    if swallow {
-                        continue;
+                    if !swallow {
+                        output.extend_from_slice(&packet);
                     }
+                    continue;
                 }
                 _ => {}
             }
-            output.extend_from_slice(&packet);
+            if gate.is_some() || !held.is_empty() {
+                held_bytes += packet.len();
+                held.push_back(Held {
+                    gate,
+                    packet: packet.freeze(),
+                });
+            } else {
+                output.extend_from_slice(&packet);
+            }
         }
         if !output.is_empty() {
             device
@@ -327,5 +347,30 @@ async fn relay_broker_packets(
                 .map_err(|e| format!("device write: {e}"))?;
             output.clear();
         }
+    }
+}
+
+/// A broker packet held behind an acknowledgement that is not yet durable.
+struct Held {
+    /// The commit this packet waits for (only acknowledgements have one); `None` once opened.
+    gate: Option<Committed>,
+    packet: Bytes,
+}
+
+/// Waits until the first held packet's gate opens (and marks it open); pending forever when
+/// nothing is held.
+async fn wait_for_head(held: &mut VecDeque<Held>) -> Result<(), RecvError> {
+    match held.front_mut() {
+        Some(Held {
+            gate: Some(gate), ..
+        }) => {
+            let result = gate.await;
+            if let Some(head) = held.front_mut() {
+                head.gate = None;
+            }
+            result
+        }
+        Some(_) => Ok(()),
+        None => std::future::pending().await,
     }
 }

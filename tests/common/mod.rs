@@ -324,6 +324,11 @@ impl Device {
             .expect("queue publish");
     }
 
+    /// A handle that publishes on this device's connection from another task.
+    pub fn handle(&self) -> AsyncClient {
+        self.client.clone()
+    }
+
     pub fn acked(&self) -> u64 {
         *self.acked.lock().unwrap()
     }

@@ -1,0 +1,245 @@
+//! Caps and bad input: a full outbox under each policy, a full database, malformed and
+//! oversized payloads. Each is backpressure, a counted dead letter or a clear rejection; none
+//! loses anything else or stops the gateway.
+
+mod common;
+
+use std::time::Duration;
+
+use rumqttc::QoS;
+
+use common::{eventually, write_config, Device, Gateway, Mosquitto, Subscriber};
+
+fn seqs(received: &[(String, Vec<u8>)]) -> Vec<u64> {
+    received
+        .iter()
+        .map(|(_, p)| {
+            serde_json::from_slice::<serde_json::Value>(p).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Waits until the device's acknowledged count stops moving for a while, and returns it.
+async fn settled_acks(device: &Device) -> u64 {
+    let mut last = device.acked();
+    loop {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let now = device.acked();
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+}
+
+async fn publish_numbered(device: &Device, topic: &str, count: u64, pad: usize) {
+    let padding = "x".repeat(pad);
+    for seq in 1..=count {
+        device
+            .publish(topic, format!(r#"{{"seq":{seq},"pad":"{padding}"}}"#))
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_outbox_under_reject_new_stops_acknowledging_then_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
+    upstream.stop();
+    let file = write_config(
+        dir.path(),
+        "[store]\noutbox_max_rows = 50\njournal_max_rows = 100\noutbox_policy = \"reject-new\"\n",
+    );
+    let mut gateway = Gateway::new(
+        dir.path(),
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--upstream",
+            &upstream.url(),
+        ],
+    );
+    gateway.start();
+
+    // rumqttc queues what it cannot send yet, so publishing never blocks this test.
+    let device = Device::connect(gateway.port, "dev-cap").await;
+    publish_numbered(&device, "telemetry/dev-cap/env", 400, 0).await;
+    let stalled = settled_acks(&device).await;
+    assert!(
+        stalled < 400,
+        "all 400 acknowledged although outbox and journal are full"
+    );
+    assert!(
+        stalled >= 150,
+        "only {stalled} acknowledged; the caps allow 150"
+    );
+    assert_eq!(gateway.outbox_depth(), 50);
+    assert!(gateway.is_running());
+    assert!(gateway.log().contains("journal full"), "{}", gateway.log());
+
+    upstream.start();
+    device.wait_acked(400).await;
+    eventually("all 400 upstream", || subscriber.received.len() >= 400).await;
+    let mut got = seqs(&subscriber.received.all());
+    got.dedup();
+    assert_eq!(
+        got,
+        (1..=400).collect::<Vec<u64>>(),
+        "complete and in order"
+    );
+    assert!(gateway.dead_letters().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_outbox_under_drop_oldest_evicts_to_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
+    upstream.stop();
+    let file = write_config(
+        dir.path(),
+        "[store]\noutbox_max_rows = 50\noutbox_policy = \"drop-oldest\"\n",
+    );
+    let mut gateway = Gateway::new(
+        dir.path(),
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--upstream",
+            &upstream.url(),
+        ],
+    );
+    gateway.start();
+
+    let device = Device::connect(gateway.port, "dev-drop").await;
+    publish_numbered(&device, "telemetry/dev-drop/env", 200, 0).await;
+    device.wait_acked(200).await;
+    eventually("150 evicted", || {
+        gateway.dead_letters().get("evicted").copied() == Some(150)
+    })
+    .await;
+    assert_eq!(gateway.outbox_depth(), 50);
+
+    upstream.start();
+    eventually("the newest 50 upstream", || subscriber.received.len() >= 50).await;
+    eventually("outbox drained", || gateway.outbox_depth() == 0).await;
+    assert_eq!(
+        seqs(&subscriber.received.all()),
+        (151..=200).collect::<Vec<u64>>()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_database_is_backpressure_not_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
+    upstream.stop();
+    let file = write_config(dir.path(), "[store]\nmax_db_mib = 1\n");
+    let mut gateway = Gateway::new(
+        dir.path(),
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--upstream",
+            &upstream.url(),
+        ],
+    );
+    gateway.start();
+
+    let device = Device::connect(gateway.port, "dev-full").await;
+    let count = 2000;
+    // The device's window fills while the disk is full, so publish from another task.
+    let handle = device.handle();
+    let publisher = tokio::spawn(async move {
+        let padding = "x".repeat(1000);
+        for seq in 1..=count {
+            let payload = format!(r#"{{"seq":{seq},"pad":"{padding}"}}"#);
+            handle
+                .publish("telemetry/dev-full/env", QoS::AtLeastOnce, false, payload)
+                .await
+                .expect("queue publish");
+        }
+    });
+    let stalled = settled_acks(&device).await;
+    assert!(
+        stalled < count,
+        "all acknowledged although the database is capped at 1 MiB"
+    );
+    assert!(gateway.is_running());
+    let log = gateway.log();
+    assert!(log.contains("database or disk is full"), "{log}");
+
+    upstream.start();
+    publisher.await.expect("publisher");
+    device.wait_acked(count).await;
+    eventually("all upstream", || {
+        subscriber.received.len() >= count as usize
+    })
+    .await;
+    let mut got = seqs(&subscriber.received.all());
+    got.dedup();
+    assert_eq!(
+        got,
+        (1..=count).collect::<Vec<u64>>(),
+        "complete and in order"
+    );
+    // The database is intact: the gateway restarts on it.
+    assert!(gateway.stop());
+    gateway.start();
+    assert!(gateway.is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_oversized_payloads_are_counted_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
+    let file = write_config(
+        dir.path(),
+        "[broker]\nmax_payload_bytes = 1024\n[[route]]\nname = \"json\"\nfilter = \"telemetry/#\"\npayload = \"json\"\n",
+    );
+    let mut gateway = Gateway::new(
+        dir.path(),
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "--upstream",
+            &upstream.url(),
+        ],
+    );
+    gateway.start();
+
+    let good = Device::connect(gateway.port, "good").await;
+    good.publish("telemetry/good/env", r#"{"seq":1}"#).await;
+    good.publish("telemetry/good/env", "{not json").await;
+    good.publish("telemetry/good/env", r#"{"seq":2}"#).await;
+    good.wait_acked(3).await;
+    eventually("one malformed dead letter", || {
+        gateway.dead_letters().get("malformed").copied() == Some(1)
+    })
+    .await;
+
+    let big = Device::connect(gateway.port, "big").await;
+    big.publish("telemetry/big/env", vec![b'x'; 4096]).await;
+    eventually("the oversized publish is rejected", || {
+        gateway.log().contains("exceeds the limit")
+    })
+    .await;
+    assert_eq!(big.acked(), 0);
+
+    good.publish("telemetry/good/env", r#"{"seq":3}"#).await;
+    eventually("three good readings upstream", || {
+        subscriber.received.len() >= 3
+    })
+    .await;
+    assert_eq!(seqs(&subscriber.received.all()), vec![1, 2, 3]);
+    assert!(gateway.is_running());
+}
