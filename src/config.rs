@@ -267,6 +267,13 @@ pub struct UpstreamConfig {
     /// For MQTT 3.1.1 upstreams: wrap each payload in a JSON envelope carrying its message id
     /// (MQTT 5 upstreams get the id as a user property instead).
     pub envelope: bool,
+    /// Outputs for this link not delivered within this many seconds of their event's arrival
+    /// become dead letters (`expired`); 0: no limit. A route's own `ttl_secs`, when shorter,
+    /// wins.
+    pub ttl_secs: u64,
+    /// How many times in a row the upstream may refuse one output (MQTT 5 PUBACK with an error
+    /// reason code) before it becomes a dead letter (`rejected`) and the rows behind it move.
+    pub max_refusals: u32,
 }
 
 /// An MQTT protocol version.
@@ -293,6 +300,8 @@ impl Default for UpstreamConfig {
             reconnect_max_ms: 10_000,
             protocol: MqttVersion::default(),
             envelope: false,
+            ttl_secs: 0,
+            max_refusals: 5,
         }
     }
 }
@@ -488,6 +497,21 @@ impl Config {
         }
     }
 
+    /// The time to live of `route`'s outputs: the shorter of the route's and its link's
+    /// `ttl_secs`, where 0 means no limit; `None` when neither sets one.
+    pub fn ttl_of(&self, route: &RouteConfig) -> Option<std::time::Duration> {
+        let link = match &route.upstream {
+            Some(name) => self.upstreams.iter().find(|u| &u.name == name),
+            None => self.upstreams.first(),
+        };
+        let limits = [route.ttl_secs, link.map_or(0, |l| l.ttl_secs)];
+        limits
+            .into_iter()
+            .filter(|&s| s > 0)
+            .min()
+            .map(std::time::Duration::from_secs)
+    }
+
     /// The route specs with every route's upstream resolved (a route without `upstream` gets
     /// the only configured upstream).
     pub fn route_specs(&self) -> Result<Vec<RouteSpec>, ConfigError> {
@@ -611,6 +635,9 @@ impl Config {
             }
             if u.inflight == 0 {
                 return Err(invalid(key("inflight"), "must be at least 1"));
+            }
+            if u.max_refusals == 0 {
+                return Err(invalid(key("max_refusals"), "must be at least 1"));
             }
             if u.reconnect_min_ms == 0 || u.reconnect_min_ms > u.reconnect_max_ms {
                 return Err(invalid(
@@ -841,5 +868,36 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("gateway_id"));
+    }
+
+    #[test]
+    fn ttl_is_the_shorter_of_route_and_link() {
+        let text = r#"
+            [[upstream]]
+            name = "a"
+            url = "mqtt://127.0.0.1:1"
+            ttl_secs = 60
+            [[upstream]]
+            name = "b"
+            url = "mqtt://127.0.0.1:2"
+            [[route]]
+            name = "link-only"
+            filter = "x/#"
+            upstream = "a"
+            [[route]]
+            name = "route-shorter"
+            filter = "y/#"
+            upstream = "a"
+            ttl_secs = 5
+            [[route]]
+            name = "none"
+            filter = "z/#"
+            upstream = "b"
+        "#;
+        let cfg = Config::from_toml(text, Path::new("t.toml")).unwrap();
+        let ttl = |i: usize| cfg.ttl_of(&cfg.routes[i]).map(|d| d.as_secs());
+        assert_eq!(ttl(0), Some(60));
+        assert_eq!(ttl(1), Some(5));
+        assert_eq!(ttl(2), None);
     }
 }

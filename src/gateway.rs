@@ -103,7 +103,7 @@ impl Gateway {
                 let policy = RoutePolicy {
                     retry: r.retry.clone(),
                     deadline: r.deadline_ms.map(std::time::Duration::from_millis),
-                    ttl: (r.ttl_secs > 0).then(|| std::time::Duration::from_secs(r.ttl_secs)),
+                    ttl: config.ttl_of(r),
                     payload: r.payload,
                 };
                 (r.name.clone(), policy)

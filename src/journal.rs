@@ -129,9 +129,10 @@ impl Journal {
 }
 
 /// Commits `entries` in order, calling `on_commit` with the index range of each piece that
-/// became durable. A failed commit is retried in halves, so a group larger than the room left
-/// in a capped database still goes in as far as it fits; at a single entry it is retried with
-/// backoff until it succeeds (the entries wait, unacknowledged, meanwhile).
+/// became durable. A piece that does not fit in the journal's share of the database size cap,
+/// or whose commit fails (disk full, I/O error), is retried in halves, so a group larger than
+/// the room left still goes in as far as it fits; at a single entry it waits, with backoff,
+/// until it fits and commits (the entries stay unacknowledged meanwhile: backpressure).
 fn commit_in_pieces(
     writer: &mut JournalWriter,
     entries: &[NewJournalEntry],
@@ -141,14 +142,35 @@ fn commit_in_pieces(
     let mut start = 0;
     let mut piece = entries.len();
     let mut failures: u32 = 0;
+    let mut waiting_for_room = false;
     while start < entries.len() {
         let end = (start + piece).min(entries.len());
-        match writer.append(&entries[start..end]) {
-            Ok(()) => {
-                Metrics::add(&metrics.journaled, (end - start) as u64);
+        let slice = &entries[start..end];
+        let result = match writer.has_room_for(slice) {
+            Ok(true) => writer.append(slice).map(|()| true),
+            other => other,
+        };
+        match result {
+            Ok(true) => {
+                Metrics::add(&metrics.journaled, slice.len() as u64);
                 on_commit(start..end);
                 start = end;
                 failures = 0;
+                if waiting_for_room {
+                    info!("room in the database again; acknowledging devices");
+                    waiting_for_room = false;
+                }
+            }
+            Ok(false) if piece > 1 => piece /= 2,
+            Ok(false) => {
+                if !waiting_for_room {
+                    Metrics::add(&metrics.journal_full_waits, 1);
+                    error!(held = entries.len() - start,
+                        "database size cap (store.max_db_mib) reached: devices are not acknowledged until delivered outputs free space");
+                    waiting_for_room = true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+                piece = (entries.len() - start).min(64);
             }
             Err(e) if piece > 1 => {
                 tracing::debug!(error = %e, piece, "journal commit failed; retrying in halves");
@@ -157,7 +179,7 @@ fn commit_in_pieces(
             Err(e) => {
                 failures += 1;
                 Metrics::add(&metrics.store_errors, 1);
-                if failures == 1 || failures % 20 == 0 {
+                if failures == 1 || failures.is_multiple_of(20) {
                     error!(error = %e, attempt = failures, held = entries.len() - start,
                         "cannot commit to the journal; holding acknowledgements and retrying");
                 }

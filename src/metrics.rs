@@ -43,6 +43,8 @@ pub struct Metrics {
     pub evicted: AtomicU64,
     /// Outbox rows whose time to live passed before delivery (dead-lettered).
     pub expired: AtomicU64,
+    /// Outbox rows an upstream refused `max_refusals` times (dead-lettered as `rejected`).
+    pub rejected: AtomicU64,
     /// Dead letters deleted to stay within the dead-letter cap.
     pub dead_letters_evicted: AtomicU64,
     /// Times a batch waited because the outbox was full (`reject-new`).
@@ -91,6 +93,8 @@ pub struct Snapshot {
     pub evicted: u64,
     /// See [`Metrics::expired`].
     pub expired: u64,
+    /// See [`Metrics::rejected`].
+    pub rejected: u64,
     /// See [`Metrics::dead_letters_evicted`].
     pub dead_letters_evicted: u64,
     /// See [`Metrics::outbox_full_waits`].
@@ -148,6 +152,7 @@ impl Metrics {
             retries_scheduled: get(&self.retries_scheduled),
             evicted: get(&self.evicted),
             expired: get(&self.expired),
+            rejected: get(&self.rejected),
             dead_letters_evicted: get(&self.dead_letters_evicted),
             outbox_full_waits: get(&self.outbox_full_waits),
             journal_full_waits: get(&self.journal_full_waits),

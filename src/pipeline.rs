@@ -137,7 +137,9 @@ impl Pipeline {
                 take = take.min(room);
             }
             let store = self.store.clone();
-            let rows = tokio::task::spawn_blocking(move || store.journal_after(last, take)).await;
+            let budget = self.batch_bytes();
+            let rows =
+                tokio::task::spawn_blocking(move || store.journal_batch(last, take, budget)).await;
             let rows = match rows {
                 Ok(Ok(rows)) => rows,
                 Ok(Err(e)) => {
@@ -176,6 +178,16 @@ impl Pipeline {
             Metrics::add(&self.metrics.received, rows.len() as u64);
             let batch = self.process_journal(rows).await;
             self.commit(batch).await;
+        }
+    }
+
+    /// Most payload bytes read from the journal for one batch: a twentieth of the database cap
+    /// (so that a batch's transaction fits in the headroom the journal leaves), and a few MiB
+    /// without a cap (memory on a small board).
+    fn batch_bytes(&self) -> usize {
+        match self.store.limits().max_db_bytes {
+            0 => 8 * 1024 * 1024,
+            cap => (cap / 20).max(1) as usize,
         }
     }
 

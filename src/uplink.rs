@@ -25,8 +25,13 @@
 //!   that connection, the rest of the window is acknowledged (and deleted) as usual, then the
 //!   connection is closed and the row is offered again after a backoff. Rows behind it in the
 //!   same window may have been accepted, so a refusal can reorder deliveries within one window.
-//!   A row refused for good holds up its link (refused rows are not dead-lettered yet); the log
-//!   names it once.
+//!   A row refused `max_refusals` times in a row becomes a dead letter (`rejected`, with the
+//!   upstream's reason), so that it stops holding up its link; the log names it once when first
+//!   refused and once when dead-lettered.
+//! - A row whose time to live has passed (`ttl_secs` of its route or link) is never sent: it
+//!   becomes a dead letter (`expired`) when its turn comes.
+//! - The outbox is read in batches (at least [`READ_BATCH_MIN`] rows, or the window), not
+//!   once per acknowledgement.
 //! - Reconnects back off exponentially with jitter, from `reconnect_min_ms` to
 //!   `reconnect_max_ms`. The backoff starts again from `reconnect_min_ms` only after a
 //!   connection that worked (a row accepted, or nothing in flight when it was lost). A refusal,
@@ -67,6 +72,13 @@ pub const MSG_ID_PROPERTY: &str = "outpost-msg-id";
 /// 3.1.1 client refuses to send packets above 10 KiB by default, which would wedge a link on
 /// its first large row; the upstream broker is the one to decide what is too large.
 const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
+
+/// Fewest outbox rows read at once (more when the inflight window is larger).
+const READ_BATCH_MIN: usize = 256;
+
+/// Payload bytes after which an outbox read stops early (it reads at least one row), so that
+/// a batch of large rows does not take much memory on a small board.
+const READ_BATCH_BYTES: usize = 1024 * 1024;
 
 /// Incoming packets from the upstream are acknowledgements only; this is plenty.
 const MAX_INCOMING_PACKET: usize = 64 * 1024;
@@ -432,8 +444,9 @@ impl Uplink {
         // Failed attempts since the link was last up: the first is a warning, the rest (one
         // per backoff step) are debug lines, so a long outage does not flood the log.
         let mut failed_attempts: u64 = 0;
-        // The last row the upstream refused: a refusal is a warning once per row.
-        let mut last_refused: Option<i64> = None;
+        // The last row the upstream refused and how many times in a row: a refusal is a
+        // warning once per row, and a row refused `max_refusals` times is dead-lettered.
+        let mut last_refused: Option<(i64, u32)> = None;
         // When the last connection ended over a row (refused, or closed before anything was
         // accepted), the next one sends the rows that went unanswered one at a time, so that a
         // row the upstream will not take does not drag the rows behind it along every time.
@@ -491,11 +504,19 @@ impl Uplink {
                 } => {
                     // A failed attempt: the backoff keeps growing while the upstream does not
                     // take the row.
-                    if last_refused != Some(row) {
+                    let times = match last_refused {
+                        Some((r, n)) if r == row => n + 1,
+                        _ => 1,
+                    };
+                    if times >= self.config.max_refusals {
+                        self.reject(row, &msg_id, reason).await;
+                        last_refused = None;
+                    } else if times == 1 {
                         warn!(link = %name, upstream = %address, %msg_id, %reason, "upstream refused an output; it stays queued and is retried with backoff");
-                        last_refused = Some(row);
+                        last_refused = Some((row, times));
                     } else {
-                        debug!(link = %name, upstream = %address, %msg_id, %reason, "upstream refused the output again");
+                        debug!(link = %name, upstream = %address, %msg_id, %reason, times, "upstream refused the output again");
+                        last_refused = Some((row, times));
                     }
                     failed_attempts += 1;
                 }
@@ -555,7 +576,6 @@ impl Uplink {
         // were requested).
         let mut unassigned: VecDeque<(i64, String)> = VecDeque::new();
         let mut by_pkid: HashMap<u16, (i64, String)> = HashMap::new();
-        let mut last_sent: i64 = 0;
         let mut in_flight = 0usize;
         // Rows the upstream accepted in this session.
         let mut delivered = 0usize;
@@ -563,52 +583,60 @@ impl Uplink {
         // Set once the upstream refused a row: nothing more is sent, and the session ends when
         // the rest of the window has been acknowledged.
         let mut refused: Option<Refusal> = None;
+        // Rows read from the outbox but not sent yet, and the last id read.
+        let mut buffer: VecDeque<OutboxRow> = VecDeque::new();
+        let mut last_read: i64 = 0;
+        let read_batch = window.max(READ_BATCH_MIN);
         loop {
-            // Fill the window from the outbox.
+            // Fill the window from the outbox, reading it in batches.
             let limit = if delivered < careful { 1 } else { window };
-            while refused.is_none() && in_flight < limit && !outbox_drained {
-                let store = self.store.clone();
-                let link = name.clone();
-                let want = limit - in_flight;
-                let rows =
-                    tokio::task::spawn_blocking(move || store.outbox_after(&link, last_sent, want))
-                        .await;
-                let rows: Vec<OutboxRow> = match rows {
-                    Ok(Ok(rows)) => rows,
-                    Ok(Err(e)) => {
-                        warn!(link = %name, error = %e, "cannot read the outbox; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+            let mut expired: Vec<i64> = Vec::new();
+            let now = crate::event::now_ms();
+            while refused.is_none() && in_flight < limit {
+                let Some(row) = buffer.pop_front() else {
+                    if outbox_drained {
                         break;
                     }
-                    Err(e) => {
-                        warn!(link = %name, error = %e, "outbox reader task failed");
-                        break;
+                    match self.read_outbox(last_read, read_batch).await {
+                        Some(rows) => {
+                            // A batch cut short by its byte budget is not the end of the outbox.
+                            let bytes: usize = rows.iter().map(|r| r.payload.len()).sum();
+                            outbox_drained = rows.len() < read_batch && bytes < READ_BATCH_BYTES;
+                            if let Some(last) = rows.last() {
+                                last_read = last.id;
+                            }
+                            buffer.extend(rows);
+                            continue;
+                        }
+                        None => break,
                     }
                 };
-                if rows.len() < want {
-                    outbox_drained = true;
+                if row.is_expired(now) {
+                    // Never sent: it becomes a dead letter below.
+                    expired.push(row.id);
+                    continue;
                 }
-                for row in rows {
-                    let (id, msg_id) = (row.id, row.msg_id.clone());
-                    if row.topic.contains(['+', '#']) {
-                        // The router never queues such a topic; should one be there anyway, it
-                        // is held like a refused row, not sent and not dropped.
-                        refused = Some(Refusal {
-                            row: id,
-                            msg_id,
-                            reason: format!("not a valid topic name: {:?}", row.topic),
-                        });
-                        break;
-                    }
-                    if let Err(reason) = client.try_publish(row) {
-                        // The request channel is sized above the window, so this means the
-                        // event loop is gone; the session is over.
-                        return lost(refused.take(), in_flight, delivered, reason);
-                    }
-                    unassigned.push_back((id, msg_id));
-                    last_sent = id;
-                    in_flight += 1;
+                let (id, msg_id) = (row.id, row.msg_id.clone());
+                if row.topic.contains(['+', '#']) {
+                    // The router never queues such a topic; should one be there anyway, it
+                    // is handled like a refused row: not sent, and not dropped.
+                    refused = Some(Refusal {
+                        row: id,
+                        msg_id,
+                        reason: format!("not a valid topic name: {:?}", row.topic),
+                    });
+                    break;
                 }
+                if let Err(reason) = client.try_publish(row) {
+                    // The request channel is sized above the window, so this means the
+                    // event loop is gone; the session is over.
+                    return lost(refused.take(), in_flight, delivered, reason);
+                }
+                unassigned.push_back((id, msg_id));
+                in_flight += 1;
+            }
+            if !expired.is_empty() {
+                self.expire(expired).await;
             }
             if in_flight == 0 {
                 if let Some(refusal) = refused.take() {
@@ -665,6 +693,73 @@ impl Uplink {
                     return SessionEnd::Shutdown;
                 }
             }
+        }
+    }
+}
+
+impl Uplink {
+    /// Up to `limit` of this link's rows after `after`; `None` (logged, after a pause) when the
+    /// outbox cannot be read.
+    async fn read_outbox(&self, after: i64, limit: usize) -> Option<Vec<OutboxRow>> {
+        let store = self.store.clone();
+        let link = self.config.name.clone();
+        let read = move || store.outbox_batch(&link, after, limit, READ_BATCH_BYTES);
+        match tokio::task::spawn_blocking(read).await {
+            Ok(Ok(rows)) => Some(rows),
+            Ok(Err(e)) => {
+                warn!(link = %self.config.name, error = %e, "cannot read the outbox; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                None
+            }
+            Err(e) => {
+                warn!(link = %self.config.name, error = %e, "outbox reader task failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                None
+            }
+        }
+    }
+
+    /// Moves rows whose time to live passed to the dead letters (`expired`). On failure they
+    /// stay queued and are looked at again on the next connection.
+    async fn expire(&self, ids: Vec<i64>) {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.expire_outbox(&ids)).await {
+            Ok(Ok(moved)) => {
+                Metrics::add(&self.metrics.expired, moved.rows);
+                Metrics::add(
+                    &self.metrics.dead_letters_evicted,
+                    moved.evicted_dead_letters,
+                );
+                warn!(link = %self.config.name, rows = moved.rows,
+                    "outputs expired before delivery; moved to the dead letters");
+            }
+            Ok(Err(e)) => {
+                Metrics::add(&self.metrics.store_errors, 1);
+                warn!(link = %self.config.name, error = %e, "cannot dead-letter expired outputs");
+            }
+            Err(e) => warn!(link = %self.config.name, error = %e, "expiry task failed"),
+        }
+    }
+
+    /// Moves a row the upstream refused `max_refusals` times to the dead letters (`rejected`).
+    async fn reject(&self, row: i64, msg_id: &str, reason: String) {
+        let store = self.store.clone();
+        let detail = format!("refused by the upstream: {reason}");
+        match tokio::task::spawn_blocking(move || store.reject_outbox(row, &detail)).await {
+            Ok(Ok(moved)) => {
+                Metrics::add(&self.metrics.rejected, moved.rows);
+                Metrics::add(
+                    &self.metrics.dead_letters_evicted,
+                    moved.evicted_dead_letters,
+                );
+                warn!(link = %self.config.name, %msg_id, %reason, refusals = self.config.max_refusals,
+                    "upstream keeps refusing an output; moved to the dead letters (rejected)");
+            }
+            Ok(Err(e)) => {
+                Metrics::add(&self.metrics.store_errors, 1);
+                warn!(link = %self.config.name, error = %e, "cannot dead-letter a refused output");
+            }
+            Err(e) => warn!(link = %self.config.name, error = %e, "rejection task failed"),
         }
     }
 }

@@ -390,9 +390,10 @@ async fn mqtt311_envelope_of_a_large_binary_payload_is_delivered() {
 /// An MQTT 5 upstream that refuses a row (here: Mosquitto's ACL denies its topic, PUBACK reason
 /// "not authorized"; Mosquitto 2.0.11 also closes the connection then) does not make it vanish:
 /// the row stays first in the outbox and is offered again after a backoff, with one warning,
-/// not one per attempt; nothing around it is lost.
+/// not one per attempt; after `max_refusals` refusals it becomes a dead letter (`rejected`) and
+/// the rows behind it are delivered; nothing around it is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt5_refused_row_stays_queued_and_is_retried() {
+async fn mqtt5_refused_row_is_retried_then_dead_lettered() {
     let dir = tempfile::tempdir().unwrap();
     let mut upstream = Mosquitto::new(dir.path());
     // common::Mosquitto keeps its configuration in `<dir>/mosquitto-<port>/mosquitto.conf`;
@@ -415,8 +416,12 @@ async fn mqtt5_refused_row_stays_queued_and_is_retried() {
     drop(conf);
     upstream.start();
     let subscriber = V5Subscriber::connect(upstream.port, "v5-sub", "telemetry/+/env").await;
-    let mut gateway =
-        gateway_with_upstream(dir.path(), "gw-refused", &upstream, "protocol = \"5\"");
+    let mut gateway = gateway_with_upstream(
+        dir.path(),
+        "gw-refused",
+        &upstream,
+        "protocol = \"5\"\nmax_refusals = 3",
+    );
     gateway.start();
 
     let sent: [(&str, &[u8]); 3] = [
@@ -439,10 +444,6 @@ async fn mqtt5_refused_row_stays_queued_and_is_retried() {
             .matches("as outpost-gw-refused-cloud")
             .count()
     };
-    eventually("the refused row offered on 4 connections", || {
-        connections() >= 4
-    })
-    .await;
     // Mosquitto may reset the connection before its refusing PUBACK is read while later rows
     // are unread; the next connection offers the refused row alone and sees the refusal.
     eventually("the refusal logged", || {
@@ -450,33 +451,42 @@ async fn mqtt5_refused_row_stays_queued_and_is_retried() {
     })
     .await;
 
-    let queued: Vec<(String, Vec<u8>)> = {
-        let conn = rusqlite::Connection::open_with_flags(
-            gateway.data.join("outpost.db"),
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    eventually("the refused row dead-lettered as rejected", || {
+        gateway.dead_letters().get("rejected").copied() == Some(1)
+    })
+    .await;
+    eventually("the row behind the refused one upstream", || {
+        subscriber.all().iter().any(|m| m.payload == sent[2].1)
+    })
+    .await;
+    assert!(
+        connections() >= 3,
+        "offered on {} connections, max_refusals is 3",
+        connections()
+    );
+    let conn = rusqlite::Connection::open_with_flags(
+        gateway.data.join("outpost.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let (topic, payload, detail): (String, Vec<u8>, String) = conn
+        .query_row(
+            "SELECT topic, payload, detail FROM dead_letters WHERE reason = 'rejected'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )
         .unwrap();
-        let mut stmt = conn
-            .prepare("SELECT topic, payload FROM outbox ORDER BY id")
-            .unwrap();
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect()
-    };
-    assert_eq!(
-        queued.first(),
-        Some(&(sent[1].0.to_string(), sent[1].1.to_vec())),
-        "the refused row is kept, first in line: {queued:?}"
-    );
-    let received = subscriber.all();
-    for (topic, payload) in sent {
-        let upstream_has = received.iter().any(|m| m.payload == payload);
-        let queue_has = queued.iter().any(|(t, p)| t == topic && p == payload);
-        assert!(upstream_has || queue_has, "{topic} {payload:?} lost");
-    }
+    assert_eq!((topic.as_str(), payload.as_slice()), sent[1]);
+    assert!(detail.contains("NotAuthorized"), "{detail}");
+    let queued: i64 = conn
+        .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(queued, 0, "nothing else waits");
     assert!(
-        !received.iter().any(|m| m.topic.ends_with("/secret")),
+        !subscriber
+            .all()
+            .iter()
+            .any(|m| m.topic.ends_with("/secret")),
         "the refused row never reached a subscriber"
     );
     let log = gateway.log();
@@ -485,8 +495,8 @@ async fn mqtt5_refused_row_stays_queued_and_is_retried() {
         .filter(|l| l.contains("WARN") && l.contains("outpost::uplink"))
         .count();
     assert!(
-        warnings <= 2,
-        "{warnings} warnings for {} connections: one per stuck row and outage, not one per attempt",
+        warnings <= 3,
+        "{warnings} warnings for {} connections: one when refused, one when dead-lettered, at most one outage",
         connections()
     );
     assert!(gateway.is_running());

@@ -47,7 +47,13 @@ pub struct JournalWriter {
     conn: Connection,
     totals: Arc<Totals>,
     max_rows: i64,
+    /// Most bytes of the database in use (all tables) after a journal commit; 0: no cap.
+    max_used_bytes: u64,
 }
+
+/// Bytes a journal entry takes beyond its payload and topic (row header, ids, client id,
+/// b-tree overhead), for the room estimate.
+const ENTRY_OVERHEAD: u64 = 96;
 
 impl JournalWriter {
     /// Durably appends entries in one transaction: when this returns `Ok`, all of them survive
@@ -94,6 +100,33 @@ impl JournalWriter {
     pub fn is_full(&self) -> bool {
         self.totals.journal_rows.load(Ordering::Relaxed) >= self.max_rows
     }
+
+    /// Whether `entries` fit in the journal's share of the database size cap, counting pages in
+    /// use by every table (free pages left by delivered rows are room, unlike the file size).
+    /// The rest of the cap is kept for the pipeline and the uplink, whose transactions free
+    /// space but need some to run.
+    pub fn has_room_for(&self, entries: &[NewJournalEntry]) -> Result<bool, StoreError> {
+        if self.max_used_bytes == 0 {
+            return Ok(true);
+        }
+        let err = |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        };
+        let pragma = |name: &str| -> Result<u64, StoreError> {
+            self.conn
+                .query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, i64>(0))
+                .map(|v| v.max(0) as u64)
+                .map_err(err)
+        };
+        let used =
+            pragma("page_count")?.saturating_sub(pragma("freelist_count")?) * pragma("page_size")?;
+        let incoming: u64 = entries
+            .iter()
+            .map(|e| (e.payload.len() + e.topic.len()) as u64 + ENTRY_OVERHEAD)
+            .sum();
+        Ok(used + incoming <= self.max_used_bytes)
+    }
 }
 
 impl Store {
@@ -107,11 +140,23 @@ impl Store {
             )?,
             totals: self.totals.clone(),
             max_rows: self.limits.journal_max_rows,
+            max_used_bytes: (self.limits.max_db_bytes as f64 * JOURNAL_SHARE_OF_CAP) as u64,
         })
     }
 
     /// Up to `limit` journaled publishes with an id greater than `after`, oldest first.
     pub fn journal_after(&self, after: i64, limit: usize) -> Result<Vec<JournalRow>, StoreError> {
+        self.journal_batch(after, limit, usize::MAX)
+    }
+
+    /// Like [`Store::journal_after`], but stops once the payloads read reach `max_bytes` (at
+    /// least one row is returned when there is one).
+    pub fn journal_batch(
+        &self,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<JournalRow>, StoreError> {
         let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
         let mut stmt = conn
             .prepare_cached(
@@ -130,7 +175,17 @@ impl Store {
                 })
             })
             .map_err(|e| self.err(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        for row in rows {
+            let row = row.map_err(|e| self.err(e))?;
+            bytes += row.payload.len();
+            batch.push(row);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(batch)
     }
 }
 

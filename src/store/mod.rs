@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use dead_letters::{DeadLetter, DeadLetterFilter, NewDeadLetter, NewRetry, RetryRow, Stage};
 pub use journal::{JournalRow, JournalWriter, NewJournalEntry};
-pub use outbox::{NewOutboxRow, OutboxRow};
+pub use outbox::{Moved, NewOutboxRow, OutboxRow};
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "outpost.db";
@@ -397,7 +397,7 @@ impl Store {
         Ok(report)
     }
 
-    fn enforce_dead_letter_cap(
+    pub(super) fn enforce_dead_letter_cap(
         &self,
         tx: &Transaction<'_>,
         delta: &Delta,
@@ -436,21 +436,21 @@ impl Store {
 
 /// Changes to the running totals made by one transaction, applied once it committed.
 #[derive(Debug, Default)]
-struct Delta {
-    journal_rows: i64,
-    outbox_rows: i64,
-    outbox_bytes: i64,
-    dead_rows: i64,
-    dead_bytes: i64,
+pub(super) struct Delta {
+    pub(super) journal_rows: i64,
+    pub(super) outbox_rows: i64,
+    pub(super) outbox_bytes: i64,
+    pub(super) dead_rows: i64,
+    pub(super) dead_bytes: i64,
 }
 
 impl Delta {
-    fn add_dead(&mut self, letter: &NewDeadLetter) {
+    pub(super) fn add_dead(&mut self, letter: &NewDeadLetter) {
         self.dead_rows += 1;
         self.dead_bytes += letter.payload.len() as i64;
     }
 
-    fn apply(&self, totals: &Totals) {
+    pub(super) fn apply(&self, totals: &Totals) {
         totals
             .journal_rows
             .fetch_add(self.journal_rows, Ordering::Relaxed);

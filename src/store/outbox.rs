@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{params, Transaction, TransactionBehavior};
 
 use super::dead_letters::{self, NewDeadLetter, Stage};
-use super::{Store, StoreError};
+use super::{Delta, Store, StoreError};
 
 /// An output to queue for an upstream link.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +43,15 @@ pub struct OutboxRow {
     pub expires_ms: u64,
 }
 
+/// What moving outbox rows to the dead letters did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Moved {
+    /// Rows moved (rows already gone are not counted).
+    pub rows: u64,
+    /// Older dead letters deleted to stay within the dead-letter cap.
+    pub evicted_dead_letters: u64,
+}
+
 impl OutboxRow {
     /// Whether the row's time to live has passed at `now_ms`.
     pub fn is_expired(&self, now_ms: u64) -> bool {
@@ -57,6 +66,19 @@ impl Store {
         link: &str,
         after: i64,
         limit: usize,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        self.outbox_batch(link, after, limit, usize::MAX)
+    }
+
+    /// Like [`Store::outbox_after`], but stops once the payloads read reach `max_bytes` (at
+    /// least one row is returned when there is one), so a batch of large rows stays small in
+    /// memory.
+    pub fn outbox_batch(
+        &self,
+        link: &str,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
         let mut stmt = conn
@@ -76,7 +98,17 @@ impl Store {
                 })
             })
             .map_err(|e| self.err(e))?;
-        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        for row in rows {
+            let row = row.map_err(|e| self.err(e))?;
+            bytes += row.payload.len();
+            batch.push(row);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(batch)
     }
 
     /// Removes delivered rows. Ids that are already gone are ignored.
@@ -109,32 +141,51 @@ impl Store {
     }
 
     /// Moves rows whose time to live has passed to the dead letters (reason `expired`), in one
-    /// transaction; returns how many.
-    pub fn expire_outbox(&self, ids: &[i64]) -> Result<u64, StoreError> {
+    /// transaction that also keeps the dead letters within their cap.
+    pub fn expire_outbox(&self, ids: &[i64]) -> Result<Moved, StoreError> {
+        self.outbox_to_dead_letters(ids, "expired", "time to live passed before delivery")
+    }
+
+    /// Moves a row the upstream refused for good to the dead letters (reason `rejected`, with
+    /// the upstream's `detail`), keeping the dead letters within their cap.
+    pub fn reject_outbox(&self, id: i64, detail: &str) -> Result<Moved, StoreError> {
+        self.outbox_to_dead_letters(&[id], "rejected", detail)
+    }
+
+    fn outbox_to_dead_letters(
+        &self,
+        ids: &[i64],
+        reason: &str,
+        detail: &str,
+    ) -> Result<Moved, StoreError> {
         if ids.is_empty() {
-            return Ok(0);
+            return Ok(Moved::default());
         }
         let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
-        let mut moved = Vec::new();
+        let mut delta = Delta::default();
         for id in ids {
-            if let Some(letter) = take(&tx, *id, "expired", "time to live passed before delivery")
-                .map_err(|e| self.err(e))?
-            {
+            if let Some(letter) = take(&tx, *id, reason, detail).map_err(|e| self.err(e))? {
                 dead_letters::insert(&tx, &letter).map_err(|e| self.err(e))?;
-                moved.push(letter);
+                delta.outbox_rows -= 1;
+                delta.outbox_bytes -= letter.payload.len() as i64;
+                delta.add_dead(&letter);
             }
         }
+        let (evicted, freed) = self
+            .enforce_dead_letter_cap(&tx, &delta)
+            .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))?;
-        let bytes: i64 = moved.iter().map(|l| l.payload.len() as i64).sum();
-        let n = moved.len() as i64;
-        self.totals.outbox_rows.fetch_sub(n, Ordering::Relaxed);
-        self.totals.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
-        self.totals.dead_rows.fetch_add(n, Ordering::Relaxed);
-        self.totals.dead_bytes.fetch_add(bytes, Ordering::Relaxed);
-        Ok(n as u64)
+        let moved = Moved {
+            rows: (-delta.outbox_rows) as u64,
+            evicted_dead_letters: evicted as u64,
+        };
+        delta.dead_rows -= evicted;
+        delta.dead_bytes -= freed;
+        delta.apply(&self.totals);
+        Ok(moved)
     }
 
     /// How many rows are queued, for one link or for all.

@@ -297,7 +297,7 @@ fn expired_rows_become_dead_letters() {
     let rows = store.outbox_after("a", 0, 10).unwrap();
     assert!(rows[0].is_expired(11));
     assert!(!rows[0].is_expired(9));
-    assert_eq!(store.expire_outbox(&[rows[0].id]).unwrap(), 1);
+    assert_eq!(store.expire_outbox(&[rows[0].id]).unwrap().rows, 1);
     assert_eq!(store.outbox_rows(), 0);
     let dead = store.dead_letters(&DeadLetterFilter::default(), 1).unwrap();
     assert_eq!(dead[0].letter.reason, "expired");
@@ -352,4 +352,31 @@ fn newer_schema_is_refused() {
     drop(conn);
     let err = Store::open(dir.path()).err().expect("must refuse");
     assert!(matches!(err, StoreError::TooNew { found: 99, .. }), "{err}");
+}
+
+#[test]
+fn rejected_and_expired_rows_respect_the_dead_letter_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = StoreLimits {
+        dead_letters_max_rows: 1,
+        ..StoreLimits::default()
+    };
+    let store = Store::open_with(dir.path(), limits).unwrap();
+    store
+        .commit(&outputs(vec![row("a", 1), row("a", 2)]))
+        .unwrap();
+    let rows = store.outbox_after("a", 0, 10).unwrap();
+    let first = store.reject_outbox(rows[0].id, "NotAuthorized").unwrap();
+    assert_eq!((first.rows, first.evicted_dead_letters), (1, 0));
+    let second = store.expire_outbox(&[rows[1].id]).unwrap();
+    assert_eq!((second.rows, second.evicted_dead_letters), (1, 1));
+    // A row already gone is not moved twice.
+    assert_eq!(store.reject_outbox(rows[0].id, "again").unwrap().rows, 0);
+    assert_eq!(store.outbox_rows(), 0);
+    assert_eq!(store.dead_letter_count(), 1);
+    let dead = store
+        .dead_letters(&DeadLetterFilter::default(), 10)
+        .unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].letter.reason, "expired", "the newest is kept");
 }
