@@ -43,6 +43,26 @@ pub struct OutboxRow {
     pub expires_ms: u64,
 }
 
+/// Switches a connection to `synchronous=NORMAL` (commits atomic but synced later) for as long
+/// as it lives, and back to `FULL` when dropped, whatever happened in between.
+struct UnsyncedCommits<'c>(&'c mut rusqlite::Connection);
+
+impl<'c> UnsyncedCommits<'c> {
+    fn new(conn: &'c mut rusqlite::Connection) -> rusqlite::Result<Self> {
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        Ok(UnsyncedCommits(conn))
+    }
+}
+
+impl Drop for UnsyncedCommits<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.pragma_update(None, "synchronous", "FULL") {
+            // Should never happen; the next writes would not be synced, so say so loudly.
+            tracing::error!(error = %e, "cannot restore synchronous=FULL on the store connection");
+        }
+    }
+}
+
 /// What moving outbox rows to the dead letters did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Moved {
@@ -112,12 +132,19 @@ impl Store {
     }
 
     /// Removes delivered rows. Ids that are already gone are ignored.
+    ///
+    /// The delete is atomic but not synced to disk on its own: it becomes durable with the
+    /// next synced commit (or WAL checkpoint). A power cut before that brings the rows back,
+    /// and they are sent again: a duplicate, which the upstream can drop by message id, never
+    /// a loss. This spares one disk sync per batch of acknowledgements.
     pub fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        let mut guard = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        let conn = UnsyncedCommits::new(&mut guard).map_err(|e| self.err(e))?;
         let tx = conn
+            .0
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
         let mut rows = 0i64;
