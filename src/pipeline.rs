@@ -257,6 +257,7 @@ impl Pipeline {
                     event_id: r.event_id,
                     route: r.route.clone(),
                     module: None,
+                    module_version: None,
                     link: None,
                     msg_id: None,
                     reason: "no-route".into(),
@@ -446,6 +447,11 @@ impl Pipeline {
             event_id: p.event.id,
             route: route.name.clone(),
             module: route.handler.clone(),
+            module_version: route
+                .handler
+                .as_ref()
+                .and_then(|m| self.handlers.get(m))
+                .map(|h| h.version().to_string()),
             link: None,
             msg_id: None,
             reason: reason.to_string(),

@@ -39,6 +39,7 @@ use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store, Trap};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -313,8 +314,11 @@ impl Runtime {
             .instantiate_pre(&component)
             .map_err(wrong_world)?;
         let pre = bindings::HandlerPre::new(instance_pre).map_err(wrong_world)?;
+        let digest = Sha256::digest(wasm);
+        let version: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
         Ok(Handler {
             name: Arc::from(name),
+            version: Arc::from(version),
             pre,
             shared: Arc::clone(&self.shared),
         })
@@ -329,6 +333,8 @@ impl Runtime {
 pub struct Handler {
     /// The module name: the key-value scope and the log tag.
     name: Arc<str>,
+    /// The first 16 hex digits of the module's SHA-256.
+    version: Arc<str>,
     /// The pre-linked component.
     pre: bindings::HandlerPre<State>,
     /// The runtime it was loaded by (kept alive, with its ticker, by this handler).
@@ -339,6 +345,7 @@ impl std::fmt::Debug for Handler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Handler")
             .field("name", &self.name)
+            .field("version", &self.version)
             .finish_non_exhaustive()
     }
 }
@@ -347,6 +354,12 @@ impl Handler {
     /// The name the handler was loaded under.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The module's version: the first 16 hex digits of the SHA-256 of its bytes, so the same
+    /// module always has the same version and a changed one a different version.
+    pub fn version(&self) -> &str {
+        &self.version
     }
 
     /// Runs `batch` through a fresh instance of the handler and returns its outputs.

@@ -156,6 +156,12 @@ async fn a_trapped_event_is_replayed_once_the_route_is_fixed() {
     assert_eq!(listed.len(), 1, "{reply}");
     assert_eq!(listed[0]["reason"], "trap");
     assert_eq!(listed[0]["attempts"], 2, "both attempts were made");
+    assert_eq!(listed[0]["module"], "faulty");
+    let version = listed[0]["module_version"].as_str().unwrap_or_default();
+    assert!(
+        version.len() == 16 && version.chars().all(|c| c.is_ascii_hexdigit()),
+        "module version {version:?}"
+    );
     assert_eq!(listed[0]["route"], "sensors");
     assert_eq!(listed[0]["topic"], "telemetry/dev-a/x");
     assert_eq!(listed[0]["payload_bytes"], 4);

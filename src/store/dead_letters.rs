@@ -49,6 +49,8 @@ pub struct NewDeadLetter {
     pub route: String,
     /// The handler module, if any.
     pub module: Option<String>,
+    /// The version of that module (the first 16 hex digits of its SHA-256), if any.
+    pub module_version: Option<String>,
     /// For outputs: the link it was queued for.
     pub link: Option<String>,
     /// For outputs: its message id.
@@ -156,7 +158,7 @@ pub struct RetryRow {
 }
 
 const DEAD_LETTER_COLUMNS: &str = "id, created_ms, stage, event_id, route, module, link, msg_id,
-    reason, detail, attempts, topic, device, client_id, payload, received_ms";
+    reason, detail, attempts, topic, device, client_id, payload, received_ms, module_version";
 
 fn read_dead_letter(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
     Ok(DeadLetter {
@@ -177,6 +179,7 @@ fn read_dead_letter(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
             client_id: r.get(13)?,
             payload: r.get(14)?,
             received_ms: r.get::<_, i64>(15)? as u64,
+            module_version: r.get(16)?,
         },
     })
 }
@@ -367,8 +370,8 @@ impl Store {
 pub(super) fn insert(tx: &Transaction<'_>, d: &NewDeadLetter) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO dead_letters (stage, event_id, route, module, link, msg_id, reason, detail,
-             attempts, topic, device, client_id, payload, received_ms, created_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             attempts, topic, device, client_id, payload, received_ms, created_ms, module_version)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
     )?
     .execute(params![
         d.stage.as_str(),
@@ -385,7 +388,8 @@ pub(super) fn insert(tx: &Transaction<'_>, d: &NewDeadLetter) -> rusqlite::Resul
         d.client_id,
         d.payload,
         d.received_ms as i64,
-        crate::event::now_ms() as i64
+        crate::event::now_ms() as i64,
+        d.module_version
     ])?;
     Ok(())
 }

@@ -194,7 +194,8 @@ pub struct Store {
 }
 
 /// Each entry upgrades the schema by one version; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
     CREATE TABLE journal (
         id          INTEGER PRIMARY KEY AUTOINCREMENT,
         topic       TEXT    NOT NULL,
@@ -255,7 +256,10 @@ const MIGRATIONS: &[&str] = &[r#"
         value  BLOB NOT NULL,
         PRIMARY KEY (module, key)
     ) WITHOUT ROWID;
-"#];
+"#,
+    // 2: which version of a handler module a dead letter failed in.
+    "ALTER TABLE dead_letters ADD COLUMN module_version TEXT",
+];
 
 impl Store {
     /// Opens (creating if needed) the database in `data_dir` with default limits.

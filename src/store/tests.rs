@@ -26,6 +26,7 @@ fn letter(reason: &str, route: &str) -> NewDeadLetter {
         event_id: 42,
         route: route.into(),
         module: Some("m".into()),
+        module_version: Some("0123456789abcdef".into()),
         link: None,
         msg_id: None,
         reason: reason.into(),
@@ -379,4 +380,40 @@ fn rejected_and_expired_rows_respect_the_dead_letter_cap() {
         .unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].letter.reason, "expired", "the newest is kept");
+}
+
+#[test]
+fn a_first_version_database_is_upgraded_and_keeps_its_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch(&format!(
+            "BEGIN; {}; PRAGMA user_version = 1; COMMIT;",
+            MIGRATIONS[0]
+        ))
+        .unwrap();
+        conn.execute(
+            "INSERT INTO dead_letters (stage, event_id, route, module, link, msg_id, reason,
+                 detail, attempts, topic, device, client_id, payload, received_ms, created_ms)
+             VALUES ('event', 7, 'r', 'm', NULL, NULL, 'trap', 'd', 2, 't', 'dev', 'c', x'01',
+                 1, 2)",
+            [],
+        )
+        .unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let dead = store.dead_letters(&DeadLetterFilter::default(), 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].letter.reason, "trap");
+    assert_eq!(dead[0].letter.module_version, None);
+    let mut fresh = letter("timeout", "r");
+    fresh.module_version = Some("00ff00ff00ff00ff".into());
+    store
+        .commit(&Batch {
+            dead: vec![fresh],
+            ..Batch::default()
+        })
+        .unwrap();
+    let dead = store.dead_letters(&DeadLetterFilter::default(), 10).unwrap();
+    assert_eq!(dead[0].letter.module_version.as_deref(), Some("00ff00ff00ff00ff"));
 }
