@@ -402,7 +402,9 @@ fn a_first_version_database_is_upgraded_and_keeps_its_dead_letters() {
         .unwrap();
     }
     let store = Store::open(dir.path()).unwrap();
-    let dead = store.dead_letters(&DeadLetterFilter::default(), 10).unwrap();
+    let dead = store
+        .dead_letters(&DeadLetterFilter::default(), 10)
+        .unwrap();
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].letter.reason, "trap");
     assert_eq!(dead[0].letter.module_version, None);
@@ -414,6 +416,11 @@ fn a_first_version_database_is_upgraded_and_keeps_its_dead_letters() {
             ..Batch::default()
         })
         .unwrap();
-    let dead = store.dead_letters(&DeadLetterFilter::default(), 10).unwrap();
-    assert_eq!(dead[0].letter.module_version.as_deref(), Some("00ff00ff00ff00ff"));
+    let dead = store
+        .dead_letters(&DeadLetterFilter::default(), 10)
+        .unwrap();
+    assert_eq!(
+        dead[0].letter.module_version.as_deref(),
+        Some("00ff00ff00ff00ff")
+    );
 }
