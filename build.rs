@@ -1,7 +1,8 @@
 //! Builds the WebAssembly handler guests under `modules/` and hands their paths to the crate.
 //!
 //! The guests (`enrich`, `threshold`, `faulty`) are workspace members built for
-//! `wasm32-wasip2`, which makes components directly. This script runs a nested
+//! `wasm32-wasip2`, which makes components directly; the examples use the guest SDK in
+//! `modules/sdk`, which cargo builds with them. This script runs a nested
 //! `cargo build --release --target wasm32-wasip2` for them in a target directory of their own
 //! (`target/guests`): sharing the outer build's directory would wait forever on the lock the
 //! outer cargo holds while it runs this script. The results are copied into `OUT_DIR`, whose
@@ -44,7 +45,7 @@ fn main() {
     );
     let out_dir =
         PathBuf::from(env::var_os("OUT_DIR").unwrap_or_else(|| fail("OUT_DIR is not set")));
-    for watched in ["modules/wit", "Cargo.lock", "Cargo.toml"]
+    for watched in ["modules/wit", "modules/sdk", "Cargo.lock", "Cargo.toml"]
         .into_iter()
         .map(String::from)
         .chain(GUESTS.iter().map(|guest| format!("modules/{guest}")))

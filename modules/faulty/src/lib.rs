@@ -11,33 +11,24 @@
 //! | `grow` | allocates without bound; only the memory cap stops it |
 //! | anything else | echoed as one output with the same topic and payload |
 
-wit_bindgen::generate!({ path: "../wit", world: "handler" });
-
+use outpost_handler::{Event, Output};
 use std::hint::black_box;
 
-/// The component's implementation of the `handler` world.
-struct Faulty;
+outpost_handler::handler!(faulty);
 
-impl Guest for Faulty {
-    fn handle(batch: Vec<Event>) -> Result<Vec<Output>, String> {
-        let mut outputs = Vec::new();
-        for event in batch {
-            match event.payload.as_slice() {
-                b"trap" => panic!("requested trap"),
-                b"error" => return Err("requested error".to_string()),
-                b"loop" => spin(),
-                b"grow" => hoard(),
-                _ => outputs.push(Output {
-                    topic: event.topic,
-                    payload: event.payload,
-                }),
-            }
+fn faulty(batch: Vec<Event>) -> Result<Vec<Output>, String> {
+    let mut outputs = Vec::new();
+    for event in batch {
+        match event.payload.as_slice() {
+            b"trap" => panic!("requested trap"),
+            b"error" => return Err("requested error".to_string()),
+            b"loop" => spin(),
+            b"grow" => hoard(),
+            _ => outputs.push(Output::new(event.topic, event.payload)),
         }
-        Ok(outputs)
     }
+    Ok(outputs)
 }
-
-export!(Faulty);
 
 /// Never returns; `black_box` keeps the loop from being optimised into something else.
 fn spin() -> ! {
