@@ -5,8 +5,9 @@
 //! [`ConfigError`] whose message names the key (for example
 //! `route "alerts".upstream: no upstream named "clowd"`).
 //!
-//! This module does not open sockets or files other than the configuration file itself; the
-//! module paths it lists are checked for existence by [`Config::validate`], not loaded.
+//! This module does not open sockets or files other than the configuration file itself and the
+//! trusted public keys it lists (`deploy.trusted_keys`, read and parsed by [`Config::validate`]);
+//! the module paths it lists are checked for existence by [`Config::validate`], not loaded.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -16,6 +17,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::breaker::QuarantinePolicy;
 use crate::router::{RouteSpec, RouteTable};
 
 /// The documented default configuration, as printed by `outpost config default`.
@@ -25,12 +27,13 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("default_config.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         /// The file that was asked for.
         path: PathBuf,
-        /// What the operating system said.
-        source: std::io::Error,
+        /// What the operating system said (in the message, so not also a `source`, which would
+        /// print it twice in an error chain).
+        error: std::io::Error,
     },
     /// The file is not valid TOML or has a key of the wrong type or an unknown key.
     #[error("{path}: {message}")]
@@ -71,6 +74,8 @@ pub struct Config {
     pub handlers: HandlerConfig,
     /// Caps on the database: journal, outbox, dead letters, file size.
     pub store: StoreConfig,
+    /// Deploying handler modules: the trusted signing keys and the size limit.
+    pub deploy: DeployConfig,
     /// Upstream brokers, by name (`[[upstream]]` tables).
     #[serde(rename = "upstream")]
     pub upstreams: Vec<UpstreamConfig>,
@@ -90,6 +95,7 @@ impl Default for Config {
             broker: BrokerConfig::default(),
             handlers: HandlerConfig::default(),
             store: StoreConfig::default(),
+            deploy: DeployConfig::default(),
             upstreams: vec![UpstreamConfig::default()],
             modules: Vec::new(),
             routes: vec![RouteConfig::new("telemetry", "telemetry/#")],
@@ -150,6 +156,30 @@ impl StoreConfig {
         }
     }
 }
+
+/// Deploying handler modules (invariant 7: only signed code runs).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeployConfig {
+    /// Public key files (`outpost-ed25519-public <hex>`, as written by `outpost keygen`) whose
+    /// signatures are accepted on a module; relative paths are relative to the configuration
+    /// file's directory. Empty: no deploy is accepted.
+    pub trusted_keys: Vec<PathBuf>,
+    /// Largest module accepted, in bytes.
+    pub max_module_bytes: u64,
+}
+
+impl Default for DeployConfig {
+    fn default() -> Self {
+        DeployConfig {
+            trusted_keys: Vec::new(),
+            max_module_bytes: crate::signing::DEFAULT_MAX_MODULE_BYTES,
+        }
+    }
+}
+
+/// Largest value of `deploy.max_module_bytes` (256 MiB, MQTT's largest packet).
+pub const MAX_MODULE_BYTES_LIMIT: u64 = 256 * 1024 * 1024;
 
 /// How a route retries an event its handler failed on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -225,6 +255,10 @@ pub struct HandlerConfig {
     pub memory_limit_mib: usize,
     /// Most events given to a handler in one batch.
     pub max_batch: usize,
+    /// Consecutive failed invocations after which a module is quarantined.
+    pub breaker_failures: u32,
+    /// How long a quarantine lasts, in milliseconds; then one invocation probes the module.
+    pub breaker_cooldown_ms: u64,
 }
 
 impl Default for HandlerConfig {
@@ -233,6 +267,8 @@ impl Default for HandlerConfig {
             deadline_ms: 1000,
             memory_limit_mib: 32,
             max_batch: 64,
+            breaker_failures: 10,
+            breaker_cooldown_ms: 30_000,
         }
     }
 }
@@ -412,6 +448,9 @@ pub struct RouteConfig {
     /// What payloads the route accepts.
     #[serde(default)]
     pub payload: PayloadFormat,
+    /// What happens to events while the route's module is quarantined.
+    #[serde(default)]
+    pub on_quarantine: QuarantinePolicy,
 }
 
 impl RouteConfig {
@@ -428,6 +467,7 @@ impl RouteConfig {
             deadline_ms: None,
             ttl_secs: 0,
             payload: PayloadFormat::Any,
+            on_quarantine: QuarantinePolicy::Wait,
         }
     }
 }
@@ -458,18 +498,23 @@ impl Config {
         })
     }
 
-    /// Reads and parses a file, and makes relative module paths relative to its directory.
-    /// Does not validate; call [`Config::validate`].
+    /// Reads and parses a file, and makes relative module paths and trusted key paths relative
+    /// to its directory. Does not validate; call [`Config::validate`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
         let mut config = Config::from_toml(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for module in &mut config.modules {
             if module.path.is_relative() {
                 module.path = base.join(&module.path);
+            }
+        }
+        for key in &mut config.deploy.trusted_keys {
+            if key.is_relative() {
+                *key = base.join(&*key);
             }
         }
         Ok(config)
@@ -495,6 +540,20 @@ impl Config {
         if let Some(id) = &overrides.gateway_id {
             self.gateway_id = id.clone();
         }
+    }
+
+    /// Reads and parses the public keys of `deploy.trusted_keys`, in order. An error names the
+    /// key (`deploy.trusted_keys[N]`) and the file, and says what is wrong with it.
+    pub fn trusted_keys(&self) -> Result<Vec<crate::signing::VerifyingKey>, ConfigError> {
+        self.deploy
+            .trusted_keys
+            .iter()
+            .enumerate()
+            .map(|(i, path)| {
+                crate::signing::read_public_key(path)
+                    .map_err(|e| invalid(format!("deploy.trusted_keys[{i}]"), e.to_string()))
+            })
+            .collect()
     }
 
     /// The time to live of `route`'s outputs: the shorter of the route's and its link's
@@ -610,6 +669,15 @@ impl Config {
         if h.max_batch == 0 || h.max_batch > 10_000 {
             return Err(invalid("handlers.max_batch", "must be between 1 and 10000"));
         }
+        if h.breaker_failures == 0 {
+            return Err(invalid("handlers.breaker_failures", "must be at least 1"));
+        }
+        if h.breaker_cooldown_ms == 0 || h.breaker_cooldown_ms > 86_400_000 {
+            return Err(invalid(
+                "handlers.breaker_cooldown_ms",
+                "must be between 1 and 86400000 (one day)",
+            ));
+        }
 
         let mut upstream_names = HashSet::new();
         for u in &self.upstreams {
@@ -662,6 +730,27 @@ impl Config {
                 return Err(invalid(
                     format!("module {:?}.path", m.name),
                     format!("{} does not exist or is not a file", m.path.display()),
+                ));
+            }
+        }
+
+        let d = &self.deploy;
+        if d.max_module_bytes == 0 || d.max_module_bytes > MAX_MODULE_BYTES_LIMIT {
+            return Err(invalid(
+                "deploy.max_module_bytes",
+                format!("must be between 1 and {MAX_MODULE_BYTES_LIMIT}"),
+            ));
+        }
+        let keys = self.trusted_keys()?;
+        for (i, key) in keys.iter().enumerate() {
+            if let Some(first) = keys[..i].iter().position(|k| k == key) {
+                return Err(invalid(
+                    format!("deploy.trusted_keys[{i}]"),
+                    format!(
+                        "{} is the same key as deploy.trusted_keys[{first}] (key id {})",
+                        d.trusted_keys[i].display(),
+                        crate::signing::KeyId::of(key)
+                    ),
                 ));
             }
         }
@@ -813,6 +902,59 @@ mod tests {
         let cfg = parse("[[route]]\nname = \"r\"\nfilter = \"a/#/b\"\n").unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("\"r\""), "{err}");
+    }
+
+    #[test]
+    fn trusted_keys_are_resolved_relative_to_the_file_and_checked() {
+        use crate::signing::{write_key_pair, KeyId, SigningKey};
+        let dir = tempfile::tempdir().unwrap();
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let files = write_key_pair(&dir.path().join("keys"), "ops", &key).unwrap();
+        let write = |text: &str| {
+            let path = dir.path().join("outpost.toml");
+            std::fs::write(&path, text).unwrap();
+            Config::load(&path).unwrap()
+        };
+        let cfg = write("[deploy]\ntrusted_keys = [\"keys/ops.pub\"]\nmax_module_bytes = 1000\n");
+        assert_eq!(cfg.deploy.trusted_keys, vec![files.public.clone()]);
+        assert_eq!(cfg.deploy.max_module_bytes, 1000);
+        cfg.validate().unwrap();
+        let keys = cfg.trusted_keys().unwrap();
+        assert_eq!(keys, vec![key.verifying_key()]);
+        assert_eq!(KeyId::of(&keys[0]), files.key_id);
+
+        let err = |text: &str| write(text).validate().unwrap_err().to_string();
+        let missing = err("[deploy]\ntrusted_keys = [\"keys/ops.pub\", \"keys/gone.pub\"]\n");
+        assert!(
+            missing.starts_with("deploy.trusted_keys[1]: cannot read")
+                && missing.contains("gone.pub"),
+            "{missing}"
+        );
+        let secret = err("[deploy]\ntrusted_keys = [\"keys/ops.key\"]\n");
+        assert!(
+            secret.starts_with("deploy.trusted_keys[0]:") && secret.contains("a secret key"),
+            "{secret}"
+        );
+        std::fs::write(dir.path().join("junk.pub"), "hello\n").unwrap();
+        let junk = err("[deploy]\ntrusted_keys = [\"junk.pub\"]\n");
+        assert!(
+            junk.starts_with("deploy.trusted_keys[0]:") && junk.contains("junk.pub"),
+            "{junk}"
+        );
+        let twice = err("[deploy]\ntrusted_keys = [\"keys/ops.pub\", \"keys/../keys/ops.pub\"]\n");
+        assert!(
+            twice.starts_with("deploy.trusted_keys[1]:") && twice.contains("same key"),
+            "{twice}"
+        );
+        for size in ["0", "268435457"] {
+            let e = err(&format!("[deploy]\nmax_module_bytes = {size}\n"));
+            assert!(e.starts_with("deploy.max_module_bytes"), "{e}");
+        }
+        let absolute = write(&format!(
+            "[deploy]\ntrusted_keys = [{:?}]\n",
+            files.public.display().to_string()
+        ));
+        assert_eq!(absolute.deploy.trusted_keys, vec![files.public]);
     }
 
     #[test]

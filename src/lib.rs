@@ -7,8 +7,10 @@
 //! the upstream broker in order, deleting a row only when the upstream acknowledged it.
 //! [`pipeline`] is the stage that turns events into outbox rows; [`gateway`] wires the stages
 //! together and owns their lifecycle. [`control`] answers the dead-letter control topics (list,
-//! show, replay, purge) on the embedded broker.
+//! show, replay, purge) on the embedded broker. [`signing`] defines what a handler module's
+//! Ed25519 signature covers, the key files and the signed-module envelope that deploys carry.
 
+pub mod breaker;
 pub mod config;
 pub mod control;
 pub mod edge;
@@ -20,5 +22,6 @@ pub mod metrics;
 pub mod pipeline;
 pub mod router;
 pub mod runtime;
+pub mod signing;
 pub mod store;
 pub mod uplink;

@@ -1,5 +1,5 @@
 //! The `outpost` command line: run the gateway, check configuration, run the demo, work with
-//! a running gateway's dead letters.
+//! a running gateway's dead letters, make signing keys, sign and verify handler modules.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -55,6 +55,21 @@ enum Command {
         #[command(flatten)]
         options: DeadLettersOptions,
     },
+    /// Make an Ed25519 key pair for signing handler modules: DIR/NAME.key (secret, mode 0600)
+    /// and DIR/NAME.pub (to list in the gateways' `[deploy] trusted_keys`). Never overwrites.
+    Keygen {
+        /// Directory for the two files (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Base name of the files: letters, digits, '.', '_', '-'.
+        #[arg(long, default_value = "outpost")]
+        name: String,
+    },
+    /// Sign handler modules and verify signed ones.
+    Module {
+        #[command(subcommand)]
+        command: ModuleCommand,
+    },
     /// Run the gateway with example handlers, simulated devices and a stand-in upstream; take
     /// the upstream away, bring it back, and print a summary.
     Demo {
@@ -67,7 +82,8 @@ enum Command {
     },
     /// Measure the gateway end to end: simulated devices publish QoS 1 as fast as they can
     /// through an in-process gateway to a stand-in upstream; then, with the upstream
-    /// unreachable, the rate as the outbox grows. Build with --release.
+    /// unreachable, the rate as the outbox grows; then a backlog drains while the devices keep
+    /// publishing. Build with --release.
     Bench {
         /// Number of simulated devices (one MQTT connection each).
         #[arg(long, default_value_t = 50)]
@@ -97,6 +113,13 @@ enum Command {
         /// Skip the backlog phase.
         #[arg(long)]
         skip_backlog: bool,
+        /// Messages queued with the upstream unreachable before the drain phase makes it
+        /// reachable and measures live traffic while they drain (0: skip the phase).
+        #[arg(long, default_value_t = 100_000)]
+        drain: u64,
+        /// Skip the drain phase.
+        #[arg(long)]
+        skip_drain: bool,
         /// Directory for the gateway's databases (default: a fresh one under the temp dir).
         #[arg(long)]
         data: Option<PathBuf>,
@@ -115,6 +138,47 @@ enum ConfigCommand {
     },
     /// Print the documented default configuration.
     Default,
+}
+
+#[derive(Subcommand)]
+enum ModuleCommand {
+    /// Sign a module: writes the signed module (header + module bytes) that a deploy carries.
+    /// The signature covers the name, the version and the SHA-256 of the module.
+    Sign {
+        /// The module file (a WebAssembly component).
+        file: PathBuf,
+        /// The module's name (what routes call it): letters, digits, '.', '_', '-'.
+        #[arg(long)]
+        name: String,
+        /// The module's version: letters, digits, '.', '_', '-'.
+        #[arg(long)]
+        version: String,
+        /// The secret key file (NAME.key from `outpost keygen`).
+        #[arg(long, value_name = "KEYFILE")]
+        key: PathBuf,
+        /// Where to write the signed module [default: FILE.signed].
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Verify a signed module against trusted public keys; says why and exits non-zero when it
+    /// does not verify.
+    Verify {
+        /// The signed module (from `outpost module sign`).
+        signed: PathBuf,
+        /// Trusted public key files (NAME.pub); several may follow one --trust.
+        #[arg(long, value_name = "PUBFILE", num_args = 1.., required_unless_present = "config")]
+        trust: Vec<PathBuf>,
+        /// Also trust the keys of this configuration file's `deploy.trusted_keys`, and apply its
+        /// `deploy.max_module_bytes`.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Require the module to be signed under this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Require the module to be signed with this version.
+        #[arg(long)]
+        version: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -207,6 +271,27 @@ fn main() -> ExitCode {
             Ok(())
         }
         Command::Deadletters { command, options } => deadletters(command, options),
+        Command::Keygen { out, name } => keygen(&out, &name),
+        Command::Module {
+            command:
+                ModuleCommand::Sign {
+                    file,
+                    name,
+                    version,
+                    key,
+                    out,
+                },
+        } => module_sign(&file, &name, &version, &key, out),
+        Command::Module {
+            command:
+                ModuleCommand::Verify {
+                    signed,
+                    trust,
+                    config,
+                    name,
+                    version,
+                },
+        } => module_verify(&signed, &trust, config.as_deref(), name, version),
         Command::Demo {
             phase_secs,
             devices,
@@ -221,6 +306,8 @@ fn main() -> ExitCode {
             window,
             skip_throughput,
             skip_backlog,
+            drain,
+            skip_drain,
             data,
             json,
         } => tokio_runtime().and_then(|rt| {
@@ -234,6 +321,8 @@ fn main() -> ExitCode {
                 window,
                 skip_throughput,
                 skip_backlog,
+                drain,
+                skip_drain,
                 data,
                 json,
             }))
@@ -345,5 +434,121 @@ fn deadletters(command: DeadLettersCommand, o: DeadLettersOptions) -> anyhow::Re
             control::render(verb, &reply, outpost::event::now_ms())
         );
     }
+    Ok(())
+}
+
+fn keygen(dir: &std::path::Path, name: &str) -> anyhow::Result<()> {
+    use outpost::signing;
+    let key = signing::generate_key()?;
+    let files = signing::write_key_pair(dir, name, &key)?;
+    println!("key id  {}", files.key_id);
+    println!(
+        "secret  {}  (mode 0600: keep it private; sign with it)",
+        files.secret.display()
+    );
+    println!(
+        "public  {}  (list it in the gateways' [deploy] trusted_keys)",
+        files.public.display()
+    );
+    Ok(())
+}
+
+fn module_sign(
+    file: &std::path::Path,
+    name: &str,
+    version: &str,
+    key_file: &std::path::Path,
+    out: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use outpost::signing::{self, SignedModule};
+    signing::validate_name(name)?;
+    signing::validate_version(version)?;
+    let key = signing::read_secret_key(key_file)?;
+    let wasm = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    if wasm.starts_with(signing::ENVELOPE_MAGIC) {
+        anyhow::bail!(
+            "{} is already a signed module; sign the module itself",
+            file.display()
+        );
+    }
+    let out = out.unwrap_or_else(|| {
+        let mut name = file.as_os_str().to_owned();
+        name.push(".signed");
+        PathBuf::from(name)
+    });
+    if out == file {
+        anyhow::bail!("--out {} would replace the module itself", out.display());
+    }
+    if !wasm.starts_with(b"\0asm") {
+        eprintln!(
+            "warning: {} is not WebAssembly (no \\0asm magic); a gateway will refuse to load it",
+            file.display()
+        );
+    }
+    let signed = SignedModule::sign(&key, name, version, wasm)?;
+    std::fs::write(&out, signed.to_bytes())
+        .with_context(|| format!("cannot write {}", out.display()))?;
+    let manifest = signed.manifest();
+    println!("signed   {}", out.display());
+    println!("name     {}", manifest.name());
+    println!("version  {}", manifest.version());
+    println!("sha256   {}", manifest.sha256_hex());
+    println!("size     {} bytes", signed.wasm().len());
+    println!("key id   {}", signed.key_id());
+    Ok(())
+}
+
+fn module_verify(
+    file: &std::path::Path,
+    trust: &[PathBuf],
+    config: Option<&std::path::Path>,
+    name: Option<String>,
+    version: Option<String>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use outpost::signing::{self, KeyId, SignedModule};
+    let mut sources: Vec<(PathBuf, signing::VerifyingKey)> = Vec::new();
+    for path in trust {
+        sources.push((path.clone(), signing::read_public_key(path)?));
+    }
+    let mut max_module_bytes = u64::MAX;
+    if let Some(config_file) = config {
+        let config = Config::load(config_file)?;
+        max_module_bytes = config.deploy.max_module_bytes;
+        let keys = config.trusted_keys()?;
+        sources.extend(config.deploy.trusted_keys.into_iter().zip(keys));
+    }
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let not_accepted =
+        |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: not accepted: {e}", file.display());
+    let signed =
+        SignedModule::from_bytes_limited(&bytes, max_module_bytes).map_err(|e| not_accepted(&e))?;
+    let trusted: Vec<_> = sources.iter().map(|(_, key)| *key).collect();
+    let key_id = signed
+        .verify_against(&trusted)
+        .map_err(|e| not_accepted(&e))?;
+    if let Some(name) = name {
+        signed
+            .expect_identity(&name, version.as_deref())
+            .map_err(|e| not_accepted(&e))?;
+    } else if let Some(version) = version {
+        let signed_name = signed.manifest().name().to_string();
+        signed
+            .expect_identity(&signed_name, Some(&version))
+            .map_err(|e| not_accepted(&e))?;
+    }
+    let trusted_by = sources
+        .iter()
+        .find(|(_, key)| KeyId::of(key) == key_id)
+        .map(|(path, _)| path.display().to_string())
+        .unwrap_or_default();
+    let manifest = signed.manifest();
+    println!("{}: verified", file.display());
+    println!("name     {}", manifest.name());
+    println!("version  {}", manifest.version());
+    println!("sha256   {}", manifest.sha256_hex());
+    println!("size     {} bytes", signed.wasm().len());
+    println!("key id   {key_id}  ({trusted_by})");
     Ok(())
 }

@@ -1,0 +1,1364 @@
+//! Module signing: what exactly is signed, how keys are kept on disk, and the signed-module
+//! envelope that deploys carry.
+//!
+//! Invariant 7 ("only signed code runs") rests on this module. A module is identified by a
+//! [`Manifest`]: its name, its version and the SHA-256 of its bytes. An Ed25519 signature is made
+//! over [`Manifest::signed_bytes`], a canonical byte string with a domain-separation prefix and
+//! length-prefixed fields, so a signature for one (name, version, digest) can never be read as a
+//! signature for another, nor for anything that is not an outpost module manifest.
+//!
+//! A [`SignedModule`] is the unit that is published for a deploy: a one-line JSON header (name,
+//! version, digest, size, key id, signature) followed by the raw module bytes (see
+//! [`SignedModule::to_bytes`] for the exact layout). [`SignedModule::from_bytes`] never panics,
+//! whatever it is given, and [`SignedModule::verify_against`] accepts a module only if its bytes
+//! hash to the signed digest and the signature verifies (strictly) under a trusted key.
+//!
+//! Key files are one line of text: `outpost-ed25519-public <64 hex digits>` for a public key,
+//! `outpost-ed25519-secret <64 hex digits>` (the 32-byte seed) for a secret key, which is
+//! written with mode 0600 and refused when other users can read it.
+//!
+//! This module does no networking and touches no files other than the key files it is asked to
+//! read or write.
+
+use std::fmt;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ed25519_dalek::Signer;
+pub use ed25519_dalek::{Signature, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, Zeroizing};
+
+/// Domain-separation prefix of every signed manifest: a signature made for anything else (a
+/// different protocol, a different version of this format) never verifies as a module manifest.
+pub const DOMAIN: &[u8] = b"outpost-module-v1\0";
+
+/// Longest module name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Longest module version, in bytes.
+pub const MAX_VERSION_LEN: usize = 64;
+
+/// First word of a public key file.
+pub const PUBLIC_KEY_TAG: &str = "outpost-ed25519-public";
+
+/// First word of a secret key file.
+pub const SECRET_KEY_TAG: &str = "outpost-ed25519-secret";
+
+/// First bytes of every signed-module envelope (the first line of the file).
+pub const ENVELOPE_MAGIC: &[u8] = b"outpost-signed-module-v1\n";
+
+/// Longest envelope header (the JSON line after the magic, without its newline), in bytes.
+pub const MAX_HEADER_BYTES: usize = 4096;
+
+/// The default cap on a module's size (16 MiB), as used by `[deploy] max_module_bytes`.
+pub const DEFAULT_MAX_MODULE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// A module name, version or key name that is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// The value is empty.
+    #[error("{what} is empty")]
+    Empty {
+        /// What was being checked: `module name`, `module version` or `key name`.
+        what: &'static str,
+    },
+    /// The value is longer than allowed.
+    #[error("{what} {value:?} is {len} bytes long; at most {max} are allowed")]
+    TooLong {
+        /// What was being checked.
+        what: &'static str,
+        /// The value (its first characters only, when long).
+        value: String,
+        /// Its length in bytes.
+        len: usize,
+        /// The most allowed.
+        max: usize,
+    },
+    /// The value uses a character outside `[A-Za-z0-9._-]` or does not start with a letter or
+    /// digit.
+    #[error(
+        "{what} {value:?} must start with a letter or digit and use only letters, digits, '.', '_' and '-'"
+    )]
+    Charset {
+        /// What was being checked.
+        what: &'static str,
+        /// The value (its first characters only, when long).
+        value: String,
+    },
+}
+
+/// Text that is not a valid encoding of a key, digest, key id or signature.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodingError {
+    /// A hex value has the wrong number of digits.
+    #[error("{what} must be {expected} hex digits, found {found} characters")]
+    HexLength {
+        /// What was being decoded, e.g. `signature`.
+        what: &'static str,
+        /// Hex digits expected.
+        expected: usize,
+        /// Characters found.
+        found: usize,
+    },
+    /// A hex value has a character that is not a hex digit.
+    #[error("{what} is not hexadecimal: character {position} is {found:?}")]
+    NotHex {
+        /// What was being decoded.
+        what: &'static str,
+        /// 0-based position of the first bad character.
+        position: usize,
+        /// The bad character.
+        found: char,
+    },
+    /// A key file is not one line `<tag> <hex>`.
+    #[error("expected one line \"{expected_tag} <64 hex digits>\", {found}")]
+    KeyLayout {
+        /// The tag that was expected.
+        expected_tag: &'static str,
+        /// What was found instead, in words.
+        found: String,
+    },
+    /// The 32 bytes are not a point on the curve.
+    #[error("not a valid Ed25519 public key (the bytes are not a curve point)")]
+    InvalidPublicKey,
+    /// The key is of small order: signatures under it prove nothing.
+    #[error("a weak (small-order) Ed25519 public key, which is refused")]
+    WeakPublicKey,
+}
+
+/// A key file could not be read, written or understood.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    /// The file could not be read.
+    #[error("cannot read {}: {error}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        error: std::io::Error,
+    },
+    /// The file could not be written.
+    #[error("cannot write {}: {error}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        error: std::io::Error,
+    },
+    /// Key generation never overwrites a file.
+    #[error("{} already exists; refusing to overwrite it", path.display())]
+    Exists {
+        /// The existing file.
+        path: PathBuf,
+    },
+    /// The file's content is not a key of the expected kind.
+    #[error("{}: {problem}", path.display())]
+    Encoding {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with its content.
+        problem: EncodingError,
+    },
+    /// A secret key file that other users may read or write is refused.
+    #[error(
+        "{} is accessible by other users (mode {mode:03o}); run `chmod 600 {}`",
+        path.display(),
+        path.display()
+    )]
+    Permissions {
+        /// The file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+    /// The key name is not acceptable.
+    #[error(transparent)]
+    Name(#[from] ManifestError),
+    /// The operating system's random number generator failed.
+    #[error("cannot get random bytes from the operating system: {0}")]
+    Random(String),
+}
+
+/// Bytes that are not a well-formed signed-module envelope. Says what is wrong; never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    /// Nothing at all.
+    #[error("empty input: not a signed outpost module")]
+    Empty,
+    /// The input does not start with [`ENVELOPE_MAGIC`].
+    #[error("not a signed outpost module (it does not start with \"outpost-signed-module-v1\"); sign it with `outpost module sign`")]
+    BadMagic,
+    /// No newline ends the header within [`MAX_HEADER_BYTES`] (or before the input ends).
+    #[error("signed module header is truncated or longer than {max} bytes")]
+    HeaderUnterminated {
+        /// [`MAX_HEADER_BYTES`].
+        max: usize,
+    },
+    /// The header is not JSON of the expected shape (a missing, extra or mistyped field).
+    #[error("signed module header is not valid: {0}")]
+    Header(String),
+    /// A hex field of the header is malformed.
+    #[error("signed module header: {0}")]
+    Encoding(EncodingError),
+    /// The header's name or version is not acceptable.
+    #[error("signed module header: {0}")]
+    Manifest(ManifestError),
+    /// Fewer module bytes follow the header than it announces.
+    #[error("module is truncated: the header announces {expected} bytes, {found} are present")]
+    Truncated {
+        /// Bytes announced by the header.
+        expected: u64,
+        /// Bytes present.
+        found: u64,
+    },
+    /// More bytes follow the header than it announces.
+    #[error("{found} bytes follow the header, which announces {expected}: trailing data")]
+    TrailingBytes {
+        /// Bytes announced by the header.
+        expected: u64,
+        /// Bytes present.
+        found: u64,
+    },
+    /// The module is larger than allowed.
+    #[error("module is {size} bytes; the limit is {max} (deploy.max_module_bytes)")]
+    TooLarge {
+        /// Bytes announced by the header.
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+}
+
+impl From<EncodingError> for EnvelopeError {
+    fn from(e: EncodingError) -> Self {
+        EnvelopeError::Encoding(e)
+    }
+}
+
+impl From<ManifestError> for EnvelopeError {
+    fn from(e: ManifestError) -> Self {
+        EnvelopeError::Manifest(e)
+    }
+}
+
+/// Why a signed module was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VerifyError {
+    /// The signing key is not in the trust list.
+    #[error("signed by key {key_id}, which is not trusted ({})", describe_trusted(.trusted))]
+    UnknownKey {
+        /// The key id the signature claims.
+        key_id: KeyId,
+        /// The ids of the trusted keys.
+        trusted: Vec<KeyId>,
+    },
+    /// The signature does not verify under the trusted key it names: it was made for another
+    /// name, version or content, or it was corrupted or swapped.
+    #[error(
+        "signature by key {key_id} is not valid for module {name:?} version {version:?} sha256 {sha256}: it was made for another name, version or content, or was altered"
+    )]
+    BadSignature {
+        /// The trusted key the signature was checked against.
+        key_id: KeyId,
+        /// The name in the manifest.
+        name: String,
+        /// The version in the manifest.
+        version: String,
+        /// The digest in the manifest, hex.
+        sha256: String,
+    },
+    /// The module bytes do not hash to the signed digest.
+    #[error(
+        "module bytes were modified: their sha256 is {actual}, the signed header says {expected}"
+    )]
+    DigestMismatch {
+        /// The digest in the header, hex.
+        expected: String,
+        /// The digest of the bytes, hex.
+        actual: String,
+    },
+    /// The module is signed under another name than the one it is deployed as.
+    #[error("module is signed as {signed:?}, not {expected:?}")]
+    NameMismatch {
+        /// The name expected by the caller (e.g. the deploy topic).
+        expected: String,
+        /// The signed name.
+        signed: String,
+    },
+    /// The module is signed with another version than the one expected.
+    #[error("module is signed as version {signed:?}, not {expected:?}")]
+    VersionMismatch {
+        /// The version expected by the caller.
+        expected: String,
+        /// The signed version.
+        signed: String,
+    },
+}
+
+fn describe_trusted(trusted: &[KeyId]) -> String {
+    if trusted.is_empty() {
+        "the trust list is empty".to_string()
+    } else {
+        let ids: Vec<String> = trusted.iter().map(KeyId::to_string).collect();
+        format!("trusted: {}", ids.join(", "))
+    }
+}
+
+/// A short, stable name for a public key, for logs and headers: the first 8 bytes (16 hex
+/// digits) of the SHA-256 of its 32 bytes. It identifies; it does not authenticate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId([u8; 8]);
+
+impl KeyId {
+    /// The id of `key`.
+    pub fn of(key: &VerifyingKey) -> KeyId {
+        let digest = Sha256::digest(key.as_bytes());
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&digest[..8]);
+        KeyId(id)
+    }
+}
+
+impl fmt::Display for KeyId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&to_hex(&self.0))
+    }
+}
+
+impl FromStr for KeyId {
+    type Err = EncodingError;
+
+    /// Parses 16 hex digits (either case).
+    fn from_str(s: &str) -> Result<KeyId, EncodingError> {
+        decode_hex::<8>("key_id", s).map(KeyId)
+    }
+}
+
+/// What a signature covers: a valid module name and version, and the SHA-256 of the module's
+/// bytes. A `Manifest` always holds a valid name and version (see [`validate_name`] and
+/// [`validate_version`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    name: String,
+    version: String,
+    sha256: [u8; 32],
+}
+
+impl Manifest {
+    /// A manifest for `name` and `version` with the given digest, or why they are not
+    /// acceptable.
+    pub fn new(name: &str, version: &str, sha256: [u8; 32]) -> Result<Manifest, ManifestError> {
+        validate_name(name)?;
+        validate_version(version)?;
+        Ok(Manifest {
+            name: name.to_string(),
+            version: version.to_string(),
+            sha256,
+        })
+    }
+
+    /// A manifest for `module`'s bytes (their SHA-256 is computed here).
+    pub fn for_module(name: &str, version: &str, module: &[u8]) -> Result<Manifest, ManifestError> {
+        Manifest::new(name, version, sha256(module))
+    }
+
+    /// The module name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The module version.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The SHA-256 of the module's bytes.
+    pub fn sha256(&self) -> &[u8; 32] {
+        &self.sha256
+    }
+
+    /// The SHA-256 of the module's bytes, 64 lower-case hex digits.
+    pub fn sha256_hex(&self) -> String {
+        to_hex(&self.sha256)
+    }
+
+    /// The exact bytes that are signed:
+    ///
+    /// ```text
+    /// "outpost-module-v1\0" || u32-be(len name) || name || u32-be(len version) || version || sha256 (32 bytes)
+    /// ```
+    ///
+    /// Distinct manifests always give distinct byte strings (every variable-length field is
+    /// length-prefixed), and none of them is a valid message of another protocol that uses a
+    /// different prefix.
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(DOMAIN.len() + 8 + self.name.len() + self.version.len() + 32);
+        out.extend_from_slice(DOMAIN);
+        for field in [&self.name, &self.version] {
+            // Bounded by MAX_NAME_LEN / MAX_VERSION_LEN, so the length fits in a u32.
+            out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+            out.extend_from_slice(field.as_bytes());
+        }
+        out.extend_from_slice(&self.sha256);
+        out
+    }
+}
+
+/// Checks a module name: 1 to [`MAX_NAME_LEN`] bytes of `[A-Za-z0-9._-]`, starting with a
+/// letter or digit (so a name is safe in MQTT topics, file names and command lines).
+pub fn validate_name(name: &str) -> Result<(), ManifestError> {
+    validate_identifier("module name", name, MAX_NAME_LEN)
+}
+
+/// Checks a module version: 1 to [`MAX_VERSION_LEN`] bytes of `[A-Za-z0-9._-]`, starting with a
+/// letter or digit.
+pub fn validate_version(version: &str) -> Result<(), ManifestError> {
+    validate_identifier("module version", version, MAX_VERSION_LEN)
+}
+
+fn validate_identifier(what: &'static str, value: &str, max: usize) -> Result<(), ManifestError> {
+    let shown = || {
+        let mut s: String = value.chars().take(40).collect();
+        if s.len() < value.len() {
+            s.push_str("...");
+        }
+        s
+    };
+    if value.is_empty() {
+        return Err(ManifestError::Empty { what });
+    }
+    if value.len() > max {
+        return Err(ManifestError::TooLong {
+            what,
+            value: shown(),
+            len: value.len(),
+            max,
+        });
+    }
+    let first_ok = value.starts_with(|c: char| c.is_ascii_alphanumeric());
+    let all_ok = value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !first_ok || !all_ok {
+        return Err(ManifestError::Charset {
+            what,
+            value: shown(),
+        });
+    }
+    Ok(())
+}
+
+/// The SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Signs `manifest` (its [`Manifest::signed_bytes`]) with `key`.
+pub fn sign(key: &SigningKey, manifest: &Manifest) -> Signature {
+    key.sign(&manifest.signed_bytes())
+}
+
+/// Accepts `signature` over `manifest` only if `key_id` names one of the `trusted` keys and the
+/// signature verifies under that key with Ed25519's strict rules (no malleable signatures, no
+/// weak keys). Returns the id of the key that signed.
+pub fn verify(
+    trusted: &[VerifyingKey],
+    manifest: &Manifest,
+    key_id: KeyId,
+    signature: &Signature,
+) -> Result<KeyId, VerifyError> {
+    let key = trusted
+        .iter()
+        .find(|k| KeyId::of(k) == key_id)
+        .ok_or_else(|| VerifyError::UnknownKey {
+            key_id,
+            trusted: trusted.iter().map(KeyId::of).collect(),
+        })?;
+    key.verify_strict(&manifest.signed_bytes(), signature)
+        .map_err(|_| VerifyError::BadSignature {
+            key_id,
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            sha256: manifest.sha256_hex(),
+        })?;
+    Ok(key_id)
+}
+
+/// A new signing key from the operating system's random number generator.
+pub fn generate_key() -> Result<SigningKey, KeyFileError> {
+    use rand::TryRngCore;
+    let mut seed = Zeroizing::new([0u8; 32]);
+    rand::rngs::OsRng
+        .try_fill_bytes(seed.as_mut())
+        .map_err(|e| KeyFileError::Random(e.to_string()))?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+/// The public key file's content: `outpost-ed25519-public <64 hex digits>` and a newline.
+pub fn public_key_text(key: &VerifyingKey) -> String {
+    format!("{PUBLIC_KEY_TAG} {}\n", to_hex(key.as_bytes()))
+}
+
+/// The secret key file's content: `outpost-ed25519-secret <64 hex digits of the seed>` and a
+/// newline; wiped from memory when dropped.
+pub fn secret_key_text(key: &SigningKey) -> Zeroizing<String> {
+    let mut hex = Zeroizing::new(to_hex(key.as_bytes()));
+    let text = Zeroizing::new(format!("{SECRET_KEY_TAG} {}\n", hex.as_str()));
+    hex.zeroize();
+    text
+}
+
+/// Parses a public key file's content (surrounding whitespace is ignored). Refuses secret keys,
+/// invalid curve points and weak keys, each with its own error.
+pub fn parse_public_key(text: &str) -> Result<VerifyingKey, EncodingError> {
+    let hex = key_line(text, PUBLIC_KEY_TAG, SECRET_KEY_TAG, "public key")?;
+    let bytes = decode_hex::<32>("public key", hex)?;
+    let key = VerifyingKey::from_bytes(&bytes).map_err(|_| EncodingError::InvalidPublicKey)?;
+    if key.is_weak() {
+        return Err(EncodingError::WeakPublicKey);
+    }
+    Ok(key)
+}
+
+/// Parses a secret key file's content (surrounding whitespace is ignored). Refuses public keys
+/// with their own error.
+pub fn parse_secret_key(text: &str) -> Result<SigningKey, EncodingError> {
+    let hex = key_line(text, SECRET_KEY_TAG, PUBLIC_KEY_TAG, "secret key")?;
+    let seed = Zeroizing::new(decode_hex::<32>("secret key", hex)?);
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+fn key_line<'a>(
+    text: &'a str,
+    tag: &'static str,
+    other_tag: &'static str,
+    what: &str,
+) -> Result<&'a str, EncodingError> {
+    let layout = |found: String| EncodingError::KeyLayout {
+        expected_tag: tag,
+        found,
+    };
+    let line = text.trim();
+    if line.is_empty() {
+        return Err(layout("found an empty file".into()));
+    }
+    if line.contains('\n') {
+        return Err(layout("found more than one line".into()));
+    }
+    let (found_tag, value) = line.split_once([' ', '\t']).unwrap_or((line, ""));
+    if found_tag == other_tag {
+        let other = if what == "public key" {
+            "a secret key (give the .pub file)"
+        } else {
+            "a public key (give the .key file)"
+        };
+        return Err(layout(format!("found {other}")));
+    }
+    if found_tag != tag {
+        let shown: String = found_tag.chars().take(40).collect();
+        return Err(layout(format!("found {shown:?} where the tag should be")));
+    }
+    Ok(value.trim())
+}
+
+/// Reads and parses a public key file; errors name the file.
+pub fn read_public_key(path: &Path) -> Result<VerifyingKey, KeyFileError> {
+    let text = read_small(path, PUBLIC_KEY_TAG)?;
+    parse_public_key(&text).map_err(|source| KeyFileError::Encoding {
+        path: path.to_path_buf(),
+        problem: source,
+    })
+}
+
+/// Reads and parses a secret key file; refuses one that users other than its owner may access
+/// (like ssh does). Errors name the file.
+pub fn read_secret_key(path: &Path) -> Result<SigningKey, KeyFileError> {
+    let text = Zeroizing::new(read_small(path, SECRET_KEY_TAG)?);
+    let key = parse_secret_key(&text).map_err(|source| KeyFileError::Encoding {
+        path: path.to_path_buf(),
+        problem: source,
+    })?;
+    let mode = std::fs::metadata(path)
+        .map_err(|source| KeyFileError::Read {
+            path: path.to_path_buf(),
+            error: source,
+        })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyFileError::Permissions {
+            path: path.to_path_buf(),
+            mode,
+        });
+    }
+    Ok(key)
+}
+
+/// Reads a key file (expected to start with `tag`) of at most 4 KiB as UTF-8 text.
+fn read_small(path: &Path, tag: &'static str) -> Result<String, KeyFileError> {
+    use std::io::Read;
+    let read_err = |source| KeyFileError::Read {
+        path: path.to_path_buf(),
+        error: source,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut bytes = Vec::new();
+    file.take(4097).read_to_end(&mut bytes).map_err(read_err)?;
+    let too_long = bytes.len() > 4096;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let mut bytes = e.into_bytes();
+        bytes.zeroize();
+        KeyFileError::Encoding {
+            path: path.to_path_buf(),
+            problem: EncodingError::KeyLayout {
+                expected_tag: tag,
+                found: "found binary data, not text".into(),
+            },
+        }
+    })?;
+    if too_long {
+        let mut text = text;
+        text.zeroize();
+        return Err(KeyFileError::Encoding {
+            path: path.to_path_buf(),
+            problem: EncodingError::KeyLayout {
+                expected_tag: tag,
+                found: "found a file larger than 4 KiB".into(),
+            },
+        });
+    }
+    Ok(text)
+}
+
+/// The files written by [`write_key_pair`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPairFiles {
+    /// `DIR/NAME.key`, the secret key (mode 0600).
+    pub secret: PathBuf,
+    /// `DIR/NAME.pub`, the public key (mode 0644).
+    pub public: PathBuf,
+    /// The key's id.
+    pub key_id: KeyId,
+}
+
+/// Writes `key` as `DIR/NAME.key` (secret, mode 0600) and `DIR/NAME.pub` (public), creating
+/// `dir` if needed. Never overwrites: if either file exists nothing is written. `name` must be a
+/// valid identifier (see [`validate_name`]). Both files are synced to disk before returning.
+pub fn write_key_pair(
+    dir: &Path,
+    name: &str,
+    key: &SigningKey,
+) -> Result<KeyPairFiles, KeyFileError> {
+    validate_identifier("key name", name, MAX_NAME_LEN)?;
+    let secret = dir.join(format!("{name}.key"));
+    let public = dir.join(format!("{name}.pub"));
+    for path in [&secret, &public] {
+        if path.symlink_metadata().is_ok() {
+            return Err(KeyFileError::Exists { path: path.clone() });
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|source| KeyFileError::Write {
+        path: dir.to_path_buf(),
+        error: source,
+    })?;
+    write_new(&secret, secret_key_text(key).as_bytes(), 0o600)?;
+    let verifying = key.verifying_key();
+    if let Err(e) = write_new(&public, public_key_text(&verifying).as_bytes(), 0o644) {
+        let _ = std::fs::remove_file(&secret);
+        return Err(e);
+    }
+    Ok(KeyPairFiles {
+        secret,
+        public,
+        key_id: KeyId::of(&verifying),
+    })
+}
+
+/// Creates `path` (failing if it exists) with `mode`, writes `content` and syncs it.
+fn write_new(path: &Path, content: &[u8], mode: u32) -> Result<(), KeyFileError> {
+    let write_err = |source: std::io::Error| {
+        if source.kind() == std::io::ErrorKind::AlreadyExists {
+            KeyFileError::Exists {
+                path: path.to_path_buf(),
+            }
+        } else {
+            KeyFileError::Write {
+                path: path.to_path_buf(),
+                error: source,
+            }
+        }
+    };
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(write_err)?;
+    let written = file.write_all(content).and_then(|()| file.sync_all());
+    if let Err(source) = written {
+        let _ = std::fs::remove_file(path);
+        return Err(write_err(source));
+    }
+    Ok(())
+}
+
+/// A module with its manifest and signature: what a deploy carries.
+///
+/// Constructed by [`SignedModule::sign`] or parsed by [`SignedModule::from_bytes`]; parsing
+/// checks the structure only. Nothing about a parsed module is trustworthy until
+/// [`SignedModule::verify_against`] returned `Ok`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedModule {
+    manifest: Manifest,
+    key_id: KeyId,
+    signature: Signature,
+    wasm: Vec<u8>,
+}
+
+/// The envelope's JSON header line.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    name: String,
+    version: String,
+    sha256: String,
+    size: u64,
+    key_id: String,
+    signature: String,
+}
+
+impl SignedModule {
+    /// Signs `wasm` as module `name` version `version` with `key`.
+    pub fn sign(
+        key: &SigningKey,
+        name: &str,
+        version: &str,
+        wasm: Vec<u8>,
+    ) -> Result<SignedModule, ManifestError> {
+        let manifest = Manifest::for_module(name, version, &wasm)?;
+        let signature = sign(key, &manifest);
+        Ok(SignedModule {
+            manifest,
+            key_id: KeyId::of(&key.verifying_key()),
+            signature,
+            wasm,
+        })
+    }
+
+    /// The manifest the header claims (verified only by [`SignedModule::verify_against`]).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The id of the key the header says signed it.
+    pub fn key_id(&self) -> KeyId {
+        self.key_id
+    }
+
+    /// The signature.
+    pub fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    /// The module bytes.
+    pub fn wasm(&self) -> &[u8] {
+        &self.wasm
+    }
+
+    /// The module bytes, taken out.
+    pub fn into_wasm(self) -> Vec<u8> {
+        self.wasm
+    }
+
+    /// The envelope:
+    ///
+    /// ```text
+    /// outpost-signed-module-v1\n
+    /// {"name":"enrich","version":"1.0.0","sha256":"<64 hex>","size":<bytes>,"key_id":"<16 hex>","signature":"<128 hex>"}\n
+    /// <exactly `size` raw module bytes>
+    /// ```
+    ///
+    /// The header is compact JSON on one line (JSON strings escape newlines, so the first
+    /// newline after the magic ends it) of at most [`MAX_HEADER_BYTES`] bytes. Hex is lower
+    /// case. `head -n 2 FILE` shows the header.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let header = Header {
+            name: self.manifest.name.clone(),
+            version: self.manifest.version.clone(),
+            sha256: self.manifest.sha256_hex(),
+            size: self.wasm.len() as u64,
+            key_id: self.key_id.to_string(),
+            signature: to_hex(&self.signature.to_bytes()),
+        };
+        let json =
+            serde_json::to_vec(&header).expect("a struct of strings and a number serializes");
+        let mut out = Vec::with_capacity(ENVELOPE_MAGIC.len() + json.len() + 1 + self.wasm.len());
+        out.extend_from_slice(ENVELOPE_MAGIC);
+        out.extend_from_slice(&json);
+        out.push(b'\n');
+        out.extend_from_slice(&self.wasm);
+        out
+    }
+
+    /// Parses an envelope (see [`SignedModule::to_bytes`]) without a size limit. Checks its
+    /// structure only: magic, header (shape, hex fields, name and version), and that exactly
+    /// `size` module bytes follow. Never panics.
+    pub fn from_bytes(bytes: &[u8]) -> Result<SignedModule, EnvelopeError> {
+        SignedModule::from_bytes_limited(bytes, u64::MAX)
+    }
+
+    /// As [`SignedModule::from_bytes`], and refuses a module larger than `max_module_bytes`
+    /// before copying it.
+    pub fn from_bytes_limited(
+        bytes: &[u8],
+        max_module_bytes: u64,
+    ) -> Result<SignedModule, EnvelopeError> {
+        if bytes.is_empty() {
+            return Err(EnvelopeError::Empty);
+        }
+        let rest = bytes
+            .strip_prefix(ENVELOPE_MAGIC)
+            .ok_or(EnvelopeError::BadMagic)?;
+        let window = &rest[..rest.len().min(MAX_HEADER_BYTES + 1)];
+        let end =
+            window
+                .iter()
+                .position(|&b| b == b'\n')
+                .ok_or(EnvelopeError::HeaderUnterminated {
+                    max: MAX_HEADER_BYTES,
+                })?;
+        let header: Header = serde_json::from_slice(&rest[..end])
+            .map_err(|e| EnvelopeError::Header(e.to_string()))?;
+        let module = &rest[end + 1..];
+        let manifest = Manifest::new(
+            &header.name,
+            &header.version,
+            decode_hex::<32>("sha256", &header.sha256)?,
+        )?;
+        let key_id: KeyId = header.key_id.parse()?;
+        let signature = Signature::from_bytes(&decode_hex::<64>("signature", &header.signature)?);
+        if header.size > max_module_bytes {
+            return Err(EnvelopeError::TooLarge {
+                size: header.size,
+                max: max_module_bytes,
+            });
+        }
+        let found = module.len() as u64;
+        if found < header.size {
+            return Err(EnvelopeError::Truncated {
+                expected: header.size,
+                found,
+            });
+        }
+        if found > header.size {
+            return Err(EnvelopeError::TrailingBytes {
+                expected: header.size,
+                found,
+            });
+        }
+        Ok(SignedModule {
+            manifest,
+            key_id,
+            signature,
+            wasm: module.to_vec(),
+        })
+    }
+
+    /// Accepts the module only if its bytes hash to the signed digest and the signature
+    /// verifies under the trusted key its header names (see [`verify`]). Returns that key's id.
+    pub fn verify_against(&self, trusted: &[VerifyingKey]) -> Result<KeyId, VerifyError> {
+        let actual = sha256(&self.wasm);
+        if actual != self.manifest.sha256 {
+            return Err(VerifyError::DigestMismatch {
+                expected: self.manifest.sha256_hex(),
+                actual: to_hex(&actual),
+            });
+        }
+        verify(trusted, &self.manifest, self.key_id, &self.signature)
+    }
+
+    /// Checks that the module is signed under `name` and, when given, as `version` (a deploy
+    /// on `modules/<name>/deploy` must carry a module signed for `<name>`). Only meaningful
+    /// together with [`SignedModule::verify_against`].
+    pub fn expect_identity(&self, name: &str, version: Option<&str>) -> Result<(), VerifyError> {
+        if self.manifest.name != name {
+            return Err(VerifyError::NameMismatch {
+                expected: name.to_string(),
+                signed: self.manifest.name.clone(),
+            });
+        }
+        if let Some(version) = version {
+            if self.manifest.version != version {
+                return Err(VerifyError::VersionMismatch {
+                    expected: version.to_string(),
+                    signed: self.manifest.version.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)] as char);
+        out.push(DIGITS[usize::from(b & 0x0f)] as char);
+    }
+    out
+}
+
+/// Decodes exactly `N` bytes from `2 * N` hex digits of either case.
+fn decode_hex<const N: usize>(what: &'static str, text: &str) -> Result<[u8; N], EncodingError> {
+    let count = text.chars().count();
+    if count != 2 * N || text.len() != 2 * N {
+        return Err(EncodingError::HexLength {
+            what,
+            expected: 2 * N,
+            found: count,
+        });
+    }
+    let mut out = [0u8; N];
+    for (position, c) in text.chars().enumerate() {
+        let digit = c.to_digit(16).ok_or(EncodingError::NotHex {
+            what,
+            position,
+            found: c,
+        })? as u8;
+        out[position / 2] |= if position % 2 == 0 { digit << 4 } else { digit };
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    fn signed() -> SignedModule {
+        SignedModule::sign(&key(1), "enrich", "1.0.0", b"\0asm module bytes".to_vec()).unwrap()
+    }
+
+    #[test]
+    fn valid_signature_is_accepted() {
+        let m = signed();
+        let back = SignedModule::from_bytes(&m.to_bytes()).unwrap();
+        assert_eq!(back, m);
+        let trusted = [key(2).verifying_key(), key(1).verifying_key()];
+        assert_eq!(back.verify_against(&trusted), Ok(KeyId::of(&trusted[1])));
+        back.expect_identity("enrich", Some("1.0.0")).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_rejected() {
+        let m = signed();
+        let err = m.verify_against(&[key(2).verifying_key()]).unwrap_err();
+        assert!(
+            matches!(err, VerifyError::UnknownKey { key_id, .. } if key_id == KeyId::of(&key(1).verifying_key()))
+        );
+        assert!(err.to_string().contains("not trusted"), "{err}");
+        let err = m.verify_against(&[]).unwrap_err();
+        assert!(err.to_string().contains("trust list is empty"), "{err}");
+    }
+
+    /// Re-signs nothing: takes a valid signature and presents it for another manifest.
+    fn with_manifest(m: &SignedModule, name: &str, version: &str) -> SignedModule {
+        SignedModule {
+            manifest: Manifest::for_module(name, version, &m.wasm).unwrap(),
+            ..m.clone()
+        }
+    }
+
+    #[test]
+    fn signed_for_another_name_is_rejected() {
+        let m = with_manifest(&signed(), "threshold", "1.0.0");
+        let back = SignedModule::from_bytes(&m.to_bytes()).unwrap();
+        let err = back.verify_against(&[key(1).verifying_key()]).unwrap_err();
+        assert!(matches!(err, VerifyError::BadSignature { .. }), "{err}");
+        assert!(err.to_string().contains("\"threshold\""), "{err}");
+    }
+
+    #[test]
+    fn signed_for_another_version_is_rejected() {
+        let m = with_manifest(&signed(), "enrich", "1.0.1");
+        let err = m.verify_against(&[key(1).verifying_key()]).unwrap_err();
+        assert!(matches!(err, VerifyError::BadSignature { .. }), "{err}");
+    }
+
+    #[test]
+    fn expected_identity_is_checked() {
+        let m = signed();
+        assert!(matches!(
+            m.expect_identity("threshold", None),
+            Err(VerifyError::NameMismatch { .. })
+        ));
+        assert!(matches!(
+            m.expect_identity("enrich", Some("2")),
+            Err(VerifyError::VersionMismatch { .. })
+        ));
+        m.expect_identity("enrich", None).unwrap();
+    }
+
+    #[test]
+    fn modified_bytes_are_rejected() {
+        let m = signed();
+        let mut bytes = m.to_bytes();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let back = SignedModule::from_bytes(&bytes).unwrap();
+        let err = back.verify_against(&[key(1).verifying_key()]).unwrap_err();
+        assert!(matches!(err, VerifyError::DigestMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("modified"), "{err}");
+    }
+
+    #[test]
+    fn modified_bytes_with_updated_digest_are_rejected() {
+        let m = signed();
+        let mut wasm = m.wasm.clone();
+        wasm[0] ^= 1;
+        let forged = SignedModule {
+            manifest: Manifest::for_module("enrich", "1.0.0", &wasm).unwrap(),
+            wasm,
+            ..m
+        };
+        let err = forged
+            .verify_against(&[key(1).verifying_key()])
+            .unwrap_err();
+        assert!(matches!(err, VerifyError::BadSignature { .. }), "{err}");
+    }
+
+    #[test]
+    fn truncated_envelopes_are_clear_errors() {
+        let bytes = signed().to_bytes();
+        let err = SignedModule::from_bytes(&bytes[..bytes.len() - 3]).unwrap_err();
+        assert_eq!(
+            err,
+            EnvelopeError::Truncated {
+                expected: 17,
+                found: 14
+            }
+        );
+        assert!(err.to_string().contains("truncated"), "{err}");
+        let header_end = ENVELOPE_MAGIC.len() + 10;
+        assert!(matches!(
+            SignedModule::from_bytes(&bytes[..header_end]),
+            Err(EnvelopeError::HeaderUnterminated { .. })
+        ));
+        assert_eq!(
+            SignedModule::from_bytes(&bytes[..5]),
+            Err(EnvelopeError::BadMagic)
+        );
+        assert_eq!(SignedModule::from_bytes(&[]), Err(EnvelopeError::Empty));
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(
+            SignedModule::from_bytes(&longer),
+            Err(EnvelopeError::TrailingBytes { .. })
+        ));
+    }
+
+    #[test]
+    fn swapped_signature_is_rejected() {
+        let a = signed();
+        let b = SignedModule::sign(&key(1), "enrich", "1.0.0", b"other bytes".to_vec()).unwrap();
+        let swapped = SignedModule {
+            signature: b.signature,
+            ..a.clone()
+        };
+        let err = swapped
+            .verify_against(&[key(1).verifying_key()])
+            .unwrap_err();
+        assert!(matches!(err, VerifyError::BadSignature { .. }), "{err}");
+        // The signature of another key, with that key's id, is an unknown key.
+        let c = SignedModule::sign(&key(3), "enrich", "1.0.0", a.wasm.clone()).unwrap();
+        let other_key = SignedModule {
+            signature: c.signature,
+            key_id: c.key_id,
+            ..a.clone()
+        };
+        assert!(matches!(
+            other_key.verify_against(&[key(1).verifying_key()]),
+            Err(VerifyError::UnknownKey { .. })
+        ));
+        // ... and the other key's signature under the trusted key's id does not verify.
+        let forged_id = SignedModule {
+            signature: c.signature,
+            ..a
+        };
+        assert!(matches!(
+            forged_id.verify_against(&[key(1).verifying_key(), key(3).verifying_key()]),
+            Err(VerifyError::BadSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_headers_are_clear_errors() {
+        let good = String::from_utf8_lossy(&signed().to_bytes()).into_owned();
+        let header = good.lines().nth(1).unwrap().to_string();
+        let h: serde_json::Value = serde_json::from_str(&header).unwrap();
+        let with = |field: &str, value: serde_json::Value| {
+            let mut h = h.clone();
+            h[field] = value;
+            let mut out = ENVELOPE_MAGIC.to_vec();
+            out.extend_from_slice(h.to_string().as_bytes());
+            out.push(b'\n');
+            out.extend_from_slice(b"\0asm module bytes");
+            SignedModule::from_bytes(&out).unwrap_err().to_string()
+        };
+        let cases = [
+            ("sha256", "zz".into(), "sha256 must be 64 hex digits"),
+            ("sha256", "g".repeat(64).into(), "sha256 is not hexadecimal"),
+            ("signature", "00".into(), "signature must be 128 hex digits"),
+            ("key_id", "0123".into(), "key_id must be 16 hex digits"),
+            ("name", "".into(), "module name is empty"),
+            ("name", "../x".into(), "module name \"../x\" must start"),
+            ("version", "1 0".into(), "module version \"1 0\""),
+            ("name", 5.into(), "invalid type"),
+            ("size", (-1).into(), "invalid value"),
+            ("extra", 1.into(), "unknown field"),
+        ];
+        for (field, value, expected) in cases {
+            let err = with(field, value);
+            assert!(err.contains(expected), "{field}: {err}");
+        }
+        let mut not_json = ENVELOPE_MAGIC.to_vec();
+        not_json.extend_from_slice(b"not json\n\0asm");
+        let err = SignedModule::from_bytes(&not_json).unwrap_err();
+        assert!(matches!(err, EnvelopeError::Header(_)), "{err}");
+        let mut huge = ENVELOPE_MAGIC.to_vec();
+        huge.extend(std::iter::repeat_n(b' ', MAX_HEADER_BYTES + 10));
+        huge.push(b'\n');
+        assert!(matches!(
+            SignedModule::from_bytes(&huge),
+            Err(EnvelopeError::HeaderUnterminated { .. })
+        ));
+    }
+
+    #[test]
+    fn size_limit_is_checked_before_copying() {
+        let bytes = signed().to_bytes();
+        assert_eq!(
+            SignedModule::from_bytes_limited(&bytes, 16),
+            Err(EnvelopeError::TooLarge { size: 17, max: 16 })
+        );
+        SignedModule::from_bytes_limited(&bytes, 17).unwrap();
+    }
+
+    #[test]
+    fn signed_bytes_are_unambiguous() {
+        let d = [7u8; 32];
+        let a = Manifest::new("a", "bc", d).unwrap();
+        let b = Manifest::new("ab", "c", d).unwrap();
+        assert_ne!(a.signed_bytes(), b.signed_bytes());
+        assert!(a.signed_bytes().starts_with(DOMAIN));
+        let mut expected = DOMAIN.to_vec();
+        expected.extend_from_slice(&[0, 0, 0, 1, b'a', 0, 0, 0, 2, b'b', b'c']);
+        expected.extend_from_slice(&d);
+        assert_eq!(a.signed_bytes(), expected);
+        // A signature for one does not verify for the other.
+        let sig = sign(&key(1), &a);
+        let id = KeyId::of(&key(1).verifying_key());
+        verify(&[key(1).verifying_key()], &a, id, &sig).unwrap();
+        assert!(verify(&[key(1).verifying_key()], &b, id, &sig).is_err());
+    }
+
+    #[test]
+    fn names_and_versions_are_validated() {
+        for ok in ["enrich", "a", "A-b_c.1", "1.0.0-rc.1", &"x".repeat(64)] {
+            validate_name(ok).unwrap();
+            validate_version(ok).unwrap();
+        }
+        assert_eq!(
+            validate_name(""),
+            Err(ManifestError::Empty {
+                what: "module name"
+            })
+        );
+        assert!(matches!(
+            validate_version(&"x".repeat(65)),
+            Err(ManifestError::TooLong {
+                len: 65,
+                max: 64,
+                ..
+            })
+        ));
+        for bad in [".hidden", "-flag", "a/b", "a b", "é", "a+b", "a\0", "_x"] {
+            assert!(
+                matches!(validate_name(bad), Err(ManifestError::Charset { .. })),
+                "{bad:?} accepted"
+            );
+        }
+        let long = validate_name(&"é".repeat(100)).unwrap_err().to_string();
+        assert!(long.len() < 200, "{long}");
+    }
+
+    #[test]
+    fn key_texts_round_trip_and_errors_are_specific() {
+        let k = key(9);
+        let public = public_key_text(&k.verifying_key());
+        assert!(public.starts_with("outpost-ed25519-public "));
+        assert_eq!(parse_public_key(&public), Ok(k.verifying_key()));
+        let secret = secret_key_text(&k);
+        assert_eq!(parse_secret_key(&secret).unwrap().to_bytes(), k.to_bytes());
+        let err = |r: Result<VerifyingKey, EncodingError>| r.unwrap_err().to_string();
+        assert!(err(parse_public_key(&secret)).contains("a secret key"));
+        assert!(parse_secret_key(&public)
+            .unwrap_err()
+            .to_string()
+            .contains("a public key"));
+        assert!(err(parse_public_key("")).contains("empty"));
+        assert!(err(parse_public_key("ssh-ed25519 AAAA")).contains("\"ssh-ed25519\""));
+        assert!(err(parse_public_key("outpost-ed25519-public")).contains("64 hex digits"));
+        assert!(err(parse_public_key(&format!("{public}{public}"))).contains("more than one line"));
+        let bad_hex = format!("{PUBLIC_KEY_TAG} {}", "x".repeat(64));
+        assert!(err(parse_public_key(&bad_hex)).contains("not hexadecimal"));
+        // The identity point is a valid encoding of a weak key.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let weak = format!("{PUBLIC_KEY_TAG} {}", to_hex(&identity));
+        assert_eq!(parse_public_key(&weak), Err(EncodingError::WeakPublicKey));
+        // Upper-case hex is accepted.
+        let upper = format!(
+            "{PUBLIC_KEY_TAG} {}",
+            to_hex(k.verifying_key().as_bytes()).to_uppercase()
+        );
+        assert_eq!(parse_public_key(&upper), Ok(k.verifying_key()));
+    }
+
+    #[test]
+    fn an_invalid_curve_point_is_refused() {
+        // Find a 32-byte string that does not decompress to a curve point.
+        let bad = (0u8..=255)
+            .map(|i| {
+                let mut b = [0x55u8; 32];
+                b[0] = i;
+                b
+            })
+            .find(|b| VerifyingKey::from_bytes(b).is_err())
+            .expect("some encodings are not points");
+        let text = format!("{PUBLIC_KEY_TAG} {}", to_hex(&bad));
+        assert_eq!(
+            parse_public_key(&text),
+            Err(EncodingError::InvalidPublicKey)
+        );
+    }
+
+    #[test]
+    fn key_files_are_written_once_with_safe_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let k = generate_key().unwrap();
+        let files = write_key_pair(&dir.path().join("keys"), "ops", &k).unwrap();
+        assert_eq!(files.key_id, KeyId::of(&k.verifying_key()));
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&files.secret), 0o600);
+        assert_eq!(read_public_key(&files.public).unwrap(), k.verifying_key());
+        assert_eq!(
+            read_secret_key(&files.secret).unwrap().to_bytes(),
+            k.to_bytes()
+        );
+        let again = write_key_pair(&dir.path().join("keys"), "ops", &generate_key().unwrap());
+        assert!(matches!(again, Err(KeyFileError::Exists { .. })));
+        assert_eq!(read_public_key(&files.public).unwrap(), k.verifying_key());
+        // Only the .pub is left over: still refused, and the .key is not written.
+        std::fs::remove_file(&files.secret).unwrap();
+        let again = write_key_pair(&dir.path().join("keys"), "ops", &k);
+        assert!(matches!(again, Err(KeyFileError::Exists { path }) if path == files.public));
+        assert!(!files.secret.exists());
+        assert!(matches!(
+            write_key_pair(dir.path(), "../evil", &k),
+            Err(KeyFileError::Name(_))
+        ));
+    }
+
+    #[test]
+    fn readable_secret_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_key_pair(dir.path(), "k", &key(4)).unwrap();
+        std::fs::set_permissions(&files.secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_secret_key(&files.secret).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        let missing = read_public_key(&dir.path().join("nope.pub"))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("nope.pub"), "{missing}");
+    }
+
+    #[test]
+    fn key_ids_are_16_hex_digits_and_parse_back() {
+        let id = KeyId::of(&key(1).verifying_key());
+        let text = id.to_string();
+        assert_eq!(text.len(), 16);
+        assert_eq!(text.parse::<KeyId>(), Ok(id));
+        assert!("xyz".parse::<KeyId>().is_err());
+        assert_ne!(id, KeyId::of(&key(2).verifying_key()));
+    }
+
+    #[test]
+    fn hex_decoding_never_panics_on_multibyte_text() {
+        assert!(decode_hex::<2>("x", "éé").is_err());
+        assert!(decode_hex::<2>("x", "ééé").is_err());
+        assert_eq!(decode_hex::<2>("x", "0aFf"), Ok([0x0a, 0xff]));
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = SignedModule::from_bytes(&bytes);
+            let mut with_magic = ENVELOPE_MAGIC.to_vec();
+            with_magic.extend_from_slice(&bytes);
+            let _ = SignedModule::from_bytes(&with_magic);
+        }
+
+        #[test]
+        fn random_headers_never_panic(
+            header in "[ -~]{0,300}",
+            module in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let mut bytes = ENVELOPE_MAGIC.to_vec();
+            bytes.extend_from_slice(header.as_bytes());
+            bytes.push(b'\n');
+            bytes.extend_from_slice(&module);
+            if let Ok(m) = SignedModule::from_bytes(&bytes) {
+                let _ = m.verify_against(&[key(1).verifying_key()]);
+            }
+        }
+
+        /// Any single corruption of a valid envelope is refused, or changes nothing that
+        /// matters (e.g. the case of a hex digit): what verifies is what was signed.
+        #[test]
+        fn corrupted_envelopes_never_verify_as_something_else(
+            position in any::<prop::sample::Index>(),
+            flip in 1u8..=255,
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+        ) {
+            let original = signed();
+            let mut bytes = original.to_bytes();
+            if truncate {
+                bytes.truncate(cut.index(bytes.len()));
+            } else {
+                let i = position.index(bytes.len());
+                bytes[i] ^= flip;
+            }
+            if let Ok(m) = SignedModule::from_bytes(&bytes) {
+                if m.verify_against(&[key(1).verifying_key()]).is_ok() {
+                    prop_assert_eq!(m.manifest(), original.manifest());
+                    prop_assert_eq!(m.wasm(), original.wasm());
+                }
+            }
+        }
+    }
+}
