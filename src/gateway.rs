@@ -105,6 +105,7 @@ impl Gateway {
                     deadline: r.deadline_ms.map(std::time::Duration::from_millis),
                     ttl: config.ttl_of(r),
                     payload: r.payload,
+                    on_quarantine: r.on_quarantine,
                 };
                 (r.name.clone(), policy)
             })
@@ -118,6 +119,10 @@ impl Gateway {
             metrics: metrics.clone(),
             gateway_id: config.gateway_id.clone(),
             max_batch: config.handlers.max_batch,
+            breaker: Arc::new(crate::breaker::Breaker::new(
+                config.handlers.breaker_failures,
+                std::time::Duration::from_millis(config.handlers.breaker_cooldown_ms),
+            )),
         };
         let pipeline = tokio::spawn(pipeline.run(committed.clone(), finish_rx));
 

@@ -45,6 +45,10 @@ pub struct Metrics {
     pub expired: AtomicU64,
     /// Outbox rows an upstream refused `max_refusals` times (dead-lettered as `rejected`).
     pub rejected: AtomicU64,
+    /// Times a module was quarantined by its circuit breaker.
+    pub quarantines: AtomicU64,
+    /// Events held (waiting, or dead-lettered) because their module was quarantined.
+    pub quarantined_events: AtomicU64,
     /// Dead letters deleted to stay within the dead-letter cap.
     pub dead_letters_evicted: AtomicU64,
     /// Times a batch waited because the outbox was full (`reject-new`).
@@ -52,6 +56,7 @@ pub struct Metrics {
     /// Times the journal waited because it was at its cap (devices not acknowledged meanwhile).
     pub journal_full_waits: AtomicU64,
     links: Mutex<BTreeMap<String, LinkState>>,
+    quarantined: Mutex<BTreeMap<String, u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -95,6 +100,12 @@ pub struct Snapshot {
     pub expired: u64,
     /// See [`Metrics::rejected`].
     pub rejected: u64,
+    /// See [`Metrics::quarantines`].
+    pub quarantines: u64,
+    /// See [`Metrics::quarantined_events`].
+    pub quarantined_events: u64,
+    /// Modules in quarantine now, with the milliseconds left (0: waiting for its probe).
+    pub quarantined_modules: BTreeMap<String, u64>,
     /// See [`Metrics::dead_letters_evicted`].
     pub dead_letters_evicted: u64,
     /// See [`Metrics::outbox_full_waits`].
@@ -120,6 +131,16 @@ impl Metrics {
             } else if !connected {
                 state.connected.store(false, Ordering::Relaxed);
             }
+        }
+    }
+
+    /// Records which modules are quarantined now, with the time each has left.
+    pub fn set_quarantined(&self, modules: Vec<(String, std::time::Duration)>) {
+        if let Ok(mut q) = self.quarantined.lock() {
+            *q = modules
+                .into_iter()
+                .map(|(name, left)| (name, left.as_millis() as u64))
+                .collect();
         }
     }
 
@@ -153,6 +174,13 @@ impl Metrics {
             evicted: get(&self.evicted),
             expired: get(&self.expired),
             rejected: get(&self.rejected),
+            quarantines: get(&self.quarantines),
+            quarantined_events: get(&self.quarantined_events),
+            quarantined_modules: self
+                .quarantined
+                .lock()
+                .map(|q| q.clone())
+                .unwrap_or_default(),
             dead_letters_evicted: get(&self.dead_letters_evicted),
             outbox_full_waits: get(&self.outbox_full_waits),
             journal_full_waits: get(&self.journal_full_waits),

@@ -25,12 +25,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::sync::{watch, Notify};
-use tracing::{debug, error, warn};
+use tracing::{debug, error, info, warn};
 
+use crate::breaker::{Admission, Breaker, QuarantinePolicy, Transition};
 use crate::config::{PayloadFormat, RetryConfig};
 use crate::event::{now_ms, Event, Output};
 use crate::metrics::Metrics;
@@ -56,6 +57,8 @@ pub struct RoutePolicy {
     pub ttl: Option<Duration>,
     /// Required payload format.
     pub payload: PayloadFormat,
+    /// What happens to events while the route's module is quarantined.
+    pub on_quarantine: QuarantinePolicy,
 }
 
 impl Default for RoutePolicy {
@@ -65,6 +68,7 @@ impl Default for RoutePolicy {
             deadline: None,
             ttl: None,
             payload: PayloadFormat::Any,
+            on_quarantine: QuarantinePolicy::Wait,
         }
     }
 }
@@ -87,6 +91,8 @@ pub struct Pipeline {
     pub gateway_id: String,
     /// Most events per handler invocation.
     pub max_batch: usize,
+    /// Quarantines modules that keep failing.
+    pub breaker: Arc<Breaker>,
 }
 
 /// One event on one route, with what is known of its history.
@@ -359,8 +365,20 @@ impl Pipeline {
             }
             return;
         };
+        let admission = self.breaker.admit(module, Instant::now());
+        if let Admission::Quarantined(left) = admission {
+            self.hold(route, policy, group, module, left, batch);
+            return;
+        }
         let events: Vec<Event> = group.iter().map(|p| p.event.clone()).collect();
-        match invoke(handler, events, policy.deadline, &self.metrics).await {
+        // A failed batch of several is retried event by event right away, and those outcomes
+        // are what the breaker counts: one poisoned event must not count twice. A probe's
+        // outcome always counts (the breaker waits for it).
+        let count_failure = group.len() == 1 || admission == Admission::Probe;
+        match self
+            .invoke_guarded(module, handler, events, policy, count_failure)
+            .await
+        {
             Ok(outputs) => {
                 if let Some(first) = group.first() {
                     for (n, output) in outputs.into_iter().enumerate() {
@@ -375,14 +393,18 @@ impl Pipeline {
             }
             Err(failure) => {
                 debug!(route = %route.name, %failure, size = group.len(), "batch failed; retrying its events one by one");
-                for p in group {
-                    match invoke(
-                        handler,
-                        vec![p.event.clone()],
-                        policy.deadline,
-                        &self.metrics,
-                    )
-                    .await
+                let mut rest = group.into_iter();
+                while let Some(p) = rest.next() {
+                    if let Admission::Quarantined(left) = self.breaker.admit(module, Instant::now())
+                    {
+                        // The failures so far tripped the breaker: the rest wait it out.
+                        let held: Vec<Pending> = std::iter::once(p).chain(rest).collect();
+                        self.hold(route, policy, held, module, left, batch);
+                        return;
+                    }
+                    match self
+                        .invoke_guarded(module, handler, vec![p.event.clone()], policy, true)
+                        .await
                     {
                         Ok(outputs) => {
                             for (n, output) in outputs.into_iter().enumerate() {
@@ -391,6 +413,75 @@ impl Pipeline {
                         }
                         Err(failure) => self.fail(route, policy, &p, &failure, batch),
                     }
+                }
+            }
+        }
+    }
+
+    /// Invokes the handler and tells the circuit breaker how it went: a success always, a
+    /// failure when `count_failure`. Failures of the host (not the module's fault) never count
+    /// against the module.
+    async fn invoke_guarded(
+        &self,
+        module: &str,
+        handler: &Handler,
+        events: Vec<Event>,
+        policy: &RoutePolicy,
+        count_failure: bool,
+    ) -> Result<Vec<Output>, HandlerFailure> {
+        let result = invoke(handler, events, policy.deadline, &self.metrics).await;
+        let blamed = matches!(&result, Err(f) if !matches!(f, HandlerFailure::Host(_)));
+        if blamed && !count_failure {
+            return result;
+        }
+        match self.breaker.record(module, !blamed, Instant::now()) {
+            Transition::Opened { failures } => {
+                Metrics::add(&self.metrics.quarantines, 1);
+                warn!(%module, failures, cooldown = ?self.breaker_cooldown(), "module quarantined after consecutive failures; its events wait (or are dead-lettered, per route)");
+            }
+            Transition::Closed => info!(%module, "module out of quarantine"),
+            Transition::None => {}
+        }
+        self.metrics
+            .set_quarantined(self.breaker.quarantined(Instant::now()));
+        result
+    }
+
+    fn breaker_cooldown(&self) -> Duration {
+        self.breaker.cooldown()
+    }
+
+    /// Events of a quarantined module: per the route's policy, retries due when the cool-down
+    /// ends (their attempts unspent) or dead letters with reason `quarantined`.
+    fn hold(
+        &self,
+        route: &Route,
+        policy: &RoutePolicy,
+        group: Vec<Pending>,
+        module: &str,
+        left: Duration,
+        batch: &mut Batch,
+    ) {
+        Metrics::add(&self.metrics.quarantined_events, group.len() as u64);
+        let detail = format!("module {module:?} is quarantined after consecutive failures");
+        for p in group {
+            match policy.on_quarantine {
+                QuarantinePolicy::Wait => batch.retries.push(NewRetry {
+                    event_id: p.event.id,
+                    route: route.name.clone(),
+                    topic: p.event.topic.clone(),
+                    device: p.event.device.clone(),
+                    client_id: p.event.client_id.clone(),
+                    payload: p.event.payload.clone(),
+                    received_ms: p.event.received_ms,
+                    attempts: p.attempts,
+                    // At least a moment later, so a probe's own retry does not spin.
+                    next_attempt_ms: now_ms() + (left.as_millis() as u64).max(100),
+                    reason: "quarantined".to_string(),
+                    detail: detail.clone(),
+                }),
+                QuarantinePolicy::DeadLetter => {
+                    self.dead_letter(route, &p, "quarantined", detail.clone(), batch)
                 }
             }
         }

@@ -124,3 +124,130 @@ async fn failing_handler_costs_only_the_failing_events() {
     eventually("sixth good output", || subscriber.received.len() >= 6).await;
     assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
 }
+
+/// Configuration for the circuit-breaker tests: module `faulty` on `telemetry/guarded/#`, one
+/// attempt per event (failures are dead letters at once), a passthrough route on
+/// `telemetry/plain/#`.
+fn breaker_config(upstream: &str, cooldown_ms: u64, on_quarantine: &str) -> String {
+    format!(
+        r#"
+gateway_id = "gw-breaker"
+
+[handlers]
+deadline_ms = 500
+breaker_failures = 2
+breaker_cooldown_ms = {cooldown_ms}
+
+[[upstream]]
+name = "cloud"
+url = "{upstream}"
+
+[[module]]
+name = "faulty"
+path = "{path}"
+
+[[route]]
+name = "guarded"
+filter = "telemetry/guarded/#"
+handler = "faulty"
+on_quarantine = "{on_quarantine}"
+[route.retry]
+max_attempts = 1
+
+[[route]]
+name = "plain"
+filter = "telemetry/plain/#"
+"#,
+        path = outpost::examples::guest_path("faulty").display()
+    )
+}
+
+/// A module that keeps failing is quarantined: with `on_quarantine = "dead-letter"` its next
+/// events become dead letters `quarantined` without running it, while other routes flow on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_keeps_failing_is_quarantined() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
+    // A cool-down far longer than the test: the quarantine cannot end during it.
+    let file = write_config(
+        dir.path(),
+        &breaker_config(&upstream.url(), 600_000, "dead-letter"),
+    );
+    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
+    gateway.start();
+
+    let device = Device::connect(gateway.port, "dev-b").await;
+    device.publish("telemetry/guarded/x", "trap").await;
+    device.publish("telemetry/guarded/x", "error").await;
+    device.wait_acked(2).await;
+    eventually("two failures dead-lettered", || {
+        let l = gateway.dead_letters();
+        l.get("trap") == Some(&1) && l.get("handler-error") == Some(&1)
+    })
+    .await;
+    eventually("the quarantine logged", || {
+        gateway.log().contains("module quarantined")
+    })
+    .await;
+    device.publish("telemetry/guarded/x", "ok-1").await;
+    device.publish("telemetry/plain/x", "plain-1").await;
+    device.wait_acked(4).await;
+    eventually("the guarded event dead-lettered as quarantined", || {
+        gateway.dead_letters().get("quarantined") == Some(&1)
+    })
+    .await;
+    eventually("the plain route still delivers", || {
+        subscriber
+            .received
+            .all()
+            .iter()
+            .any(|(_, p)| p.as_slice() == b"plain-1")
+    })
+    .await;
+    assert!(
+        !subscriber
+            .received
+            .all()
+            .iter()
+            .any(|(_, p)| p.as_slice() == b"ok-1"),
+        "a quarantined module's event was processed"
+    );
+    assert!(gateway.is_running());
+}
+
+/// With `on_quarantine = "wait"`, events that arrive during the quarantine wait durably; after
+/// the cool-down one of them probes the module, which works again, and they are delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quarantined_events_wait_and_flow_after_the_cooldown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
+    let file = write_config(dir.path(), &breaker_config(&upstream.url(), 1_000, "wait"));
+    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
+    gateway.start();
+
+    let device = Device::connect(gateway.port, "dev-w").await;
+    // Published in one go, so they are processed in this order: the two failures trip the
+    // breaker before the good events are looked at.
+    for p in ["trap", "error", "ok-1", "ok-2"] {
+        device.publish("telemetry/guarded/x", p).await;
+    }
+    device.wait_acked(4).await;
+    eventually("both good events delivered", || {
+        let got = subscriber.received.all();
+        ["ok-1", "ok-2"]
+            .iter()
+            .all(|ok| got.iter().any(|(_, p)| p.as_slice() == ok.as_bytes()))
+    })
+    .await;
+    let log = gateway.log();
+    assert!(log.contains("module quarantined"), "{log}");
+    // Only a successful probe closes the breaker: so the good events did wait for it.
+    assert!(log.contains("module out of quarantine"), "{log}");
+    let letters = gateway.dead_letters();
+    assert_eq!(letters.get("quarantined"), None, "{letters:?}");
+    assert_eq!(letters.values().sum::<u64>(), 2, "{letters:?}");
+}
