@@ -18,6 +18,10 @@
 //!   for a 512 MiB board;
 //! - **outputs**: their number and total payload size are capped; going past either is
 //!   [`HandlerFailure::OutputLimit`];
+//! - **concurrency**: at most [`RuntimeConfig::max_concurrent`] invocations run at once, and
+//!   at most [`RuntimeConfig::max_concurrent_per_module`] of one module; an invocation beyond
+//!   either limit *waits* for a slot (in arrival order) rather than failing, and its deadline
+//!   starts only when it gets one;
 //! - **reach**: the only capabilities are the host interface (log, per-module key-value
 //!   state, clock) and a locked-down WASI: no files, no environment, no arguments, no
 //!   sockets, no stdin; stdout is discarded and the start of stderr is kept only to explain a
@@ -26,18 +30,30 @@
 //! Key-value writes are buffered and applied only when an invocation succeeds, so a failed
 //! invocation can be retried from the same state.
 //!
-//! What this module does not do: it does not limit how many invocations run at once (the
-//! caller's thread pool does), retry, or keep dead letters; it does not cache compiled
-//! artifacts across restarts.
+//! **Cost.** Every invocation is metered in wasmtime *fuel* (about one unit per WebAssembly
+//! instruction, plus the copying of arguments and results), reported in
+//! [`Invocation::fuel`] and summed in [`Handler::total_fuel`]. Fuel is only a measure: the
+//! budget is so large that it never runs out before the deadline does.
+//!
+//! **Precompiled artifacts.** [`Runtime::precompile`] (or [`Handler::artifact`]) turns a
+//! module into native code that [`Runtime::load_precompiled`] loads without compiling again,
+//! as long as the artifact was made by a runtime with the same [`Runtime::artifact_key`]
+//! (wasmtime version and engine configuration).
+//!
+//! What this module does not do: retry, or keep dead letters; it does not store artifacts
+//! (the caller does, keyed by [`Runtime::artifact_key`]).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
@@ -94,6 +110,21 @@ const MAX_MEMORY_RESERVATION: u64 = 64 * 1024 * 1024;
 /// WebAssembly page size; reservations are whole pages.
 const WASM_PAGE: u64 = 64 * 1024;
 
+/// Fuel given to every invocation. Fuel measures cost, it does not limit anything (the epoch
+/// deadline does): at a billion units a second this lasts for centuries.
+const FUEL_BUDGET: u64 = u64::MAX;
+
+/// The wasmtime version this crate is built with (`Cargo.lock`; a unit test keeps the two
+/// equal). It is the readable part of [`Runtime::artifact_key`]; the hashed part covers it
+/// too.
+const WASMTIME_VERSION: &str = "48.0.8";
+
+/// First bytes of a precompiled artifact made by [`Handler::artifact`].
+const ARTIFACT_MAGIC: &[u8] = b"outpost-artifact";
+
+/// Layout version of the artifact envelope (see [`Handler::artifact`]).
+const ARTIFACT_FORMAT: u8 = 1;
+
 /// Limits applied to every invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeConfig {
@@ -108,6 +139,22 @@ pub struct RuntimeConfig {
     pub max_outputs: usize,
     /// Total payload bytes of the outputs of one invocation. Default: 8 MiB.
     pub max_output_bytes: usize,
+    /// Invocations, of all handlers together, that may run at once. Each may hold up to
+    /// [`RuntimeConfig::memory_limit_bytes`] of memory, so this also bounds the memory the
+    /// handlers use together. One more invocation *waits* (blocking its thread, in arrival
+    /// order) until one finishes; it does not fail, and its deadline starts only when it
+    /// runs. 0 is taken as 1. Default: the number of CPUs.
+    pub max_concurrent: usize,
+    /// Invocations of one module (all handlers loaded under the same name, whatever their
+    /// version) that may run at once; beyond it invocations wait, as for
+    /// [`RuntimeConfig::max_concurrent`], so a module that loops until its deadline holds
+    /// at most this many of the slots and the other modules keep theirs. 0 is taken as 1.
+    /// Default: 1.
+    pub max_concurrent_per_module: usize,
+    /// Whether invocations are metered in fuel ([`Invocation::fuel`]). Metering makes guest
+    /// code slower by a few percent to a few tens of percent (instrumented loops and calls);
+    /// turning it off makes [`Invocation::fuel`] `None`. Default: on.
+    pub meter_fuel: bool,
 }
 
 impl Default for RuntimeConfig {
@@ -117,6 +164,9 @@ impl Default for RuntimeConfig {
             memory_limit_bytes: 32 * 1024 * 1024,
             max_outputs: 10_000,
             max_output_bytes: 8 * 1024 * 1024,
+            max_concurrent: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            max_concurrent_per_module: 1,
+            meter_fuel: true,
         }
     }
 }
@@ -183,6 +233,16 @@ pub enum LoadError {
         /// What does not match.
         reason: String,
     },
+    /// A precompiled artifact was refused: made by another wasmtime version or engine
+    /// configuration (another [`Runtime::artifact_key`]), damaged, or not an artifact. The
+    /// module must be compiled again from its WebAssembly.
+    #[error("precompiled artifact of module `{name}` refused: {reason}")]
+    Artifact {
+        /// The name the module was loaded under.
+        name: String,
+        /// Why it was refused.
+        reason: String,
+    },
 }
 
 /// Why an invocation produced no outputs. Every variant is an ordinary, per-invocation
@@ -229,10 +289,11 @@ impl HandlerFailure {
 }
 
 /// The handler runtime: a wasmtime engine configured for small boards, the host interface,
-/// and the ticker that enforces deadlines.
+/// the ticker that enforces deadlines, and the concurrency limits.
 ///
-/// Cloning is cheap and every clone shares the same engine. The ticker thread stops when the
-/// last clone of the `Runtime`, and the last [`Handler`] loaded from it, are dropped.
+/// Cloning is cheap and every clone shares the same engine and limits. The ticker thread
+/// stops when the last clone of the `Runtime`, and the last [`Handler`] loaded from it, are
+/// dropped.
 #[derive(Clone)]
 pub struct Runtime {
     /// Everything the clones and the handlers share.
@@ -251,6 +312,14 @@ struct Shared {
     deadline_ticks: u64,
     /// Handlers' persistent state.
     kv: Arc<dyn KvBackend>,
+    /// [`RuntimeConfig::max_concurrent`] slots, for all invocations.
+    slots: Slots,
+    /// [`RuntimeConfig::max_concurrent_per_module`] slots of each module name loaded so far.
+    module_slots: Mutex<HashMap<String, Arc<Slots>>>,
+    /// Invocations waiting for a slot (of their module or the overall one).
+    waiting: AtomicUsize,
+    /// See [`Runtime::artifact_key`].
+    artifact_key: String,
     /// Advances the engine's epoch; stops when this is dropped.
     _ticker: Ticker,
 }
@@ -269,6 +338,7 @@ impl Runtime {
             .map_err(|e| RuntimeError::Linker(format!("WASI: {e:#}")))?;
         bindings::Handler::add_to_linker::<State, HasSelf<State>>(&mut linker, |state| state)
             .map_err(|e| RuntimeError::Linker(format!("outpost:handler/host: {e:#}")))?;
+        let artifact_key = artifact_key(&engine);
         let ticker =
             Ticker::start(engine.clone()).map_err(|e| RuntimeError::Ticker(e.to_string()))?;
         Ok(Runtime {
@@ -276,6 +346,10 @@ impl Runtime {
                 engine,
                 linker,
                 deadline_ticks: deadline_ticks(config.deadline),
+                slots: Slots::new(config.max_concurrent),
+                module_slots: Mutex::new(HashMap::new()),
+                waiting: AtomicUsize::new(0),
+                artifact_key,
                 config,
                 kv,
                 _ticker: ticker,
@@ -286,7 +360,7 @@ impl Runtime {
     /// Compiles `wasm` and checks it against the `handler` world: every import it needs must
     /// be provided by the gateway and it must export `handle` with the right type. Nothing of
     /// the module runs here. `name` is the module's identity: it scopes its key-value state
-    /// and tags its log lines.
+    /// and concurrency limit, and tags its log lines.
     ///
     /// This is CPU-heavy (Cranelift compiles the whole component); call it off the async
     /// executor.
@@ -304,22 +378,124 @@ impl Runtime {
                 name: name_owned(),
                 reason: format!("{e:#}"),
             })?;
+        let digest = Sha256::digest(wasm);
+        let version: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        self.handler(name, &component, version)
+    }
+
+    /// Compiles `wasm` as [`Runtime::load`] does (with the same checks and errors) and returns
+    /// the precompiled artifact ([`Handler::artifact`]) to store, for
+    /// [`Runtime::load_precompiled`] to load later without compiling again.
+    pub fn precompile(&self, name: &str, wasm: &[u8]) -> Result<Vec<u8>, LoadError> {
+        self.load(name, wasm)?.artifact()
+    }
+
+    /// Loads a handler from an artifact made by [`Handler::artifact`] or
+    /// [`Runtime::precompile`], without compiling: the cost is a copy of the native code and
+    /// the world check. The handler's [`Handler::version`] is that of the module the artifact
+    /// was compiled from.
+    ///
+    /// Refused ([`LoadError::Artifact`]) when the artifact was made under another
+    /// [`Runtime::artifact_key`] (another wasmtime version or engine configuration: compile
+    /// the module again), when its checksum does not match (damaged in storage), or when it is
+    /// not an artifact at all. A component of another world is [`LoadError::WrongWorld`].
+    ///
+    /// # Safety
+    ///
+    /// The artifact is native code that is mapped executable and run. It must have been made
+    /// by [`Handler::artifact`] or [`Runtime::precompile`] (of this or an earlier run of
+    /// outpost, with any key) and kept where only the gateway writes, such as the gateway's
+    /// own database. Artifacts of other versions or configurations and accidental damage are
+    /// detected and refused; bytes crafted by someone else are not: a forged artifact whose
+    /// key and checksum are consistent would run with the gateway's privileges. Never pass
+    /// bytes received from the network here; receive WebAssembly and [`Runtime::load`] or
+    /// [`Runtime::precompile`] it.
+    pub unsafe fn load_precompiled(
+        &self,
+        name: &str,
+        artifact: &[u8],
+    ) -> Result<Handler, LoadError> {
+        let refused = |reason: String| LoadError::Artifact {
+            name: name.to_string(),
+            reason,
+        };
+        let envelope = Envelope::parse(artifact).map_err(|e| refused(e.to_string()))?;
+        if envelope.key != self.shared.artifact_key {
+            return Err(refused(format!(
+                "made for {}, this runtime is {}: compile the module again",
+                envelope.key, self.shared.artifact_key
+            )));
+        }
+        if Sha256::digest(envelope.code)[..] != envelope.checksum[..] {
+            return Err(refused(
+                "checksum mismatch: the artifact is damaged".to_string(),
+            ));
+        }
+        // SAFETY: `Component::deserialize` requires bytes made by `Component::serialize` (or
+        // `Engine::precompile_component`) of a compatible engine, not modified since. The
+        // caller promises (this function's contract) that `artifact` was made by
+        // `Handler::artifact`, whose envelope holds exactly the output of
+        // `Component::serialize`; the key check above guarantees the same wasmtime version
+        // and compilation settings (wasmtime checks them again), and the checksum that the
+        // code is the one serialized, not a damaged copy.
+        let component = unsafe { Component::deserialize(&self.shared.engine, envelope.code) }
+            .map_err(|e| refused(format!("{e:#}")))?;
+        self.handler(name, &component, envelope.version.to_string())
+    }
+
+    /// The key under which precompiled artifacts of this runtime must be stored:
+    /// `wasmtime-<version>-<16 hex digits>`, the digits hashing everything that makes native
+    /// code compatible (wasmtime's exact version, target CPU and its features, compiler
+    /// settings, memory layout, fuel metering) and the artifact format. Two runtimes with
+    /// the same key can load each other's artifacts; after an upgrade or a configuration
+    /// change the key differs and modules must be compiled again.
+    pub fn artifact_key(&self) -> &str {
+        &self.shared.artifact_key
+    }
+
+    /// Invocations running now (holding a slot), out of [`RuntimeConfig::max_concurrent`].
+    pub fn running_invocations(&self) -> usize {
+        self.shared.slots.in_use()
+    }
+
+    /// Invocations waiting for a concurrency slot now.
+    pub fn waiting_invocations(&self) -> usize {
+        self.shared.waiting.load(Ordering::Relaxed)
+    }
+
+    /// The [`Handler`] for a compiled component, after the world check.
+    fn handler(
+        &self,
+        name: &str,
+        component: &Component,
+        version: String,
+    ) -> Result<Handler, LoadError> {
         let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
-            name: name_owned(),
+            name: name.to_string(),
             reason: format!("{e:#}"),
         };
         let instance_pre = self
             .shared
             .linker
-            .instantiate_pre(&component)
+            .instantiate_pre(component)
             .map_err(wrong_world)?;
         let pre = bindings::HandlerPre::new(instance_pre).map_err(wrong_world)?;
-        let digest = Sha256::digest(wasm);
-        let version: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let slots = {
+            let mut modules = self
+                .shared
+                .module_slots
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            Arc::clone(modules.entry(name.to_string()).or_insert_with(|| {
+                Arc::new(Slots::new(self.shared.config.max_concurrent_per_module))
+            }))
+        };
         Ok(Handler {
             name: Arc::from(name),
             version: Arc::from(version),
             pre,
+            slots,
+            total_fuel: Arc::new(AtomicU64::new(0)),
             shared: Arc::clone(&self.shared),
         })
     }
@@ -328,7 +504,8 @@ impl Runtime {
 /// A loaded handler: a compiled, type-checked component ready to be instantiated.
 ///
 /// Cloning is cheap; clones (on any threads) share the compiled code, and every invocation
-/// gets its own instance, so any number may run at once.
+/// gets its own instance; how many run at once is limited by
+/// [`RuntimeConfig::max_concurrent_per_module`] and [`RuntimeConfig::max_concurrent`].
 #[derive(Clone)]
 pub struct Handler {
     /// The module name: the key-value scope and the log tag.
@@ -337,6 +514,10 @@ pub struct Handler {
     version: Arc<str>,
     /// The pre-linked component.
     pre: bindings::HandlerPre<State>,
+    /// The concurrency slots of the module's name (shared with other versions of it).
+    slots: Arc<Slots>,
+    /// Fuel consumed by all invocations of this handler and its clones.
+    total_fuel: Arc<AtomicU64>,
     /// The runtime it was loaded by (kept alive, with its ticker, by this handler).
     shared: Arc<Shared>,
 }
@@ -348,6 +529,24 @@ impl std::fmt::Debug for Handler {
             .field("version", &self.version)
             .finish_non_exhaustive()
     }
+}
+
+/// What one invocation did: its result and what it cost.
+#[derive(Debug)]
+pub struct Invocation {
+    /// The outputs, or why there are none (as [`Handler::invoke`] returns them).
+    pub result: Result<Vec<Output>, HandlerFailure>,
+    /// The handler's cost: the fuel the invocation consumed (instantiation, the `handle`
+    /// call, and copying the batch in and the outputs out), failed invocations included.
+    /// Roughly one unit per WebAssembly instruction executed; the same module given the same
+    /// batch and state consumes the same fuel. `None` when [`RuntimeConfig::meter_fuel`] is
+    /// off.
+    pub fuel: Option<u64>,
+    /// How long the invocation waited for a concurrency slot before it started.
+    pub waited: Duration,
+    /// How long it ran once it had its slot (instantiation, call, output checks, key-value
+    /// writes).
+    pub ran: Duration,
 }
 
 impl Handler {
@@ -362,18 +561,52 @@ impl Handler {
         &self.version
     }
 
+    /// Fuel consumed so far by all invocations of this handler (and its clones), failed ones
+    /// included: the handler's running cost. 0 when [`RuntimeConfig::meter_fuel`] is off.
+    pub fn total_fuel(&self) -> u64 {
+        self.total_fuel.load(Ordering::Relaxed)
+    }
+
+    /// The handler's precompiled artifact, to store (keyed by [`Runtime::artifact_key`]) and
+    /// load later with [`Runtime::load_precompiled`] instead of compiling again.
+    ///
+    /// Layout: `outpost-artifact`, a format byte, the key and the module version (each
+    /// preceded by its length in one byte), the SHA-256 of the code, then the code as
+    /// wasmtime serializes it.
+    pub fn artifact(&self) -> Result<Vec<u8>, LoadError> {
+        let code = self
+            .pre
+            .instance_pre()
+            .component()
+            .serialize()
+            .map_err(|e| LoadError::Artifact {
+                name: self.name.to_string(),
+                reason: format!("cannot serialize: {e:#}"),
+            })?;
+        Ok(Envelope {
+            key: &self.shared.artifact_key,
+            version: &self.version,
+            checksum: Sha256::digest(&code).into(),
+            code: &code,
+        }
+        .to_bytes())
+    }
+
     /// Runs `batch` through a fresh instance of the handler and returns its outputs.
     ///
     /// Blocking: it returns when the handler has finished, failed, or been stopped at the
     /// deadline. Call it from a blocking thread (for example `tokio::task::spawn_blocking`),
-    /// never directly from async code: the WASI streams use a tokio runtime internally.
+    /// never directly from async code: the WASI streams use a tokio runtime internally, and
+    /// the invocation may first wait for a concurrency slot
+    /// ([`RuntimeConfig::max_concurrent`], [`RuntimeConfig::max_concurrent_per_module`]);
+    /// waiting never fails, and the deadline starts when the wait ends.
     ///
     /// Guarantees: the instance is discarded afterwards; on success, the outputs respect the
     /// output limits and the key-value writes the handler made are applied (in key order)
     /// before this returns; on failure, none of its key-value writes are applied (unless the
     /// backend itself fails part-way through applying them: [`HandlerFailure::Host`]).
     pub fn invoke(&self, batch: &[Event]) -> Result<Vec<Output>, HandlerFailure> {
-        self.invoke_with_deadline(batch, self.shared.deadline_ticks)
+        self.invoke_metered(batch).result
     }
 
     /// [`Handler::invoke`] with a deadline of its own instead of the runtime's.
@@ -382,15 +615,32 @@ impl Handler {
         batch: &[Event],
         deadline: Duration,
     ) -> Result<Vec<Output>, HandlerFailure> {
+        self.invoke_metered_within(batch, deadline).result
+    }
+
+    /// [`Handler::invoke`], also returning the invocation's cost in fuel and its times.
+    pub fn invoke_metered(&self, batch: &[Event]) -> Invocation {
+        self.invoke_with_deadline(batch, self.shared.deadline_ticks)
+    }
+
+    /// [`Handler::invoke_within`], also returning the invocation's cost in fuel and its
+    /// times.
+    pub fn invoke_metered_within(&self, batch: &[Event], deadline: Duration) -> Invocation {
         self.invoke_with_deadline(batch, deadline_ticks(deadline))
     }
 
-    fn invoke_with_deadline(
-        &self,
-        batch: &[Event],
-        deadline_ticks: u64,
-    ) -> Result<Vec<Output>, HandlerFailure> {
+    fn invoke_with_deadline(&self, batch: &[Event], deadline_ticks: u64) -> Invocation {
         let shared = &self.shared;
+        let arrived = Instant::now();
+        // The module's slot first, then an overall one: an invocation waiting for its module
+        // holds no overall slot, and whoever holds an overall slot needs nothing more, so
+        // there is no deadlock and a busy module does not idle the others' slots.
+        shared.waiting.fetch_add(1, Ordering::Relaxed);
+        let _module_slot = self.slots.acquire();
+        let _slot = shared.slots.acquire();
+        shared.waiting.fetch_sub(1, Ordering::Relaxed);
+        let started = Instant::now();
+
         let mut store = Store::new(
             &shared.engine,
             State::new(
@@ -402,22 +652,51 @@ impl Handler {
         store.limiter(|state| &mut state.limits);
         store.set_epoch_deadline(deadline_ticks);
         store.epoch_deadline_trap();
+        let metered = shared.config.meter_fuel;
+        let result = match metered {
+            true => store
+                .set_fuel(FUEL_BUDGET)
+                .map_err(|e| HandlerFailure::Host(format!("cannot set fuel: {e:#}"))),
+            false => Ok(()),
+        };
 
         let batch: Vec<types::Event> = batch.iter().map(to_wit).collect();
-        let result = self
-            .pre
-            .instantiate(&mut store)
-            .and_then(|handler| handler.call_handle(&mut store, &batch));
-        let outputs = match result {
+        let called = result.map(|()| {
+            self.pre
+                .instantiate(&mut store)
+                .and_then(|handler| handler.call_handle(&mut store, &batch))
+        });
+        let fuel =
+            metered.then(|| FUEL_BUDGET.saturating_sub(store.get_fuel().unwrap_or(FUEL_BUDGET)));
+        if let Some(fuel) = fuel {
+            self.total_fuel.fetch_add(fuel, Ordering::Relaxed);
+        }
+        let result = called.and_then(|called| self.finish(called, store));
+        Invocation {
+            result,
+            fuel,
+            waited: started - arrived,
+            ran: started.elapsed(),
+        }
+    }
+
+    /// Turns the outcome of the `handle` call into the invocation's result, applying the
+    /// key-value writes if it succeeded.
+    fn finish(
+        &self,
+        called: wasmtime::Result<Result<Vec<types::Output>, String>>,
+        store: Store<State>,
+    ) -> Result<Vec<Output>, HandlerFailure> {
+        let outputs = match called {
             Ok(Ok(outputs)) => outputs,
             Ok(Err(message)) => return Err(HandlerFailure::Error(cut(&message, MAX_REASON_BYTES))),
             Err(error) => return Err(classify(&error, store.data())),
         };
-        check_output_limits(&outputs, &shared.config)?;
+        check_output_limits(&outputs, &self.shared.config)?;
 
         let state = store.into_data();
         for (key, value) in &state.kv_writes {
-            shared
+            self.shared
                 .kv
                 .set(&self.name, key, value)
                 .map_err(|e| HandlerFailure::Host(format!("kv-set {key:?}: {e:#}")))?;
@@ -429,6 +708,180 @@ impl Handler {
                 payload: output.payload,
             })
             .collect())
+    }
+}
+
+/// A counting semaphore for blocking threads that serves waiters in arrival order, so a
+/// module that keeps invoking cannot overtake one that waits.
+struct Slots {
+    /// How many may be held at once (at least 1).
+    capacity: usize,
+    /// Free slots and the ticket queue.
+    state: Mutex<SlotState>,
+    /// Notified when a slot is freed or the queue moves.
+    changed: Condvar,
+}
+
+/// The mutable part of [`Slots`].
+struct SlotState {
+    /// Slots not held.
+    free: usize,
+    /// The ticket the next arrival takes.
+    next_ticket: u64,
+    /// The ticket allowed to take the next free slot; tickets below it have their slot.
+    serving: u64,
+}
+
+impl Slots {
+    /// `capacity` slots (0 is taken as 1).
+    fn new(capacity: usize) -> Slots {
+        let capacity = capacity.max(1);
+        Slots {
+            capacity,
+            state: Mutex::new(SlotState {
+                free: capacity,
+                next_ticket: 0,
+                serving: 0,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        // Nothing panics while holding the lock, and every update is complete under it.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits for this caller's turn and a free slot, and takes it.
+    fn acquire(&self) -> Slot<'_> {
+        let mut state = self.lock();
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        while state.serving != ticket || state.free == 0 {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        state.serving += 1;
+        state.free -= 1;
+        // The next ticket may be able to take a slot too.
+        let queue = state.next_ticket > state.serving;
+        drop(state);
+        if queue {
+            self.changed.notify_all();
+        }
+        Slot { slots: self }
+    }
+
+    /// Slots held now.
+    fn in_use(&self) -> usize {
+        self.capacity - self.lock().free
+    }
+}
+
+/// A held slot, given back when dropped (also when unwinding).
+struct Slot<'a> {
+    /// Where it came from.
+    slots: &'a Slots,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut state = self.slots.lock();
+        state.free += 1;
+        let queue = state.next_ticket > state.serving;
+        drop(state);
+        if queue {
+            self.slots.changed.notify_all();
+        }
+    }
+}
+
+/// A precompiled artifact, parsed (see [`Handler::artifact`] for the layout).
+struct Envelope<'a> {
+    /// The [`Runtime::artifact_key`] of the runtime that made it.
+    key: &'a str,
+    /// The module's [`Handler::version`].
+    version: &'a str,
+    /// SHA-256 of `code`.
+    checksum: [u8; 32],
+    /// What `Component::serialize` returned.
+    code: &'a [u8],
+}
+
+impl<'a> Envelope<'a> {
+    fn to_bytes(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(ARTIFACT_MAGIC.len() + 128 + self.code.len());
+        bytes.extend_from_slice(ARTIFACT_MAGIC);
+        bytes.push(ARTIFACT_FORMAT);
+        for field in [self.key, self.version] {
+            // Both are short ASCII strings made by this module.
+            let len = u8::try_from(field.len()).expect("artifact header field under 256 bytes");
+            bytes.push(len);
+            bytes.extend_from_slice(field.as_bytes());
+        }
+        bytes.extend_from_slice(&self.checksum);
+        bytes.extend_from_slice(self.code);
+        bytes
+    }
+
+    fn parse(bytes: &'a [u8]) -> Result<Envelope<'a>, &'static str> {
+        let rest = bytes
+            .strip_prefix(ARTIFACT_MAGIC)
+            .ok_or("not an outpost precompiled artifact")?;
+        let (&format, rest) = rest.split_first().ok_or("truncated")?;
+        if format != ARTIFACT_FORMAT {
+            return Err("unknown artifact format: compile the module again");
+        }
+        let (key, rest) = Self::field(rest)?;
+        let (version, rest) = Self::field(rest)?;
+        if rest.len() < 32 {
+            return Err("truncated");
+        }
+        let (checksum, code) = rest.split_at(32);
+        Ok(Envelope {
+            key,
+            version,
+            checksum: checksum.try_into().map_err(|_| "truncated")?,
+            code,
+        })
+    }
+
+    /// A length-prefixed string field, and what follows it.
+    fn field(bytes: &'a [u8]) -> Result<(&'a str, &'a [u8]), &'static str> {
+        let (&len, rest) = bytes.split_first().ok_or("truncated")?;
+        if rest.len() < usize::from(len) {
+            return Err("truncated");
+        }
+        let (field, rest) = rest.split_at(usize::from(len));
+        let field = std::str::from_utf8(field).map_err(|_| "malformed header")?;
+        Ok((field, rest))
+    }
+}
+
+/// [`Runtime::artifact_key`] of `engine`.
+fn artifact_key(engine: &Engine) -> String {
+    let mut hasher = Sha256Hasher(Sha256::new());
+    ARTIFACT_FORMAT.hash(&mut hasher);
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    let digest = hasher.0.finalize();
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    format!("wasmtime-{WASMTIME_VERSION}-{hex}")
+}
+
+/// A [`Hasher`] that feeds SHA-256, so a key hashed with it is the same in every build (std's
+/// `DefaultHasher` may change between Rust releases).
+struct Sha256Hasher(Sha256);
+
+impl Hasher for Sha256Hasher {
+    fn write(&mut self, bytes: &[u8]) {
+        self.0.update(bytes);
+    }
+
+    fn finish(&self) -> u64 {
+        let digest = self.0.clone().finalize();
+        u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
     }
 }
 
@@ -453,6 +906,7 @@ fn engine_config(config: &RuntimeConfig) -> Config {
     let mut engine = Config::new();
     engine
         .epoch_interruption(true)
+        .consume_fuel(config.meter_fuel)
         .memory_reservation(reservation)
         .memory_guard_size(WASM_PAGE)
         .memory_reservation_for_growth(16 * 1024 * 1024);
@@ -526,6 +980,9 @@ fn classify(error: &wasmtime::Error, state: &State) -> HandlerFailure {
     }
     let mut message = match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => return HandlerFailure::Timeout,
+        // Unreachable in practice (the budget lasts for centuries); running out of it would be
+        // running out of time.
+        Some(Trap::OutOfFuel) => return HandlerFailure::Timeout,
         Some(trap) => trap.to_string(),
         None => format!("{error:#}"),
     };
