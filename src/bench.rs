@@ -7,7 +7,7 @@
 //! many simulated devices (rumqttc clients) publishing QoS 1 as fast as their inflight window
 //! allows (or at `--rate`).
 //!
-//! Two phases:
+//! Three phases:
 //! - **throughput**: `--messages` publishes spread over `--devices` devices, upstream reachable.
 //!   Reports PUBACKs per second over the publishing phase (the gateway acknowledges a publish
 //!   only once its journal commit is durable), the rates at which the gateway journaled them,
@@ -18,6 +18,13 @@
 //!   the `--backlog` sizes, and at each measure the rates over a window of `--window` messages,
 //!   to show whether the cost per message stays flat as the outbox grows. The outbox caps are
 //!   raised above the largest depth asked for, so that they do not hold data back.
+//! - **drain**: upstream unreachable, queue a backlog of `--drain` messages, then make the
+//!   upstream reachable (the stand-in starts listening on the port that was closed) while the
+//!   devices keep publishing live traffic (as fast as their windows allow, or at `--rate`).
+//!   Reports how long the backlog takes to deliver and at what rate, the live PUBACKs per
+//!   second and publish-to-PUBACK latency meanwhile (against the throughput phase's, which had
+//!   nothing to drain), how long until the outbox is empty once live publishing stops at the
+//!   backlog's end, and whether every backlog and live message arrived upstream.
 //!
 //! Everything is in one process on purpose: `/proc/self/io` then counts the gateway's disk
 //! writes, but `/proc/self/status`'s peak RSS and the CPU time include the load generator and
@@ -25,7 +32,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -34,7 +41,7 @@ use outpost::config::{BrokerConfig, Config, UpstreamConfig};
 use outpost::edge::{DevicePublish, Edge};
 use outpost::gateway::Gateway;
 use outpost::metrics::Metrics;
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -71,6 +78,11 @@ pub struct Options {
     pub skip_throughput: bool,
     /// Skip the backlog phase.
     pub skip_backlog: bool,
+    /// Messages queued with the upstream unreachable before the drain phase makes it
+    /// reachable; 0 skips the phase.
+    pub drain: u64,
+    /// Skip the drain phase.
+    pub skip_drain: bool,
     /// Where the gateway's databases go (a fresh subdirectory per phase, removed afterwards).
     pub data: Option<PathBuf>,
     /// Also write the report as JSON here.
@@ -86,6 +98,7 @@ struct Report {
     settings: Settings,
     throughput: Option<Throughput>,
     backlog: Vec<BacklogPoint>,
+    drain: Option<Drain>,
     /// VmHWM at the end of the run: the whole process, load generator and stand-in upstream
     /// included.
     peak_rss_kib: u64,
@@ -110,6 +123,8 @@ struct Settings {
     rate: u64,
     backlog_depths: Vec<u64>,
     backlog_window: u64,
+    /// Backlog of the drain phase, 0 = not run.
+    drain_backlog: u64,
 }
 
 /// Results of the throughput phase.
@@ -133,6 +148,8 @@ struct Throughput {
     delivered_per_sec: f64,
     /// Publish (device) to arrival (stand-in upstream), first arrival of each message.
     latency_us: Latency,
+    /// Publish (the device's client writes it) to its PUBACK, every publish.
+    ack_latency_us: Latency,
     upstream_arrivals: u64,
     upstream_unique: u64,
     upstream_unparsed: u64,
@@ -182,6 +199,61 @@ struct BacklogPoint {
     cpu_cores_busy: f64,
 }
 
+/// Results of the drain phase. Times are from the moment the upstream became reachable
+/// (the stand-in starts listening), unless said otherwise.
+#[derive(Debug, Serialize)]
+struct Drain {
+    /// Messages queued with the upstream unreachable.
+    backlog: u64,
+    /// `outbox_depth` just before the upstream became reachable.
+    outbox_depth_before: u64,
+    /// Until the first message arrived upstream: the uplink's reconnect backoff (at most
+    /// `reconnect_max_ms` = 1 s here, with jitter) and its connection.
+    first_delivery_secs: f64,
+    /// From the first arrival to the arrival of the last backlog message (the uplink sends in
+    /// outbox order, so the backlog goes before every live message).
+    backlog_drain_secs: f64,
+    /// `backlog` / `backlog_drain_secs`.
+    backlog_delivered_per_sec: f64,
+    /// Until every backlog message had arrived (`first_delivery_secs + backlog_drain_secs`).
+    backlog_delivered_secs: f64,
+    /// Outbox rows when the last backlog message had arrived: live rows queued behind it.
+    outbox_depth_at_backlog_end: u64,
+    /// Until the outbox was empty. Live publishing stops when the backlog has arrived (with a
+    /// saturating live load the outbox would not empty otherwise).
+    outbox_empty_secs: f64,
+    /// PUBACKs to live publishes while the backlog drained (from the first arrival upstream to
+    /// the last backlog arrival) and their rate.
+    live_acked_during_drain: u64,
+    live_acked_per_sec: f64,
+    /// The throughput phase's `acked_per_sec` (same run, nothing to drain), if it ran.
+    baseline_acked_per_sec: Option<f64>,
+    /// `live_acked_per_sec / baseline_acked_per_sec`.
+    live_vs_baseline: Option<f64>,
+    /// Live publish (the device's client writes it) to its PUBACK, publishes acknowledged
+    /// while the backlog drained.
+    live_ack_latency_us: Latency,
+    /// Live publish to its arrival upstream, every live message (queued behind the backlog).
+    live_upstream_latency_us: Latency,
+    /// Live publishes sent in all (from the upstream becoming reachable to the backlog's end).
+    live_messages: u64,
+    /// Distinct backlog / live sequence numbers that arrived upstream.
+    backlog_arrived: u64,
+    live_arrived: u64,
+    upstream_arrivals: u64,
+    upstream_unparsed: u64,
+    /// Every backlog and every live message arrived upstream.
+    complete: bool,
+    /// See [`Throughput::peak_acked_not_journaled`], over the whole drain.
+    peak_acked_not_journaled: u64,
+    /// Times the gateway waited at the outbox or journal cap during the drain (0: the caps,
+    /// raised for the phase, did not hold live traffic back).
+    waits_at_caps: u64,
+    /// Process CPU while the backlog drained, as a share of the wall time.
+    cpu_cores_busy: f64,
+    device_connection_errors: u64,
+}
+
 /// The honest small print, repeated in the JSON.
 const NOTES: &[&str] = &[
     "acked = PUBACKs received by the simulated devices; the gateway sends each only after the publish's journal commit (SQLite WAL, synchronous=FULL), so acked_per_sec is the durable rate; outbox = moved from the journal to the outbox by the pipeline",
@@ -225,6 +297,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         rate: options.rate,
         backlog_depths: backlog_depths.clone(),
         backlog_window: options.window,
+        drain_backlog: if options.skip_drain { 0 } else { options.drain },
     };
     println!("outpost bench");
     println!(
@@ -260,6 +333,14 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         let _ = std::fs::remove_dir_all(&dir);
         backlog = result.context("backlog phase")?;
     }
+    let mut drain = None;
+    if settings.drain_backlog > 0 {
+        let dir = fresh_dir(&root.join("drain"))?;
+        let baseline = throughput.as_ref().map(|t| t.acked_per_sec);
+        let result = drain_phase(&options, settings.drain_backlog, baseline, &dir).await;
+        let _ = std::fs::remove_dir_all(&dir);
+        drain = Some(result.context("drain phase")?);
+    }
     if options.data.is_none() {
         let _ = std::fs::remove_dir_all(&root);
     }
@@ -270,6 +351,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         settings,
         throughput,
         backlog,
+        drain,
         peak_rss_kib: proc_field("/proc/self/status", "VmHWM:").unwrap_or(0),
         notes: NOTES
             .iter()
@@ -325,6 +407,7 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
     let io_start = write_bytes();
     let cpu_start = cpu_secs();
     let start = Instant::now();
+    fleet.record_ack_latency(true);
     fleet.release(total);
     let metrics = gateway.metrics.clone();
     let waited = wait_all(
@@ -360,6 +443,7 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
     }
     let io_end = write_bytes();
     let device_connection_errors = fleet.errors.load(Ordering::Relaxed);
+    let ack_latency_us = Latency::of_sorted(&fleet.ack_latencies());
 
     fleet.stop().await;
     gateway.shutdown().await;
@@ -390,6 +474,7 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
         delivered_secs: secs(delivered_at),
         delivered_per_sec: total as f64 / secs(delivered_at),
         latency_us,
+        ack_latency_us,
         upstream_arrivals: tally.arrivals,
         upstream_unique: arrivals.unique.load(Ordering::Relaxed),
         upstream_unparsed: tally.unparsed,
@@ -444,27 +529,7 @@ async fn backlog_phase(
     let mut points = Vec::new();
     let mut released = 0u64;
     for &target in depths {
-        // Fill: publish up to the target depth, in chunks each in the outbox before the next
-        // is released, so that every window starts from a settled gateway.
-        while released < target {
-            let start = Instant::now();
-            let limit = target.min(released + FILL_CHUNK);
-            fleet.release(limit);
-            released = limit;
-            wait_all(
-                start,
-                vec![
-                    ("acked", limit, Box::new(|| fleet.acked())),
-                    (
-                        "journaled",
-                        limit,
-                        Box::new(|| metrics.snapshot().journaled),
-                    ),
-                    ("outbox", limit, Box::new(|| metrics.snapshot().queued)),
-                ],
-            )
-            .await?;
-        }
+        released = fill(&fleet, &metrics, released, target).await?;
         let outbox_depth = depth(&gateway).await?;
 
         // Measure one window at this depth.
@@ -513,6 +578,225 @@ async fn backlog_phase(
     Ok(points)
 }
 
+/// Publishes from `released` up to `target` publishes in all, in chunks of [`FILL_CHUNK`]
+/// each acknowledged, journaled and in the outbox before the next is released, so that what
+/// follows starts from a settled gateway. Returns `target` (the new `released`).
+async fn fill(fleet: &Fleet, metrics: &Metrics, released: u64, target: u64) -> anyhow::Result<u64> {
+    let mut released = released;
+    while released < target {
+        let start = Instant::now();
+        let limit = target.min(released + FILL_CHUNK);
+        fleet.release(limit);
+        released = limit;
+        wait_all(
+            start,
+            vec![
+                ("acked", limit, Box::new(|| fleet.acked())),
+                (
+                    "journaled",
+                    limit,
+                    Box::new(|| metrics.snapshot().journaled),
+                ),
+                ("outbox", limit, Box::new(|| metrics.snapshot().queued)),
+            ],
+        )
+        .await?;
+    }
+    Ok(released)
+}
+
+/// Phase 3: upstream unreachable, queue `backlog` messages; then make the upstream reachable
+/// and keep the devices publishing live traffic while the backlog drains.
+async fn drain_phase(
+    options: &Options,
+    backlog: u64,
+    baseline_acked_per_sec: Option<f64>,
+    data_dir: &Path,
+) -> anyhow::Result<Drain> {
+    println!();
+    println!(
+        "drain: {backlog} messages queued with the upstream unreachable, then delivered while \
+         the devices keep publishing ({})",
+        match options.rate {
+            0 => "as fast as their windows allow".to_string(),
+            rate => format!("at most {rate} msg/s in all"),
+        }
+    );
+    // The upstream's port: closed while the backlog is queued, then the stand-in upstream
+    // starts listening on it.
+    let upstream_port = free_port()?;
+    let gateway_port = free_port()?;
+    let mut config = gateway_config(
+        data_dir,
+        gateway_port,
+        options.devices,
+        format!("mqtt://127.0.0.1:{upstream_port}"),
+    );
+    // Room for the backlog and for the live rows that queue behind it (at a saturating live
+    // load the outbox grows while the backlog drains): caps are not what this measures.
+    // Reaching them anyway is reported (`waits_at_caps`).
+    let rows = backlog.saturating_add(10_000_000);
+    let mib = rows.saturating_mul(options.payload_bytes as u64 + 64) / (1024 * 1024) + 1;
+    let store = &mut config.store;
+    store.outbox_max_rows = store
+        .outbox_max_rows
+        .max(i64::try_from(rows).unwrap_or(i64::MAX));
+    store.outbox_max_mib = store
+        .outbox_max_mib
+        .max(i64::try_from(mib).unwrap_or(i64::MAX));
+    let gateway = Gateway::start(config)
+        .await
+        .context("starting the gateway")?;
+    let clock = Instant::now();
+    let fleet = Fleet::connect(gateway_port, options, clock).await?;
+    let metrics = gateway.metrics.clone();
+
+    // The backlog, as fast as the windows allow even with --rate (the rate is for the live
+    // traffic).
+    fleet.unpaced_below(backlog);
+    fill(&fleet, &metrics, 0, backlog).await?;
+    let outbox_depth_before = depth(&gateway).await?;
+    eprintln!("  {outbox_depth_before} rows in the outbox; upstream reachable now");
+    let waits_before = waits_at_caps(&metrics);
+
+    // Upstream reachable, live traffic released.
+    let arrivals = Arc::new(Arrivals::live_from(backlog));
+    let (upstream_tx, upstream_rx) = mpsc::channel(8192);
+    let upstream_edge = Edge::start(
+        &broker_on(upstream_port, 16),
+        upstream_tx,
+        Arc::new(Metrics::default()),
+    )
+    .context("starting the stand-in upstream (its port was free a moment ago)")?;
+    let counter = tokio::spawn(count_arrivals(upstream_rx, arrivals.clone(), clock));
+    let reachable = Instant::now();
+    fleet.release(u64::MAX);
+
+    let backlog_arrived = || arrivals.unique_below.load(Ordering::Relaxed);
+    // Live PUBACKs reach no target here (0): only the backlog's arrivals count as progress.
+    let first = wait_all(
+        reachable,
+        vec![
+            ("acked", 0, Box::new(|| fleet.acked())),
+            ("journaled", 0, Box::new(|| metrics.snapshot().journaled)),
+            ("delivered", 1, Box::new(backlog_arrived)),
+        ],
+    )
+    .await?;
+    // The drain window: from the first arrival to the last backlog arrival.
+    fleet.record_ack_latency(true);
+    let first_delivery = Instant::now();
+    let acked_at_first = fleet.acked();
+    let cpu_start = cpu_secs();
+    let drained = wait_all(
+        first_delivery,
+        vec![
+            ("acked", 0, Box::new(|| fleet.acked())),
+            ("journaled", 0, Box::new(|| metrics.snapshot().journaled)),
+            ("backlog delivered", backlog, Box::new(backlog_arrived)),
+        ],
+    )
+    .await?;
+    fleet.record_ack_latency(false);
+    let backlog_end = &drained.reached[2];
+    let live_acked_during_drain = backlog_end.counters[0].saturating_sub(acked_at_first);
+    // Live publishing stops here: every ticket already taken is still published.
+    let issued = fleet.stop_issuing();
+    let live_ack_latencies = fleet.ack_latencies();
+    let outbox_depth_at_backlog_end = depth(&gateway).await?;
+    eprintln!(
+        "  backlog delivered; {} live messages sent, {outbox_depth_at_backlog_end} rows left",
+        issued.saturating_sub(backlog)
+    );
+
+    let rest = wait_all(
+        reachable,
+        vec![
+            ("acked", issued, Box::new(|| fleet.acked())),
+            (
+                "journaled",
+                issued,
+                Box::new(|| metrics.snapshot().journaled),
+            ),
+            ("outbox", issued, Box::new(|| metrics.snapshot().queued)),
+            (
+                "delivered",
+                issued,
+                Box::new(|| arrivals.unique.load(Ordering::Relaxed)),
+            ),
+        ],
+    )
+    .await?;
+    let deadline = Instant::now() + STALL;
+    while depth(&gateway).await? > 0 {
+        if Instant::now() > deadline {
+            bail!("the outbox did not empty after delivery");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outbox_empty = Instant::now();
+    let cap_waits = waits_at_caps(&metrics).saturating_sub(waits_before);
+    let device_connection_errors = fleet.errors.load(Ordering::Relaxed);
+
+    fleet.stop().await;
+    gateway.shutdown().await;
+    upstream_edge.stop();
+    counter.abort();
+
+    let tally = arrivals
+        .tally
+        .lock()
+        .map_err(|_| anyhow::anyhow!("the arrival counter panicked"))?;
+    let mut upstream_latencies = tally.latencies_us.clone();
+    upstream_latencies.sort_unstable();
+    let since = |from: Instant, to: Instant| to.duration_since(from).as_secs_f64();
+    let first_delivery_at = first.reached[2].at;
+    let backlog_drain_secs = since(first_delivery_at, backlog_end.at);
+    let drain_window = since(first_delivery, backlog_end.at);
+    let live_messages = issued.saturating_sub(backlog);
+    let backlog_arrived = arrivals.unique_below.load(Ordering::Relaxed);
+    let live_arrived = arrivals
+        .unique
+        .load(Ordering::Relaxed)
+        .saturating_sub(backlog_arrived);
+    let live_acked_per_sec = live_acked_during_drain as f64 / drain_window;
+    Ok(Drain {
+        backlog,
+        outbox_depth_before,
+        first_delivery_secs: since(reachable, first_delivery_at),
+        backlog_drain_secs,
+        backlog_delivered_per_sec: backlog as f64 / backlog_drain_secs,
+        backlog_delivered_secs: since(reachable, backlog_end.at),
+        outbox_depth_at_backlog_end,
+        outbox_empty_secs: since(reachable, outbox_empty),
+        live_acked_during_drain,
+        live_acked_per_sec,
+        baseline_acked_per_sec,
+        live_vs_baseline: baseline_acked_per_sec.map(|b| live_acked_per_sec / b),
+        live_ack_latency_us: Latency::of_sorted(&live_ack_latencies),
+        live_upstream_latency_us: Latency::of_sorted(&upstream_latencies),
+        live_messages,
+        backlog_arrived,
+        live_arrived,
+        upstream_arrivals: tally.arrivals,
+        upstream_unparsed: tally.unparsed,
+        complete: backlog_arrived == backlog && live_arrived == live_messages,
+        peak_acked_not_journaled: first.peak_lead.max(drained.peak_lead).max(rest.peak_lead),
+        waits_at_caps: cap_waits,
+        cpu_cores_busy: match cpu_start {
+            Some(c0) => (backlog_end.cpu - c0) / drain_window,
+            None => f64::NAN,
+        },
+        device_connection_errors,
+    })
+}
+
+/// Times the gateway waited at the outbox or the journal cap so far.
+fn waits_at_caps(metrics: &Metrics) -> u64 {
+    let s = metrics.snapshot();
+    s.outbox_full_waits + s.journal_full_waits
+}
+
 /// The gateway as the benchmark runs it: defaults (passthrough `telemetry/#`, one upstream),
 /// devices on `port`, data in `data_dir`.
 fn gateway_config(data_dir: &Path, port: u16, devices: usize, upstream_url: String) -> Config {
@@ -545,6 +829,8 @@ struct Reached {
     at: Instant,
     write_bytes: Option<u64>,
     cpu: f64,
+    /// Every target's counter at that poll, in the order of the targets.
+    counters: Vec<u64>,
 }
 
 /// What [`wait_all`] saw.
@@ -560,8 +846,9 @@ struct Waited {
 type Target<'a> = (&'static str, u64, Box<dyn Fn() -> u64 + 'a>);
 
 /// Polls the counters until each has reached its target; returns, per target, the moment it
-/// did with the disk and CPU counters then. Prints progress every second; fails when no counter
-/// moved for [`STALL`], saying how far each got.
+/// did with the disk and CPU counters and every counter then. Prints progress every second;
+/// fails when no counter that is still short of its target moved for [`STALL`], saying how far
+/// each got (so a counter with target 0 is watched, not waited for).
 ///
 /// By convention the first target counts PUBACKs and the second journal commits (see
 /// [`Waited::peak_lead`]).
@@ -574,17 +861,20 @@ async fn wait_all(start: Instant, targets: Vec<Target<'_>>) -> anyhow::Result<Wa
     loop {
         let now = Instant::now();
         let mut moved = false;
-        for (i, (_, target, value)) in targets.iter().enumerate() {
+        for (i, (_, _, value)) in targets.iter().enumerate() {
             let v = value();
             if v != last_values[i] {
                 last_values[i] = v;
-                moved = true;
+                moved |= reached[i].is_none();
             }
-            if reached[i].is_none() && v >= *target {
+        }
+        for (i, (_, target, _)) in targets.iter().enumerate() {
+            if reached[i].is_none() && last_values[i] >= *target {
                 reached[i] = Some(Reached {
                     at: now,
                     write_bytes: write_bytes(),
                     cpu: cpu_secs().unwrap_or(f64::NAN),
+                    counters: last_values.clone(),
                 });
             }
         }
@@ -652,6 +942,8 @@ async fn depth(gateway: &Gateway) -> anyhow::Result<u64> {
 struct Gate {
     limit: u64,
     stop: bool,
+    /// Publishes with a lower sequence number ignore `--rate`.
+    unpaced_below: u64,
 }
 
 /// The simulated devices. Each publish takes the next global sequence number (a ticket) and
@@ -660,6 +952,11 @@ struct Fleet {
     next: Arc<AtomicU64>,
     acked: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
+    /// Whether the devices record each PUBACK's latency now.
+    recording: Arc<AtomicBool>,
+    /// Per device, publish-to-PUBACK latencies in microseconds (one lock per device, so the
+    /// devices do not contend).
+    ack_latencies: Vec<Arc<Mutex<Vec<u64>>>>,
     gate: watch::Sender<Gate>,
     clients: Vec<AsyncClient>,
     publishers: Vec<JoinHandle<anyhow::Result<()>>>,
@@ -675,6 +972,8 @@ impl Fleet {
             next: Arc::new(AtomicU64::new(0)),
             acked: Arc::new(AtomicU64::new(0)),
             errors: Arc::new(AtomicU64::new(0)),
+            recording: Arc::new(AtomicBool::new(false)),
+            ack_latencies: Vec::new(),
             gate,
             clients: Vec::new(),
             publishers: Vec::new(),
@@ -692,12 +991,18 @@ impl Fleet {
                 // room, not long before.
                 .set_request_channel_capacity(8);
             let (client, eventloop) = AsyncClient::new(mqtt, 8);
+            let latencies = Arc::new(Mutex::new(Vec::new()));
             fleet.drivers.push(tokio::spawn(drive(
                 eventloop,
-                fleet.acked.clone(),
-                fleet.errors.clone(),
-                connected.clone(),
+                Counters {
+                    acked: fleet.acked.clone(),
+                    errors: fleet.errors.clone(),
+                    connected: connected.clone(),
+                    recording: fleet.recording.clone(),
+                    ack_latencies: latencies.clone(),
+                },
             )));
+            fleet.ack_latencies.push(latencies);
             // Devices start their pacing at staggered offsets, not all on the same tick.
             let pacing = period.map(|p| (p, p.mul_f64(device as f64 / options.devices as f64)));
             fleet.publishers.push(tokio::spawn(publish_loop(
@@ -730,9 +1035,42 @@ impl Fleet {
         self.gate.send_modify(|g| g.limit = limit);
     }
 
+    /// Publishes with a sequence number below `seq` ignore `--rate` (a backlog is queued as
+    /// fast as the windows allow).
+    fn unpaced_below(&self, seq: u64) {
+        self.gate.send_modify(|g| g.unpaced_below = seq);
+    }
+
+    /// Stops handing out publishes: those whose ticket was already taken are still sent.
+    /// Returns how many publishes are sent in all.
+    fn stop_issuing(&self) -> u64 {
+        // Every ticket below `issued` was taken, so each is published; every later one waits
+        // at the gate.
+        let issued = self.next.load(Ordering::SeqCst);
+        self.release(issued);
+        issued
+    }
+
     /// PUBACKs received so far.
     fn acked(&self) -> u64 {
         self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Starts or stops recording the publish-to-PUBACK latency of each PUBACK received.
+    fn record_ack_latency(&self, on: bool) {
+        self.recording.store(on, Ordering::Relaxed);
+    }
+
+    /// The publish-to-PUBACK latencies recorded so far, ascending, in microseconds.
+    fn ack_latencies(&self) -> Vec<u64> {
+        let mut all = Vec::new();
+        for device in &self.ack_latencies {
+            if let Ok(samples) = device.lock() {
+                all.extend_from_slice(&samples);
+            }
+        }
+        all.sort_unstable();
+        all
     }
 
     /// Stops publishing and disconnects every device.
@@ -756,25 +1094,48 @@ impl Fleet {
     }
 }
 
-/// Runs one device's MQTT event loop: counts CONNACKs, PUBACKs and connection errors
-/// (rumqttc reconnects on the next poll).
-async fn drive(
-    mut eventloop: rumqttc::EventLoop,
+/// What a device's event loop counts and records.
+struct Counters {
     acked: Arc<AtomicU64>,
     errors: Arc<AtomicU64>,
     connected: Arc<AtomicU64>,
-) {
+    recording: Arc<AtomicBool>,
+    ack_latencies: Arc<Mutex<Vec<u64>>>,
+}
+
+/// Runs one device's MQTT event loop: counts CONNACKs, PUBACKs and connection errors
+/// (rumqttc reconnects on the next poll), and while `recording` is set, records each PUBACK's
+/// latency from the moment the client wrote the publish (its `Outgoing::Publish` event).
+async fn drive(mut eventloop: rumqttc::EventLoop, counters: Counters) {
+    // Send time per packet id (rumqttc's ids run from 1 to the inflight window). Kept even
+    // when not recording, so that a PUBACK never meets a stale send time.
+    let mut sent: Vec<Option<Instant>> = Vec::new();
     loop {
         match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::PubAck(_))) => {
-                acked.fetch_add(1, Ordering::Relaxed);
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                let i = usize::from(pkid);
+                if i >= sent.len() {
+                    sent.resize(i + 1, None);
+                }
+                sent[i] = Some(Instant::now());
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                counters.acked.fetch_add(1, Ordering::Relaxed);
+                let sent_at = sent.get_mut(usize::from(ack.pkid)).and_then(Option::take);
+                if let Some(sent_at) = sent_at {
+                    if counters.recording.load(Ordering::Relaxed) {
+                        if let Ok(mut samples) = counters.ack_latencies.lock() {
+                            samples.push(sent_at.elapsed().as_micros() as u64);
+                        }
+                    }
+                }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) if ack.code == ConnectReturnCode::Success => {
-                connected.fetch_add(1, Ordering::Relaxed);
+                counters.connected.fetch_add(1, Ordering::Relaxed);
             }
             Ok(_) => {}
             Err(_) => {
-                errors.fetch_add(1, Ordering::Relaxed);
+                counters.errors.fetch_add(1, Ordering::Relaxed);
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
@@ -801,19 +1162,19 @@ async fn publish_loop(
     });
     loop {
         let seq = next.fetch_add(1, Ordering::Relaxed);
-        loop {
+        let paced = loop {
             let g = *gate.borrow_and_update();
             if g.stop {
                 return Ok(());
             }
             if seq < g.limit {
-                break;
+                break seq >= g.unpaced_below;
             }
             if gate.changed().await.is_err() {
                 return Ok(());
             }
-        }
-        if let Some(ticker) = ticker.as_mut() {
+        };
+        if let Some(ticker) = ticker.as_mut().filter(|_| paced) {
             ticker.tick().await;
         }
         let sent_us = clock.elapsed().as_micros() as u64;
@@ -857,7 +1218,21 @@ struct Stamp {
 struct Arrivals {
     /// Distinct sequence numbers received (polled while waiting, hence outside the lock).
     unique: AtomicU64,
+    /// Sequence numbers below this are a backlog: counted apart, their latency not recorded.
+    live_from: u64,
+    /// Distinct sequence numbers below `live_from` received.
+    unique_below: AtomicU64,
     tally: Mutex<Tally>,
+}
+
+impl Arrivals {
+    /// Arrivals of which sequence numbers below `seq` are a backlog.
+    fn live_from(seq: u64) -> Arrivals {
+        Arrivals {
+            live_from: seq,
+            ..Arrivals::default()
+        }
+    }
 }
 
 #[derive(Default)]
@@ -895,9 +1270,13 @@ async fn count_arrivals(
             }
             if !tally.seen[index] {
                 tally.seen[index] = true;
-                tally
-                    .latencies_us
-                    .push(now_us.saturating_sub(stamp.sent_us));
+                if stamp.seq < arrivals.live_from {
+                    arrivals.unique_below.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    tally
+                        .latencies_us
+                        .push(now_us.saturating_sub(stamp.sent_us));
+                }
                 arrivals.unique.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -1019,6 +1398,13 @@ fn print_report(report: &Report) {
             t.latency_us.samples
         );
         println!(
+            "  latency publish->PUBACK    p50 {:.1} ms  p90 {:.1} ms  p99 {:.1} ms  max {:.1} ms",
+            t.ack_latency_us.p50 as f64 / 1000.0,
+            t.ack_latency_us.p90 as f64 / 1000.0,
+            t.ack_latency_us.p99 as f64 / 1000.0,
+            t.ack_latency_us.max as f64 / 1000.0,
+        );
+        println!(
             "  disk written             {:>9.0} B/msg  (until the last PUBACK: {:.0} B/msg; WAL + checkpoints + deletes)",
             t.disk_bytes_per_msg, t.disk_bytes_per_msg_until_acked
         );
@@ -1049,6 +1435,9 @@ fn print_report(report: &Report) {
             );
         }
     }
+    if let Some(d) = &report.drain {
+        print_drain(d);
+    }
     println!(
         "  peak RSS                 {:>9} KiB  (whole process: gateway + load generator + stand-in upstream)",
         report.peak_rss_kib
@@ -1056,6 +1445,74 @@ fn print_report(report: &Report) {
     println!("  notes");
     for note in &report.notes {
         println!("    - {note}");
+    }
+}
+
+fn print_drain(d: &Drain) {
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "  drain of {} queued messages with live traffic (times from the upstream becoming reachable)",
+        d.backlog
+    );
+    println!(
+        "    first delivery           {:>9.2} s  (the uplink's reconnect backoff, at most 1 s)",
+        d.first_delivery_secs
+    );
+    println!(
+        "    backlog delivered        {:>9.0} msg/s  (in {:.2} s from the first delivery; all delivered after {:.2} s)",
+        d.backlog_delivered_per_sec, d.backlog_drain_secs, d.backlog_delivered_secs
+    );
+    println!(
+        "    outbox empty after       {:>9.2} s  (live publishing stopped at the backlog's end, {} live rows queued then)",
+        d.outbox_empty_secs, d.outbox_depth_at_backlog_end
+    );
+    match (d.baseline_acked_per_sec, d.live_vs_baseline) {
+        (Some(baseline), Some(ratio)) => println!(
+            "    live acked while draining {:>8.0} msg/s  ({} PUBACKs; {:.0}% of the {:.0} msg/s with nothing to drain)",
+            d.live_acked_per_sec,
+            d.live_acked_during_drain,
+            ratio * 100.0,
+            baseline
+        ),
+        _ => println!(
+            "    live acked while draining {:>8.0} msg/s  ({} PUBACKs; run the throughput phase for the figure with nothing to drain)",
+            d.live_acked_per_sec, d.live_acked_during_drain
+        ),
+    }
+    let a = &d.live_ack_latency_us;
+    println!(
+        "    live publish->PUBACK       p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  ({} samples, while draining)",
+        ms(a.p50),
+        ms(a.p99),
+        ms(a.max),
+        a.samples
+    );
+    let u = &d.live_upstream_latency_us;
+    println!(
+        "    live publish->upstream     p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms  (queued behind the backlog)",
+        ms(u.p50),
+        ms(u.p99),
+        ms(u.max)
+    );
+    println!(
+        "    complete                 {}: backlog {} of {}, live {} of {} arrived ({} arrivals, {} unparsed)",
+        if d.complete { "yes" } else { "NO" },
+        d.backlog_arrived,
+        d.backlog,
+        d.live_arrived,
+        d.live_messages,
+        d.upstream_arrivals,
+        d.upstream_unparsed
+    );
+    println!(
+        "    acked, not journaled     {:>9} at most;  waits at caps {};  {:.2} cores busy while draining",
+        d.peak_acked_not_journaled, d.waits_at_caps, d.cpu_cores_busy
+    );
+    if d.device_connection_errors > 0 {
+        println!(
+            "    device connection errors {}",
+            d.device_connection_errors
+        );
     }
 }
 
@@ -1103,5 +1560,50 @@ mod tests {
         // Too small a size still gives the whole stamp.
         let small = payload(u64::MAX, u64::MAX, 0, 10);
         assert!(serde_json::from_slice::<Stamp>(&small).is_ok());
+    }
+
+    #[tokio::test]
+    async fn arrivals_count_the_backlog_apart_and_time_only_live_messages() {
+        let arrivals = Arc::new(Arrivals::live_from(3));
+        let (tx, rx) = mpsc::channel(16);
+        let clock = Instant::now();
+        let counter = tokio::spawn(count_arrivals(rx, arrivals.clone(), clock));
+        let send = |body: Vec<u8>| DevicePublish {
+            topic: "telemetry/x".into(),
+            payload: body.into(),
+            received_ms: 0,
+        };
+        // Backlog 0..3 (2 twice), live 3 and 4 (4 twice), and one that is not a stamp.
+        for seq in [0, 1, 2, 2, 3, 4, 4] {
+            tx.send(send(payload(seq, 0, 0, 64)))
+                .await
+                .expect("counter runs");
+        }
+        tx.send(send(b"not json".to_vec()))
+            .await
+            .expect("counter runs");
+        drop(tx);
+        counter.await.expect("counter ends with its channel");
+        assert_eq!(arrivals.unique.load(Ordering::Relaxed), 5);
+        assert_eq!(arrivals.unique_below.load(Ordering::Relaxed), 3);
+        let tally = arrivals.tally.lock().expect("not poisoned");
+        assert_eq!((tally.arrivals, tally.unparsed), (8, 1));
+        assert_eq!(tally.latencies_us.len(), 2, "only live messages are timed");
+    }
+
+    #[tokio::test]
+    async fn wait_all_records_every_counter_when_a_target_is_reached() {
+        let waited = wait_all(
+            Instant::now(),
+            vec![
+                ("acked", 0, Box::new(|| 5)),
+                ("journaled", 0, Box::new(|| 4)),
+                ("delivered", 2, Box::new(|| 7)),
+            ],
+        )
+        .await
+        .expect("every target is reached at once");
+        assert_eq!(waited.reached[2].counters, vec![5, 4, 7]);
+        assert_eq!(waited.peak_lead, 1);
     }
 }
