@@ -65,7 +65,8 @@ enum Command {
         #[arg(long, default_value = "outpost")]
         name: String,
     },
-    /// Sign handler modules and verify signed ones.
+    /// Sign handler modules and verify signed ones; deploy, list, roll back and remove them on
+    /// running gateways over MQTT.
     Module {
         #[command(subcommand)]
         command: ModuleCommand,
@@ -179,6 +180,92 @@ enum ModuleCommand {
         #[arg(long)]
         version: Option<String>,
     },
+    /// Deploy a module to a running gateway (or a fleet group) over MQTT: signs FILE for
+    /// --name with --key, publishes it on `outpost/<gateway>/modules/<name>/deploy` and waits
+    /// for the gateway's status. Exits non-zero with the gateway's reason if it refuses.
+    Push {
+        /// The module (a WebAssembly component, signed here), or a signed module from `outpost
+        /// module sign` (published as it is).
+        file: PathBuf,
+        /// The module's name (what routes call it); a signed FILE must be signed for it.
+        #[arg(long)]
+        name: String,
+        /// The version to sign [default: the first 12 hex digits of the module's SHA-256]; a
+        /// signed FILE must be signed with it.
+        #[arg(long)]
+        version: Option<String>,
+        /// The secret key file (NAME.key from `outpost keygen`); not needed for a signed FILE.
+        #[arg(long, value_name = "KEYFILE")]
+        key: Option<PathBuf>,
+        #[command(flatten)]
+        target: TargetOptions,
+        /// Fleet only: publish the module retained, so that the group's gateways that connect
+        /// later get it too (it stays on the broker until replaced or cleared).
+        #[arg(long)]
+        retain: bool,
+    },
+    /// List the modules a running gateway has: deployed and configured, with their versions,
+    /// the version a rollback would return to, and whether they are quarantined.
+    List {
+        #[command(flatten)]
+        target: TargetOptions,
+    },
+    /// Go back to a deployed module's previous version (a signed command).
+    Rollback {
+        /// The module's name.
+        name: String,
+        /// The secret key file that signs the command (its public key must be trusted).
+        #[arg(long, value_name = "KEYFILE")]
+        key: PathBuf,
+        #[command(flatten)]
+        target: TargetOptions,
+    },
+    /// Stop running a deployed module and forget it (a signed command). Routes that use it
+    /// fail until it is deployed again.
+    Remove {
+        /// The module's name.
+        name: String,
+        /// The secret key file that signs the command (its public key must be trusted).
+        #[arg(long, value_name = "KEYFILE")]
+        key: PathBuf,
+        #[command(flatten)]
+        target: TargetOptions,
+    },
+}
+
+/// Where a module request goes and how long to wait for its answer.
+#[derive(clap::Args)]
+struct TargetOptions {
+    /// The MQTT broker: the gateway's own listener, or an upstream broker its gateways are
+    /// connected to (needed for --fleet).
+    #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
+    broker: String,
+    /// The gateway's id (its `gateway_id`).
+    #[arg(long, required_unless_present = "fleet", conflicts_with = "fleet")]
+    gateway: Option<String>,
+    /// Every gateway of this fleet group (on an upstream broker); collects their statuses.
+    #[arg(long, value_name = "GROUP")]
+    fleet: Option<String>,
+    /// Fleet only: the first topic levels of fleet requests [default: outpost/fleet].
+    #[arg(long, value_name = "PREFIX")]
+    fleet_prefix: Option<String>,
+    /// Fleet only: seconds to collect statuses [default: 10].
+    #[arg(long, value_name = "SECS")]
+    wait: Option<u64>,
+    /// Fleet only: stop waiting once this many gateways answered (and fail if fewer did).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    expect: Option<u64>,
+    /// Seconds to wait for a gateway's status.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 30,
+        conflicts_with = "fleet"
+    )]
+    timeout: u64,
+    /// Print the status(es) as JSON instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -236,6 +323,7 @@ fn main() -> ExitCode {
     let default_level = match cli.command {
         Command::Demo { .. } | Command::Bench { .. } => "error,rumqttd=off",
         Command::Deadletters { .. } => "warn",
+        Command::Module { .. } => "warn",
         _ => "info,rumqttd=warn",
     };
     tracing_subscriber::fmt()
@@ -292,6 +380,33 @@ fn main() -> ExitCode {
                     version,
                 },
         } => module_verify(&signed, &trust, config.as_deref(), name, version),
+        Command::Module {
+            command:
+                ModuleCommand::Push {
+                    file,
+                    name,
+                    version,
+                    key,
+                    target,
+                    retain,
+                },
+        } => module_push(
+            &file,
+            &name,
+            version.as_deref(),
+            key.as_deref(),
+            &target,
+            retain,
+        ),
+        Command::Module {
+            command: ModuleCommand::List { target },
+        } => module_list(&target),
+        Command::Module {
+            command: ModuleCommand::Rollback { name, key, target },
+        } => module_command(outpost::signing::CommandOp::Rollback, &name, &key, &target),
+        Command::Module {
+            command: ModuleCommand::Remove { name, key, target },
+        } => module_command(outpost::signing::CommandOp::Remove, &name, &key, &target),
         Command::Demo {
             phase_secs,
             devices,
@@ -551,4 +666,156 @@ fn module_verify(
     println!("size     {} bytes", signed.wasm().len());
     println!("key id   {key_id}  ({trusted_by})");
     Ok(())
+}
+
+/// The target of a module request, from the command line.
+fn module_target(o: &TargetOptions) -> anyhow::Result<outpost::deploy_client::Target> {
+    use outpost::deploy_client::{Target, DEFAULT_FLEET_PREFIX};
+    if o.fleet.is_none() {
+        let fleet_only = [
+            ("--fleet-prefix", o.fleet_prefix.is_some()),
+            ("--wait", o.wait.is_some()),
+            ("--expect", o.expect.is_some()),
+        ];
+        if let Some((flag, _)) = fleet_only.iter().find(|(_, given)| *given) {
+            anyhow::bail!("{flag} applies to --fleet GROUP only");
+        }
+    }
+    match (&o.gateway, &o.fleet) {
+        (Some(gateway), None) => Target::gateway(gateway),
+        (None, Some(group)) => Target::fleet(
+            o.fleet_prefix.as_deref().unwrap_or(DEFAULT_FLEET_PREFIX),
+            group,
+        ),
+        // clap enforces exactly one of the two.
+        _ => anyhow::bail!("give --gateway ID or --fleet GROUP"),
+    }
+}
+
+/// Publishes `request` and reports the answer(s): text or JSON on stdout, an error (exit code
+/// 1) when a gateway refused or did not answer.
+fn module_request(
+    request: outpost::deploy_client::Request,
+    o: &TargetOptions,
+) -> anyhow::Result<()> {
+    use outpost::deploy_client::{self, Target};
+    let rt = tokio_runtime()?;
+    match request.target() {
+        Target::Gateway(_) => {
+            let timeout = std::time::Duration::from_secs(o.timeout);
+            let status = rt.block_on(deploy_client::request(&o.broker, &request, timeout))?;
+            if o.json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else if status.ok {
+                print!("{}", deploy_client::render(&status));
+            }
+            if let Some(reason) = status.failure() {
+                anyhow::bail!(
+                    "gateway {} refused the {}: {reason}",
+                    status.gateway,
+                    status.op
+                );
+            }
+        }
+        Target::Fleet { .. } => {
+            let wait = std::time::Duration::from_secs(o.wait.unwrap_or(10));
+            let expect = o.expect.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+            let statuses = rt.block_on(deploy_client::request_fleet(
+                &o.broker, &request, wait, expect,
+            ))?;
+            if o.json {
+                println!("{}", serde_json::to_string_pretty(&statuses)?);
+            } else {
+                print!("{}", deploy_client::render_all(&statuses));
+                if statuses.is_empty() && request.is_retained() {
+                    println!(
+                        "the module is retained on the broker: the group's gateways get it when they connect"
+                    );
+                }
+            }
+            deploy_client::check_fleet(&statuses, expect, request.is_retained())
+                .map_err(anyhow::Error::msg)?;
+        }
+    }
+    Ok(())
+}
+
+fn module_push(
+    file: &std::path::Path,
+    name: &str,
+    version: Option<&str>,
+    key_file: Option<&std::path::Path>,
+    target: &TargetOptions,
+    retain: bool,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use outpost::deploy_client::Request;
+    use outpost::signing::{self, SignedModule};
+    signing::validate_name(name)?;
+    if let Some(version) = version {
+        signing::validate_version(version)?;
+    }
+    let to = module_target(target)?;
+    if retain && target.fleet.is_none() {
+        anyhow::bail!("--retain applies to --fleet GROUP only");
+    }
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let request = if bytes.starts_with(signing::ENVELOPE_MAGIC) {
+        let signed = SignedModule::from_bytes(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+        signed
+            .expect_identity(name, version)
+            .map_err(|e| anyhow::anyhow!("{}: {e}; nothing was sent", file.display()))?;
+        if key_file.is_some() {
+            eprintln!(
+                "note: {} is already signed; --key is not used",
+                file.display()
+            );
+        }
+        Request::deploy(to, bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+    } else {
+        let Some(key_file) = key_file else {
+            anyhow::bail!(
+                "{} is not signed: give --key KEYFILE to sign it (or push a file from `outpost module sign`)",
+                file.display()
+            );
+        };
+        if !bytes.starts_with(b"\0asm") {
+            anyhow::bail!(
+                "{} is neither WebAssembly (no \\0asm magic) nor a signed module; nothing was sent",
+                file.display()
+            );
+        }
+        let key = signing::read_secret_key(key_file)?;
+        let version = match version {
+            Some(v) => v.to_string(),
+            None => signing::to_hex(&signing::sha256(&bytes))[..12].to_string(),
+        };
+        let signed = SignedModule::sign(&key, name, &version, bytes)?;
+        Request::deploy_module(to, &signed)
+    };
+    let request = if retain { request.retained()? } else { request };
+    module_request(request, target)
+}
+
+fn module_list(target: &TargetOptions) -> anyhow::Result<()> {
+    let request = outpost::deploy_client::Request::list(module_target(target)?);
+    module_request(request, target)
+}
+
+fn module_command(
+    op: outpost::signing::CommandOp,
+    name: &str,
+    key_file: &std::path::Path,
+    target: &TargetOptions,
+) -> anyhow::Result<()> {
+    use outpost::signing::{self, SignedCommand};
+    signing::validate_name(name)?;
+    let to = module_target(target)?;
+    let key = signing::read_secret_key(key_file)?;
+    let command = SignedCommand::sign(&key, op, name, outpost::event::now_ms())?;
+    module_request(
+        outpost::deploy_client::Request::command(to, &command),
+        target,
+    )
 }

@@ -13,6 +13,15 @@
 //! whatever it is given, and [`SignedModule::verify_against`] accepts a module only if its bytes
 //! hash to the signed digest and the signature verifies (strictly) under a trusted key.
 //!
+//! A [`SignedCommand`] is the signed form of the control commands that change what a gateway runs
+//! without carrying a module: `remove` and `rollback`. Its signature covers the operation, the
+//! module name and the time it was issued ([`SignedCommand::signed_bytes`], under its own
+//! domain prefix [`COMMAND_DOMAIN`], so a module signature never verifies as a command and a
+//! command signature never verifies as a module). It travels as a small JSON object
+//! ([`SignedCommand::to_json`]); [`SignedCommand::from_json`] never panics and
+//! [`SignedCommand::accept`] applies every check a gateway makes (signature, topic, replay,
+//! clock).
+//!
 //! Key files are one line of text: `outpost-ed25519-public <64 hex digits>` for a public key,
 //! `outpost-ed25519-secret <64 hex digits>` (the 32-byte seed) for a secret key, which is
 //! written with mode 0600 and refused when other users can read it.
@@ -57,6 +66,19 @@ pub const MAX_HEADER_BYTES: usize = 4096;
 
 /// The default cap on a module's size (16 MiB), as used by `[deploy] max_module_bytes`.
 pub const DEFAULT_MAX_MODULE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Domain-separation prefix of every signed control command (see
+/// [`SignedCommand::signed_bytes`]). It differs from [`DOMAIN`], so a module manifest's signature
+/// never verifies as a command and a command's never verifies as a module manifest.
+pub const COMMAND_DOMAIN: &[u8] = b"outpost-command-v1\0";
+
+/// Longest signed command accepted by [`SignedCommand::from_json`], in bytes (a valid one is
+/// under 400).
+pub const MAX_COMMAND_BYTES: usize = 4096;
+
+/// How far ahead of the gateway's clock a command's `issued_ms` may be (10 minutes); see
+/// [`SignedCommand::check_fresh`].
+pub const MAX_COMMAND_FUTURE_MS: u64 = 10 * 60 * 1000;
 
 /// A module name, version or key name that is not acceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -246,6 +268,43 @@ impl From<ManifestError> for EnvelopeError {
     }
 }
 
+/// Bytes that are not a well-formed signed command. Says what is wrong; never a panic.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// Longer than [`MAX_COMMAND_BYTES`].
+    #[error("signed command is {size} bytes; at most {max} are allowed")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+        /// [`MAX_COMMAND_BYTES`].
+        max: usize,
+    },
+    /// Not JSON of the expected shape (a missing, extra, repeated or mistyped field).
+    #[error("signed command is not valid: {0}")]
+    Json(String),
+    /// The operation is not one of [`CommandOp::ALL`].
+    #[error("unknown command operation {0:?}; expected \"remove\" or \"rollback\"")]
+    UnknownOp(String),
+    /// A hex field (key id, signature) is malformed.
+    #[error("signed command: {0}")]
+    Encoding(EncodingError),
+    /// The module name is not acceptable.
+    #[error("signed command: {0}")]
+    Manifest(ManifestError),
+}
+
+impl From<EncodingError> for CommandError {
+    fn from(e: EncodingError) -> Self {
+        CommandError::Encoding(e)
+    }
+}
+
+impl From<ManifestError> for CommandError {
+    fn from(e: ManifestError) -> Self {
+        CommandError::Manifest(e)
+    }
+}
+
 /// Why a signed module was not accepted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum VerifyError {
@@ -297,6 +356,59 @@ pub enum VerifyError {
         expected: String,
         /// The signed version.
         signed: String,
+    },
+    /// A command's signature does not verify under the trusted key it names: it was made for
+    /// another operation, module or time, or it was corrupted or swapped.
+    #[error(
+        "signature by key {key_id} is not valid for command {op} of module {name:?} issued_ms {issued_ms}: it was made for another command, or was altered"
+    )]
+    BadCommandSignature {
+        /// The trusted key the signature was checked against.
+        key_id: KeyId,
+        /// The operation in the command.
+        op: CommandOp,
+        /// The module name in the command.
+        name: String,
+        /// The time in the command.
+        issued_ms: u64,
+    },
+    /// A command is signed for another operation or module than the topic it arrived on.
+    #[error("command is signed as {signed_op} of {signed_name:?}, not {expected_op} of {expected_name:?}")]
+    CommandMismatch {
+        /// The operation expected by the caller (the topic's verb).
+        expected_op: CommandOp,
+        /// The module expected by the caller (the topic's name).
+        expected_name: String,
+        /// The signed operation.
+        signed_op: CommandOp,
+        /// The signed module name.
+        signed_name: String,
+    },
+    /// A command is not newer than the last one accepted for its module: a replay, or commands
+    /// that arrived out of order.
+    #[error(
+        "command for module {name:?} was issued at {issued_ms} ms, not after the last accepted command ({last_ms} ms): a replay or out of order; sign a new one"
+    )]
+    Replayed {
+        /// The module name.
+        name: String,
+        /// The command's time.
+        issued_ms: u64,
+        /// The time of the last accepted command for that module.
+        last_ms: u64,
+    },
+    /// A command is issued too far in the future (a wrong clock, or one made to be replayed
+    /// later).
+    #[error(
+        "command was issued at {issued_ms} ms, {ahead_ms} ms ahead of this gateway's clock; at most {max_ms} ms is allowed (check the clocks)"
+    )]
+    FromTheFuture {
+        /// The command's time.
+        issued_ms: u64,
+        /// How far it is ahead of the gateway's clock.
+        ahead_ms: u64,
+        /// [`MAX_COMMAND_FUTURE_MS`].
+        max_ms: u64,
     },
 }
 
@@ -906,6 +1018,258 @@ impl SignedModule {
     }
 }
 
+/// A signed control command's operation: the last level of its topic
+/// (`outpost/<gateway>/modules/<name>/<op>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandOp {
+    /// Stop running the deployed module and forget it.
+    Remove,
+    /// Go back to the module's previous version.
+    Rollback,
+}
+
+impl CommandOp {
+    /// Every operation.
+    pub const ALL: [CommandOp; 2] = [CommandOp::Remove, CommandOp::Rollback];
+
+    /// Its name, as in topics and in the command's JSON: `remove` or `rollback`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandOp::Remove => "remove",
+            CommandOp::Rollback => "rollback",
+        }
+    }
+}
+
+impl fmt::Display for CommandOp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for CommandOp {
+    type Err = CommandError;
+
+    /// Parses `remove` or `rollback` (exactly; no other spelling).
+    fn from_str(s: &str) -> Result<CommandOp, CommandError> {
+        CommandOp::ALL
+            .into_iter()
+            .find(|op| op.as_str() == s)
+            .ok_or_else(|| CommandError::UnknownOp(s.chars().take(40).collect()))
+    }
+}
+
+/// A signed `remove` or `rollback` of one module, as published on
+/// `outpost/<gateway>/modules/<name>/<op>`.
+///
+/// Constructed by [`SignedCommand::sign`] or parsed by [`SignedCommand::from_json`]; parsing
+/// checks the structure only (shape, operation, name, hex). Nothing about a parsed command is
+/// trustworthy until [`SignedCommand::verify_against`] (or [`SignedCommand::accept`]) returned
+/// `Ok`. `name` is always a valid module name when it comes from `sign` or `from_json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedCommand {
+    /// What to do.
+    pub op: CommandOp,
+    /// The module it applies to.
+    pub name: String,
+    /// When it was issued, in milliseconds since the Unix epoch (the replay protection: a
+    /// gateway accepts only commands newer than the last it accepted for the module).
+    pub issued_ms: u64,
+    key_id: KeyId,
+    signature: Signature,
+}
+
+/// A signed command's JSON.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandJson {
+    op: String,
+    name: String,
+    issued_ms: u64,
+    key: String,
+    signature: String,
+}
+
+impl SignedCommand {
+    /// Signs `op` of module `name` issued at `issued_ms` with `key`; fails only when `name` is
+    /// not a valid module name.
+    pub fn sign(
+        key: &SigningKey,
+        op: CommandOp,
+        name: &str,
+        issued_ms: u64,
+    ) -> Result<SignedCommand, ManifestError> {
+        validate_name(name)?;
+        let bytes = command_signed_bytes(op, name, issued_ms);
+        Ok(SignedCommand {
+            op,
+            name: name.to_string(),
+            issued_ms,
+            key_id: KeyId::of(&key.verifying_key()),
+            signature: key.sign(&bytes),
+        })
+    }
+
+    /// The id of the key the command says signed it.
+    pub fn key_id(&self) -> KeyId {
+        self.key_id
+    }
+
+    /// The signature.
+    pub fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    /// The exact bytes that are signed:
+    ///
+    /// ```text
+    /// "outpost-command-v1\0" || u32-be(len op) || op || u32-be(len name) || name || u64-be(issued_ms)
+    /// ```
+    ///
+    /// Distinct commands always give distinct byte strings, and none of them is a module
+    /// manifest's (whose prefix is [`DOMAIN`]).
+    pub fn signed_bytes(&self) -> Vec<u8> {
+        command_signed_bytes(self.op, &self.name, self.issued_ms)
+    }
+
+    /// The command as published: compact JSON, one object with exactly the fields
+    /// `{"op":"remove","name":"celsius","issued_ms":1700000000000,"key":"<16 hex>","signature":"<128 hex>"}`
+    /// (hex in lower case), at most a few hundred bytes.
+    pub fn to_json(&self) -> Vec<u8> {
+        let json = CommandJson {
+            op: self.op.as_str().to_string(),
+            name: self.name.clone(),
+            issued_ms: self.issued_ms,
+            key: self.key_id.to_string(),
+            signature: to_hex(&self.signature.to_bytes()),
+        };
+        serde_json::to_vec(&json).expect("a struct of strings and a number serializes")
+    }
+
+    /// Parses a command (see [`SignedCommand::to_json`]). Refuses input over
+    /// [`MAX_COMMAND_BYTES`] before parsing, anything that is not exactly that object (missing,
+    /// unknown, repeated or mistyped fields), an unknown operation, an invalid module name and
+    /// malformed hex. Checks the structure only. Never panics.
+    pub fn from_json(bytes: &[u8]) -> Result<SignedCommand, CommandError> {
+        if bytes.len() > MAX_COMMAND_BYTES {
+            return Err(CommandError::TooLarge {
+                size: bytes.len(),
+                max: MAX_COMMAND_BYTES,
+            });
+        }
+        let json: CommandJson =
+            serde_json::from_slice(bytes).map_err(|e| CommandError::Json(e.to_string()))?;
+        let op: CommandOp = json.op.parse()?;
+        validate_name(&json.name)?;
+        let key_id: KeyId = json.key.parse()?;
+        let signature = Signature::from_bytes(&decode_hex::<64>("signature", &json.signature)?);
+        Ok(SignedCommand {
+            op,
+            name: json.name,
+            issued_ms: json.issued_ms,
+            key_id,
+            signature,
+        })
+    }
+
+    /// Accepts the command only if the key it names is one of the `trusted` keys and the
+    /// signature verifies under it with Ed25519's strict rules over
+    /// [`SignedCommand::signed_bytes`]. Returns that key's id. Says nothing about the topic,
+    /// replays or the clock: see [`SignedCommand::accept`].
+    pub fn verify_against(&self, trusted: &[VerifyingKey]) -> Result<KeyId, VerifyError> {
+        let key = trusted
+            .iter()
+            .find(|k| KeyId::of(k) == self.key_id)
+            .ok_or_else(|| VerifyError::UnknownKey {
+                key_id: self.key_id,
+                trusted: trusted.iter().map(KeyId::of).collect(),
+            })?;
+        key.verify_strict(&self.signed_bytes(), &self.signature)
+            .map_err(|_| VerifyError::BadCommandSignature {
+                key_id: self.key_id,
+                op: self.op,
+                name: self.name.clone(),
+                issued_ms: self.issued_ms,
+            })?;
+        Ok(self.key_id)
+    }
+
+    /// Checks that the command is for `op` of module `name` (the topic it arrived on). Only
+    /// meaningful together with [`SignedCommand::verify_against`].
+    pub fn expect(&self, op: CommandOp, name: &str) -> Result<(), VerifyError> {
+        if self.op != op || self.name != name {
+            return Err(VerifyError::CommandMismatch {
+                expected_op: op,
+                expected_name: name.to_string(),
+                signed_op: self.op,
+                signed_name: self.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks the replay protection: `issued_ms` must be strictly greater than
+    /// `last_accepted_ms` (the `issued_ms` of the last command accepted for this module, if
+    /// any) and at most [`MAX_COMMAND_FUTURE_MS`] ahead of `now_ms`.
+    pub fn check_fresh(
+        &self,
+        last_accepted_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<(), VerifyError> {
+        if let Some(last_ms) = last_accepted_ms {
+            if self.issued_ms <= last_ms {
+                return Err(VerifyError::Replayed {
+                    name: self.name.clone(),
+                    issued_ms: self.issued_ms,
+                    last_ms,
+                });
+            }
+        }
+        let ahead_ms = self.issued_ms.saturating_sub(now_ms);
+        if ahead_ms > MAX_COMMAND_FUTURE_MS {
+            return Err(VerifyError::FromTheFuture {
+                issued_ms: self.issued_ms,
+                ahead_ms,
+                max_ms: MAX_COMMAND_FUTURE_MS,
+            });
+        }
+        Ok(())
+    }
+
+    /// Every check a gateway makes before it acts on a command that arrived on the topic of
+    /// `op` for module `name`, in this order: signature under a trusted key
+    /// ([`SignedCommand::verify_against`]), topic ([`SignedCommand::expect`]), freshness
+    /// ([`SignedCommand::check_fresh`]). Returns the id of the key that signed. The caller
+    /// must record `issued_ms` as the module's last accepted command once it acted on it.
+    pub fn accept(
+        &self,
+        trusted: &[VerifyingKey],
+        op: CommandOp,
+        name: &str,
+        last_accepted_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Result<KeyId, VerifyError> {
+        let key_id = self.verify_against(trusted)?;
+        self.expect(op, name)?;
+        self.check_fresh(last_accepted_ms, now_ms)?;
+        Ok(key_id)
+    }
+}
+
+fn command_signed_bytes(op: CommandOp, name: &str, issued_ms: u64) -> Vec<u8> {
+    let op = op.as_str();
+    let mut out = Vec::with_capacity(COMMAND_DOMAIN.len() + 8 + op.len() + name.len() + 8);
+    out.extend_from_slice(COMMAND_DOMAIN);
+    for field in [op, name] {
+        // A valid name is at most MAX_NAME_LEN bytes, and `from_json` bounds the whole input,
+        // so the length fits in a u32.
+        out.extend_from_slice(&(field.len() as u32).to_be_bytes());
+        out.extend_from_slice(field.as_bytes());
+    }
+    out.extend_from_slice(&issued_ms.to_be_bytes());
+    out
+}
+
 /// Lower-case hex of `bytes`.
 pub fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
@@ -1313,7 +1677,254 @@ mod tests {
         assert_eq!(decode_hex::<2>("x", "0aFf"), Ok([0x0a, 0xff]));
     }
 
+    fn command(op: CommandOp, name: &str, issued_ms: u64) -> SignedCommand {
+        SignedCommand::sign(&key(1), op, name, issued_ms).unwrap()
+    }
+
+    #[test]
+    fn commands_round_trip_and_verify() {
+        let c = command(CommandOp::Rollback, "enrich", 1_700_000_000_123);
+        let json = c.to_json();
+        let value: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(value["op"], "rollback");
+        assert_eq!(value["name"], "enrich");
+        assert_eq!(value["issued_ms"], 1_700_000_000_123u64);
+        assert_eq!(value["key"], KeyId::of(&key(1).verifying_key()).to_string());
+        assert_eq!(value["signature"].as_str().unwrap().len(), 128);
+        assert_eq!(value.as_object().unwrap().len(), 5);
+        let back = SignedCommand::from_json(&json).unwrap();
+        assert_eq!(back, c);
+        let trusted = [key(2).verifying_key(), key(1).verifying_key()];
+        assert_eq!(back.verify_against(&trusted), Ok(KeyId::of(&trusted[1])));
+        assert_eq!(
+            back.accept(
+                &trusted,
+                CommandOp::Rollback,
+                "enrich",
+                None,
+                1_700_000_000_000
+            ),
+            Ok(KeyId::of(&trusted[1]))
+        );
+        assert_eq!("remove".parse::<CommandOp>(), Ok(CommandOp::Remove));
+        assert_eq!(CommandOp::Rollback.to_string(), "rollback");
+        assert!("Remove".parse::<CommandOp>().is_err());
+    }
+
+    #[test]
+    fn commands_signed_bytes_are_canonical() {
+        let c = command(CommandOp::Remove, "ab", 258);
+        let mut expected = COMMAND_DOMAIN.to_vec();
+        expected.extend_from_slice(&[0, 0, 0, 6]);
+        expected.extend_from_slice(b"remove");
+        expected.extend_from_slice(&[0, 0, 0, 2, b'a', b'b']);
+        expected.extend_from_slice(&[0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(c.signed_bytes(), expected);
+        assert_ne!(COMMAND_DOMAIN, DOMAIN);
+        assert!(!c.signed_bytes().starts_with(DOMAIN));
+    }
+
+    #[test]
+    fn an_altered_command_does_not_verify() {
+        let trusted = [key(1).verifying_key()];
+        let c = command(CommandOp::Remove, "enrich", 1000);
+        for altered in [
+            SignedCommand {
+                op: CommandOp::Rollback,
+                ..c.clone()
+            },
+            SignedCommand {
+                name: "threshold".into(),
+                ..c.clone()
+            },
+            SignedCommand {
+                issued_ms: 1001,
+                ..c.clone()
+            },
+        ] {
+            let err = altered.verify_against(&trusted).unwrap_err();
+            assert!(
+                matches!(err, VerifyError::BadCommandSignature { .. }),
+                "{err}"
+            );
+            // ... also after a trip through JSON.
+            let back = SignedCommand::from_json(&altered.to_json()).unwrap();
+            assert!(back.verify_against(&trusted).is_err());
+        }
+        let err = c.verify_against(&[key(2).verifying_key()]).unwrap_err();
+        assert!(matches!(err, VerifyError::UnknownKey { .. }), "{err}");
+        // Another key's signature presented under the trusted key's id.
+        let other = SignedCommand::sign(&key(3), CommandOp::Remove, "enrich", 1000).unwrap();
+        let forged = SignedCommand {
+            signature: other.signature,
+            ..c.clone()
+        };
+        assert!(matches!(
+            forged.verify_against(&trusted),
+            Err(VerifyError::BadCommandSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn module_and_command_signatures_never_cross() {
+        let trusted = [key(1).verifying_key()];
+        let id = KeyId::of(&trusted[0]);
+        // A manifest signature presented as a command.
+        let module = signed();
+        let as_command = SignedCommand {
+            signature: *module.signature(),
+            ..command(CommandOp::Remove, "enrich", 0)
+        };
+        assert!(as_command.verify_against(&trusted).is_err());
+        // A command signature presented as a manifest, for every manifest built from its
+        // fields.
+        let c = command(CommandOp::Remove, "enrich", 0);
+        for (name, version) in [("enrich", "remove"), ("remove", "enrich"), ("enrich", "0")] {
+            let m = Manifest::new(name, version, [0; 32]).unwrap();
+            assert!(verify(&trusted, &m, id, c.signature()).is_err());
+        }
+        // The two byte strings never even share their prefix.
+        assert_ne!(
+            c.signed_bytes()[..DOMAIN.len()],
+            module.manifest().signed_bytes()[..DOMAIN.len()]
+        );
+    }
+
+    #[test]
+    fn commands_are_checked_against_topic_and_replays() {
+        let trusted = [key(1).verifying_key()];
+        let now = 1_000_000_000;
+        let c = command(CommandOp::Remove, "enrich", now);
+        let accept = |op, name, last| c.accept(&trusted, op, name, last, now);
+        assert!(accept(CommandOp::Remove, "enrich", Some(now - 1)).is_ok());
+        let err = accept(CommandOp::Rollback, "enrich", None).unwrap_err();
+        assert!(matches!(err, VerifyError::CommandMismatch { .. }), "{err}");
+        assert!(err.to_string().contains("remove of \"enrich\""), "{err}");
+        let err = accept(CommandOp::Remove, "threshold", None).unwrap_err();
+        assert!(matches!(err, VerifyError::CommandMismatch { .. }), "{err}");
+        for last in [now, now + 1] {
+            let err = accept(CommandOp::Remove, "enrich", Some(last)).unwrap_err();
+            assert!(matches!(err, VerifyError::Replayed { .. }), "{err}");
+            assert!(err.to_string().contains("replay"), "{err}");
+        }
+        let future = command(CommandOp::Remove, "enrich", now + MAX_COMMAND_FUTURE_MS);
+        assert!(future.check_fresh(None, now).is_ok());
+        let too_far = command(CommandOp::Remove, "enrich", now + MAX_COMMAND_FUTURE_MS + 1);
+        let err = too_far.check_fresh(None, now).unwrap_err();
+        assert!(matches!(err, VerifyError::FromTheFuture { .. }), "{err}");
+        // An old command is fine as long as it is newer than the last accepted one.
+        assert!(command(CommandOp::Remove, "enrich", 5)
+            .check_fresh(Some(4), now)
+            .is_ok());
+        // The signature is checked first: a forged command says so, not "replayed".
+        let forged = SignedCommand {
+            issued_ms: now + 1,
+            ..c.clone()
+        };
+        assert!(matches!(
+            forged.accept(&trusted, CommandOp::Remove, "enrich", Some(now + 5), now),
+            Err(VerifyError::BadCommandSignature { .. })
+        ));
+    }
+
+    #[test]
+    fn malformed_commands_are_clear_errors() {
+        assert!(matches!(
+            SignedCommand::sign(&key(1), CommandOp::Remove, "../x", 0),
+            Err(ManifestError::Charset { .. })
+        ));
+        let good: serde_json::Value =
+            serde_json::from_slice(&command(CommandOp::Remove, "enrich", 7).to_json()).unwrap();
+        let with = |field: &str, value: serde_json::Value| {
+            let mut v = good.clone();
+            v[field] = value;
+            SignedCommand::from_json(v.to_string().as_bytes())
+                .unwrap_err()
+                .to_string()
+        };
+        let cases = [
+            ("op", "purge".into(), "unknown command operation \"purge\""),
+            ("op", 1.into(), "invalid type"),
+            ("name", "".into(), "module name is empty"),
+            ("name", "a/b".into(), "module name \"a/b\" must start"),
+            ("issued_ms", (-1).into(), "invalid value"),
+            ("issued_ms", "5".into(), "invalid type"),
+            ("key", "0123".into(), "key_id must be 16 hex digits"),
+            ("signature", "00".into(), "signature must be 128 hex digits"),
+            ("signature", "x".repeat(128).into(), "not hexadecimal"),
+            ("extra", true.into(), "unknown field"),
+        ];
+        for (field, value, expected) in cases {
+            let err = with(field, value);
+            assert!(err.contains(expected), "{field}: {err}");
+        }
+        let mut missing = good.clone();
+        missing.as_object_mut().unwrap().remove("issued_ms");
+        let err = SignedCommand::from_json(missing.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("missing field"), "{err}");
+        let text = good.to_string();
+        let twice = format!("{},\"op\":\"remove\"}}", &text[..text.len() - 1]);
+        let err = SignedCommand::from_json(twice.as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("duplicate field"), "{err}");
+        assert!(matches!(
+            SignedCommand::from_json(b""),
+            Err(CommandError::Json(_))
+        ));
+        assert!(matches!(
+            SignedCommand::from_json(b"[1]"),
+            Err(CommandError::Json(_))
+        ));
+        let huge = vec![b' '; MAX_COMMAND_BYTES + 1];
+        assert_eq!(
+            SignedCommand::from_json(&huge),
+            Err(CommandError::TooLarge {
+                size: MAX_COMMAND_BYTES + 1,
+                max: MAX_COMMAND_BYTES
+            })
+        );
+        // A signed module is not a command.
+        assert!(SignedCommand::from_json(&signed().to_bytes()).is_err());
+    }
+
     proptest! {
+        #[test]
+        fn random_commands_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Ok(c) = SignedCommand::from_json(&bytes) {
+                let _ = c.accept(&[key(1).verifying_key()], CommandOp::Remove, "x", Some(1), 0);
+            }
+        }
+
+        #[test]
+        fn random_command_like_json_never_panics(
+            op in "[a-z]{0,10}",
+            name in "[ -~]{0,80}",
+            issued in any::<u64>(),
+            key_hex in "[0-9a-fA-Fx]{0,20}",
+            sig_hex in "[0-9a-f]{0,130}",
+        ) {
+            let text = serde_json::json!({
+                "op": op, "name": name, "issued_ms": issued, "key": key_hex, "signature": sig_hex,
+            })
+            .to_string();
+            if let Ok(c) = SignedCommand::from_json(text.as_bytes()) {
+                prop_assert!(c.verify_against(&[key(1).verifying_key()]).is_err());
+            }
+        }
+
+        /// A command survives JSON unchanged, and verifies only as itself.
+        #[test]
+        fn signed_commands_round_trip(
+            rollback in any::<bool>(),
+            name in "[a-z0-9][a-z0-9._-]{0,63}",
+            issued in any::<u64>(),
+        ) {
+            let op = if rollback { CommandOp::Rollback } else { CommandOp::Remove };
+            let c = command(op, &name, issued);
+            let back = SignedCommand::from_json(&c.to_json()).unwrap();
+            prop_assert_eq!(&back, &c);
+            prop_assert!(back.verify_against(&[key(1).verifying_key()]).is_ok());
+        }
+
         #[test]
         fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = SignedModule::from_bytes(&bytes);

@@ -122,3 +122,295 @@ fn a_port_in_use_is_a_clear_error() {
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `module push|list|remove|rollback` refuse what they can refuse locally, before talking to
+/// any broker (the broker given is a closed port, so reaching it would be another error).
+#[test]
+fn module_requests_are_refused_locally_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    let keygen = outpost(&["keygen", "--out", &path("keys"), "--name", "ops"]);
+    assert!(keygen.status.success(), "{}", stderr(&keygen));
+    std::fs::write(path("m.wasm"), b"\0asm\x0d\0\x01\0").unwrap();
+    std::fs::write(path("junk"), b"junk").unwrap();
+    let sign = outpost(&[
+        "module",
+        "sign",
+        &path("m.wasm"),
+        "--name",
+        "celsius",
+        "--version",
+        "1.0.0",
+        "--key",
+        &path("keys/ops.key"),
+    ]);
+    assert!(sign.status.success(), "{}", stderr(&sign));
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("mqtt://127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    let key = path("keys/ops.key");
+    let signed = path("m.wasm.signed");
+    let wasm = path("m.wasm");
+    let junk = path("junk");
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["push", &signed, "--name", "other", "--gateway", "g"],
+            "signed as \"celsius\", not \"other\"",
+        ),
+        (
+            &[
+                "push",
+                &signed,
+                "--name",
+                "celsius",
+                "--version",
+                "2",
+                "--gateway",
+                "g",
+            ],
+            "version \"1.0.0\", not \"2\"",
+        ),
+        (
+            &["push", &wasm, "--name", "celsius", "--gateway", "g"],
+            "give --key",
+        ),
+        (
+            &[
+                "push",
+                &junk,
+                "--name",
+                "celsius",
+                "--key",
+                &key,
+                "--gateway",
+                "g",
+            ],
+            "neither WebAssembly",
+        ),
+        (
+            &[
+                "push",
+                &wasm,
+                "--name",
+                "../x",
+                "--key",
+                &key,
+                "--gateway",
+                "g",
+            ],
+            "module name \"../x\"",
+        ),
+        (
+            &[
+                "push",
+                &wasm,
+                "--name",
+                "m",
+                "--key",
+                &key,
+                "--gateway",
+                "g",
+                "--retain",
+            ],
+            "--retain applies to --fleet",
+        ),
+        (
+            &[
+                "push",
+                &wasm,
+                "--name",
+                "m",
+                "--key",
+                &key,
+                "--gateway",
+                "g",
+                "--wait",
+                "3",
+            ],
+            "--wait applies to --fleet",
+        ),
+        (
+            &[
+                "push",
+                &wasm,
+                "--name",
+                "m",
+                "--key",
+                &key,
+                "--gateway",
+                "a/b",
+            ],
+            "gateway id \"a/b\"",
+        ),
+        (&["push", &wasm, "--name", "m", "--key", &key], "--gateway"),
+        (
+            &[
+                "push",
+                &wasm,
+                "--name",
+                "m",
+                "--key",
+                &key,
+                "--gateway",
+                "g",
+                "--fleet",
+                "f",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &["list", "--fleet", "f", "--fleet-prefix", "a/+"],
+            "fleet prefix \"a/+\"",
+        ),
+        (&["remove", "celsius", "--gateway", "g"], "--key"),
+        (&["rollback", "-x", "--key", &key, "--gateway", "g"], "-x"),
+    ];
+    for (args, expected) in cases {
+        let mut all = vec!["module"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--broker", &closed]);
+        let out = outpost(&all);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(
+            !err.contains("cannot talk to the broker"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    // With nothing wrong locally, the closed port is the error.
+    let out = outpost(&["module", "list", "--gateway", "g", "--broker", &closed]);
+    assert!(
+        stderr(&out).contains("cannot talk to the broker"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// Answers every module request it sees on `broker` as gateway `gateway` would, with a status
+/// whose `request_sha256` is the digest of the request's payload (a stand-in for the gateway's
+/// side, to test the client against a real broker).
+async fn fake_gateway(port: u16, gateway: &'static str, ok: bool) -> rumqttc::AsyncClient {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut options = MqttOptions::new(format!("fake-{gateway}"), "127.0.0.1", port);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = AsyncClient::new(options, 16);
+    client
+        .subscribe(format!("outpost/{gateway}/modules/#"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .subscribe("outpost/fleet/north/modules/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let responder = client.clone();
+    tokio::spawn(async move {
+        let mut ready = Some(ready_tx);
+        let mut subacks = 0;
+        while let Ok(event) = eventloop.poll().await {
+            match event {
+                Event::Incoming(Packet::SubAck(_)) => {
+                    subacks += 1;
+                    if subacks == 2 {
+                        if let Some(tx) = ready.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                }
+                Event::Incoming(Packet::Publish(p)) if !p.topic.ends_with("/status") => {
+                    let levels: Vec<&str> = p.topic.split('/').collect();
+                    let op = levels[levels.len() - 1];
+                    let digest = outpost::signing::to_hex(&outpost::signing::sha256(&p.payload));
+                    let mut status = serde_json::json!({
+                        "gateway": gateway, "op": op, "ok": ok, "request_sha256": digest,
+                    });
+                    if op == "list" {
+                        status["modules"] = serde_json::json!([]);
+                    } else {
+                        status["name"] = levels[levels.len() - 2].into();
+                        status["version"] = "1.0.0".into();
+                    }
+                    if !ok {
+                        status["reason"] = "not today".into();
+                    }
+                    // A status for someone else's request first: it must be ignored.
+                    let mut other = status.clone();
+                    other["request_sha256"] = "00".into();
+                    for s in [other, status] {
+                        let _ = responder.try_publish(
+                            format!("outpost/{gateway}/modules/status"),
+                            QoS::AtMostOnce,
+                            false,
+                            s.to_string(),
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    ready_rx.await.unwrap();
+    client
+}
+
+#[tokio::test]
+async fn module_client_matches_statuses_to_its_requests() {
+    use outpost::deploy_client::{self, Request, Target};
+    use outpost::signing::{CommandOp, SignedCommand, SignedModule, SigningKey};
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = common::Mosquitto::new(dir.path());
+    broker.start();
+    let _a = fake_gateway(broker.port, "a", true).await;
+    let _b = fake_gateway(broker.port, "b", false).await;
+    let key = SigningKey::from_bytes(&[7; 32]);
+    let module = SignedModule::sign(&key, "celsius", "1.0.0", b"\0asm".to_vec()).unwrap();
+    let wait = Duration::from_secs(10);
+
+    let gateway = Target::gateway("a").unwrap();
+    let deploy = Request::deploy_module(gateway.clone(), &module);
+    let status = deploy_client::request(&broker.url(), &deploy, wait)
+        .await
+        .unwrap();
+    assert!(status.ok, "{status:?}");
+    assert_eq!(status.request_sha256, deploy.request_sha256());
+    assert_eq!(status.name.as_deref(), Some("celsius"));
+
+    let remove = SignedCommand::sign(&key, CommandOp::Remove, "celsius", 1).unwrap();
+    let request = Request::command(Target::gateway("b").unwrap(), &remove);
+    let status = deploy_client::request(&broker.url(), &request, wait)
+        .await
+        .unwrap();
+    assert_eq!(status.failure().as_deref(), Some("not today"));
+    assert_eq!(status.op, "remove");
+
+    let list = Request::list(gateway);
+    let status = deploy_client::request(&broker.url(), &list, wait)
+        .await
+        .unwrap();
+    assert_eq!(status.modules, Some(vec![]));
+
+    let fleet = Target::fleet(deploy_client::DEFAULT_FLEET_PREFIX, "north").unwrap();
+    let request = Request::deploy_module(fleet, &module);
+    let statuses = deploy_client::request_fleet(&broker.url(), &request, wait, Some(2))
+        .await
+        .unwrap();
+    let mut gateways: Vec<&str> = statuses.iter().map(|s| s.gateway.as_str()).collect();
+    gateways.sort();
+    assert_eq!(gateways, ["a", "b"]);
+    assert!(deploy_client::check_fleet(&statuses, Some(2), false)
+        .unwrap_err()
+        .contains("b: not today"));
+
+    let nobody = Request::list(Target::gateway("nobody").unwrap());
+    let err = deploy_client::request(&broker.url(), &nobody, Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("no status from gateway nobody"),
+        "{err}"
+    );
+}
