@@ -17,11 +17,19 @@
 //!   [`HandlerFailure::OutOfMemory`], and the engine's address-space reservations are sized
 //!   for a 512 MiB board;
 //! - **outputs**: their number and total payload size are capped; going past either is
-//!   [`HandlerFailure::OutputLimit`];
+//!   [`HandlerFailure::OutputLimit`]. What the host copies out of the guest is bounded too
+//!   (wasmtime's *hostcall fuel*, set per invocation from the limits), so a guest cannot make
+//!   the host allocate more than a small multiple of its own memory cap, even by returning
+//!   many outputs that share one buffer;
 //! - **concurrency**: at most [`RuntimeConfig::max_concurrent`] invocations run at once, and
 //!   at most [`RuntimeConfig::max_concurrent_per_module`] of one module; an invocation beyond
 //!   either limit *waits* for a slot (in arrival order) rather than failing, and its deadline
 //!   starts only when it gets one;
+//! - **per route**: a route may give its handler its own [`InvokeLimits`] (deadline, a lower
+//!   memory cap, output caps) through [`Handler::invoke_limited`];
+//! - **host interface**: log lines are cut to 4 KiB (and at most 1 000 lines an invocation are
+//!   kept); key-value keys over 1 KiB, values over 1 MiB and more than 8 MiB of writes in one
+//!   invocation trap the guest ([`HandlerFailure::Trap`], naming the limit);
 //! - **reach**: the only capabilities are the host interface (log, per-module key-value
 //!   state, clock) and a locked-down WASI: no files, no environment, no arguments, no
 //!   sockets, no stdin; stdout is discarded and the start of stderr is kept only to explain a
@@ -34,6 +42,10 @@
 //! instruction, plus the copying of arguments and results), reported in
 //! [`Invocation::fuel`] and summed in [`Handler::total_fuel`]. Fuel is only a measure: the
 //! budget is so large that it never runs out before the deadline does.
+//!
+//! **Start-up costs.** Loading compiles the component (or loads a precompiled artifact) and
+//! pre-links it once ([`Handler::load_time`], [`Handler::compiled`]); each invocation then
+//! only instantiates the pre-linked component (the *warm start*, [`Invocation::instantiate`]).
 //!
 //! **Precompiled artifacts.** [`Runtime::precompile`] (or [`Handler::artifact`]) turns a
 //! module into native code that [`Runtime::load_precompiled`] loads without compiling again,
@@ -168,6 +180,64 @@ impl Default for RuntimeConfig {
             max_concurrent_per_module: 1,
             meter_fuel: true,
         }
+    }
+}
+
+/// The limits of one invocation, which a route may choose for its handler
+/// ([`Handler::invoke_limited`]). [`Runtime::default_limits`] (or [`Handler::default_limits`])
+/// gives the runtime's own, from its [`RuntimeConfig`]; a route changes the fields it sets.
+///
+/// The runtime accepts any values, with one clamp: the memory cap can only be *lowered*
+/// (see [`InvokeLimits::memory_limit_bytes`]). [`Runtime::effective_limits`] says what an
+/// invocation will actually get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvokeLimits {
+    /// Wall-clock time the invocation may run once it has its concurrency slot (instantiation
+    /// plus the `handle` call); running past it is [`HandlerFailure::Timeout`]. Enforced with
+    /// a granularity of 10 ms: never earlier than this, at most about 20 ms later. Any value
+    /// is accepted: `Duration::ZERO` stops the guest at the first or second tick, and
+    /// deadlines of centuries mean none. (The gateway's configuration keeps deadlines between
+    /// 1 ms and 10 minutes.)
+    pub deadline: Duration,
+    /// Bytes all the linear memories of the invocation may have together; needing more is
+    /// [`HandlerFailure::OutOfMemory`]. Clamped to [`RuntimeConfig::memory_limit_bytes`]: the
+    /// engine's address-space reservations, and the memory the concurrent invocations may use
+    /// together, are sized from the runtime's cap, so a route may only lower it. A cap below
+    /// what the module needs to start (its initial memory, about 1 MiB for a Rust guest)
+    /// fails every invocation as out-of-memory.
+    pub memory_limit_bytes: usize,
+    /// Outputs the invocation may return; more is [`HandlerFailure::OutputLimit`] (checked
+    /// once the outputs are copied out of the guest, before any is returned or any key-value
+    /// write applied). Any value; 0 allows none.
+    pub max_outputs: usize,
+    /// Total payload bytes of the outputs; more is [`HandlerFailure::OutputLimit`]. Any value;
+    /// 0 allows only empty payloads.
+    pub max_output_bytes: usize,
+}
+
+impl InvokeLimits {
+    /// These limits as [`Handler::invoke_limited`] applies them under `config`: the memory
+    /// cap lowered to the runtime's, everything else unchanged.
+    fn clamped(&self, config: &RuntimeConfig) -> InvokeLimits {
+        InvokeLimits {
+            memory_limit_bytes: self.memory_limit_bytes.min(config.memory_limit_bytes),
+            ..*self
+        }
+    }
+
+    /// Bytes wasmtime may copy out of the guest in one crossing (hostcall fuel): an import's
+    /// arguments (a string and a list at most, each within the guest's memory) or the
+    /// `handle` call's results (the outputs, whose host form is larger than the guest's).
+    /// Twice the memory cap covers every import, so running out can only mean results
+    /// beyond the output caps (outputs sharing one buffer, each copied anew).
+    fn hostcall_fuel(&self) -> usize {
+        self.memory_limit_bytes
+            .saturating_mul(2)
+            .saturating_add(self.max_output_bytes)
+            .saturating_add(
+                self.max_outputs
+                    .saturating_mul(std::mem::size_of::<types::Output>()),
+            )
     }
 }
 
@@ -308,8 +378,6 @@ struct Shared {
     linker: Linker<State>,
     /// The limits applied to every invocation.
     config: RuntimeConfig,
-    /// The invocation deadline in epoch ticks (see [`deadline_ticks`]).
-    deadline_ticks: u64,
     /// Handlers' persistent state.
     kv: Arc<dyn KvBackend>,
     /// [`RuntimeConfig::max_concurrent`] slots, for all invocations.
@@ -345,7 +413,6 @@ impl Runtime {
             shared: Arc::new(Shared {
                 engine,
                 linker,
-                deadline_ticks: deadline_ticks(config.deadline),
                 slots: Slots::new(config.max_concurrent),
                 module_slots: Mutex::new(HashMap::new()),
                 waiting: AtomicUsize::new(0),
@@ -365,6 +432,7 @@ impl Runtime {
     /// This is CPU-heavy (Cranelift compiles the whole component); call it off the async
     /// executor.
     pub fn load(&self, name: &str, wasm: &[u8]) -> Result<Handler, LoadError> {
+        let started = Instant::now();
         let name_owned = || name.to_string();
         match wasm {
             [0, b'a', b's', b'm', _, _, 0, 0, ..] => {
@@ -380,7 +448,7 @@ impl Runtime {
             })?;
         let digest = Sha256::digest(wasm);
         let version: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-        self.handler(name, &component, version)
+        self.handler(name, &component, version, Loaded::Compiled(started))
     }
 
     /// Compiles `wasm` as [`Runtime::load`] does (with the same checks and errors) and returns
@@ -415,6 +483,7 @@ impl Runtime {
         name: &str,
         artifact: &[u8],
     ) -> Result<Handler, LoadError> {
+        let started = Instant::now();
         let refused = |reason: String| LoadError::Artifact {
             name: name.to_string(),
             reason,
@@ -440,7 +509,12 @@ impl Runtime {
         // code is the one serialized, not a damaged copy.
         let component = unsafe { Component::deserialize(&self.shared.engine, envelope.code) }
             .map_err(|e| refused(format!("{e:#}")))?;
-        self.handler(name, &component, envelope.version.to_string())
+        self.handler(
+            name,
+            &component,
+            envelope.version.to_string(),
+            Loaded::Precompiled(started),
+        )
     }
 
     /// The key under which precompiled artifacts of this runtime must be stored:
@@ -463,12 +537,25 @@ impl Runtime {
         self.shared.waiting.load(Ordering::Relaxed)
     }
 
+    /// The limits of an invocation that sets none of its own: those of the
+    /// [`RuntimeConfig`] this runtime was created with.
+    pub fn default_limits(&self) -> InvokeLimits {
+        self.shared.default_limits()
+    }
+
+    /// The limits an invocation given `limits` actually runs with: the memory cap lowered to
+    /// [`RuntimeConfig::memory_limit_bytes`] if it is above it, everything else as given.
+    pub fn effective_limits(&self, limits: &InvokeLimits) -> InvokeLimits {
+        limits.clamped(&self.shared.config)
+    }
+
     /// The [`Handler`] for a compiled component, after the world check.
     fn handler(
         &self,
         name: &str,
         component: &Component,
         version: String,
+        loaded: Loaded,
     ) -> Result<Handler, LoadError> {
         let wrong_world = |e: wasmtime::Error| LoadError::WrongWorld {
             name: name.to_string(),
@@ -490,15 +577,41 @@ impl Runtime {
                 Arc::new(Slots::new(self.shared.config.max_concurrent_per_module))
             }))
         };
+        let (started, compiled) = match loaded {
+            Loaded::Compiled(started) => (started, true),
+            Loaded::Precompiled(started) => (started, false),
+        };
         Ok(Handler {
             name: Arc::from(name),
             version: Arc::from(version),
             pre,
             slots,
             total_fuel: Arc::new(AtomicU64::new(0)),
+            load_time: started.elapsed(),
+            compiled,
             shared: Arc::clone(&self.shared),
         })
     }
+}
+
+impl Shared {
+    /// See [`Runtime::default_limits`].
+    fn default_limits(&self) -> InvokeLimits {
+        InvokeLimits {
+            deadline: self.config.deadline,
+            memory_limit_bytes: self.config.memory_limit_bytes,
+            max_outputs: self.config.max_outputs,
+            max_output_bytes: self.config.max_output_bytes,
+        }
+    }
+}
+
+/// How a [`Handler`] came to be, and when its loading started.
+enum Loaded {
+    /// Compiled from WebAssembly ([`Runtime::load`]).
+    Compiled(Instant),
+    /// Loaded from a precompiled artifact ([`Runtime::load_precompiled`]).
+    Precompiled(Instant),
 }
 
 /// A loaded handler: a compiled, type-checked component ready to be instantiated.
@@ -518,6 +631,10 @@ pub struct Handler {
     slots: Arc<Slots>,
     /// Fuel consumed by all invocations of this handler and its clones.
     total_fuel: Arc<AtomicU64>,
+    /// How long loading took (see [`Handler::load_time`]).
+    load_time: Duration,
+    /// Whether it was compiled (or loaded from an artifact).
+    compiled: bool,
     /// The runtime it was loaded by (kept alive, with its ticker, by this handler).
     shared: Arc<Shared>,
 }
@@ -527,6 +644,8 @@ impl std::fmt::Debug for Handler {
         f.debug_struct("Handler")
             .field("name", &self.name)
             .field("version", &self.version)
+            .field("compiled", &self.compiled)
+            .field("load_time", &self.load_time)
             .finish_non_exhaustive()
     }
 }
@@ -545,8 +664,13 @@ pub struct Invocation {
     /// How long the invocation waited for a concurrency slot before it started.
     pub waited: Duration,
     /// How long it ran once it had its slot (instantiation, call, output checks, key-value
-    /// writes).
+    /// writes); includes [`Invocation::instantiate`].
     pub ran: Duration,
+    /// The warm start: how long instantiating the pre-linked component took (a fresh
+    /// instance for every invocation: creating its memories and tables and running its
+    /// initialisation), failed instantiations included. Zero when the invocation failed
+    /// before instantiating.
+    pub instantiate: Duration,
 }
 
 impl Handler {
@@ -565,6 +689,27 @@ impl Handler {
     /// included: the handler's running cost. 0 when [`RuntimeConfig::meter_fuel`] is off.
     pub fn total_fuel(&self) -> u64 {
         self.total_fuel.load(Ordering::Relaxed)
+    }
+
+    /// How long loading this handler took: the cold start. For a handler made by
+    /// [`Runtime::load`] that is compiling the component (the bulk of it), hashing it and
+    /// pre-linking it; for one made by [`Runtime::load_precompiled`], checking the artifact,
+    /// loading its native code and pre-linking it. [`Handler::compiled`] says which. Clones
+    /// report the same time.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// Whether this handler was compiled from WebAssembly ([`Runtime::load`]), as opposed to
+    /// loaded from a precompiled artifact ([`Runtime::load_precompiled`]).
+    pub fn compiled(&self) -> bool {
+        self.compiled
+    }
+
+    /// The runtime's limits ([`Runtime::default_limits`]), for a caller that holds only the
+    /// handler and wants to change some of them for [`Handler::invoke_limited`].
+    pub fn default_limits(&self) -> InvokeLimits {
+        self.shared.default_limits()
     }
 
     /// The handler's precompiled artifact, to store (keyed by [`Runtime::artifact_key`]) and
@@ -620,16 +765,38 @@ impl Handler {
 
     /// [`Handler::invoke`], also returning the invocation's cost in fuel and its times.
     pub fn invoke_metered(&self, batch: &[Event]) -> Invocation {
-        self.invoke_with_deadline(batch, self.shared.deadline_ticks)
+        self.invoke_limited(batch, &self.shared.default_limits())
     }
 
     /// [`Handler::invoke_within`], also returning the invocation's cost in fuel and its
     /// times.
     pub fn invoke_metered_within(&self, batch: &[Event], deadline: Duration) -> Invocation {
-        self.invoke_with_deadline(batch, deadline_ticks(deadline))
+        let limits = InvokeLimits {
+            deadline,
+            ..self.shared.default_limits()
+        };
+        self.invoke_limited(batch, &limits)
     }
 
-    fn invoke_with_deadline(&self, batch: &[Event], deadline_ticks: u64) -> Invocation {
+    /// [`Handler::invoke`] under `limits` instead of the runtime's own (a route's limits),
+    /// returning the invocation's cost in fuel and its times as
+    /// [`Handler::invoke_metered`] does.
+    ///
+    /// Guarantees, besides those of [`Handler::invoke`]: the invocation is stopped at
+    /// `limits.deadline` ([`HandlerFailure::Timeout`]); its memories together never exceed
+    /// `limits.memory_limit_bytes` or [`RuntimeConfig::memory_limit_bytes`], whichever is
+    /// lower ([`HandlerFailure::OutOfMemory`]); it succeeds only with at most
+    /// `limits.max_outputs` outputs of at most `limits.max_output_bytes` payload bytes in
+    /// all ([`HandlerFailure::OutputLimit`]); and it waits for the same concurrency slots as
+    /// every other invocation.
+    pub fn invoke_limited(&self, batch: &[Event], limits: &InvokeLimits) -> Invocation {
+        let limits = limits.clamped(&self.shared.config);
+        self.run(batch, &limits, limits.hostcall_fuel())
+    }
+
+    /// Runs one invocation under `limits` (already clamped), letting wasmtime copy at most
+    /// `hostcall_fuel` bytes out of the guest at a time.
+    fn run(&self, batch: &[Event], limits: &InvokeLimits, hostcall_fuel: usize) -> Invocation {
         let shared = &self.shared;
         let arrived = Instant::now();
         // The module's slot first, then an overall one: an invocation waiting for its module
@@ -646,11 +813,12 @@ impl Handler {
             State::new(
                 Arc::clone(&self.name),
                 Arc::clone(&shared.kv),
-                shared.config.memory_limit_bytes,
+                limits.memory_limit_bytes,
             ),
         );
         store.limiter(|state| &mut state.limits);
-        store.set_epoch_deadline(deadline_ticks);
+        store.set_hostcall_fuel(hostcall_fuel);
+        store.set_epoch_deadline(deadline_ticks(limits.deadline));
         store.epoch_deadline_trap();
         let metered = shared.config.meter_fuel;
         let result = match metered {
@@ -661,22 +829,25 @@ impl Handler {
         };
 
         let batch: Vec<types::Event> = batch.iter().map(to_wit).collect();
+        let mut instantiate = Duration::ZERO;
         let called = result.map(|()| {
-            self.pre
-                .instantiate(&mut store)
-                .and_then(|handler| handler.call_handle(&mut store, &batch))
+            let instantiating = Instant::now();
+            let instance = self.pre.instantiate(&mut store);
+            instantiate = instantiating.elapsed();
+            instance.and_then(|handler| handler.call_handle(&mut store, &batch))
         });
         let fuel =
             metered.then(|| FUEL_BUDGET.saturating_sub(store.get_fuel().unwrap_or(FUEL_BUDGET)));
         if let Some(fuel) = fuel {
             self.total_fuel.fetch_add(fuel, Ordering::Relaxed);
         }
-        let result = called.and_then(|called| self.finish(called, store));
+        let result = called.and_then(|called| self.finish(called, store, limits));
         Invocation {
             result,
             fuel,
             waited: started - arrived,
             ran: started.elapsed(),
+            instantiate,
         }
     }
 
@@ -686,13 +857,14 @@ impl Handler {
         &self,
         called: wasmtime::Result<Result<Vec<types::Output>, String>>,
         store: Store<State>,
+        limits: &InvokeLimits,
     ) -> Result<Vec<Output>, HandlerFailure> {
         let outputs = match called {
             Ok(Ok(outputs)) => outputs,
             Ok(Err(message)) => return Err(HandlerFailure::Error(cut(&message, MAX_REASON_BYTES))),
             Err(error) => return Err(classify(&error, store.data())),
         };
-        check_output_limits(&outputs, &self.shared.config)?;
+        check_output_limits(&outputs, limits)?;
 
         let state = store.into_data();
         for (key, value) in &state.kv_writes {
@@ -939,26 +1111,26 @@ fn to_wit(event: &Event) -> types::Event {
     }
 }
 
-/// Checks the outputs against [`RuntimeConfig::max_outputs`] and
-/// [`RuntimeConfig::max_output_bytes`].
+/// Checks the outputs against [`InvokeLimits::max_outputs`] and
+/// [`InvokeLimits::max_output_bytes`].
 fn check_output_limits(
     outputs: &[types::Output],
-    config: &RuntimeConfig,
+    limits: &InvokeLimits,
 ) -> Result<(), HandlerFailure> {
-    if outputs.len() > config.max_outputs {
+    if outputs.len() > limits.max_outputs {
         return Err(HandlerFailure::OutputLimit(format!(
             "{} outputs, at most {} allowed",
             outputs.len(),
-            config.max_outputs
+            limits.max_outputs
         )));
     }
     let bytes = outputs.iter().fold(0usize, |sum, output| {
         sum.saturating_add(output.payload.len())
     });
-    if bytes > config.max_output_bytes {
+    if bytes > limits.max_output_bytes {
         return Err(HandlerFailure::OutputLimit(format!(
             "{bytes} payload bytes, at most {} allowed",
-            config.max_output_bytes
+            limits.max_output_bytes
         )));
     }
     Ok(())
@@ -977,6 +1149,16 @@ fn classify(error: &wasmtime::Error, state: &State) -> HandlerFailure {
     }
     if state.limits.denied {
         return HandlerFailure::OutOfMemory;
+    }
+    let text = format!("{error:#}");
+    // wasmtime's hostcall fuel ran out (its error type is private, its message is not). The
+    // budget covers any import's arguments (see `InvokeLimits::hostcall_fuel`), so this was
+    // the results: outputs far beyond the output caps.
+    if text.contains("fuel allocated for hostcalls has been exhausted") {
+        return HandlerFailure::OutputLimit(format!(
+            "the outputs are too large to copy out of the handler ({})",
+            cut(&text, MAX_REASON_BYTES)
+        ));
     }
     let mut message = match error.downcast_ref::<Trap>() {
         Some(Trap::Interrupt) => return HandlerFailure::Timeout,
@@ -1771,6 +1953,385 @@ mod tests {
     fn long_text_is_cut_at_a_character_boundary() {
         assert_eq!(truncated("short", 10), "short");
         assert_eq!(cut("ééé", 3), "é... [4 bytes cut]");
+    }
+
+    /// `n` events carrying a small JSON reading each.
+    fn readings(n: u64) -> Vec<Event> {
+        (0..n)
+            .map(|i| event(i, "d", &format!(r#"{{"temp_c": {i}}}"#)))
+            .collect()
+    }
+
+    #[test]
+    fn fuel_is_reported_and_deterministic() {
+        let (runtime, _) = runtime();
+        let enrich = runtime.load("enrich", examples::ENRICH).unwrap();
+        let one = enrich.invoke_metered(&readings(1));
+        let again = enrich.invoke_metered(&readings(1));
+        let ten = enrich.invoke_metered(&readings(10));
+        assert_eq!(one.result.unwrap().len(), 1);
+        assert_eq!(ten.result.unwrap().len(), 10);
+        let (one, again, ten) = (one.fuel.unwrap(), again.fuel.unwrap(), ten.fuel.unwrap());
+        assert!(one > 0);
+        assert_eq!(one, again, "the same batch costs the same fuel");
+        assert!(ten > one, "more work costs more fuel: {ten} vs {one}");
+        assert_eq!(enrich.total_fuel(), one + again + ten);
+        // A failed invocation is metered too.
+        let failed = enrich.invoke_metered(&[event(1, "d", "not json")]);
+        assert!(failed.result.is_err());
+        assert!(failed.fuel.unwrap() > 0);
+    }
+
+    #[test]
+    fn without_metering_there_is_no_fuel() {
+        let (runtime, _) = runtime_with(RuntimeConfig {
+            meter_fuel: false,
+            ..RuntimeConfig::default()
+        });
+        let enrich = runtime.load("enrich", examples::ENRICH).unwrap();
+        let invocation = enrich.invoke_metered(&readings(1));
+        assert!(invocation.result.is_ok());
+        assert_eq!(invocation.fuel, None);
+        assert_eq!(enrich.total_fuel(), 0);
+    }
+
+    #[test]
+    fn invocations_report_their_warm_start() {
+        let (runtime, _) = runtime();
+        let enrich = runtime.load("enrich", examples::ENRICH).unwrap();
+        assert!(enrich.compiled());
+        assert!(enrich.load_time() > Duration::ZERO);
+        let invocation = enrich.invoke_metered(&readings(1));
+        assert!(invocation.result.is_ok());
+        assert!(invocation.instantiate > Duration::ZERO);
+        assert!(invocation.instantiate <= invocation.ran);
+    }
+
+    #[test]
+    fn a_precompiled_artifact_loads_without_compiling() {
+        let (runtime, _) = runtime();
+        let compiled = runtime.load("enrich", examples::ENRICH).unwrap();
+        let artifact = runtime.precompile("enrich", examples::ENRICH).unwrap();
+        assert_eq!(artifact, compiled.artifact().unwrap());
+        // SAFETY: made by `precompile` just above, never left this process.
+        let loaded = unsafe { runtime.load_precompiled("enrich", &artifact) }.unwrap();
+        assert!(!loaded.compiled());
+        assert!(loaded.load_time() > Duration::ZERO);
+        assert_eq!(loaded.version(), compiled.version());
+        assert_eq!(
+            loaded.invoke(&readings(3)).unwrap(),
+            compiled.invoke(&readings(3)).unwrap()
+        );
+    }
+
+    #[test]
+    fn damaged_foreign_or_garbage_artifacts_are_refused() {
+        let (runtime, _) = runtime();
+        let artifact = runtime.precompile("enrich", examples::ENRICH).unwrap();
+        let refused = |bytes: &[u8]| {
+            // SAFETY: every input here is refused before any code is mapped (the checks run
+            // first), which is what this test asserts.
+            match unsafe { runtime.load_precompiled("enrich", bytes) } {
+                Err(error @ LoadError::Artifact { .. }) => error.to_string(),
+                other => panic!("expected LoadError::Artifact, got {other:?}"),
+            }
+        };
+
+        let mut damaged = artifact.clone();
+        let last = damaged.len() - 1;
+        damaged[last] ^= 0x01;
+        assert!(refused(&damaged).contains("damaged"));
+
+        let mut cut = artifact.clone();
+        cut.truncate(ARTIFACT_MAGIC.len() + 10);
+        refused(&cut);
+
+        assert!(refused(b"hello, world").contains("not an outpost precompiled artifact"));
+        refused(b"");
+        refused(examples::ENRICH);
+
+        // Another engine configuration: another key.
+        let (other, _) = runtime_with(RuntimeConfig {
+            meter_fuel: false,
+            ..RuntimeConfig::default()
+        });
+        assert_ne!(other.artifact_key(), runtime.artifact_key());
+        let foreign = other.precompile("enrich", examples::ENRICH).unwrap();
+        assert!(refused(&foreign).contains("compile the module again"));
+        // The same configuration gives the same key, so artifacts survive a restart.
+        let (same, _) = self::runtime();
+        assert_eq!(same.artifact_key(), runtime.artifact_key());
+    }
+
+    /// Polls `check` every millisecond for up to 30 s.
+    fn wait_until(what: &str, check: impl Fn() -> bool) {
+        let start = Instant::now();
+        while !check() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "timed out waiting for: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn a_busy_module_makes_its_own_invocations_wait_not_the_others() {
+        let (runtime, _) = runtime_with(RuntimeConfig {
+            max_concurrent: 4,
+            max_concurrent_per_module: 1,
+            ..RuntimeConfig::default()
+        });
+        let busy = faulty(&runtime);
+        let other = runtime.load(
+            "other",
+            &std::fs::read(examples::guest_path("faulty")).unwrap(),
+        );
+        let other = other.unwrap();
+        // Long enough that the observations below happen while it runs, however slow the
+        // machine; the test takes this long.
+        let looping = InvokeLimits {
+            deadline: Duration::from_secs(4),
+            ..runtime.default_limits()
+        };
+        let first = {
+            let busy = busy.clone();
+            std::thread::spawn(move || busy.invoke_limited(&[event(1, "d", "loop")], &looping))
+        };
+        wait_until("the loop runs", || {
+            runtime.running_invocations() == 1 && runtime.waiting_invocations() == 0
+        });
+        let second = {
+            let busy = busy.clone();
+            std::thread::spawn(move || busy.invoke_metered(&[event(2, "d", "ok")]))
+        };
+        wait_until("the second invocation waits", || {
+            runtime.waiting_invocations() == 1
+        });
+        // Another module is not held up by the busy one.
+        assert_eq!(other.invoke(&[event(3, "d", "ok")]).unwrap().len(), 1);
+        assert!(!first.is_finished(), "the loop ended before its deadline");
+        assert_eq!(runtime.waiting_invocations(), 1);
+
+        let first = first.join().unwrap();
+        let second = second.join().unwrap();
+        assert!(matches!(first.result, Err(HandlerFailure::Timeout)));
+        assert_eq!(second.result.unwrap().len(), 1);
+        assert!(second.waited > Duration::ZERO);
+        assert_eq!(runtime.running_invocations(), 0);
+        assert_eq!(runtime.waiting_invocations(), 0);
+    }
+
+    #[test]
+    fn a_route_may_only_lower_the_memory_cap() {
+        let (runtime, _) = runtime();
+        let defaults = runtime.default_limits();
+        assert_eq!(defaults.memory_limit_bytes, 32 * 1024 * 1024);
+        let higher = InvokeLimits {
+            memory_limit_bytes: 1 << 30,
+            ..defaults
+        };
+        assert_eq!(runtime.effective_limits(&higher), defaults);
+        let lower = InvokeLimits {
+            memory_limit_bytes: 8 * 1024 * 1024,
+            ..defaults
+        };
+        assert_eq!(runtime.effective_limits(&lower), lower);
+
+        let faulty = faulty(&runtime);
+        // Holding a 12 MiB line fits the runtime's 32 MiB, not the route's 8 MiB.
+        let batch = [event(1, "d", "huge-log:12")];
+        assert!(faulty.invoke_limited(&batch, &defaults).result.is_ok());
+        let failure = faulty.invoke_limited(&batch, &lower).result.unwrap_err();
+        assert!(
+            matches!(failure, HandlerFailure::OutOfMemory),
+            "{failure:?}"
+        );
+        let grow = faulty.invoke_limited(&[event(2, "d", "grow")], &lower);
+        assert!(matches!(grow.result, Err(HandlerFailure::OutOfMemory)));
+        // A higher cap is clamped: 40 MiB does not fit.
+        let failure = faulty
+            .invoke_limited(&[event(3, "d", "huge-log:40")], &higher)
+            .result
+            .unwrap_err();
+        assert!(
+            matches!(failure, HandlerFailure::OutOfMemory),
+            "{failure:?}"
+        );
+        // The handler is unharmed.
+        assert!(faulty.invoke_limited(&batch, &defaults).result.is_ok());
+    }
+
+    #[test]
+    fn a_route_sets_its_own_output_caps_and_deadline() {
+        let (runtime, _) = runtime_with(RuntimeConfig {
+            deadline: Duration::from_secs(120),
+            ..RuntimeConfig::default()
+        });
+        let faulty = faulty(&runtime);
+        let defaults = runtime.default_limits();
+        let hundred = [event(1, "d", "many-outputs:100")];
+        assert_eq!(faulty.invoke(&hundred).unwrap().len(), 100);
+        let fifty = InvokeLimits {
+            max_outputs: 50,
+            ..defaults
+        };
+        match faulty.invoke_limited(&hundred, &fifty).result {
+            Err(failure @ HandlerFailure::OutputLimit(_)) => {
+                assert!(failure.to_string().contains("100 outputs, at most 50"));
+            }
+            other => panic!("expected an output limit, got {other:?}"),
+        }
+
+        let ten_bytes = InvokeLimits {
+            max_output_bytes: 10,
+            ..defaults
+        };
+        let fits = faulty.invoke_limited(&[event(2, "d", "0123456789")], &ten_bytes);
+        assert!(fits.result.is_ok());
+        let over = faulty.invoke_limited(&[event(3, "d", "0123456789a")], &ten_bytes);
+        assert!(matches!(over.result, Err(HandlerFailure::OutputLimit(_))));
+
+        // The runtime's deadline is two minutes; the route's stops the loop long before.
+        let short = InvokeLimits {
+            deadline: Duration::from_millis(100),
+            ..defaults
+        };
+        let looped = faulty.invoke_limited(&[event(4, "d", "loop")], &short);
+        assert!(matches!(looped.result, Err(HandlerFailure::Timeout)));
+        assert!(looped.ran < Duration::from_secs(60));
+    }
+
+    #[test]
+    fn ten_mib_of_output_is_an_output_limit_failure() {
+        let (runtime, _) = runtime();
+        let failure = faulty(&runtime)
+            .invoke(&[event(1, "d", "big-output")])
+            .unwrap_err();
+        assert!(
+            matches!(failure, HandlerFailure::OutputLimit(_)),
+            "{failure:?}"
+        );
+        assert!(
+            failure
+                .to_string()
+                .contains("10485760 payload bytes, at most 8388608 allowed"),
+            "{failure}"
+        );
+    }
+
+    #[test]
+    fn thousands_of_outputs_are_fine_up_to_the_cap() {
+        let (runtime, _) = runtime();
+        let faulty = faulty(&runtime);
+        assert_eq!(
+            faulty
+                .invoke(&[event(1, "d", "many-outputs")])
+                .unwrap()
+                .len(),
+            5_000
+        );
+        let failure = faulty
+            .invoke(&[event(2, "d", "many-outputs:10001")])
+            .unwrap_err();
+        assert!(
+            failure.to_string().contains("10001 outputs, at most 10000"),
+            "{failure}"
+        );
+    }
+
+    #[test]
+    fn outputs_too_large_to_copy_out_are_an_output_limit_failure() {
+        let (runtime, _) = runtime();
+        let faulty = faulty(&runtime);
+        let limits = runtime.default_limits();
+        let batch = [event(1, "d", "many-outputs:100")];
+        // 100 outputs take more than 1 KiB on the host.
+        let failure = faulty.run(&batch, &limits, 1024).result.unwrap_err();
+        assert!(
+            matches!(failure, HandlerFailure::OutputLimit(_)),
+            "{failure:?}"
+        );
+        assert!(
+            failure.to_string().contains("too large to copy"),
+            "{failure}"
+        );
+        assert!(limits.hostcall_fuel() >= 2 * limits.memory_limit_bytes);
+    }
+
+    /// Log output written while `f` runs on this thread.
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Sink {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let result = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8_lossy(&sink.0.lock().unwrap()).into_owned();
+        (result, text)
+    }
+
+    #[test]
+    fn a_huge_log_line_is_cut_and_the_invocation_goes_on() {
+        let (runtime, _) = runtime();
+        let faulty = faulty(&runtime);
+        let (outputs, log) = logged(|| faulty.invoke(&[event(1, "d", "huge-log:8")]));
+        assert_eq!(outputs.unwrap()[0].payload, b"huge-log:8");
+        assert!(log.len() < 8 * 1024, "{} bytes logged", log.len());
+        assert!(
+            log.contains(&format!("[{} bytes cut]", 8 * 1024 * 1024 - 4096)),
+            "{log}"
+        );
+        // 50 MiB do not even fit in the guest's 32 MiB.
+        let failure = faulty.invoke(&[event(2, "d", "huge-log")]).unwrap_err();
+        assert!(
+            matches!(failure, HandlerFailure::OutOfMemory),
+            "{failure:?}"
+        );
+    }
+
+    #[test]
+    fn key_value_abuse_traps_naming_the_limit() {
+        let (runtime, kv) = runtime();
+        let faulty = faulty(&runtime);
+        for (payload, expected) in [
+            ("huge-key", "key of 10485760 bytes, at most 1024 allowed"),
+            (
+                "huge-value",
+                "value of 10485760 bytes, at most 1048576 allowed",
+            ),
+            (
+                "kv-flood",
+                "more than 8388608 bytes written in one invocation",
+            ),
+        ] {
+            match faulty.invoke(&[event(1, "d", payload)]) {
+                Err(failure @ HandlerFailure::Trap(_)) => {
+                    assert_eq!(failure.reason(), "trap");
+                    assert!(
+                        failure.to_string().contains(expected),
+                        "{payload}: {failure}"
+                    );
+                }
+                other => panic!("{payload}: expected a trap, got {other:?}"),
+            }
+            // The handler is unharmed.
+            assert_eq!(faulty.invoke(&[event(2, "d", "ok")]).unwrap().len(), 1);
+        }
+        assert!(kv.values.lock().unwrap().is_empty(), "nothing was written");
     }
 
     #[test]
