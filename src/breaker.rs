@@ -137,6 +137,12 @@ impl Breaker {
         Transition::None
     }
 
+    /// Forgets `module`'s failures and ends its quarantine: a new version starts afresh.
+    pub fn reset(&self, module: &str) {
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        modules.remove(module);
+    }
+
     /// The modules quarantined at `now`, with the time each has left (zero: waiting for its
     /// probe), sorted by name.
     pub fn quarantined(&self, now: Instant) -> Vec<(String, Duration)> {

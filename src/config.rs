@@ -165,8 +165,17 @@ pub struct DeployConfig {
     /// signatures are accepted on a module; relative paths are relative to the configuration
     /// file's directory. Empty: no deploy is accepted.
     pub trusted_keys: Vec<PathBuf>,
-    /// Largest module accepted, in bytes.
+    /// Largest module accepted, in bytes. Deploys published on the embedded broker are also
+    /// bound by `broker.max_payload_bytes`.
     pub max_module_bytes: u64,
+    /// Fleet groups this gateway belongs to: deploys, rollbacks and removes published on an
+    /// upstream under `<fleet_prefix>/<group>/modules/...` apply to it.
+    pub groups: Vec<String>,
+    /// The first levels of fleet topics on the upstream brokers.
+    pub fleet_prefix: String,
+    /// Whether the uplinks subscribe to this gateway's and its groups' module topics on their
+    /// upstream brokers (deploys from the cloud). Off: only the embedded broker's topics work.
+    pub via_upstream: bool,
 }
 
 impl Default for DeployConfig {
@@ -174,6 +183,9 @@ impl Default for DeployConfig {
         DeployConfig {
             trusted_keys: Vec::new(),
             max_module_bytes: crate::signing::DEFAULT_MAX_MODULE_BYTES,
+            groups: Vec::new(),
+            fleet_prefix: "outpost/fleet".to_string(),
+            via_upstream: true,
         }
     }
 }
@@ -259,6 +271,13 @@ pub struct HandlerConfig {
     pub breaker_failures: u32,
     /// How long a quarantine lasts, in milliseconds; then one invocation probes the module.
     pub breaker_cooldown_ms: u64,
+    /// Handler invocations that may run at once, all modules together; 0: one per CPU.
+    pub max_concurrent: usize,
+    /// Invocations of one module that may run at once.
+    pub max_concurrent_per_module: usize,
+    /// How often the gateway publishes its metrics on `outpost/<gateway_id>/metrics`, in
+    /// milliseconds; 0: never.
+    pub metrics_interval_ms: u64,
 }
 
 impl Default for HandlerConfig {
@@ -269,6 +288,9 @@ impl Default for HandlerConfig {
             max_batch: 64,
             breaker_failures: 10,
             breaker_cooldown_ms: 30_000,
+            max_concurrent: 0,
+            max_concurrent_per_module: 1,
+            metrics_interval_ms: 10_000,
         }
     }
 }
@@ -408,14 +430,18 @@ pub fn parse_broker_url(url: &str) -> Result<BrokerAddress, String> {
     })
 }
 
-/// A handler module loaded at start-up.
+/// A handler module routes may use: loaded from a file at start-up, or deployed later.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModuleConfig {
     /// The name routes use to refer to it.
     pub name: String,
     /// Path of the WebAssembly component, relative to the configuration file's directory.
-    pub path: PathBuf,
+    /// Without it the module exists only once deployed (`outpost module push`); until then
+    /// its routes' events wait (or become dead letters, per the route's `on_quarantine`). A
+    /// deployed version takes precedence over the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
 }
 
 /// One route: which events, which handler, which upstream, which output topic.
@@ -441,6 +467,16 @@ pub struct RouteConfig {
     /// Handler deadline for this route, in milliseconds (default: `handlers.deadline_ms`).
     #[serde(default)]
     pub deadline_ms: Option<u64>,
+    /// Memory cap per handler instance for this route, in MiB; can only lower
+    /// `handlers.memory_limit_mib` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_mib: Option<usize>,
+    /// Most outputs one invocation may return on this route (default 10000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_outputs: Option<usize>,
+    /// Most payload bytes of one invocation's outputs on this route (default 8 MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_bytes: Option<usize>,
     /// Outputs not delivered within this many seconds become dead letters (`expired`);
     /// 0: no limit.
     #[serde(default)]
@@ -465,6 +501,9 @@ impl RouteConfig {
             topic: None,
             retry: RetryConfig::default(),
             deadline_ms: None,
+            memory_limit_mib: None,
+            max_outputs: None,
+            max_output_bytes: None,
             ttl_secs: 0,
             payload: PayloadFormat::Any,
             on_quarantine: QuarantinePolicy::Wait,
@@ -508,8 +547,10 @@ impl Config {
         let mut config = Config::from_toml(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
         for module in &mut config.modules {
-            if module.path.is_relative() {
-                module.path = base.join(&module.path);
+            if let Some(path) = &mut module.path {
+                if path.is_relative() {
+                    *path = base.join(&*path);
+                }
             }
         }
         for key in &mut config.deploy.trusted_keys {
@@ -726,11 +767,13 @@ impl Config {
                     "is used by two modules",
                 ));
             }
-            if !m.path.is_file() {
-                return Err(invalid(
-                    format!("module {:?}.path", m.name),
-                    format!("{} does not exist or is not a file", m.path.display()),
-                ));
+            if let Some(path) = &m.path {
+                if !path.is_file() {
+                    return Err(invalid(
+                        format!("module {:?}.path", m.name),
+                        format!("{} does not exist or is not a file", path.display()),
+                    ));
+                }
             }
         }
 
@@ -753,6 +796,30 @@ impl Config {
                     ),
                 ));
             }
+        }
+
+        for (i, group) in d.groups.iter().enumerate() {
+            if group.is_empty() || group.contains(['+', '#', '/', '\0']) {
+                return Err(invalid(
+                    format!("deploy.groups[{i}]"),
+                    "must be one topic level: not empty, without '/', '+', '#'",
+                ));
+            }
+        }
+        if d.fleet_prefix.is_empty()
+            || d.fleet_prefix.contains(['+', '#', '\0'])
+            || d.fleet_prefix.ends_with('/')
+        {
+            return Err(invalid(
+                "deploy.fleet_prefix",
+                "must be topic levels without wildcards or a trailing '/'",
+            ));
+        }
+        if self.handlers.max_concurrent_per_module == 0 {
+            return Err(invalid(
+                "handlers.max_concurrent_per_module",
+                "must be at least 1",
+            ));
         }
 
         let st = &self.store;
@@ -786,6 +853,26 @@ impl Config {
                     key("retry.backoff_ms"),
                     "must be at least 1 and not more than retry.backoff_max_ms",
                 ));
+            }
+            for (name, set) in [
+                ("memory_limit_mib", r.memory_limit_mib.is_some()),
+                ("max_outputs", r.max_outputs.is_some()),
+                ("max_output_bytes", r.max_output_bytes.is_some()),
+            ] {
+                if set && r.handler.is_none() {
+                    return Err(invalid(key(name), "only applies to a route with a handler"));
+                }
+            }
+            if let Some(m) = r.memory_limit_mib {
+                if m == 0 || m > self.handlers.memory_limit_mib {
+                    return Err(invalid(
+                        key("memory_limit_mib"),
+                        format!(
+                            "must be between 1 and handlers.memory_limit_mib ({})",
+                            self.handlers.memory_limit_mib
+                        ),
+                    ));
+                }
             }
             if let Some(d) = r.deadline_ms {
                 if d == 0 || d > 600_000 {

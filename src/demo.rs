@@ -111,11 +111,11 @@ pub async fn run(phase_secs: u64, device_count: usize) -> anyhow::Result<()> {
         modules: vec![
             ModuleConfig {
                 name: "enrich".into(),
-                path: data.join("enrich.wasm"),
+                path: Some(data.join("enrich.wasm")),
             },
             ModuleConfig {
                 name: "threshold".into(),
-                path: data.join("threshold.wasm"),
+                path: Some(data.join("threshold.wasm")),
             },
         ],
         routes: vec![

@@ -19,13 +19,15 @@ use tracing::info;
 
 use crate::config::Config;
 use crate::control::{self, Control};
+use crate::deploy::{self, ModuleControl};
 use crate::edge::Edge;
 use crate::journal::{Journal, JournalThread};
 use crate::metrics::Metrics;
+use crate::modules::Registry;
 use crate::pipeline::{Pipeline, RoutePolicy};
 use crate::runtime::{Runtime, RuntimeConfig};
 use crate::store::Store;
-use crate::uplink::Uplink;
+use crate::uplink::{Uplink, UplinkControl};
 
 /// A running gateway.
 pub struct Gateway {
@@ -36,6 +38,7 @@ pub struct Gateway {
     edge: Edge,
     journal: JournalThread,
     control: JoinHandle<()>,
+    module_control: JoinHandle<()>,
     pipeline: JoinHandle<()>,
     finish_pipeline: watch::Sender<bool>,
     uplinks: Vec<JoinHandle<()>>,
@@ -50,30 +53,72 @@ impl Gateway {
         let store = Arc::new(Store::open_with(&config.data_dir, config.store.limits())?);
         let metrics = Arc::new(Metrics::default());
 
+        let defaults = RuntimeConfig::default();
         let runtime = Runtime::new(
             RuntimeConfig {
                 deadline: config.handlers.deadline(),
                 memory_limit_bytes: config.handlers.memory_limit_mib * 1024 * 1024,
-                ..RuntimeConfig::default()
+                max_concurrent: match config.handlers.max_concurrent {
+                    0 => defaults.max_concurrent,
+                    n => n,
+                },
+                max_concurrent_per_module: config.handlers.max_concurrent_per_module,
+                ..defaults
             },
             store.clone(),
         )
         .context("cannot start the WebAssembly runtime")?;
-        let mut handlers = HashMap::new();
-        for module in &config.modules {
-            let wasm = std::fs::read(&module.path).with_context(|| {
-                format!(
-                    "module {:?}: cannot read {}",
-                    module.name,
-                    module.path.display()
+        let breaker = Arc::new(crate::breaker::Breaker::new(
+            config.handlers.breaker_failures,
+            std::time::Duration::from_millis(config.handlers.breaker_cooldown_ms),
+        ));
+        let registry = {
+            let (store, metrics, breaker) = (store.clone(), metrics.clone(), breaker.clone());
+            let modules = config.modules.clone();
+            let trusted = config.trusted_keys()?;
+            let max_module_bytes = config.deploy.max_module_bytes;
+            tokio::task::spawn_blocking(move || {
+                Registry::load(
+                    runtime,
+                    store,
+                    metrics,
+                    breaker,
+                    &modules,
+                    trusted,
+                    max_module_bytes,
                 )
-            })?;
-            let handler = runtime
-                .load(&module.name, &wasm)
-                .with_context(|| format!("module {:?} ({})", module.name, module.path.display()))?;
-            info!(module = %module.name, path = %module.path.display(), "handler loaded");
-            handlers.insert(module.name.clone(), handler);
+            })
+            .await
+            .context("module loading failed")??
+        };
+        let registry = Arc::new(registry);
+
+        let mut upstream_bases = Vec::new();
+        if config.deploy.via_upstream {
+            upstream_bases.push(deploy::base(&config.gateway_id));
+            for group in &config.deploy.groups {
+                upstream_bases.push(deploy::fleet_base(&config.deploy.fleet_prefix, group));
+            }
         }
+        let module_control = ModuleControl {
+            gateway_id: config.gateway_id.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            upstream_bases,
+            metrics_interval: match config.handlers.metrics_interval_ms {
+                0 => None,
+                ms => Some(std::time::Duration::from_millis(ms)),
+            },
+        };
+        let (remote_tx, remote_rx) = tokio::sync::mpsc::channel(deploy::REMOTE_QUEUE);
+        let uplink_control = (!module_control.upstream_bases.is_empty()).then(|| UplinkControl {
+            filters: module_control.upstream_filters(),
+            requests: remote_tx.clone(),
+            max_packet: config.deploy.max_module_bytes as usize
+                + crate::signing::MAX_HEADER_BYTES
+                + 64 * 1024,
+        });
+        drop(remote_tx);
 
         let (stop_uplinks, stop_rx) = watch::channel(false);
         let mut wakes = HashMap::new();
@@ -88,6 +133,7 @@ impl Gateway {
                 store: store.clone(),
                 wake,
                 metrics: metrics.clone(),
+                control: uplink_control.clone(),
             };
             uplinks.push(tokio::spawn(uplink.run(stop_rx.clone())));
         }
@@ -106,6 +152,9 @@ impl Gateway {
                     ttl: config.ttl_of(r),
                     payload: r.payload,
                     on_quarantine: r.on_quarantine,
+                    memory_limit_bytes: r.memory_limit_mib.map(|m| m * 1024 * 1024),
+                    max_outputs: r.max_outputs,
+                    max_output_bytes: r.max_output_bytes,
                 };
                 (r.name.clone(), policy)
             })
@@ -113,16 +162,13 @@ impl Gateway {
         let pipeline = Pipeline {
             routes,
             policies,
-            handlers,
+            registry,
             store: store.clone(),
             wakes,
             metrics: metrics.clone(),
             gateway_id: config.gateway_id.clone(),
             max_batch: config.handlers.max_batch,
-            breaker: Arc::new(crate::breaker::Breaker::new(
-                config.handlers.breaker_failures,
-                std::time::Duration::from_millis(config.handlers.breaker_cooldown_ms),
-            )),
+            breaker,
         };
         let pipeline = tokio::spawn(pipeline.run(committed.clone(), finish_rx));
 
@@ -145,8 +191,24 @@ impl Gateway {
             Ok((link_tx, link_rx)) => control.start(link_tx, link_rx).await.map_err(Into::into),
             Err(e) => Err(anyhow::Error::from(e)),
         };
-        let control = match control {
-            Ok(task) => task,
+        let module_control = match (control, edge.local_link(deploy::CLIENT_ID)) {
+            (Ok(control), Ok((link_tx, link_rx))) => {
+                match module_control.start(link_tx, link_rx, remote_rx).await {
+                    Ok(task) => Ok((control, task)),
+                    Err(e) => {
+                        control.abort();
+                        Err(e)
+                    }
+                }
+            }
+            (Ok(control), Err(e)) => {
+                control.abort();
+                Err(anyhow::Error::from(e))
+            }
+            (Err(e), _) => Err(e),
+        };
+        let (control, module_control) = match module_control {
+            Ok(tasks) => tasks,
             Err(e) => {
                 edge.stop();
                 let _ = stop_uplinks.send(true);
@@ -167,6 +229,7 @@ impl Gateway {
             edge,
             journal: journal_thread,
             control,
+            module_control,
             pipeline,
             finish_pipeline,
             uplinks,
@@ -179,6 +242,7 @@ impl Gateway {
     pub async fn shutdown(self) {
         self.edge.stop();
         self.control.abort();
+        self.module_control.abort();
         // The edge's connections held the only journal handles; once they are gone the journal
         // thread commits what it has and ends.
         let journal = self.journal;

@@ -13,12 +13,15 @@
 pub mod breaker;
 pub mod config;
 pub mod control;
+pub mod deploy;
+pub mod deploy_client;
 pub mod edge;
 pub mod event;
 pub mod examples;
 pub mod gateway;
 pub mod journal;
 pub mod metrics;
+pub mod modules;
 pub mod pipeline;
 pub mod router;
 pub mod runtime;

@@ -49,6 +49,30 @@ pub struct Metrics {
     pub quarantines: AtomicU64,
     /// Events held (waiting, or dead-lettered) because their module was quarantined.
     pub quarantined_events: AtomicU64,
+    /// Fuel consumed by handler invocations (about one unit per WebAssembly instruction): the handlers' cost.
+    pub handler_fuel: AtomicU64,
+    /// Microseconds handler invocations ran (instantiation, call, output checks), summed.
+    pub handler_run_us: AtomicU64,
+    /// Microseconds handler invocations waited for a concurrency slot, summed.
+    pub handler_wait_us: AtomicU64,
+    /// Microseconds spent instantiating handlers (warm starts from pre-instantiated components), summed.
+    pub handler_instantiate_us: AtomicU64,
+    /// Modules compiled from WebAssembly (cold starts): at start without a usable artifact, and at deploys.
+    pub module_compiles: AtomicU64,
+    /// Microseconds spent compiling modules, summed.
+    pub module_compile_us: AtomicU64,
+    /// Deployed modules loaded from their precompiled artifact instead of compiling.
+    pub module_artifact_loads: AtomicU64,
+    /// Microseconds spent loading precompiled artifacts, summed.
+    pub module_artifact_load_us: AtomicU64,
+    /// Deploys that activated a new module version.
+    pub module_deploys: AtomicU64,
+    /// Rollbacks applied.
+    pub module_rollbacks: AtomicU64,
+    /// Removes applied.
+    pub module_removals: AtomicU64,
+    /// Deploy, rollback and remove requests refused (bad signature, wrong world, ...).
+    pub module_requests_refused: AtomicU64,
     /// Dead letters deleted to stay within the dead-letter cap.
     pub dead_letters_evicted: AtomicU64,
     /// Times a batch waited because the outbox was full (`reject-new`).
@@ -57,6 +81,7 @@ pub struct Metrics {
     pub journal_full_waits: AtomicU64,
     links: Mutex<BTreeMap<String, LinkState>>,
     quarantined: Mutex<BTreeMap<String, u64>>,
+    module_fuel: Mutex<BTreeMap<String, u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -106,6 +131,30 @@ pub struct Snapshot {
     pub quarantined_events: u64,
     /// Modules in quarantine now, with the milliseconds left (0: waiting for its probe).
     pub quarantined_modules: BTreeMap<String, u64>,
+    /// See [`Metrics::handler_fuel`].
+    pub handler_fuel: u64,
+    /// See [`Metrics::handler_run_us`].
+    pub handler_run_us: u64,
+    /// See [`Metrics::handler_wait_us`].
+    pub handler_wait_us: u64,
+    /// See [`Metrics::handler_instantiate_us`].
+    pub handler_instantiate_us: u64,
+    /// See [`Metrics::module_compiles`].
+    pub module_compiles: u64,
+    /// See [`Metrics::module_compile_us`].
+    pub module_compile_us: u64,
+    /// See [`Metrics::module_artifact_loads`].
+    pub module_artifact_loads: u64,
+    /// See [`Metrics::module_artifact_load_us`].
+    pub module_artifact_load_us: u64,
+    /// See [`Metrics::module_deploys`].
+    pub module_deploys: u64,
+    /// See [`Metrics::module_rollbacks`].
+    pub module_rollbacks: u64,
+    /// See [`Metrics::module_removals`].
+    pub module_removals: u64,
+    /// See [`Metrics::module_requests_refused`].
+    pub module_requests_refused: u64,
     /// See [`Metrics::dead_letters_evicted`].
     pub dead_letters_evicted: u64,
     /// See [`Metrics::outbox_full_waits`].
@@ -114,6 +163,8 @@ pub struct Snapshot {
     pub journal_full_waits: u64,
     /// Per upstream link: whether it is connected now.
     pub links_connected: BTreeMap<String, bool>,
+    /// Fuel consumed per module name (every version): each module's cost.
+    pub module_fuel: BTreeMap<String, u64>,
 }
 
 impl Metrics {
@@ -141,6 +192,19 @@ impl Metrics {
                 .into_iter()
                 .map(|(name, left)| (name, left.as_millis() as u64))
                 .collect();
+        }
+    }
+
+    /// Adds `fuel` to module `module`'s cost (and to [`Metrics::handler_fuel`]).
+    pub fn add_module_fuel(&self, module: &str, fuel: u64) {
+        Metrics::add(&self.handler_fuel, fuel);
+        if let Ok(mut costs) = self.module_fuel.lock() {
+            match costs.get_mut(module) {
+                Some(total) => *total = total.saturating_add(fuel),
+                None => {
+                    costs.insert(module.to_string(), fuel);
+                }
+            }
         }
     }
 
@@ -181,10 +245,27 @@ impl Metrics {
                 .lock()
                 .map(|q| q.clone())
                 .unwrap_or_default(),
+            handler_fuel: get(&self.handler_fuel),
+            handler_run_us: get(&self.handler_run_us),
+            handler_wait_us: get(&self.handler_wait_us),
+            handler_instantiate_us: get(&self.handler_instantiate_us),
+            module_compiles: get(&self.module_compiles),
+            module_compile_us: get(&self.module_compile_us),
+            module_artifact_loads: get(&self.module_artifact_loads),
+            module_artifact_load_us: get(&self.module_artifact_load_us),
+            module_deploys: get(&self.module_deploys),
+            module_rollbacks: get(&self.module_rollbacks),
+            module_removals: get(&self.module_removals),
+            module_requests_refused: get(&self.module_requests_refused),
             dead_letters_evicted: get(&self.dead_letters_evicted),
             outbox_full_waits: get(&self.outbox_full_waits),
             journal_full_waits: get(&self.journal_full_waits),
             links_connected,
+            module_fuel: self
+                .module_fuel
+                .lock()
+                .map(|c| c.clone())
+                .unwrap_or_default(),
         }
     }
 }

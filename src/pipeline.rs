@@ -35,6 +35,7 @@ use crate::breaker::{Admission, Breaker, QuarantinePolicy, Transition};
 use crate::config::{PayloadFormat, RetryConfig};
 use crate::event::{now_ms, Event, Output};
 use crate::metrics::Metrics;
+use crate::modules::Registry;
 use crate::router::{Route, RouteTable, TemplateContext};
 use crate::runtime::{Handler, HandlerFailure};
 use crate::store::{
@@ -59,6 +60,12 @@ pub struct RoutePolicy {
     pub payload: PayloadFormat,
     /// What happens to events while the route's module is quarantined.
     pub on_quarantine: QuarantinePolicy,
+    /// This route's memory cap per instance, in bytes (`None`: the runtime's).
+    pub memory_limit_bytes: Option<usize>,
+    /// Most outputs per invocation (`None`: the runtime's).
+    pub max_outputs: Option<usize>,
+    /// Most output payload bytes per invocation (`None`: the runtime's).
+    pub max_output_bytes: Option<usize>,
 }
 
 impl Default for RoutePolicy {
@@ -69,6 +76,9 @@ impl Default for RoutePolicy {
             ttl: None,
             payload: PayloadFormat::Any,
             on_quarantine: QuarantinePolicy::Wait,
+            memory_limit_bytes: None,
+            max_outputs: None,
+            max_output_bytes: None,
         }
     }
 }
@@ -79,8 +89,8 @@ pub struct Pipeline {
     pub routes: Arc<RouteTable>,
     /// Per route name: retries, deadline, TTL, payload format.
     pub policies: HashMap<String, RoutePolicy>,
-    /// Loaded handlers by module name.
-    pub handlers: HashMap<String, Handler>,
+    /// The handler each module name runs now (deploys swap them while the pipeline runs).
+    pub registry: Arc<Registry>,
     /// The database.
     pub store: Arc<Store>,
     /// One wake-up per upstream link, notified after rows for it were committed.
@@ -94,6 +104,9 @@ pub struct Pipeline {
     /// Quarantines modules that keep failing.
     pub breaker: Arc<Breaker>,
 }
+
+/// How often events of a declared but undeployed module look again for their handler.
+const NOT_DEPLOYED_RECHECK: Duration = Duration::from_secs(2);
 
 /// One event on one route, with what is known of its history.
 struct Pending {
@@ -352,22 +365,26 @@ impl Pipeline {
         let Some(module) = route.handler.as_deref() else {
             return;
         };
-        let Some(handler) = self.handlers.get(module) else {
-            // Config validation makes this unreachable; record it rather than lose the events.
-            for p in &group {
-                self.dead_letter(
-                    route,
-                    p,
-                    "no-handler",
-                    format!("module {module:?} is not loaded"),
-                    batch,
-                );
-            }
+        // The handler is looked up per group: a deploy takes effect at the next group, and
+        // this group finishes on the version it started with.
+        let Some(handler) = self.registry.handler(module) else {
+            // Declared but not deployed (or removed): the events wait for a deploy.
+            self.hold(
+                route,
+                policy,
+                group,
+                module,
+                NOT_DEPLOYED_RECHECK,
+                "not-deployed",
+                format!("module {module:?} is not deployed"),
+                batch,
+            );
             return;
         };
+        let handler = &handler;
         let admission = self.breaker.admit(module, Instant::now());
         if let Admission::Quarantined(left) = admission {
-            self.hold(route, policy, group, module, left, batch);
+            self.hold_quarantined(route, policy, group, module, left, batch);
             return;
         }
         let events: Vec<Event> = group.iter().map(|p| p.event.clone()).collect();
@@ -399,7 +416,7 @@ impl Pipeline {
                     {
                         // The failures so far tripped the breaker: the rest wait it out.
                         let held: Vec<Pending> = std::iter::once(p).chain(rest).collect();
-                        self.hold(route, policy, held, module, left, batch);
+                        self.hold_quarantined(route, policy, held, module, left, batch);
                         return;
                     }
                     match self
@@ -429,7 +446,7 @@ impl Pipeline {
         policy: &RoutePolicy,
         count_failure: bool,
     ) -> Result<Vec<Output>, HandlerFailure> {
-        let result = invoke(handler, events, policy.deadline, &self.metrics).await;
+        let result = invoke(module, handler, events, policy, &self.metrics).await;
         let blamed = matches!(&result, Err(f) if !matches!(f, HandlerFailure::Host(_)));
         if blamed && !count_failure {
             return result;
@@ -451,9 +468,8 @@ impl Pipeline {
         self.breaker.cooldown()
     }
 
-    /// Events of a quarantined module: per the route's policy, retries due when the cool-down
-    /// ends (their attempts unspent) or dead letters with reason `quarantined`.
-    fn hold(
+    /// Events of a quarantined module: see [`Pipeline::hold`].
+    fn hold_quarantined(
         &self,
         route: &Route,
         policy: &RoutePolicy,
@@ -464,6 +480,33 @@ impl Pipeline {
     ) {
         Metrics::add(&self.metrics.quarantined_events, group.len() as u64);
         let detail = format!("module {module:?} is quarantined after consecutive failures");
+        self.hold(
+            route,
+            policy,
+            group,
+            module,
+            left,
+            "quarantined",
+            detail,
+            batch,
+        );
+    }
+
+    /// Events whose module cannot run now (quarantined, not deployed): per the route's
+    /// `on_quarantine` policy, retries due after `left` (their attempts unspent) or dead
+    /// letters with `reason`.
+    #[allow(clippy::too_many_arguments)]
+    fn hold(
+        &self,
+        route: &Route,
+        policy: &RoutePolicy,
+        group: Vec<Pending>,
+        _module: &str,
+        left: Duration,
+        reason: &str,
+        detail: String,
+        batch: &mut Batch,
+    ) {
         for p in group {
             match policy.on_quarantine {
                 QuarantinePolicy::Wait => batch.retries.push(NewRetry {
@@ -477,11 +520,11 @@ impl Pipeline {
                     attempts: p.attempts,
                     // At least a moment later, so a probe's own retry does not spin.
                     next_attempt_ms: now_ms() + (left.as_millis() as u64).max(100),
-                    reason: "quarantined".to_string(),
+                    reason: reason.to_string(),
                     detail: detail.clone(),
                 }),
                 QuarantinePolicy::DeadLetter => {
-                    self.dead_letter(route, &p, "quarantined", detail.clone(), batch)
+                    self.dead_letter(route, &p, reason, detail.clone(), batch)
                 }
             }
         }
@@ -541,7 +584,7 @@ impl Pipeline {
             module_version: route
                 .handler
                 .as_ref()
-                .and_then(|m| self.handlers.get(m))
+                .and_then(|m| self.registry.handler(m))
                 .map(|h| h.version().to_string()),
             link: None,
             msg_id: None,
@@ -684,19 +727,47 @@ fn backoff(retry: &RetryConfig, attempts: u32) -> Duration {
 }
 
 async fn invoke(
+    module: &str,
     handler: &Handler,
     events: Vec<Event>,
-    deadline: Option<Duration>,
+    policy: &RoutePolicy,
     metrics: &Metrics,
 ) -> Result<Vec<Output>, HandlerFailure> {
     Metrics::add(&metrics.handler_invocations, 1);
     let handler = handler.clone();
-    let result = tokio::task::spawn_blocking(move || match deadline {
-        Some(deadline) => handler.invoke_within(&events, deadline),
-        None => handler.invoke(&events),
-    })
-    .await
-    .unwrap_or_else(|e| Err(HandlerFailure::Host(format!("handler task failed: {e}"))));
+    let mut limits = handler.default_limits();
+    if let Some(deadline) = policy.deadline {
+        limits.deadline = deadline;
+    }
+    if let Some(bytes) = policy.memory_limit_bytes {
+        limits.memory_limit_bytes = bytes;
+    }
+    if let Some(n) = policy.max_outputs {
+        limits.max_outputs = n;
+    }
+    if let Some(bytes) = policy.max_output_bytes {
+        limits.max_output_bytes = bytes;
+    }
+    let invocation =
+        tokio::task::spawn_blocking(move || handler.invoke_limited(&events, &limits)).await;
+    let result = match invocation {
+        Ok(invocation) => {
+            if let Some(fuel) = invocation.fuel {
+                metrics.add_module_fuel(module, fuel);
+            }
+            Metrics::add(&metrics.handler_run_us, invocation.ran.as_micros() as u64);
+            Metrics::add(
+                &metrics.handler_wait_us,
+                invocation.waited.as_micros() as u64,
+            );
+            Metrics::add(
+                &metrics.handler_instantiate_us,
+                invocation.instantiate.as_micros() as u64,
+            );
+            invocation.result
+        }
+        Err(e) => Err(HandlerFailure::Host(format!("handler task failed: {e}"))),
+    };
     if result.is_err() {
         Metrics::add(&metrics.handler_failures, 1);
     }

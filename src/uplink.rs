@@ -80,8 +80,58 @@ const READ_BATCH_MIN: usize = 256;
 /// a batch of large rows does not take much memory on a small board.
 const READ_BATCH_BYTES: usize = 1024 * 1024;
 
-/// Incoming packets from the upstream are acknowledgements only; this is plenty.
+/// Incoming packets from an upstream without control subscriptions are acknowledgements
+/// only; this is plenty.
 const MAX_INCOMING_PACKET: usize = 64 * 1024;
+
+/// A request that arrived on an uplink's control subscriptions, for the module control plane.
+pub struct RemoteRequest {
+    /// The link it came from.
+    pub link: String,
+    /// Its topic on the upstream broker.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Publishes a reply on the same connection (QoS 0: at most once).
+    pub reply: UpstreamReply,
+}
+
+/// Publishes replies on the upstream connection a [`RemoteRequest`] arrived on.
+#[derive(Clone)]
+pub struct UpstreamReply(UpstreamClient);
+
+impl UpstreamReply {
+    /// Queues `payload` on `topic` with QoS 0 (not retained). Fails when the connection is
+    /// gone or its request queue is full; a reply is informational and may be lost.
+    pub fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        match &self.0 {
+            UpstreamClient::V311 { client, .. } => client
+                .try_publish(topic, QoS::AtMostOnce, false, payload)
+                .map_err(|e| e.to_string()),
+            UpstreamClient::V5(client) => client
+                .try_publish(
+                    topic,
+                    rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                    false,
+                    payload,
+                )
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// What an uplink subscribes to on its upstream for the module control plane, and where the
+/// requests go.
+#[derive(Clone)]
+pub struct UplinkControl {
+    /// Topic filters subscribed to (QoS 1) after every CONNACK.
+    pub filters: Vec<String>,
+    /// Where requests go. Full: the request is dropped with a warning (control requests are
+    /// re-sent by the operator; device data never takes this path).
+    pub requests: mpsc::Sender<RemoteRequest>,
+    /// Largest packet accepted from the upstream (a module deploy is one packet).
+    pub max_packet: usize,
+}
 
 /// Everything one uplink needs.
 pub struct Uplink {
@@ -95,6 +145,8 @@ pub struct Uplink {
     pub wake: Arc<Notify>,
     /// Where delivered counts and the connection state go.
     pub metrics: Arc<Metrics>,
+    /// Control subscriptions (module deploys through the upstream), if any.
+    pub control: Option<UplinkControl>,
 }
 
 /// How a connection ended.
@@ -159,6 +211,8 @@ enum LinkEvent {
     PubAck { pkid: u16, refusal: Option<String> },
     /// The upstream sent DISCONNECT.
     Disconnect,
+    /// A publish on one of the control subscriptions.
+    Incoming { topic: String, payload: Vec<u8> },
     /// Anything else (pings, subscriptions, ...).
     Other,
     /// The connection failed; the client's event loop is finished.
@@ -175,7 +229,13 @@ impl LinkEvent {
                     LinkEvent::ConnAck(Err(format!("refused: {:?}", ack.code)))
                 }
             }
+            // QoS 0 publishes (control replies) have packet id 0 and are never acknowledged.
+            Ok(Event::Outgoing(Outgoing::Publish(0))) => LinkEvent::Other,
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Published(pkid),
+            Ok(Event::Incoming(Packet::Publish(p))) => LinkEvent::Incoming {
+                topic: p.topic,
+                payload: p.payload.to_vec(),
+            },
             Ok(Event::Incoming(Packet::PubAck(ack))) => LinkEvent::PubAck {
                 pkid: ack.pkid,
                 refusal: None,
@@ -196,7 +256,12 @@ impl LinkEvent {
                     LinkEvent::ConnAck(Err(format!("refused: {:?}", ack.code)))
                 }
             }
+            Ok(EventV5::Outgoing(Outgoing::Publish(0))) => LinkEvent::Other,
             Ok(EventV5::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Published(pkid),
+            Ok(EventV5::Incoming(PacketV5::Publish(p))) => LinkEvent::Incoming {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload.to_vec(),
+            },
             Ok(EventV5::Incoming(PacketV5::PubAck(ack))) => LinkEvent::PubAck {
                 pkid: ack.pkid,
                 refusal: match ack.reason {
@@ -250,6 +315,7 @@ macro_rules! drive {
 }
 
 /// One connection's client, for either protocol version: turns outbox rows into publishes.
+#[derive(Clone)]
 enum UpstreamClient {
     /// MQTT 3.1.1; `envelope` wraps each payload in a JSON envelope carrying the message id.
     V311 {
@@ -268,6 +334,7 @@ impl UpstreamClient {
         config: &UpstreamConfig,
         client_id: String,
         address: &BrokerAddress,
+        max_incoming: usize,
     ) -> (
         UpstreamClient,
         mpsc::UnboundedReceiver<LinkEvent>,
@@ -285,7 +352,7 @@ impl UpstreamClient {
                     .set_keep_alive(keep_alive)
                     .set_clean_session(true)
                     .set_inflight(window)
-                    .set_max_packet_size(MAX_INCOMING_PACKET, MQTT_MAX_PACKET)
+                    .set_max_packet_size(max_incoming, MQTT_MAX_PACKET)
                     .set_request_channel_capacity(capacity);
                 let (client, mut eventloop) = rumqttc::AsyncClient::new(options, capacity);
                 let driver = drive!(eventloop, events_tx, LinkEvent::from_v311);
@@ -303,6 +370,7 @@ impl UpstreamClient {
                     .set_clean_start(true)
                     .set_session_expiry_interval(None)
                     .set_outgoing_inflight_upper_limit(window)
+                    .set_max_packet_size(u32::try_from(max_incoming).ok())
                     .set_request_channel_capacity(capacity);
                 let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, capacity);
                 let driver = drive!(eventloop, events_tx, LinkEvent::from_v5);
@@ -343,6 +411,21 @@ impl UpstreamClient {
                     .map_err(|e| e.to_string())
             }
         }
+    }
+
+    /// Subscribes (QoS 1) to every filter; fails only when the event loop is gone.
+    fn try_subscribe(&self, filters: &[String]) -> Result<(), String> {
+        for filter in filters {
+            match self {
+                UpstreamClient::V311 { client, .. } => client
+                    .try_subscribe(filter.as_str(), QoS::AtLeastOnce)
+                    .map_err(|e| e.to_string())?,
+                UpstreamClient::V5(client) => client
+                    .try_subscribe(filter.as_str(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                    .map_err(|e| e.to_string())?,
+            }
+        }
+        Ok(())
     }
 
     /// Asks for a clean DISCONNECT; best effort.
@@ -412,6 +495,27 @@ fn base64(bytes: &[u8]) -> String {
 }
 
 impl Uplink {
+    /// Hands a publish from a control subscription to the module control plane.
+    fn forward(&self, client: &UpstreamClient, topic: String, payload: Vec<u8>) {
+        let Some(control) = &self.control else {
+            return;
+        };
+        let request = RemoteRequest {
+            link: self.config.name.clone(),
+            topic,
+            payload,
+            reply: UpstreamReply(client.clone()),
+        };
+        if let Err(e) = control.requests.try_send(request) {
+            let topic = match &e {
+                mpsc::error::TrySendError::Full(r) | mpsc::error::TrySendError::Closed(r) => {
+                    r.topic.clone()
+                }
+            };
+            warn!(link = %self.config.name, %topic, "control request dropped: the control plane is busy or stopped");
+        }
+    }
+
     /// The MQTT client id this uplink connects with.
     pub fn client_id(&self) -> String {
         self.config
@@ -546,8 +650,11 @@ impl Uplink {
     ) -> SessionEnd {
         let name = &self.config.name;
         let window = usize::from(self.config.inflight);
+        let max_incoming = self.control.as_ref().map_or(MAX_INCOMING_PACKET, |c| {
+            c.max_packet.max(MAX_INCOMING_PACKET)
+        });
         let (client, mut events, _driver) =
-            UpstreamClient::connect(&self.config, self.client_id(), address);
+            UpstreamClient::connect(&self.config, self.client_id(), address, max_incoming);
 
         // Wait for CONNACK.
         loop {
@@ -570,6 +677,17 @@ impl Uplink {
             info!(link = %name, protocol = ?self.config.protocol, "upstream connected");
         }
         self.metrics.set_link_connected(name, true);
+        if let Some(control) = &self.control {
+            if let Err(e) = client.try_subscribe(&control.filters) {
+                return lost(
+                    None,
+                    0,
+                    0,
+                    format!("cannot subscribe to control topics: {e}"),
+                );
+            }
+            debug!(link = %name, filters = ?control.filters, "subscribed to control topics");
+        }
 
         // Outbox rows (id, message id) sent in this session but whose packet id is not known
         // yet, in send order (rumqttc reports `Outgoing::Publish(pkid)` in the order publishes
@@ -683,6 +801,7 @@ impl Uplink {
                     Some(LinkEvent::Disconnect) => {
                         return lost(refused.take(), in_flight, delivered, "upstream sent DISCONNECT".into());
                     }
+                    Some(LinkEvent::Incoming { topic, payload }) => self.forward(&client, topic, payload),
                     Some(LinkEvent::ConnAck(_) | LinkEvent::Other) => {}
                     Some(LinkEvent::Error(reason)) => return lost(refused.take(), in_flight, delivered, reason),
                     None => return lost(refused.take(), in_flight, delivered, "event loop ended".into()),

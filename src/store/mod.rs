@@ -21,6 +21,7 @@
 mod dead_letters;
 mod journal;
 mod kv;
+mod modules;
 mod outbox;
 
 use std::path::{Path, PathBuf};
@@ -33,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use dead_letters::{DeadLetter, DeadLetterFilter, NewDeadLetter, NewRetry, RetryRow, Stage};
 pub use journal::{JournalRow, JournalWriter, NewJournalEntry};
+pub use modules::{CommandRefused, Deployed, ModuleSummary, StoredModule};
 pub use outbox::{Moved, NewOutboxRow, OutboxRow};
 
 /// The database file inside the data directory.
@@ -259,6 +261,26 @@ const MIGRATIONS: &[&str] = &[
 "#,
     // 2: which version of a handler module a dead letter failed in.
     "ALTER TABLE dead_letters ADD COLUMN module_version TEXT",
+    // 3: deployed handler modules (active and previous version) and signed-command replay
+    // protection.
+    r#"
+    CREATE TABLE modules (
+        name         TEXT    NOT NULL,
+        slot         TEXT    NOT NULL,
+        version      TEXT    NOT NULL,
+        sha256       TEXT    NOT NULL,
+        signer       TEXT    NOT NULL,
+        deployed_ms  INTEGER NOT NULL,
+        wasm         BLOB    NOT NULL,
+        artifact_key TEXT,
+        artifact     BLOB,
+        PRIMARY KEY (name, slot)
+    );
+    CREATE TABLE module_commands (
+        name      TEXT    PRIMARY KEY,
+        issued_ms INTEGER NOT NULL
+    );
+"#,
 ];
 
 impl Store {

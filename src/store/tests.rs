@@ -424,3 +424,107 @@ fn a_first_version_database_is_upgraded_and_keeps_its_dead_letters() {
         Some("00ff00ff00ff00ff")
     );
 }
+
+fn module(name: &str, version: &str) -> StoredModule {
+    StoredModule {
+        name: name.into(),
+        version: version.into(),
+        sha256: format!("sha-of-{version}"),
+        signer: "k".into(),
+        deployed_ms: 7,
+        wasm: version.as_bytes().to_vec(),
+        artifact: Some(("key".into(), b"native".to_vec())),
+    }
+}
+
+#[test]
+fn deploys_keep_the_previous_version_and_rollback_swaps_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        store.deploy_module(&module("m", "1")).unwrap(),
+        Deployed::Activated { previous: None }
+    );
+    assert_eq!(
+        store.deploy_module(&module("m", "1")).unwrap(),
+        Deployed::Unchanged
+    );
+    assert_eq!(
+        store.deploy_module(&module("m", "2")).unwrap(),
+        Deployed::Activated {
+            previous: Some("1".into())
+        }
+    );
+    // Only one previous version is kept.
+    store.deploy_module(&module("m", "3")).unwrap();
+    let summary = &store.module_summaries().unwrap()[0];
+    assert_eq!(
+        (
+            summary.version.as_str(),
+            summary.previous_version.as_deref()
+        ),
+        ("3", Some("2"))
+    );
+    assert_eq!(store.rollback_module("m", 10).unwrap(), "2");
+    let active = store.active_modules().unwrap();
+    assert_eq!(active.len(), 1);
+    assert_eq!(active[0].version, "2");
+    assert_eq!(active[0].artifact, Some(("key".into(), b"native".to_vec())));
+    // Rolling back again returns to where the first rollback started.
+    assert_eq!(store.rollback_module("m", 11).unwrap(), "3");
+    assert_eq!(store.active_modules().unwrap()[0].version, "3");
+}
+
+#[test]
+fn commands_are_refused_when_stale_or_pointless_and_change_nothing_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    assert!(matches!(
+        store.rollback_module("m", 1),
+        Err(CommandRefused::Nothing(_))
+    ));
+    store.deploy_module(&module("m", "1")).unwrap();
+    assert!(matches!(
+        store.rollback_module("m", 2),
+        Err(CommandRefused::Nothing(_))
+    ));
+    store.deploy_module(&module("m", "2")).unwrap();
+    assert_eq!(store.rollback_module("m", 5).unwrap(), "1");
+    // A replay (same issue time) or an older command is refused.
+    assert!(matches!(
+        store.rollback_module("m", 5),
+        Err(CommandRefused::Stale { newest_ms: 5, .. })
+    ));
+    assert!(matches!(
+        store.remove_module("m", 4),
+        Err(CommandRefused::Stale { .. })
+    ));
+    assert_eq!(store.active_modules().unwrap()[0].version, "1");
+    assert_eq!(store.remove_module("m", 6).unwrap(), "1");
+    assert!(store.active_modules().unwrap().is_empty());
+    assert!(store.module_in_slot("m", "previous").unwrap().is_none());
+    assert!(matches!(
+        store.remove_module("m", 7),
+        Err(CommandRefused::Nothing(_))
+    ));
+}
+
+#[test]
+fn an_artifact_is_stored_for_the_version_with_that_hash_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut m = module("m", "1");
+    m.artifact = None;
+    store.deploy_module(&m).unwrap();
+    store
+        .set_module_artifact("m", "sha-of-other", "key", b"x")
+        .unwrap();
+    assert_eq!(store.active_modules().unwrap()[0].artifact, None);
+    store
+        .set_module_artifact("m", "sha-of-1", "key", b"code")
+        .unwrap();
+    assert_eq!(
+        store.active_modules().unwrap()[0].artifact,
+        Some(("key".into(), b"code".to_vec()))
+    );
+}
