@@ -2,10 +2,13 @@
 //! dead letters) out.
 //!
 //! The pipeline reads the journal in id order, in batches; for each batch it finds the
-//! matching routes, runs each route's handler (if any) on the route's events, renders the
-//! output topics, and in one SQLite transaction inserts all outputs, retries and dead letters
-//! and deletes the batch's journal rows. Then it wakes the uplinks. Retries that fell due are
-//! processed the same way, on their route only.
+//! matching routes, renders the output topics of passthrough routes, queues the events of
+//! handler routes for their module's lane, and in one SQLite transaction inserts all outputs,
+//! queued events and dead letters and deletes the batch's journal rows. Then it wakes the
+//! uplinks and the lanes. Each module has a lane (a task) that reads its routes' queued and
+//! due retry rows (both live in the retries table), runs the handler on them in batches per
+//! topic, and commits outputs, retries and dead letters in its own transactions, so a slow or
+//! stuck module delays only its own routes.
 //!
 //! Guarantees:
 //! - One durable home at a time: a crash at any point leaves each event either still in the
@@ -16,9 +19,11 @@
 //!   JSON route and outputs whose topic cannot be rendered become dead letters at once.
 //! - A handler failure affects only the events that cause it: a failed batch is retried one
 //!   event at a time, and only the events that still fail are retried later.
-//! - Order: a passthrough route queues events in journal order; a handler route batches events
-//!   by topic, so its outputs keep the order of their events per topic (MQTT's own ordering
-//!   guarantee). Retried events arrive later than their successors (that is what a retry is).
+//! - Order: a passthrough route queues events in journal order; a handler route's lane takes
+//!   its queue in order and batches events by topic, so its outputs keep the order of their
+//!   events per topic (MQTT's own ordering guarantee). Retried events arrive later than their
+//!   successors (that is what a retry is). Outputs of different routes are not ordered
+//!   relative to each other.
 //! - A failing commit (disk full, read-only file system, outbox full under `reject-new`) is
 //!   retried with backoff, holding the batch, which lets the journal fill and so stops the
 //!   devices (backpressure); it is never skipped.
@@ -39,8 +44,8 @@ use crate::modules::Registry;
 use crate::router::{Route, RouteTable, TemplateContext};
 use crate::runtime::{Handler, HandlerFailure};
 use crate::store::{
-    Batch, JournalRow, NewDeadLetter, NewOutboxRow, NewRetry, OutboxPolicy, RetryRow, Stage, Store,
-    StoreError,
+    Batch, JournalRow, NewDeadLetter, NewOutboxRow, NewRetry, OutboxPolicy, RetryRow, RouteSet,
+    Stage, Store, StoreError,
 };
 
 /// Longest sleep when idle: retries scheduled by another process (or a clock change) are
@@ -105,6 +110,9 @@ pub struct Pipeline {
     pub breaker: Arc<Breaker>,
 }
 
+/// The reason of a retry row that is an event queued for its handler lane, not a failure.
+const QUEUED: &str = "queued";
+
 /// How often events of a declared but undeployed module look again for their handler.
 const NOT_DEPLOYED_RECHECK: Duration = Duration::from_secs(2);
 
@@ -118,13 +126,125 @@ struct Pending {
 impl Pipeline {
     /// Processes the journal and due retries: first what a previous run left, then each new
     /// commit (`committed` is notified after every journal commit). Once `finish` is true, it
-    /// processes what is left in the journal and returns (retries not yet due stay stored).
-    pub async fn run(self, committed: Arc<Notify>, mut finish: watch::Receiver<bool>) {
+    /// processes what is left in the journal and returns (retries not yet due, and events
+    /// queued for a handler lane, stay stored for the next start).
+    ///
+    /// Handler routes run in lanes, one task per module: the main loop moves a handler route's
+    /// events from the journal to that module's durable queue (the retries table, due now) in
+    /// its journal transaction, and the module's lane invokes the handler and commits the
+    /// outputs. A module that runs to its deadline therefore delays only its own lane;
+    /// passthrough routes and the other modules go on at their own pace.
+    pub async fn run(self, committed: Arc<Notify>, finish: watch::Receiver<bool>) {
+        let this = Arc::new(self);
+        let mut modules: HashMap<String, Vec<String>> = HashMap::new();
+        for route in this.routes.routes() {
+            if let Some(module) = &route.handler {
+                modules
+                    .entry(module.clone())
+                    .or_default()
+                    .push(route.name.clone());
+            }
+        }
+        let mut kicks: HashMap<String, Arc<Notify>> = HashMap::new();
+        let mut lane_routes = Vec::new();
+        let mut lanes = Vec::new();
+        for (module, routes) in modules {
+            let kick = Arc::new(Notify::new());
+            for route in &routes {
+                kicks.insert(route.clone(), kick.clone());
+            }
+            lane_routes.extend(routes.iter().cloned());
+            lanes.push(tokio::spawn(this.clone().lane(
+                module,
+                routes,
+                kick,
+                finish.clone(),
+            )));
+        }
+        this.main_loop(committed, finish, kicks, lane_routes).await;
+        for lane in lanes {
+            let _ = lane.await;
+        }
+    }
+
+    /// One module's lane: invokes its handler on its routes' due queue and retry rows, and
+    /// commits the results, until `finish`.
+    async fn lane(
+        self: Arc<Self>,
+        module: String,
+        routes: Vec<String>,
+        kick: Arc<Notify>,
+        mut finish: watch::Receiver<bool>,
+    ) {
+        let set = RouteSet::Only(routes);
+        loop {
+            if *finish.borrow() {
+                debug!(%module, "handler lane finished");
+                return;
+            }
+            let store = self.store.clone();
+            let query = set.clone();
+            let due =
+                tokio::task::spawn_blocking(move || store.due_retries_of(&query, now_ms(), 256))
+                    .await;
+            match due {
+                Ok(Ok(due)) if !due.is_empty() => {
+                    let batch = self.process_retries(due).await;
+                    self.commit(batch).await;
+                    continue;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    self.read_failed(&e.to_string()).await;
+                    continue;
+                }
+                Err(e) => {
+                    self.read_failed(&e.to_string()).await;
+                    continue;
+                }
+            }
+            let store = self.store.clone();
+            let query = set.clone();
+            let next_due = tokio::task::spawn_blocking(move || store.next_retry_due_of(&query))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten();
+            let wait = match next_due {
+                Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).max(1)),
+                None => IDLE_POLL,
+            };
+            tokio::select! {
+                _ = kick.notified() => {}
+                _ = finish.changed() => {}
+                _ = tokio::time::sleep(wait.min(IDLE_POLL)) => {}
+            }
+        }
+    }
+
+    /// The journal, and the retries of routes that have no lane (a route removed from the
+    /// configuration, a replayed passthrough event).
+    async fn main_loop(
+        &self,
+        committed: Arc<Notify>,
+        mut finish: watch::Receiver<bool>,
+        kicks: HashMap<String, Arc<Notify>>,
+        lane_routes: Vec<String>,
+    ) {
         let limit = (self.max_batch * 4).max(512);
         let mut last: i64 = 0;
+        let others = RouteSet::Except(lane_routes);
+        let kick_all = || {
+            for kick in kicks.values() {
+                kick.notify_one();
+            }
+        };
         loop {
             let store = self.store.clone();
-            let due = tokio::task::spawn_blocking(move || store.due_retries(now_ms(), 256)).await;
+            let query = others.clone();
+            let due =
+                tokio::task::spawn_blocking(move || store.due_retries_of(&query, now_ms(), 256))
+                    .await;
             match due {
                 Ok(Ok(due)) if !due.is_empty() => {
                     let batch = self.process_retries(due).await;
@@ -140,7 +260,12 @@ impl Pipeline {
             // fits is queued and only the rest waits in the journal.
             let mut take = limit;
             if self.store.limits().outbox_policy == OutboxPolicy::RejectNew {
-                let room = self.store.outbox_room() as usize;
+                // Events queued for the lanes will need outbox room too.
+                let queued = match kicks.is_empty() {
+                    true => 0,
+                    false => self.store.retry_count().unwrap_or(0),
+                };
+                let room = self.store.outbox_room().saturating_sub(queued) as usize;
                 if room == 0 {
                     Metrics::add(&self.metrics.outbox_full_waits, 1);
                     tokio::select! {
@@ -176,7 +301,8 @@ impl Pipeline {
                     return;
                 }
                 let store = self.store.clone();
-                let next_due = tokio::task::spawn_blocking(move || store.next_retry_due())
+                let query = others.clone();
+                let next_due = tokio::task::spawn_blocking(move || store.next_retry_due_of(&query))
                     .await
                     .ok()
                     .and_then(Result::ok)
@@ -187,7 +313,9 @@ impl Pipeline {
                 };
                 let wait = wait.min(IDLE_POLL);
                 tokio::select! {
-                    _ = committed.notified() => {}
+                    // Journal commits and dead-letter replays (which may have queued events
+                    // for a lane) end up here.
+                    _ = committed.notified() => kick_all(),
                     _ = finish.changed() => {}
                     _ = tokio::time::sleep(wait) => {}
                 }
@@ -196,7 +324,16 @@ impl Pipeline {
             last = newest;
             Metrics::add(&self.metrics.received, rows.len() as u64);
             let batch = self.process_journal(rows).await;
+            let queued: Vec<&Arc<Notify>> = batch
+                .retries
+                .iter()
+                .filter_map(|r| kicks.get(&r.route))
+                .collect();
+            let queued: Vec<Arc<Notify>> = queued.into_iter().cloned().collect();
             self.commit(batch).await;
+            for kick in queued {
+                kick.notify_one();
+            }
         }
     }
 
@@ -250,7 +387,7 @@ impl Pipeline {
         }
         for (index, pending) in per_route.into_iter().enumerate() {
             if !pending.is_empty() {
-                self.run_route(&self.routes.routes()[index], pending, &mut batch)
+                self.run_route(&self.routes.routes()[index], pending, &mut batch, true)
                     .await;
             }
         }
@@ -309,15 +446,22 @@ impl Pipeline {
         indexes.sort_unstable();
         for index in indexes {
             if let Some(pending) = per_route.remove(&index) {
-                self.run_route(&self.routes.routes()[index], pending, &mut batch)
+                self.run_route(&self.routes.routes()[index], pending, &mut batch, false)
                     .await;
             }
         }
         batch
     }
 
-    /// Runs one route on its events (in order): payload check, then passthrough or handler.
-    async fn run_route(&self, route: &Route, pending: Vec<Pending>, batch: &mut Batch) {
+    /// Runs one route on its events (in order): payload check, then passthrough, or the
+    /// handler (when `to_lane`, the events are queued for the module's lane instead).
+    async fn run_route(
+        &self,
+        route: &Route,
+        pending: Vec<Pending>,
+        batch: &mut Batch,
+        to_lane: bool,
+    ) {
         let policy = self.policy(route);
         let mut accepted = Vec::with_capacity(pending.len());
         for p in pending {
@@ -333,6 +477,25 @@ impl Pipeline {
         if route.handler.is_none() {
             for p in &accepted {
                 self.queue(route, &policy, &p.event, None, 0, batch);
+            }
+            return;
+        }
+        if to_lane {
+            let now = now_ms();
+            for p in accepted {
+                batch.retries.push(NewRetry {
+                    event_id: p.event.id,
+                    route: route.name.clone(),
+                    topic: p.event.topic,
+                    device: p.event.device,
+                    client_id: p.event.client_id,
+                    payload: p.event.payload,
+                    received_ms: p.event.received_ms,
+                    attempts: p.attempts,
+                    next_attempt_ms: now,
+                    reason: QUEUED.to_string(),
+                    detail: String::new(),
+                });
             }
             return;
         }

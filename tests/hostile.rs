@@ -324,3 +324,93 @@ max_attempts = 1
     assert_eq!(letters[2].1, "out-of-memory", "{letters:#?}");
     assert_eq!(subscriber.received.len(), 3);
 }
+
+/// A module stuck in a loop until its (long) deadline holds only its own lane: passthrough
+/// telemetry and another module's route flow meanwhile, and the stuck event still ends as a
+/// `timeout` dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_module_does_not_hold_up_other_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let subscriber = Subscriber::connect(upstream.port, "cloud-sub", "#").await;
+    let text = format!(
+        r#"
+gateway_id = "gw-lanes"
+
+[handlers]
+deadline_ms = 1000
+max_concurrent = 4
+
+[[upstream]]
+name = "cloud"
+url = "{upstream}"
+
+[[module]]
+name = "faulty"
+path = "{faulty}"
+
+[[module]]
+name = "enrich"
+path = "{enrich}"
+
+[[route]]
+name = "stuck"
+filter = "stuck/#"
+handler = "faulty"
+deadline_ms = 15000
+[route.retry]
+max_attempts = 1
+
+[[route]]
+name = "enriched"
+filter = "env/#"
+handler = "enrich"
+
+[[route]]
+name = "telemetry"
+filter = "telemetry/#"
+"#,
+        upstream = upstream.url(),
+        faulty = outpost::examples::guest_path("faulty").display(),
+        enrich = outpost::examples::guest_path("enrich").display(),
+    );
+    let file = write_config(dir.path(), &text);
+    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
+    gateway.start();
+    let device = Device::connect(gateway.port, "d").await;
+    device.publish("stuck/d", "loop").await;
+    device.wait_acked(1).await;
+    for n in 0..200 {
+        device.publish("telemetry/d", format!("seq-{n}")).await;
+    }
+    device.publish("env/d", r#"{"temp_c":0}"#).await;
+    device.wait_acked(202).await;
+    let deadline = Instant::now() + BOUND;
+    until(
+        deadline,
+        "telemetry and the other module's output upstream",
+        || subscriber.received.len() >= 201,
+    )
+    .await;
+    // All of that went through while the loop still held its lane: its 15 s deadline has not
+    // passed, so its dead letter is not there yet.
+    assert!(
+        gateway.dead_letters().is_empty(),
+        "the loop ended before the other routes were served: {:?}",
+        gateway.dead_letters()
+    );
+    let topics: Vec<String> = subscriber
+        .received
+        .all()
+        .into_iter()
+        .map(|(t, _)| t)
+        .collect();
+    assert_eq!(topics.iter().filter(|t| *t == "telemetry/d").count(), 200);
+    assert!(topics.iter().any(|t| t == "enriched/d"), "{topics:?}");
+    until(deadline, "the loop's timeout dead letter", || {
+        gateway.dead_letters().get("timeout") == Some(&1)
+    })
+    .await;
+    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+}

@@ -317,13 +317,25 @@ impl Store {
 
     /// Retries due at `now_ms`, oldest due first, at most `limit`.
     pub fn due_retries(&self, now_ms: u64, limit: usize) -> Result<Vec<RetryRow>, StoreError> {
+        self.due_retries_of(&RouteSet::All, now_ms, limit)
+    }
+
+    /// [`Store::due_retries`] of the routes in `routes` only.
+    pub fn due_retries_of(
+        &self,
+        routes: &RouteSet,
+        now_ms: u64,
+        limit: usize,
+    ) -> Result<Vec<RetryRow>, StoreError> {
         let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
         let mut stmt = conn
-            .prepare_cached(
+            .prepare_cached(&format!(
                 "SELECT id, event_id, route, topic, device, client_id, payload, received_ms,
                         attempts, next_attempt_ms, reason, detail
-                 FROM retries WHERE next_attempt_ms <= ?1 ORDER BY next_attempt_ms, id LIMIT ?2",
-            )
+                 FROM retries WHERE next_attempt_ms <= ?1 AND {}
+                 ORDER BY next_attempt_ms, id LIMIT ?2",
+                routes.clause()
+            ))
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map(params![now_ms as i64, limit as i64], |r| {
@@ -350,9 +362,21 @@ impl Store {
 
     /// When the next retry is due (ms since the Unix epoch), if any is waiting.
     pub fn next_retry_due(&self) -> Result<Option<u64>, StoreError> {
+        self.next_retry_due_of(&RouteSet::All)
+    }
+
+    /// [`Store::next_retry_due`] of the routes in `routes` only.
+    pub fn next_retry_due_of(&self, routes: &RouteSet) -> Result<Option<u64>, StoreError> {
         let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
         let due: Option<i64> = conn
-            .query_row("SELECT MIN(next_attempt_ms) FROM retries", [], |r| r.get(0))
+            .query_row(
+                &format!(
+                    "SELECT MIN(next_attempt_ms) FROM retries WHERE {}",
+                    routes.clause()
+                ),
+                [],
+                |r| r.get(0),
+            )
             .map_err(|e| self.err(e))?;
         Ok(due.map(|d| d.max(0) as u64))
     }
@@ -447,4 +471,35 @@ pub(super) fn evict_oldest(
         freed_bytes += size;
     }
     Ok((freed_rows, freed_bytes))
+}
+
+/// Which routes' retries a query reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouteSet {
+    /// Every route.
+    All,
+    /// Only these.
+    Only(Vec<String>),
+    /// Every route but these.
+    Except(Vec<String>),
+}
+
+impl RouteSet {
+    /// The SQL condition (route names are quoted as SQL string literals).
+    fn clause(&self) -> String {
+        let list = |names: &[String]| {
+            names
+                .iter()
+                .map(|n| format!("'{}'", n.replace('\'', "''")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match self {
+            RouteSet::All => "1".to_string(),
+            RouteSet::Only(names) if names.is_empty() => "0".to_string(),
+            RouteSet::Only(names) => format!("route IN ({})", list(names)),
+            RouteSet::Except(names) if names.is_empty() => "1".to_string(),
+            RouteSet::Except(names) => format!("route NOT IN ({})", list(names)),
+        }
+    }
 }

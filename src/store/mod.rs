@@ -32,7 +32,9 @@ use std::time::Duration;
 use rusqlite::{Connection, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
-pub use dead_letters::{DeadLetter, DeadLetterFilter, NewDeadLetter, NewRetry, RetryRow, Stage};
+pub use dead_letters::{
+    DeadLetter, DeadLetterFilter, NewDeadLetter, NewRetry, RetryRow, RouteSet, Stage,
+};
 pub use journal::{JournalRow, JournalWriter, NewJournalEntry};
 pub use modules::{CommandRefused, Deployed, ModuleSummary, StoredModule};
 pub use outbox::{Moved, NewOutboxRow, OutboxRow};
