@@ -738,3 +738,66 @@ async fn the_cli_pushes_lists_rolls_back_and_removes_on_a_real_gateway() {
     let (ok, text) = cli(&remove).await;
     assert!(ok, "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quarantine_shows_in_the_module_list_and_the_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, trusted) = keypair(dir.path(), "operator");
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let text = format!(
+        r#"
+gateway_id = "gw-q"
+
+[handlers]
+breaker_failures = 2
+breaker_cooldown_ms = 600000
+metrics_interval_ms = 200
+
+[deploy]
+trusted_keys = ["{trusted}"]
+
+[[upstream]]
+name = "cloud"
+url = "{upstream}"
+
+[[module]]
+name = "faulty"
+path = "{faulty}"
+
+[[route]]
+name = "sensors"
+filter = "sensors/#"
+handler = "faulty"
+[route.retry]
+max_attempts = 1
+"#,
+        trusted = trusted.display(),
+        upstream = upstream.url(),
+        faulty = outpost::examples::guest_path("faulty").display(),
+    );
+    let file = write_config(dir.path(), &text);
+    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
+    gateway.start();
+    let operator = Operator::connect(gateway.port, "operator", "outpost/gw-q/#").await;
+    let list = operator.request("gw-q", "list", b"{\"n\":1}").await;
+    assert_eq!(list["modules"][0]["quarantined"], false, "{list}");
+    assert_eq!(list["modules"][0]["source"], "config", "{list}");
+
+    let device = Device::connect(gateway.port, "d").await;
+    device.publish("sensors/a", "trap").await;
+    device.publish("sensors/b", "trap").await;
+    device.wait_acked(2).await;
+    eventually("the quarantine in the metrics", || {
+        operator
+            .metrics("gw-q")
+            .is_some_and(|m| m["quarantined_modules"].get("faulty").is_some())
+    })
+    .await;
+    let list = operator.request("gw-q", "list", b"{\"n\":2}").await;
+    let faulty = &list["modules"][0];
+    assert_eq!(faulty["quarantined"], true, "{list}");
+    assert!(faulty["quarantine_left_ms"].as_u64().unwrap() > 0, "{list}");
+    let metrics = operator.metrics("gw-q").unwrap();
+    assert_eq!(metrics["quarantines"], 1, "{metrics}");
+}
