@@ -168,6 +168,7 @@ impl Gateway {
             metrics: metrics.clone(),
             gateway_id: config.gateway_id.clone(),
             max_batch: config.handlers.max_batch,
+            max_concurrent_per_module: config.handlers.max_concurrent_per_module,
             breaker,
         };
         let pipeline = tokio::spawn(pipeline.run(committed.clone(), finish_rx));

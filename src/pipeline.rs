@@ -106,6 +106,8 @@ pub struct Pipeline {
     pub gateway_id: String,
     /// Most events per handler invocation.
     pub max_batch: usize,
+    /// Topics of one module's lane that may run their batches at once.
+    pub max_concurrent_per_module: usize,
     /// Quarantines modules that keep failing.
     pub breaker: Arc<Breaker>,
 }
@@ -117,6 +119,7 @@ const QUEUED: &str = "queued";
 const NOT_DEPLOYED_RECHECK: Duration = Duration::from_secs(2);
 
 /// One event on one route, with what is known of its history.
+#[derive(Clone)]
 struct Pending {
     event: Event,
     /// Handler attempts already made.
@@ -225,7 +228,7 @@ impl Pipeline {
     /// The journal, and the retries of routes that have no lane (a route removed from the
     /// configuration, a replayed passthrough event).
     async fn main_loop(
-        &self,
+        self: &Arc<Self>,
         committed: Arc<Notify>,
         mut finish: watch::Receiver<bool>,
         kicks: HashMap<String, Arc<Notify>>,
@@ -357,7 +360,7 @@ impl Pipeline {
         self.policies.get(&route.name).cloned().unwrap_or_default()
     }
 
-    async fn process_journal(&self, rows: Vec<JournalRow>) -> Batch {
+    async fn process_journal(self: &Arc<Self>, rows: Vec<JournalRow>) -> Batch {
         let mut batch = Batch::default();
         let mut per_route: Vec<Vec<Pending>> =
             self.routes.routes().iter().map(|_| Vec::new()).collect();
@@ -394,7 +397,7 @@ impl Pipeline {
         batch
     }
 
-    async fn process_retries(&self, due: Vec<RetryRow>) -> Batch {
+    async fn process_retries(self: &Arc<Self>, due: Vec<RetryRow>) -> Batch {
         let mut batch = Batch::default();
         let mut per_route: HashMap<usize, Vec<Pending>> = HashMap::new();
         for row in due {
@@ -456,7 +459,7 @@ impl Pipeline {
     /// Runs one route on its events (in order): payload check, then passthrough, or the
     /// handler (when `to_lane`, the events are queued for the module's lane instead).
     async fn run_route(
-        &self,
+        self: &Arc<Self>,
         route: &Route,
         pending: Vec<Pending>,
         batch: &mut Batch,
@@ -499,20 +502,66 @@ impl Pipeline {
             }
             return;
         }
-        // Handler routes: batches of events that share a topic, in order of first appearance.
-        let mut groups: Vec<Vec<Pending>> = Vec::new();
+        // Handler routes: batches of events that share a topic (at most max_batch each), in
+        // order of first appearance; a topic's batches form a chain that runs in order.
+        let mut chains: Vec<Vec<Vec<Pending>>> = Vec::new();
         let mut by_topic: HashMap<String, usize> = HashMap::new();
         for p in accepted {
-            match by_topic.get(&p.event.topic) {
-                Some(&g) if groups[g].len() < self.max_batch => groups[g].push(p),
-                _ => {
-                    by_topic.insert(p.event.topic.clone(), groups.len());
-                    groups.push(vec![p]);
+            let chain = match by_topic.get(&p.event.topic) {
+                Some(&c) => &mut chains[c],
+                None => {
+                    by_topic.insert(p.event.topic.clone(), chains.len());
+                    chains.push(Vec::new());
+                    let last = chains.len() - 1;
+                    &mut chains[last]
                 }
+            };
+            match chain.last_mut() {
+                Some(group) if group.len() < self.max_batch => group.push(p),
+                _ => chain.push(vec![p]),
             }
         }
-        for group in groups {
-            self.run_handler(route, &policy, group, batch).await;
+        if chains.len() == 1 || self.max_concurrent_per_module <= 1 {
+            for group in chains.into_iter().flatten() {
+                self.run_handler(route, &policy, group, batch).await;
+            }
+            return;
+        }
+        // Chains (topics) run concurrently, at most max_concurrent_per_module at once (the
+        // runtime enforces the same bound); their results are merged in chain order.
+        let permits = Arc::new(tokio::sync::Semaphore::new(self.max_concurrent_per_module));
+        let mut tasks = Vec::with_capacity(chains.len());
+        for chain in chains {
+            let kept: Vec<Pending> = chain.iter().flatten().cloned().collect();
+            let (this, route, policy, permits) =
+                (self.clone(), route.clone(), policy.clone(), permits.clone());
+            let task = tokio::spawn(async move {
+                let _permit = permits.acquire_owned().await;
+                let mut part = Batch::default();
+                for group in chain {
+                    this.run_handler(&route, &policy, group, &mut part).await;
+                }
+                part
+            });
+            tasks.push((task, kept));
+        }
+        for (task, kept) in tasks {
+            match task.await {
+                Ok(part) => batch.append(part),
+                Err(e) => {
+                    // Never lose the chain's events: they come back as retries.
+                    error!(route = %route.name, error = %e, "handler task failed; its events will be retried");
+                    for p in kept {
+                        self.fail(
+                            route,
+                            &policy,
+                            &p,
+                            &HandlerFailure::Host(format!("handler task failed: {e}")),
+                            batch,
+                        );
+                    }
+                }
+            }
         }
     }
 

@@ -177,6 +177,15 @@ impl Batch {
             && self.journal_done.is_empty()
             && self.retries_done.is_empty()
     }
+
+    /// Adds everything `other` holds, after what this batch holds.
+    pub fn append(&mut self, mut other: Batch) {
+        self.outputs.append(&mut other.outputs);
+        self.dead.append(&mut other.dead);
+        self.retries.append(&mut other.retries);
+        self.journal_done.append(&mut other.journal_done);
+        self.retries_done.append(&mut other.retries_done);
+    }
 }
 
 /// What a commit had to do to stay within the caps.
