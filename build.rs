@@ -1,8 +1,8 @@
 //! Builds the WebAssembly handler guests under `modules/` and hands their paths to the crate.
 //!
-//! The guests (`enrich`, `threshold`, `faulty`) are workspace members built for
-//! `wasm32-wasip2`, which makes components directly; the examples use the guest SDK in
-//! `modules/sdk`, which cargo builds with them. This script runs a nested
+//! The guests (`enrich`, `threshold`, `faulty`, `passthrough`, `otherworld`) are workspace
+//! members built for `wasm32-wasip2`, which makes components directly; the examples use the
+//! guest SDK in `modules/sdk`, which cargo builds with them. This script runs a nested
 //! `cargo build --release --target wasm32-wasip2` for them in a target directory of their own
 //! (`target/guests`): sharing the outer build's directory would wait forever on the lock the
 //! outer cargo holds while it runs this script. The results are copied into `OUT_DIR`, whose
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{exit, Command};
 
 /// The guest crates, which are also the names of their `.wasm` files.
-const GUESTS: [&str; 3] = ["enrich", "threshold", "faulty"];
+const GUESTS: [&str; 5] = ["enrich", "threshold", "faulty", "passthrough", "otherworld"];
 
 /// The target the guests are built for.
 const TARGET: &str = "wasm32-wasip2";

@@ -13,7 +13,7 @@ pub const ENRICH: &[u8] = include_bytes!(concat!(env!("OUTPOST_GUEST_DIR"), "/en
 pub const THRESHOLD: &[u8] = include_bytes!(concat!(env!("OUTPOST_GUEST_DIR"), "/threshold.wasm"));
 
 /// The path, fixed at build time, of the built guest component `name` (`enrich`,
-/// `threshold` or `faulty`). Only the examples are embedded; tests read other guests, such as
+/// `threshold`, `faulty` or `passthrough`). Only the examples are embedded; tests read other guests, such as
 /// the misbehaving `faulty` fixture, from here. The file exists as long as the build
 /// directory does.
 pub fn guest_path(name: &str) -> PathBuf {

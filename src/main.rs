@@ -316,7 +316,25 @@ struct DeadLettersOptions {
     timeout_secs: u64,
 }
 
+/// glibc gives each thread that allocates while another does an arena of its own, which
+/// reserves 64 MiB of address space (up to 8 per core): with the gateway's threads that is all
+/// of a 512 MiB board's, and thread spawns, SQLite and handler instances then fail with
+/// "cannot allocate memory". Two arenas are plenty for the gateway's allocation pattern.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn cap_malloc_arenas() {
+    // SAFETY: mallopt only sets an allocator parameter; it is called first thing in main,
+    // before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Other allocators (musl's) keep no per-thread arenas.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn cap_malloc_arenas() {}
+
 fn main() -> ExitCode {
+    cap_malloc_arenas();
     let cli = Cli::parse();
     // rumqttd logs every connection at info and every disconnect as an error; the demo's
     // progress lines say what matters.
@@ -455,6 +473,9 @@ fn main() -> ExitCode {
 fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Blocking work is SQLite and handler invocations, both bounded elsewhere; tokio's
+        // default of 512 threads (2 MiB of stack each) would not fit a small board's memory.
+        .max_blocking_threads(64)
         .build()?)
 }
 

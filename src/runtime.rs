@@ -1898,6 +1898,18 @@ mod tests {
     }
 
     #[test]
+    fn a_component_of_another_world_is_refused_naming_the_mismatch() {
+        let (runtime, _) = runtime();
+        let wasm = std::fs::read(crate::examples::guest_path("otherworld")).unwrap();
+        let error = runtime.load("other", &wasm).unwrap_err();
+        assert!(matches!(error, LoadError::WrongWorld { .. }), "{error:?}");
+        assert!(
+            error.to_string().contains("test:otherworld/clock"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn a_component_without_handle_is_the_wrong_world() {
         let (runtime, _) = runtime();
         // The smallest valid component: a header and nothing else.

@@ -254,6 +254,11 @@ async fn only_signed_components_of_the_handler_world_are_deployed() {
         ),
         (
             "a component of another world",
+            signed(&key, "proc", "1", &guest("otherworld")),
+            "does not implement the outpost:handler/handler@0.1.0 world: component imports instance `test:otherworld/clock",
+        ),
+        (
+            "an empty component",
             signed(&key, "proc", "1", b"\0asm\x0d\0\x01\0"),
             "handle",
         ),
