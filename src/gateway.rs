@@ -173,7 +173,7 @@ impl Gateway {
         };
         let pipeline = tokio::spawn(pipeline.run(committed.clone(), finish_rx));
 
-        let edge = match Edge::start_durable(&config.broker, journal, metrics.clone()).await {
+        let mut edge = match Edge::start_durable(&config.broker, journal, metrics.clone()).await {
             Ok(edge) => edge,
             Err(e) => {
                 let _ = stop_uplinks.send(true);
@@ -218,6 +218,8 @@ impl Gateway {
                 return Err(e);
             }
         };
+        // Devices are served only now that every control topic is listened to.
+        edge.open();
         info!(
             gateway = %config.gateway_id,
             data = %config.data_dir.display(),

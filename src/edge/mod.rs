@@ -72,6 +72,8 @@ pub enum EdgeError {
 pub struct Edge {
     tasks: Vec<JoinHandle<()>>,
     links: LinkFactory,
+    /// Device listeners bound but not served yet (see [`Edge::open`]).
+    unopened: Vec<(front::Front, tokio::net::TcpListener)>,
 }
 
 /// Builds in-process links to the broker's router (rumqttd does not name its router channel's
@@ -96,6 +98,11 @@ macro_rules! link_factory {
 impl Edge {
     /// Starts the broker with outpost's front on every configured device address: publishes
     /// are journaled and acknowledged only when durable. Must be called inside a tokio runtime.
+    ///
+    /// The device addresses are bound (so a port in use is an error here) but not served
+    /// until [`Edge::open`]: the gateway first subscribes its control plane through
+    /// [`Edge::local_link`], so that no device can publish a request before it is listened
+    /// to. A device that connects meanwhile waits in the listen backlog.
     pub async fn start_durable(
         config: &BrokerConfig,
         journal: Journal,
@@ -118,6 +125,7 @@ impl Edge {
         }
         let router_tx = Router::new(0, router_config(config)).spawn();
         let mut tasks = Vec::new();
+        let mut unopened = Vec::new();
         let mut internal = [None, None];
         for (listener, v5) in device_listeners {
             let slot = usize::from(v5);
@@ -146,15 +154,23 @@ impl Edge {
                 metrics: metrics.clone(),
                 max_payload: config.max_payload_bytes,
             };
-            if let Ok(addr) = listener.local_addr() {
-                info!(%addr, protocol = if v5 { "MQTT 5" } else { "MQTT 3.1.1" }, "device listener up");
-            }
-            tasks.push(tokio::spawn(front.serve(listener)));
+            unopened.push((front, listener));
         }
         Ok(Edge {
             tasks,
             links: link_factory!(router_tx),
+            unopened,
         })
+    }
+
+    /// Starts serving the device listeners bound by [`Edge::start_durable`]. Idempotent.
+    pub fn open(&mut self) {
+        for (front, listener) in self.unopened.drain(..) {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "device listener up");
+            }
+            self.tasks.push(tokio::spawn(front.serve(listener)));
+        }
     }
 
     /// Starts the broker's router, its listeners and the in-process subscriber that sends every
@@ -197,7 +213,11 @@ impl Edge {
         tasks.push(tokio::spawn(forward_publishes(
             link_tx, link_rx, events, metrics,
         )));
-        Ok(Edge { tasks, links })
+        Ok(Edge {
+            tasks,
+            links,
+            unopened: Vec::new(),
+        })
     }
 
     /// An in-process MQTT connection to the broker (for the gateway's own control plane): it
