@@ -1,0 +1,231 @@
+//! Geography benchmarks (issue 5): what finding an event's geofences and regions costs.
+//!
+//! - `countries/*`: [`Geography::locate`] with Natural Earth's 177 countries
+//!   (`../shared/data/countries-110m.geojson`) and region `eu`: the 25 cities of
+//!   `../shared/data/cities.csv`, 1,024 random points on land and 1,024 at sea (uniform in
+//!   longitude and latitude, sorted into the two by the geography itself), and the same land
+//!   points through [`Geography::locate_into`] with a reused [`Placement`].
+//! - `circles/*`: 10,000 circles of radius 100 m to 50 km, centres uniform over Europe
+//!   (35..70 N, 10 W..40 E), so that a point there is in about one circle on average: 1,024
+//!   random points in that box, and 1,024 points inside a circle.
+//! - `payload/*`: [`location_from_json`] on a parsed payload (`/lat`, `/lon`; and nested
+//!   pointers), [`location_from_json_array`], and the whole geographic part of routing an event:
+//!   parse the JSON payload, read its location and locate it among the countries.
+//!
+//! Every figure is per point (criterion's element throughput). Run: `cargo bench --bench geo`
+//! (under a minute once built). Figures are in `BENCHMARKS.md`.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use outpost::geo::{
+    location_from_json, location_from_json_array, GeoJsonOptions, Geography, Location, Placement,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The EU's member states present in Natural Earth 1:110m.
+const EU: [&str; 26] = [
+    "Austria",
+    "Belgium",
+    "Bulgaria",
+    "Croatia",
+    "Cyprus",
+    "Czechia",
+    "Denmark",
+    "Estonia",
+    "Finland",
+    "France",
+    "Germany",
+    "Greece",
+    "Hungary",
+    "Ireland",
+    "Italy",
+    "Latvia",
+    "Lithuania",
+    "Luxembourg",
+    "Netherlands",
+    "Poland",
+    "Portugal",
+    "Romania",
+    "Slovakia",
+    "Slovenia",
+    "Spain",
+    "Sweden",
+];
+
+const POINTS: usize = 1024;
+
+fn data(file: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data")
+        .join(file)
+}
+
+fn countries() -> Geography {
+    let text = std::fs::read(data("countries-110m.geojson")).expect("countries-110m.geojson");
+    let mut builder = Geography::builder();
+    builder
+        .add_geojson(&text, &GeoJsonOptions::default())
+        .expect("countries load");
+    builder.add_region("eu", EU).expect("region");
+    builder.build().expect("build")
+}
+
+fn cities() -> Vec<Location> {
+    let text = std::fs::read_to_string(data("cities.csv")).expect("cities.csv");
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(',').collect();
+            let lat = fields.get(1)?.parse().ok()?;
+            let lon = fields.get(2)?.parse().ok()?;
+            Location::new(lat, lon).ok()
+        })
+        .collect()
+}
+
+fn random_location(rng: &mut StdRng, lat: (f64, f64), lon: (f64, f64)) -> Location {
+    Location::new(
+        rng.random_range(lat.0..lat.1),
+        rng.random_range(lon.0..lon.1),
+    )
+    .expect("range")
+}
+
+/// Shorter than criterion's defaults: each figure is nanoseconds, and the whole run should
+/// stay well under two minutes on a shared two-core machine.
+fn configure(group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>) {
+    group
+        .sample_size(50)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+}
+
+/// Locates every point once per iteration.
+fn bench_points(
+    group: &mut BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    name: &str,
+    geography: &Geography,
+    points: &[Location],
+) {
+    group.throughput(Throughput::Elements(points.len() as u64));
+    group.bench_function(name, |b| {
+        b.iter(|| {
+            for &at in points {
+                black_box(geography.locate(black_box(at)));
+            }
+        })
+    });
+}
+
+fn countries_bench(c: &mut Criterion) {
+    let geography = countries();
+    let mut rng = StdRng::seed_from_u64(5);
+    let (mut land, mut sea) = (Vec::new(), Vec::new());
+    while land.len() < POINTS || sea.len() < POINTS {
+        let at = random_location(&mut rng, (-90.0, 90.0), (-180.0, 180.0));
+        let bucket = if geography.locate(at).is_empty() {
+            &mut sea
+        } else {
+            &mut land
+        };
+        if bucket.len() < POINTS {
+            bucket.push(at);
+        }
+    }
+    let mut group = c.benchmark_group("countries");
+    configure(&mut group);
+    bench_points(&mut group, "cities", &geography, &cities());
+    bench_points(&mut group, "random_land", &geography, &land);
+    bench_points(&mut group, "random_sea", &geography, &sea);
+    group.throughput(Throughput::Elements(land.len() as u64));
+    group.bench_function("random_land_locate_into", |b| {
+        let mut placement = Placement::default();
+        b.iter(|| {
+            for &at in &land {
+                geography.locate_into(black_box(at), &mut placement);
+                black_box(&placement);
+            }
+        })
+    });
+    group.finish();
+}
+
+fn circles_bench(c: &mut Criterion) {
+    const EUROPE: ((f64, f64), (f64, f64)) = ((35.0, 70.0), (-10.0, 40.0));
+    let mut rng = StdRng::seed_from_u64(10_000);
+    let mut builder = Geography::builder();
+    let mut centres = Vec::new();
+    for i in 0..10_000 {
+        let centre = random_location(&mut rng, EUROPE.0, EUROPE.1);
+        let radius = rng.random_range(100.0..50_000.0);
+        builder
+            .add_circle(format!("circle-{i}"), centre, radius)
+            .expect("circle");
+        centres.push(centre);
+    }
+    let geography = builder.build().expect("build");
+    let anywhere: Vec<Location> = (0..POINTS)
+        .map(|_| random_location(&mut rng, EUROPE.0, EUROPE.1))
+        .collect();
+    let inside: Vec<Location> = centres.iter().take(POINTS).copied().collect();
+    let hits: usize = anywhere
+        .iter()
+        .map(|&at| geography.locate(at).fences.len())
+        .sum();
+    println!(
+        "circles: {:.2} circles per random point on average",
+        hits as f64 / anywhere.len() as f64
+    );
+    let mut group = c.benchmark_group("circles");
+    configure(&mut group);
+    bench_points(&mut group, "10k_random_points", &geography, &anywhere);
+    bench_points(&mut group, "10k_at_centres", &geography, &inside);
+    group.finish();
+}
+
+fn payload_bench(c: &mut Criterion) {
+    let geography = countries();
+    let flat = br#"{"device":"truck-17","lat":52.52,"lon":13.405,"temp":21.5,"ts":1764201600000}"#;
+    let nested =
+        br#"{"device":"truck-17","position":{"latitude":48.857,"longitude":2.352},"temp":21.5}"#;
+    let array = br#"{"device":"truck-17","coordinates":[-3.704,40.417],"temp":21.5}"#;
+    let flat_value: serde_json::Value = serde_json::from_slice(flat).expect("json");
+    let nested_value: serde_json::Value = serde_json::from_slice(nested).expect("json");
+    let array_value: serde_json::Value = serde_json::from_slice(array).expect("json");
+
+    let mut group = c.benchmark_group("payload");
+    configure(&mut group);
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("from_json_flat", |b| {
+        b.iter(|| location_from_json(black_box(&flat_value), "/lat", "/lon"))
+    });
+    group.bench_function("from_json_nested", |b| {
+        b.iter(|| {
+            location_from_json(
+                black_box(&nested_value),
+                "/position/latitude",
+                "/position/longitude",
+            )
+        })
+    });
+    group.bench_function("from_json_array", |b| {
+        b.iter(|| location_from_json_array(black_box(&array_value), "/coordinates"))
+    });
+    group.bench_function("parse_read_locate_countries", |b| {
+        b.iter(|| {
+            let value: serde_json::Value = serde_json::from_slice(black_box(flat)).expect("json");
+            let at = location_from_json(&value, "/lat", "/lon")
+                .expect("valid")
+                .expect("present");
+            geography.locate(at)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, countries_bench, circles_bench, payload_bench);
+criterion_main!(benches);
