@@ -83,6 +83,8 @@ pub struct Options {
     pub drain: u64,
     /// Skip the drain phase.
     pub skip_drain: bool,
+    /// Run this handler component on the route (it must return each payload unchanged).
+    pub handler: Option<PathBuf>,
     /// Where the gateway's databases go (a fresh subdirectory per phase, removed afterwards).
     pub data: Option<PathBuf>,
     /// Also write the report as JSON here.
@@ -125,6 +127,8 @@ struct Settings {
     backlog_window: u64,
     /// Backlog of the drain phase, 0 = not run.
     drain_backlog: u64,
+    /// The handler component the route runs, if any (else the route forwards unchanged).
+    handler: Option<String>,
 }
 
 /// Results of the throughput phase.
@@ -298,6 +302,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         backlog_depths: backlog_depths.clone(),
         backlog_window: options.window,
         drain_backlog: if options.skip_drain { 0 } else { options.drain },
+        handler: options.handler.as_ref().map(|p| p.display().to_string()),
     };
     println!("outpost bench");
     println!(
@@ -315,6 +320,13 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         match options.rate {
             0 => "as fast as possible".to_string(),
             rate => format!("at most {rate} msg/s in all"),
+        }
+    );
+    println!(
+        "  route     telemetry/# -> {}",
+        match &options.handler {
+            Some(path) => format!("handler {} (lanes, batches of up to 64)", path.display()),
+            None => "forwarded unchanged".to_string(),
         }
     );
 
@@ -398,6 +410,7 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
         gateway_port,
         options.devices,
         format!("mqtt://127.0.0.1:{upstream_port}"),
+        options.handler.as_deref(),
     ))
     .await
     .context("starting the gateway")?;
@@ -506,6 +519,7 @@ async fn backlog_phase(
         gateway_port,
         options.devices,
         format!("mqtt://127.0.0.1:{closed_port}"),
+        options.handler.as_deref(),
     );
     // Room in the outbox for every publish of this phase (the default caps would hold new
     // data back at a million rows or 256 MiB, which is a different measurement).
@@ -631,6 +645,7 @@ async fn drain_phase(
         gateway_port,
         options.devices,
         format!("mqtt://127.0.0.1:{upstream_port}"),
+        options.handler.as_deref(),
     );
     // Room for the backlog and for the live rows that queue behind it (at a saturating live
     // load the outbox grows while the backlog drains): caps are not what this measures.
@@ -798,9 +813,16 @@ fn waits_at_caps(metrics: &Metrics) -> u64 {
 }
 
 /// The gateway as the benchmark runs it: defaults (passthrough `telemetry/#`, one upstream),
-/// devices on `port`, data in `data_dir`.
-fn gateway_config(data_dir: &Path, port: u16, devices: usize, upstream_url: String) -> Config {
-    Config {
+/// devices on `port`, data in `data_dir`; with `handler`, the route runs that component
+/// (which must return each event's payload unchanged, like `modules/passthrough`).
+fn gateway_config(
+    data_dir: &Path,
+    port: u16,
+    devices: usize,
+    upstream_url: String,
+    handler: Option<&Path>,
+) -> Config {
+    let mut config = Config {
         gateway_id: "bench-gw".into(),
         data_dir: data_dir.to_path_buf(),
         broker: broker_on(port, devices),
@@ -811,7 +833,18 @@ fn gateway_config(data_dir: &Path, port: u16, devices: usize, upstream_url: Stri
             ..UpstreamConfig::default()
         }],
         ..Config::default()
+    };
+    if let Some(path) = handler {
+        config.modules.push(outpost::config::ModuleConfig {
+            name: "bench".into(),
+            path: Some(path.to_path_buf()),
+        });
+        for route in &mut config.routes {
+            route.handler = Some("bench".into());
+            route.topic = Some("{output}".into());
+        }
     }
+    config
 }
 
 /// A broker configuration listening on 127.0.0.1:`port` with room for `connections` clients.

@@ -121,6 +121,10 @@ enum Command {
         /// Skip the drain phase.
         #[arg(long)]
         skip_drain: bool,
+        /// Run this WebAssembly handler on the route (one that returns each event unchanged,
+        /// such as the `passthrough` guest) to measure a handler route instead of forwarding.
+        #[arg(long, value_name = "WASM")]
+        handler: Option<PathBuf>,
         /// Directory for the gateway's databases (default: a fresh one under the temp dir).
         #[arg(long)]
         data: Option<PathBuf>,
@@ -441,6 +445,7 @@ fn main() -> ExitCode {
             skip_backlog,
             drain,
             skip_drain,
+            handler,
             data,
             json,
         } => tokio_runtime().and_then(|rt| {
@@ -456,6 +461,7 @@ fn main() -> ExitCode {
                 skip_backlog,
                 drain,
                 skip_drain,
+                handler,
                 data,
                 json,
             }))
