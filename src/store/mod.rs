@@ -151,6 +151,7 @@ pub(crate) struct Totals {
     outbox_bytes: AtomicI64,
     dead_rows: AtomicI64,
     dead_bytes: AtomicI64,
+    retry_rows: AtomicI64,
 }
 
 /// Everything one pipeline step changes, committed together by [`Store::commit`].
@@ -375,6 +376,7 @@ impl Store {
         for id in &batch.retries_done {
             dead_letters::delete_retry(&tx, *id).map_err(|e| self.err(e))?;
         }
+        delta.retry_rows -= batch.retries_done.len() as i64;
         // Under drop-oldest, a batch larger than the whole cap keeps only its newest outputs;
         // its older ones are evicted at once, like any older row.
         let mut skip = 0usize;
@@ -423,6 +425,7 @@ impl Store {
         for retry in &batch.retries {
             dead_letters::insert_retry(&tx, retry).map_err(|e| self.err(e))?;
         }
+        delta.retry_rows += batch.retries.len() as i64;
         let (evicted, freed) = self
             .enforce_dead_letter_cap(&tx, &delta)
             .map_err(|e| self.err(e))?;
@@ -479,6 +482,7 @@ pub(super) struct Delta {
     pub(super) outbox_bytes: i64,
     pub(super) dead_rows: i64,
     pub(super) dead_bytes: i64,
+    pub(super) retry_rows: i64,
 }
 
 impl Delta {
@@ -503,6 +507,9 @@ impl Delta {
         totals
             .dead_bytes
             .fetch_add(self.dead_bytes, Ordering::Relaxed);
+        totals
+            .retry_rows
+            .fetch_add(self.retry_rows, Ordering::Relaxed);
     }
 }
 
@@ -515,12 +522,14 @@ fn load_totals(conn: &Connection) -> rusqlite::Result<Totals> {
         pair("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox")?;
     let (dead_rows, dead_bytes) =
         pair("SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM dead_letters")?;
+    let (retry_rows, _) = pair("SELECT COUNT(*), 0 FROM retries")?;
     Ok(Totals {
         journal_rows: AtomicI64::new(journal_rows),
         outbox_rows: AtomicI64::new(outbox_rows),
         outbox_bytes: AtomicI64::new(outbox_bytes),
         dead_rows: AtomicI64::new(dead_rows),
         dead_bytes: AtomicI64::new(dead_bytes),
+        retry_rows: AtomicI64::new(retry_rows),
     })
 }
 

@@ -528,3 +528,40 @@ fn an_artifact_is_stored_for_the_version_with_that_hash_only() {
         Some(("key".into(), b"code".to_vec()))
     );
 }
+
+#[test]
+fn the_retry_total_follows_commits_and_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let retry = |n: u64| NewRetry {
+        event_id: n,
+        route: "r".into(),
+        topic: "t".into(),
+        device: "d".into(),
+        client_id: "c".into(),
+        payload: vec![1],
+        received_ms: 1,
+        attempts: 0,
+        next_attempt_ms: 0,
+        reason: "queued".into(),
+        detail: String::new(),
+    };
+    store
+        .commit(&Batch {
+            retries: vec![retry(1), retry(2), retry(3)],
+            ..Batch::default()
+        })
+        .unwrap();
+    assert_eq!(store.retry_count().unwrap(), 3);
+    let due = store.due_retries(10, 2).unwrap();
+    store
+        .commit(&Batch {
+            retries_done: due.iter().map(|r| r.id).collect(),
+            ..Batch::default()
+        })
+        .unwrap();
+    assert_eq!(store.retry_count().unwrap(), 1);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.retry_count().unwrap(), 1);
+}
