@@ -290,29 +290,9 @@ impl Control {
             filter: filter.clone(),
             reason,
         };
-        link_tx
-            .subscribe(filter.clone())
-            .map_err(|e| failed(e.to_string()))?;
-        // The link is new and has only asked for this subscription, so the first
-        // acknowledgement it gets is its SUBACK.
-        let confirmed = tokio::time::timeout(SUBSCRIBE_TIMEOUT, async {
-            loop {
-                match link_rx.next().await {
-                    Ok(Some(Notification::DeviceAck(_))) => return Ok(()),
-                    Ok(Some(Notification::Unschedule)) => {
-                        link_rx.wake().await.map_err(|e| e.to_string())?
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-        })
-        .await;
-        match confirmed {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => return Err(failed(reason)),
-            Err(_) => return Err(failed("no SUBACK from the embedded broker".into())),
-        }
+        crate::edge::subscribe_confirmed(&mut link_tx, &mut link_rx, &filter, SUBSCRIBE_TIMEOUT)
+            .await
+            .map_err(failed)?;
         info!(topics = %filter, "dead-letter control topics ready");
         Ok(tokio::spawn(self.serve(link_tx, link_rx)))
     }

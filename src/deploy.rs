@@ -142,29 +142,9 @@ impl ModuleControl {
         remote: mpsc::Receiver<RemoteRequest>,
     ) -> anyhow::Result<JoinHandle<()>> {
         let filter = format!("{}/#", base(&self.gateway_id));
-        link_tx
-            .subscribe(filter.clone())
-            .map_err(|e| anyhow::anyhow!("cannot subscribe to {filter}: {e}"))?;
-        let confirmed = tokio::time::timeout(SUBSCRIBE_TIMEOUT, async {
-            loop {
-                match link_rx.next().await {
-                    Ok(Some(Notification::DeviceAck(_))) => return Ok(()),
-                    Ok(Some(Notification::Unschedule)) => {
-                        link_rx.wake().await.map_err(|e| e.to_string())?
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-        })
-        .await;
-        match confirmed {
-            Ok(Ok(())) => {}
-            Ok(Err(reason)) => anyhow::bail!("cannot subscribe to {filter}: {reason}"),
-            Err(_) => {
-                anyhow::bail!("cannot subscribe to {filter}: no SUBACK from the embedded broker")
-            }
-        }
+        crate::edge::subscribe_confirmed(&mut link_tx, &mut link_rx, &filter, SUBSCRIBE_TIMEOUT)
+            .await
+            .map_err(|reason| anyhow::anyhow!("cannot subscribe to {filter}: {reason}"))?;
         info!(topics = %filter, "module control topics ready");
         Ok(tokio::spawn(self.serve(link_tx, link_rx, remote)))
     }

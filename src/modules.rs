@@ -420,11 +420,7 @@ impl Registry {
     }
 
     fn current_version(&self, name: &str) -> Option<String> {
-        self.live
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(name)
-            .map(|l| version_of(&l.origin))
+        self.origin(name).as_ref().map(version_of)
     }
 
     /// Points `name` at `handler` (made from `stored`), clearing any quarantine of the old one.

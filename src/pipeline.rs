@@ -185,44 +185,59 @@ impl Pipeline {
                 debug!(%module, "handler lane finished");
                 return;
             }
-            let store = self.store.clone();
-            let query = set.clone();
-            let due =
-                tokio::task::spawn_blocking(move || store.due_retries_of(&query, now_ms(), 256))
-                    .await;
-            match due {
-                Ok(Ok(due)) if !due.is_empty() => {
-                    let batch = self.process_retries(due).await;
-                    self.commit(batch).await;
-                    continue;
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    self.read_failed(&e.to_string()).await;
-                    continue;
-                }
-                Err(e) => {
-                    self.read_failed(&e.to_string()).await;
-                    continue;
-                }
+            match self.process_due(&set).await {
+                Some(false) => {}
+                // Processed a batch, or the read failed (logged, after a pause): look again.
+                Some(true) | None => continue,
             }
-            let store = self.store.clone();
-            let query = set.clone();
-            let next_due = tokio::task::spawn_blocking(move || store.next_retry_due_of(&query))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .flatten();
-            let wait = match next_due {
-                Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).max(1)),
-                None => IDLE_POLL,
-            };
+            let wait = self.idle_wait(&set).await;
             tokio::select! {
                 _ = kick.notified() => {}
                 _ = finish.changed() => {}
-                _ = tokio::time::sleep(wait.min(IDLE_POLL)) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Processes and commits one batch of `set`'s due retry rows. `Some(true)` when there were
+    /// any, `Some(false)` when none, `None` when they could not be read (logged, after a pause).
+    async fn process_due(self: &Arc<Self>, set: &RouteSet) -> Option<bool> {
+        let store = self.store.clone();
+        let query = set.clone();
+        let due =
+            tokio::task::spawn_blocking(move || store.due_retries_of(&query, now_ms(), 256)).await;
+        match due {
+            Ok(Ok(due)) if !due.is_empty() => {
+                let batch = self.process_retries(due).await;
+                self.commit(batch).await;
+                Some(true)
+            }
+            Ok(Ok(_)) => Some(false),
+            Ok(Err(e)) => {
+                self.read_failed(&e.to_string()).await;
+                None
+            }
+            Err(e) => {
+                self.read_failed(&e.to_string()).await;
+                None
+            }
+        }
+    }
+
+    /// How long to sleep when idle: until `set`'s next retry falls due, at most [`IDLE_POLL`].
+    async fn idle_wait(&self, set: &RouteSet) -> Duration {
+        let store = self.store.clone();
+        let query = set.clone();
+        let next_due = tokio::task::spawn_blocking(move || store.next_retry_due_of(&query))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        let wait = match next_due {
+            Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).max(1)),
+            None => IDLE_POLL,
+        };
+        wait.min(IDLE_POLL)
     }
 
     /// The journal, and the retries of routes that have no lane (a route removed from the
@@ -243,20 +258,9 @@ impl Pipeline {
             }
         };
         loop {
-            let store = self.store.clone();
-            let query = others.clone();
-            let due =
-                tokio::task::spawn_blocking(move || store.due_retries_of(&query, now_ms(), 256))
-                    .await;
-            match due {
-                Ok(Ok(due)) if !due.is_empty() => {
-                    let batch = self.process_retries(due).await;
-                    self.commit(batch).await;
-                    continue;
-                }
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => self.read_failed(&e.to_string()).await,
-                Err(e) => self.read_failed(&e.to_string()).await,
+            // A read failure is logged (after a pause) and the journal is read all the same.
+            if self.process_due(&others).await == Some(true) {
+                continue;
             }
 
             // Under reject-new, take no more events than the outbox has room for, so that what
@@ -303,18 +307,7 @@ impl Pipeline {
                     debug!("pipeline finished: journal drained");
                     return;
                 }
-                let store = self.store.clone();
-                let query = others.clone();
-                let next_due = tokio::task::spawn_blocking(move || store.next_retry_due_of(&query))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten();
-                let wait = match next_due {
-                    Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).max(1)),
-                    None => IDLE_POLL,
-                };
-                let wait = wait.min(IDLE_POLL);
+                let wait = self.idle_wait(&others).await;
                 tokio::select! {
                     // Journal commits and dead-letter replays (which may have queued events
                     // for a lane) end up here.

@@ -235,6 +235,38 @@ impl Edge {
     }
 }
 
+/// Subscribes a fresh in-process link (from [`Edge::local_link`]) to `filter` and waits, at
+/// most `timeout`, for the broker's acknowledgement, so that a publish made after this returns
+/// is delivered to the link. The link must not have asked for anything else yet: its first
+/// acknowledgement is taken as the SUBACK.
+pub async fn subscribe_confirmed(
+    link_tx: &mut LinkTx,
+    link_rx: &mut LinkRx,
+    filter: &str,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    link_tx
+        .subscribe(filter.to_string())
+        .map_err(|e| e.to_string())?;
+    let confirmed = tokio::time::timeout(timeout, async {
+        loop {
+            match link_rx.next().await {
+                Ok(Some(rumqttd::Notification::DeviceAck(_))) => return Ok(()),
+                Ok(Some(rumqttd::Notification::Unschedule)) => {
+                    link_rx.wake().await.map_err(|e| e.to_string())?
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    match confirmed {
+        Ok(result) => result,
+        Err(_) => Err("no SUBACK from the embedded broker".into()),
+    }
+}
+
 impl Drop for Edge {
     fn drop(&mut self) {
         self.stop();
