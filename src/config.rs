@@ -85,6 +85,123 @@ pub struct Config {
     /// Routes, in order (`[[route]]` tables). Every matching route gets the event.
     #[serde(rename = "route")]
     pub routes: Vec<RouteConfig>,
+    /// Where events come from: location sources, the no-location policy, enter/exit events.
+    pub geography: GeographyConfig,
+    /// Named geofences (`[[geofence]]` tables): GeoJSON files or circles.
+    #[serde(rename = "geofence", skip_serializing_if = "Vec::is_empty")]
+    pub geofences: Vec<GeofenceConfig>,
+    /// Regions (`[[region]]` tables): named groups of geofences, the unit of data residency.
+    #[serde(rename = "region", skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<RegionConfig>,
+    /// Devices with a fixed position (`[[device]]` tables).
+    #[serde(rename = "device", skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// Where an event's location comes from, and what happens to events without one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GeographyConfig {
+    /// The gateway's own position `[lat, lon]`: the location of events that have none of
+    /// their own and whose device has no known position.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_position: Option<[f64; 2]>,
+    /// A local topic on which a GPS publishes the gateway's position (JSON with the
+    /// `location` pointers); the latest valid fix replaces `gateway_position`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gps_topic: Option<String>,
+    /// Where a payload's coordinates are, for routes without their own `location`.
+    pub location: LocationPointers,
+    /// What happens to events without any location, when regions are configured:
+    /// `local-only` (their outputs are published on the gateway's own broker, never upstream),
+    /// `dead-letter` (reason `no-location`), or a region name (they get that region's tag).
+    pub no_location: String,
+    /// Topic template of enter/exit events (`{gateway}`, `{device}`); none: no such events.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transitions_topic: Option<String>,
+}
+
+impl Default for GeographyConfig {
+    fn default() -> Self {
+        GeographyConfig {
+            gateway_position: None,
+            gps_topic: None,
+            location: LocationPointers::default(),
+            no_location: "local-only".to_string(),
+            transitions_topic: None,
+        }
+    }
+}
+
+/// JSON pointers (RFC 6901) to an event's coordinates in its payload: `lat` and `lon`
+/// (numbers in degrees), or `position` (a GeoJSON `[lon, lat]` array).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocationPointers {
+    /// Pointer to the latitude.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lat: Option<String>,
+    /// Pointer to the longitude.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lon: Option<String>,
+    /// Pointer to a `[lon, lat]` or `[lon, lat, alt]` array.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<String>,
+}
+
+impl Default for LocationPointers {
+    fn default() -> Self {
+        LocationPointers {
+            lat: Some("/lat".to_string()),
+            lon: Some("/lon".to_string()),
+            position: None,
+        }
+    }
+}
+
+/// One `[[geofence]]`: the polygons of a GeoJSON file, or a circle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GeofenceConfig {
+    /// A circle's name, or the name of a file that is a bare Polygon/MultiPolygon geometry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// GeoJSON file (relative to the configuration file): its Polygon and MultiPolygon
+    /// features become fences.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// The feature property naming each fence (default `name`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_property: Option<String>,
+    /// Only these features of the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only: Option<Vec<String>>,
+    /// A circle's centre `[lat, lon]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub center: Option<[f64; 2]>,
+    /// A circle's radius in metres (geodesic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub radius_m: Option<f64>,
+}
+
+/// One `[[region]]`: a name for a group of geofences.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionConfig {
+    /// The region's name (letters, digits, `-`, `_`, `.`), used in routes and upstreams.
+    pub name: String,
+    /// The geofences it is made of.
+    pub fences: Vec<String>,
+}
+
+/// One `[[device]]` with a fixed position.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// The device id, as routes derive it from topics.
+    pub id: String,
+    /// Its position `[lat, lon]`.
+    pub position: [f64; 2],
 }
 
 impl Default for Config {
@@ -99,6 +216,10 @@ impl Default for Config {
             upstreams: vec![UpstreamConfig::default()],
             modules: Vec::new(),
             routes: vec![RouteConfig::new("telemetry", "telemetry/#")],
+            geography: GeographyConfig::default(),
+            geofences: Vec::new(),
+            regions: Vec::new(),
+            devices: Vec::new(),
         }
     }
 }
@@ -332,6 +453,10 @@ pub struct UpstreamConfig {
     /// How many times in a row the upstream may refuse one output (MQTT 5 PUBACK with an error
     /// reason code) before it becomes a dead letter (`rejected`) and the rows behind it move.
     pub max_refusals: u32,
+    /// The regions whose data this link may carry (`"*"`: any). A row is sent only when all
+    /// of its region tags are allowed; data without a region tag may go on any link.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
 }
 
 /// An MQTT protocol version.
@@ -360,6 +485,7 @@ impl Default for UpstreamConfig {
             envelope: false,
             ttl_secs: 0,
             max_refusals: 5,
+            regions: Vec::new(),
         }
     }
 }
@@ -487,6 +613,12 @@ pub struct RouteConfig {
     /// What happens to events while the route's module is quarantined.
     #[serde(default)]
     pub on_quarantine: QuarantinePolicy,
+    /// Only events satisfying this condition take the route (geography and content).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub when: Option<crate::predicate::PredicateConfig>,
+    /// Where this route's payloads carry their coordinates (default: `geography.location`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<LocationPointers>,
 }
 
 impl RouteConfig {
@@ -507,6 +639,8 @@ impl RouteConfig {
             ttl_secs: 0,
             payload: PayloadFormat::Any,
             on_quarantine: QuarantinePolicy::Wait,
+            when: None,
+            location: None,
         }
     }
 }
@@ -556,6 +690,13 @@ impl Config {
         for key in &mut config.deploy.trusted_keys {
             if key.is_relative() {
                 *key = base.join(&*key);
+            }
+        }
+        for fence in &mut config.geofences {
+            if let Some(file) = &mut fence.file {
+                if file.is_relative() {
+                    *file = base.join(&*file);
+                }
             }
         }
         Ok(config)
@@ -641,14 +782,16 @@ impl Config {
                     handler: r.handler.clone(),
                     upstream,
                     topic: r.topic.clone(),
+                    when: r.when.clone(),
                 })
             })
             .collect()
     }
 
-    /// Checks every value and cross-reference, and compiles the route table.
-    /// Module files must exist; their contents are checked when the runtime loads them.
-    pub fn validate(&self) -> Result<RouteTable, ConfigError> {
+    /// Checks every value and cross-reference, compiles the route table and reads the
+    /// geofence files. Module files must exist; their contents are checked when the runtime
+    /// loads them.
+    pub fn validate(&self) -> Result<Validated, ConfigError> {
         if self.gateway_id.is_empty()
             || !self
                 .gateway_id
@@ -725,6 +868,9 @@ impl Config {
             let key = |field: &str| format!("upstream {:?}.{field}", u.name);
             if u.name.is_empty() {
                 return Err(invalid("upstream.name", "must not be empty"));
+            }
+            if u.name.starts_with('$') {
+                return Err(invalid(key("name"), "must not start with '$' (reserved)"));
             }
             if !upstream_names.insert(u.name.as_str()) {
                 return Err(invalid(key("name"), "is used by two upstreams"));
@@ -909,8 +1055,20 @@ impl Config {
                 ));
             }
         }
-        RouteTable::compile(&specs).map_err(|e| invalid("route", e.to_string()))
+        let routes =
+            RouteTable::compile(&specs).map_err(|e| invalid("route", e.to_string()))?;
+        let geo = crate::locator::GeoPlan::from_config(self, &routes)?;
+        Ok(Validated { routes, geo })
     }
+}
+
+/// A validated configuration's compiled parts.
+#[derive(Debug)]
+pub struct Validated {
+    /// The route table.
+    pub routes: RouteTable,
+    /// The geography: geofences, regions, location sources, residency.
+    pub geo: crate::locator::GeoPlan,
 }
 
 #[cfg(test)]

@@ -802,6 +802,7 @@ mod tests {
             client_id: "c".into(),
             payload: payload.to_vec(),
             received_ms: 5,
+            geo: String::new(),
         }
     }
 

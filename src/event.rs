@@ -50,3 +50,53 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// The geography an event was routed with, kept with the event wherever it waits (handler
+/// queue, retries, dead letters) so that a later attempt sees the same location and region
+/// tags, and its outputs are sent only where those tags allow.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Geo {
+    /// The event's location, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<Location>,
+    /// Its region tags, sorted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<String>,
+    /// Its outputs stay on the gateway (the `local-only` policy for events without location).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
+}
+
+impl Geo {
+    /// The stored form: empty for no geography, JSON otherwise.
+    pub fn encode(&self) -> String {
+        if *self == Geo::default() {
+            return String::new();
+        }
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Reads the stored form. Text that is not a valid encoding (a damaged row) yields an
+    /// event that stays local: when its tags cannot be known, its data must not leave.
+    pub fn decode(text: &str) -> Geo {
+        if text.is_empty() {
+            return Geo::default();
+        }
+        serde_json::from_str(text).unwrap_or(Geo {
+            location: None,
+            regions: Vec::new(),
+            local: true,
+        })
+    }
+}
+
+/// Region tags as stored on an outbox row: sorted names joined by `,` (region names never
+/// contain one); empty for none.
+pub fn join_tags(tags: &[String]) -> String {
+    tags.join(",")
+}
+
+/// The tags of an outbox row, as [`join_tags`] wrote them.
+pub fn split_tags(stored: &str) -> impl Iterator<Item = &str> {
+    stored.split(',').filter(|t| !t.is_empty())
+}

@@ -49,8 +49,18 @@ impl Gateway {
     /// Validates the configuration, opens the database, loads the handler modules, connects
     /// the uplinks and opens the listeners. Must be called inside a tokio runtime.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
-        let routes = Arc::new(config.validate()?);
+        let validated = config.validate()?;
+        let routes = Arc::new(validated.routes);
         let store = Arc::new(Store::open_with(&config.data_dir, config.store.limits())?);
+        let geo = Arc::new(validated.geo);
+        let local_link = geo.residency && geo.no_location == crate::locator::NoLocation::LocalOnly;
+        let locator = Arc::new(crate::locator::Locator::new(
+            geo,
+            &config.gateway_id,
+            store
+                .device_positions()
+                .context("cannot read the device registry")?,
+        ));
         let metrics = Arc::new(Metrics::default());
 
         let defaults = RuntimeConfig::default();
@@ -138,6 +148,13 @@ impl Gateway {
             uplinks.push(tokio::spawn(uplink.run(stop_rx.clone())));
         }
 
+        // Outputs of `local-only` events: a link to the gateway's own broker, started once
+        // the broker is up.
+        let local_wake = local_link.then(|| {
+            let wake = Arc::new(Notify::new());
+            wakes.insert(crate::locator::LOCAL_LINK.to_string(), wake.clone());
+            wake
+        });
         let uplink_wakes: Vec<Arc<Notify>> = wakes.values().cloned().collect();
         let committed = Arc::new(Notify::new());
         let (journal, journal_thread) = Journal::start(&store, committed.clone(), metrics.clone())?;
@@ -170,6 +187,7 @@ impl Gateway {
             max_batch: config.handlers.max_batch,
             max_concurrent_per_module: config.handlers.max_concurrent_per_module,
             breaker,
+            locator,
         };
         let pipeline = tokio::spawn(pipeline.run(committed.clone(), finish_rx));
 
@@ -218,6 +236,29 @@ impl Gateway {
                 return Err(e);
             }
         };
+        let mut uplinks = uplinks;
+        if let (Some(wake), Some((addr, v5))) = (local_wake, edge.internal_listener()) {
+            metrics.set_link_connected(crate::locator::LOCAL_LINK, false);
+            let local = Uplink {
+                config: crate::config::UpstreamConfig {
+                    name: crate::locator::LOCAL_LINK.to_string(),
+                    url: format!("mqtt://{addr}"),
+                    client_id: Some(format!("outpost-{}-local", config.gateway_id)),
+                    protocol: match v5 {
+                        true => crate::config::MqttVersion::V5,
+                        false => crate::config::MqttVersion::V311,
+                    },
+                    regions: vec!["*".to_string()],
+                    ..crate::config::UpstreamConfig::default()
+                },
+                gateway_id: config.gateway_id.clone(),
+                store: store.clone(),
+                wake,
+                metrics: metrics.clone(),
+                control: None,
+            };
+            uplinks.push(tokio::spawn(local.run(stop_rx.clone())));
+        }
         // Devices are served only now that every control topic is listened to.
         edge.open();
         info!(

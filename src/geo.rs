@@ -738,6 +738,17 @@ impl Geography {
         GeographyBuilder::default()
     }
 
+    /// A geography with no fences and no regions: every point is in none.
+    pub fn empty() -> Geography {
+        Geography {
+            fences: Vec::new(),
+            regions: Vec::new(),
+            fence_regions: Vec::new(),
+            targets: Vec::new(),
+            index: RTree::new(),
+        }
+    }
+
     /// Every fence, sorted by name.
     pub fn fences(&self) -> &[Fence] {
         &self.fences

@@ -21,6 +21,7 @@ pub mod examples;
 pub mod gateway;
 pub mod geo;
 pub mod journal;
+pub mod locator;
 pub mod metrics;
 pub mod modules;
 pub mod pipeline;

@@ -494,14 +494,19 @@ fn load(file: Option<&std::path::Path>) -> anyhow::Result<Config> {
 
 fn check(file: &std::path::Path) -> anyhow::Result<()> {
     let config = load(Some(file))?;
-    let routes = config.validate()?;
+    let validated = config.validate()?;
     println!(
-        "{}: ok ({} route(s), {} module(s), {} upstream(s))",
+        "{}: ok ({} route(s), {} module(s), {} upstream(s), {} geofence(s), {} region(s))",
         file.display(),
-        routes.routes().len(),
+        validated.routes.routes().len(),
         config.modules.len(),
-        config.upstreams.len()
+        config.upstreams.len(),
+        validated.geo.geography.fences().len(),
+        validated.geo.geography.regions().len(),
     );
+    for warning in validated.geo.warnings(&validated.routes) {
+        println!("warning: {warning}");
+    }
     Ok(())
 }
 

@@ -21,6 +21,14 @@ pub struct Metrics {
     pub edge_rejected: AtomicU64,
     /// Publishes that matched no route (they still reach local subscribers).
     pub unrouted: AtomicU64,
+    /// Events whose payload had invalid coordinates (dead-lettered `bad-location`).
+    pub bad_locations: AtomicU64,
+    /// Events without any location dead-lettered under `no_location = "dead-letter"`.
+    pub no_location: AtomicU64,
+    /// Outputs refused because their link may not carry their region tags (`residency`).
+    pub residency_refusals: AtomicU64,
+    /// Enter/exit events journaled for devices that changed geofences.
+    pub geofence_transitions: AtomicU64,
     /// Handler invocations (one per batch, plus one per event when a batch is retried singly).
     pub handler_invocations: AtomicU64,
     /// Handler invocations that failed (trap, timeout, error, limit).
@@ -101,6 +109,14 @@ pub struct Snapshot {
     pub edge_rejected: u64,
     /// See [`Metrics::unrouted`].
     pub unrouted: u64,
+    /// See [`Metrics::bad_locations`].
+    pub bad_locations: u64,
+    /// See [`Metrics::no_location`].
+    pub no_location: u64,
+    /// See [`Metrics::residency_refusals`].
+    pub residency_refusals: u64,
+    /// See [`Metrics::geofence_transitions`].
+    pub geofence_transitions: u64,
     /// See [`Metrics::handler_invocations`].
     pub handler_invocations: u64,
     /// See [`Metrics::handler_failures`].
@@ -226,6 +242,10 @@ impl Metrics {
             journaled: get(&self.journaled),
             edge_rejected: get(&self.edge_rejected),
             unrouted: get(&self.unrouted),
+            bad_locations: get(&self.bad_locations),
+            no_location: get(&self.no_location),
+            residency_refusals: get(&self.residency_refusals),
+            geofence_transitions: get(&self.geofence_transitions),
             handler_invocations: get(&self.handler_invocations),
             handler_failures: get(&self.handler_failures),
             queued: get(&self.queued),

@@ -38,14 +38,17 @@ use tracing::{debug, error, info, warn};
 
 use crate::breaker::{Admission, Breaker, QuarantinePolicy, Transition};
 use crate::config::{PayloadFormat, RetryConfig};
-use crate::event::{now_ms, Event, Output};
+use crate::event::{join_tags, now_ms, Event, Geo, Output};
+use crate::geo::Placement;
+use crate::locator::{Locator, NoLocation, Observed, Source, GATEWAY_CLIENT, LOCAL_LINK};
+use crate::predicate::Facts;
 use crate::metrics::Metrics;
 use crate::modules::Registry;
 use crate::router::{Route, RouteTable, TemplateContext};
 use crate::runtime::{Handler, HandlerFailure};
 use crate::store::{
-    Batch, JournalRow, NewDeadLetter, NewOutboxRow, NewRetry, OutboxPolicy, RetryRow, RouteSet,
-    Stage, Store, StoreError,
+    Batch, JournalRow, NewDeadLetter, NewJournalEntry, NewOutboxRow, NewRetry, OutboxPolicy,
+    RetryRow, RouteSet, Stage, Store, StoreError,
 };
 
 /// Longest sleep when idle: retries scheduled by another process (or a clock change) are
@@ -110,6 +113,8 @@ pub struct Pipeline {
     pub max_concurrent_per_module: usize,
     /// Quarantines modules that keep failing.
     pub breaker: Arc<Breaker>,
+    /// Locations, region tags, the device registry and enter/exit transitions.
+    pub locator: Arc<Locator>,
 }
 
 /// The reason of a retry row that is an event queued for its handler lane, not a failure.
@@ -124,6 +129,20 @@ struct Pending {
     event: Event,
     /// Handler attempts already made.
     attempts: u32,
+    /// Its outputs stay on the gateway (an event without location under `local-only`).
+    local: bool,
+}
+
+impl Pending {
+    /// The event's geography in its stored form.
+    fn geo(&self) -> String {
+        Geo {
+            location: self.event.location,
+            regions: self.event.regions.clone(),
+            local: self.local,
+        }
+        .encode()
+    }
 }
 
 impl Pipeline {
@@ -357,29 +376,150 @@ impl Pipeline {
         let mut batch = Batch::default();
         let mut per_route: Vec<Vec<Pending>> =
             self.routes.routes().iter().map(|_| Vec::new()).collect();
+        let plan = self.locator.plan();
+        let mut observed = Observed::default();
+        let mut placement = Placement::default();
         for row in rows {
             batch.journal_done.push(row.id);
             let mut matched = false;
+            // Parsed at most once per event, and only when geography or a predicate needs it.
+            let mut json: Option<Option<serde_json::Value>> = None;
+            let mut placed: Option<crate::geo::Location> = None;
+            if plan.gps_topic.is_some() {
+                let payload = json
+                    .get_or_insert_with(|| serde_json::from_slice(&row.payload).ok())
+                    .as_ref();
+                match self.locator.gps_fix(&row.topic, payload, row.received_ms) {
+                    Ok(Some(fix)) => batch.devices.push(fix),
+                    Ok(None) => {}
+                    Err(e) => {
+                        Metrics::add(&self.metrics.bad_locations, 1);
+                        warn!(topic = %row.topic, error = %e, "GPS fix with invalid coordinates ignored");
+                    }
+                }
+            }
             for (index, route) in self.routes.routes().iter().enumerate() {
                 if !route.filter.matches(&row.topic) {
                     continue;
                 }
-                matched = true;
-                let event = Event {
+                let device = route.device_of(&row.topic).unwrap_or("");
+                let mut event = Event {
                     id: row.id as u64,
                     topic: row.topic.clone(),
-                    device: route.device_of(&row.topic).unwrap_or("").to_string(),
+                    device: device.to_string(),
                     client_id: row.client_id.clone(),
                     payload: row.payload.clone(),
                     received_ms: row.received_ms,
                     location: None,
                     regions: Vec::new(),
                 };
-                per_route[index].push(Pending { event, attempts: 0 });
+                let needs_payload = plan.active
+                    || route.when.as_ref().is_some_and(|w| w.needs_payload());
+                let payload = match needs_payload {
+                    true => json
+                        .get_or_insert_with(|| serde_json::from_slice(&row.payload).ok())
+                        .as_ref(),
+                    false => None,
+                };
+                let mut location = None;
+                if plan.active {
+                    match self.locator.resolve(index, payload, device) {
+                        Ok(found) => {
+                            if let Some((at, source)) = found {
+                                if placed != Some(at) {
+                                    self.locator.place(at, &mut placement);
+                                    placed = Some(at);
+                                }
+                                if source == Source::Payload && row.client_id != GATEWAY_CLIENT {
+                                    self.locator.observe(
+                                        device,
+                                        at,
+                                        &placement,
+                                        row.received_ms,
+                                        &mut observed,
+                                    );
+                                }
+                                location = Some(at);
+                            }
+                        }
+                        Err(e) => {
+                            matched = true;
+                            Metrics::add(&self.metrics.bad_locations, 1);
+                            let p = Pending {
+                                event,
+                                attempts: 0,
+                                local: false,
+                            };
+                            self.dead_letter(route, &p, "bad-location", e.to_string(), &mut batch);
+                            continue;
+                        }
+                    }
+                }
+                let empty: &[Arc<str>] = &[];
+                let (fences, regions) = match location {
+                    Some(_) => (&placement.fences[..], &placement.regions[..]),
+                    None => (empty, empty),
+                };
+                let facts = Facts {
+                    payload,
+                    location: location.map(Into::into),
+                    fences,
+                    regions,
+                    distance: &crate::locator::geodesic_metres,
+                };
+                if !route.accepts(&facts) {
+                    continue;
+                }
+                matched = true;
+                let mut local = false;
+                match location {
+                    Some(at) => {
+                        event.location = Some(at.into());
+                        event.regions = regions.iter().map(|r| r.to_string()).collect();
+                    }
+                    None if plan.residency => match &plan.no_location {
+                        NoLocation::LocalOnly => local = true,
+                        NoLocation::Region(region) => event.regions = vec![region.clone()],
+                        NoLocation::DeadLetter => {
+                            Metrics::add(&self.metrics.no_location, 1);
+                            let p = Pending {
+                                event,
+                                attempts: 0,
+                                local: false,
+                            };
+                            self.dead_letter(
+                                route,
+                                &p,
+                                "no-location",
+                                "the event has no location (payload, device or gateway) and geography.no_location is \"dead-letter\"".into(),
+                                &mut batch,
+                            );
+                            continue;
+                        }
+                    },
+                    None => {}
+                }
+                per_route[index].push(Pending {
+                    event,
+                    attempts: 0,
+                    local,
+                });
             }
             if !matched {
                 Metrics::add(&self.metrics.unrouted, 1);
             }
+        }
+        batch.devices.append(&mut observed.positions);
+        for (topic, payload) in observed.transitions {
+            Metrics::add(&self.metrics.geofence_transitions, 1);
+            batch.events.push(NewJournalEntry {
+                topic,
+                payload: payload.into(),
+                qos: 1,
+                retain: false,
+                client_id: Arc::from(GATEWAY_CLIENT),
+                received_ms: now_ms(),
+            });
         }
         for (index, pending) in per_route.into_iter().enumerate() {
             if !pending.is_empty() {
@@ -420,9 +560,11 @@ impl Pipeline {
                     client_id: r.client_id,
                     payload: r.payload,
                     received_ms: r.received_ms,
+                    geo: r.geo,
                 });
                 continue;
             };
+            let geo = Geo::decode(&r.geo);
             let event = Event {
                 id: r.event_id,
                 topic: r.topic,
@@ -430,12 +572,13 @@ impl Pipeline {
                 client_id: r.client_id,
                 payload: r.payload,
                 received_ms: r.received_ms,
-                location: None,
-                regions: Vec::new(),
+                location: geo.location,
+                regions: geo.regions,
             };
             per_route.entry(index).or_default().push(Pending {
                 event,
                 attempts: r.attempts,
+                local: geo.local,
             });
         }
         let mut indexes: Vec<usize> = per_route.keys().copied().collect();
@@ -472,14 +615,16 @@ impl Pipeline {
         }
         if route.handler.is_none() {
             for p in &accepted {
-                self.queue(route, &policy, &p.event, None, 0, batch);
+                self.queue(route, &policy, p, None, 0, batch);
             }
             return;
         }
         if to_lane {
             let now = now_ms();
             for p in accepted {
+                let geo = p.geo();
                 batch.retries.push(NewRetry {
+                    geo,
                     event_id: p.event.id,
                     route: route.name.clone(),
                     topic: p.event.topic,
@@ -510,7 +655,14 @@ impl Pipeline {
                 }
             };
             match chain.last_mut() {
-                Some(group) if group.len() < self.max_batch => group.push(p),
+                // A group shares its geography too: its outputs inherit one set of tags.
+                Some(group)
+                    if group.len() < self.max_batch
+                        && group[0].local == p.local
+                        && group[0].event.regions == p.event.regions =>
+                {
+                    group.push(p)
+                }
                 _ => chain.push(vec![p]),
             }
         }
@@ -604,7 +756,7 @@ impl Pipeline {
             Ok(outputs) => {
                 if let Some(first) = group.first() {
                     for (n, output) in outputs.into_iter().enumerate() {
-                        self.queue(route, policy, &first.event, Some(output), n, batch);
+                        self.queue(route, policy, first, Some(output), n, batch);
                     }
                 }
             }
@@ -630,7 +782,7 @@ impl Pipeline {
                     {
                         Ok(outputs) => {
                             for (n, output) in outputs.into_iter().enumerate() {
-                                self.queue(route, policy, &p.event, Some(output), n, batch);
+                                self.queue(route, policy, &p, Some(output), n, batch);
                             }
                         }
                         Err(failure) => self.fail(route, policy, &p, &failure, batch),
@@ -727,6 +879,7 @@ impl Pipeline {
                     next_attempt_ms: now_ms() + (left.as_millis() as u64).max(100),
                     reason: reason.to_string(),
                     detail: detail.clone(),
+                    geo: p.geo(),
                 }),
                 QuarantinePolicy::DeadLetter => {
                     self.dead_letter(route, &p, reason, detail.clone(), batch)
@@ -761,6 +914,7 @@ impl Pipeline {
                 next_attempt_ms: now_ms() + delay.as_millis() as u64,
                 reason: failure.reason().to_string(),
                 detail: failure.to_string(),
+                geo: p.geo(),
             });
             return;
         }
@@ -768,6 +922,7 @@ impl Pipeline {
         let done = Pending {
             event: p.event.clone(),
             attempts,
+            local: p.local,
         };
         self.dead_letter(route, &done, failure.reason(), failure.to_string(), batch);
     }
@@ -801,6 +956,7 @@ impl Pipeline {
             client_id: p.event.client_id.clone(),
             payload: p.event.payload.clone(),
             received_ms: p.event.received_ms,
+            geo: p.geo(),
         });
     }
 
@@ -811,15 +967,45 @@ impl Pipeline {
         &self,
         route: &Route,
         policy: &RoutePolicy,
-        event: &Event,
+        source: &Pending,
         output: Option<Output>,
         n: usize,
         batch: &mut Batch,
     ) {
+        let event = &source.event;
         let (output_topic, payload) = match output {
             Some(o) => (Some(o.topic), o.payload),
             None => (None, event.payload.clone()),
         };
+        let as_letter = |payload: Vec<u8>| Pending {
+            event: Event {
+                payload,
+                ..event.clone()
+            },
+            attempts: 0,
+            local: source.local,
+        };
+        // Residency: outputs inherit their event's region tags, and are queued only for a
+        // link that may carry all of them (the uplink checks again before sending).
+        let link = match source.local {
+            true => LOCAL_LINK.to_string(),
+            false => route.upstream.clone(),
+        };
+        if !source.local
+            && !self
+                .locator
+                .plan()
+                .link(&link)
+                .allows(event.regions.iter().map(String::as_str))
+        {
+            Metrics::add(&self.metrics.residency_refusals, 1);
+            let detail = format!(
+                "upstream {link:?} may not carry data of region {}",
+                event.regions.join(" + ")
+            );
+            self.dead_letter(route, &as_letter(payload), "residency", detail, batch);
+            return;
+        }
         let context = TemplateContext {
             topic: &event.topic,
             device: &event.device,
@@ -828,7 +1014,7 @@ impl Pipeline {
         };
         match route.topic.render(&context) {
             Ok(topic) => batch.outputs.push(NewOutboxRow {
-                link: route.upstream.clone(),
+                link,
                 msg_id: format!("{}-{}-{}-{n}", self.gateway_id, event.id, route.name),
                 route: route.name.clone(),
                 topic,
@@ -838,18 +1024,18 @@ impl Pipeline {
                     .ttl
                     .map(|ttl| event.received_ms + ttl.as_millis() as u64)
                     .unwrap_or(0),
+                regions: join_tags(&event.regions),
             }),
             Err(e) => {
                 warn!(route = %route.name, error = %e, "output topic cannot be rendered; dead-lettered");
                 Metrics::add(&self.metrics.render_failures, 1);
-                let p = Pending {
-                    event: Event {
-                        payload,
-                        ..event.clone()
-                    },
-                    attempts: 0,
-                };
-                self.dead_letter(route, &p, "bad-output-topic", e.to_string(), batch);
+                self.dead_letter(
+                    route,
+                    &as_letter(payload),
+                    "bad-output-topic",
+                    e.to_string(),
+                    batch,
+                );
             }
         }
     }

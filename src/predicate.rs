@@ -682,6 +682,47 @@ impl Node {
         }
     }
 
+    /// See [`Predicate::required_memberships`].
+    fn required(&self) -> Option<Vec<BTreeSet<&str>>> {
+        /// Beyond this many alternatives the analysis gives up (says "no requirement").
+        const MAX_ALTERNATIVES: usize = 256;
+        match self {
+            Node::In(names) => Some(names.iter().map(|n| BTreeSet::from([n.as_str()])).collect()),
+            Node::Any(nodes) => {
+                let mut out = Vec::new();
+                for node in nodes {
+                    out.extend(node.required()?);
+                }
+                (out.len() <= MAX_ALTERNATIVES).then_some(out)
+            }
+            Node::All(nodes) => {
+                let mut out: Option<Vec<BTreeSet<&str>>> = None;
+                for node in nodes {
+                    let Some(alternatives) = node.required() else {
+                        continue;
+                    };
+                    out = Some(match out {
+                        None => alternatives,
+                        Some(so_far) => {
+                            let mut product = Vec::new();
+                            for a in &so_far {
+                                for b in &alternatives {
+                                    product.push(a.union(b).copied().collect());
+                                }
+                            }
+                            if product.len() > MAX_ALTERNATIVES {
+                                return None;
+                            }
+                            product
+                        }
+                    });
+                }
+                out
+            }
+            Node::Not(_) | Node::NotIn(_) | Node::Within { .. } | Node::Field { .. } => None,
+        }
+    }
+
     /// Visits this node and every node below it.
     fn any_node(&self, f: &dyn Fn(&Node) -> bool) -> bool {
         f(self)
@@ -724,6 +765,14 @@ impl Predicate {
         let mut out = BTreeSet::new();
         self.root.collect_names(&mut out);
         out
+    }
+
+    /// What membership an event must have to satisfy the predicate, as alternatives: every
+    /// such event is inside all the names of at least one of the returned sets. `None` when
+    /// the predicate requires no membership (or the alternatives would be too many to list).
+    /// `config check` uses it to refuse a route whose events its link could never carry.
+    pub fn required_memberships(&self) -> Option<Vec<BTreeSet<&str>>> {
+        self.root.required()
     }
 
     /// Whether the predicate looks at the location at all (`in`, `not_in`, `within_m`).
@@ -2073,5 +2122,47 @@ mod tests {
                 let _ = (p.names(), p.needs_location(), p.needs_membership(), p.needs_payload());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod required_tests {
+    use super::*;
+
+    fn required(toml_text: &str) -> Option<Vec<Vec<String>>> {
+        let config: PredicateConfig = toml::from_str(toml_text).expect("parses");
+        let predicate = compile(&config).expect("compiles");
+        predicate.required_memberships().map(|alternatives| {
+            alternatives
+                .into_iter()
+                .map(|set| set.into_iter().map(str::to_owned).collect())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn membership_requirements_follow_the_logic() {
+        assert_eq!(required(r#"in = "eu""#), Some(vec![vec!["eu".into()]]));
+        assert_eq!(
+            required(r#"in = ["eu", "us"]"#),
+            Some(vec![vec!["eu".into()], vec!["us".into()]])
+        );
+        assert_eq!(required(r#"not_in = "eu""#), None);
+        assert_eq!(required(r#"not = { in = "eu" }"#), None);
+        assert_eq!(required(r#"field = "/t"
+gt = 3"#), None);
+        assert_eq!(
+            required(r#"all = [{ in = "eu" }, { field = "/t", gt = 3 }, { in = ["yard", "depot"] }]"#),
+            Some(vec![
+                vec!["eu".into(), "yard".into()],
+                vec!["depot".into(), "eu".into()]
+            ])
+        );
+        // One branch of an `any` without a requirement lifts the requirement.
+        assert_eq!(required(r#"any = [{ in = "eu" }, { field = "/t", exists = true }]"#), None);
+        assert_eq!(
+            required(r#"any = [{ in = "eu" }, { all = [{ in = "us" }, { in = "ca" }] }]"#),
+            Some(vec![vec!["eu".into()], vec!["ca".into(), "us".into()]])
+        );
     }
 }

@@ -19,13 +19,16 @@
 //!   any shape produce a value or an error.
 //!
 //! What it does not do: no I/O, no async, no logging; it does not run handlers, queue outputs
-//! or know whether an upstream exists (the config module checks link names). Routing is by
-//! topic only for now: geography (geofences, region tags) and content predicates come later and
-//! will be added to [`Route`] as further conditions.
+//! or know whether an upstream exists (the config module checks link names). Besides its topic
+//! filter, a route may carry a `when` [`Predicate`] on geography and content:
+//! [`RouteTable::routes_for`] is the whole routing decision, a pure function of the event's
+//! topic and its [`Facts`] (payload, location, geofences, regions).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+
+use crate::predicate::{Facts, Predicate, PredicateConfig, PredicateError};
 
 /// The largest topic name or topic filter MQTT can carry, in bytes.
 const MAX_TOPIC_BYTES: usize = 65535;
@@ -100,6 +103,9 @@ pub enum RouteError {
         /// 1-based position, in configuration order, of the route that used the name first.
         first: usize,
     },
+    /// A route's `when` condition is not valid.
+    #[error("{0}")]
+    Predicate(PredicateError),
     /// A route with an empty (or all-whitespace) name.
     #[error("route #{index}: name: must not be empty")]
     EmptyName {
@@ -467,6 +473,8 @@ pub struct RouteSpec {
     /// The output-topic template; `None` for the default (`{topic}`, or `{output}` with a
     /// handler).
     pub topic: Option<String>,
+    /// The route's condition on geography and content, if any.
+    pub when: Option<PredicateConfig>,
 }
 
 /// A compiled route.
@@ -484,6 +492,8 @@ pub struct Route {
     pub upstream: String,
     /// The output topic; uses `{output}` only if `handler` is set.
     pub topic: TopicTemplate,
+    /// Only events satisfying it take the route.
+    pub when: Option<Predicate>,
 }
 
 impl Route {
@@ -494,6 +504,11 @@ impl Route {
             .split('/')
             .nth(self.device_segment)
             .filter(|level| !level.is_empty())
+    }
+
+    /// Whether an event with these facts satisfies the route's `when` (true without one).
+    pub fn accepts<S: AsRef<str>>(&self, facts: &Facts<'_, S>) -> bool {
+        self.when.as_ref().is_none_or(|when| when.evaluate(facts))
     }
 }
 
@@ -556,7 +571,14 @@ impl RouteTable {
                     RouteError::OutputWithoutHandler,
                 ));
             }
+            let when = match &spec.when {
+                Some(config) => Some(crate::predicate::compile(config).map_err(|e| {
+                    RouteError::in_route(name, "when", RouteError::Predicate(e))
+                })?),
+                None => None,
+            };
             routes.push(Route {
+                when,
                 name: spec.name.clone(),
                 filter,
                 device_segment: spec.device_segment,
@@ -574,6 +596,16 @@ impl RouteTable {
         self.routes
             .iter()
             .filter(move |route| route.filter.matches(topic))
+    }
+
+    /// The routes an event takes: those whose filter matches `topic` and whose `when` holds
+    /// for `facts`, in configuration order.
+    pub fn routes_for<'a, S: AsRef<str>>(
+        &'a self,
+        topic: &'a str,
+        facts: &'a Facts<'a, S>,
+    ) -> impl Iterator<Item = &'a Route> + 'a {
+        self.matching(topic).filter(move |route| route.accepts(facts))
     }
 
     /// All routes, in configuration order.
@@ -612,6 +644,7 @@ mod tests {
             handler: None,
             upstream: "cloud".to_owned(),
             topic: None,
+            when: None,
         }
     }
 

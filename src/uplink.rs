@@ -650,6 +650,7 @@ impl Uplink {
     ) -> SessionEnd {
         let name = &self.config.name;
         let window = usize::from(self.config.inflight);
+        let carried = crate::locator::LinkRegions::from_list(&self.config.regions);
         let max_incoming = self.control.as_ref().map_or(MAX_INCOMING_PACKET, |c| {
             c.max_packet.max(MAX_INCOMING_PACKET)
         });
@@ -709,6 +710,7 @@ impl Uplink {
             // Fill the window from the outbox, reading it in batches.
             let limit = if delivered < careful { 1 } else { window };
             let mut expired: Vec<i64> = Vec::new();
+            let mut misrouted: Vec<i64> = Vec::new();
             let now = crate::event::now_ms();
             while refused.is_none() && in_flight < limit {
                 let Some(row) = buffer.pop_front() else {
@@ -734,6 +736,13 @@ impl Uplink {
                     expired.push(row.id);
                     continue;
                 }
+                if !carried.allows(crate::event::split_tags(&row.regions)) {
+                    // Residency: the pipeline queues rows only for links that may carry
+                    // them, but the configuration may have changed since (a restart with a
+                    // link's regions narrowed). Never sent: a dead letter below.
+                    misrouted.push(row.id);
+                    continue;
+                }
                 let (id, msg_id) = (row.id, row.msg_id.clone());
                 if row.topic.contains(['+', '#']) {
                     // The router never queues such a topic; should one be there anyway, it
@@ -755,6 +764,9 @@ impl Uplink {
             }
             if !expired.is_empty() {
                 self.expire(expired).await;
+            }
+            if !misrouted.is_empty() {
+                self.refuse(misrouted).await;
             }
             if in_flight == 0 {
                 if let Some(refusal) = refused.take() {
@@ -857,6 +869,32 @@ impl Uplink {
                 warn!(link = %self.config.name, error = %e, "cannot dead-letter expired outputs");
             }
             Err(e) => warn!(link = %self.config.name, error = %e, "expiry task failed"),
+        }
+    }
+
+    /// Moves rows this link may not carry (their region tags) to the dead letters
+    /// (`residency`).
+    async fn refuse(&self, ids: Vec<i64>) {
+        let store = self.store.clone();
+        let detail = format!(
+            "upstream {:?} may not carry the row's regions (its regions: {:?})",
+            self.config.name, self.config.regions
+        );
+        match tokio::task::spawn_blocking(move || store.refuse_outbox(&ids, &detail)).await {
+            Ok(Ok(moved)) => {
+                Metrics::add(&self.metrics.residency_refusals, moved.rows);
+                Metrics::add(
+                    &self.metrics.dead_letters_evicted,
+                    moved.evicted_dead_letters,
+                );
+                warn!(link = %self.config.name, rows = moved.rows,
+                    "queued outputs this link may not carry (residency); moved to the dead letters");
+            }
+            Ok(Err(e)) => {
+                Metrics::add(&self.metrics.store_errors, 1);
+                warn!(link = %self.config.name, error = %e, "cannot dead-letter misrouted outputs");
+            }
+            Err(e) => warn!(link = %self.config.name, error = %e, "residency task failed"),
         }
     }
 
@@ -975,6 +1013,7 @@ mod tests {
             topic: "telemetry/dev \"1\"/env".to_string(),
             payload: payload.to_vec(),
             expires_ms: 0,
+            regions: String::new(),
         }
     }
 

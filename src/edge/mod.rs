@@ -74,6 +74,8 @@ pub struct Edge {
     links: LinkFactory,
     /// Device listeners bound but not served yet (see [`Edge::open`]).
     unopened: Vec<(front::Front, tokio::net::TcpListener)>,
+    /// The broker's internal MQTT 3.1.1 and MQTT 5 listeners, when started.
+    internal: [Option<SocketAddr>; 2],
 }
 
 /// Builds in-process links to the broker's router (rumqttd does not name its router channel's
@@ -160,7 +162,18 @@ impl Edge {
             tasks,
             links: link_factory!(router_tx),
             unopened,
+            internal,
         })
+    }
+
+    /// The broker's internal listener (address, and whether it speaks MQTT 5): publishing
+    /// there reaches local subscribers without passing the journal. Prefers MQTT 3.1.1.
+    pub fn internal_listener(&self) -> Option<(SocketAddr, bool)> {
+        match self.internal {
+            [Some(v4), _] => Some((v4, false)),
+            [None, Some(v5)] => Some((v5, true)),
+            [None, None] => None,
+        }
     }
 
     /// Starts serving the device listeners bound by [`Edge::start_durable`]. Idempotent.
@@ -217,6 +230,7 @@ impl Edge {
             tasks,
             links,
             unopened: Vec::new(),
+            internal: [None, None],
         })
     }
 

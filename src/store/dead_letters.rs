@@ -72,6 +72,10 @@ pub struct NewDeadLetter {
     pub payload: Vec<u8>,
     /// When the event was received, in ms since the Unix epoch.
     pub received_ms: u64,
+    /// The event's geography in its stored form ([`crate::event::Geo::encode`]); for an
+    /// output, its region tags.
+    #[serde(skip)]
+    pub geo: String,
 }
 
 /// A stored dead letter.
@@ -146,6 +150,8 @@ pub struct NewRetry {
     pub reason: String,
     /// Detail of the last failure.
     pub detail: String,
+    /// The event's geography in its stored form ([`crate::event::Geo::encode`]).
+    pub geo: String,
 }
 
 /// A stored retry.
@@ -158,7 +164,7 @@ pub struct RetryRow {
 }
 
 const DEAD_LETTER_COLUMNS: &str = "id, created_ms, stage, event_id, route, module, link, msg_id,
-    reason, detail, attempts, topic, device, client_id, payload, received_ms, module_version";
+    reason, detail, attempts, topic, device, client_id, payload, received_ms, module_version, geo";
 
 fn read_dead_letter(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
     Ok(DeadLetter {
@@ -180,6 +186,7 @@ fn read_dead_letter(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
             payload: r.get(14)?,
             received_ms: r.get::<_, i64>(15)? as u64,
             module_version: r.get(16)?,
+            geo: r.get(17)?,
         },
     })
 }
@@ -245,6 +252,9 @@ impl Store {
                             payload: l.payload.clone(),
                             received_ms: l.received_ms,
                             expires_ms: 0,
+                            regions: crate::event::join_tags(
+                                &crate::event::Geo::decode(&l.geo).regions,
+                            ),
                         },
                     )
                     .map_err(|e| self.err(e))?;
@@ -267,6 +277,7 @@ impl Store {
                             next_attempt_ms: now,
                             reason: "replay".into(),
                             detail: format!("replay of dead letter {}", dead.id),
+                            geo: l.geo.clone(),
                         },
                     )
                     .map_err(|e| self.err(e))?
@@ -338,7 +349,7 @@ impl Store {
         let mut stmt = conn
             .prepare_cached(&format!(
                 "SELECT id, event_id, route, topic, device, client_id, payload, received_ms,
-                        attempts, next_attempt_ms, reason, detail
+                        attempts, next_attempt_ms, reason, detail, geo
                  FROM retries WHERE next_attempt_ms <= ?1 AND {}
                  ORDER BY next_attempt_ms, id LIMIT ?2",
                 routes.clause()
@@ -360,6 +371,7 @@ impl Store {
                         next_attempt_ms: r.get::<_, i64>(9)? as u64,
                         reason: r.get(10)?,
                         detail: r.get(11)?,
+                        geo: r.get(12)?,
                     },
                 })
             })
@@ -398,8 +410,9 @@ impl Store {
 pub(super) fn insert(tx: &Transaction<'_>, d: &NewDeadLetter) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO dead_letters (stage, event_id, route, module, link, msg_id, reason, detail,
-             attempts, topic, device, client_id, payload, received_ms, created_ms, module_version)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+             attempts, topic, device, client_id, payload, received_ms, created_ms, module_version,
+             geo)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
     )?
     .execute(params![
         d.stage.as_str(),
@@ -417,7 +430,8 @@ pub(super) fn insert(tx: &Transaction<'_>, d: &NewDeadLetter) -> rusqlite::Resul
         d.payload,
         d.received_ms as i64,
         crate::event::now_ms() as i64,
-        d.module_version
+        d.module_version,
+        d.geo
     ])?;
     Ok(())
 }
@@ -425,8 +439,8 @@ pub(super) fn insert(tx: &Transaction<'_>, d: &NewDeadLetter) -> rusqlite::Resul
 pub(super) fn insert_retry(tx: &Transaction<'_>, r: &NewRetry) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO retries (event_id, route, topic, device, client_id, payload, received_ms,
-             attempts, next_attempt_ms, reason, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+             attempts, next_attempt_ms, reason, detail, geo)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
     )?
     .execute(params![
         r.event_id as i64,
@@ -439,7 +453,8 @@ pub(super) fn insert_retry(tx: &Transaction<'_>, r: &NewRetry) -> rusqlite::Resu
         r.attempts,
         r.next_attempt_ms as i64,
         r.reason,
-        r.detail
+        r.detail,
+        r.geo
     ])?;
     Ok(())
 }

@@ -194,3 +194,21 @@ pub(super) fn delete(tx: &Transaction<'_>, id: i64) -> rusqlite::Result<()> {
         .execute(params![id])?;
     Ok(())
 }
+
+/// Journals one entry inside a pipeline transaction (events the gateway makes itself, such as
+/// geofence transitions).
+pub(super) fn insert(tx: &Transaction<'_>, e: &NewJournalEntry) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO journal (topic, payload, qos, retain, client_id, received_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?
+    .execute(params![
+        e.topic,
+        &e.payload[..],
+        e.qos,
+        e.retain,
+        &*e.client_id,
+        e.received_ms as i64
+    ])?;
+    Ok(())
+}

@@ -19,6 +19,7 @@
 //! nothing about MQTT or handlers.
 
 mod dead_letters;
+mod devices;
 mod journal;
 mod kv;
 mod modules;
@@ -35,6 +36,7 @@ use serde::{Deserialize, Serialize};
 pub use dead_letters::{
     DeadLetter, DeadLetterFilter, NewDeadLetter, NewRetry, RetryRow, RouteSet, Stage,
 };
+pub use devices::DevicePosition;
 pub use journal::{JournalRow, JournalWriter, NewJournalEntry};
 pub use modules::{CommandRefused, Deployed, ModuleSummary, StoredModule};
 pub use outbox::{Moved, NewOutboxRow, OutboxRow};
@@ -167,6 +169,10 @@ pub struct Batch {
     pub journal_done: Vec<i64>,
     /// Retry rows fully handled (or rescheduled as new retries) by this batch.
     pub retries_done: Vec<i64>,
+    /// Device positions learned (registry updates), in order; the last one per device wins.
+    pub devices: Vec<DevicePosition>,
+    /// New events to journal (geofence transitions), processed like device publishes.
+    pub events: Vec<NewJournalEntry>,
 }
 
 impl Batch {
@@ -177,6 +183,8 @@ impl Batch {
             && self.retries.is_empty()
             && self.journal_done.is_empty()
             && self.retries_done.is_empty()
+            && self.devices.is_empty()
+            && self.events.is_empty()
     }
 
     /// Adds everything `other` holds, after what this batch holds.
@@ -186,6 +194,8 @@ impl Batch {
         self.retries.append(&mut other.retries);
         self.journal_done.append(&mut other.journal_done);
         self.retries_done.append(&mut other.retries_done);
+        self.devices.append(&mut other.devices);
+        self.events.append(&mut other.events);
     }
 }
 
@@ -292,6 +302,20 @@ const MIGRATIONS: &[&str] = &[
         name      TEXT    PRIMARY KEY,
         issued_ms INTEGER NOT NULL
     );
+"#,
+    // 4: geography: region tags on outbox rows, the geography of waiting events, and the
+    // device registry (last known position and the geofences it is in).
+    r#"
+    ALTER TABLE outbox ADD COLUMN regions TEXT NOT NULL DEFAULT '';
+    ALTER TABLE retries ADD COLUMN geo TEXT NOT NULL DEFAULT '';
+    ALTER TABLE dead_letters ADD COLUMN geo TEXT NOT NULL DEFAULT '';
+    CREATE TABLE devices (
+        device     TEXT    PRIMARY KEY,
+        lat        REAL    NOT NULL,
+        lon        REAL    NOT NULL,
+        fences     TEXT    NOT NULL,
+        updated_ms INTEGER NOT NULL
+    ) WITHOUT ROWID;
 "#,
 ];
 
@@ -426,6 +450,13 @@ impl Store {
             dead_letters::insert_retry(&tx, retry).map_err(|e| self.err(e))?;
         }
         delta.retry_rows += batch.retries.len() as i64;
+        for position in &batch.devices {
+            devices::upsert(&tx, position).map_err(|e| self.err(e))?;
+        }
+        for event in &batch.events {
+            journal::insert(&tx, event).map_err(|e| self.err(e))?;
+        }
+        delta.journal_rows += batch.events.len() as i64;
         let (evicted, freed) = self
             .enforce_dead_letter_cap(&tx, &delta)
             .map_err(|e| self.err(e))?;

@@ -26,6 +26,9 @@ pub struct NewOutboxRow {
     /// After this time (ms since the Unix epoch) the row is not sent but dead-lettered as
     /// `expired`; 0: never.
     pub expires_ms: u64,
+    /// The region tags of its event ([`crate::event::join_tags`]): the row may only be sent
+    /// on a link allowed to carry all of them.
+    pub regions: String,
 }
 
 /// A queued output as read back from the outbox.
@@ -41,6 +44,8 @@ pub struct OutboxRow {
     pub payload: Vec<u8>,
     /// Expiry time in ms since the Unix epoch; 0: never.
     pub expires_ms: u64,
+    /// Region tags ([`crate::event::join_tags`]).
+    pub regions: String,
 }
 
 /// Switches a connection to `synchronous=NORMAL` (commits atomic but synced later) for as long
@@ -103,7 +108,7 @@ impl Store {
         let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
         let mut stmt = conn
             .prepare_cached(
-                "SELECT id, msg_id, topic, payload, expires_ms FROM outbox
+                "SELECT id, msg_id, topic, payload, expires_ms, regions FROM outbox
                  WHERE link = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
             )
             .map_err(|e| self.err(e))?;
@@ -115,6 +120,7 @@ impl Store {
                     topic: r.get(2)?,
                     payload: r.get(3)?,
                     expires_ms: r.get::<_, i64>(4)? as u64,
+                    regions: r.get(5)?,
                 })
             })
             .map_err(|e| self.err(e))?;
@@ -179,6 +185,12 @@ impl Store {
         self.outbox_to_dead_letters(&[id], "rejected", detail)
     }
 
+    /// Moves rows whose region tags their link may not carry to the dead letters (reason
+    /// `residency`), keeping the dead letters within their cap.
+    pub fn refuse_outbox(&self, ids: &[i64], detail: &str) -> Result<Moved, StoreError> {
+        self.outbox_to_dead_letters(ids, "residency", detail)
+    }
+
     fn outbox_to_dead_letters(
         &self,
         ids: &[i64],
@@ -235,8 +247,8 @@ impl Store {
 pub(super) fn insert(tx: &Transaction<'_>, o: &NewOutboxRow) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO outbox (link, msg_id, route, topic, payload, received_ms, created_ms,
-                             expires_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                             expires_ms, regions)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?
     .execute(params![
         o.link,
@@ -246,7 +258,8 @@ pub(super) fn insert(tx: &Transaction<'_>, o: &NewOutboxRow) -> rusqlite::Result
         o.payload,
         o.received_ms as i64,
         crate::event::now_ms() as i64,
-        o.expires_ms as i64
+        o.expires_ms as i64,
+        o.regions
     ])?;
     Ok(())
 }
@@ -260,7 +273,7 @@ fn take(
 ) -> rusqlite::Result<Option<NewDeadLetter>> {
     let mut stmt = tx.prepare_cached(
         "DELETE FROM outbox WHERE id = ?1
-         RETURNING link, msg_id, route, topic, payload, received_ms",
+         RETURNING link, msg_id, route, topic, payload, received_ms, regions",
     )?;
     let mut rows = stmt.query(params![id])?;
     let Some(r) = rows.next()? else {
@@ -282,6 +295,7 @@ fn take(
         client_id: String::new(),
         payload: r.get(4)?,
         received_ms: r.get::<_, i64>(5)? as u64,
+        geo: tags_geo(&r.get::<_, String>(6)?),
     }))
 }
 
@@ -303,7 +317,18 @@ pub(super) fn evicted_letter(o: &NewOutboxRow) -> NewDeadLetter {
         client_id: String::new(),
         payload: o.payload.clone(),
         received_ms: o.received_ms,
+        geo: tags_geo(&o.regions),
     }
+}
+
+/// An output's region tags in the stored form of a dead letter's geography, so that a replay
+/// queues it with the same tags.
+fn tags_geo(tags: &str) -> String {
+    crate::event::Geo {
+        regions: crate::event::split_tags(tags).map(str::to_owned).collect(),
+        ..crate::event::Geo::default()
+    }
+    .encode()
 }
 
 /// Moves the oldest rows (all links) out until at least `rows` rows and `bytes` payload bytes

@@ -10,6 +10,7 @@ fn row(link: &str, n: u8) -> NewOutboxRow {
         payload: vec![n],
         received_ms: 1,
         expires_ms: 0,
+        regions: String::new(),
     }
 }
 
@@ -37,6 +38,7 @@ fn letter(reason: &str, route: &str) -> NewDeadLetter {
         client_id: "c".into(),
         payload: b"x".to_vec(),
         received_ms: 5,
+        geo: String::new(),
     }
 }
 
@@ -545,6 +547,7 @@ fn the_retry_total_follows_commits_and_survives_a_reopen() {
         next_attempt_ms: 0,
         reason: "queued".into(),
         detail: String::new(),
+        geo: String::new(),
     };
     store
         .commit(&Batch {

@@ -255,6 +255,45 @@ impl Gateway {
         .unwrap_or_default()
     }
 
+    /// Rows waiting in the outbox for one upstream link.
+    pub fn outbox_depth_of(&self, link: &str) -> u64 {
+        self.db()
+            .and_then(|c| {
+                c.query_row("SELECT COUNT(*) FROM outbox WHERE link = ?1", [link], |r| {
+                    r.get::<_, i64>(0)
+                })
+            })
+            .map(|n| n as u64)
+            .unwrap_or(0)
+    }
+
+    /// Device publishes not yet taken from the journal by the pipeline.
+    pub fn journal_depth(&self) -> u64 {
+        self.count("SELECT COUNT(*) FROM journal")
+    }
+
+    /// Every dead letter, oldest first.
+    pub fn dead_letter_rows(&self) -> Vec<DeadLetterRow> {
+        let Ok(conn) = self.db() else {
+            return Vec::new();
+        };
+        let Ok(mut stmt) =
+            conn.prepare("SELECT route, reason, topic, payload FROM dead_letters ORDER BY id")
+        else {
+            return Vec::new();
+        };
+        stmt.query_map([], |r| {
+            Ok(DeadLetterRow {
+                route: r.get(0)?,
+                reason: r.get(1)?,
+                topic: r.get(2)?,
+                payload: r.get(3)?,
+            })
+        })
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default()
+    }
+
     fn db(&self) -> rusqlite::Result<rusqlite::Connection> {
         let conn = rusqlite::Connection::open_with_flags(
             self.data.join("outpost.db"),
@@ -270,6 +309,15 @@ impl Gateway {
             .map(|n| n as u64)
             .unwrap_or(0)
     }
+}
+
+/// One dead letter as stored: the route it failed on, the reason, and the event.
+#[derive(Debug, Clone)]
+pub struct DeadLetterRow {
+    pub route: String,
+    pub reason: String,
+    pub topic: String,
+    pub payload: Vec<u8>,
 }
 
 impl Drop for Gateway {
