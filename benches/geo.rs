@@ -12,6 +12,13 @@
 //!   pointers), [`location_from_json_array`], and the whole geographic part of routing an event:
 //!   parse the JSON payload, read its location and locate it among the countries.
 //!
+//! - `routing/*`: the whole routing decision the pipeline makes per event, through the same
+//!   calls ([`Locator::resolve`], [`Locator::place`], [`Route::accepts`]) on a configuration
+//!   validated like the gateway's: parse the JSON payload, find its location, locate it, and
+//!   evaluate four routes' `when` predicates (`in = "eu"`, `in = "us"`, `not_in` both with a
+//!   field comparison, `within_m` of a point). With the 177 countries (regions `eu` and `us`),
+//!   and with 10,000 circles (region `north` of half of them).
+//!
 //! Every figure is per point (criterion's element throughput). Run: `cargo bench --bench geo`
 //! (under a minute once built). Figures are in `BENCHMARKS.md`.
 
@@ -19,10 +26,16 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use outpost::config::Config;
 use outpost::geo::{
     location_from_json, location_from_json_array, GeoJsonOptions, Geography, Location, Placement,
 };
+use outpost::locator::Locator;
+use outpost::predicate::Facts;
+use outpost::router::RouteTable;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -227,5 +240,156 @@ fn payload_bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, countries_bench, circles_bench, payload_bench);
+/// The routing decision for one event, as the pipeline makes it: how many routes it takes.
+fn route_event(locator: &Locator, routes: &RouteTable, topic: &str, payload: &[u8]) -> usize {
+    let json: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
+    let mut placement = Placement::default();
+    let mut placed = None;
+    let mut taken = 0;
+    for (index, route) in routes.routes().iter().enumerate() {
+        if !route.filter.matches(topic) {
+            continue;
+        }
+        let device = route.device_of(topic).unwrap_or("");
+        let location = match locator.resolve(index, json.as_ref(), device) {
+            Ok(Some((at, _))) => {
+                if placed != Some(at) {
+                    locator.place(at, &mut placement);
+                    placed = Some(at);
+                }
+                Some(at)
+            }
+            Ok(None) => None,
+            Err(_) => continue,
+        };
+        let facts = Facts {
+            payload: json.as_ref(),
+            location: location.map(Into::into),
+            fences: &placement.fences[..],
+            regions: &placement.regions[..],
+            distance: &outpost::locator::geodesic_metres,
+        };
+        if route.accepts(&facts) {
+            taken += 1;
+        }
+    }
+    taken
+}
+
+const ROUTES: &str = r#"
+[[route]]
+name = "eu"
+filter = "telemetry/#"
+when = { in = "eu" }
+[[route]]
+name = "us"
+filter = "telemetry/#"
+when = { in = "us" }
+[[route]]
+name = "elsewhere-hot"
+filter = "telemetry/#"
+when = { all = [{ not_in = ["eu", "us"] }, { field = "/temp", gt = 30 }] }
+[[route]]
+name = "near-depot"
+filter = "telemetry/#"
+when = { within_m = 5000.0, of = [52.52, 13.405] }
+[[upstream]]
+name = "cloud"
+url = "mqtt://127.0.0.1:1883"
+regions = ["*"]
+"#;
+
+fn locator_for(toml: &str) -> (Locator, RouteTable) {
+    let config = Config::from_toml(toml, std::path::Path::new("bench.toml")).expect("config");
+    let validated = config.validate().expect("valid");
+    let locator = Locator::new(Arc::new(validated.geo), "bench", Vec::new());
+    (locator, validated.routes)
+}
+
+fn payloads(points: &[Location]) -> Vec<Vec<u8>> {
+    points
+        .iter()
+        .map(|p| {
+            format!(
+                r#"{{"lat":{},"lon":{},"temp":{}}}"#,
+                p.lat(),
+                p.lon(),
+                20.0 + p.lat().abs() % 20.0
+            )
+            .into_bytes()
+        })
+        .collect()
+}
+
+fn routing_bench(c: &mut Criterion) {
+    let data = data("countries-110m.geojson");
+    let eu: Vec<String> = EU.iter().map(|c| format!("{c:?}")).collect();
+    let countries_toml = format!(
+        "{ROUTES}\n[[geofence]]\nfile = {:?}\n[[region]]\nname = \"eu\"\nfences = [{}]\n[[region]]\nname = \"us\"\nfences = [\"United States of America\"]\n",
+        data.display().to_string(),
+        eu.join(", ")
+    );
+    let (countries, country_routes) = locator_for(&countries_toml);
+    let mut rng = StdRng::seed_from_u64(177);
+    let world: Vec<Location> = (0..POINTS)
+        .map(|_| random_location(&mut rng, (-60.0, 75.0), (-180.0, 180.0)))
+        .collect();
+    let world = payloads(&world);
+
+    let mut circles_toml = ROUTES
+        .replace(r#"in = "eu""#, r#"in = "north""#)
+        .replace(r#"in = "us""#, r#"in = "circle-7""#)
+        .replace(r#"not_in = ["eu", "us"]"#, r#"not_in = ["north"]"#);
+    let mut north = Vec::new();
+    for i in 0..10_000 {
+        let lat = rng.random_range(35.0..70.0);
+        let lon = rng.random_range(-10.0..40.0);
+        let radius = rng.random_range(100.0..50_000.0);
+        circles_toml.push_str(&format!(
+            "[[geofence]]\nname = \"circle-{i}\"\ncenter = [{lat}, {lon}]\nradius_m = {radius}\n"
+        ));
+        if lat > 52.5 {
+            north.push(format!("\"circle-{i}\""));
+        }
+    }
+    circles_toml.push_str(&format!(
+        "[[region]]\nname = \"north\"\nfences = [{}]\n",
+        north.join(", ")
+    ));
+    let (circles, circle_routes) = locator_for(&circles_toml);
+    let europe: Vec<Location> = (0..POINTS)
+        .map(|_| random_location(&mut rng, (35.0, 70.0), (-10.0, 40.0)))
+        .collect();
+    let europe = payloads(&europe);
+
+    let mut group = c.benchmark_group("routing");
+    configure(&mut group);
+    group.throughput(Throughput::Elements(world.len() as u64));
+    group.bench_function("countries_4_routes", |b| {
+        b.iter(|| {
+            world
+                .iter()
+                .map(|p| route_event(&countries, &country_routes, "telemetry/d1/env", p))
+                .sum::<usize>()
+        })
+    });
+    group.throughput(Throughput::Elements(europe.len() as u64));
+    group.bench_function("10k_circles_4_routes", |b| {
+        b.iter(|| {
+            europe
+                .iter()
+                .map(|p| route_event(&circles, &circle_routes, "telemetry/d1/env", p))
+                .sum::<usize>()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    countries_bench,
+    circles_bench,
+    payload_bench,
+    routing_bench
+);
 criterion_main!(benches);

@@ -1055,8 +1055,7 @@ impl Config {
                 ));
             }
         }
-        let routes =
-            RouteTable::compile(&specs).map_err(|e| invalid("route", e.to_string()))?;
+        let routes = RouteTable::compile(&specs).map_err(|e| invalid("route", e.to_string()))?;
         let geo = crate::locator::GeoPlan::from_config(self, &routes)?;
         Ok(Validated { routes, geo })
     }

@@ -273,8 +273,8 @@ impl GeoPlan {
             .map_err(|e| invalid("geofence", e.to_string()))?;
         let residency = !config.regions.is_empty();
 
-        let default_pointers = Pointers::from_config(&g.location)
-            .map_err(|m| invalid("geography.location", m))?;
+        let default_pointers =
+            Pointers::from_config(&g.location).map_err(|m| invalid("geography.location", m))?;
         let mut route_pointers = Vec::with_capacity(config.routes.len());
         for r in &config.routes {
             route_pointers.push(match &r.location {
@@ -291,7 +291,9 @@ impl GeoPlan {
             other => {
                 return Err(invalid(
                     "geography.no_location",
-                    format!("{other:?} is not \"local-only\", \"dead-letter\" or a [[region]] name"),
+                    format!(
+                        "{other:?} is not \"local-only\", \"dead-letter\" or a [[region]] name"
+                    ),
                 ))
             }
         };
@@ -353,7 +355,10 @@ impl GeoPlan {
             let Some(alternatives) = when.required_memberships() else {
                 continue;
             };
-            let link = links.get(&route.upstream).cloned().unwrap_or(LinkRegions::Any);
+            let link = links
+                .get(&route.upstream)
+                .cloned()
+                .unwrap_or(LinkRegions::Any);
             let carried = alternatives.iter().any(|names| {
                 let tags = implied_regions(&geography, names);
                 link.allows(tags.iter().map(String::as_str))
@@ -361,7 +366,12 @@ impl GeoPlan {
             if !carried {
                 let needed: Vec<String> = alternatives
                     .iter()
-                    .map(|names| implied_regions(&geography, names).into_iter().collect::<Vec<_>>().join(" + "))
+                    .map(|names| {
+                        implied_regions(&geography, names)
+                            .into_iter()
+                            .collect::<Vec<_>>()
+                            .join(" + ")
+                    })
                     .collect();
                 return Err(invalid(
                     format!("route {:?}.upstream", route.name),
@@ -405,7 +415,12 @@ impl GeoPlan {
             return out;
         }
         for route in routes.routes() {
-            if route.when.as_ref().and_then(|w| w.required_memberships()).is_some() {
+            if route
+                .when
+                .as_ref()
+                .and_then(|w| w.required_memberships())
+                .is_some()
+            {
                 continue;
             }
             let link = self.link(&route.upstream);
@@ -564,7 +579,12 @@ impl Locator {
             }
         }
         if !device.is_empty() {
-            if let Some(known) = self.devices.lock().ok().and_then(|d| d.get(device).cloned()) {
+            if let Some(known) = self
+                .devices
+                .lock()
+                .ok()
+                .and_then(|d| d.get(device).cloned())
+            {
                 return Ok(Some((known.at, Source::Device)));
             }
             if let Some(at) = self.plan.static_devices.get(device) {
@@ -704,7 +724,12 @@ mod tests {
         let got: Vec<(&str, &str)> = t.iter().map(|t| (t.kind, t.fence.as_str())).collect();
         assert_eq!(
             got,
-            vec![("exit", "a"), ("exit", "yard"), ("enter", "b"), ("enter", "depot")]
+            vec![
+                ("exit", "a"),
+                ("exit", "yard"),
+                ("enter", "b"),
+                ("enter", "depot")
+            ]
         );
         assert!(transitions(&["x"], &["x"]).is_empty());
         let first: Vec<&str> = transitions::<&str, &str>(&[], &["yard"])
@@ -766,6 +791,185 @@ mod tests {
         assert!(p(Some("/lat"), None, None).is_err());
         assert!(p(Some("/lat"), Some("/lon"), Some("/pos")).is_err());
         assert!(p(Some("lat"), Some("/lon"), None).is_err());
+    }
+
+    const SQUARES: &str = r#"{"type":"FeatureCollection","features":[
+        {"type":"Feature","properties":{"name":"west"},"geometry":{"type":"Polygon","coordinates":[[[0,0],[10,0],[10,10],[0,10],[0,0]]]}},
+        {"type":"Feature","properties":{"name":"east"},"geometry":{"type":"Polygon","coordinates":[[[20,0],[30,0],[30,10],[20,10],[20,0]]]}}
+    ]}"#;
+
+    /// Validates `toml` (with `{FILE}` replaced by a GeoJSON file holding `geojson`).
+    fn validate(geojson: &str, toml: &str) -> Result<Config, String> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("fences.geojson");
+        std::fs::write(&file, geojson).expect("write");
+        let text = toml.replace("{FILE}", &file.display().to_string());
+        let config = Config::from_toml(&text, Path::new("test.toml")).map_err(|e| e.to_string())?;
+        config
+            .validate()
+            .map(|_| config.clone())
+            .map_err(|e| e.to_string())
+    }
+
+    const TWO_LINKS: &str = r#"
+        [[upstream]]
+        name = "west-cloud"
+        url = "mqtt://127.0.0.1:1"
+        regions = ["w"]
+        [[upstream]]
+        name = "any-cloud"
+        url = "mqtt://127.0.0.1:2"
+        regions = ["*"]
+        [[geofence]]
+        file = "{FILE}"
+        [[region]]
+        name = "w"
+        fences = ["west"]
+        [[region]]
+        name = "e"
+        fences = ["east"]
+    "#;
+
+    fn with_route(route: &str) -> String {
+        format!("{TWO_LINKS}\n[[route]]\nname = \"r\"\nfilter = \"t/#\"\n{route}\n")
+    }
+
+    #[test]
+    fn a_valid_geography_is_accepted() {
+        validate(
+            SQUARES,
+            &with_route("upstream = \"west-cloud\"\nwhen = { in = \"w\" }"),
+        )
+        .expect("valid");
+        // A fence implies its regions: `in = "west"` means region w.
+        validate(
+            SQUARES,
+            &with_route("upstream = \"west-cloud\"\nwhen = { in = \"west\" }"),
+        )
+        .expect("valid");
+        validate(
+            SQUARES,
+            &with_route("upstream = \"any-cloud\"\nwhen = { in = \"e\" }"),
+        )
+        .expect("valid");
+    }
+
+    #[test]
+    fn a_route_its_link_may_never_carry_is_refused() {
+        for when in [
+            "in = \"e\"",
+            "in = \"east\"",
+            "all = [{ in = \"e\" }, { field = \"/t\", gt = 1 }]",
+        ] {
+            let err = validate(
+                SQUARES,
+                &with_route(&format!("upstream = \"west-cloud\"\nwhen = {{ {when} }}")),
+            )
+            .unwrap_err();
+            assert!(
+                err.contains("route \"r\".upstream") && err.contains("region e"),
+                "{when}: {err}"
+            );
+        }
+        // One carriable alternative is enough.
+        validate(
+            SQUARES,
+            &with_route("upstream = \"west-cloud\"\nwhen = { in = [\"e\", \"w\"] }"),
+        )
+        .expect("valid");
+    }
+
+    #[test]
+    fn unknown_names_are_refused() {
+        let err = validate(
+            SQUARES,
+            &with_route("upstream = \"any-cloud\"\nwhen = { in = \"north\" }"),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("route \"r\".when") && err.contains("north"),
+            "{err}"
+        );
+        let base = with_route("upstream = \"any-cloud\"");
+        let err = validate(
+            SQUARES,
+            &format!("{base}\n[[region]]\nname = \"n\"\nfences = [\"north\"]\n"),
+        )
+        .unwrap_err();
+        assert!(err.contains("north"), "{err}");
+        let bad_link = base.replace("regions = [\"w\"]", "regions = [\"south\"]");
+        let err = validate(SQUARES, &bad_link).unwrap_err();
+        assert!(
+            err.contains("upstream \"west-cloud\".regions") && err.contains("south"),
+            "{err}"
+        );
+        let err = validate(
+            SQUARES,
+            &format!("{base}\n[geography]\nno_location = \"mars\"\n"),
+        )
+        .unwrap_err();
+        assert!(err.contains("geography.no_location"), "{err}");
+    }
+
+    #[test]
+    fn bad_geojson_is_refused_at_load_naming_the_file() {
+        let cases = [
+            ("", "empty"),
+            ("not json", "json"),
+            (
+                r#"{"type":"FeatureCollection","features":[{"type":"Feature","properties":{"name":"x"},"geometry":{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,1]]]}}]}"#,
+                "x",
+            ),
+            (
+                r#"{"type":"FeatureCollection","features":[{"type":"Feature","properties":{"name":"l"},"geometry":{"type":"LineString","coordinates":[[0,0],[1,1]]}}]}"#,
+                "l",
+            ),
+        ];
+        for (geojson, hint) in cases {
+            let err = validate(geojson, "[[geofence]]\nfile = \"{FILE}\"\n").unwrap_err();
+            assert!(
+                err.contains("geofence[0].file") && err.contains("fences.geojson"),
+                "{err}"
+            );
+            assert!(err.to_lowercase().contains(hint), "{hint:?} not in {err}");
+        }
+        let err =
+            validate(SQUARES, "[[geofence]]\nfile = \"/nonexistent/x.geojson\"\n").unwrap_err();
+        assert!(err.contains("cannot read"), "{err}");
+    }
+
+    #[test]
+    fn bad_positions_and_circles_are_refused() {
+        for (toml, key) in [
+            (
+                "[geography]\ngateway_position = [91.0, 0.0]\n",
+                "geography.gateway_position",
+            ),
+            (
+                "[[device]]\nid = \"d\"\nposition = [0.0, 181.0]\n",
+                "device[0].position",
+            ),
+            (
+                "[[geofence]]\nname = \"c\"\ncenter = [0.0, 0.0]\nradius_m = -1.0\n",
+                "geofence[0]",
+            ),
+            (
+                "[[geofence]]\ncenter = [0.0, 0.0]\nradius_m = 10.0\n",
+                "geofence[0].name",
+            ),
+            ("[[geofence]]\nname = \"c\"\n", "geofence[0]"),
+            (
+                "[geography]\ntransitions_topic = \"a/{fence}\"\n",
+                "geography.transitions_topic",
+            ),
+            (
+                "[geography]\nlocation = { lat = \"/lat\" }\n",
+                "geography.location",
+            ),
+        ] {
+            let err = validate(SQUARES, toml).unwrap_err();
+            assert!(err.contains(key), "{key} not in {err}");
+        }
     }
 
     #[test]

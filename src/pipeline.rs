@@ -41,9 +41,9 @@ use crate::config::{PayloadFormat, RetryConfig};
 use crate::event::{join_tags, now_ms, Event, Geo, Output};
 use crate::geo::Placement;
 use crate::locator::{Locator, NoLocation, Observed, Source, GATEWAY_CLIENT, LOCAL_LINK};
-use crate::predicate::Facts;
 use crate::metrics::Metrics;
 use crate::modules::Registry;
+use crate::predicate::Facts;
 use crate::router::{Route, RouteTable, TemplateContext};
 use crate::runtime::{Handler, HandlerFailure};
 use crate::store::{
@@ -413,8 +413,8 @@ impl Pipeline {
                     location: None,
                     regions: Vec::new(),
                 };
-                let needs_payload = plan.active
-                    || route.when.as_ref().is_some_and(|w| w.needs_payload());
+                let needs_payload =
+                    plan.active || route.when.as_ref().is_some_and(|w| w.needs_payload());
                 let payload = match needs_payload {
                     true => json
                         .get_or_insert_with(|| serde_json::from_slice(&row.payload).ok())

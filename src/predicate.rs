@@ -2149,17 +2149,27 @@ mod required_tests {
         );
         assert_eq!(required(r#"not_in = "eu""#), None);
         assert_eq!(required(r#"not = { in = "eu" }"#), None);
-        assert_eq!(required(r#"field = "/t"
-gt = 3"#), None);
         assert_eq!(
-            required(r#"all = [{ in = "eu" }, { field = "/t", gt = 3 }, { in = ["yard", "depot"] }]"#),
+            required(
+                r#"field = "/t"
+gt = 3"#
+            ),
+            None
+        );
+        assert_eq!(
+            required(
+                r#"all = [{ in = "eu" }, { field = "/t", gt = 3 }, { in = ["yard", "depot"] }]"#
+            ),
             Some(vec![
                 vec!["eu".into(), "yard".into()],
                 vec!["depot".into(), "eu".into()]
             ])
         );
         // One branch of an `any` without a requirement lifts the requirement.
-        assert_eq!(required(r#"any = [{ in = "eu" }, { field = "/t", exists = true }]"#), None);
+        assert_eq!(
+            required(r#"any = [{ in = "eu" }, { field = "/t", exists = true }]"#),
+            None
+        );
         assert_eq!(
             required(r#"any = [{ in = "eu" }, { all = [{ in = "us" }, { in = "ca" }] }]"#),
             Some(vec![vec!["eu".into()], vec!["ca".into(), "us".into()]])

@@ -571,12 +571,13 @@ impl RouteTable {
                     RouteError::OutputWithoutHandler,
                 ));
             }
-            let when = match &spec.when {
-                Some(config) => Some(crate::predicate::compile(config).map_err(|e| {
-                    RouteError::in_route(name, "when", RouteError::Predicate(e))
-                })?),
-                None => None,
-            };
+            let when =
+                match &spec.when {
+                    Some(config) => Some(crate::predicate::compile(config).map_err(|e| {
+                        RouteError::in_route(name, "when", RouteError::Predicate(e))
+                    })?),
+                    None => None,
+                };
             routes.push(Route {
                 when,
                 name: spec.name.clone(),
@@ -605,7 +606,8 @@ impl RouteTable {
         topic: &'a str,
         facts: &'a Facts<'a, S>,
     ) -> impl Iterator<Item = &'a Route> + 'a {
-        self.matching(topic).filter(move |route| route.accepts(facts))
+        self.matching(topic)
+            .filter(move |route| route.accepts(facts))
     }
 
     /// All routes, in configuration order.

@@ -836,16 +836,17 @@ fn outpost(args: &[String], log: &Path) -> Run {
 
 /// A configuration with geography, valid as given; each bad case changes one thing.
 struct GeoConfig {
-    geofence_file: PathBuf,
+    /// A second geofence file, all of whose features are fences.
+    extra_file: PathBuf,
     eu_fences: Vec<&'static str>,
     when: &'static str,
     route_upstream: &'static str,
 }
 
 impl GeoConfig {
-    fn valid() -> GeoConfig {
+    fn valid(extra_file: &Path) -> GeoConfig {
         GeoConfig {
-            geofence_file: countries_file(),
+            extra_file: extra_file.to_path_buf(),
             eu_fences: vec!["Germany", "France"],
             when: r#"{ in = "eu" }"#,
             route_upstream: "eu-cloud",
@@ -862,6 +863,9 @@ gateway_position = [52.52, 13.405]
 [[geofence]]
 file = "{file}"
 only = ["Germany", "France", "{USA}"]
+
+[[geofence]]
+file = "{extra}"
 
 [[geofence]]
 name = "yard"
@@ -882,7 +886,8 @@ filter = "telemetry/#"
 when = {when}
 upstream = "{route_upstream}"
 "#,
-            file = self.geofence_file.display(),
+            file = countries_file().display(),
+            extra = self.extra_file.display(),
             eu = toml_list(&self.eu_fences),
             eu_link = upstream("eu-cloud", "mqtt://127.0.0.1:1", Some(&["eu"])),
             us_link = upstream("us-cloud", "mqtt://127.0.0.1:1", Some(&["us"])),
@@ -916,13 +921,18 @@ fn bad_geography_config_is_refused_blocking() {
         "line.geojson",
         r#"{"type":"FeatureCollection","features":[{"type":"Feature","properties":{"name":"x"},"geometry":{"type":"LineString","coordinates":[[0,0],[1,0],[1,1]]}}]}"#,
     );
+    // A closed square "ok": the valid configuration's second file.
+    let good = geojson(
+        "good.geojson",
+        r#"{"type":"FeatureCollection","features":[{"type":"Feature","properties":{"name":"ok"},"geometry":{"type":"Polygon","coordinates":[[[0,0],[1,0],[1,1],[0,1],[0,0]]]}}]}"#,
+    );
     let empty = geojson("empty.geojson", "");
     let not_json = geojson("notjson.geojson", "not json");
 
     // The control: the same configuration without the fault passes.
     let valid_dir = dir.path().join("valid");
     std::fs::create_dir_all(&valid_dir).unwrap();
-    let path = write_config(&valid_dir, &GeoConfig::valid().text());
+    let path = write_config(&valid_dir, &GeoConfig::valid(&good).text());
     let check = outpost(
         &["config".into(), "check".into(), path.display().to_string()],
         &valid_dir.join("check.log"),
@@ -934,8 +944,8 @@ fn bad_geography_config_is_refused_blocking() {
     );
 
     let with_file = |file: &PathBuf| GeoConfig {
-        geofence_file: file.clone(),
-        ..GeoConfig::valid()
+        extra_file: file.clone(),
+        ..GeoConfig::valid(&good)
     };
     // (what is wrong, configuration, what the message must name)
     let cases: Vec<(&str, GeoConfig, Vec<&str>)> = vec![
@@ -949,13 +959,21 @@ fn bad_geography_config_is_refused_blocking() {
             with_file(&line),
             vec!["line.geojson", "LineString"],
         ),
-        ("empty file", with_file(&empty), vec!["empty.geojson"]),
-        ("not JSON", with_file(&not_json), vec!["notjson.geojson"]),
+        (
+            "empty file",
+            with_file(&empty),
+            vec!["empty.geojson", "is empty"],
+        ),
+        (
+            "not JSON",
+            with_file(&not_json),
+            vec!["notjson.geojson", "JSON"],
+        ),
         (
             "region naming an unknown fence",
             GeoConfig {
                 eu_fences: vec!["Germany", "Atlantis"],
-                ..GeoConfig::valid()
+                ..GeoConfig::valid(&good)
             },
             vec!["eu", "Atlantis"],
         ),
@@ -963,7 +981,7 @@ fn bad_geography_config_is_refused_blocking() {
             "predicate naming an unknown fence or region",
             GeoConfig {
                 when: r#"{ in = "Narnia" }"#,
-                ..GeoConfig::valid()
+                ..GeoConfig::valid(&good)
             },
             vec!["eu-telemetry", "Narnia"],
         ),
@@ -971,7 +989,7 @@ fn bad_geography_config_is_refused_blocking() {
             "nested predicate naming an unknown fence or region",
             GeoConfig {
                 when: r#"{ all = [ { field = "/t", gt = 1 }, { not_in = "Narnia" } ] }"#,
-                ..GeoConfig::valid()
+                ..GeoConfig::valid(&good)
             },
             vec!["eu-telemetry", "Narnia"],
         ),
@@ -979,7 +997,7 @@ fn bad_geography_config_is_refused_blocking() {
             "route in eu to a link for us",
             GeoConfig {
                 route_upstream: "us-cloud",
-                ..GeoConfig::valid()
+                ..GeoConfig::valid(&good)
             },
             vec!["eu-telemetry"],
         ),
@@ -988,7 +1006,7 @@ fn bad_geography_config_is_refused_blocking() {
             GeoConfig {
                 when: r#"{ in = "Germany" }"#,
                 route_upstream: "us-cloud",
-                ..GeoConfig::valid()
+                ..GeoConfig::valid(&good)
             },
             vec!["eu-telemetry"],
         ),
@@ -996,7 +1014,7 @@ fn bad_geography_config_is_refused_blocking() {
             "route in eu to a link for untagged data only",
             GeoConfig {
                 route_upstream: "plain-cloud",
-                ..GeoConfig::valid()
+                ..GeoConfig::valid(&good)
             },
             vec!["eu-telemetry"],
         ),
@@ -1044,4 +1062,78 @@ fn bad_geography_config_is_refused_blocking() {
             }
         }
     }
+}
+
+/// A handler sees the event's location and region tags (through its module's durable queue):
+/// the `enrich` example copies them into its output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handlers_see_location_and_regions() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("enrich.wasm");
+    std::fs::write(&wasm, outpost::examples::ENRICH).unwrap();
+    let mut cloud = Mosquitto::new(dir.path());
+    cloud.start();
+    let cloud_sub = Subscriber::connect(cloud.port, "cloud-sub", "#").await;
+    let config = format!(
+        r#"gateway_id = "gw1"
+{geography}
+{link}
+[[module]]
+name = "enrich"
+path = "{wasm}"
+
+[[route]]
+name = "enrich"
+filter = "telemetry/#"
+handler = "enrich"
+"#,
+        geography = countries_and_regions(),
+        link = upstream("cloud", &cloud.url(), Some(&["*"])),
+        wasm = wasm.display(),
+    );
+    let file = write_config(dir.path(), &config);
+    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
+    gateway.start();
+
+    let berlin = Device::connect(gateway.port, "berlin").await;
+    publish_all(&berlin, "telemetry/berlin/env", vec![located(1, BERLIN)], 0).await;
+    let chicago = Device::connect(gateway.port, "chicago").await;
+    publish_all(
+        &chicago,
+        "telemetry/chicago/env",
+        vec![located(1, CHICAGO)],
+        0,
+    )
+    .await;
+    // No coordinates: the device's last known position (Berlin) is the event's.
+    publish_all(&berlin, "telemetry/berlin/env", vec![unlocated(2)], 1).await;
+
+    eventually("three enriched outputs", || cloud_sub.received.len() >= 3).await;
+    let outputs: Vec<Value> = cloud_sub
+        .received
+        .all()
+        .iter()
+        .map(|(_, payload)| json(payload))
+        .collect();
+    let find = |device: &str, seq: u64| {
+        outputs
+            .iter()
+            .find(|o| o["device"] == device && o["seq"] == seq)
+            .unwrap_or_else(|| panic!("no output for {device} {seq}: {outputs:?}"))
+            .clone()
+    };
+    for (device, seq, at, region) in [
+        ("berlin", 1, BERLIN, "eu"),
+        ("chicago", 1, CHICAGO, "us"),
+        ("berlin", 2, BERLIN, "eu"),
+    ] {
+        let output = find(device, seq);
+        assert_eq!(output["regions"], serde_json::json!([region]), "{output}");
+        assert_eq!(
+            output["location"],
+            serde_json::json!({ "lat": at.0, "lon": at.1 }),
+            "{output}"
+        );
+    }
+    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
 }

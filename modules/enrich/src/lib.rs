@@ -7,7 +7,10 @@
 //!   `"device"` the device sent itself: the gateway's identity is the authoritative one);
 //! - `"received_ms"`: when the gateway received the event;
 //! - `"temp_f"` when the object has a numeric `"temp_c"` and no `"temp_f"`, or `"temp_c"` when
-//!   it has a numeric `"temp_f"` and no `"temp_c"`, rounded to two decimals.
+//!   it has a numeric `"temp_f"` and no `"temp_c"`, rounded to two decimals;
+//! - `"location"`: `{"lat": .., "lon": ..}`, where the gateway placed the event (from its
+//!   payload, its device's last known position or the gateway's), when known;
+//! - `"regions"`: the region tags of that location, when it has any.
 //!
 //! A payload that is not a JSON object fails the whole batch with an error naming the event,
 //! so the gateway retries it and, in the end, keeps it as a dead letter with that reason.
@@ -32,6 +35,13 @@ fn enrich(batch: Vec<Event>) -> Result<Vec<Output>, String> {
             };
             if let Some((key, value)) = converted {
                 object.insert(key.into(), round2(value).into());
+            }
+            if let Some(at) = &event.location {
+                let location = outpost_handler::serde_json::json!({ "lat": at.lat, "lon": at.lon });
+                object.insert("location".into(), location);
+            }
+            if !event.regions.is_empty() {
+                object.insert("regions".into(), event.regions.clone().into());
             }
             Output::json(format!("enriched/{}", event.device), &object)
         })
