@@ -245,13 +245,14 @@ fn route_event(locator: &Locator, routes: &RouteTable, topic: &str, payload: &[u
     let json: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
     let mut placement = Placement::default();
     let mut placed = None;
+    let mut memo = outpost::locator::ResolveMemo::default();
     let mut taken = 0;
     for (index, route) in routes.routes().iter().enumerate() {
         if !route.filter.matches(topic) {
             continue;
         }
         let device = route.device_of(topic).unwrap_or("");
-        let location = match locator.resolve(index, json.as_ref(), device) {
+        let location = match locator.resolve_memo(&mut memo, index, json.as_ref(), device) {
             Ok(Some((at, _))) => {
                 if placed != Some(at) {
                     locator.place(at, &mut placement);
@@ -267,7 +268,7 @@ fn route_event(locator: &Locator, routes: &RouteTable, topic: &str, payload: &[u
             location: location.map(Into::into),
             fences: &placement.fences[..],
             regions: &placement.regions[..],
-            distance: &outpost::locator::geodesic_metres,
+            distance: &outpost::locator::GEODESIC,
         };
         if route.accepts(&facts) {
             taken += 1;

@@ -832,6 +832,13 @@ impl Geography {
     pub fn distance_m(a: Location, b: Location) -> f64 {
         Geodesic.distance(a.point(), b.point())
     }
+
+    /// Whether `b` is within `radius_m` metres of `a`: the same answer as comparing
+    /// [`Geography::distance_m`], computed exactly only when two spheres' bounds leave it open
+    /// (as for circles), so usually about ten times cheaper.
+    pub fn within_m(a: Location, b: Location, radius_m: f64) -> bool {
+        within(a.point(), b.point(), radius_m)
+    }
 }
 
 /// The radius of a sphere whose distances are never longer than the WGS 84 ellipsoid's between

@@ -26,6 +26,7 @@ use serde_json::Value;
 
 use crate::config::{Config, ConfigError, LocationPointers};
 use crate::geo::{self, GeoError, GeoJsonOptions, Geography, Location, Placement};
+use crate::predicate::Distance;
 use crate::router::{RouteTable, TopicFilter};
 use crate::store::DevicePosition;
 
@@ -139,6 +140,15 @@ pub enum Source {
     /// The gateway's position.
     Gateway,
 }
+
+/// The last location resolved for an event (see [`Locator::resolve_memo`]).
+#[derive(Debug, Default)]
+pub struct ResolveMemo {
+    last: Option<(Pointers, String, Resolved)>,
+}
+
+/// What [`Locator::resolve`] answers.
+pub type Resolved = Result<Option<(Location, Source)>, LocateError>;
 
 /// The validated geography of a configuration.
 #[derive(Debug)]
@@ -424,12 +434,17 @@ impl GeoPlan {
                 continue;
             }
             let link = self.link(&route.upstream);
+            let excluded = route
+                .when
+                .as_ref()
+                .map(|w| w.excluded_names())
+                .unwrap_or_default();
             let refused: Vec<&str> = self
                 .geography
                 .regions()
                 .iter()
                 .map(|r| r.name())
-                .filter(|r| !link.allows(std::iter::once(*r)))
+                .filter(|r| !excluded.contains(r) && !link.allows(std::iter::once(*r)))
                 .collect();
             if !refused.is_empty() {
                 out.push(format!(
@@ -597,6 +612,29 @@ impl Locator {
             .map(|at| (at, Source::Gateway)))
     }
 
+    /// [`Locator::resolve`], reusing `memo`'s answer when the previous route of the same event
+    /// had the same pointers and device (the usual case: routes share the default pointers).
+    /// Start each event with a fresh [`ResolveMemo`].
+    pub fn resolve_memo(
+        &self,
+        memo: &mut ResolveMemo,
+        route_index: usize,
+        payload: Option<&Value>,
+        device: &str,
+    ) -> Resolved {
+        let pointers = self.plan.route_pointers.get(route_index);
+        if let Some((p, d, answer)) = &memo.last {
+            if pointers == Some(p) && d == device {
+                return answer.clone();
+            }
+        }
+        let answer = self.resolve(route_index, payload, device);
+        if let Some(p) = pointers {
+            memo.last = Some((p.clone(), device.to_string(), answer.clone()));
+        }
+        answer
+    }
+
     /// Where `at` is.
     pub fn place(&self, at: Location, out: &mut Placement) {
         self.plan.geography.locate_into(at, out);
@@ -695,11 +733,25 @@ impl Locator {
     }
 }
 
-/// Distance for route predicates: geodesic metres between two event locations.
-pub fn geodesic_metres(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
-    match (Location::new(lat1, lon1), Location::new(lat2, lon2)) {
-        (Ok(a), Ok(b)) => Geography::distance_m(a, b),
-        _ => f64::NAN,
+/// The distance of route predicates (`within_m`): geodesic, on the WGS 84 ellipsoid.
+pub struct GeodesicDistance;
+
+/// The one [`GeodesicDistance`].
+pub const GEODESIC: GeodesicDistance = GeodesicDistance;
+
+impl Distance for GeodesicDistance {
+    fn metres(&self, from: crate::event::Location, to: crate::event::Location) -> f64 {
+        match (Location::try_from(from), Location::try_from(to)) {
+            (Ok(a), Ok(b)) => Geography::distance_m(a, b),
+            _ => f64::NAN,
+        }
+    }
+
+    fn within(&self, from: crate::event::Location, to: crate::event::Location, limit: f64) -> bool {
+        match (Location::try_from(from), Location::try_from(to)) {
+            (Ok(a), Ok(b)) => Geography::within_m(a, b, limit),
+            _ => false,
+        }
     }
 }
 
@@ -760,6 +812,21 @@ mod tests {
                 }
             }
             prop_assert_eq!(set.into_iter().collect::<Vec<_>>(), after);
+        }
+    }
+
+    proptest! {
+        /// The fast `within` of route predicates agrees with the exact geodesic distance.
+        #[test]
+        fn within_agrees_with_the_distance(
+            lat in -89.0f64..89.0, lon in -180.0f64..180.0,
+            dlat in -0.5f64..0.5, dlon in -0.5f64..0.5,
+            limit in 1.0f64..60_000.0,
+        ) {
+            let a = crate::event::Location { lat, lon };
+            let b = crate::event::Location { lat: (lat + dlat).clamp(-90.0, 90.0), lon: (lon + dlon).clamp(-180.0, 180.0) };
+            let exact = GEODESIC.metres(a, b) <= limit;
+            prop_assert_eq!(GEODESIC.within(a, b, limit), exact);
         }
     }
 
@@ -970,6 +1037,190 @@ mod tests {
             let err = validate(SQUARES, toml).unwrap_err();
             assert!(err.contains(key), "{key} not in {err}");
         }
+    }
+
+    #[test]
+    fn config_check_warns_about_regions_a_route_would_dead_letter() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("fences.geojson");
+        std::fs::write(&file, SQUARES).expect("write");
+        let warnings = |route: &str| {
+            let text = with_route(route).replace("{FILE}", &file.display().to_string());
+            let config = Config::from_toml(&text, Path::new("t.toml")).expect("parses");
+            let validated = config.validate().expect("valid");
+            validated.geo.warnings(&validated.routes)
+        };
+        let w = warnings("upstream = \"west-cloud\"");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("route \"r\"") && w[0].contains("region e"),
+            "{w:?}"
+        );
+        assert!(warnings("upstream = \"west-cloud\"\nwhen = { not_in = \"e\" }").is_empty());
+        assert!(warnings("upstream = \"west-cloud\"\nwhen = { in = \"w\" }").is_empty());
+        assert!(warnings("upstream = \"any-cloud\"").is_empty());
+    }
+
+    /// The README's worked example stays valid, and `config check` has nothing to say about it.
+    #[test]
+    fn the_worked_example_is_valid_without_warnings() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/geography.toml");
+        let config = Config::load(&path).expect("loads");
+        let validated = config.validate().expect("valid");
+        assert_eq!(validated.geo.geography.fences().len(), 178);
+        assert!(validated.geo.residency);
+        assert!(validated.geo.warnings(&validated.routes).is_empty());
+    }
+
+    /// A locator for `toml` (with `{FILE}` the two squares), and its route table.
+    fn make_locator(toml: &str, registry: Vec<DevicePosition>) -> (Locator, RouteTable) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("fences.geojson");
+        std::fs::write(&file, SQUARES).expect("write");
+        let text = toml.replace("{FILE}", &file.display().to_string());
+        let config = Config::from_toml(&text, Path::new("t.toml")).expect("parses");
+        let validated = config.validate().expect("valid");
+        let locator = Locator::new(Arc::new(validated.geo), "gw", registry);
+        (locator, validated.routes)
+    }
+
+    fn at(lat: f64, lon: f64) -> Location {
+        Location::new(lat, lon).expect("valid")
+    }
+
+    const SOURCES: &str = r#"
+        [geography]
+        gateway_position = [5.0, 25.0]
+        gps_topic = "gps"
+        transitions_topic = "fences/{gateway}/{device}"
+        [[geofence]]
+        file = "{FILE}"
+        [[device]]
+        id = "fixed"
+        position = [5.0, 5.0]
+        [[route]]
+        name = "flat"
+        filter = "t/#"
+        [[route]]
+        name = "geojson"
+        filter = "g/#"
+        location = { position = "/pos" }
+    "#;
+
+    #[test]
+    fn locations_come_from_payload_then_device_then_gateway() {
+        let remembered = DevicePosition {
+            device: "mover".into(),
+            lat: 1.0,
+            lon: 1.0,
+            fences: vec!["west".into()],
+            updated_ms: 1,
+        };
+        let (locator, _) = make_locator(SOURCES, vec![remembered]);
+        let payload = serde_json::json!({ "lat": 2.0, "lon": 3.0, "pos": [21.0, 4.0] });
+        let empty = serde_json::json!({ "temp": 1 });
+        let resolve =
+            |route, payload: &Value, device| locator.resolve(route, Some(payload), device);
+        assert_eq!(
+            resolve(0, &payload, "mover"),
+            Ok(Some((at(2.0, 3.0), Source::Payload)))
+        );
+        // The route's own pointers: a GeoJSON [lon, lat] array.
+        assert_eq!(
+            resolve(1, &payload, "mover"),
+            Ok(Some((at(4.0, 21.0), Source::Payload)))
+        );
+        assert_eq!(
+            resolve(0, &empty, "mover"),
+            Ok(Some((at(1.0, 1.0), Source::Device)))
+        );
+        assert_eq!(
+            resolve(0, &empty, "fixed"),
+            Ok(Some((at(5.0, 5.0), Source::Device)))
+        );
+        assert_eq!(
+            resolve(0, &empty, "stranger"),
+            Ok(Some((at(5.0, 25.0), Source::Gateway)))
+        );
+        // A GPS fix replaces the configured gateway position.
+        let fix = locator
+            .gps_fix(
+                "gps",
+                Some(&serde_json::json!({ "lat": 6.0, "lon": 26.0 })),
+                9,
+            )
+            .expect("valid fix")
+            .expect("a fix");
+        assert_eq!(
+            (fix.device.as_str(), fix.lat, fix.lon),
+            ("$gateway", 6.0, 26.0)
+        );
+        assert_eq!(
+            resolve(0, &empty, "stranger"),
+            Ok(Some((at(6.0, 26.0), Source::Gateway)))
+        );
+        assert!(locator
+            .gps_fix("other", Some(&payload), 9)
+            .expect("ok")
+            .is_none());
+        assert!(locator
+            .gps_fix(
+                "gps",
+                Some(&serde_json::json!({ "lat": "north", "lon": 1 })),
+                9
+            )
+            .is_err());
+        // Invalid coordinates are an error, never another source.
+        for bad in [
+            serde_json::json!({ "lat": 91.0, "lon": 0.0 }),
+            serde_json::json!({ "lat": "abc", "lon": 0.0 }),
+            serde_json::json!({ "lat": 0.0, "lon": -180.5 }),
+        ] {
+            assert!(resolve(0, &bad, "mover").is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn observing_positions_yields_transitions_once() {
+        let (locator, _) = make_locator(SOURCES, Vec::new());
+        let mut placement = Placement::default();
+        let mut step = |lat: f64, lon: f64| {
+            let mut out = Observed::default();
+            locator.place(at(lat, lon), &mut placement);
+            locator.observe("truck", at(lat, lon), &placement, 7, &mut out);
+            out
+        };
+        let kinds = |out: &Observed| -> Vec<String> {
+            out.transitions
+                .iter()
+                .map(|(topic, payload)| {
+                    assert_eq!(topic, "fences/gw/truck");
+                    let v: Value = serde_json::from_slice(payload).expect("json");
+                    format!(
+                        "{} {}",
+                        v["transition"].as_str().unwrap_or("?"),
+                        v["fence"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect()
+        };
+        assert_eq!(kinds(&step(5.0, 5.0)), vec!["enter west"]);
+        let same = step(5.0, 5.0);
+        assert!(same.transitions.is_empty() && same.positions.is_empty());
+        // Moved within the fence: the registry row changes, no transition.
+        let moved = step(6.0, 6.0);
+        assert!(moved.transitions.is_empty());
+        assert_eq!(moved.positions.len(), 1);
+        assert_eq!(kinds(&step(5.0, 25.0)), vec!["exit west", "enter east"]);
+        assert_eq!(kinds(&step(-5.0, 15.0)), vec!["exit east"]);
+        // A restart with the stored registry remembers the set: no transition again.
+        let stored = step(5.0, 25.0).positions;
+        assert_eq!(stored[0].fences, vec!["east".to_string()]);
+        let (restarted, _) = make_locator(SOURCES, stored);
+        let mut out = Observed::default();
+        restarted.place(at(5.0, 25.0), &mut placement);
+        restarted.observe("truck", at(5.0, 25.0), &placement, 8, &mut out);
+        assert!(out.transitions.is_empty());
     }
 
     #[test]

@@ -385,6 +385,7 @@ impl Pipeline {
             // Parsed at most once per event, and only when geography or a predicate needs it.
             let mut json: Option<Option<serde_json::Value>> = None;
             let mut placed: Option<crate::geo::Location> = None;
+            let mut memo = crate::locator::ResolveMemo::default();
             if plan.gps_topic.is_some() {
                 let payload = json
                     .get_or_insert_with(|| serde_json::from_slice(&row.payload).ok())
@@ -423,7 +424,7 @@ impl Pipeline {
                 };
                 let mut location = None;
                 if plan.active {
-                    match self.locator.resolve(index, payload, device) {
+                    match self.locator.resolve_memo(&mut memo, index, payload, device) {
                         Ok(found) => {
                             if let Some((at, source)) = found {
                                 if placed != Some(at) {
@@ -465,7 +466,7 @@ impl Pipeline {
                     location: location.map(Into::into),
                     fences,
                     regions,
-                    distance: &crate::locator::geodesic_metres,
+                    distance: &crate::locator::GEODESIC,
                 };
                 if !route.accepts(&facts) {
                     continue;

@@ -461,6 +461,12 @@ fn join(path: &str, key: &str) -> String {
 pub trait Distance {
     /// Metres between `from` and `to`.
     fn metres(&self, from: Location, to: Location) -> f64;
+
+    /// Whether `to` is at most `limit` metres from `from`. Implementations may answer without
+    /// computing the exact distance, but must give the same answer as `metres`.
+    fn within(&self, from: Location, to: Location, limit: f64) -> bool {
+        self.metres(from, to) <= limit
+    }
 }
 
 impl<F: Fn(f64, f64, f64, f64) -> f64> Distance for F {
@@ -674,11 +680,29 @@ impl Node {
             }
             Node::Within { metres, of } => facts
                 .location
-                .is_some_and(|here| facts.distance.metres(here, *of) <= *metres),
+                .is_some_and(|here| facts.distance.within(here, *of, *metres)),
             Node::Field { pointer, tests } => {
                 let value = facts.payload.and_then(|root| pointer.resolve(root));
                 tests.iter().all(|t| t.holds(value))
             }
+        }
+    }
+
+    /// See [`Predicate::excluded_names`].
+    fn excluded(&self) -> BTreeSet<&str> {
+        match self {
+            Node::NotIn(names) => names.iter().map(String::as_str).collect(),
+            Node::Not(node) => match node.as_ref() {
+                Node::In(names) => names.iter().map(String::as_str).collect(),
+                _ => BTreeSet::new(),
+            },
+            Node::All(nodes) => nodes.iter().flat_map(|n| n.excluded()).collect(),
+            Node::Any(nodes) => {
+                let mut sets = nodes.iter().map(|n| n.excluded());
+                let first = sets.next().unwrap_or_default();
+                sets.fold(first, |acc, s| acc.intersection(&s).copied().collect())
+            }
+            Node::In(_) | Node::Within { .. } | Node::Field { .. } => BTreeSet::new(),
         }
     }
 
@@ -773,6 +797,12 @@ impl Predicate {
     /// `config check` uses it to refuse a route whose events its link could never carry.
     pub fn required_memberships(&self) -> Option<Vec<BTreeSet<&str>>> {
         self.root.required()
+    }
+
+    /// The names no event satisfying the predicate is inside (from `not_in`, and `not` of an
+    /// `in`), sorted. `config check` uses it to not warn about regions a route excludes.
+    pub fn excluded_names(&self) -> BTreeSet<&str> {
+        self.root.excluded()
     }
 
     /// Whether the predicate looks at the location at all (`in`, `not_in`, `within_m`).
@@ -2165,6 +2195,27 @@ gt = 3"#
                 vec!["depot".into(), "eu".into()]
             ])
         );
+        let excluded = |text: &str| -> Vec<String> {
+            let config: PredicateConfig = toml::from_str(text).expect("parses");
+            let predicate = compile(&config).expect("compiles");
+            predicate
+                .excluded_names()
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(excluded(r#"not_in = ["eu", "us"]"#), vec!["eu", "us"]);
+        assert_eq!(excluded(r#"not = { in = "eu" }"#), vec!["eu"]);
+        assert_eq!(
+            excluded(r#"all = [{ not_in = "eu" }, { field = "/t", gt = 1 }]"#),
+            vec!["eu"]
+        );
+        assert_eq!(
+            excluded(r#"any = [{ not_in = ["eu", "us"] }, { not_in = "us" }]"#),
+            vec!["us"]
+        );
+        assert!(excluded(r#"any = [{ not_in = "eu" }, { field = "/t", gt = 1 }]"#).is_empty());
+        assert!(excluded(r#"in = "eu""#).is_empty());
         // One branch of an `any` without a requirement lifts the requirement.
         assert_eq!(
             required(r#"any = [{ in = "eu" }, { field = "/t", exists = true }]"#),

@@ -1427,4 +1427,66 @@ mod tests {
             }
         }
     }
+
+    // ---- routing with predicates ----
+
+    fn geo_table() -> RouteTable {
+        let when = |text: &str| Some(toml::from_str::<PredicateConfig>(text).expect("predicate"));
+        let mut inside = spec("inside", "t/#");
+        inside.when = when(r#"in = "x""#);
+        let mut outside = spec("outside", "t/#");
+        outside.when = when(r#"not_in = "x""#);
+        let mut hot = spec("hot", "t/#");
+        hot.when = when(
+            r#"field = "/temp"
+gt = 30"#,
+        );
+        let always = spec("always", "t/#");
+        let other = spec("other", "u/#");
+        RouteTable::compile(&[inside, outside, hot, always, other]).expect("compiles")
+    }
+
+    #[test]
+    fn a_bad_predicate_names_the_route_and_key() {
+        let mut s = spec("r", "t/#");
+        s.when =
+            Some(toml::from_str(r#"all = [{ field = "/t", gt = "x", lt = 3 }]"#).expect("toml"));
+        let err = RouteTable::compile(&[s]).unwrap_err().to_string();
+        assert!(err.starts_with("route \"r\": when: all[0]"), "{err}");
+    }
+
+    proptest! {
+        /// With a location, exactly one of `in` / `not_in` holds; without one, neither; the
+        /// content route follows the payload; every route needs its topic to match.
+        #[test]
+        fn routes_for_is_a_pure_function_of_topic_and_facts(
+            located in any::<bool>(),
+            in_x in any::<bool>(),
+            temp in proptest::option::of(-50i64..100),
+            topic in prop_oneof![Just("t/d/env"), Just("u/d/env"), Just("v/d")],
+        ) {
+            let table = geo_table();
+            let payload = temp.map(|t| serde_json::json!({ "temp": t }));
+            let fences: Vec<String> = if located && in_x { vec!["x".into()] } else { vec![] };
+            let no_distance = |_: f64, _: f64, _: f64, _: f64| f64::NAN;
+            let facts = Facts {
+                payload: payload.as_ref(),
+                location: located.then_some(crate::event::Location { lat: 1.0, lon: 2.0 }),
+                fences: &fences,
+                regions: &[] as &[String],
+                distance: &no_distance,
+            };
+            let taken: Vec<&str> = table.routes_for(topic, &facts).map(|r| r.name.as_str()).collect();
+            let mut expected = Vec::new();
+            if topic.starts_with("t/") {
+                if located && in_x { expected.push("inside"); }
+                if located && !in_x { expected.push("outside"); }
+                if temp.is_some_and(|t| t > 30) { expected.push("hot"); }
+                expected.push("always");
+            } else if topic.starts_with("u/") {
+                expected.push("other");
+            }
+            prop_assert_eq!(taken, expected);
+        }
+    }
 }
