@@ -510,7 +510,16 @@ impl Pipeline {
                 Metrics::add(&self.metrics.unrouted, 1);
             }
         }
-        batch.devices.append(&mut observed.positions);
+        // One registry row per device and batch: its last position.
+        let mut seen = std::collections::HashSet::new();
+        let mut positions: Vec<_> = observed
+            .positions
+            .into_iter()
+            .rev()
+            .filter(|p| seen.insert(p.device.clone()))
+            .collect();
+        positions.reverse();
+        batch.devices.append(&mut positions);
         for (topic, payload) in observed.transitions {
             Metrics::add(&self.metrics.geofence_transitions, 1);
             batch.events.push(NewJournalEntry {
