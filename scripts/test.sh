@@ -7,12 +7,22 @@ set -euo pipefail
 export CARGO_INCREMENTAL=0
 cd "$(dirname "$0")/.."
 
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-    echo "== installing mosquitto (the tests' upstream broker)"
+# What the tests need from Debian: Mosquitto (the upstream broker of the integration tests),
+# and for the board tests the cross toolchains (linkers, and objdump for the glibc check) and
+# qemu-user to run the aarch64 and armv7 binaries.
+missing=""
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
+command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing="$missing gcc-aarch64-linux-gnu"
+command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || missing="$missing gcc-arm-linux-gnueabihf"
+command -v qemu-aarch64-static >/dev/null 2>&1 && command -v qemu-arm-static >/dev/null 2>&1 \
+    || missing="$missing qemu-user-static"
+if [ -n "$missing" ]; then
+    echo "== installing:$missing"
     sudo=""
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq mosquitto >/dev/null
+    # shellcheck disable=SC2086
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
 fi
 
 echo "== rustfmt"
@@ -21,3 +31,8 @@ echo "== clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== tests"
 cargo test --locked
+echo "== board binaries (aarch64, armv7; profile board) and their tests under qemu"
+for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
+    cargo build --locked --profile board --target "$target" --bin outpost
+done
+cargo test --locked --test boards -- --ignored

@@ -1085,6 +1085,20 @@ mod tests {
         parsed.validate().expect("default config is valid");
     }
 
+    /// The Debian package's /etc/outpost/outpost.toml is the documented default with the
+    /// package's state directory, and valid (the service checks it before starting).
+    #[test]
+    fn packaged_config_is_the_default_with_the_state_directory() {
+        let text = include_str!("../packaging/debian/outpost.toml");
+        let parsed = parse(text).expect("packaged config parses");
+        let expected = Config {
+            data_dir: PathBuf::from("/var/lib/outpost"),
+            ..Config::default()
+        };
+        assert_eq!(parsed, expected);
+        parsed.validate().expect("packaged config is valid");
+    }
+
     #[test]
     fn empty_file_is_the_default() {
         assert_eq!(parse("").unwrap(), Config::default());

@@ -24,6 +24,7 @@ pub mod journal;
 pub mod locator;
 pub mod metrics;
 pub mod modules;
+pub mod notify;
 pub mod pipeline;
 pub mod predicate;
 pub mod router;

@@ -516,7 +516,12 @@ fn run(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
     config.validate()?;
     tokio_runtime()?.block_on(async move {
         let gateway = Gateway::start(config).await?;
+        // Under systemd (Type=notify): ready once devices are served.
+        if let Err(e) = outpost::notify::notify("READY=1") {
+            tracing::warn!(error = %e, "cannot tell systemd the gateway is ready");
+        }
         wait_for_stop_signal().await?;
+        let _ = outpost::notify::notify("STOPPING=1");
         tracing::info!("stop requested; finishing the current batch");
         gateway.shutdown().await;
         Ok(())

@@ -158,6 +158,9 @@ fn mosquitto_binary() -> PathBuf {
 pub struct Gateway {
     pub port: u16,
     pub data: PathBuf,
+    /// The program and the arguments before `run` (an emulator and its options, then the
+    /// binary); the test's own `outpost` by default.
+    program: Vec<String>,
     args: Vec<String>,
     log: PathBuf,
     child: Option<Child>,
@@ -179,10 +182,20 @@ impl Gateway {
         Gateway {
             port,
             data,
+            program: vec![env!("CARGO_BIN_EXE_outpost").to_string()],
             args,
             log: dir.join("gateway.log"),
             child: None,
         }
+    }
+
+    /// Like [`Gateway::new`], but runs `program` (e.g. `qemu-aarch64-static -L <sysroot>
+    /// <cross-built outpost>`) instead of the test's own binary.
+    #[allow(dead_code)]
+    pub fn with_program(dir: &Path, program: &[String], extra: &[&str]) -> Gateway {
+        let mut gateway = Gateway::new(dir, extra);
+        gateway.program = program.to_vec();
+        gateway
     }
 
     pub fn start(&mut self) {
@@ -192,7 +205,8 @@ impl Gateway {
             .append(true)
             .open(&self.log)
             .expect("gateway log");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        let mut child = Command::new(&self.program[0])
+            .args(&self.program[1..])
             .args(&self.args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::from(log.try_clone().expect("log fd")))

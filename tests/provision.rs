@@ -1,0 +1,178 @@
+//! First-boot provisioning (`packaging/rpi/outpost-provision`) on a directory tree standing
+//! for a board's root file system: a provision file on the boot partition becomes a checked
+//! `/etc/outpost/outpost.toml` with the keys copied; a bad one changes nothing and says why;
+//! the pi-gen stage's scripts are valid shell.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/rpi/outpost-provision")
+}
+
+/// A board tree with the packaged configuration installed, and `files` on the boot
+/// partition's `outpost/` directory.
+fn board(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    let etc = root.path().join("etc/outpost");
+    std::fs::create_dir_all(&etc).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/debian/outpost.toml"),
+        etc.join("outpost.toml"),
+    )
+    .unwrap();
+    let boot = root.path().join("boot/firmware/outpost");
+    std::fs::create_dir_all(&boot).unwrap();
+    for (name, text) in files {
+        let path = boot.join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, text).unwrap();
+    }
+    root
+}
+
+fn provision(root: &Path) -> Output {
+    Command::new("sh")
+        .arg(script())
+        .env("ROOT", root)
+        .env("OUTPOST", env!("CARGO_BIN_EXE_outpost"))
+        .output()
+        .expect("run outpost-provision")
+}
+
+fn read(root: &Path, path: &str) -> String {
+    std::fs::read_to_string(root.join(path)).unwrap_or_default()
+}
+
+/// A public key as `outpost keygen` writes it.
+fn public_key(dir: &Path) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["keygen", "--name", "ops", "--out"])
+        .arg(dir)
+        .output()
+        .expect("keygen");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(dir.join("ops.pub")).expect("ops.pub")
+}
+
+#[test]
+fn a_provision_file_becomes_a_checked_configuration() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = public_key(keys.path());
+    let root = board(&[
+        (
+            "provision.env",
+            // Written on Windows: CRLF line endings and a comment.
+            "# truck 17\r\nGATEWAY_ID=truck-17\r\nUPSTREAM_URL=mqtt://broker.example:8883\r\nLISTEN=0.0.0.0:1883\r\nGROUPS=trucks,eu\r\n",
+        ),
+        ("keys/ops.pub", &key),
+        ("tls/ca.pem", "-----BEGIN CERTIFICATE-----\n"),
+    ]);
+    let out = provision(root.path());
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = read(root.path(), "etc/outpost/outpost.toml");
+    for line in [
+        "gateway_id = \"truck-17\"",
+        "url = \"mqtt://broker.example:8883\"",
+        "listen = [\"0.0.0.0:1883\"]",
+        "groups = [\"trucks\", \"eu\"]",
+        "trusted_keys = [\"keys/ops.pub\"]",
+    ] {
+        assert!(config.contains(line), "{line} not in:\n{config}");
+    }
+    assert_eq!(read(root.path(), "etc/outpost/keys/ops.pub"), key);
+    assert!(root.path().join("etc/outpost/tls/ca.pem").exists());
+    // Applied once: the provision file is renamed.
+    assert!(!root
+        .path()
+        .join("boot/firmware/outpost/provision.env")
+        .exists());
+    assert!(root
+        .path()
+        .join("boot/firmware/outpost/provision.env.done")
+        .exists());
+    // The result passes the gateway's own check, keys included.
+    let check = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["config", "check"])
+        .arg(root.path().join("etc/outpost/outpost.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    // Nothing left to do on the next boot.
+    let again = provision(root.path());
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to do"));
+}
+
+#[test]
+fn a_bad_provision_file_changes_nothing_and_says_why() {
+    for (env, reason) in [
+        (
+            "GATEWAY_ID=truck 17\nUPSTREAM_URL=mqtt://b:1883\n",
+            "GATEWAY_ID",
+        ),
+        ("GATEWAY_ID=t17\nUPSTREAM_URL=http://b\n", "UPSTREAM_URL"),
+        (
+            "GATEWAY_ID=t17\nUPSTREAM_URL=mqtt://b:1883\nPASSWORD=x\n",
+            "unknown line",
+        ),
+        ("GATEWAY_ID=t17\nUPSTREAM_URL=mqtt://b:99999\n", "invalid"),
+        (
+            "GATEWAY_ID=t17\nUPSTREAM_URL=mqtt://b\"; rm -rf /\n",
+            "quotes",
+        ),
+    ] {
+        let root = board(&[("provision.env", env)]);
+        let before = read(root.path(), "etc/outpost/outpost.toml");
+        let out = provision(root.path());
+        assert!(!out.status.success(), "{env:?} was accepted");
+        assert_eq!(
+            read(root.path(), "etc/outpost/outpost.toml"),
+            before,
+            "{env:?}"
+        );
+        let failed = read(root.path(), "boot/firmware/outpost/provision.env.failed");
+        assert!(failed.contains(reason), "{env:?}: {failed}");
+        assert!(root
+            .path()
+            .join("boot/firmware/outpost/provision.env")
+            .exists());
+    }
+}
+
+#[test]
+fn the_image_scripts_are_valid_shell() {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging");
+    for (shell, file) in [
+        ("sh", "rpi/outpost-provision"),
+        ("sh", "rpi/prepare-stage.sh"),
+        ("bash", "rpi/stage-outpost/prerun.sh"),
+        ("bash", "rpi/stage-outpost/00-outpost/00-run.sh"),
+        ("sh", "debian/postinst"),
+        ("sh", "debian/postrm"),
+    ] {
+        let out = Command::new(shell)
+            .arg("-n")
+            .arg(base.join(file))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
