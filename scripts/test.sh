@@ -36,3 +36,12 @@ for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
     cargo build --locked --profile board --target "$target" --bin outpost
 done
 cargo test --locked --test boards -- --ignored
+echo "== Debian package (host architecture): build it, then install, upgrade, remove, purge"
+cargo build --locked --profile board --bin outpost
+command -v cargo-deb >/dev/null 2>&1 || cargo install --locked cargo-deb --version 3.8.0
+cargo deb --no-build --profile board
+if [ "$(id -u)" -eq 0 ]; then
+    cargo test --locked --test package -- --ignored
+else
+    echo "!! package test NOT run: it installs with dpkg and needs root"
+fi

@@ -72,7 +72,7 @@ fn with_version(deb: &Path, version: &str, dir: &Path) -> PathBuf {
 }
 
 const CONFIG: &str = "/etc/outpost/outpost.toml";
-const UNIT: &str = "/lib/systemd/system/outpost.service";
+const UNIT: &str = "/usr/lib/systemd/system/outpost.service";
 
 #[test]
 #[ignore = "installs and purges the package on this machine, as root: run it on a disposable one"]
