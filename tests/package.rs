@@ -29,8 +29,11 @@ fn ok(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The newest `outpost_*.deb` in `target/debian`.
+/// The newest `outpost_*_<host architecture>.deb` in `target/debian` (cross-built packages
+/// land there too).
 fn package() -> PathBuf {
+    let arch = ok("dpkg", &["--print-architecture"]).trim().to_string();
+    let suffix = format!("_{arch}.deb");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/debian");
     let mut debs: Vec<PathBuf> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}: build the package with cargo deb", dir.display()))
@@ -38,7 +41,7 @@ fn package() -> PathBuf {
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("outpost_") && n.ends_with(".deb"))
+                .is_some_and(|n| n.starts_with("outpost_") && n.ends_with(&suffix))
         })
         .collect();
     debs.sort();
