@@ -68,25 +68,8 @@ impl JournalWriter {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(err)?;
-        {
-            let mut insert = tx
-                .prepare_cached(
-                    "INSERT INTO journal (topic, payload, qos, retain, client_id, received_ms)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )
-                .map_err(err)?;
-            for e in entries {
-                insert
-                    .execute(params![
-                        e.topic,
-                        &e.payload[..],
-                        e.qos,
-                        e.retain,
-                        &*e.client_id,
-                        e.received_ms as i64
-                    ])
-                    .map_err(err)?;
-            }
+        for e in entries {
+            insert(&tx, e).map_err(err)?;
         }
         tx.commit().map_err(err)?;
         self.totals
@@ -195,8 +178,8 @@ pub(super) fn delete(tx: &Transaction<'_>, id: i64) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Journals one entry inside a pipeline transaction (events the gateway makes itself, such as
-/// geofence transitions).
+/// Journals one entry inside a transaction: the group commit's, or a pipeline batch's (events
+/// the gateway makes itself, such as geofence transitions).
 pub(super) fn insert(tx: &Transaction<'_>, e: &NewJournalEntry) -> rusqlite::Result<()> {
     tx.prepare_cached(
         "INSERT INTO journal (topic, payload, qos, retain, client_id, received_ms)
