@@ -692,7 +692,7 @@ mod tests {
     }
 
     fn module() -> SignedModule {
-        SignedModule::sign(&key(), "celsius", "1.0.0", b"\0asm bytes".to_vec()).unwrap()
+        SignedModule::sign(&key(), "celsius", "1.0.0", 1, b"\0asm bytes".to_vec()).unwrap()
     }
 
     fn status(value: Value) -> Status {

@@ -638,7 +638,7 @@ fn module_sign(
             file.display()
         );
     }
-    let signed = SignedModule::sign(&key, name, version, wasm)?;
+    let signed = SignedModule::sign(&key, name, version, outpost::event::now_ms(), wasm)?;
     std::fs::write(&out, signed.to_bytes())
         .with_context(|| format!("cannot write {}", out.display()))?;
     let manifest = signed.manifest();
@@ -646,6 +646,7 @@ fn module_sign(
     println!("name     {}", manifest.name());
     println!("version  {}", manifest.version());
     println!("sha256   {}", manifest.sha256_hex());
+    println!("issued   {}", describe_issued(manifest.issued_ms()));
     println!("size     {} bytes", signed.wasm().len());
     println!("key id   {}", signed.key_id());
     Ok(())
@@ -700,9 +701,18 @@ fn module_verify(
     println!("name     {}", manifest.name());
     println!("version  {}", manifest.version());
     println!("sha256   {}", manifest.sha256_hex());
+    println!("issued   {}", describe_issued(manifest.issued_ms()));
     println!("size     {} bytes", signed.wasm().len());
     println!("key id   {key_id}  ({trusted_by})");
     Ok(())
+}
+
+/// A signing time for people: `2026-11-27T10:45:12Z (1795776312000 ms)`. A gateway accepts a
+/// deploy only if it was signed after everything it accepted for that module, so this is what
+/// an operator compares when a deploy is refused as stale.
+fn describe_issued(issued_ms: u64) -> String {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(issued_ms);
+    format!("{} ({issued_ms} ms)", humantime::format_rfc3339_seconds(at))
 }
 
 /// The target of a module request, from the command line.
@@ -828,7 +838,7 @@ fn module_push(
             Some(v) => v.to_string(),
             None => signing::to_hex(&signing::sha256(&bytes))[..12].to_string(),
         };
-        let signed = SignedModule::sign(&key, name, &version, bytes)?;
+        let signed = SignedModule::sign(&key, name, &version, outpost::event::now_ms(), bytes)?;
         Request::deploy_module(to, &signed)
     };
     let request = if retain { request.retained()? } else { request };

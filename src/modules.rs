@@ -11,6 +11,11 @@
 //!   signature verified under one of the configured trusted keys (invariant 7); a deploy must
 //!   also be signed for the name it is deployed as, be within the size limit, and be a
 //!   component of the handler world. Every refusal has a reason.
+//! - Requests for a name apply in the order they were signed: a deploy, rollback or remove is
+//!   refused as stale unless it was issued after every one accepted for that name, so a
+//!   captured request (say, the deploy of a version with a known flaw) cannot be replayed. A
+//!   deploy of the bytes that are already active is answered `unchanged` whatever its issue
+//!   time, so an MQTT redelivery or a retained deploy seen again at a reconnect is harmless.
 //! - Activation is atomic: the database is changed first (one transaction), then the name is
 //!   pointed at the new handler. An invocation that already holds the old handler finishes on
 //!   it; every later lookup gets the new one. A crash in between leaves the database's state,
@@ -38,8 +43,8 @@ use crate::runtime::{Handler, Runtime};
 use crate::signing::{self, SignedCommand, SignedModule, VerifyingKey};
 use crate::store::{CommandRefused, Deployed, Store, StoredModule};
 
-/// How far in the future a signed command's issue time may be (clock skew between the
-/// operator's machine and the gateway).
+/// How far in the future a signed deploy's or command's issue time may be (clock skew between
+/// the operator's machine and the gateway).
 pub const MAX_COMMAND_SKEW: Duration = Duration::from_secs(600);
 
 /// Where a module name's current handler came from.
@@ -197,6 +202,7 @@ impl Registry {
             .expect_identity(name, None)
             .map_err(|e| format!("signature refused: {e}"))?;
         let manifest = signed.manifest().clone();
+        let issued_ms = manifest.issued_ms();
         if let Some(Origin::Deployed {
             version, sha256, ..
         }) = self.origin(name)
@@ -212,6 +218,23 @@ impl Registry {
                     unchanged: true,
                     compile: Duration::ZERO,
                 });
+            }
+        }
+        check_not_ahead("deploy", issued_ms)?;
+        // A replayed older deploy is refused before it costs a compile; the store checks again
+        // in the transaction that activates it.
+        if let Some(newest_ms) = self
+            .store
+            .newest_issued_ms(name)
+            .map_err(|e| e.to_string())?
+        {
+            if issued_ms <= newest_ms {
+                return Err(CommandRefused::Stale {
+                    name: name.to_string(),
+                    issued_ms,
+                    newest_ms,
+                }
+                .to_string());
             }
         }
         let started = Instant::now();
@@ -239,8 +262,11 @@ impl Registry {
         };
         let outcome = self
             .store
-            .deploy_module(&stored)
-            .map_err(|e| format!("cannot store the module: {e}"))?;
+            .deploy_module(&stored, issued_ms)
+            .map_err(|e| match e {
+                CommandRefused::Store(e) => format!("cannot store the module: {e}"),
+                refused => refused.to_string(),
+            })?;
         let applied = |previous, unchanged| Applied {
             name: name.to_string(),
             version: Some(stored.version.clone()),
@@ -290,14 +316,7 @@ impl Registry {
                 op.as_str()
             ));
         }
-        let horizon = now_ms() + MAX_COMMAND_SKEW.as_millis() as u64;
-        if command.issued_ms > horizon {
-            return Err(format!(
-                "command issued at {} ms is more than {} s in the future: check the clocks",
-                command.issued_ms,
-                MAX_COMMAND_SKEW.as_secs()
-            ));
-        }
+        check_not_ahead("command", command.issued_ms)?;
         let refused = |e: CommandRefused| e.to_string();
         match op {
             signing::CommandOp::Rollback => {
@@ -494,6 +513,19 @@ impl Registry {
         }
         Ok((Loaded { handler, origin }, Some(compile)))
     }
+}
+
+/// Refuses a deploy or command signed more than [`MAX_COMMAND_SKEW`] ahead of this gateway's
+/// clock: accepted, it would make every later request for the module look stale until then.
+fn check_not_ahead(what: &str, issued_ms: u64) -> Result<(), String> {
+    let horizon = now_ms().saturating_add(MAX_COMMAND_SKEW.as_millis() as u64);
+    if issued_ms > horizon {
+        return Err(format!(
+            "{what} issued at {issued_ms} ms is more than {} s in the future: check the clocks",
+            MAX_COMMAND_SKEW.as_secs()
+        ));
+    }
+    Ok(())
 }
 
 fn origin_of(stored: &StoredModule) -> Origin {

@@ -2,13 +2,15 @@
 //! envelope that deploys carry.
 //!
 //! Invariant 7 ("only signed code runs") rests on this module. A module is identified by a
-//! [`Manifest`]: its name, its version and the SHA-256 of its bytes. An Ed25519 signature is made
-//! over [`Manifest::signed_bytes`], a canonical byte string with a domain-separation prefix and
-//! length-prefixed fields, so a signature for one (name, version, digest) can never be read as a
+//! [`Manifest`]: its name, its version, the SHA-256 of its bytes and the time it was signed
+//! (which lets a gateway refuse a replayed older deploy: see [`Manifest::issued_ms`]). An
+//! Ed25519 signature is made over [`Manifest::signed_bytes`], a canonical byte string with a
+//! domain-separation prefix and length-prefixed fields, so a signature for one (name, version,
+//! digest, time) can never be read as a
 //! signature for another, nor for anything that is not an outpost module manifest.
 //!
 //! A [`SignedModule`] is the unit that is published for a deploy: a one-line JSON header (name,
-//! version, digest, size, key id, signature) followed by the raw module bytes (see
+//! version, digest, issue time, size, key id, signature) followed by the raw module bytes (see
 //! [`SignedModule::to_bytes`] for the exact layout). [`SignedModule::from_bytes`] never panics,
 //! whatever it is given, and [`SignedModule::verify_against`] accepts a module only if its bytes
 //! hash to the signed digest and the signature verifies (strictly) under a trusted key.
@@ -44,7 +46,7 @@ use zeroize::{Zeroize, Zeroizing};
 
 /// Domain-separation prefix of every signed manifest: a signature made for anything else (a
 /// different protocol, a different version of this format) never verifies as a module manifest.
-pub const DOMAIN: &[u8] = b"outpost-module-v1\0";
+pub const DOMAIN: &[u8] = b"outpost-module-v2\0";
 
 /// Longest module name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -59,7 +61,11 @@ pub const PUBLIC_KEY_TAG: &str = "outpost-ed25519-public";
 pub const SECRET_KEY_TAG: &str = "outpost-ed25519-secret";
 
 /// First bytes of every signed-module envelope (the first line of the file).
-pub const ENVELOPE_MAGIC: &[u8] = b"outpost-signed-module-v1\n";
+pub const ENVELOPE_MAGIC: &[u8] = b"outpost-signed-module-v2\n";
+
+/// First bytes of the envelope of earlier versions, which carried no issue time: recognised
+/// only to say that such a module must be signed again ([`EnvelopeError::OldFormat`]).
+pub const OLD_ENVELOPE_MAGIC: &[u8] = b"outpost-signed-module-v1\n";
 
 /// Longest envelope header (the JSON line after the magic, without its newline), in bytes.
 pub const MAX_HEADER_BYTES: usize = 4096;
@@ -213,8 +219,12 @@ pub enum EnvelopeError {
     #[error("empty input: not a signed outpost module")]
     Empty,
     /// The input does not start with [`ENVELOPE_MAGIC`].
-    #[error("not a signed outpost module (it does not start with \"outpost-signed-module-v1\"); sign it with `outpost module sign`")]
+    #[error("not a signed outpost module (it does not start with \"outpost-signed-module-v2\"); sign it with `outpost module sign`")]
     BadMagic,
+    /// The input is an envelope of the earlier format (`outpost-signed-module-v1`), whose
+    /// signature has no issue time and so could be replayed to go back to an old version.
+    #[error("signed with the earlier format outpost-signed-module-v1, which carries no issue time and is no longer accepted; sign the module again with `outpost module sign` or `outpost module push --key`")]
+    OldFormat,
     /// No newline ends the header within [`MAX_HEADER_BYTES`] (or before the input ends).
     #[error("signed module header is truncated or longer than {max} bytes")]
     HeaderUnterminated {
@@ -319,7 +329,7 @@ pub enum VerifyError {
     /// The signature does not verify under the trusted key it names: it was made for another
     /// name, version or content, or it was corrupted or swapped.
     #[error(
-        "signature by key {key_id} is not valid for module {name:?} version {version:?} sha256 {sha256}: it was made for another name, version or content, or was altered"
+        "signature by key {key_id} is not valid for module {name:?} version {version:?} sha256 {sha256} issued_ms {issued_ms}: it was made for another name, version, content or time, or was altered"
     )]
     BadSignature {
         /// The trusted key the signature was checked against.
@@ -330,6 +340,8 @@ pub enum VerifyError {
         version: String,
         /// The digest in the manifest, hex.
         sha256: String,
+        /// The issue time in the manifest.
+        issued_ms: u64,
     },
     /// The module bytes do not hash to the signed digest.
     #[error(
@@ -451,32 +463,53 @@ impl FromStr for KeyId {
     }
 }
 
-/// What a signature covers: a valid module name and version, and the SHA-256 of the module's
-/// bytes. A `Manifest` always holds a valid name and version (see [`validate_name`] and
-/// [`validate_version`]).
+/// What a signature covers: a valid module name and version, the SHA-256 of the module's
+/// bytes, and when it was signed. A `Manifest` always holds a valid name and version (see
+/// [`validate_name`] and [`validate_version`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
     name: String,
     version: String,
     sha256: [u8; 32],
+    issued_ms: u64,
 }
 
 impl Manifest {
-    /// A manifest for `name` and `version` with the given digest, or why they are not
-    /// acceptable.
-    pub fn new(name: &str, version: &str, sha256: [u8; 32]) -> Result<Manifest, ManifestError> {
+    /// A manifest for `name` and `version` with the given digest, signed at `issued_ms`
+    /// (milliseconds since the Unix epoch), or why the name or version is not acceptable.
+    pub fn new(
+        name: &str,
+        version: &str,
+        sha256: [u8; 32],
+        issued_ms: u64,
+    ) -> Result<Manifest, ManifestError> {
         validate_name(name)?;
         validate_version(version)?;
         Ok(Manifest {
             name: name.to_string(),
             version: version.to_string(),
             sha256,
+            issued_ms,
         })
     }
 
-    /// A manifest for `module`'s bytes (their SHA-256 is computed here).
-    pub fn for_module(name: &str, version: &str, module: &[u8]) -> Result<Manifest, ManifestError> {
-        Manifest::new(name, version, sha256(module))
+    /// A manifest for `module`'s bytes (their SHA-256 is computed here), signed at
+    /// `issued_ms`.
+    pub fn for_module(
+        name: &str,
+        version: &str,
+        module: &[u8],
+        issued_ms: u64,
+    ) -> Result<Manifest, ManifestError> {
+        Manifest::new(name, version, sha256(module), issued_ms)
+    }
+
+    /// When the module was signed, in milliseconds since the Unix epoch. A gateway accepts a
+    /// deploy of a new version only if it was issued after every deploy and command it has
+    /// accepted for the same name, so a captured deploy of an older version cannot be replayed
+    /// to go back to it.
+    pub fn issued_ms(&self) -> u64 {
+        self.issued_ms
     }
 
     /// The module name.
@@ -502,7 +535,7 @@ impl Manifest {
     /// The exact bytes that are signed:
     ///
     /// ```text
-    /// "outpost-module-v1\0" || u32-be(len name) || name || u32-be(len version) || version || sha256 (32 bytes)
+    /// "outpost-module-v2\0" || u32-be(len name) || name || u32-be(len version) || version || sha256 (32 bytes) || u64-be(issued_ms)
     /// ```
     ///
     /// Distinct manifests always give distinct byte strings (every variable-length field is
@@ -510,7 +543,7 @@ impl Manifest {
     /// different prefix.
     pub fn signed_bytes(&self) -> Vec<u8> {
         let mut out =
-            Vec::with_capacity(DOMAIN.len() + 8 + self.name.len() + self.version.len() + 32);
+            Vec::with_capacity(DOMAIN.len() + 8 + self.name.len() + self.version.len() + 40);
         out.extend_from_slice(DOMAIN);
         for field in [&self.name, &self.version] {
             // Bounded by MAX_NAME_LEN / MAX_VERSION_LEN, so the length fits in a u32.
@@ -518,6 +551,7 @@ impl Manifest {
             out.extend_from_slice(field.as_bytes());
         }
         out.extend_from_slice(&self.sha256);
+        out.extend_from_slice(&self.issued_ms.to_be_bytes());
         out
     }
 }
@@ -598,6 +632,7 @@ pub fn verify(
             name: manifest.name.clone(),
             version: manifest.version.clone(),
             sha256: manifest.sha256_hex(),
+            issued_ms: manifest.issued_ms,
         })?;
     Ok(key_id)
 }
@@ -841,20 +876,23 @@ struct Header {
     name: String,
     version: String,
     sha256: String,
+    issued_ms: u64,
     size: u64,
     key_id: String,
     signature: String,
 }
 
 impl SignedModule {
-    /// Signs `wasm` as module `name` version `version` with `key`.
+    /// Signs `wasm` as module `name` version `version`, issued at `issued_ms` (milliseconds
+    /// since the Unix epoch; normally now), with `key`.
     pub fn sign(
         key: &SigningKey,
         name: &str,
         version: &str,
+        issued_ms: u64,
         wasm: Vec<u8>,
     ) -> Result<SignedModule, ManifestError> {
-        let manifest = Manifest::for_module(name, version, &wasm)?;
+        let manifest = Manifest::for_module(name, version, &wasm, issued_ms)?;
         let signature = sign(key, &manifest);
         Ok(SignedModule {
             manifest,
@@ -892,8 +930,8 @@ impl SignedModule {
     /// The envelope:
     ///
     /// ```text
-    /// outpost-signed-module-v1\n
-    /// {"name":"enrich","version":"1.0.0","sha256":"<64 hex>","size":<bytes>,"key_id":"<16 hex>","signature":"<128 hex>"}\n
+    /// outpost-signed-module-v2\n
+    /// {"name":"enrich","version":"1.0.0","sha256":"<64 hex>","issued_ms":<ms>,"size":<bytes>,"key_id":"<16 hex>","signature":"<128 hex>"}\n
     /// <exactly `size` raw module bytes>
     /// ```
     ///
@@ -905,6 +943,7 @@ impl SignedModule {
             name: self.manifest.name.clone(),
             version: self.manifest.version.clone(),
             sha256: self.manifest.sha256_hex(),
+            issued_ms: self.manifest.issued_ms,
             size: self.wasm.len() as u64,
             key_id: self.key_id.to_string(),
             signature: to_hex(&self.signature.to_bytes()),
@@ -935,6 +974,9 @@ impl SignedModule {
         if bytes.is_empty() {
             return Err(EnvelopeError::Empty);
         }
+        if bytes.starts_with(OLD_ENVELOPE_MAGIC) {
+            return Err(EnvelopeError::OldFormat);
+        }
         let rest = bytes
             .strip_prefix(ENVELOPE_MAGIC)
             .ok_or(EnvelopeError::BadMagic)?;
@@ -953,6 +995,7 @@ impl SignedModule {
             &header.name,
             &header.version,
             decode_hex::<32>("sha256", &header.sha256)?,
+            header.issued_ms,
         )?;
         let key_id: KeyId = header.key_id.parse()?;
         let signature = Signature::from_bytes(&decode_hex::<64>("signature", &header.signature)?);
@@ -1312,8 +1355,18 @@ mod tests {
         SigningKey::from_bytes(&[seed; 32])
     }
 
+    /// The issue time of the test modules.
+    const ISSUED: u64 = 1_795_000_000_000;
+
     fn signed() -> SignedModule {
-        SignedModule::sign(&key(1), "enrich", "1.0.0", b"\0asm module bytes".to_vec()).unwrap()
+        SignedModule::sign(
+            &key(1),
+            "enrich",
+            "1.0.0",
+            ISSUED,
+            b"\0asm module bytes".to_vec(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -1339,16 +1392,16 @@ mod tests {
     }
 
     /// Re-signs nothing: takes a valid signature and presents it for another manifest.
-    fn with_manifest(m: &SignedModule, name: &str, version: &str) -> SignedModule {
+    fn with_manifest(m: &SignedModule, name: &str, version: &str, issued_ms: u64) -> SignedModule {
         SignedModule {
-            manifest: Manifest::for_module(name, version, &m.wasm).unwrap(),
+            manifest: Manifest::for_module(name, version, &m.wasm, issued_ms).unwrap(),
             ..m.clone()
         }
     }
 
     #[test]
     fn signed_for_another_name_is_rejected() {
-        let m = with_manifest(&signed(), "threshold", "1.0.0");
+        let m = with_manifest(&signed(), "threshold", "1.0.0", ISSUED);
         let back = SignedModule::from_bytes(&m.to_bytes()).unwrap();
         let err = back.verify_against(&[key(1).verifying_key()]).unwrap_err();
         assert!(matches!(err, VerifyError::BadSignature { .. }), "{err}");
@@ -1357,9 +1410,37 @@ mod tests {
 
     #[test]
     fn signed_for_another_version_is_rejected() {
-        let m = with_manifest(&signed(), "enrich", "1.0.1");
+        let m = with_manifest(&signed(), "enrich", "1.0.1", ISSUED);
         let err = m.verify_against(&[key(1).verifying_key()]).unwrap_err();
         assert!(matches!(err, VerifyError::BadSignature { .. }), "{err}");
+    }
+
+    /// The issue time is signed: a deploy cannot be made to look newer (to pass a gateway's
+    /// replay check) or older by editing its header.
+    #[test]
+    fn signed_at_another_time_is_rejected() {
+        for issued_ms in [ISSUED + 1, ISSUED - 1, 0, u64::MAX] {
+            let m = with_manifest(&signed(), "enrich", "1.0.0", issued_ms);
+            let back = SignedModule::from_bytes(&m.to_bytes()).unwrap();
+            assert_eq!(back.manifest().issued_ms(), issued_ms);
+            let err = back.verify_against(&[key(1).verifying_key()]).unwrap_err();
+            assert!(matches!(err, VerifyError::BadSignature { .. }), "{err}");
+            assert!(
+                err.to_string().contains(&format!("issued_ms {issued_ms}")),
+                "{err}"
+            );
+        }
+    }
+
+    /// A module signed in the earlier format (no issue time) is refused with a reason that
+    /// says to sign it again, not as garbage.
+    #[test]
+    fn the_earlier_format_is_refused_with_its_own_reason() {
+        let mut old = OLD_ENVELOPE_MAGIC.to_vec();
+        old.extend_from_slice(b"{\"name\":\"enrich\"}\n\0asm");
+        let err = SignedModule::from_bytes(&old).unwrap_err();
+        assert_eq!(err, EnvelopeError::OldFormat);
+        assert!(err.to_string().contains("sign the module again"), "{err}");
     }
 
     #[test]
@@ -1394,7 +1475,7 @@ mod tests {
         let mut wasm = m.wasm.clone();
         wasm[0] ^= 1;
         let forged = SignedModule {
-            manifest: Manifest::for_module("enrich", "1.0.0", &wasm).unwrap(),
+            manifest: Manifest::for_module("enrich", "1.0.0", &wasm, ISSUED).unwrap(),
             wasm,
             ..m
         };
@@ -1437,7 +1518,8 @@ mod tests {
     #[test]
     fn swapped_signature_is_rejected() {
         let a = signed();
-        let b = SignedModule::sign(&key(1), "enrich", "1.0.0", b"other bytes".to_vec()).unwrap();
+        let b = SignedModule::sign(&key(1), "enrich", "1.0.0", ISSUED, b"other bytes".to_vec())
+            .unwrap();
         let swapped = SignedModule {
             signature: b.signature,
             ..a.clone()
@@ -1447,7 +1529,7 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, VerifyError::BadSignature { .. }), "{err}");
         // The signature of another key, with that key's id, is an unknown key.
-        let c = SignedModule::sign(&key(3), "enrich", "1.0.0", a.wasm.clone()).unwrap();
+        let c = SignedModule::sign(&key(3), "enrich", "1.0.0", ISSUED, a.wasm.clone()).unwrap();
         let other_key = SignedModule {
             signature: c.signature,
             key_id: c.key_id,
@@ -1492,6 +1574,8 @@ mod tests {
             ("version", "1 0".into(), "module version \"1 0\""),
             ("name", 5.into(), "invalid type"),
             ("size", (-1).into(), "invalid value"),
+            ("issued_ms", (-1).into(), "invalid value"),
+            ("issued_ms", "now".into(), "invalid type"),
             ("extra", 1.into(), "unknown field"),
         ];
         for (field, value, expected) in cases {
@@ -1524,14 +1608,17 @@ mod tests {
     #[test]
     fn signed_bytes_are_unambiguous() {
         let d = [7u8; 32];
-        let a = Manifest::new("a", "bc", d).unwrap();
-        let b = Manifest::new("ab", "c", d).unwrap();
+        let a = Manifest::new("a", "bc", d, 0x0102_0304_0506_0708).unwrap();
+        let b = Manifest::new("ab", "c", d, 0x0102_0304_0506_0708).unwrap();
         assert_ne!(a.signed_bytes(), b.signed_bytes());
         assert!(a.signed_bytes().starts_with(DOMAIN));
         let mut expected = DOMAIN.to_vec();
         expected.extend_from_slice(&[0, 0, 0, 1, b'a', 0, 0, 0, 2, b'b', b'c']);
         expected.extend_from_slice(&d);
+        expected.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
         assert_eq!(a.signed_bytes(), expected);
+        let later = Manifest::new("a", "bc", d, 0x0102_0304_0506_0709).unwrap();
+        assert_ne!(a.signed_bytes(), later.signed_bytes());
         // A signature for one does not verify for the other.
         let sig = sign(&key(1), &a);
         let id = KeyId::of(&key(1).verifying_key());
@@ -1780,7 +1867,7 @@ mod tests {
         // fields.
         let c = command(CommandOp::Remove, "enrich", 0);
         for (name, version) in [("enrich", "remove"), ("remove", "enrich"), ("enrich", "0")] {
-            let m = Manifest::new(name, version, [0; 32]).unwrap();
+            let m = Manifest::new(name, version, [0; 32], 0).unwrap();
             assert!(verify(&trusted, &m, id, c.signature()).is_err());
         }
         // The two byte strings never even share their prefix.

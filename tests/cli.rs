@@ -367,7 +367,7 @@ async fn module_client_matches_statuses_to_its_requests() {
     let _a = fake_gateway(broker.port, "a", true).await;
     let _b = fake_gateway(broker.port, "b", false).await;
     let key = SigningKey::from_bytes(&[7; 32]);
-    let module = SignedModule::sign(&key, "celsius", "1.0.0", b"\0asm".to_vec()).unwrap();
+    let module = SignedModule::sign(&key, "celsius", "1.0.0", 1, b"\0asm".to_vec()).unwrap();
     let wait = Duration::from_secs(10);
 
     let gateway = Target::gateway("a").unwrap();

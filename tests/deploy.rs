@@ -1,6 +1,7 @@
 //! Deploying handler modules over MQTT to the real gateway: only signed components of the
 //! handler world are accepted, each refusal says why, a version swap under load loses and
-//! duplicates nothing, rollback and remove are signed commands that cannot be replayed,
+//! duplicates nothing, a replayed deploy of an older version is refused, rollback and remove
+//! are signed commands that cannot be replayed,
 //! deploys survive a restart without compiling again, and a fleet deploy through an upstream
 //! Mosquitto reaches two gateways.
 
@@ -25,8 +26,9 @@ fn keypair(dir: &Path, name: &str) -> (SigningKey, PathBuf) {
     (key, path)
 }
 
+/// A module signed now (see [`issue_time`]).
 fn signed(key: &SigningKey, name: &str, version: &str, wasm: &[u8]) -> Vec<u8> {
-    SignedModule::sign(key, name, version, wasm.to_vec())
+    SignedModule::sign(key, name, version, issue_time(), wasm.to_vec())
         .unwrap()
         .to_bytes()
 }
@@ -37,11 +39,22 @@ fn command(key: &SigningKey, op: CommandOp, name: &str, issued_ms: u64) -> Vec<u
         .to_json()
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
+/// An issue time for a deploy or command: the clock, but strictly later than every time this
+/// returned before, so that requests signed within one millisecond still have an order (a
+/// gateway refuses a request not issued after the last one it accepted for the module).
+fn issue_time() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_millis() as u64
+        .as_millis() as u64;
+    let previous = LAST
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+            Some(now.max(last + 1))
+        })
+        .unwrap();
+    now.max(previous + 1)
 }
 
 fn hex_sha256(bytes: &[u8]) -> String {
@@ -131,6 +144,19 @@ impl Operator {
         })
         .await;
         self.answers(payload).remove(0)
+    }
+
+    /// Publishes a request again that was published before, and returns the status answering
+    /// this second copy.
+    async fn replay(&self, gateway: &str, rest: &str, payload: &[u8]) -> Value {
+        let before = self.answers(payload).len();
+        self.publish(&format!("outpost/{gateway}/modules/{rest}"), payload, false)
+            .await;
+        eventually(&format!("a status for the replayed {rest}"), || {
+            self.answers(payload).len() > before
+        })
+        .await;
+        self.answers(payload).remove(before)
     }
 
     /// The newest metrics snapshot published by `gateway`, if any.
@@ -311,15 +337,8 @@ async fn only_signed_components_of_the_handler_world_are_deployed() {
         let value: Value = serde_json::from_slice(&payload).unwrap();
         assert_eq!(value["temp_f"].as_f64(), Some(68.0), "{value}");
     }
-    // Deploying the same bytes again changes nothing.
-    operator
-        .publish("outpost/gw-a/modules/proc/deploy", &full, false)
-        .await;
-    eventually("a second status for the same deploy", || {
-        operator.answers(&full).len() == 2
-    })
-    .await;
-    let again = operator.answers(&full).remove(1);
+    // Deploying the same bytes again (a redelivery) changes nothing, and is not refused.
+    let again = operator.replay("gw-a", "proc/deploy", &full).await;
     assert_eq!(again["ok"], true, "{again}");
     assert_eq!(again["unchanged"], true, "{again}");
     let list = operator.request("gw-a", "list", b"[]").await;
@@ -435,16 +454,24 @@ async fn a_version_swap_under_load_loses_and_duplicates_nothing() {
     );
 
     // Rollback is a signed command; replaying it is refused.
-    let issued = now_ms();
-    let rollback = command(&key, CommandOp::Rollback, "proc", issued);
+    // A replay of the deploy of version 1 (captured from the broker, say) is refused, and
+    // changes nothing.
+    let replayed = operator.replay("gw-b", "proc/deploy", &v1).await;
+    assert!(
+        reason(&replayed).contains("replayed or stale"),
+        "{replayed}"
+    );
+    let list = operator.request("gw-b", "list", b"{\"n\":1}").await;
+    assert_eq!(list["modules"][0]["version"], "2", "{list}");
+
+    let rollback = command(&key, CommandOp::Rollback, "proc", issue_time());
     let status = operator.request("gw-b", "proc/rollback", &rollback).await;
     assert_eq!(status["ok"], true, "{status}");
     assert_eq!(status["version"], "1", "{status}");
     // The same command again (a replay), and the rollback signed for remove.
     let replayed = {
         // Same bytes would be matched to the first status; change only the JSON layout.
-        let mut value: Value = serde_json::from_slice(&rollback).unwrap();
-        value["issued_ms"] = serde_json::json!(issued);
+        let value: Value = serde_json::from_slice(&rollback).unwrap();
         serde_json::to_vec_pretty(&value).unwrap()
     };
     let status = operator.request("gw-b", "proc/rollback", &replayed).await;
@@ -453,7 +480,7 @@ async fn a_version_swap_under_load_loses_and_duplicates_nothing() {
         .request(
             "gw-b",
             "proc/remove",
-            &command(&key, CommandOp::Rollback, "proc", issued + 1),
+            &command(&key, CommandOp::Rollback, "proc", issue_time()),
         )
         .await;
     assert!(reason(&status).contains("signature refused"), "{status}");
@@ -475,7 +502,7 @@ async fn a_version_swap_under_load_loses_and_duplicates_nothing() {
         .request(
             "gw-b",
             "proc/remove",
-            &command(&key, CommandOp::Remove, "proc", issued + 2),
+            &command(&key, CommandOp::Remove, "proc", issue_time()),
         )
         .await;
     assert_eq!(status["ok"], true, "{status}");
@@ -489,7 +516,15 @@ async fn a_version_swap_under_load_loses_and_duplicates_nothing() {
     let list = operator.request("gw-b", "list", b"{\"n\":2}").await;
     assert_eq!(list["modules"][0]["loaded"], false, "{list}");
     assert!(gateway.dead_letters().is_empty());
-    let status = operator.request("gw-b", "proc/deploy", &v2).await;
+    // The deploy of version 2 was signed before the remove: replayed, it is refused; signed
+    // again, it is accepted.
+    let replayed = operator.replay("gw-b", "proc/deploy", &v2).await;
+    assert!(
+        reason(&replayed).contains("replayed or stale"),
+        "{replayed}"
+    );
+    let v2_again = signed(&key, "proc", "2", &guest("enrich"));
+    let status = operator.request("gw-b", "proc/deploy", &v2_again).await;
     assert_eq!(status["ok"], true, "{status}");
     eventually("the waiting event after the redeploy", || {
         subscriber.received.len() as u64 > total + 1

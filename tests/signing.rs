@@ -126,6 +126,26 @@ fn keygen_sign_verify_round_trip() {
         printed.contains(&key_id) && printed.contains(&digest),
         "{printed}"
     );
+    // The signing time, which a gateway orders deploys by, is shown for people and in ms.
+    let issued = printed
+        .lines()
+        .find(|l| l.starts_with("issued"))
+        .unwrap_or_else(|| panic!("no issued line in {printed}"));
+    let ms: u64 = issued
+        .rsplit('(')
+        .next()
+        .and_then(|t| t.strip_suffix(" ms)"))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("no time in ms in {issued:?}"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        ms <= now && now - ms < 10 * 60 * 1000,
+        "{issued:?} is not about now"
+    );
+    assert!(issued.contains('T') && issued.contains("Z ("), "{issued:?}");
 
     // The expected name and version, given, must match.
     let out = outpost(&[

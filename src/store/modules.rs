@@ -1,6 +1,8 @@
 //! Deployed handler modules: for each name, the active version and the one before it (kept for
-//! a rollback), each with its WebAssembly and its precompiled artifact; and the newest signed
-//! command accepted per name (replay protection).
+//! a rollback), each with its WebAssembly and its precompiled artifact; and the issue time of
+//! the newest signed request (deploy, rollback or remove) accepted per name, so that a replayed
+//! or out-of-order request is refused (replay protection: a captured deploy of an older version
+//! cannot bring it back).
 //!
 //! Every change is one transaction, so a crash leaves either the old or the new state, never a
 //! half-made deploy.
@@ -57,11 +59,12 @@ pub enum Deployed {
     Unchanged,
 }
 
-/// Why a signed command (remove, rollback) was refused by the store.
+/// Why a signed request (deploy, remove, rollback) was refused by the store.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandRefused {
-    /// A command with the same or a later issue time was already accepted for this module.
-    #[error("replayed or stale command: issued at {issued_ms}, but one issued at {newest_ms} was already accepted for module {name:?}")]
+    /// A deploy or command with the same or a later issue time was already accepted for this
+    /// module.
+    #[error("replayed or stale: issued at {issued_ms} ms, but a deploy or command issued at {newest_ms} ms was already accepted for module {name:?}; sign it again")]
     Stale {
         /// The module.
         name: String,
@@ -95,10 +98,17 @@ fn stored(row: &Row<'_>) -> rusqlite::Result<StoredModule> {
 }
 
 impl Store {
-    /// Makes `module` the active version of its name, in one transaction: the version active
-    /// until now becomes the previous one (replacing any older previous version), unless the
-    /// same bytes are already active.
-    pub fn deploy_module(&self, module: &StoredModule) -> Result<Deployed, StoreError> {
+    /// Makes `module`, signed at `issued_ms`, the active version of its name, in one
+    /// transaction: the version active until now becomes the previous one (replacing any older
+    /// previous version). Nothing changes when the same bytes are already active (a redelivered
+    /// deploy: [`Deployed::Unchanged`], whatever its issue time), and the deploy is refused
+    /// ([`CommandRefused::Stale`]) unless it was issued after every deploy and command accepted
+    /// for the name so far.
+    pub fn deploy_module(
+        &self,
+        module: &StoredModule,
+        issued_ms: u64,
+    ) -> Result<Deployed, CommandRefused> {
         let mut conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -116,6 +126,7 @@ impl Store {
                 return Ok(Deployed::Unchanged);
             }
         }
+        self.check_and_record_issued(&tx, &module.name, issued_ms)?;
         let (key, artifact) = module.artifact.clone().unzip();
         tx.execute(
             "DELETE FROM modules WHERE name = ?1 AND slot = 'previous'",
@@ -212,6 +223,36 @@ impl Store {
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
+        self.check_and_record_issued(&tx, name, issued_ms)?;
+        let outcome = change(&tx).map_err(|e| self.err(e))?;
+        let version = outcome.map_err(CommandRefused::Nothing)?;
+        tx.commit().map_err(|e| self.err(e))?;
+        Ok(version)
+    }
+
+    /// The issue time of the newest deploy or command accepted for `name`, if any. A deploy
+    /// issued at or before it would be refused: the registry asks before compiling, so that a
+    /// replayed deploy costs no compile.
+    pub fn newest_issued_ms(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
+        conn.query_row(
+            "SELECT issued_ms FROM module_commands WHERE name = ?1",
+            params![name],
+            |r| r.get::<_, i64>(0),
+        )
+        .optional()
+        .map(|newest| newest.map(|ms| ms as u64))
+        .map_err(|e| self.err(e))
+    }
+
+    /// Refuses `issued_ms` unless it is after the newest issue time accepted for `name`, and
+    /// records it (the transaction `tx` decides whether the record stays).
+    fn check_and_record_issued(
+        &self,
+        tx: &rusqlite::Transaction<'_>,
+        name: &str,
+        issued_ms: u64,
+    ) -> Result<(), CommandRefused> {
         let newest: Option<i64> = tx
             .query_row(
                 "SELECT issued_ms FROM module_commands WHERE name = ?1",
@@ -229,16 +270,13 @@ impl Store {
                 });
             }
         }
-        let outcome = change(&tx).map_err(|e| self.err(e))?;
-        let version = outcome.map_err(CommandRefused::Nothing)?;
         tx.execute(
             "INSERT INTO module_commands (name, issued_ms) VALUES (?1, ?2)
              ON CONFLICT (name) DO UPDATE SET issued_ms = excluded.issued_ms",
             params![name, issued_ms as i64],
         )
         .map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))?;
-        Ok(version)
+        Ok(())
     }
 
     /// The active version of every deployed module, with its bytes and artifact.

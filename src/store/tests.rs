@@ -444,21 +444,21 @@ fn deploys_keep_the_previous_version_and_rollback_swaps_them() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(
-        store.deploy_module(&module("m", "1")).unwrap(),
+        store.deploy_module(&module("m", "1"), 1).unwrap(),
         Deployed::Activated { previous: None }
     );
     assert_eq!(
-        store.deploy_module(&module("m", "1")).unwrap(),
+        store.deploy_module(&module("m", "1"), 1).unwrap(),
         Deployed::Unchanged
     );
     assert_eq!(
-        store.deploy_module(&module("m", "2")).unwrap(),
+        store.deploy_module(&module("m", "2"), 2).unwrap(),
         Deployed::Activated {
             previous: Some("1".into())
         }
     );
     // Only one previous version is kept.
-    store.deploy_module(&module("m", "3")).unwrap();
+    store.deploy_module(&module("m", "3"), 3).unwrap();
     let summary = &store.module_summaries().unwrap()[0];
     assert_eq!(
         (
@@ -485,12 +485,12 @@ fn commands_are_refused_when_stale_or_pointless_and_change_nothing_then() {
         store.rollback_module("m", 1),
         Err(CommandRefused::Nothing(_))
     ));
-    store.deploy_module(&module("m", "1")).unwrap();
+    store.deploy_module(&module("m", "1"), 1).unwrap();
     assert!(matches!(
         store.rollback_module("m", 2),
         Err(CommandRefused::Nothing(_))
     ));
-    store.deploy_module(&module("m", "2")).unwrap();
+    store.deploy_module(&module("m", "2"), 3).unwrap();
     assert_eq!(store.rollback_module("m", 5).unwrap(), "1");
     // A replay (same issue time) or an older command is refused.
     assert!(matches!(
@@ -511,13 +511,73 @@ fn commands_are_refused_when_stale_or_pointless_and_change_nothing_then() {
     ));
 }
 
+/// Deploys and commands of one name share one order: a deploy issued at or before the newest
+/// accepted request is refused and changes nothing (a replayed deploy of an old version cannot
+/// bring it back), a redelivery of the active bytes is `Unchanged` whatever its time, and
+/// another name has an order of its own.
+#[test]
+fn deploys_are_refused_when_stale_and_change_nothing_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    store.deploy_module(&module("m", "1"), 10).unwrap();
+    store.deploy_module(&module("m", "2"), 20).unwrap();
+    assert_eq!(store.newest_issued_ms("m").unwrap(), Some(20));
+    // The deploy of version 1, replayed.
+    assert!(matches!(
+        store.deploy_module(&module("m", "1"), 10),
+        Err(CommandRefused::Stale {
+            issued_ms: 10,
+            newest_ms: 20,
+            ..
+        })
+    ));
+    // The same time as the newest is a replay too.
+    assert!(matches!(
+        store.deploy_module(&module("m", "3"), 20),
+        Err(CommandRefused::Stale { .. })
+    ));
+    let summary = &store.module_summaries().unwrap()[0];
+    assert_eq!(
+        (
+            summary.version.as_str(),
+            summary.previous_version.as_deref()
+        ),
+        ("2", Some("1"))
+    );
+    // The active version again, even with an old time: nothing to do, nothing refused.
+    assert_eq!(
+        store.deploy_module(&module("m", "2"), 5).unwrap(),
+        Deployed::Unchanged
+    );
+    // A rollback moves the order on: the deploy of version 2 (time 20) cannot undo it.
+    assert_eq!(store.rollback_module("m", 30).unwrap(), "1");
+    assert!(matches!(
+        store.deploy_module(&module("m", "2"), 20),
+        Err(CommandRefused::Stale { newest_ms: 30, .. })
+    ));
+    assert_eq!(store.active_modules().unwrap()[0].version, "1");
+    // A newer deploy is accepted; a refused one recorded nothing.
+    store.deploy_module(&module("m", "4"), 31).unwrap();
+    assert_eq!(store.newest_issued_ms("m").unwrap(), Some(31));
+    // Names are independent.
+    assert_eq!(store.newest_issued_ms("other").unwrap(), None);
+    store.deploy_module(&module("other", "1"), 1).unwrap();
+    // The order survives a restart.
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert!(matches!(
+        store.deploy_module(&module("m", "3"), 31),
+        Err(CommandRefused::Stale { .. })
+    ));
+}
+
 #[test]
 fn an_artifact_is_stored_for_the_version_with_that_hash_only() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
     let mut m = module("m", "1");
     m.artifact = None;
-    store.deploy_module(&m).unwrap();
+    store.deploy_module(&m, 1).unwrap();
     store
         .set_module_artifact("m", "sha-of-other", "key", b"x")
         .unwrap();
