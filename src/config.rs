@@ -603,6 +603,10 @@ pub struct RouteConfig {
     /// Most payload bytes of one invocation's outputs on this route (default 8 MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output_bytes: Option<usize>,
+    /// Most of this route's invocations that run at once; can only lower
+    /// `handlers.max_concurrent_per_module` (the default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<usize>,
     /// Outputs not delivered within this many seconds become dead letters (`expired`);
     /// 0: no limit.
     #[serde(default)]
@@ -636,6 +640,7 @@ impl RouteConfig {
             memory_limit_mib: None,
             max_outputs: None,
             max_output_bytes: None,
+            max_concurrent: None,
             ttl_secs: 0,
             payload: PayloadFormat::Any,
             on_quarantine: QuarantinePolicy::Wait,
@@ -1004,6 +1009,7 @@ impl Config {
                 ("memory_limit_mib", r.memory_limit_mib.is_some()),
                 ("max_outputs", r.max_outputs.is_some()),
                 ("max_output_bytes", r.max_output_bytes.is_some()),
+                ("max_concurrent", r.max_concurrent.is_some()),
             ] {
                 if set && r.handler.is_none() {
                     return Err(invalid(key(name), "only applies to a route with a handler"));
@@ -1016,6 +1022,17 @@ impl Config {
                         format!(
                             "must be between 1 and handlers.memory_limit_mib ({})",
                             self.handlers.memory_limit_mib
+                        ),
+                    ));
+                }
+            }
+            if let Some(n) = r.max_concurrent {
+                if n == 0 || n > self.handlers.max_concurrent_per_module {
+                    return Err(invalid(
+                        key("max_concurrent"),
+                        format!(
+                            "must be between 1 and handlers.max_concurrent_per_module ({})",
+                            self.handlers.max_concurrent_per_module
                         ),
                     ));
                 }
@@ -1153,6 +1170,36 @@ mod tests {
         let cfg = parse("[[module]]\nname = \"m\"\npath = \"/nonexistent/m.wasm\"\n").unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("module \"m\".path"), "{err}");
+    }
+
+    /// A route may lower its module's concurrency, never raise it, and only with a handler.
+    #[test]
+    fn route_concurrency_is_within_the_module_cap() {
+        let with = |route_extra: &str| {
+            parse(&format!(
+                "[handlers]\nmax_concurrent_per_module = 3\n[[module]]\nname = \"m\"\n\
+                 [[route]]\nname = \"r\"\nfilter = \"x/#\"\n{route_extra}"
+            ))
+            .unwrap()
+            .validate()
+        };
+        with("handler = \"m\"\nmax_concurrent = 3\n").unwrap();
+        with("handler = \"m\"\nmax_concurrent = 1\n").unwrap();
+        for bad in [0, 4] {
+            let err = with(&format!("handler = \"m\"\nmax_concurrent = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("route \"r\".max_concurrent"), "{err}");
+            assert!(
+                err.contains("between 1 and handlers.max_concurrent_per_module (3)"),
+                "{err}"
+            );
+        }
+        let err = with("max_concurrent = 1\n").unwrap_err().to_string();
+        assert!(
+            err.contains("only applies to a route with a handler"),
+            "{err}"
+        );
     }
 
     #[test]

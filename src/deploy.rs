@@ -215,7 +215,9 @@ impl ModuleControl {
                     }
                 }
                 _ = tick(&mut ticker) => {
-                    let snapshot = match serde_json::to_string(&self.metrics.snapshot()) {
+                    let mut snapshot = self.metrics.snapshot();
+                    snapshot.handler_concurrency = self.registry.runtime().concurrency();
+                    let snapshot = match serde_json::to_string(&snapshot) {
                         Ok(s) => s,
                         Err(e) => { warn!(error = %e, "cannot serialize the metrics"); continue }
                     };

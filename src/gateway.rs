@@ -172,6 +172,7 @@ impl Gateway {
                     memory_limit_bytes: r.memory_limit_mib.map(|m| m * 1024 * 1024),
                     max_outputs: r.max_outputs,
                     max_output_bytes: r.max_output_bytes,
+                    max_concurrent: r.max_concurrent,
                 };
                 (r.name.clone(), policy)
             })

@@ -181,6 +181,10 @@ pub struct Snapshot {
     pub links_connected: BTreeMap<String, bool>,
     /// Fuel consumed per module name (every version): each module's cost.
     pub module_fuel: BTreeMap<String, u64>,
+    /// Handler invocations running and waiting now, and the most that ran at once, overall
+    /// and per module. The counters do not hold it: whoever publishes a snapshot fills it in
+    /// from the runtime ([`crate::runtime::Runtime::concurrency`]); all zero otherwise.
+    pub handler_concurrency: crate::runtime::Concurrency,
 }
 
 impl Metrics {
@@ -286,6 +290,7 @@ impl Metrics {
                 .lock()
                 .map(|c| c.clone())
                 .unwrap_or_default(),
+            handler_concurrency: Default::default(),
         }
     }
 }

@@ -74,6 +74,9 @@ pub struct RoutePolicy {
     pub max_outputs: Option<usize>,
     /// Most output payload bytes per invocation (`None`: the runtime's).
     pub max_output_bytes: Option<usize>,
+    /// Most of the route's invocations at once (`None`: the module's
+    /// `max_concurrent_per_module`, which also bounds it).
+    pub max_concurrent: Option<usize>,
 }
 
 impl Default for RoutePolicy {
@@ -87,6 +90,7 @@ impl Default for RoutePolicy {
             memory_limit_bytes: None,
             max_outputs: None,
             max_output_bytes: None,
+            max_concurrent: None,
         }
     }
 }
@@ -676,15 +680,21 @@ impl Pipeline {
                 _ => chain.push(vec![p]),
             }
         }
-        if chains.len() == 1 || self.max_concurrent_per_module <= 1 {
+        // The route's own cap, within the module's (which the runtime enforces across routes).
+        let concurrent = policy
+            .max_concurrent
+            .unwrap_or(self.max_concurrent_per_module)
+            .min(self.max_concurrent_per_module);
+        if chains.len() == 1 || concurrent <= 1 {
             for group in chains.into_iter().flatten() {
                 self.run_handler(route, &policy, group, batch).await;
             }
             return;
         }
-        // Chains (topics) run concurrently, at most max_concurrent_per_module at once (the
-        // runtime enforces the same bound); their results are merged in chain order.
-        let permits = Arc::new(tokio::sync::Semaphore::new(self.max_concurrent_per_module));
+        // Chains (topics) run concurrently, at most `concurrent` at once; their results are
+        // merged in chain order. A lane runs its routes one after another, so this is the
+        // route's bound.
+        let permits = Arc::new(tokio::sync::Semaphore::new(concurrent));
         let mut tasks = Vec::with_capacity(chains.len());
         for chain in chains {
             let kept: Vec<Pending> = chain.iter().flatten().cloned().collect();

@@ -537,6 +537,26 @@ impl Runtime {
         self.shared.waiting.load(Ordering::Relaxed)
     }
 
+    /// The concurrency of the handlers: running and waiting now, the most that ran at once
+    /// since the runtime was made, overall and per module name (never above
+    /// [`RuntimeConfig::max_concurrent`] and [`RuntimeConfig::max_concurrent_per_module`]).
+    pub fn concurrency(&self) -> Concurrency {
+        let per_module = self
+            .shared
+            .module_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(name, slots)| (name.clone(), slots.peak() as u64))
+            .collect();
+        Concurrency {
+            running: self.running_invocations() as u64,
+            waiting: self.waiting_invocations() as u64,
+            peak: self.shared.slots.peak() as u64,
+            module_peaks: per_module,
+        }
+    }
+
     /// The limits of an invocation that sets none of its own: those of the
     /// [`RuntimeConfig`] this runtime was created with.
     pub fn default_limits(&self) -> InvokeLimits {
@@ -592,6 +612,19 @@ impl Runtime {
             shared: Arc::clone(&self.shared),
         })
     }
+}
+
+/// How many handler invocations run at once: see [`Runtime::concurrency`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Concurrency {
+    /// Invocations running now.
+    pub running: u64,
+    /// Invocations waiting for a slot now.
+    pub waiting: u64,
+    /// The most invocations that ran at once.
+    pub peak: u64,
+    /// The most invocations of each module that ran at once.
+    pub module_peaks: std::collections::BTreeMap<String, u64>,
 }
 
 impl Shared {
@@ -902,6 +935,8 @@ struct SlotState {
     next_ticket: u64,
     /// The ticket allowed to take the next free slot; tickets below it have their slot.
     serving: u64,
+    /// The most slots held at once so far.
+    peak: usize,
 }
 
 impl Slots {
@@ -914,6 +949,7 @@ impl Slots {
                 free: capacity,
                 next_ticket: 0,
                 serving: 0,
+                peak: 0,
             }),
             changed: Condvar::new(),
         }
@@ -937,6 +973,7 @@ impl Slots {
         }
         state.serving += 1;
         state.free -= 1;
+        state.peak = state.peak.max(self.capacity - state.free);
         // The next ticket may be able to take a slot too.
         let queue = state.next_ticket > state.serving;
         drop(state);
@@ -949,6 +986,11 @@ impl Slots {
     /// Slots held now.
     fn in_use(&self) -> usize {
         self.capacity - self.lock().free
+    }
+
+    /// The most slots held at once so far.
+    fn peak(&self) -> usize {
+        self.lock().peak
     }
 }
 
@@ -2132,6 +2174,11 @@ mod tests {
         assert!(second.waited > Duration::ZERO);
         assert_eq!(runtime.running_invocations(), 0);
         assert_eq!(runtime.waiting_invocations(), 0);
+        // The busy module never ran two at once; with the other one, two ran at once.
+        let c = runtime.concurrency();
+        assert_eq!((c.running, c.waiting, c.peak), (0, 0, 2), "{c:?}");
+        assert_eq!(c.module_peaks.get("faulty"), Some(&1), "{c:?}");
+        assert_eq!(c.module_peaks.get("other"), Some(&1), "{c:?}");
     }
 
     #[test]

@@ -321,3 +321,90 @@ handler = "echo"
         assert_eq!(seen, (0..EACH).collect::<Vec<_>>(), "{topic}");
     }
 }
+
+/// Concurrency limits per route and per module, seen in the published metrics: a route capped
+/// at one invocation runs one at a time although its module may run four, while a route
+/// without a cap of its own runs several of its topics at once (up to the module's four).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_caps_its_own_concurrency_and_the_metrics_show_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let faulty = outpost::examples::guest_path("faulty");
+    // Two names for the same module, so that each route's concurrency has its own figure;
+    // every event loops until the deadline, so invocations overlap whenever they may.
+    let text = format!(
+        r#"
+gateway_id = "gw-caps"
+
+[handlers]
+deadline_ms = 300
+max_concurrent = 8
+max_concurrent_per_module = 4
+breaker_failures = 1000
+metrics_interval_ms = 200
+
+[[upstream]]
+name = "cloud"
+url = "{upstream}"
+
+[[module]]
+name = "narrow"
+path = "{faulty}"
+
+[[module]]
+name = "wide"
+path = "{faulty}"
+
+[[route]]
+name = "narrow"
+filter = "narrow/#"
+handler = "narrow"
+max_concurrent = 1
+on_quarantine = "dead-letter"
+[route.retry]
+max_attempts = 1
+
+[[route]]
+name = "wide"
+filter = "wide/#"
+handler = "wide"
+on_quarantine = "dead-letter"
+[route.retry]
+max_attempts = 1
+"#,
+        upstream = upstream.url(),
+        faulty = faulty.display(),
+    );
+    let file = write_config(dir.path(), &text);
+    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
+    gateway.start();
+    let metrics = Subscriber::connect(gateway.port, "metrics-sub", "outpost/gw-caps/metrics").await;
+    const TOPICS: usize = 8;
+    let device = Device::connect(gateway.port, "looper").await;
+    for route in ["narrow", "wide"] {
+        for t in 0..TOPICS {
+            device.publish(&format!("{route}/t{t}"), "loop").await;
+        }
+    }
+    device.wait_acked(2 * TOPICS as u64).await;
+    eventually("every looping event dead-lettered", || {
+        gateway.dead_letters().get("timeout") == Some(&(2 * TOPICS as u64))
+    })
+    .await;
+    // The newest snapshot published after the last invocation ended.
+    let peaks = || -> Option<serde_json::Value> {
+        let all = metrics.received.all();
+        let (_, payload) = all.last()?;
+        let snapshot: serde_json::Value = serde_json::from_slice(payload).ok()?;
+        let c = snapshot["handler_concurrency"].clone();
+        (c["running"] == 0 && c["module_peaks"]["wide"].as_u64().is_some()).then_some(c)
+    };
+    eventually("metrics with the concurrency peaks", || peaks().is_some()).await;
+    let c = peaks().unwrap();
+    assert_eq!(c["module_peaks"]["narrow"], 1, "{c}");
+    let wide = c["module_peaks"]["wide"].as_u64().unwrap();
+    assert!((2..=4).contains(&wide), "{c}");
+    assert!(c["peak"].as_u64().unwrap() <= 8, "{c}");
+    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+}
