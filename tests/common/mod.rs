@@ -63,6 +63,14 @@ fn terminate(child: &mut Child) {
     let _ = child.wait();
 }
 
+fn signal(child: &Child, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {signal} {}", child.id());
+}
+
 /// A Mosquitto broker on a free port, with persistence so that a subscriber's queued messages
 /// survive a restart (the upstream "going away" and coming back).
 pub struct Mosquitto {
@@ -233,6 +241,46 @@ impl Gateway {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+    }
+
+    /// SIGSTOP, and waits until every thread of the gateway has stopped: from then on its
+    /// database holds exactly what a SIGKILL would leave behind, and a test can look at it
+    /// before deciding to kill or to [`Gateway::thaw`].
+    pub fn freeze(&self) {
+        let Some(child) = &self.child else {
+            return;
+        };
+        signal(child, "-STOP");
+        let tasks = PathBuf::from(format!("/proc/{}/task", child.id()));
+        let deadline = Instant::now() + PATIENCE;
+        let stopped = |stat: String| {
+            // "<tid> (<comm>) <state> ...": the state follows the last parenthesis.
+            stat.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['T', 't', 'Z', 'X']))
+        };
+        loop {
+            let all_stopped = std::fs::read_dir(&tasks)
+                .map(|dir| {
+                    dir.filter_map(Result::ok).all(|task| {
+                        std::fs::read_to_string(task.path().join("stat"))
+                            .map(stopped)
+                            .unwrap_or(true)
+                    })
+                })
+                .unwrap_or(true);
+            if all_stopped {
+                return;
+            }
+            assert!(Instant::now() < deadline, "gateway did not stop on SIGSTOP");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// SIGCONT: a frozen gateway goes on where it stopped.
+    pub fn thaw(&self) {
+        if let Some(child) = &self.child {
+            signal(child, "-CONT");
         }
     }
 
