@@ -26,10 +26,28 @@
 //!   nothing to drain), how long until the outbox is empty once live publishing stops at the
 //!   backlog's end, and whether every backlog and live message arrived upstream.
 //!
+//! **A hostile neighbour** (`--hostile`, throughput phase only): a second route, `hostile/#`,
+//! runs the given handler component (by default the `faulty` test fixture, which loops
+//! forever on the payload `loop`, exhausts its memory on `grow`, traps on `trap`), and one more
+//! device publishes `--hostile-payload` to it while the other devices load the first route. The
+//! route gives up after one attempt (`max_attempts = 1`) and dead-letters its events while its
+//! module is quarantined (`on_quarantine = "dead-letter"`), so nothing piles up; the device
+//! publishes at most `--hostile-rate` events a second (default 10) and keeps at most
+//! `--hostile-pending` of them unfinished in the gateway (default 10: enough that a module that
+//! loops until its deadline always has an event waiting, even when events wait behind a full
+//! journal), so the module is kept busy all the time without an ever-growing queue. The handler settings are the gateway's defaults
+//! (deadline, memory cap, one invocation of a module at a time, the circuit breaker);
+//! `--no-breaker` makes the breaker never trip, for the worst case: a module running to its
+//! deadline on every event, continuously. Reported: the first route's figures as usual, how
+//! many hostile events were published and how each ended (dead letters by reason), the
+//! handler invocations, failures and quarantines, how long the hostile guest ran, and the first
+//! route's acknowledged rate before and after the module's first quarantine.
+//!
 //! Everything is in one process on purpose: `/proc/self/io` then counts the gateway's disk
 //! writes, but `/proc/self/status`'s peak RSS and the CPU time include the load generator and
 //! the stand-in upstream.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -37,10 +55,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use outpost::config::{BrokerConfig, Config, UpstreamConfig};
+use outpost::breaker::QuarantinePolicy;
+use outpost::config::{
+    BrokerConfig, Config, HandlerConfig, ModuleConfig, RouteConfig, UpstreamConfig,
+};
 use outpost::edge::{DevicePublish, Edge};
 use outpost::gateway::Gateway;
 use outpost::metrics::Metrics;
+use outpost::store::{DeadLetterFilter, Store};
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
@@ -55,6 +77,14 @@ const POLL: Duration = Duration::from_millis(1);
 const FILL_CHUNK: u64 = 50_000;
 /// The Linux clock tick used by `/proc/self/stat` (USER_HZ, 100 on every common platform).
 const USER_HZ: f64 = 100.0;
+/// The hostile neighbour's route, and the name of its module.
+const HOSTILE_ROUTE: &str = "hostile";
+/// What the hostile route takes.
+const HOSTILE_FILTER: &str = "hostile/#";
+/// The first level of the hostile route's topics, which the stand-in upstream counts apart.
+const HOSTILE_PREFIX: &str = "hostile/";
+/// Where the hostile device publishes (under [`HOSTILE_FILTER`], outside `telemetry/#`).
+const HOSTILE_TOPIC: &str = "hostile/bench-hostile/data";
 
 /// What to run, from the command line.
 #[derive(Debug, Clone)]
@@ -85,6 +115,20 @@ pub struct Options {
     pub skip_drain: bool,
     /// Run this handler component on the route (it must return each payload unchanged).
     pub handler: Option<PathBuf>,
+    /// Add a second route, `hostile/#`, running this handler component, and one more device
+    /// publishing [`Options::hostile_payload`] to it during the throughput phase (see the
+    /// module documentation).
+    pub hostile: Option<PathBuf>,
+    /// What the hostile device publishes (for the `faulty` guest: `loop`, `grow`, `trap`, ...).
+    pub hostile_payload: String,
+    /// Most hostile publishes per second; 0 for no limit but [`Options::hostile_pending`].
+    pub hostile_rate: u64,
+    /// Most hostile events unfinished in the gateway at once (published, not yet
+    /// dead-lettered or delivered); 0 for no limit but [`Options::hostile_rate`].
+    pub hostile_pending: u64,
+    /// Make the circuit breaker never trip (`handlers.breaker_failures` = `u32::MAX`): a
+    /// failing module then runs on every event.
+    pub no_breaker: bool,
     /// Where the gateway's databases go (a fresh subdirectory per phase, removed afterwards).
     pub data: Option<PathBuf>,
     /// Also write the report as JSON here.
@@ -129,6 +173,29 @@ struct Settings {
     drain_backlog: u64,
     /// The handler component the route runs, if any (else the route forwards unchanged).
     handler: Option<String>,
+    /// The hostile neighbour of the throughput phase, if any.
+    hostile: Option<HostileSettings>,
+    /// The gateway's handler limits in every phase (its defaults, except the breaker with
+    /// `--no-breaker`).
+    handler_deadline_ms: u64,
+    handler_memory_limit_mib: usize,
+    handler_max_concurrent_per_module: usize,
+    /// Consecutive failures that quarantine a module (`u32::MAX`: never, `--no-breaker`).
+    breaker_failures: u32,
+    breaker_cooldown_ms: u64,
+}
+
+/// The hostile neighbour, as asked for.
+#[derive(Debug, Serialize)]
+struct HostileSettings {
+    /// Its handler component.
+    module: String,
+    /// What its device publishes.
+    payload: String,
+    /// Most publishes per second (0: no limit).
+    rate: u64,
+    /// Most events unfinished in the gateway at once (0: no limit).
+    pending: u64,
 }
 
 /// Results of the throughput phase.
@@ -172,6 +239,52 @@ struct Throughput {
     cpu_secs: f64,
     cpu_cores_busy: f64,
     /// Times a device's connection failed (each may lose in-flight publishes).
+    device_connection_errors: u64,
+    /// The hostile neighbour's side, with `--hostile`.
+    hostile: Option<HostileReport>,
+}
+
+/// What the hostile neighbour did during the throughput phase, and what became of it. The
+/// handler counters are the gateway's, all modules together (with `--handler` they include the
+/// first route's handler).
+#[derive(Debug, Serialize)]
+struct HostileReport {
+    /// From the release of the load until the hostile device stopped (when every message of
+    /// the first route had arrived upstream).
+    active_secs: f64,
+    /// Hostile publishes sent, and acknowledged by the gateway (journaled).
+    published: u64,
+    acked: u64,
+    /// Dead letters of the hostile route, by reason (`timeout`, `out-of-memory`, `trap`,
+    /// `quarantined`, ...), counted after the gateway stopped.
+    dead_letters: BTreeMap<String, u64>,
+    /// Outputs of the hostile route that arrived upstream (a payload the module answers).
+    outputs_delivered: u64,
+    /// Events still queued for the module's lane when the gateway stopped (kept for the next
+    /// start).
+    left_queued: u64,
+    handler_invocations: u64,
+    handler_failures: u64,
+    /// Times the module was quarantined, and events dead-lettered because it was.
+    quarantines: u64,
+    quarantined_events: u64,
+    /// From the release of the load to the module's first quarantine, if any.
+    first_quarantine_secs: Option<f64>,
+    /// The first route's PUBACKs per second from the release of the load to the first
+    /// quarantine (while the hostile module could run), and from then to the last PUBACK;
+    /// `None` when the module was not quarantined while the devices published.
+    acked_per_sec_before_quarantine: Option<f64>,
+    acked_per_sec_after_quarantine: Option<f64>,
+    /// Time handler invocations ran (all modules), those that ended within `active_secs`, and
+    /// as a share of `active_secs` (an invocation still running at the end is left out).
+    handler_run_secs: f64,
+    handler_busy_share: f64,
+    /// Fuel the hostile module consumed (about one unit per WebAssembly instruction).
+    fuel: u64,
+    /// How long the gateway took to shut down: it waits for the module's lane to finish the
+    /// events it has taken (each may run to its deadline, twice when a batch of several failed
+    /// and is retried event by event).
+    shutdown_secs: f64,
     device_connection_errors: u64,
 }
 
@@ -268,12 +381,7 @@ const NOTES: &[&str] = &[
 
 /// Runs the benchmark and prints (and optionally writes) the report.
 pub async fn run(options: Options) -> anyhow::Result<()> {
-    if options.devices == 0 || options.messages == 0 || options.window == 0 {
-        bail!("--devices, --messages and --window must be at least 1");
-    }
-    if options.inflight == 0 {
-        bail!("--inflight must be at least 1");
-    }
+    check_options(&options)?;
     let root = match &options.data {
         Some(dir) => dir.clone(),
         None => std::env::temp_dir().join(format!("outpost-bench-{}", std::process::id())),
@@ -290,6 +398,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         mem_total_kib: proc_field("/proc/meminfo", "MemTotal:").unwrap_or(0),
         data_dir: root.display().to_string(),
     };
+    let handlers = handler_config(&options);
     let mut backlog_depths = options.backlog.clone();
     backlog_depths.sort_unstable();
     backlog_depths.dedup();
@@ -303,6 +412,17 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         backlog_window: options.window,
         drain_backlog: if options.skip_drain { 0 } else { options.drain },
         handler: options.handler.as_ref().map(|p| p.display().to_string()),
+        hostile: options.hostile.as_ref().map(|p| HostileSettings {
+            module: p.display().to_string(),
+            payload: options.hostile_payload.clone(),
+            rate: options.hostile_rate,
+            pending: options.hostile_pending,
+        }),
+        handler_deadline_ms: handlers.deadline_ms,
+        handler_memory_limit_mib: handlers.memory_limit_mib,
+        handler_max_concurrent_per_module: handlers.max_concurrent_per_module,
+        breaker_failures: handlers.breaker_failures,
+        breaker_cooldown_ms: handlers.breaker_cooldown_ms,
     };
     println!("outpost bench");
     println!(
@@ -327,6 +447,34 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         match &options.handler {
             Some(path) => format!("handler {} (lanes, batches of up to 64)", path.display()),
             None => "forwarded unchanged".to_string(),
+        }
+    );
+    if let Some(path) = &options.hostile {
+        println!(
+            "  neighbour {HOSTILE_FILTER} -> handler {} (throughput phase): one device publishing {:?}, {}, {}; the route dead-letters after 1 attempt and while quarantined",
+            path.display(),
+            options.hostile_payload,
+            match options.hostile_rate {
+                0 => "no rate limit".to_string(),
+                rate => format!("at most {rate}/s"),
+            },
+            match options.hostile_pending {
+                0 => "no limit on unfinished events".to_string(),
+                n => format!("at most {n} unfinished in the gateway"),
+            },
+        );
+    }
+    println!(
+        "  handlers  deadline {} ms, memory {} MiB, {} invocation(s) of a module at a time; breaker {}",
+        handlers.deadline_ms,
+        handlers.memory_limit_mib,
+        handlers.max_concurrent_per_module,
+        match handlers.breaker_failures {
+            u32::MAX => "off (--no-breaker)".to_string(),
+            n => format!(
+                "quarantines after {n} failures in a row for {} s",
+                handlers.breaker_cooldown_ms / 1000
+            ),
         }
     );
 
@@ -385,6 +533,59 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses options that cannot give a meaningful run, and handler files that are missing or
+/// not WebAssembly, before anything starts.
+fn check_options(options: &Options) -> anyhow::Result<()> {
+    if options.devices == 0 || options.messages == 0 || options.window == 0 {
+        bail!("--devices, --messages and --window must be at least 1");
+    }
+    if options.inflight == 0 {
+        bail!("--inflight must be at least 1");
+    }
+    if let Some(path) = &options.handler {
+        check_wasm("--handler", path)?;
+    }
+    if let Some(path) = &options.hostile {
+        check_wasm("--hostile", path)?;
+        if options.skip_throughput {
+            bail!("--hostile runs in the throughput phase: do not skip it");
+        }
+        if options.hostile_rate == 0 && options.hostile_pending == 0 {
+            bail!(
+                "--hostile-rate 0 with --hostile-pending 0 would publish hostile events without \
+                 any limit; give one of them"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `path` (given with `flag`) is a readable WebAssembly file, by its magic number.
+fn check_wasm(flag: &str, path: &Path) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut file| file.read_exact(&mut magic))
+        .with_context(|| format!("{flag} {}: cannot read it", path.display()))?;
+    if &magic != b"\0asm" {
+        bail!(
+            "{flag} {}: not a WebAssembly file (a component built for wasm32-wasip2 is expected)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The gateway's handler settings in every phase: its defaults, with the breaker off under
+/// `--no-breaker`.
+fn handler_config(options: &Options) -> HandlerConfig {
+    let mut handlers = HandlerConfig::default();
+    if options.no_breaker {
+        handlers.breaker_failures = u32::MAX;
+    }
+    handlers
+}
+
 /// Phase 1: upstream reachable, `messages` publishes as fast as the devices' windows allow.
 async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<Throughput> {
     println!();
@@ -408,30 +609,51 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
     let gateway = Gateway::start(gateway_config(
         data_dir,
         gateway_port,
-        options.devices,
         format!("mqtt://127.0.0.1:{upstream_port}"),
-        options.handler.as_deref(),
+        options,
+        true,
     ))
     .await
     .context("starting the gateway")?;
     let fleet = Fleet::connect(gateway_port, options, clock).await?;
+    let metrics = gateway.metrics.clone();
+    let hostile = match &options.hostile {
+        Some(_) => {
+            // A hostile event is finished once it is a dead letter or its outputs arrived.
+            let (metrics, arrivals) = (metrics.clone(), arrivals.clone());
+            let finished: Finished = Arc::new(move || {
+                metrics.dead_lettered.load(Ordering::Relaxed)
+                    + arrivals.hostile.load(Ordering::Relaxed)
+            });
+            Some(HostileDevice::connect(gateway_port, options, finished).await?)
+        }
+        None => None,
+    };
+    // Hostile publishes are journaled too: count only the first route's.
+    let hostile_acked = || hostile.as_ref().map_or(0, HostileDevice::acked);
+    let journaled = || {
+        metrics
+            .journaled
+            .load(Ordering::Relaxed)
+            .saturating_sub(hostile_acked())
+    };
 
     let total = options.messages;
     let io_start = write_bytes();
     let cpu_start = cpu_secs();
+    let run_us_start = metrics.handler_run_us.load(Ordering::Relaxed);
     let start = Instant::now();
     fleet.record_ack_latency(true);
     fleet.release(total);
-    let metrics = gateway.metrics.clone();
+    let quarantine_watch = hostile.as_ref().map(|h| {
+        h.go();
+        tokio::spawn(first_quarantine(metrics.clone(), fleet.acked.clone()))
+    });
     let waited = wait_all(
         start,
         vec![
             ("acked", total, Box::new(|| fleet.acked())),
-            (
-                "journaled",
-                total,
-                Box::new(|| metrics.snapshot().journaled),
-            ),
+            ("journaled", total, Box::new(journaled)),
             ("outbox", total, Box::new(|| metrics.snapshot().queued)),
             (
                 "delivered",
@@ -445,6 +667,21 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
     let (acked_at, journaled_at, outbox_at, delivered_at) =
         (&reached[0], &reached[1], &reached[2], &reached[3]);
     let cpu_publish = cpu_start.map(|c0| acked_at.cpu - c0);
+    // The neighbour stops when the first route's measurement is complete.
+    let hostile_stopped = Instant::now();
+    let run_us_at_stop = metrics.handler_run_us.load(Ordering::Relaxed);
+    let quarantined = match quarantine_watch {
+        Some(watch) if watch.is_finished() => watch.await.ok(),
+        Some(watch) => {
+            watch.abort();
+            None
+        }
+        None => None,
+    };
+    let hostile_device = match hostile {
+        Some(device) => Some(device.stop().await),
+        None => None,
+    };
 
     // The outbox empties once the uplink's batched deletes have run.
     let deadline = Instant::now() + STALL;
@@ -459,9 +696,59 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
     let ack_latency_us = Latency::of_sorted(&fleet.ack_latencies());
 
     fleet.stop().await;
+    let store = gateway.store.clone();
+    let shutdown_started = Instant::now();
     gateway.shutdown().await;
+    let shutdown_secs = shutdown_started.elapsed().as_secs_f64();
     upstream_edge.stop();
     counter.abort();
+
+    let secs = |at: &Reached| at.at.duration_since(start).as_secs_f64();
+    let publish_secs = secs(acked_at);
+    let hostile = match hostile_device {
+        Some(device) => {
+            let snapshot = metrics.snapshot();
+            let (dead_letters, left_queued) = tokio::task::spawn_blocking(move || {
+                anyhow::Ok((
+                    dead_letters_by_reason(&store, HOSTILE_ROUTE)?,
+                    store.retry_count()?,
+                ))
+            })
+            .await??;
+            let active_secs = hostile_stopped.duration_since(start).as_secs_f64();
+            let handler_run_secs = run_us_at_stop.saturating_sub(run_us_start) as f64 / 1e6;
+            let split = quarantined
+                .filter(|q| q.at < acked_at.at)
+                .map(|q| split_at_quarantine(&q, start, acked_at.at, total));
+            Some(HostileReport {
+                active_secs,
+                published: device.sent,
+                acked: device.acked,
+                dead_letters,
+                outputs_delivered: arrivals.hostile.load(Ordering::Relaxed),
+                left_queued,
+                handler_invocations: snapshot.handler_invocations,
+                handler_failures: snapshot.handler_failures,
+                quarantines: snapshot.quarantines,
+                quarantined_events: snapshot.quarantined_events,
+                first_quarantine_secs: quarantined
+                    .as_ref()
+                    .map(|q| q.at.duration_since(start).as_secs_f64()),
+                acked_per_sec_before_quarantine: split.map(|s| s.0),
+                acked_per_sec_after_quarantine: split.map(|s| s.1),
+                handler_run_secs,
+                handler_busy_share: handler_run_secs / active_secs,
+                fuel: snapshot
+                    .module_fuel
+                    .get(HOSTILE_ROUTE)
+                    .copied()
+                    .unwrap_or(0),
+                shutdown_secs,
+                device_connection_errors: device.errors,
+            })
+        }
+        None => None,
+    };
 
     let tally = arrivals
         .tally
@@ -470,12 +757,10 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
     let mut latencies = tally.latencies_us.clone();
     latencies.sort_unstable();
     let latency_us = Latency::of_sorted(&latencies);
-    let secs = |at: &Reached| at.at.duration_since(start).as_secs_f64();
     let per_msg = |end: Option<u64>| match (io_start, end) {
         (Some(a), Some(b)) => b.saturating_sub(a) as f64 / total as f64,
         _ => f64::NAN,
     };
-    let publish_secs = secs(acked_at);
     Ok(Throughput {
         messages: total,
         publish_secs,
@@ -497,7 +782,50 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
         cpu_secs: cpu_publish.unwrap_or(f64::NAN),
         cpu_cores_busy: cpu_publish.map_or(f64::NAN, |c| c / publish_secs),
         device_connection_errors,
+        hostile,
     })
+}
+
+/// The moment a module was first quarantined, and the PUBACKs devices had received by then.
+#[derive(Debug, Clone, Copy)]
+struct Quarantined {
+    at: Instant,
+    acked: u64,
+}
+
+/// Waits (polling) for the gateway's first quarantine.
+async fn first_quarantine(metrics: Arc<Metrics>, acked: Arc<AtomicU64>) -> Quarantined {
+    while metrics.quarantines.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(POLL).await;
+    }
+    Quarantined {
+        at: Instant::now(),
+        acked: acked.load(Ordering::Relaxed),
+    }
+}
+
+/// The PUBACK rates (of `total` publishes released at `start`, the last acknowledged at
+/// `end`) before and after the first quarantine `q`.
+fn split_at_quarantine(q: &Quarantined, start: Instant, end: Instant, total: u64) -> (f64, f64) {
+    let before = q.at.duration_since(start).as_secs_f64();
+    let after = end.duration_since(q.at).as_secs_f64();
+    (
+        q.acked as f64 / before,
+        total.saturating_sub(q.acked) as f64 / after,
+    )
+}
+
+/// The dead letters of `route`, counted by reason.
+fn dead_letters_by_reason(store: &Store, route: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+    let filter = DeadLetterFilter {
+        route: Some(route.to_string()),
+        ..DeadLetterFilter::default()
+    };
+    let mut by_reason = BTreeMap::new();
+    for letter in store.dead_letters(&filter, usize::MAX)? {
+        *by_reason.entry(letter.letter.reason).or_insert(0) += 1;
+    }
+    Ok(by_reason)
 }
 
 /// Phase 2: upstream unreachable; fill the outbox to each depth and measure a window there.
@@ -517,9 +845,9 @@ async fn backlog_phase(
     let mut config = gateway_config(
         data_dir,
         gateway_port,
-        options.devices,
         format!("mqtt://127.0.0.1:{closed_port}"),
-        options.handler.as_deref(),
+        options,
+        false,
     );
     // Room in the outbox for every publish of this phase (the default caps would hold new
     // data back at a million rows or 256 MiB, which is a different measurement).
@@ -643,9 +971,9 @@ async fn drain_phase(
     let mut config = gateway_config(
         data_dir,
         gateway_port,
-        options.devices,
         format!("mqtt://127.0.0.1:{upstream_port}"),
-        options.handler.as_deref(),
+        options,
+        false,
     );
     // Room for the backlog and for the live rows that queue behind it (at a saturating live
     // load the outbox grows while the backlog drains): caps are not what this measures.
@@ -813,19 +1141,23 @@ fn waits_at_caps(metrics: &Metrics) -> u64 {
 }
 
 /// The gateway as the benchmark runs it: defaults (passthrough `telemetry/#`, one upstream),
-/// devices on `port`, data in `data_dir`; with `handler`, the route runs that component
-/// (which must return each event's payload unchanged, like `modules/passthrough`).
+/// devices on `port`, data in `data_dir`, the handler settings of [`handler_config`]; with
+/// `options.handler`, the route runs that component (which must return each event's payload
+/// unchanged, like `modules/passthrough`). With `hostile` and `options.hostile`, a second
+/// route [`HOSTILE_FILTER`] runs that component, gives up on an event after one attempt, and
+/// dead-letters its events while the module is quarantined.
 fn gateway_config(
     data_dir: &Path,
     port: u16,
-    devices: usize,
     upstream_url: String,
-    handler: Option<&Path>,
+    options: &Options,
+    hostile: bool,
 ) -> Config {
     let mut config = Config {
         gateway_id: "bench-gw".into(),
         data_dir: data_dir.to_path_buf(),
-        broker: broker_on(port, devices),
+        broker: broker_on(port, options.devices + usize::from(hostile)),
+        handlers: handler_config(options),
         upstreams: vec![UpstreamConfig {
             name: "cloud".into(),
             url: upstream_url,
@@ -834,15 +1166,27 @@ fn gateway_config(
         }],
         ..Config::default()
     };
-    if let Some(path) = handler {
-        config.modules.push(outpost::config::ModuleConfig {
+    if let Some(path) = &options.handler {
+        config.modules.push(ModuleConfig {
             name: "bench".into(),
-            path: Some(path.to_path_buf()),
+            path: Some(path.clone()),
         });
         for route in &mut config.routes {
             route.handler = Some("bench".into());
             route.topic = Some("{output}".into());
         }
+    }
+    if let Some(path) = options.hostile.as_ref().filter(|_| hostile) {
+        config.modules.push(ModuleConfig {
+            name: HOSTILE_ROUTE.into(),
+            path: Some(path.clone()),
+        });
+        let mut route = RouteConfig::new(HOSTILE_ROUTE, HOSTILE_FILTER);
+        route.handler = Some(HOSTILE_ROUTE.into());
+        route.topic = Some("{output}".into());
+        route.retry.max_attempts = 1;
+        route.on_quarantine = QuarantinePolicy::DeadLetter;
+        config.routes.push(route);
     }
     config
 }
@@ -1127,6 +1471,188 @@ impl Fleet {
     }
 }
 
+/// Counts the hostile events that are finished (dead-lettered, or answered with outputs that
+/// arrived upstream).
+type Finished = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// What the hostile device is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HostileGate {
+    Wait,
+    Go,
+    Stop,
+}
+
+/// The one device publishing to the hostile route.
+struct HostileDevice {
+    sent: Arc<AtomicU64>,
+    acked: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    gate: watch::Sender<HostileGate>,
+    client: AsyncClient,
+    publisher: JoinHandle<anyhow::Result<()>>,
+    driver: JoinHandle<()>,
+}
+
+/// What the hostile device sent, once stopped.
+struct HostileCounts {
+    sent: u64,
+    acked: u64,
+    errors: u64,
+}
+
+impl HostileDevice {
+    /// Connects the hostile device to the gateway on `port` and waits for its CONNACK. It
+    /// publishes nothing until [`HostileDevice::go`].
+    async fn connect(
+        port: u16,
+        options: &Options,
+        finished: Finished,
+    ) -> anyhow::Result<HostileDevice> {
+        let mut mqtt = MqttOptions::new("bench-hostile", "127.0.0.1", port);
+        mqtt.set_keep_alive(Duration::from_secs(30))
+            .set_inflight(16)
+            .set_request_channel_capacity(8);
+        let (client, eventloop) = AsyncClient::new(mqtt, 8);
+        let (gate, gate_rx) = watch::channel(HostileGate::Wait);
+        let connected = Arc::new(AtomicU64::new(0));
+        let acked = Arc::new(AtomicU64::new(0));
+        let errors = Arc::new(AtomicU64::new(0));
+        let sent = Arc::new(AtomicU64::new(0));
+        let driver = tokio::spawn(drive(
+            eventloop,
+            Counters {
+                acked: acked.clone(),
+                errors: errors.clone(),
+                connected: connected.clone(),
+                recording: Arc::new(AtomicBool::new(false)),
+                ack_latencies: Arc::new(Mutex::new(Vec::new())),
+            },
+        ));
+        let publisher = tokio::spawn(hostile_loop(
+            client.clone(),
+            options.hostile_payload.as_bytes().to_vec(),
+            (options.hostile_rate > 0)
+                .then(|| Duration::from_secs_f64(1.0 / options.hostile_rate as f64)),
+            options.hostile_pending,
+            sent.clone(),
+            finished,
+            gate_rx,
+        ));
+        let deadline = Instant::now() + STALL;
+        while connected.load(Ordering::Relaxed) == 0 {
+            if Instant::now() > deadline {
+                publisher.abort();
+                driver.abort();
+                bail!("the hostile device did not connect");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(HostileDevice {
+            sent,
+            acked,
+            errors,
+            gate,
+            client,
+            publisher,
+            driver,
+        })
+    }
+
+    /// Starts publishing.
+    fn go(&self) {
+        self.gate.send_replace(HostileGate::Go);
+    }
+
+    /// Hostile publishes acknowledged by the gateway so far.
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Stops publishing, disconnects, and says what was sent.
+    async fn stop(self) -> HostileCounts {
+        self.gate.send_replace(HostileGate::Stop);
+        match tokio::time::timeout(Duration::from_secs(5), self.publisher).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => eprintln!("  the hostile device failed: {e:#}"),
+            Ok(Err(e)) => eprintln!("  the hostile device failed: {e}"),
+            Err(_) => eprintln!("  the hostile device did not stop publishing within 5 s"),
+        }
+        // Its last publish may still wait for its PUBACK.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.acked.load(Ordering::Relaxed) < self.sent.load(Ordering::Relaxed)
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Counted before the disconnect, which ends the connection with an error.
+        let counts = HostileCounts {
+            sent: self.sent.load(Ordering::Relaxed),
+            acked: self.acked.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+        };
+        let _ = self.client.try_disconnect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.driver.abort();
+        counts
+    }
+}
+
+/// Whether the hostile device may publish another event: fewer than `pending` of the `sent`
+/// are unfinished (0: no limit).
+fn may_publish(sent: u64, finished: u64, pending: u64) -> bool {
+    pending == 0 || sent.saturating_sub(finished) < pending
+}
+
+/// The hostile device's publishing: once the gate says go, `payload` to [`HOSTILE_TOPIC`] at
+/// most once per `period`, and only while [`may_publish`], until the gate says stop.
+async fn hostile_loop(
+    client: AsyncClient,
+    payload: Vec<u8>,
+    period: Option<Duration>,
+    pending: u64,
+    sent: Arc<AtomicU64>,
+    finished: Finished,
+    mut gate: watch::Receiver<HostileGate>,
+) -> anyhow::Result<()> {
+    loop {
+        match *gate.borrow_and_update() {
+            HostileGate::Go => break,
+            HostileGate::Stop => return Ok(()),
+            HostileGate::Wait => {}
+        }
+        if gate.changed().await.is_err() {
+            return Ok(());
+        }
+    }
+    let stopped = |gate: &watch::Receiver<HostileGate>| *gate.borrow() == HostileGate::Stop;
+    let mut ticker = period.map(|period| {
+        let mut ticker = tokio::time::interval(period);
+        // After a wait for a pending event to finish, publish at once, then keep the period.
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
+    });
+    loop {
+        if let Some(ticker) = ticker.as_mut() {
+            ticker.tick().await;
+        }
+        while !may_publish(sent.load(Ordering::Relaxed), finished(), pending) {
+            if stopped(&gate) {
+                return Ok(());
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        if stopped(&gate) {
+            return Ok(());
+        }
+        client
+            .publish(HOSTILE_TOPIC, QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .context("the hostile device cannot publish")?;
+        sent.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// What a device's event loop counts and records.
 struct Counters {
     acked: Arc<AtomicU64>,
@@ -1255,6 +1781,8 @@ struct Arrivals {
     live_from: u64,
     /// Distinct sequence numbers below `live_from` received.
     unique_below: AtomicU64,
+    /// Arrivals from the hostile route (its topics), not counted anywhere else.
+    hostile: AtomicU64,
     tally: Mutex<Tally>,
 }
 
@@ -1289,6 +1817,10 @@ async fn count_arrivals(
             return;
         };
         for publish in batch.drain(..) {
+            if publish.topic.starts_with(HOSTILE_PREFIX) {
+                arrivals.hostile.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             tally.arrivals += 1;
             let Ok(stamp) = serde_json::from_slice::<Stamp>(&publish.payload) else {
                 tally.unparsed += 1;
@@ -1452,6 +1984,9 @@ fn print_report(report: &Report) {
         if t.device_connection_errors > 0 {
             println!("  device connection errors {}", t.device_connection_errors);
         }
+        if let Some(h) = &t.hostile {
+            print_hostile(h, t.acked_per_sec);
+        }
     }
     if !report.backlog.is_empty() {
         println!("  backlog (upstream unreachable)");
@@ -1478,6 +2013,70 @@ fn print_report(report: &Report) {
     println!("  notes");
     for note in &report.notes {
         println!("    - {note}");
+    }
+}
+
+fn print_hostile(h: &HostileReport, acked_per_sec: f64) {
+    println!(
+        "  hostile neighbour ({HOSTILE_FILTER}, while the devices published and until delivery, {:.2} s)",
+        h.active_secs
+    );
+    let ended: Vec<String> = h
+        .dead_letters
+        .iter()
+        .map(|(reason, n)| format!("{n} {reason}"))
+        .collect();
+    println!(
+        "    published                {:>9}  ({} acknowledged)",
+        h.published, h.acked
+    );
+    println!(
+        "    dead letters             {:>9}  ({}); outputs delivered {}; left queued {}",
+        h.dead_letters.values().sum::<u64>(),
+        match ended.is_empty() {
+            true => "none".to_string(),
+            false => ended.join(", "),
+        },
+        h.outputs_delivered,
+        h.left_queued
+    );
+    println!(
+        "    handler invocations      {:>9}  ({} failed; {} quarantine(s){}; {} events dead-lettered as quarantined)",
+        h.handler_invocations,
+        h.handler_failures,
+        h.quarantines,
+        match h.first_quarantine_secs {
+            Some(at) => format!(", the first after {at:.2} s"),
+            None => String::new(),
+        },
+        h.quarantined_events
+    );
+    println!(
+        "    guest running            {:>9.2} s  ({:.0}% of the time; {} fuel)",
+        h.handler_run_secs,
+        h.handler_busy_share * 100.0,
+        h.fuel
+    );
+    match (
+        h.acked_per_sec_before_quarantine,
+        h.acked_per_sec_after_quarantine,
+    ) {
+        (Some(before), Some(after)) => println!(
+            "    acked, first route       {before:>9.0} msg/s before the first quarantine, {after:.0} msg/s after ({acked_per_sec:.0} overall)"
+        ),
+        _ => println!(
+            "    acked, first route       {acked_per_sec:>9.0} msg/s  (no quarantine while the devices published)"
+        ),
+    }
+    println!(
+        "    gateway shutdown         {:>9.2} s  (waits for the lane to finish the events it took)",
+        h.shutdown_secs
+    );
+    if h.device_connection_errors > 0 {
+        println!(
+            "    device connection errors {}",
+            h.device_connection_errors
+        );
     }
 }
 
@@ -1615,8 +2214,13 @@ mod tests {
         tx.send(send(b"not json".to_vec()))
             .await
             .expect("counter runs");
+        // An output of the hostile route, even one that looks like a stamp, is counted apart.
+        let mut hostile = send(payload(5, 0, 0, 64));
+        hostile.topic = HOSTILE_TOPIC.into();
+        tx.send(hostile).await.expect("counter runs");
         drop(tx);
         counter.await.expect("counter ends with its channel");
+        assert_eq!(arrivals.hostile.load(Ordering::Relaxed), 1);
         assert_eq!(arrivals.unique.load(Ordering::Relaxed), 5);
         assert_eq!(arrivals.unique_below.load(Ordering::Relaxed), 3);
         let tally = arrivals.tally.lock().expect("not poisoned");
@@ -1638,5 +2242,188 @@ mod tests {
         .expect("every target is reached at once");
         assert_eq!(waited.reached[2].counters, vec![5, 4, 7]);
         assert_eq!(waited.peak_lead, 1);
+    }
+
+    /// The options `outpost bench` parses by default, with a hostile neighbour at `hostile`.
+    fn options_with(hostile: Option<PathBuf>) -> Options {
+        Options {
+            devices: 50,
+            messages: 200_000,
+            payload_bytes: 100,
+            inflight: 100,
+            rate: 0,
+            backlog: vec![10_000, 100_000],
+            window: 50_000,
+            skip_throughput: false,
+            skip_backlog: false,
+            drain: 100_000,
+            skip_drain: false,
+            handler: None,
+            hostile,
+            hostile_payload: "loop".into(),
+            hostile_rate: 10,
+            hostile_pending: 10,
+            no_breaker: false,
+            data: None,
+            json: None,
+        }
+    }
+
+    #[test]
+    fn hostile_needs_a_readable_webassembly_file() {
+        let faulty = outpost::examples::guest_path("faulty");
+        check_options(&options_with(Some(faulty.clone()))).expect("the built faulty guest");
+
+        let dir = tempfile::tempdir().expect("temp dir");
+        let missing = dir.path().join("missing.wasm");
+        let error = check_options(&options_with(Some(missing.clone())))
+            .expect_err("a missing file")
+            .to_string();
+        assert!(
+            error.contains("--hostile") && error.contains(&missing.display().to_string()),
+            "{error}"
+        );
+        let text = dir.path().join("text.wasm");
+        std::fs::write(&text, "not a module").expect("write");
+        let error = format!(
+            "{:#}",
+            check_options(&options_with(Some(text))).expect_err("not WebAssembly")
+        );
+        assert!(error.contains("not a WebAssembly file"), "{error}");
+        let short = dir.path().join("short.wasm");
+        std::fs::write(&short, b"\0a").expect("write");
+        let error = format!(
+            "{:#}",
+            check_options(&options_with(Some(short))).expect_err("too short")
+        );
+        assert!(error.contains("cannot read it"), "{error}");
+        let error = format!(
+            "{:#}",
+            check_options(&options_with(Some(dir.path().to_path_buf()))).expect_err("a directory")
+        );
+        assert!(error.contains("--hostile"), "{error}");
+
+        let mut handler = options_with(None);
+        handler.handler = Some(dir.path().join("missing.wasm"));
+        let error = check_options(&handler).expect_err("--handler is checked too");
+        assert!(error.to_string().contains("--handler"), "{error}");
+    }
+
+    #[test]
+    fn hostile_options_that_cannot_run_are_refused() {
+        let faulty = outpost::examples::guest_path("faulty");
+        let mut unlimited = options_with(Some(faulty.clone()));
+        unlimited.hostile_rate = 0;
+        unlimited.hostile_pending = 0;
+        assert!(check_options(&unlimited).is_err());
+        unlimited.hostile_pending = 1;
+        check_options(&unlimited).expect("the pending limit alone bounds it");
+
+        let mut skipped = options_with(Some(faulty));
+        skipped.skip_throughput = true;
+        let error = check_options(&skipped).expect_err("hostile runs in the throughput phase");
+        assert!(error.to_string().contains("throughput"), "{error}");
+    }
+
+    #[test]
+    fn gateway_config_adds_the_hostile_route_only_where_asked() {
+        let faulty = outpost::examples::guest_path("faulty");
+        let options = options_with(Some(faulty.clone()));
+        let dir = Path::new("/nonexistent");
+        let config = gateway_config(dir, 1883, "mqtt://127.0.0.1:1".into(), &options, true);
+        config.validate().expect("a valid configuration");
+        assert_eq!(config.routes.len(), 2);
+        let route = &config.routes[1];
+        assert_eq!(route.filter, HOSTILE_FILTER);
+        assert_eq!(route.handler.as_deref(), Some(HOSTILE_ROUTE));
+        assert_eq!(route.retry.max_attempts, 1);
+        assert_eq!(route.on_quarantine, QuarantinePolicy::DeadLetter);
+        assert!(config
+            .modules
+            .iter()
+            .any(|m| m.name == HOSTILE_ROUTE && m.path.as_deref() == Some(faulty.as_path())));
+        // The first route is untouched, and the handler settings are the gateway's defaults.
+        assert_eq!(config.routes[0].handler, None);
+        assert_eq!(config.handlers, HandlerConfig::default());
+        assert!(config.broker.max_connections > options.devices + 1);
+
+        let other_phase = gateway_config(dir, 1883, "mqtt://127.0.0.1:1".into(), &options, false);
+        assert_eq!(other_phase.routes.len(), 1);
+        assert!(other_phase.modules.is_empty());
+
+        let mut no_breaker = options_with(None);
+        no_breaker.no_breaker = true;
+        let config = gateway_config(dir, 1883, "mqtt://127.0.0.1:1".into(), &no_breaker, true);
+        assert_eq!(config.routes.len(), 1, "no --hostile, no second route");
+        assert_eq!(config.handlers.breaker_failures, u32::MAX);
+        assert_eq!(
+            config.handlers.deadline_ms,
+            HandlerConfig::default().deadline_ms
+        );
+    }
+
+    #[test]
+    fn hostile_device_keeps_at_most_pending_events_unfinished() {
+        assert!(may_publish(0, 0, 1));
+        assert!(!may_publish(1, 0, 1));
+        assert!(may_publish(1, 1, 1));
+        assert!(may_publish(3, 1, 3));
+        assert!(!may_publish(4, 1, 3));
+        // More finished than sent (an event answered with several outputs): no underflow.
+        assert!(may_publish(1, 5, 1));
+        // 0: no limit.
+        assert!(may_publish(1_000, 0, 0));
+    }
+
+    #[test]
+    fn rates_split_at_the_first_quarantine() {
+        let start = Instant::now();
+        let q = Quarantined {
+            at: start + Duration::from_secs(2),
+            acked: 20_000,
+        };
+        let (before, after) =
+            split_at_quarantine(&q, start, start + Duration::from_secs(10), 100_000);
+        assert!((before - 10_000.0).abs() < 1e-6, "{before}");
+        assert!((after - 10_000.0).abs() < 1e-6, "{after}");
+    }
+
+    #[test]
+    fn dead_letters_are_counted_by_reason_for_one_route() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(dir.path()).expect("store");
+        let letter = |route: &str, reason: &str, id: u64| outpost::store::NewDeadLetter {
+            stage: outpost::store::Stage::Event,
+            event_id: id,
+            route: route.into(),
+            module: Some(HOSTILE_ROUTE.into()),
+            module_version: None,
+            link: None,
+            msg_id: None,
+            reason: reason.into(),
+            detail: String::new(),
+            attempts: 1,
+            topic: HOSTILE_TOPIC.into(),
+            device: "bench-hostile".into(),
+            client_id: "bench-hostile".into(),
+            payload: b"loop".to_vec(),
+            received_ms: 0,
+            geo: String::new(),
+        };
+        let batch = outpost::store::Batch {
+            dead: vec![
+                letter(HOSTILE_ROUTE, "timeout", 1),
+                letter(HOSTILE_ROUTE, "timeout", 2),
+                letter(HOSTILE_ROUTE, "quarantined", 3),
+                letter("telemetry", "expired", 4),
+            ],
+            ..Default::default()
+        };
+        store.commit(&batch).expect("commit");
+        let counted = dead_letters_by_reason(&store, HOSTILE_ROUTE).expect("read");
+        assert_eq!(
+            counted,
+            BTreeMap::from([("quarantined".to_string(), 1), ("timeout".to_string(), 2)])
+        );
     }
 }

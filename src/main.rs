@@ -125,6 +125,32 @@ enum Command {
         /// such as the `passthrough` guest) to measure a handler route instead of forwarding.
         #[arg(long, value_name = "WASM")]
         handler: Option<PathBuf>,
+        /// In the throughput phase, add a second route (`hostile/#`) running this WebAssembly
+        /// handler (default: the `faulty` test guest built with this binary) and one more device
+        /// publishing --hostile-payload to it, to measure what a misbehaving module costs the
+        /// other route.
+        #[arg(long, value_name = "WASM", num_args = 0..=1)]
+        hostile: Option<Option<PathBuf>>,
+        /// What the hostile device publishes (for `faulty`: loop, grow, trap, error, ...).
+        #[arg(
+            long,
+            value_name = "TEXT",
+            default_value = "loop",
+            requires = "hostile"
+        )]
+        hostile_payload: String,
+        /// Most hostile publishes per second (0: no limit but --hostile-pending).
+        #[arg(long, value_name = "N", default_value_t = 10, requires = "hostile")]
+        hostile_rate: u64,
+        /// Most hostile events unfinished in the gateway at once, that is published but not
+        /// yet dead-lettered or delivered (0: no limit but --hostile-rate). The default keeps a
+        /// looping module busy all the time even when its events wait behind a full journal.
+        #[arg(long, value_name = "N", default_value_t = 10, requires = "hostile")]
+        hostile_pending: u64,
+        /// Turn the handlers' circuit breaker off (handlers.breaker_failures = 4294967295), so
+        /// that a failing module runs on every event: the worst case.
+        #[arg(long)]
+        no_breaker: bool,
         /// Directory for the gateway's databases (default: a fresh one under the temp dir).
         #[arg(long)]
         data: Option<PathBuf>,
@@ -446,6 +472,11 @@ fn main() -> ExitCode {
             drain,
             skip_drain,
             handler,
+            hostile,
+            hostile_payload,
+            hostile_rate,
+            hostile_pending,
+            no_breaker,
             data,
             json,
         } => tokio_runtime().and_then(|rt| {
@@ -462,6 +493,12 @@ fn main() -> ExitCode {
                 drain,
                 skip_drain,
                 handler,
+                hostile: hostile
+                    .map(|path| path.unwrap_or_else(|| outpost::examples::guest_path("faulty"))),
+                hostile_payload,
+                hostile_rate,
+                hostile_pending,
+                no_breaker,
                 data,
                 json,
             }))

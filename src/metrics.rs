@@ -90,6 +90,7 @@ pub struct Metrics {
     links: Mutex<BTreeMap<String, LinkState>>,
     quarantined: Mutex<BTreeMap<String, u64>>,
     module_fuel: Mutex<BTreeMap<String, u64>>,
+    module_run_us: Mutex<BTreeMap<String, u64>>,
 }
 
 #[derive(Debug, Default)]
@@ -179,8 +180,14 @@ pub struct Snapshot {
     pub journal_full_waits: u64,
     /// Per upstream link: whether it is connected now.
     pub links_connected: BTreeMap<String, bool>,
-    /// Fuel consumed per module name (every version): each module's cost.
+    /// Fuel consumed per module name (every version): each module's cost in instructions.
+    /// An invocation stopped by its deadline counts only part of its work (wasmtime does not
+    /// write the fuel count back before the deadline trap), so a module that loops shows here
+    /// far less than it cost: see [`Snapshot::module_run_us`].
     pub module_fuel: BTreeMap<String, u64>,
+    /// Microseconds each module's invocations ran, per module name (every version): each
+    /// module's cost in time, which counts invocations stopped by their deadline in full.
+    pub module_run_us: BTreeMap<String, u64>,
     /// Handler invocations running and waiting now, and the most that ran at once, overall
     /// and per module. The counters do not hold it: whoever publishes a snapshot fills it in
     /// from the runtime ([`crate::runtime::Runtime::concurrency`]); all zero otherwise.
@@ -218,14 +225,13 @@ impl Metrics {
     /// Adds `fuel` to module `module`'s cost (and to [`Metrics::handler_fuel`]).
     pub fn add_module_fuel(&self, module: &str, fuel: u64) {
         Metrics::add(&self.handler_fuel, fuel);
-        if let Ok(mut costs) = self.module_fuel.lock() {
-            match costs.get_mut(module) {
-                Some(total) => *total = total.saturating_add(fuel),
-                None => {
-                    costs.insert(module.to_string(), fuel);
-                }
-            }
-        }
+        add_to(&self.module_fuel, module, fuel);
+    }
+
+    /// Adds `micros` of running to module `module`'s time (and to [`Metrics::handler_run_us`]).
+    pub fn add_module_run_us(&self, module: &str, micros: u64) {
+        Metrics::add(&self.handler_run_us, micros);
+        add_to(&self.module_run_us, module, micros);
     }
 
     /// A copy of every counter.
@@ -290,7 +296,24 @@ impl Metrics {
                 .lock()
                 .map(|c| c.clone())
                 .unwrap_or_default(),
+            module_run_us: self
+                .module_run_us
+                .lock()
+                .map(|c| c.clone())
+                .unwrap_or_default(),
             handler_concurrency: Default::default(),
+        }
+    }
+}
+
+/// Adds `n` to `key`'s entry of a per-module map (saturating); a poisoned map is left alone.
+fn add_to(map: &Mutex<BTreeMap<String, u64>>, key: &str, n: u64) {
+    if let Ok(mut map) = map.lock() {
+        match map.get_mut(key) {
+            Some(total) => *total = total.saturating_add(n),
+            None => {
+                map.insert(key.to_string(), n);
+            }
         }
     }
 }

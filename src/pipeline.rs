@@ -1166,7 +1166,7 @@ async fn invoke(
             if let Some(fuel) = invocation.fuel {
                 metrics.add_module_fuel(module, fuel);
             }
-            Metrics::add(&metrics.handler_run_us, invocation.ran.as_micros() as u64);
+            metrics.add_module_run_us(module, invocation.ran.as_micros() as u64);
             Metrics::add(
                 &metrics.handler_wait_us,
                 invocation.waited.as_micros() as u64,

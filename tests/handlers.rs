@@ -407,5 +407,17 @@ max_attempts = 1
     let wide = c["module_peaks"]["wide"].as_u64().unwrap();
     assert!((2..=4).contains(&wide), "{c}");
     assert!(c["peak"].as_u64().unwrap() <= 8, "{c}");
+    // Each module's cost in time counts every loop to its deadline in full (its fuel would
+    // not: wasmtime drops the count of an invocation stopped by the deadline).
+    let all = metrics.received.all();
+    let snapshot: serde_json::Value = serde_json::from_slice(&all.last().unwrap().1).unwrap();
+    for module in ["narrow", "wide"] {
+        let ran = snapshot["module_run_us"][module].as_u64().unwrap_or(0);
+        // A deadline may fire up to one epoch tick early: allow 50 ms of the 300.
+        assert!(
+            ran >= TOPICS as u64 * 250_000,
+            "{module} ran {ran} µs for {TOPICS} loops of 300 ms"
+        );
+    }
     assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
 }
