@@ -1,7 +1,8 @@
 //! The Debian package on the host architecture: install, upgrade with an edited configuration,
 //! remove and purge, with the real `dpkg`, as root, on this machine.
 //!
-//! It needs the package (`cargo build --profile board && cargo deb --no-build --profile
+//! It needs the package (`scripts/test.sh` packs the debug build: `cargo deb --no-build
+//! --profile dev`; a release is `cargo build --profile board && cargo deb --no-build --profile
 //! board`, which writes `target/debian/outpost_<version>_<arch>.deb`) and root, and it changes
 //! the machine (it installs and purges `outpost`), so it is `#[ignore]`d in a plain `cargo
 //! test`. Run it on a disposable machine with `cargo test --test package -- --ignored`.
