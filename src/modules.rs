@@ -43,10 +43,6 @@ use crate::runtime::{Handler, Runtime};
 use crate::signing::{self, SignedCommand, SignedModule, VerifyingKey};
 use crate::store::{CommandRefused, Deployed, Store, StoredModule};
 
-/// How far in the future a signed deploy's or command's issue time may be (clock skew between
-/// the operator's machine and the gateway).
-pub const MAX_COMMAND_SKEW: Duration = Duration::from_secs(600);
-
 /// Where a module name's current handler came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origin {
@@ -220,23 +216,9 @@ impl Registry {
                 });
             }
         }
-        check_not_ahead("deploy", issued_ms)?;
-        // A replayed older deploy is refused before it costs a compile; the store checks again
-        // in the transaction that activates it.
-        if let Some(newest_ms) = self
-            .store
-            .newest_issued_ms(name)
-            .map_err(|e| e.to_string())?
-        {
-            if issued_ms <= newest_ms {
-                return Err(CommandRefused::Stale {
-                    name: name.to_string(),
-                    issued_ms,
-                    newest_ms,
-                }
-                .to_string());
-            }
-        }
+        // A replayed older deploy is refused before it costs a compile; the store checks the
+        // order again in the transaction that activates it.
+        self.check_order(name, issued_ms)?;
         let started = Instant::now();
         let handler = self
             .runtime
@@ -316,7 +298,7 @@ impl Registry {
                 op.as_str()
             ));
         }
-        check_not_ahead("command", command.issued_ms)?;
+        self.check_order(name, command.issued_ms)?;
         let refused = |e: CommandRefused| e.to_string();
         match op {
             signing::CommandOp::Rollback => {
@@ -368,6 +350,16 @@ impl Registry {
                 })
             }
         }
+    }
+
+    /// Refuses a request for `name` issued at `issued_ms` that is out of order (not after the
+    /// last one accepted) or from the future ([`signing::check_issued`]).
+    fn check_order(&self, name: &str, issued_ms: u64) -> Result<(), String> {
+        let last = self
+            .store
+            .newest_issued_ms(name)
+            .map_err(|e| e.to_string())?;
+        signing::check_issued(name, issued_ms, last, now_ms()).map_err(|e| e.to_string())
     }
 
     /// Every module name the gateway knows (declared, from a file, or deployed), with what it
@@ -513,19 +505,6 @@ impl Registry {
         }
         Ok((Loaded { handler, origin }, Some(compile)))
     }
-}
-
-/// Refuses a deploy or command signed more than [`MAX_COMMAND_SKEW`] ahead of this gateway's
-/// clock: accepted, it would make every later request for the module look stale until then.
-fn check_not_ahead(what: &str, issued_ms: u64) -> Result<(), String> {
-    let horizon = now_ms().saturating_add(MAX_COMMAND_SKEW.as_millis() as u64);
-    if issued_ms > horizon {
-        return Err(format!(
-            "{what} issued at {issued_ms} ms is more than {} s in the future: check the clocks",
-            MAX_COMMAND_SKEW.as_secs()
-        ));
-    }
-    Ok(())
 }
 
 fn origin_of(stored: &StoredModule) -> Origin {

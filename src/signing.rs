@@ -82,8 +82,8 @@ pub const COMMAND_DOMAIN: &[u8] = b"outpost-command-v1\0";
 /// under 400).
 pub const MAX_COMMAND_BYTES: usize = 4096;
 
-/// How far ahead of the gateway's clock a command's `issued_ms` may be (10 minutes); see
-/// [`SignedCommand::check_fresh`].
+/// How far ahead of the gateway's clock a deploy's or command's `issued_ms` may be (10
+/// minutes); see [`check_issued`].
 pub const MAX_COMMAND_FUTURE_MS: u64 = 10 * 60 * 1000;
 
 /// A module name, version or key name that is not acceptable.
@@ -396,10 +396,10 @@ pub enum VerifyError {
         /// The signed module name.
         signed_name: String,
     },
-    /// A command is not newer than the last one accepted for its module: a replay, or commands
-    /// that arrived out of order.
+    /// A deploy or command is not newer than the last one accepted for its module: a replay,
+    /// or requests that arrived out of order.
     #[error(
-        "command for module {name:?} was issued at {issued_ms} ms, not after the last accepted command ({last_ms} ms): a replay or out of order; sign a new one"
+        "replayed or stale: issued at {issued_ms} ms, not after the last deploy or command accepted for module {name:?} ({last_ms} ms); sign it again"
     )]
     Replayed {
         /// The module name.
@@ -409,10 +409,10 @@ pub enum VerifyError {
         /// The time of the last accepted command for that module.
         last_ms: u64,
     },
-    /// A command is issued too far in the future (a wrong clock, or one made to be replayed
-    /// later).
+    /// A deploy or command is issued too far in the future (a wrong clock, or one made to be
+    /// replayed later).
     #[error(
-        "command was issued at {issued_ms} ms, {ahead_ms} ms ahead of this gateway's clock; at most {max_ms} ms is allowed (check the clocks)"
+        "issued at {issued_ms} ms, {ahead_ms} ms ahead of this gateway's clock; at most {max_ms} ms is allowed (check the clocks)"
     )]
     FromTheFuture {
         /// The command's time.
@@ -856,6 +856,36 @@ fn write_new(path: &Path, content: &[u8], mode: u32) -> Result<(), KeyFileError>
     Ok(())
 }
 
+/// The order rule shared by deploys and commands of module `name`: `issued_ms` must be strictly
+/// greater than `last_accepted_ms` (the issue time of the last deploy or command accepted for
+/// the module, if any), and at most [`MAX_COMMAND_FUTURE_MS`] ahead of `now_ms` (accepted, a
+/// request from the future would make every later one look stale until then).
+pub fn check_issued(
+    name: &str,
+    issued_ms: u64,
+    last_accepted_ms: Option<u64>,
+    now_ms: u64,
+) -> Result<(), VerifyError> {
+    if let Some(last_ms) = last_accepted_ms {
+        if issued_ms <= last_ms {
+            return Err(VerifyError::Replayed {
+                name: name.to_string(),
+                issued_ms,
+                last_ms,
+            });
+        }
+    }
+    let ahead_ms = issued_ms.saturating_sub(now_ms);
+    if ahead_ms > MAX_COMMAND_FUTURE_MS {
+        return Err(VerifyError::FromTheFuture {
+            issued_ms,
+            ahead_ms,
+            max_ms: MAX_COMMAND_FUTURE_MS,
+        });
+    }
+    Ok(())
+}
+
 /// A module with its manifest and signature: what a deploy carries.
 ///
 /// Constructed by [`SignedModule::sign`] or parsed by [`SignedModule::from_bytes`]; parsing
@@ -1259,24 +1289,7 @@ impl SignedCommand {
         last_accepted_ms: Option<u64>,
         now_ms: u64,
     ) -> Result<(), VerifyError> {
-        if let Some(last_ms) = last_accepted_ms {
-            if self.issued_ms <= last_ms {
-                return Err(VerifyError::Replayed {
-                    name: self.name.clone(),
-                    issued_ms: self.issued_ms,
-                    last_ms,
-                });
-            }
-        }
-        let ahead_ms = self.issued_ms.saturating_sub(now_ms);
-        if ahead_ms > MAX_COMMAND_FUTURE_MS {
-            return Err(VerifyError::FromTheFuture {
-                issued_ms: self.issued_ms,
-                ahead_ms,
-                max_ms: MAX_COMMAND_FUTURE_MS,
-            });
-        }
-        Ok(())
+        check_issued(&self.name, self.issued_ms, last_accepted_ms, now_ms)
     }
 
     /// Every check a gateway makes before it acts on a command that arrived on the topic of
