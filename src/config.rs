@@ -429,8 +429,40 @@ impl HandlerConfig {
 pub struct UpstreamConfig {
     /// The name routes use to refer to it.
     pub name: String,
-    /// `mqtt://HOST:PORT` (the port defaults to 1883).
+    /// `mqtt://HOST[:PORT]` (port 1883 by default), or `mqtts://HOST[:PORT]` for TLS (8883 by
+    /// default). With TLS the upstream's certificate must be valid for HOST (an IP address is
+    /// checked against the certificate's IP addresses).
     pub url: String,
+    /// `mqtts://` only: PEM file of the CA certificates the upstream's certificate must chain
+    /// to. Without it, the system's CA certificates (Debian: `/etc/ssl/certs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cafile: Option<PathBuf>,
+    /// `mqtts://` only: this gateway's client certificate (PEM, the chain to present), for
+    /// brokers that authenticate devices by certificate (mutual TLS). Needs `keyfile`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certfile: Option<PathBuf>,
+    /// `mqtts://` only: the client certificate's private key (PEM: PKCS#8, SEC1 or RSA). Must
+    /// be readable by its owner only (mode 0600).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub keyfile: Option<PathBuf>,
+    /// `mqtts://` only: ALPN protocols to offer, e.g. `["x-amzn-mqtt-ca"]` for AWS IoT Core
+    /// with certificates on port 443.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alpn: Vec<String>,
+    /// MQTT user name, for brokers that want one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// MQTT password (needs `username`). Prefer `password_file`, which keeps the secret out of
+    /// this file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// File whose first line is the MQTT password (needs `username`); must be readable by its
+    /// owner only (mode 0600). Re-read when it changes, like the TLS files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Longest time, in seconds, from starting a connection (name resolution, TCP, TLS) to the
+    /// upstream's CONNACK.
+    pub connect_timeout_secs: u64,
     /// MQTT client id; defaults to `outpost-<gateway_id>-<name>`.
     pub client_id: Option<String>,
     /// MQTT keep-alive, in seconds (at least 5).
@@ -476,6 +508,14 @@ impl Default for UpstreamConfig {
         UpstreamConfig {
             name: "cloud".to_string(),
             url: "mqtt://127.0.0.1:1884".to_string(),
+            cafile: None,
+            certfile: None,
+            keyfile: None,
+            alpn: Vec::new(),
+            username: None,
+            password: None,
+            password_file: None,
+            connect_timeout_secs: 15,
             client_id: None,
             keep_alive_secs: 30,
             inflight: 100,
@@ -490,37 +530,77 @@ impl Default for UpstreamConfig {
     }
 }
 
-/// A parsed `mqtt://HOST:PORT` address.
+/// A secret configuration value (a password): kept out of `Debug` output and logs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself; use it only where it is needed.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Secret {
+        Secret(s.to_string())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// A parsed `mqtt://HOST:PORT` or `mqtts://HOST:PORT` address.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerAddress {
     /// Host name or IP address (without brackets for IPv6).
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// TLS (`mqtts://`).
+    pub tls: bool,
 }
 
 impl fmt::Display for BrokerAddress {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
         if self.host.contains(':') {
-            write!(f, "mqtt://[{}]:{}", self.host, self.port)
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            write!(f, "mqtt://{}:{}", self.host, self.port)
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
     }
 }
 
-/// Parses `mqtt://HOST[:PORT]`; the error says what is wrong in words.
+/// Parses `mqtt://HOST[:PORT]` (also `tcp://`) and `mqtts://HOST[:PORT]` (also `ssl://`); the
+/// error says what is wrong in words.
 pub fn parse_broker_url(url: &str) -> Result<BrokerAddress, String> {
-    let rest = url
+    let (tls, rest) = if let Some(rest) = url
         .strip_prefix("mqtt://")
         .or_else(|| url.strip_prefix("tcp://"))
-        .ok_or_else(|| {
-            format!("{url:?} must start with mqtt:// (TLS upstreams are not supported yet)")
-        })?;
+    {
+        (false, rest)
+    } else if let Some(rest) = url
+        .strip_prefix("mqtts://")
+        .or_else(|| url.strip_prefix("ssl://"))
+    {
+        (true, rest)
+    } else {
+        return Err(match url.split_once("://") {
+            Some((scheme, _)) => format!(
+                "{url:?}: unknown URL scheme {scheme:?}; use mqtt:// (plain TCP) or mqtts:// (TLS)"
+            ),
+            None => format!("{url:?} must start with mqtt:// (plain TCP) or mqtts:// (TLS)"),
+        });
+    };
     let rest = rest.trim_end_matches('/');
     if rest.contains('/') || rest.contains('@') || rest.contains('?') {
         return Err(format!(
-            "{url:?}: expected mqtt://HOST:PORT with nothing after the port"
+            "{url:?}: expected mqtt://HOST:PORT or mqtts://HOST:PORT with nothing after the port"
         ));
     }
     let (host, port) = if let Some(inner) = rest.strip_prefix('[') {
@@ -543,6 +623,7 @@ pub fn parse_broker_url(url: &str) -> Result<BrokerAddress, String> {
         return Err(format!("{url:?} has no host"));
     }
     let port = match port {
+        None if tls => 8883,
         None => 1883,
         Some(p) => p
             .parse::<u16>()
@@ -553,6 +634,7 @@ pub fn parse_broker_url(url: &str) -> Result<BrokerAddress, String> {
     Ok(BrokerAddress {
         host: host.to_string(),
         port,
+        tls,
     })
 }
 
@@ -695,6 +777,21 @@ impl Config {
         for key in &mut config.deploy.trusted_keys {
             if key.is_relative() {
                 *key = base.join(&*key);
+            }
+        }
+        for upstream in &mut config.upstreams {
+            for file in [
+                &mut upstream.cafile,
+                &mut upstream.certfile,
+                &mut upstream.keyfile,
+                &mut upstream.password_file,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if file.is_relative() {
+                    *file = base.join(&*file);
+                }
             }
         }
         for fence in &mut config.geofences {
@@ -880,7 +977,66 @@ impl Config {
             if !upstream_names.insert(u.name.as_str()) {
                 return Err(invalid(key("name"), "is used by two upstreams"));
             }
-            parse_broker_url(&u.url).map_err(|m| invalid(key("url"), m))?;
+            let address = parse_broker_url(&u.url).map_err(|m| invalid(key("url"), m))?;
+            if !address.tls {
+                for (field, set) in [
+                    ("cafile", u.cafile.is_some()),
+                    ("certfile", u.certfile.is_some()),
+                    ("keyfile", u.keyfile.is_some()),
+                    ("alpn", !u.alpn.is_empty()),
+                ] {
+                    if set {
+                        return Err(invalid(
+                            key(field),
+                            "only for TLS upstreams: use an mqtts:// url",
+                        ));
+                    }
+                }
+            }
+            match (&u.certfile, &u.keyfile) {
+                (Some(_), None) => {
+                    return Err(invalid(
+                        key("keyfile"),
+                        "required with certfile (the client certificate's private key)",
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(invalid(
+                        key("certfile"),
+                        "required with keyfile (the certificate of that private key)",
+                    ))
+                }
+                _ => {}
+            }
+            for (i, protocol) in u.alpn.iter().enumerate() {
+                if protocol.is_empty() || protocol.len() > 255 {
+                    return Err(invalid(
+                        format!("upstream {:?}.alpn[{i}]", u.name),
+                        "must be 1 to 255 bytes",
+                    ));
+                }
+            }
+            if u.password.is_some() && u.password_file.is_some() {
+                return Err(invalid(
+                    key("password_file"),
+                    "set password or password_file, not both",
+                ));
+            }
+            if u.username.is_none() && (u.password.is_some() || u.password_file.is_some()) {
+                return Err(invalid(
+                    key("username"),
+                    "required with a password (MQTT sends a password only with a user name)",
+                ));
+            }
+            if u.username.as_ref().is_some_and(|n| n.is_empty()) {
+                return Err(invalid(key("username"), "must not be empty"));
+            }
+            if u.connect_timeout_secs == 0 || u.connect_timeout_secs > 600 {
+                return Err(invalid(
+                    key("connect_timeout_secs"),
+                    "must be between 1 and 600",
+                ));
+            }
             if u.keep_alive_secs < 5 || u.keep_alive_secs > 65_535 {
                 return Err(invalid(
                     key("keep_alive_secs"),
@@ -1280,21 +1436,33 @@ mod tests {
 
     #[test]
     fn broker_urls() {
-        let ok = |u: &str, h: &str, p: u16| {
+        let ok = |u: &str, h: &str, p: u16, tls: bool| {
             assert_eq!(
                 parse_broker_url(u).unwrap(),
                 BrokerAddress {
                     host: h.into(),
-                    port: p
+                    port: p,
+                    tls,
                 }
             )
         };
-        ok("mqtt://example.com", "example.com", 1883);
-        ok("mqtt://127.0.0.1:1884", "127.0.0.1", 1884);
-        ok("mqtt://[::1]:1885", "::1", 1885);
-        ok("tcp://h:7/", "h", 7);
+        ok("mqtt://example.com", "example.com", 1883, false);
+        ok("mqtt://127.0.0.1:1884", "127.0.0.1", 1884, false);
+        ok("mqtt://[::1]:1885", "::1", 1885, false);
+        ok("tcp://h:7/", "h", 7, false);
+        ok("mqtts://example.com", "example.com", 8883, true);
+        ok("mqtts://example.com:443", "example.com", 443, true);
+        ok("ssl://[::1]", "::1", 8883, true);
+        assert_eq!(
+            parse_broker_url("mqtts://h").unwrap().to_string(),
+            "mqtts://h:8883"
+        );
+        let unknown = parse_broker_url("ws://h:80").unwrap_err();
+        assert!(unknown.contains("unknown URL scheme \"ws\""), "{unknown}");
         for bad in [
             "http://h:1",
+            "mqtts://",
+            "mqtts://h:0",
             "mqtt://",
             "mqtt://h:0",
             "mqtt://h:x",

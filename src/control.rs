@@ -343,26 +343,10 @@ impl Control {
     /// Handles the request `payload` published to `.../deadletters/<name>`: runs it, logs it,
     /// and says what to reply where.
     async fn answer(&self, name: &str, payload: &[u8]) -> Answer {
-        let parsed = serde_json::from_slice::<Value>(payload);
-        // Even a request that turns out to be invalid is answered where it asked to be, if
-        // that much can be read.
-        let reply_to = parsed
-            .as_ref()
-            .ok()
-            .and_then(|v| v.get("reply_to"))
-            .and_then(Value::as_str)
-            .filter(|t| check_reply_topic(t, &self.gateway_id).is_ok())
-            .map(str::to_owned)
-            .unwrap_or_else(|| default_reply_topic(&self.gateway_id));
-        let outcome = match (Verb::parse(name), parsed) {
-            (None, _) => Err(Failure::BadRequest(format!(
-                "unknown dead-letter request {name:?}; expected list, show, replay or purge"
-            ))),
-            (Some(_), Err(e)) => Err(Failure::BadRequest(format!("the request is not JSON: {e}"))),
-            (Some(verb), Ok(value)) => match parse_request(verb, value, &self.gateway_id) {
-                Ok(request) => self.execute(verb, &request).await,
-                Err(message) => Err(Failure::BadRequest(message)),
-            },
+        let Incoming { reply_to, request } = read_request(&self.gateway_id, name, payload);
+        let outcome = match request {
+            Ok((verb, request)) => self.execute(verb, &request).await,
+            Err(message) => Err(Failure::BadRequest(message)),
         };
         let body = match outcome {
             Ok(body) => {
@@ -414,6 +398,44 @@ impl Control {
             }
         }
     }
+}
+
+/// A request as the control plane reads it, before it touches the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    /// Where the reply goes: the request's `reply_to` when that much of it can be read and is
+    /// a valid reply topic, else [`default_reply_topic`].
+    pub reply_to: String,
+    /// The verb and the valid request, or why it is refused (the reply's `error`).
+    pub request: Result<(Verb, Request), String>,
+}
+
+/// Reads the request `payload` published to `outpost/<gateway_id>/deadletters/<name>`: the
+/// verb `name`, the JSON object and its validation ([`Request::validate`]), and where to
+/// reply. Touches nothing and never panics, whatever the bytes: this is everything the
+/// control plane does with a request before running it.
+pub fn read_request(gateway_id: &str, name: &str, payload: &[u8]) -> Incoming {
+    let parsed = serde_json::from_slice::<Value>(payload);
+    // Even a request that turns out to be invalid is answered where it asked to be, if that
+    // much can be read.
+    let reply_to = parsed
+        .as_ref()
+        .ok()
+        .and_then(|v| v.get("reply_to"))
+        .and_then(Value::as_str)
+        .filter(|t| check_reply_topic(t, gateway_id).is_ok())
+        .map(str::to_owned)
+        .unwrap_or_else(|| default_reply_topic(gateway_id));
+    let request = match (Verb::parse(name), parsed) {
+        (None, _) => Err(format!(
+            "unknown dead-letter request {name:?}; expected list, show, replay or purge"
+        )),
+        (Some(_), Err(e)) => Err(format!("the request is not JSON: {e}")),
+        (Some(verb), Ok(value)) => {
+            parse_request(verb, value, gateway_id).map(|request| (verb, request))
+        }
+    };
+    Incoming { reply_to, request }
 }
 
 /// Turns a parsed JSON value into a valid request for `verb`.
@@ -549,6 +571,11 @@ pub async fn request(
     use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode};
 
     let address = parse_broker_url(broker_url).map_err(anyhow::Error::msg)?;
+    if address.tls {
+        anyhow::bail!(
+            "{broker_url:?}: this command does not speak TLS yet; use an mqtt:// URL (a gateway's own broker has plain listeners only)"
+        );
+    }
     if gateway_id.is_empty()
         || !gateway_id
             .chars()

@@ -419,6 +419,11 @@ async fn exchange(
     use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode};
 
     let address = parse_broker_url(broker_url).map_err(anyhow::Error::msg)?;
+    if address.tls {
+        anyhow::bail!(
+            "{broker_url:?}: this command does not speak TLS yet; use an mqtt:// URL (a gateway's own broker has plain listeners only)"
+        );
+    }
     let filter = request.target().status_filter();
     let expected_gateway = match request.target() {
         Target::Gateway(id) => Some(id.clone()),

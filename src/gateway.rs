@@ -43,6 +43,7 @@ pub struct Gateway {
     finish_pipeline: watch::Sender<bool>,
     uplinks: Vec<JoinHandle<()>>,
     stop_uplinks: watch::Sender<bool>,
+    reloads: watch::Sender<u64>,
 }
 
 impl Gateway {
@@ -50,6 +51,16 @@ impl Gateway {
     /// the uplinks and opens the listeners. Must be called inside a tokio runtime.
     pub async fn start(config: Config) -> anyhow::Result<Gateway> {
         let validated = config.validate()?;
+        // The uplinks' credentials first: a missing or bad certificate, key or password file
+        // fails the start before anything runs, with the key and the file in the message.
+        let mut credentials = Vec::new();
+        for upstream in &config.upstreams {
+            let loaded = crate::uplink::credentials::load(upstream)?;
+            for warning in loaded.warnings(std::time::SystemTime::now()) {
+                tracing::warn!(link = %upstream.name, "{warning}");
+            }
+            credentials.push(loaded);
+        }
         let routes = Arc::new(validated.routes);
         let store = Arc::new(Store::open_with(&config.data_dir, config.store.limits())?);
         let geo = Arc::new(validated.geo);
@@ -131,12 +142,21 @@ impl Gateway {
         drop(remote_tx);
 
         let (stop_uplinks, stop_rx) = watch::channel(false);
+        let (reloads, reload_rx) = watch::channel(0u64);
         let mut wakes = HashMap::new();
         let mut uplinks = Vec::new();
-        for upstream in &config.upstreams {
+        for (upstream, credentials) in config.upstreams.iter().zip(credentials) {
             let wake = Arc::new(Notify::new());
             wakes.insert(upstream.name.clone(), wake.clone());
             metrics.set_link_connected(&upstream.name, false);
+            let (credentials, watcher) = crate::uplink::reload::watch(
+                upstream.clone(),
+                credentials,
+                reload_rx.clone(),
+                metrics.clone(),
+                stop_rx.clone(),
+            );
+            uplinks.push(watcher);
             let uplink = Uplink {
                 config: upstream.clone(),
                 gateway_id: config.gateway_id.clone(),
@@ -144,6 +164,7 @@ impl Gateway {
                 wake,
                 metrics: metrics.clone(),
                 control: uplink_control.clone(),
+                credentials,
             };
             uplinks.push(tokio::spawn(uplink.run(stop_rx.clone())));
         }
@@ -240,23 +261,27 @@ impl Gateway {
         let mut uplinks = uplinks;
         if let (Some(wake), Some((addr, v5))) = (local_wake, edge.internal_listener()) {
             metrics.set_link_connected(crate::locator::LOCAL_LINK, false);
-            let local = Uplink {
-                config: crate::config::UpstreamConfig {
-                    name: crate::locator::LOCAL_LINK.to_string(),
-                    url: format!("mqtt://{addr}"),
-                    client_id: Some(format!("outpost-{}-local", config.gateway_id)),
-                    protocol: match v5 {
-                        true => crate::config::MqttVersion::V5,
-                        false => crate::config::MqttVersion::V311,
-                    },
-                    regions: vec!["*".to_string()],
-                    ..crate::config::UpstreamConfig::default()
+            let local_config = crate::config::UpstreamConfig {
+                name: crate::locator::LOCAL_LINK.to_string(),
+                url: format!("mqtt://{addr}"),
+                client_id: Some(format!("outpost-{}-local", config.gateway_id)),
+                protocol: match v5 {
+                    true => crate::config::MqttVersion::V5,
+                    false => crate::config::MqttVersion::V311,
                 },
+                regions: vec!["*".to_string()],
+                ..crate::config::UpstreamConfig::default()
+            };
+            // Plain TCP on loopback, no files: nothing to reload.
+            let local_credentials = crate::uplink::credentials::Credentials::none();
+            let local = Uplink {
+                config: local_config,
                 gateway_id: config.gateway_id.clone(),
                 store: store.clone(),
                 wake,
                 metrics: metrics.clone(),
                 control: None,
+                credentials: watch::channel(Arc::new(local_credentials)).1,
             };
             uplinks.push(tokio::spawn(local.run(stop_rx.clone())));
         }
@@ -279,7 +304,15 @@ impl Gateway {
             finish_pipeline,
             uplinks,
             stop_uplinks,
+            reloads,
         })
+    }
+
+    /// Re-reads every uplink's credential files (TLS certificates, keys, CA, password files);
+    /// what `SIGHUP` does. A link whose files changed and load reconnects with them; one whose
+    /// new files do not load keeps its old ones and says why.
+    pub fn reload(&self) {
+        self.reloads.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Stops accepting publishes, commits what was received, moves the journal to the outbox,

@@ -544,6 +544,20 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
     for warning in validated.geo.warnings(&validated.routes) {
         println!("warning: {warning}");
     }
+    // The uplinks' certificates, keys, CA and password files: read and checked as the gateway
+    // will at start; an expiring certificate is a warning.
+    for upstream in &config.upstreams {
+        let credentials = outpost::uplink::credentials::load(upstream)?;
+        for warning in credentials.warnings(std::time::SystemTime::now()) {
+            println!("warning: {warning}");
+        }
+        if credentials.tls.is_none() && credentials.login.is_some() {
+            println!(
+                "warning: upstream {:?}: the password goes to {} in the clear; use an mqtts:// url",
+                upstream.name, upstream.url
+            );
+        }
+    }
     Ok(())
 }
 
@@ -552,12 +566,16 @@ fn run(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
     config.apply(&overrides);
     config.validate()?;
     tokio_runtime()?.block_on(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Before the start, so that neither signal kills a gateway that is still starting.
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut hangup = signal(SignalKind::hangup())?;
         let gateway = Gateway::start(config).await?;
         // Under systemd (Type=notify): ready once devices are served.
         if let Err(e) = outpost::notify::notify("READY=1") {
             tracing::warn!(error = %e, "cannot tell systemd the gateway is ready");
         }
-        wait_for_stop_signal().await?;
+        wait_for_stop_signal(&gateway, &mut terminate, &mut hangup).await?;
         let _ = outpost::notify::notify("STOPPING=1");
         tracing::info!("stop requested; finishing the current batch");
         gateway.shutdown().await;
@@ -565,13 +583,23 @@ fn run(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
     })
 }
 
-async fn wait_for_stop_signal() -> anyhow::Result<()> {
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        result = tokio::signal::ctrl_c() => result?,
-        _ = terminate.recv() => {}
+/// Waits for SIGTERM or Ctrl-C; on SIGHUP (`systemctl reload outpost`) the gateway re-reads
+/// its uplinks' credential files and goes on.
+async fn wait_for_stop_signal(
+    gateway: &Gateway,
+    terminate: &mut tokio::signal::unix::Signal,
+    hangup: &mut tokio::signal::unix::Signal,
+) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => return Ok(result?),
+            _ = terminate.recv() => return Ok(()),
+            _ = hangup.recv() => {
+                tracing::info!("SIGHUP: re-reading the uplinks' credential files");
+                gateway.reload();
+            }
+        }
     }
-    Ok(())
 }
 
 fn deadletters(command: DeadLettersCommand, o: DeadLettersOptions) -> anyhow::Result<()> {

@@ -97,6 +97,30 @@ pub struct Metrics {
 struct LinkState {
     connected: AtomicBool,
     connects: AtomicU64,
+    details: Mutex<LinkSnapshot>,
+}
+
+/// One upstream link's state and history.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct LinkSnapshot {
+    /// Whether it is connected now.
+    pub connected: bool,
+    /// Connections that reached CONNACK.
+    pub connects: u64,
+    /// Why the last connection failed or ended, in words (empty: never failed).
+    pub last_error: String,
+    /// Its cause label (`tls-unknown-ca`, `bad-credentials`, `unreachable`, ...).
+    pub last_error_cause: String,
+    /// When it happened, in milliseconds since the Unix epoch (0: never).
+    pub last_error_ms: u64,
+    /// Failed or lost connections per cause label.
+    pub failures: BTreeMap<String, u64>,
+    /// Credential files reloaded and put to use (rotations).
+    pub credential_reloads: u64,
+    /// Credential reloads refused (the files did not load; the link kept the old ones).
+    pub credential_reload_failures: u64,
+    /// Why the last refused reload was refused (empty: none was).
+    pub last_reload_error: String,
 }
 
 /// A copy of the counters at one moment.
@@ -180,6 +204,8 @@ pub struct Snapshot {
     pub journal_full_waits: u64,
     /// Per upstream link: whether it is connected now.
     pub links_connected: BTreeMap<String, bool>,
+    /// Per upstream link: its state, last error and failures per cause.
+    pub links: BTreeMap<String, LinkSnapshot>,
     /// Fuel consumed per module name (every version): each module's cost in instructions.
     /// An invocation stopped by its deadline counts only part of its work (wasmtime does not
     /// write the fuel count back before the deadline trap), so a module that loops shows here
@@ -212,6 +238,37 @@ impl Metrics {
         }
     }
 
+    /// Records that a connection of `link` failed or ended, with its cause label and the
+    /// operator's explanation.
+    pub fn record_link_failure(&self, link: &str, cause: &str, message: &str) {
+        self.with_link(link, |details| {
+            details.last_error = message.to_string();
+            details.last_error_cause = cause.to_string();
+            details.last_error_ms = crate::event::now_ms();
+            *details.failures.entry(cause.to_string()).or_insert(0) += 1;
+        });
+    }
+
+    /// Records a credential reload of `link`: put to use (`None`) or refused (`Some(why)`).
+    pub fn record_credential_reload(&self, link: &str, refused: Option<&str>) {
+        self.with_link(link, |details| match refused {
+            None => details.credential_reloads += 1,
+            Some(why) => {
+                details.credential_reload_failures += 1;
+                details.last_reload_error = why.to_string();
+            }
+        });
+    }
+
+    fn with_link(&self, link: &str, change: impl FnOnce(&mut LinkSnapshot)) {
+        if let Ok(mut links) = self.links.lock() {
+            let state = links.entry(link.to_string()).or_default();
+            if let Ok(mut details) = state.details.lock() {
+                change(&mut details);
+            }
+        }
+    }
+
     /// Records which modules are quarantined now, with the time each has left.
     pub fn set_quarantined(&self, modules: Vec<(String, std::time::Duration)>) {
         if let Ok(mut q) = self.quarantined.lock() {
@@ -237,16 +294,25 @@ impl Metrics {
     /// A copy of every counter.
     pub fn snapshot(&self) -> Snapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let links_connected = self
+        let links: BTreeMap<String, LinkSnapshot> = self
             .links
             .lock()
             .map(|links| {
                 links
                     .iter()
-                    .map(|(k, v)| (k.clone(), v.connected.load(Ordering::Relaxed)))
+                    .map(|(k, v)| {
+                        let mut link = v.details.lock().map(|d| d.clone()).unwrap_or_default();
+                        link.connected = v.connected.load(Ordering::Relaxed);
+                        link.connects = v.connects.load(Ordering::Relaxed);
+                        (k.clone(), link)
+                    })
                     .collect()
             })
             .unwrap_or_default();
+        let links_connected = links
+            .iter()
+            .map(|(k, v)| (k.clone(), v.connected))
+            .collect();
         Snapshot {
             received: get(&self.received),
             journaled: get(&self.journaled),
@@ -291,6 +357,7 @@ impl Metrics {
             outbox_full_waits: get(&self.outbox_full_waits),
             journal_full_waits: get(&self.journal_full_waits),
             links_connected,
+            links,
             module_fuel: self
                 .module_fuel
                 .lock()
@@ -334,5 +401,28 @@ mod tests {
         assert_eq!(s.delivered, 2);
         assert_eq!(s.links_connected.get("cloud"), Some(&true));
         assert_eq!(s.links_connected.get("eu"), Some(&false));
+        assert_eq!(s.links["cloud"].connects, 1);
+    }
+
+    #[test]
+    fn link_failures_are_counted_per_cause_with_the_last_error() {
+        let m = Metrics::default();
+        m.record_link_failure("cloud", "tls-unknown-ca", "TLS: not trusted");
+        m.record_link_failure("cloud", "tls-unknown-ca", "TLS: not trusted");
+        m.record_link_failure("cloud", "bad-credentials", "bad password");
+        m.record_credential_reload("cloud", Some("no key"));
+        m.record_credential_reload("cloud", None);
+        let link = &m.snapshot().links["cloud"];
+        assert_eq!(link.failures["tls-unknown-ca"], 2);
+        assert_eq!(link.failures["bad-credentials"], 1);
+        assert_eq!(link.last_error_cause, "bad-credentials");
+        assert_eq!(link.last_error, "bad password");
+        assert!(link.last_error_ms > 0);
+        assert_eq!(
+            (link.credential_reloads, link.credential_reload_failures),
+            (1, 1)
+        );
+        assert_eq!(link.last_reload_error, "no key");
+        assert!(!link.connected);
     }
 }

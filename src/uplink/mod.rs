@@ -1,23 +1,21 @@
 //! One connection per upstream broker, draining that link's outbox rows in order.
 //!
 //! Guarantees:
-//! - Rows are published with QoS 1 in outbox order, with up to `inflight` awaiting PUBACK.
+//! - Rows are published with QoS 1 in outbox order, with up to `inflight` awaiting PUBACK (or
+//!   fewer, when an MQTT 5 upstream's Receive Maximum says so).
 //! - A row is deleted from the outbox only after the upstream's PUBACK for it arrived (and, on
 //!   MQTT 5, only when that PUBACK's reason code is a success: `0x00`, or `0x10` "no matching
 //!   subscribers").
 //! - When the connection drops, everything not yet acknowledged is sent again on the next
-//!   connection, starting from the oldest row still queued: rumqttc's own memory of in-flight
-//!   publishes is thrown away with the connection (a fresh client per connection, clean
-//!   session), because the outbox is the source of truth. A row acknowledged by the upstream
-//!   whose PUBACK was lost with the connection is therefore sent twice (at-least-once).
+//!   connection, starting from the oldest row still queued: every connection is a fresh,
+//!   clean session, because the outbox is the source of truth. A row acknowledged by the
+//!   upstream whose PUBACK was lost with the connection is therefore sent twice
+//!   (at-least-once).
 //! - Every publish carries the row's stable message id (`<gateway_id>-...`, the same each time
 //!   the row is sent, and each time its event is processed), so that the upstream can drop
 //!   duplicates:
 //!   - `protocol = "5"`: as the MQTT 5 user property `outpost-msg-id`; payload unchanged.
-//!   - `protocol = "3.1.1"`, `envelope = true`: the payload becomes the JSON object
-//!     `{"id": <msg id>, "topic": <topic>, "payload": <the payload>}` when the payload is JSON
-//!     (UTF-8 text that parses as one JSON value; embedded verbatim, byte for byte), and
-//!     `{"id": .., "topic": .., "payload_base64": <standard base64 with padding>}` otherwise.
+//!   - `protocol = "3.1.1"`, `envelope = true`: in a JSON envelope ([`envelope`]).
 //!   - `protocol = "3.1.1"`, `envelope = false`: payload unchanged and no id (3.1.1 has no
 //!     place for one).
 //! - An MQTT 5 upstream that refuses a row (PUBACK reason code 0x80 or above, e.g. quota
@@ -39,27 +37,38 @@
 //!   close the connection over a publish they will not take), is a failed attempt, and the
 //!   next connection sends one row until one is accepted, so the rows behind a row the
 //!   upstream will not take are not sent (and duplicated) again and again.
-//! - An outage or a stuck row costs one warning (then debug lines, one per attempt), not a
-//!   flood.
+//! - A connection that fails is one log line naming the link and the cause ([`LinkFailure`]:
+//!   an unknown CA, an expired certificate, bad credentials, ...), counted per cause in the
+//!   metrics with the link's last error; an outage costs one warning for its whole length, a
+//!   TLS or credential failure one warning each time its cause changes. The rows wait.
+//! - When the link's credential files change ([`reload`]: `SIGHUP`, or a change seen on disk),
+//!   the connection stops sending, waits (at most one keep-alive) for the PUBACKs of what is in
+//!   flight, disconnects cleanly and connects again with the new files at once, so a rotation
+//!   neither loses nor duplicates rows (beyond the PUBACKs still missing after that wait). A
+//!   failing link tries the new files at once instead of finishing its backoff.
 //!
-//! The two protocol versions differ only in [`UpstreamClient`] (how a row becomes a publish)
-//! and in [`LinkEvent`]'s mapping of each client's events; the session logic is shared.
+//! The connection itself (TCP or TLS, the MQTT packets of 3.1.1 and 5, keep-alive) is
+//! [`client`]'s; what it proves itself with is [`credentials`]'.
 //!
 //! This module does not decide what goes into the outbox, and never re-routes a row to another
 //! link.
+
+pub mod client;
+pub mod credentials;
+pub mod envelope;
+pub mod reload;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rand::Rng;
-use rumqttc::v5::mqttbytes::v5::PublishProperties;
-use rumqttc::v5::mqttbytes::v5::{
-    ConnectReturnCode as ConnectReturnCodeV5, Packet as PacketV5, PubAckReason,
-};
-use rumqttc::{ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{debug, info, warn};
+
+use client::{Client, ConnectSettings, LinkEvent};
+pub use client::{ConnectRefusal, LinkFailure, TlsFailure};
+use credentials::Credentials;
 
 use crate::config::{parse_broker_url, BrokerAddress, MqttVersion, UpstreamConfig};
 use crate::metrics::Metrics;
@@ -67,11 +76,6 @@ use crate::store::{OutboxRow, Store};
 
 /// The MQTT 5 user property that carries an output's stable message id.
 pub const MSG_ID_PROPERTY: &str = "outpost-msg-id";
-
-/// Largest packet MQTT can express (a 4-byte remaining length plus the fixed header). rumqttc's
-/// 3.1.1 client refuses to send packets above 10 KiB by default, which would wedge a link on
-/// its first large row; the upstream broker is the one to decide what is too large.
-const MQTT_MAX_PACKET: usize = 268_435_455 + 5;
 
 /// Fewest outbox rows read at once (more when the inflight window is larger).
 const READ_BATCH_MIN: usize = 256;
@@ -98,25 +102,13 @@ pub struct RemoteRequest {
 
 /// Publishes replies on the upstream connection a [`RemoteRequest`] arrived on.
 #[derive(Clone)]
-pub struct UpstreamReply(UpstreamClient);
+pub struct UpstreamReply(Client);
 
 impl UpstreamReply {
     /// Queues `payload` on `topic` with QoS 0 (not retained). Fails when the connection is
     /// gone or its request queue is full; a reply is informational and may be lost.
     pub fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
-        match &self.0 {
-            UpstreamClient::V311 { client, .. } => client
-                .try_publish(topic, QoS::AtMostOnce, false, payload)
-                .map_err(|e| e.to_string()),
-            UpstreamClient::V5(client) => client
-                .try_publish(
-                    topic,
-                    rumqttc::v5::mqttbytes::QoS::AtMostOnce,
-                    false,
-                    payload,
-                )
-                .map_err(|e| e.to_string()),
-        }
+        self.0.try_publish(topic.to_string(), payload, false, None)
     }
 }
 
@@ -147,6 +139,9 @@ pub struct Uplink {
     pub metrics: Arc<Metrics>,
     /// Control subscriptions (module deploys through the upstream), if any.
     pub control: Option<UplinkControl>,
+    /// The link's current credentials (TLS, user name and password); a new value means the
+    /// files were rotated ([`reload::watch`]).
+    pub credentials: watch::Receiver<Arc<Credentials>>,
 }
 
 /// How a connection ended.
@@ -157,8 +152,8 @@ enum SessionEnd {
     Lost {
         /// How far it got.
         progress: Progress,
-        /// What happened, for the log.
-        reason: String,
+        /// What happened.
+        failure: LinkFailure,
         /// Rows sent on this connection that got no PUBACK.
         unanswered: usize,
     },
@@ -167,6 +162,11 @@ enum SessionEnd {
         /// The oldest row refused.
         refusal: Refusal,
         /// Other rows sent on this connection that got no PUBACK.
+        unanswered: usize,
+    },
+    /// The credentials changed: the connection was drained and closed; connect again now.
+    Rotated {
+        /// Rows still unanswered when the drain gave up (they are sent again).
         unanswered: usize,
     },
 }
@@ -199,304 +199,30 @@ enum DeleteRequest {
     Flush(oneshot::Sender<()>),
 }
 
-/// What the session loop needs to know of either client's events.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum LinkEvent {
-    /// The upstream answered CONNECT: accepted, or refused with this reason.
-    ConnAck(Result<(), String>),
-    /// A publish went out with this packet id (reported in the order publishes were requested).
-    Published(u16),
-    /// The upstream acknowledged this packet id; `refusal` is set when it did not accept the
-    /// message (MQTT 5 reason code 0x80 or above).
-    PubAck { pkid: u16, refusal: Option<String> },
-    /// The upstream sent DISCONNECT.
-    Disconnect,
-    /// A publish on one of the control subscriptions.
-    Incoming { topic: String, payload: Vec<u8> },
-    /// Anything else (pings, subscriptions, ...).
-    Other,
-    /// The connection failed; the client's event loop is finished.
-    Error(String),
-}
-
-impl LinkEvent {
-    fn from_v311(event: Result<Event, rumqttc::ConnectionError>) -> LinkEvent {
-        match event {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                if ack.code == ConnectReturnCode::Success {
-                    LinkEvent::ConnAck(Ok(()))
-                } else {
-                    LinkEvent::ConnAck(Err(format!("refused: {:?}", ack.code)))
-                }
-            }
-            // QoS 0 publishes (control replies) have packet id 0 and are never acknowledged.
-            Ok(Event::Outgoing(Outgoing::Publish(0))) => LinkEvent::Other,
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Published(pkid),
-            Ok(Event::Incoming(Packet::Publish(p))) => LinkEvent::Incoming {
-                topic: p.topic,
-                payload: p.payload.to_vec(),
-            },
-            Ok(Event::Incoming(Packet::PubAck(ack))) => LinkEvent::PubAck {
-                pkid: ack.pkid,
-                refusal: None,
-            },
-            Ok(Event::Incoming(Packet::Disconnect)) => LinkEvent::Disconnect,
-            Ok(_) => LinkEvent::Other,
-            Err(e) => LinkEvent::Error(e.to_string()),
-        }
-    }
-
-    fn from_v5(event: Result<rumqttc::v5::Event, rumqttc::v5::ConnectionError>) -> LinkEvent {
-        use rumqttc::v5::Event as EventV5;
-        match event {
-            Ok(EventV5::Incoming(PacketV5::ConnAck(ack))) => {
-                if ack.code == ConnectReturnCodeV5::Success {
-                    LinkEvent::ConnAck(Ok(()))
-                } else {
-                    LinkEvent::ConnAck(Err(format!("refused: {:?}", ack.code)))
-                }
-            }
-            Ok(EventV5::Outgoing(Outgoing::Publish(0))) => LinkEvent::Other,
-            Ok(EventV5::Outgoing(Outgoing::Publish(pkid))) => LinkEvent::Published(pkid),
-            Ok(EventV5::Incoming(PacketV5::Publish(p))) => LinkEvent::Incoming {
-                topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                payload: p.payload.to_vec(),
-            },
-            Ok(EventV5::Incoming(PacketV5::PubAck(ack))) => LinkEvent::PubAck {
-                pkid: ack.pkid,
-                refusal: match ack.reason {
-                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => None,
-                    other => {
-                        let detail = ack
-                            .properties
-                            .and_then(|p| p.reason_string)
-                            .map(|s| format!(" ({s})"))
-                            .unwrap_or_default();
-                        Some(format!("{other:?}{detail}"))
-                    }
-                },
-            },
-            Ok(EventV5::Incoming(PacketV5::Disconnect(d))) => {
-                debug!(reason = ?d.reason_code, "upstream sent DISCONNECT");
-                LinkEvent::Disconnect
-            }
-            Ok(_) => LinkEvent::Other,
-            Err(e) => LinkEvent::Error(e.to_string()),
-        }
-    }
-}
-
-/// Spawns the task that polls a rumqttc event loop (either version) and hands each event,
-/// mapped by `$map`, to the session, until the connection fails (rumqttc would reconnect on its
-/// own; the session makes a fresh client instead) or the session is gone. Packets rumqttc read
-/// just before the failure (say a PUBACK, then the broker closing the connection) are still in
-/// its buffer then: they are handed over before the error, so they count.
-macro_rules! drive {
-    ($eventloop:ident, $events:ident, $map:path) => {
-        tokio::spawn(async move {
-            loop {
-                match $eventloop.poll().await {
-                    Ok(event) => {
-                        if $events.send($map(Ok(event))).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) => {
-                        for event in $eventloop.state.events.drain(..) {
-                            let _ = $events.send($map(Ok(event)));
-                        }
-                        let _ = $events.send($map(Err(e)));
-                        return;
-                    }
-                }
-            }
-        })
-    };
-}
-
-/// One connection's client, for either protocol version: turns outbox rows into publishes.
-#[derive(Clone)]
-enum UpstreamClient {
-    /// MQTT 3.1.1; `envelope` wraps each payload in a JSON envelope carrying the message id.
-    V311 {
-        client: rumqttc::AsyncClient,
-        envelope: bool,
-    },
-    /// MQTT 5; the message id goes into a user property.
-    V5(rumqttc::v5::AsyncClient),
-}
-
-impl UpstreamClient {
-    /// Creates a fresh client (clean session) and starts its event loop in its own task, so
-    /// that the session only ever waits on channels, which are safe to select on. The task is
-    /// aborted when the returned guard is dropped.
-    fn connect(
-        config: &UpstreamConfig,
-        client_id: String,
-        address: &BrokerAddress,
-        max_incoming: usize,
-    ) -> (
-        UpstreamClient,
-        mpsc::UnboundedReceiver<LinkEvent>,
-        AbortOnDrop,
-    ) {
-        let window = config.inflight;
-        let capacity = usize::from(window) + 16;
-        // Validation keeps this in 5..=65535; clamp anyway, rumqttc panics outside it.
-        let keep_alive = Duration::from_secs(config.keep_alive_secs.clamp(5, 65_535));
-        let (events_tx, events) = mpsc::unbounded_channel();
-        let (client, driver) = match config.protocol {
-            MqttVersion::V311 => {
-                let mut options = MqttOptions::new(client_id, &address.host, address.port);
-                options
-                    .set_keep_alive(keep_alive)
-                    .set_clean_session(true)
-                    .set_inflight(window)
-                    .set_max_packet_size(max_incoming, MQTT_MAX_PACKET)
-                    .set_request_channel_capacity(capacity);
-                let (client, mut eventloop) = rumqttc::AsyncClient::new(options, capacity);
-                let driver = drive!(eventloop, events_tx, LinkEvent::from_v311);
-                let client = UpstreamClient::V311 {
-                    client,
-                    envelope: config.envelope,
-                };
-                (client, driver)
-            }
-            MqttVersion::V5 => {
-                let mut options =
-                    rumqttc::v5::MqttOptions::new(client_id, &address.host, address.port);
-                options
-                    .set_keep_alive(keep_alive)
-                    .set_clean_start(true)
-                    .set_session_expiry_interval(None)
-                    .set_outgoing_inflight_upper_limit(window)
-                    .set_max_packet_size(u32::try_from(max_incoming).ok())
-                    .set_request_channel_capacity(capacity);
-                let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, capacity);
-                let driver = drive!(eventloop, events_tx, LinkEvent::from_v5);
-                (UpstreamClient::V5(client), driver)
-            }
-        };
-        (client, events, AbortOnDrop(driver))
-    }
-
-    /// Queues the row as a QoS 1 publish, carrying its message id as the protocol allows.
-    /// Fails only when the event loop is gone (the request channel is sized above the window)
-    /// or the topic is not a valid topic name.
-    fn try_publish(&self, row: OutboxRow) -> Result<(), String> {
-        match self {
-            UpstreamClient::V311 { client, envelope } => {
-                let payload = if *envelope {
-                    envelope_payload(&row)
-                } else {
-                    row.payload
-                };
-                client
-                    .try_publish(row.topic, QoS::AtLeastOnce, false, payload)
-                    .map_err(|e| e.to_string())
-            }
-            UpstreamClient::V5(client) => {
-                let properties = PublishProperties {
-                    user_properties: vec![(MSG_ID_PROPERTY.to_string(), row.msg_id)],
-                    ..PublishProperties::default()
-                };
-                client
-                    .try_publish_with_properties(
-                        row.topic,
-                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                        false,
-                        row.payload,
-                        properties,
-                    )
-                    .map_err(|e| e.to_string())
-            }
-        }
-    }
-
-    /// Subscribes (QoS 1) to every filter; fails only when the event loop is gone.
-    fn try_subscribe(&self, filters: &[String]) -> Result<(), String> {
-        for filter in filters {
-            match self {
-                UpstreamClient::V311 { client, .. } => client
-                    .try_subscribe(filter.as_str(), QoS::AtLeastOnce)
-                    .map_err(|e| e.to_string())?,
-                UpstreamClient::V5(client) => client
-                    .try_subscribe(filter.as_str(), rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
-                    .map_err(|e| e.to_string())?,
-            }
-        }
-        Ok(())
-    }
-
-    /// Asks for a clean DISCONNECT; best effort.
-    fn try_disconnect(&self) {
-        let _ = match self {
-            UpstreamClient::V311 { client, .. } => client.try_disconnect().map_err(|_| ()),
-            UpstreamClient::V5(client) => client.try_disconnect().map_err(|_| ()),
-        };
-    }
-}
-
-/// The JSON envelope for MQTT 3.1.1 upstreams: `{"id":..,"topic":..,"payload":..}` with the
-/// payload embedded verbatim when it is JSON, else `"payload_base64"`.
-fn envelope_payload(row: &OutboxRow) -> Vec<u8> {
-    let mut out =
-        String::with_capacity(row.msg_id.len() + row.topic.len() + row.payload.len() * 4 / 3 + 64);
-    out.push_str("{\"id\":");
-    out.push_str(&json_string(&row.msg_id));
-    out.push_str(",\"topic\":");
-    out.push_str(&json_string(&row.topic));
-    match json_text(&row.payload) {
-        Some(text) => {
-            out.push_str(",\"payload\":");
-            out.push_str(text);
-        }
-        None => {
-            out.push_str(",\"payload_base64\":\"");
-            out.push_str(&base64(&row.payload));
-            out.push('"');
-        }
-    }
-    out.push('}');
-    out.into_bytes()
-}
-
-/// The payload as text when it is one complete JSON value (what `serde_json` parses, so the
-/// envelope parses wherever the payload did).
-fn json_text(payload: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(payload).ok()?;
-    serde_json::from_str::<serde_json::Value>(text).ok()?;
-    Some(text)
-}
-
-/// `s` as a quoted, escaped JSON string.
-fn json_string(s: &str) -> String {
-    serde_json::Value::from(s).to_string()
-}
-
-/// Standard base64 (RFC 4648 section 4, with padding).
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let byte = |i: usize| u32::from(chunk.get(i).copied().unwrap_or(0));
-        let group = (byte(0) << 16) | (byte(1) << 8) | byte(2);
-        // A chunk of n bytes gives n + 1 characters, padded with '=' to 4.
-        for i in 0..4 {
-            if i <= chunk.len() {
-                let index = (group >> (18 - 6 * i)) & 0x3f;
-                out.push(char::from(ALPHABET[index as usize]));
+/// Queues `row` as a QoS 1 publish on `client`, carrying its message id as the protocol
+/// allows. Fails only when the connection is gone.
+fn publish_row(
+    client: &Client,
+    protocol: MqttVersion,
+    use_envelope: bool,
+    row: OutboxRow,
+) -> Result<(), String> {
+    match protocol {
+        MqttVersion::V311 => {
+            let payload = if use_envelope {
+                envelope::envelope_payload(&row)
             } else {
-                out.push('=');
-            }
+                row.payload
+            };
+            client.try_publish(row.topic, payload, true, None)
         }
+        MqttVersion::V5 => client.try_publish(row.topic, row.payload, true, Some(row.msg_id)),
     }
-    out
 }
 
 impl Uplink {
     /// Hands a publish from a control subscription to the module control plane.
-    fn forward(&self, client: &UpstreamClient, topic: String, payload: Vec<u8>) {
+    fn forward(&self, client: &Client, topic: String, payload: Vec<u8>) {
         let Some(control) = &self.control else {
             return;
         };
@@ -536,6 +262,8 @@ impl Uplink {
                 return;
             }
         };
+        let mut credentials = self.credentials.clone();
+        credentials.mark_unchanged();
         let (delete_tx, delete_rx) = mpsc::unbounded_channel();
         let deleter = tokio::spawn(delete_acknowledged(
             self.store.clone(),
@@ -548,6 +276,9 @@ impl Uplink {
         // Failed attempts since the link was last up: the first is a warning, the rest (one
         // per backoff step) are debug lines, so a long outage does not flood the log.
         let mut failed_attempts: u64 = 0;
+        // The cause last logged as a warning: a TLS or credential failure is a warning again
+        // when its cause changes (say, from an unknown CA to a refused client certificate).
+        let mut last_warned: Option<String> = None;
         // The last row the upstream refused and how many times in a row: a refusal is a
         // warning once per row, and a row refused `max_refusals` times is dead-lettered.
         let mut last_refused: Option<(i64, u32)> = None;
@@ -560,7 +291,13 @@ impl Uplink {
                 break;
             }
             let end = self
-                .session(&address, &delete_tx, &mut shutdown, careful)
+                .session(
+                    &address,
+                    &delete_tx,
+                    &mut shutdown,
+                    &mut credentials,
+                    careful,
+                )
                 .await;
             self.metrics.set_link_connected(&name, false);
             // Acknowledged rows must be gone before the next session re-reads the outbox.
@@ -579,19 +316,34 @@ impl Uplink {
             };
             match end {
                 SessionEnd::Shutdown => break,
+                SessionEnd::Rotated { unanswered } => {
+                    info!(link = %name, upstream = %address, unanswered, "reconnecting with the new credential files");
+                    backoff = min;
+                    failed_attempts = 0;
+                    last_warned = None;
+                    continue;
+                }
                 SessionEnd::Lost {
-                    progress, reason, ..
+                    progress, failure, ..
                 } => {
+                    let reason = failure.to_string();
+                    self.metrics
+                        .record_link_failure(&name, failure.cause(), &reason);
+                    let first = failed_attempts == 0
+                        || (failure.is_configuration()
+                            && last_warned.as_deref() != Some(reason.as_str()));
                     if progress == Progress::Working {
                         warn!(link = %name, upstream = %address, %reason, "upstream connection lost; outputs wait in the outbox");
                         backoff = min;
                         failed_attempts = 0;
-                    } else if failed_attempts == 0 {
+                        last_warned = None;
+                    } else if first {
                         if progress == Progress::Stalled {
                             warn!(link = %name, upstream = %address, %reason, "upstream closed the connection before acknowledging anything; outputs wait in the outbox, retrying with backoff");
                         } else {
-                            warn!(link = %name, upstream = %address, %reason, "upstream not reachable; outputs wait in the outbox, retrying with backoff");
+                            warn!(link = %name, upstream = %address, cause = failure.cause(), %reason, "cannot connect to the upstream; outputs wait in the outbox, retrying with backoff");
                         }
+                        last_warned = Some(reason);
                     } else {
                         debug!(link = %name, upstream = %address, %reason, ?progress, attempt = failed_attempts + 1, "upstream still not reachable or not acknowledging");
                     }
@@ -631,11 +383,41 @@ impl Uplink {
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.changed() => {}
+                // New files: try them now rather than at the end of the backoff.
+                changed = credentials.changed(), if credentials.has_changed().is_ok() => {
+                    if changed.is_ok() {
+                        backoff = min;
+                    }
+                }
             }
         }
         drop(delete_tx);
         let _ = deleter.await;
         info!(link = %name, "uplink stopped");
+    }
+
+    /// The connection settings for the current credentials.
+    fn settings(
+        &self,
+        address: &BrokerAddress,
+        credentials: &Credentials,
+        max_incoming: usize,
+    ) -> ConnectSettings {
+        let window = usize::from(self.config.inflight);
+        ConnectSettings {
+            link: self.config.name.clone(),
+            host: address.host.clone(),
+            port: address.port,
+            tls: credentials.tls.clone(),
+            protocol: self.config.protocol,
+            client_id: self.client_id(),
+            // Validation keeps this in 5..=65535.
+            keep_alive: Duration::from_secs(self.config.keep_alive_secs.clamp(5, 65_535)),
+            login: credentials.login.clone(),
+            max_incoming,
+            connect_timeout: Duration::from_secs(self.config.connect_timeout_secs.max(1)),
+            capacity: window + 16,
+        }
     }
 
     /// One connection: waits for CONNACK, then keeps the inflight window full from the outbox
@@ -646,52 +428,62 @@ impl Uplink {
         address: &BrokerAddress,
         delete_tx: &mpsc::UnboundedSender<DeleteRequest>,
         shutdown: &mut watch::Receiver<bool>,
+        credentials: &mut watch::Receiver<Arc<Credentials>>,
         careful: usize,
     ) -> SessionEnd {
         let name = &self.config.name;
-        let window = usize::from(self.config.inflight);
         let carried = crate::locator::LinkRegions::from_list(&self.config.regions);
         let max_incoming = self.control.as_ref().map_or(MAX_INCOMING_PACKET, |c| {
             c.max_packet.max(MAX_INCOMING_PACKET)
         });
-        let (client, mut events, _driver) =
-            UpstreamClient::connect(&self.config, self.client_id(), address, max_incoming);
+        let current = credentials.borrow_and_update().clone();
+        let settings = self.settings(address, &current, max_incoming);
+        let keep_alive = settings.keep_alive;
+        let (events_tx, mut events) = mpsc::unbounded_channel();
+        let (client, _connection) = client::connect(settings, events_tx);
 
         // Wait for CONNACK.
-        loop {
+        let limits = loop {
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(LinkEvent::ConnAck(Ok(()))) => break,
-                    Some(LinkEvent::ConnAck(Err(reason)) | LinkEvent::Error(reason)) => {
-                        return SessionEnd::Lost { progress: Progress::NotConnected, reason, unanswered: 0 };
+                    Some(LinkEvent::Connected(limits)) => break limits,
+                    Some(LinkEvent::Failed(failure)) => {
+                        return SessionEnd::Lost { progress: Progress::NotConnected, failure, unanswered: 0 };
                     }
                     Some(_) => continue,
-                    None => return SessionEnd::Lost { progress: Progress::NotConnected, reason: "event loop ended".into(), unanswered: 0 },
+                    None => return SessionEnd::Lost { progress: Progress::NotConnected, failure: LinkFailure::Io("the connection task ended".into()), unanswered: 0 },
                 },
                 _ = shutdown.changed() => return SessionEnd::Shutdown,
+                // Files rotated while connecting: start over with them.
+                changed = credentials.changed(), if credentials.has_changed().is_ok() => {
+                    if changed.is_ok() {
+                        return SessionEnd::Rotated { unanswered: 0 };
+                    }
+                }
             }
-        }
+        };
+        let window = usize::from(self.config.inflight).min(usize::from(limits.receive_maximum));
         if careful > 0 {
             // Retrying rows the last connection ended over; that was logged already.
             debug!(link = %name, protocol = ?self.config.protocol, "upstream connected");
         } else {
-            info!(link = %name, protocol = ?self.config.protocol, "upstream connected");
+            info!(link = %name, protocol = ?self.config.protocol, tls = current.tls.is_some(), "upstream connected");
         }
         self.metrics.set_link_connected(name, true);
         if let Some(control) = &self.control {
-            if let Err(e) = client.try_subscribe(&control.filters) {
+            if let Err(e) = client.try_subscribe(control.filters.clone()) {
                 return lost(
                     None,
                     0,
                     0,
-                    format!("cannot subscribe to control topics: {e}"),
+                    LinkFailure::Io(format!("cannot subscribe to control topics: {e}")),
                 );
             }
             debug!(link = %name, filters = ?control.filters, "subscribed to control topics");
         }
 
         // Outbox rows (id, message id) sent in this session but whose packet id is not known
-        // yet, in send order (rumqttc reports `Outgoing::Publish(pkid)` in the order publishes
+        // yet, in send order (the connection reports `Published(pkid)` in the order publishes
         // were requested).
         let mut unassigned: VecDeque<(i64, String)> = VecDeque::new();
         let mut by_pkid: HashMap<u16, (i64, String)> = HashMap::new();
@@ -702,6 +494,9 @@ impl Uplink {
         // Set once the upstream refused a row: nothing more is sent, and the session ends when
         // the rest of the window has been acknowledged.
         let mut refused: Option<Refusal> = None;
+        // Set once the credentials changed: nothing more is sent, and the session ends when the
+        // window is empty, or at this deadline.
+        let mut rotating: Option<tokio::time::Instant> = None;
         // Rows read from the outbox but not sent yet, and the last id read.
         let mut buffer: VecDeque<OutboxRow> = VecDeque::new();
         let mut last_read: i64 = 0;
@@ -712,7 +507,7 @@ impl Uplink {
             let mut expired: Vec<i64> = Vec::new();
             let mut misrouted: Vec<i64> = Vec::new();
             let now = crate::event::now_ms();
-            while refused.is_none() && in_flight < limit {
+            while refused.is_none() && rotating.is_none() && in_flight < limit {
                 let Some(row) = buffer.pop_front() else {
                     if outbox_drained {
                         break;
@@ -754,10 +549,17 @@ impl Uplink {
                     });
                     break;
                 }
-                if let Err(reason) = client.try_publish(row) {
+                if let Err(reason) =
+                    publish_row(&client, self.config.protocol, self.config.envelope, row)
+                {
                     // The request channel is sized above the window, so this means the
-                    // event loop is gone; the session is over.
-                    return lost(refused.take(), in_flight, delivered, reason);
+                    // connection is gone; the session is over.
+                    return lost(
+                        refused.take(),
+                        in_flight,
+                        delivered,
+                        LinkFailure::Io(reason),
+                    );
                 }
                 unassigned.push_back((id, msg_id));
                 in_flight += 1;
@@ -775,8 +577,13 @@ impl Uplink {
                         unanswered: 0,
                     };
                 }
+                if rotating.is_some() {
+                    client.try_disconnect();
+                    return SessionEnd::Rotated { unanswered: 0 };
+                }
             }
 
+            let drain_deadline = rotating.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 event = events.recv() => match event {
                     Some(LinkEvent::Published(pkid)) => {
@@ -810,15 +617,23 @@ impl Uplink {
                             }
                         }
                     }
-                    Some(LinkEvent::Disconnect) => {
-                        return lost(refused.take(), in_flight, delivered, "upstream sent DISCONNECT".into());
-                    }
                     Some(LinkEvent::Incoming { topic, payload }) => self.forward(&client, topic, payload),
-                    Some(LinkEvent::ConnAck(_) | LinkEvent::Other) => {}
-                    Some(LinkEvent::Error(reason)) => return lost(refused.take(), in_flight, delivered, reason),
-                    None => return lost(refused.take(), in_flight, delivered, "event loop ended".into()),
+                    Some(LinkEvent::Connected(_)) => {}
+                    Some(LinkEvent::Failed(failure)) => return lost(refused.take(), in_flight, delivered, failure),
+                    None => return lost(refused.take(), in_flight, delivered, LinkFailure::Io("the connection task ended".into())),
                 },
-                _ = self.wake.notified() => outbox_drained = false,
+                _ = self.wake.notified(), if rotating.is_none() => outbox_drained = false,
+                changed = credentials.changed(), if rotating.is_none() && credentials.has_changed().is_ok() => {
+                    if changed.is_ok() {
+                        // Stop sending; reconnect once the window is acknowledged.
+                        debug!(link = %name, in_flight, "credentials changed; draining the window before reconnecting");
+                        rotating = Some(tokio::time::Instant::now() + keep_alive);
+                    }
+                }
+                _ = tokio::time::sleep_until(drain_deadline), if rotating.is_some() => {
+                    client.try_disconnect();
+                    return SessionEnd::Rotated { unanswered: in_flight };
+                }
                 _ = shutdown.changed() => {
                     client.try_disconnect();
                     return SessionEnd::Shutdown;
@@ -927,7 +742,7 @@ fn lost(
     refused: Option<Refusal>,
     in_flight: usize,
     delivered: usize,
-    reason: String,
+    failure: LinkFailure,
 ) -> SessionEnd {
     if let Some(refusal) = refused {
         return SessionEnd::Refused {
@@ -942,16 +757,8 @@ fn lost(
     };
     SessionEnd::Lost {
         progress,
-        reason,
+        failure,
         unanswered: in_flight,
-    }
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -998,116 +805,6 @@ async fn delete_acknowledged(
         }
         for done in waiters {
             let _ = done.send(());
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn row(payload: &[u8]) -> OutboxRow {
-        OutboxRow {
-            id: 7,
-            msg_id: "gw-1-7-telemetry".to_string(),
-            topic: "telemetry/dev \"1\"/env".to_string(),
-            payload: payload.to_vec(),
-            expires_ms: 0,
-            regions: String::new(),
-        }
-    }
-
-    #[test]
-    fn base64_matches_rfc_4648_vectors() {
-        let vectors: [(&[u8], &str); 7] = [
-            (b"", ""),
-            (b"f", "Zg=="),
-            (b"fo", "Zm8="),
-            (b"foo", "Zm9v"),
-            (b"foob", "Zm9vYg=="),
-            (b"fooba", "Zm9vYmE="),
-            (b"foobar", "Zm9vYmFy"),
-        ];
-        for (input, expected) in vectors {
-            assert_eq!(base64(input), expected);
-        }
-        assert_eq!(base64(&[0xfb, 0xff, 0xbf]), "+/+/");
-        assert_eq!(base64(&[0x00, 0x10, 0x83]), "ABCD");
-    }
-
-    #[test]
-    fn envelope_embeds_json_payload_verbatim() {
-        let payload = br#"{"seq": 1, "big": 123456789012345678901234, "x": 1.50}"#;
-        let bytes = envelope_payload(&row(payload));
-        let text = std::str::from_utf8(&bytes).unwrap();
-        assert!(text.ends_with(&format!(
-            ",\"payload\":{}}}",
-            std::str::from_utf8(payload).unwrap()
-        )));
-        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-        assert_eq!(value["id"], "gw-1-7-telemetry");
-        assert_eq!(value["topic"], "telemetry/dev \"1\"/env");
-        assert_eq!(value["payload"]["seq"], 1);
-        assert!(value.get("payload_base64").is_none());
-    }
-
-    #[test]
-    fn envelope_falls_back_to_base64_for_anything_but_one_json_value() {
-        let cases: [&[u8]; 6] = [
-            b"",
-            b"not json",
-            b"{\"a\":1} {\"b\":2}",
-            &[0xff, 0x00, 0x7b, 0x7d],
-            b"\"\\ud800\"",
-            b"{\"a\":",
-        ];
-        for payload in cases {
-            let value: serde_json::Value =
-                serde_json::from_slice(&envelope_payload(&row(payload))).unwrap();
-            assert_eq!(value["payload_base64"], base64(payload), "{payload:?}");
-            assert!(value.get("payload").is_none());
-        }
-    }
-
-    #[test]
-    fn json_scalars_are_payloads_too() {
-        for payload in ["42", "\"text\"", "null", " [1, 2] \n"] {
-            let value: serde_json::Value =
-                serde_json::from_slice(&envelope_payload(&row(payload.as_bytes()))).unwrap();
-            assert_eq!(
-                value["payload"],
-                serde_json::from_str::<serde_json::Value>(payload).unwrap()
-            );
-        }
-    }
-
-    #[test]
-    fn mqtt5_refusals_are_not_acknowledgements() {
-        use rumqttc::v5::mqttbytes::v5::PubAck;
-        let ack = |reason| {
-            LinkEvent::from_v5(Ok(rumqttc::v5::Event::Incoming(PacketV5::PubAck(PubAck {
-                pkid: 3,
-                reason,
-                properties: None,
-            }))))
-        };
-        for ok in [PubAckReason::Success, PubAckReason::NoMatchingSubscribers] {
-            assert_eq!(
-                ack(ok),
-                LinkEvent::PubAck {
-                    pkid: 3,
-                    refusal: None
-                }
-            );
-        }
-        for refused in [PubAckReason::QuotaExceeded, PubAckReason::NotAuthorized] {
-            assert!(matches!(
-                ack(refused),
-                LinkEvent::PubAck {
-                    pkid: 3,
-                    refusal: Some(_)
-                }
-            ));
         }
     }
 }
