@@ -1,8 +1,8 @@
 //! Geography benchmarks (issue 5): what finding an event's geofences and regions costs.
 //!
 //! - `countries/*`: [`Geography::locate`] with Natural Earth's 177 countries
-//!   (`../shared/data/countries-110m.geojson`) and region `eu`: the 25 cities of
-//!   `../shared/data/cities.csv`, 1,024 random points on land and 1,024 at sea (uniform in
+//!   (`tests/data/countries-110m.geojson`) and region `eu`: the 25 cities of
+//!   `tests/data/cities.csv`, 1,024 random points on land and 1,024 at sea (uniform in
 //!   longitude and latitude, sorted into the two by the geography itself), and the same land
 //!   points through [`Geography::locate_into`] with a reused [`Placement`].
 //! - `circles/*`: 10,000 circles of radius 100 m to 50 km, centres uniform over Europe
@@ -73,7 +73,7 @@ const POINTS: usize = 1024;
 
 fn data(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
+        .join("tests/data")
         .join(file)
 }
 

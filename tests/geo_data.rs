@@ -1,5 +1,5 @@
 //! Geography against real data (issue 5): Natural Earth's 177 countries as geofences and 25
-//! cities whose country was computed independently (Shapely), from `../shared/data/` (see its
+//! cities whose country was computed independently (Shapely), from `tests/data/` (see its
 //! README). Every city must resolve to exactly its country, the sea points to none, and the
 //! indexed lookup must agree with testing every country for random points and for points next
 //! to the countries' vertices.
@@ -41,7 +41,7 @@ const EU: [&str; 26] = [
 
 fn data(file: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data")
+        .join("tests/data")
         .join(file)
 }
 

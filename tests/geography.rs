@@ -1,6 +1,6 @@
 //! Geography-aware routing end to end (issue 5), through the real `outpost` binary, real
 //! Mosquitto upstreams and real MQTT devices, with Natural Earth's countries
-//! (`../shared/data/countries-110m.geojson`) and circles as geofences. What it proves:
+//! (`tests/data/countries-110m.geojson`) and circles as geofences. What it proves:
 //!
 //! - **Data residency.** Events are tagged with the regions that contain them; an output goes
 //!   only over a link whose `regions` allow all of its tags. With an EU and a US upstream, Berlin's
@@ -39,7 +39,7 @@ use common::{
 use serde_json::Value;
 
 /// (lat, lon) of a few places; each city is inside its country in the 1:110m data
-/// (`../shared/data/cities.csv`).
+/// (`tests/data/cities.csv`).
 const BERLIN: (f64, f64) = (52.52, 13.405);
 const MUNICH: (f64, f64) = (48.137, 11.575);
 const PARIS: (f64, f64) = (48.857, 2.352);
@@ -61,9 +61,9 @@ const USA: &str = "United States of America";
 /// The countries file, as an absolute path.
 fn countries_file() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/countries-110m.geojson")
+        .join("tests/data/countries-110m.geojson")
         .canonicalize()
-        .expect("../shared/data/countries-110m.geojson")
+        .expect("tests/data/countries-110m.geojson")
 }
 
 /// A TOML array of strings.
