@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: installs what the tests need (Mosquitto as the real
-# upstream broker), then formatting, lints, and every test. The Rust toolchain and the
-# wasm32-wasip2 target come from rust-toolchain.toml through rustup.
+# upstream broker, the cross toolchains, qemu, the Rust targets and components of
+# rust-toolchain.toml, cargo-deny), then formatting, the supply-chain check, lints, and every
+# test. Whatever cannot be installed stops it with an `error:` line; nothing is skipped
+# (except the package test when not root, which it says).
 set -euo pipefail
 # Incremental artifacts are useless on a clean checkout and cost gigabytes of disk.
 export CARGO_INCREMENTAL=0
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/setup.sh
+. scripts/setup.sh
 
 # What the tests need from Debian: Mosquitto (the upstream broker of the integration tests),
 # and for the board tests the cross toolchains (linkers, and objdump for the glibc check) and
@@ -25,16 +29,47 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
 fi
 
+# rustup adds the toolchain file's components and targets only to a toolchain it installs
+# itself (scripts/setup.sh).
+setup_rust_components rustfmt clippy
+setup_rust_targets wasm32-wasip2 aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf
+
 echo "== rustfmt"
 cargo fmt --all -- --check
+
+echo "== supply chain: cargo deny (advisories, licences, duplicate versions, sources; deny.toml)"
+setup_cargo_deny
+# The RustSec advisory database: offline from the snapshot in ../shared/advisory-db when it
+# is there (the machines that build outpost here cannot reach GitHub; OUTPOST_ADVISORY_DB
+# names another copy, or none when empty), else cargo-deny fetches the database itself.
+# cargo-deny 0.20 reads it from <db-path>/advisory-db-<hash of its URL>, as a git repository.
+snapshot="${OUTPOST_ADVISORY_DB-../shared/advisory-db}"
+db=target/advisory-dbs/advisory-db-3157b0e258782691
+deny_flags=(--workspace --locked)
+if [ -n "$snapshot" ] && [ -d "$snapshot/crates" ]; then
+    echo "   offline, with the advisory database snapshot in $snapshot" \
+        "($(grep -o -m1 'commit [0-9a-f]\{40\} of [0-9-]*' "$snapshot/README.outpost.md" 2>/dev/null || echo 'undated'))"
+    rm -rf "$db" && mkdir -p "$(dirname "$db")" && cp -r "$snapshot" "$db" && chmod -R u+w "$db"
+    git -C "$db" init -q && git -C "$db" add -A \
+        && git -C "$db" -c user.name=snapshot -c user.email=snapshot@localhost commit -qm snapshot
+    touch "$db/.outpost-snapshot"
+    # Offline, cargo metadata needs every crate of the lock file, other platforms' too.
+    cargo fetch --locked
+    deny_flags+=(--offline)
+else
+    echo "   with the advisory database cargo-deny fetches (no snapshot in ${snapshot:-(none)})"
+    # A snapshot copied here earlier is no clone cargo-deny can update.
+    if [ -e "$db/.outpost-snapshot" ]; then rm -rf "$db"; fi
+fi
+cargo deny "${deny_flags[@]}" check \
+    || setup_fail "cargo deny check failed (see above): an open advisory, a licence deny.toml does not allow, a duplicate version it does not skip or a source other than crates.io; or the advisory database could not be read or fetched"
+
 echo "== clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== tests"
 cargo test --locked
 echo "== board binaries (aarch64, armv7; profile board) and their tests under qemu"
-for target in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf; do
-    cargo build --locked --profile board --target "$target" --bin outpost
-done
+bash cross/build-boards.sh
 cargo test --locked --test boards -- --ignored
 echo "== Debian package (host architecture): build it, then install, upgrade, remove, purge"
 # The package test checks the packaging (maintainer scripts, conffile, service unit), not the
