@@ -75,32 +75,57 @@ fn signal(child: &Child, signal: &str) {
 /// survive a restart (the upstream "going away" and coming back).
 pub struct Mosquitto {
     pub port: u16,
-    dir: PathBuf,
+    pub dir: PathBuf,
     child: Option<Child>,
 }
 
 impl Mosquitto {
     pub fn new(dir: &Path) -> Mosquitto {
+        Mosquitto::with_config(dir, "")
+    }
+
+    /// Like [`Mosquitto::new`], with `extra` appended to its configuration (more listeners:
+    /// TLS, password files), each listener with its own settings (`per_listener_settings`).
+    /// The first listener, on [`Mosquitto::port`], stays plain and anonymous, for the tests'
+    /// subscribers.
+    pub fn with_config(dir: &Path, extra: &str) -> Mosquitto {
         let port = free_port();
         let dir = dir.join(format!("mosquitto-{port}"));
         std::fs::create_dir_all(&dir).expect("mosquitto dir");
-        let mut conf = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+        let mosquitto = Mosquitto {
+            port,
+            dir,
+            child: None,
+        };
+        mosquitto.set_config(extra);
+        mosquitto
+    }
+
+    /// Rewrites the configuration's `extra` part (it applies at the next start).
+    pub fn set_config(&self, extra: &str) {
+        let mut conf = String::new();
+        if !extra.is_empty() {
+            conf.push_str("per_listener_settings true\n");
+        }
+        conf.push_str(&format!(
+            "listener {} 127.0.0.1\nallow_anonymous true\npersistence true\n\
              persistence_location {}/\nmax_queued_messages 0\nmax_inflight_messages 100\n\
              log_dest stdout\n",
-            dir.display()
-        );
+            self.port,
+            self.dir.display()
+        ));
         // Started as root, Mosquitto switches to the `mosquitto` user, which cannot write its
         // persistence file into our private temporary directory.
         if running_as_root() {
             conf.push_str("user root\n");
         }
-        std::fs::write(dir.join("mosquitto.conf"), conf).expect("write mosquitto.conf");
-        Mosquitto {
-            port,
-            dir,
-            child: None,
-        }
+        conf.push_str(extra);
+        std::fs::write(self.dir.join("mosquitto.conf"), conf).expect("write mosquitto.conf");
+    }
+
+    /// What the broker logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("mosquitto.log")).unwrap_or_default()
     }
 
     /// Starts (or restarts) the broker and waits until it listens.
@@ -274,6 +299,13 @@ impl Gateway {
             }
             assert!(Instant::now() < deadline, "gateway did not stop on SIGSTOP");
             std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// SIGHUP: the gateway re-reads its uplinks' credential files.
+    pub fn reload(&self) {
+        if let Some(child) = &self.child {
+            signal(child, "-HUP");
         }
     }
 
