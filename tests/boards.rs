@@ -2,8 +2,9 @@
 //! toolchains through `.cargo/config.toml`) do their real job under qemu-user: the gateway
 //! starts, accepts a device's publishes, runs the `enrich` example handler on them (Cranelift
 //! on aarch64, the Pulley interpreter on armv7), queues the outputs and delivers them to a
-//! Mosquitto on the host. Each binary also links only glibc symbols that Raspberry Pi OS
-//! Bookworm (glibc 2.36) has.
+//! Mosquitto on the host over mutual TLS (rustls with ring, cross-compiled: a client
+//! certificate, the server's checked against a CA file). Each binary also links only glibc
+//! symbols that Raspberry Pi OS Bookworm (glibc 2.36) has.
 //!
 //! These tests need the binaries (`cargo build --profile board --target <triple>`), qemu-user-static
 //! and the cross binutils, so they are `#[ignore]`d in a plain `cargo test`;
@@ -110,7 +111,17 @@ fn smoke(board: &Board) {
         let dir = tempfile::tempdir().unwrap();
         let wasm = dir.path().join("enrich.wasm");
         std::fs::write(&wasm, outpost::examples::ENRICH).unwrap();
-        let mut upstream = Mosquitto::new(dir.path());
+        let pki = dir.path().join("pki");
+        std::fs::create_dir_all(&pki).unwrap();
+        let ca = pki::Ca::new("board test ca");
+        pki::write_file(&pki.join("ca.pem"), &ca.pem(), 0o644);
+        let server = ca.leaf("upstream", &["localhost"], false, pki::Validity::Valid);
+        pki::write_leaf(&pki, "server", &server);
+        let client = ca.leaf("board", &[], true, pki::Validity::Valid);
+        pki::write_leaf(&pki, "client", &client);
+        let tls_port = free_port();
+        let mut upstream =
+            Mosquitto::with_config(dir.path(), &pki::tls_listener(tls_port, &pki, true));
         upstream.start();
         let subscriber = Subscriber::connect(upstream.port, "board-sub", "#").await;
         let config = format!(
@@ -118,7 +129,10 @@ fn smoke(board: &Board) {
 
 [[upstream]]
 name = "cloud"
-url = "{url}"
+url = "mqtts://localhost:{tls_port}"
+cafile = "{pki}/ca.pem"
+certfile = "{pki}/client.pem"
+keyfile = "{pki}/client.key"
 
 [[module]]
 name = "enrich"
@@ -129,7 +143,7 @@ name = "readings"
 filter = "telemetry/#"
 handler = "enrich"
 "#,
-            url = upstream.url(),
+            pki = pki.display(),
             wasm = wasm.display(),
         );
         let file = write_config(dir.path(), &config);
@@ -172,6 +186,11 @@ handler = "enrich"
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen, (0..READINGS).collect::<Vec<_>>());
+        assert!(
+            gateway.log().contains("tls=true"),
+            "delivered over TLS:\n{}",
+            gateway.log()
+        );
         assert!(
             gateway.stop(),
             "the emulated gateway exits 0 on SIGTERM:\n{}",

@@ -17,9 +17,8 @@
 //!
 //! This module keeps nothing alive and opens no sockets; [`super::reload`] re-reads the files.
 
-use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -378,7 +377,12 @@ fn read_file(key: &str, path: &Path) -> Result<(Vec<u8>, u32), CredentialError> 
         path: path.to_path_buf(),
         detail: e.to_string(),
     };
-    let file = File::open(path).map_err(unreadable)?;
+    // Non-blocking, so that opening a FIFO named by mistake does not wait for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(unreadable)?;
     let meta = file.metadata().map_err(unreadable)?;
     if !meta.is_file() {
         return Err(CredentialError::NotAFile {
@@ -492,5 +496,127 @@ fn facts(key: &str, path: &Path, cert: &CertificateDer<'_>) -> CertificateFacts 
                 std::time::UNIX_EPOCH + c.tbs_certificate.validity.not_after.to_unix_duration()
             })
             .unwrap_or(SystemTime::UNIX_EPOCH),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    fn upstream(url: &str) -> UpstreamConfig {
+        UpstreamConfig {
+            url: url.to_string(),
+            ..UpstreamConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_fifo_or_a_directory_is_refused_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        for path in [fifo, dir.path().to_path_buf()] {
+            let mut config = upstream("mqtts://h");
+            config.cafile = Some(path.clone());
+            let error = load(&config).unwrap_err();
+            assert!(
+                matches!(error, CredentialError::NotAFile { .. }),
+                "{path:?}: {error}"
+            );
+            assert!(error.to_string().starts_with("upstream \"cloud\".cafile"));
+        }
+    }
+
+    #[test]
+    fn passwords_are_the_first_line_of_a_private_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = upstream("mqtt://h");
+        config.username = Some("gw".into());
+        for (text, expected) in [("pw\n", "pw"), ("pw\r\nrest\n", "pw"), ("p w", "p w")] {
+            config.password_file = Some(write(dir.path(), "pw", text, 0o600));
+            let login = load(&config).unwrap().login.unwrap();
+            assert_eq!(
+                (login.username.as_str(), login.password.as_str()),
+                ("gw", expected)
+            );
+        }
+        config.password_file = Some(write(dir.path(), "pw", "\nsecond line\n", 0o600));
+        assert!(matches!(
+            load(&config),
+            Err(CredentialError::BadPassword { .. })
+        ));
+        config.password_file = Some(write(dir.path(), "pw", "pw\n", 0o604));
+        let exposed = load(&config).unwrap_err();
+        assert!(
+            matches!(exposed, CredentialError::Exposed { mode: 0o604, .. }),
+            "{exposed}"
+        );
+        config.password_file = None;
+        config.password = Some("inline".into());
+        assert_eq!(
+            load(&config).unwrap().login.unwrap().password.as_str(),
+            "inline"
+        );
+    }
+
+    #[test]
+    fn the_digest_follows_the_content_not_the_file_times() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = upstream("mqtt://h");
+        config.username = Some("gw".into());
+        config.password_file = Some(write(dir.path(), "pw", "one\n", 0o600));
+        let first = load(&config).unwrap().digest;
+        config.password_file = Some(write(dir.path(), "pw", "one\n", 0o600));
+        assert_eq!(load(&config).unwrap().digest, first);
+        config.password_file = Some(write(dir.path(), "pw", "two\n", 0o600));
+        assert_ne!(load(&config).unwrap().digest, first);
+    }
+
+    #[test]
+    fn certificates_near_or_past_their_end_are_warned_about() {
+        let now = SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        let facts = |subject: &str, not_after| CertificateFacts {
+            origin: "upstream \"cloud\".certfile (c.pem)".into(),
+            subject: subject.into(),
+            not_after,
+        };
+        let mut credentials = Credentials::none();
+        credentials.client_certificate = Some(facts("CN=soon", now + 10 * day));
+        credentials.ca_certificates = vec![
+            facts("CN=later", now + 31 * day),
+            facts("CN=gone", now - day),
+        ];
+        let warnings = credentials.warnings(now);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains("CN=soon") && warnings[0].contains("(in 10 day(s))"),
+            "{warnings:?}"
+        );
+        assert!(warnings[1].contains("CN=gone expired on"), "{warnings:?}");
+    }
+
+    #[test]
+    fn tls_settings_need_an_mqtts_url_and_system_roots_are_found() {
+        // Plain: no TLS even with system roots around.
+        assert!(load(&upstream("mqtt://h")).unwrap().tls.is_none());
+        // mqtts:// without cafile uses the system's CA certificates (Debian's ca-certificates
+        // package, which the test command installs).
+        let tls = load(&upstream("mqtts://broker.example"))
+            .unwrap()
+            .tls
+            .unwrap();
+        assert!(matches!(tls.server_name, ServerName::DnsName(_)));
+        let by_ip = load(&upstream("mqtts://10.1.2.3")).unwrap().tls.unwrap();
+        assert!(matches!(by_ip.server_name, ServerName::IpAddress(_)));
     }
 }

@@ -1,0 +1,141 @@
+//! Certificates for the TLS tests, made with rcgen: certificate authorities, server and
+//! client certificates valid, expired or not yet valid; files written as a rotation tool
+//! would; Mosquitto TLS listener configuration.
+
+#![allow(dead_code)]
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+
+/// A certificate authority made for one test.
+pub struct Ca {
+    pub issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        Validity::Valid.apply(&mut params);
+        Ca {
+            issuer: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap(),
+        }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A server (`client == false`) or client certificate for `names` (DNS names or IP
+    /// addresses), with the subject CN `cn`.
+    pub fn leaf(&self, cn: &str, names: &[&str], client: bool, validity: Validity) -> Leaf {
+        let mut params =
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        params.extended_key_usages = vec![if client {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        validity.apply(&mut params);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Leaf {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
+/// When a certificate is valid.
+#[derive(Clone, Copy)]
+pub enum Validity {
+    Valid,
+    Expired,
+    NotYetValid,
+}
+
+impl Validity {
+    /// Sets `params`' notBefore and notAfter.
+    pub fn apply(self, params: &mut CertificateParams) {
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        let now = epoch
+            + SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap();
+        let day = Duration::from_secs(86_400);
+        let (not_before, not_after) = match self {
+            Validity::Valid => (now - day, now + 365 * day),
+            Validity::Expired => (now - 30 * day, now - day),
+            Validity::NotYetValid => (now + day, now + 30 * day),
+        };
+        params.not_before = not_before;
+        params.not_after = not_after;
+    }
+}
+
+/// A certificate and its private key, PEM.
+pub struct Leaf {
+    pub cert: String,
+    pub key: String,
+}
+
+/// Writes `text` to `path` with `mode`, replacing the file atomically (as a rotation tool
+/// would: a reader sees the old file or the new one, never half of one).
+pub fn write_file(path: &Path, text: &str, mode: u32) {
+    let temporary = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&temporary);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temporary)
+        .unwrap();
+    std::io::Write::write_all(&mut file, text.as_bytes()).unwrap();
+    file.sync_all().unwrap();
+    std::fs::rename(&temporary, path).unwrap();
+}
+
+/// Writes a leaf's certificate and key as `<name>.pem` and `<name>.key` (mode 0600).
+pub fn write_leaf(dir: &Path, name: &str, leaf: &Leaf) {
+    write_file(&dir.join(format!("{name}.pem")), &leaf.cert, 0o644);
+    write_file(&dir.join(format!("{name}.key")), &leaf.key, 0o600);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peers
+
+/// Mosquitto configuration of a TLS listener on `port` with the server certificate
+/// `server.pem`/`server.key` of `dir`, trusting `ca.pem` for client certificates; with
+/// `require_certificate`, clients must present one (its CN is their user name), else they
+/// need a user of `passwords`.
+pub fn tls_listener(port: u16, dir: &Path, require_certificate: bool) -> String {
+    let d = dir.display();
+    let mut conf = format!(
+        "listener {port} 127.0.0.1\ncafile {d}/ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n"
+    );
+    if require_certificate {
+        conf.push_str(
+            "require_certificate true\nuse_identity_as_username true\nallow_anonymous false\n",
+        );
+    } else {
+        conf.push_str(&format!(
+            "allow_anonymous false\npassword_file {d}/passwords\n"
+        ));
+    }
+    conf
+}
