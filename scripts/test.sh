@@ -48,7 +48,7 @@ db=target/advisory-dbs/advisory-db-3157b0e258782691
 deny_flags=(--workspace --locked)
 if [ -n "$snapshot" ] && [ -d "$snapshot/crates" ]; then
     echo "   offline, with the advisory database snapshot in $snapshot" \
-        "($(grep -o -m1 'commit [0-9a-f]\{40\} of [0-9-]*' "$snapshot/README.outpost.md" 2>/dev/null || echo 'undated'))"
+        "($(tr '\n' ' ' < "$snapshot/README.outpost.md" 2>/dev/null | grep -o -m1 'commit [0-9a-f]\{40\} of [0-9-]*' || echo 'undated'))"
     rm -rf "$db" && mkdir -p "$(dirname "$db")" && cp -r "$snapshot" "$db" && chmod -R u+w "$db"
     git -C "$db" init -q && git -C "$db" add -A \
         && git -C "$db" -c user.name=snapshot -c user.email=snapshot@localhost commit -qm snapshot
