@@ -1263,6 +1263,17 @@ mod tests {
     #[test]
     fn packaged_config_is_the_default_with_the_state_directory() {
         let text = include_str!("../packaging/debian/outpost.toml");
+        // Word for word, so that the conffile documents every key `config default` does.
+        let body = text.split_once("\n\n").map_or(text, |(_, body)| body);
+        assert_eq!(
+            body,
+            DEFAULT_CONFIG_TOML.replacen(
+                "data_dir = \"outpost-data\"",
+                "data_dir = \"/var/lib/outpost\"",
+                1
+            ),
+            "packaging/debian/outpost.toml is the default configuration with its header"
+        );
         let parsed = parse(text).expect("packaged config parses");
         let expected = Config {
             data_dir: PathBuf::from("/var/lib/outpost"),

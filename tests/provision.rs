@@ -3,6 +3,9 @@
 //! `/etc/outpost/outpost.toml` with the keys copied; a bad one changes nothing and says why;
 //! the pi-gen stage's scripts are valid shell.
 
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -115,6 +118,88 @@ fn a_provision_file_becomes_a_checked_configuration() {
     let again = provision(root.path());
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to do"));
+}
+
+/// A board provisioned for a TLS upstream: the CA, the client certificate and key and the
+/// password land in /etc/outpost/tls, the secrets readable by their owner only, and the
+/// configuration names them, checked by the gateway itself (which refuses exposed secrets).
+#[test]
+fn tls_files_on_the_boot_partition_configure_the_uplink() {
+    let ca = common::pki::Ca::new("provisioning ca");
+    let client = ca.leaf("truck-17", &[], true, common::pki::Validity::Valid);
+    let root = board(&[
+        (
+            "provision.env",
+            "GATEWAY_ID=truck-17\nUPSTREAM_URL=mqtts://iot.example.com:443\nUSERNAME=truck-17\nALPN=x-amzn-mqtt-ca\n",
+        ),
+        ("tls/ca.pem", &ca.pem()),
+        ("tls/client.pem", &client.cert),
+        ("tls/client.key", &client.key),
+        ("tls/password", "s3cret\n"),
+    ]);
+    let out = provision(root.path());
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = read(root.path(), "etc/outpost/outpost.toml");
+    for line in [
+        "url = \"mqtts://iot.example.com:443\"",
+        "cafile = \"tls/ca.pem\"",
+        "certfile = \"tls/client.pem\"",
+        "keyfile = \"tls/client.key\"",
+        "username = \"truck-17\"",
+        "password_file = \"tls/password\"",
+        "alpn = [\"x-amzn-mqtt-ca\"]",
+    ] {
+        assert!(config.contains(line), "{line} not in:\n{config}");
+    }
+    let mode = |name: &str| {
+        std::fs::metadata(root.path().join("etc/outpost/tls").join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("client.key"), 0o600);
+    assert_eq!(mode("password"), 0o600);
+    assert_eq!(mode("client.pem"), 0o644);
+    assert_eq!(mode("ca.pem"), 0o644);
+    let check = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["config", "check"])
+        .arg(root.path().join("etc/outpost/outpost.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+
+    // A client certificate without its key is refused, and so is a password without a user.
+    for (env, files, reason) in [
+        (
+            "GATEWAY_ID=t\nUPSTREAM_URL=mqtts://b\n",
+            vec![("tls/client.pem", client.cert.as_str())],
+            "go together",
+        ),
+        (
+            "GATEWAY_ID=t\nUPSTREAM_URL=mqtts://b\n",
+            vec![("tls/password", "pw\n")],
+            "needs USERNAME",
+        ),
+    ] {
+        let mut all = vec![("provision.env", env)];
+        all.extend(files);
+        let root = board(&all);
+        let out = provision(root.path());
+        assert!(!out.status.success(), "{env:?} was accepted");
+        let failed = read(root.path(), "boot/firmware/outpost/provision.env.failed");
+        assert!(failed.contains(reason), "{failed}");
+    }
 }
 
 #[test]
