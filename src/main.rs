@@ -534,6 +534,19 @@ fn load(file: Option<&std::path::Path>) -> anyhow::Result<Config> {
 fn check(file: &std::path::Path) -> anyhow::Result<()> {
     let config = load(Some(file))?;
     let validated = config.validate()?;
+    // The uplinks' certificates, keys, CA and password files: read and checked as the gateway
+    // will at start; an expiring certificate is a warning.
+    let mut warnings = validated.geo.warnings(&validated.routes);
+    for upstream in &config.upstreams {
+        let credentials = outpost::uplink::credentials::load(upstream)?;
+        warnings.extend(credentials.warnings(std::time::SystemTime::now()));
+        if credentials.tls.is_none() && credentials.login.is_some() {
+            warnings.push(format!(
+                "upstream {:?}: the password goes to {} in the clear; use an mqtts:// url",
+                upstream.name, upstream.url
+            ));
+        }
+    }
     println!(
         "{}: ok ({} route(s), {} module(s), {} upstream(s), {} geofence(s), {} region(s))",
         file.display(),
@@ -543,22 +556,8 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
         validated.geo.geography.fences().len(),
         validated.geo.geography.regions().len(),
     );
-    for warning in validated.geo.warnings(&validated.routes) {
+    for warning in warnings {
         println!("warning: {warning}");
-    }
-    // The uplinks' certificates, keys, CA and password files: read and checked as the gateway
-    // will at start; an expiring certificate is a warning.
-    for upstream in &config.upstreams {
-        let credentials = outpost::uplink::credentials::load(upstream)?;
-        for warning in credentials.warnings(std::time::SystemTime::now()) {
-            println!("warning: {warning}");
-        }
-        if credentials.tls.is_none() && credentials.login.is_some() {
-            println!(
-                "warning: upstream {:?}: the password goes to {} in the clear; use an mqtts:// url",
-                upstream.name, upstream.url
-            );
-        }
     }
     Ok(())
 }

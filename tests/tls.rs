@@ -1027,6 +1027,34 @@ fn config_check_names_what_is_wrong_with_tls_files() {
     let (ok, out) = check(dir, &tls("certfile = \"rsa.pem\"\nkeyfile = \"rsa.key\"\n"));
     assert!(ok, "{out}");
 
+    // An X.509 v1 certificate (what `openssl x509 -req` makes without -extfile) is named as such.
+    let csr = dir.join("v1.csr");
+    openssl(&[
+        "req",
+        "-new",
+        "-key",
+        rsa.to_str().unwrap(),
+        "-subj",
+        "/CN=v1",
+        "-out",
+        csr.to_str().unwrap(),
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        csr.to_str().unwrap(),
+        "-signkey",
+        rsa.to_str().unwrap(),
+        "-days",
+        "30",
+        "-out",
+        dir.join("v1.pem").to_str().unwrap(),
+    ]);
+    let (ok, out) = check(dir, &tls("certfile = \"v1.pem\"\nkeyfile = \"rsa.key\"\n"));
+    assert!(!ok);
+    assert!(out.contains("X.509 v1 certificate"), "{out}");
+
     // `run` refuses what `config check` refuses, before starting anything.
     let path = common::write_config(
         dir,

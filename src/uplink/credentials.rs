@@ -73,6 +73,16 @@ pub enum CredentialError {
         /// What is wrong.
         detail: String,
     },
+    /// A certificate that parses but that TLS will not use.
+    #[error("{key}: {}: {detail}", path.display())]
+    Unusable {
+        /// The configuration key.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
     /// The file holds no PEM private key, or one rustls cannot use.
     #[error("{key}: {} holds no usable private key: {detail} (expected PEM: PKCS#8 \"PRIVATE KEY\", SEC1 \"EC PRIVATE KEY\" or \"RSA PRIVATE KEY\")", path.display())]
     NoKey {
@@ -337,6 +347,11 @@ pub fn load(config: &UpstreamConfig) -> Result<Credentials, CredentialError> {
                         key_path: key_path.clone(),
                         cert_path: cert_path.clone(),
                     },
+                    rustls::Error::InvalidCertificate(problem) => CredentialError::Unusable {
+                        key: cert_field.clone(),
+                        path: cert_path.clone(),
+                        detail: certificate_problem(&problem),
+                    },
                     other => CredentialError::NoKey {
                         key: key_field.clone(),
                         path: key_path.clone(),
@@ -466,6 +481,19 @@ fn certificates(
         parse_certificate(cert).map_err(|e| problem(format!("not an X.509 certificate: {e}")))?;
     }
     Ok(certs)
+}
+
+/// Why rustls will not use a client certificate, in words.
+fn certificate_problem(problem: &rustls::CertificateError) -> String {
+    let text = format!("{problem:?}");
+    if text.contains("UnsupportedCertVersion") {
+        // `openssl x509 -req` without `-extfile` makes these.
+        "it is an X.509 v1 certificate, which TLS no longer accepts: issue it as v3 (with \
+         `openssl x509 -req`, give an -extfile, e.g. with extendedKeyUsage=clientAuth)"
+            .to_string()
+    } else {
+        format!("rustls cannot use it: {text}")
+    }
 }
 
 fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
