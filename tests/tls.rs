@@ -1076,3 +1076,57 @@ fn config_check_names_what_is_wrong_with_tls_files() {
     assert!(!ok);
     assert!(out.contains("accessible by other users"), "{out}");
 }
+
+/// A key file the gateway's user cannot read is named, with the operating system's reason.
+/// As root (which reads anything) the check runs as `nobody`; otherwise the file gets mode 000.
+#[test]
+fn config_check_names_an_unreadable_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ca = Ca::new("ca");
+    write_file(&dir.join("ca.pem"), &ca.pem(), 0o644);
+    write_leaf(dir, "client", &ca.leaf("gw", &[], true, Validity::Valid));
+    let config = common::write_config(
+        dir,
+        "[[upstream]]\nname = \"cloud\"\nurl = \"mqtts://b:8883\"\ncafile = \"ca.pem\"\n\
+         certfile = \"client.pem\"\nkeyfile = \"client.key\"\n",
+    );
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let mut command = if root {
+        // A copy in the temporary directory: the checkout may be where `nobody` cannot go.
+        let binary = dir.join("outpost");
+        std::fs::copy(env!("CARGO_BIN_EXE_outpost"), &binary).unwrap();
+        std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&binary);
+        c
+    } else {
+        std::fs::set_permissions(dir.join("client.key"), std::fs::Permissions::from_mode(0))
+            .unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
+    };
+    let out = command
+        .args(["config", "check"])
+        .arg(&config)
+        .output()
+        .expect("run the check (setpriv is in util-linux)");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("upstream \"cloud\".keyfile: cannot read")
+            && text.contains("client.key")
+            && text.contains("Permission denied"),
+        "{text}"
+    );
+}
