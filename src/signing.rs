@@ -749,13 +749,31 @@ pub fn read_secret_key(path: &Path) -> Result<SigningKey, KeyFileError> {
 }
 
 /// Reads a key file (expected to start with `tag`) of at most 4 KiB as UTF-8 text.
+///
+/// Opening never waits: a FIFO that nobody writes to (a configuration naming one as a trusted
+/// key) is read as empty instead of hanging `config check` and the start-up forever. The file
+/// is opened non-blocking, then read blocking, so a pipe with a writer (`--key <(...)`) still
+/// gives what its writer writes.
 fn read_small(path: &Path, tag: &'static str) -> Result<String, KeyFileError> {
     use std::io::Read;
+    use std::os::fd::AsRawFd;
     let read_err = |source| KeyFileError::Read {
         path: path.to_path_buf(),
         error: source,
     };
-    let file = std::fs::File::open(path).map_err(read_err)?;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(read_err)?;
+    // SAFETY: F_GETFL/F_SETFL on a descriptor this function owns; no memory is involved.
+    let cleared = unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) >= 0
+    };
+    if !cleared {
+        return Err(read_err(std::io::Error::last_os_error()));
+    }
     let mut bytes = Vec::new();
     file.take(4097).read_to_end(&mut bytes).map_err(read_err)?;
     let too_long = bytes.len() > 4096;
@@ -1758,6 +1776,61 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(missing.contains("nope.pub"), "{missing}");
+    }
+
+    /// A FIFO named as a key file (e.g. `deploy.trusted_keys = ["/some/fifo"]`) made
+    /// `config check` and the start-up wait forever in `open`, for a writer that never comes.
+    /// The bound is for a hang, not for speed: the read returns at once.
+    #[test]
+    fn a_fifo_without_a_writer_is_an_empty_key_file_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("ops.pub");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let (done, result) = std::sync::mpsc::channel();
+        let reader = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = done.send((
+                read_public_key(&reader).err(),
+                read_secret_key(&reader).err(),
+            ));
+        });
+        let (public, secret) = result
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("reading a key from a FIFO without a writer hangs");
+        for error in [public, secret] {
+            let message = error.expect("an empty FIFO is not a key").to_string();
+            assert!(message.contains("empty"), "{message}");
+        }
+    }
+
+    /// A pipe that does have a writer (`outpost module sign --key <(...)`) is still read.
+    #[test]
+    fn a_fifo_with_a_writer_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("ops.pub");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        let key = key(3).verifying_key();
+        let writer_path = fifo.clone();
+        let writer = std::thread::spawn(move || {
+            // Opening for writing waits for a reader; should that reader have given up
+            // (closed) before the key was written, write again for the next one.
+            while std::fs::write(&writer_path, public_key_text(&key)).is_err() {}
+        });
+        // The writer may not have opened its end yet: the reader then sees an empty pipe, so
+        // try until it gets the key (the writer's open waits for a reader, so it comes).
+        let read = loop {
+            match read_public_key(&fifo) {
+                Ok(read) => break read,
+                Err(e) if e.to_string().contains("empty") => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        writer.join().unwrap();
+        assert_eq!(read, key);
     }
 
     #[test]
