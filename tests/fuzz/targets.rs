@@ -375,8 +375,9 @@ fn frame_seeds() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
     (seeds, near_misses)
 }
 
-/// The front's packet size limit for a given payload limit (`PACKET_OVERHEAD` in front.rs).
-const FRONT_MAX: usize = 4096 + 1024;
+/// The front's packet size limit (`max_payload + PACKET_OVERHEAD` in front.rs) for a small
+/// payload limit of 4 KiB.
+const FRONT_MAX: usize = 4096 + 64 * 1024;
 
 /// The frames target: the byte stream of one connection, read as the front reads it.
 pub fn frames() -> Target {
