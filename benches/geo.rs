@@ -37,7 +37,7 @@ use outpost::locator::Locator;
 use outpost::predicate::Facts;
 use outpost::router::RouteTable;
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 /// The EU's member states present in Natural Earth 1:110m.
 const EU: [&str; 26] = [

@@ -137,9 +137,11 @@ async fn subscribe(port: u16, id: &str, topic: &str) -> (Arrivals, tokio::task::
 }
 
 fn config(data: &Path, listen: u16, upstream: UpstreamConfig) -> Config {
-    let mut config = Config::default();
-    config.gateway_id = "bench-tls".to_string();
-    config.data_dir = data.to_path_buf();
+    let mut config = Config {
+        gateway_id: "bench-tls".to_string(),
+        data_dir: data.to_path_buf(),
+        ..Config::default()
+    };
     config.broker.listen = vec![format!("127.0.0.1:{listen}").parse().unwrap()];
     config.handlers.metrics_interval_ms = 0;
     config.upstreams = vec![UpstreamConfig {

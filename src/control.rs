@@ -44,7 +44,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::Rng;
+use rand::RngExt;
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::Notification;
 use serde::{Deserialize, Serialize};

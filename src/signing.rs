@@ -639,9 +639,9 @@ pub fn verify(
 
 /// A new signing key from the operating system's random number generator.
 pub fn generate_key() -> Result<SigningKey, KeyFileError> {
-    use rand::TryRngCore;
+    use rand::TryRng;
     let mut seed = Zeroizing::new([0u8; 32]);
-    rand::rngs::OsRng
+    rand::rngs::SysRng
         .try_fill_bytes(seed.as_mut())
         .map_err(|e| KeyFileError::Random(e.to_string()))?;
     Ok(SigningKey::from_bytes(&seed))

@@ -1108,8 +1108,11 @@ fn config_check_names_an_unreadable_key() {
             .arg(&binary);
         c
     } else {
-        std::fs::set_permissions(dir.join("client.key"), std::fs::Permissions::from_mode(0))
-            .unwrap();
+        std::fs::set_permissions(
+            dir.join("client.key"),
+            std::fs::Permissions::from_mode(0o000),
+        )
+        .unwrap();
         std::process::Command::new(env!("CARGO_BIN_EXE_outpost"))
     };
     let out = command
