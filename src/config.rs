@@ -31,9 +31,10 @@ pub enum ConfigError {
     Read {
         /// The file that was asked for.
         path: PathBuf,
-        /// What the operating system said (in the message, so not also a `source`, which would
+        /// What is wrong: what the operating system said, not a regular file, larger than
+        /// [`MAX_CONFIG_BYTES`], not UTF-8 (in the message, so not also a `source`, which would
         /// print it twice in an error chain).
-        error: std::io::Error,
+        error: crate::files::FileError,
     },
     /// The file is not valid TOML or has a key of the wrong type or an unknown key.
     #[error("{path}: {message}")]
@@ -310,6 +311,9 @@ impl Default for DeployConfig {
         }
     }
 }
+
+/// Largest configuration file [`Config::load`] reads (1 MiB; `config default` writes about 10 KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
 
 /// Largest value of `deploy.max_module_bytes` (256 MiB, MQTT's largest packet).
 pub const MAX_MODULE_BYTES_LIMIT: u64 = 256 * 1024 * 1024;
@@ -761,9 +765,18 @@ impl Config {
     /// Reads and parses a file, and makes relative module paths and trusted key paths relative
     /// to its directory. Does not validate; call [`Config::validate`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        let read_error = |error| ConfigError::Read {
             path: path.to_path_buf(),
             error,
+        };
+        let bytes = crate::files::read_regular(path, MAX_CONFIG_BYTES)
+            .map_err(read_error)?
+            .bytes;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            read_error(crate::files::FileError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
+            )))
         })?;
         let mut config = Config::from_toml(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));

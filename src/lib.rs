@@ -18,6 +18,7 @@ pub mod deploy_client;
 pub mod edge;
 pub mod event;
 pub mod examples;
+pub mod files;
 pub mod gateway;
 pub mod geo;
 pub mod journal;

@@ -480,8 +480,14 @@ fn implied_regions(geography: &Geography, names: &BTreeSet<&str>) -> BTreeSet<St
     tags
 }
 
+/// Largest GeoJSON file a geofence may name (64 MiB: Natural Earth's 10 m countries, the most
+/// detailed common source, are about 24 MB).
+pub const MAX_GEOFENCE_FILE_BYTES: u64 = 64 * 1024 * 1024;
+
 fn read_file(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+    crate::files::read_regular(path, MAX_GEOFENCE_FILE_BYTES)
+        .map(|file| file.bytes)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 /// Transition topics may use `{gateway}` and `{device}` only, and no wildcard.

@@ -683,7 +683,7 @@ fn module_sign(
     signing::validate_name(name)?;
     signing::validate_version(version)?;
     let key = signing::read_secret_key(key_file)?;
-    let wasm = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let wasm = read_module_file(file)?;
     if wasm.starts_with(signing::ENVELOPE_MAGIC) {
         anyhow::bail!(
             "{} is already a signed module; sign the module itself",
@@ -725,7 +725,6 @@ fn module_verify(
     name: Option<String>,
     version: Option<String>,
 ) -> anyhow::Result<()> {
-    use anyhow::Context;
     use outpost::signing::{self, KeyId, SignedModule};
     let mut sources: Vec<(PathBuf, signing::VerifyingKey)> = Vec::new();
     for path in trust {
@@ -738,7 +737,7 @@ fn module_verify(
         let keys = config.trusted_keys()?;
         sources.extend(config.deploy.trusted_keys.into_iter().zip(keys));
     }
-    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let bytes = read_module_file(file)?;
     let not_accepted =
         |e: &dyn std::fmt::Display| anyhow::anyhow!("{}: not accepted: {e}", file.display());
     let signed =
@@ -861,7 +860,6 @@ fn module_push(
     target: &TargetOptions,
     retain: bool,
 ) -> anyhow::Result<()> {
-    use anyhow::Context;
     use outpost::deploy_client::Request;
     use outpost::signing::{self, SignedModule};
     signing::validate_name(name)?;
@@ -872,7 +870,7 @@ fn module_push(
     if retain && target.fleet.is_none() {
         anyhow::bail!("--retain applies to --fleet GROUP only");
     }
-    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let bytes = read_module_file(file)?;
     let request = if bytes.starts_with(signing::ENVELOPE_MAGIC) {
         let signed = SignedModule::from_bytes(&bytes)
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
@@ -931,4 +929,12 @@ fn module_command(
         outpost::deploy_client::Request::command(to, &command),
         target,
     )
+}
+
+/// Reads a module or signed-module file the operator named (a regular file of at most
+/// `MAX_MODULE_BYTES_LIMIT`, so a FIFO or `/dev/zero` is an error, not a hang or an OOM).
+fn read_module_file(file: &std::path::Path) -> anyhow::Result<Vec<u8>> {
+    outpost::files::read_regular(file, outpost::config::MAX_MODULE_BYTES_LIMIT)
+        .map(|contents| contents.bytes)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))
 }

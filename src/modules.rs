@@ -122,13 +122,15 @@ impl Registry {
         for module in modules {
             declared.insert(module.name.clone());
             let Some(path) = &module.path else { continue };
-            let wasm = std::fs::read(path).map_err(|e| {
-                anyhow::anyhow!(
-                    "module {:?}: cannot read {}: {e}",
-                    module.name,
-                    path.display()
-                )
-            })?;
+            let wasm = crate::files::read_regular(path, crate::config::MAX_MODULE_BYTES_LIMIT)
+                .map(|file| file.bytes)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "module {:?}: cannot read {}: {e}",
+                        module.name,
+                        path.display()
+                    )
+                })?;
             let started = Instant::now();
             let handler = runtime.load(&module.name, &wasm).map_err(|e| {
                 anyhow::anyhow!("module {:?} ({}): {e}", module.name, path.display())

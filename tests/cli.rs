@@ -414,3 +414,60 @@ async fn module_client_matches_statuses_to_its_requests() {
         "{err}"
     );
 }
+
+/// Runs outpost, killing it (and failing the test) if it has not finished after 60 s: a hang
+/// is what these tests look for.
+fn outpost_within_a_minute(args: &[&str]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run outpost");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().expect("wait").is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("collect output");
+            panic!("outpost {args:?} hung: {}", stderr(&out));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().expect("collect output")
+}
+
+/// A configuration, geofence or module path naming a FIFO without a writer, a device or a
+/// directory is refused with its path named: no hang in open(), no endless read of /dev/zero.
+#[test]
+fn paths_that_are_not_regular_files_are_refused_without_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let fifo = fifo.to_str().unwrap();
+    let mut cases: Vec<(String, &str)> = Vec::new();
+    for config in [fifo, "/dev/zero"] {
+        cases.push((config.to_string(), "is not a regular file"));
+    }
+    for special in [fifo, "/dev/zero", dir.path().to_str().unwrap()] {
+        let geofence = format!("[[geofence]]\nfile = \"{special}\"\n");
+        let module = format!("[[module]]\nname = \"m\"\npath = \"{special}\"\n");
+        for (text, expected) in [
+            (geofence, "is not a regular file"),
+            (module, "is not a file"),
+        ] {
+            let path = dir.path().join(format!("case{}.toml", cases.len()));
+            std::fs::write(&path, text).unwrap();
+            cases.push((path.to_str().unwrap().to_string(), expected));
+        }
+    }
+    for (config, expected) in &cases {
+        let out = outpost_within_a_minute(&["config", "check", config]);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{config} accepted");
+        assert!(err.contains(expected), "{config}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

@@ -17,8 +17,6 @@
 //!
 //! This module keeps nothing alive and opens no sockets; [`super::reload`] re-reads the files.
 
-use std::io::Read;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -387,37 +385,20 @@ pub fn load(config: &UpstreamConfig) -> Result<Credentials, CredentialError> {
 
 /// Opens a regular file and reads it whole (at most [`MAX_FILE_BYTES`]).
 fn read_file(key: &str, path: &Path) -> Result<(Vec<u8>, u32), CredentialError> {
-    let unreadable = |e: std::io::Error| CredentialError::Unreadable {
-        key: key.to_string(),
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    };
-    // Non-blocking, so that opening a FIFO named by mistake does not wait for a writer.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-        .map_err(unreadable)?;
-    let meta = file.metadata().map_err(unreadable)?;
-    if !meta.is_file() {
-        return Err(CredentialError::NotAFile {
+    use crate::files::FileError;
+    match crate::files::read_regular(path, MAX_FILE_BYTES) {
+        Ok(file) => Ok((file.bytes, file.mode)),
+        Err(FileError::Io(e)) => Err(CredentialError::Unreadable {
             key: key.to_string(),
             path: path.to_path_buf(),
-            problem: "is not a regular file".to_string(),
-        });
-    }
-    if meta.len() > MAX_FILE_BYTES {
-        return Err(CredentialError::NotAFile {
+            detail: e.to_string(),
+        }),
+        Err(problem) => Err(CredentialError::NotAFile {
             key: key.to_string(),
             path: path.to_path_buf(),
-            problem: format!("is larger than {MAX_FILE_BYTES} bytes"),
-        });
+            problem: problem.to_string(),
+        }),
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
-    file.take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(unreadable)?;
-    Ok((bytes, meta.permissions().mode() & 0o777))
 }
 
 fn read_public(key: &str, path: &Path) -> Result<Vec<u8>, CredentialError> {
@@ -534,7 +515,8 @@ mod tests {
     fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(mode))
+            .unwrap();
         path
     }
 

@@ -1,0 +1,157 @@
+//! Reading the files an operator names (configuration, geofences, modules, credentials).
+//!
+//! A path in a configuration is input like any other: it may name a FIFO nobody writes to, a
+//! device such as `/dev/zero`, or a file far larger than the gateway can hold. [`read_regular`]
+//! never waits for a writer, never reads more than the bound its caller gives, and accepts
+//! regular files only, so a wrong path is a clear error instead of a hang at start-up or an
+//! out-of-memory kill on a 512 MiB board.
+
+use std::fs::OpenOptions;
+use std::io::Read;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// What a file held, and its permission bits.
+#[derive(Debug)]
+pub struct FileContents {
+    /// The whole file (never more than the bound asked for).
+    pub bytes: Vec<u8>,
+    /// The permission bits (`mode & 0o777`), for callers that refuse secrets others can read.
+    pub mode: u32,
+}
+
+/// Why a file was not read. The messages do not repeat the path: callers name it.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    /// The file cannot be opened or read (missing, permissions, I/O error).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The path names a directory, FIFO, socket or device.
+    #[error("is not a regular file (it is a {kind})")]
+    NotRegular {
+        /// What the path names instead.
+        kind: &'static str,
+    },
+    /// The file is larger than the caller's bound.
+    #[error("is larger than {max_bytes} bytes ({size} bytes)")]
+    TooLarge {
+        /// The caller's bound.
+        max_bytes: u64,
+        /// The file's size (as it was when the file was opened, or what was read past the bound).
+        size: u64,
+    },
+}
+
+/// Reads a regular file whole, at most `max_bytes` of it.
+///
+/// Guarantees: returns without waiting on a FIFO or device, reads at most `max_bytes + 1`
+/// bytes even when the file grows while it is read, and never panics.
+pub fn read_regular(path: &Path, max_bytes: u64) -> Result<FileContents, FileError> {
+    // Non-blocking, so that opening a FIFO named by mistake does not wait for a writer; a
+    // regular file reads the same either way.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(FileError::NotRegular {
+            kind: kind_of(&meta.file_type()),
+        });
+    }
+    if meta.len() > max_bytes {
+        return Err(FileError::TooLarge {
+            max_bytes,
+            size: meta.len(),
+        });
+    }
+    // The size is at most max_bytes here; a file that grows while read is cut by take().
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(FileError::TooLarge {
+            max_bytes,
+            size: bytes.len() as u64,
+        });
+    }
+    Ok(FileContents {
+        bytes,
+        mode: meta.permissions().mode() & 0o777,
+    })
+}
+
+fn kind_of(kind: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "directory"
+    } else if kind.is_fifo() {
+        "FIFO"
+    } else if kind.is_socket() {
+        "socket"
+    } else if kind.is_char_device() {
+        "character device"
+    } else if kind.is_block_device() {
+        "block device"
+    } else {
+        "special file"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_a_regular_file_and_its_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"hello").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let read = read_regular(&path, 5).unwrap();
+        assert_eq!(read.bytes, b"hello");
+        assert_eq!(read.mode, 0o640);
+    }
+
+    #[test]
+    fn refuses_a_file_over_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"hello!").unwrap();
+        let e = read_regular(&path, 5).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FileError::TooLarge {
+                    max_bytes: 5,
+                    size: 6
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn refuses_devices_directories_and_fifos_without_waiting() {
+        let e = read_regular(Path::new("/dev/zero"), 1 << 20).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "is not a regular file (it is a character device)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let e = read_regular(dir.path(), 1 << 20).unwrap_err();
+        assert_eq!(e.to_string(), "is not a regular file (it is a directory)");
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = read_regular(&fifo, 1 << 20).unwrap_err();
+        assert_eq!(e.to_string(), "is not a regular file (it is a FIFO)");
+    }
+
+    #[test]
+    fn a_missing_file_says_what_the_system_said() {
+        let e = read_regular(Path::new("/nonexistent/outpost"), 10).unwrap_err();
+        assert!(e.to_string().contains("No such file"), "{e}");
+    }
+}
