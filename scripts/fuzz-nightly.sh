@@ -18,7 +18,7 @@ secs="${1:-60}"
 shift || true
 targets=("$@")
 if [ "${#targets[@]}" -eq 0 ]; then
-    targets=(frames config geojson envelope command keys control_request control_reply)
+    targets=(frames config geojson envelope command keys control_request control_reply uplink_packets)
 fi
 
 if ! cargo +nightly --version >/dev/null 2>&1; then

@@ -3,7 +3,8 @@
 //!
 //! One test per target of `tests/fuzz/targets.rs`: the MQTT frames of a device connection, the
 //! configuration file, GeoJSON geofences, the signed-module envelope, signed commands, key
-//! files, dead-letter control requests and their replies. Each test feeds its parser inputs
+//! files, dead-letter control requests and their replies, and the packets an upstream broker
+//! sends the uplink (both protocols, cut into chunks as TCP cuts them). Each test feeds its parser inputs
 //! until a time budget is spent: about 2 s by default, `OUTPOST_FUZZ_SECS` seconds when set
 //! (`OUTPOST_FUZZ_SECS=20 cargo test --release --test fuzz`). Inputs are random bytes, random
 //! sequences of the target's tokens, and above all mutations (bit flips, interesting bytes and
@@ -881,6 +882,11 @@ fn fuzz_control_request() {
 #[test]
 fn fuzz_control_reply() {
     fuzz("control_reply");
+}
+
+#[test]
+fn fuzz_uplink_packets() {
+    fuzz("uplink_packets");
 }
 
 #[test]

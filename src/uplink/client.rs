@@ -1220,6 +1220,12 @@ pub fn decode(
         MqttVersion::V5 => decode_v5(buffer, max_incoming),
     }));
     match decoded {
+        // rumqttc says "insufficient bytes" both for an incomplete packet (nothing taken) and
+        // for a complete one whose contents run past its length (the packet already taken off
+        // the buffer): the second is malformed, and reading on would desynchronise the stream.
+        Ok(Ok(None)) if buffer.len() != before.len() => Err(decode_error(
+            "its contents are longer than its remaining length".to_string(),
+        )),
         Ok(result) => result,
         Err(_) => {
             *buffer = before;
@@ -1488,6 +1494,20 @@ mod tests {
             vec![0u8; 2000],
         )));
         assert!(decode(&mut big, MqttVersion::V311, 1024).is_err());
+    }
+
+    /// Found by tests/fuzz.rs (uplink_packets): a complete packet whose properties run past its
+    /// remaining length is malformed, not "wait for more bytes" (which had silently skipped
+    /// it and read on from the next byte).
+    #[test]
+    fn a_packet_whose_contents_overrun_its_length_is_malformed() {
+        // CONNACK, remaining length 3, properties length 0xf6 (a varint that never ends).
+        let mut bytes = BytesMut::from(&[0x20u8, 0x03, 0x00, 0x00, 0xf6, 0x40, 0x02, 0, 1][..]);
+        let error = decode(&mut bytes, MqttVersion::V5, 1024).unwrap_err();
+        assert!(
+            error.contains("longer than its remaining length"),
+            "{error}"
+        );
     }
 
     #[test]

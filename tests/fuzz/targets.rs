@@ -97,6 +97,7 @@ pub fn all() -> Vec<Target> {
         keys(),
         control_request(),
         control_reply(),
+        uplink_packets(),
     ]
 }
 
@@ -111,6 +112,7 @@ pub fn by_name(name: &str) -> Option<Target> {
         "keys" => Some(keys()),
         "control_request" => Some(control_request()),
         "control_reply" => Some(control_reply()),
+        "uplink_packets" => Some(uplink_packets()),
         _ => None,
     }
 }
@@ -1820,4 +1822,227 @@ fn type_of(v: &Value) -> &'static str {
         Value::Array(_) => "array",
         Value::Object(_) => "object",
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// uplink_packets: what an upstream broker sends the uplink (outpost::uplink::client::decode).
+
+/// Largest packet the target's decoder accepts (small, so that inputs reach the limit).
+const UPLINK_MAX_PACKET: usize = 1024;
+
+/// An uplink input: the first byte chooses the protocol (bit 0: 0 = 3.1.1, 1 = 5) and the size
+/// of the chunks the stream arrives in (bits 1..7, plus one: 1 to 128 bytes); the rest is what
+/// the upstream sends.
+fn uplink_input(v5: bool, chunk: u8, packets: &[Vec<u8>]) -> Vec<u8> {
+    let mut input = vec![((chunk.clamp(1, 128) - 1) << 1) | u8::from(v5)];
+    for p in packets {
+        input.extend_from_slice(p);
+    }
+    input
+}
+
+fn uplink_seeds() -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let publish_v4 = encode_v4_publish(
+        "outpost/gw-1/control/modules",
+        1,
+        7,
+        false,
+        b"{\"op\":\"list\"}",
+    );
+    let publish_v4_q0 = encode_v4_publish("a/b", 0, 0, true, b"x");
+    let properties = PublishProperties {
+        message_expiry_interval: Some(60),
+        user_properties: vec![("k".into(), "v".into())],
+        content_type: Some("application/json".into()),
+        ..PublishProperties::default()
+    };
+    let publish_v5 = encode_v5_publish("outpost/gw-1/x", 1, 9, false, b"{}", Some(properties));
+    let publish_v5_q2 = encode_v5_publish("t", 2, 3, false, b"", None);
+    let v4 = [
+        vec![0x20, 2, 0, 0],          // CONNACK accepted
+        vec![0x40, 2, 0, 1],          // PUBACK 1
+        vec![0x90, 3, 0, 2, 0x01],    // SUBACK granted QoS 1
+        vec![0x90, 4, 0, 3, 0x80, 0], // SUBACK, one refused
+        vec![0xd0, 0],                // PINGRESP
+        vec![0xe0, 0],                // DISCONNECT
+    ];
+    let v5 = [
+        vec![0x20, 3, 0, 0, 0],                           // CONNACK, no properties
+        vec![0x20, 9, 0, 0, 6, 0x21, 0, 10, 0x13, 0, 30], // Receive Maximum 10, Server Keep Alive 30
+        vec![0x40, 2, 0, 1],                              // PUBACK, success
+        vec![0x40, 4, 0, 2, 0x10, 0],                     // PUBACK, no matching subscribers
+        vec![0x40, 4, 0, 3, 0x87, 0],                     // PUBACK, not authorised
+        vec![0x90, 4, 0, 4, 0, 0x01],                     // SUBACK granted QoS 1
+        vec![0xd0, 0],                                    // PINGRESP
+        vec![0xe0, 0],                                    // DISCONNECT, normal
+        vec![0xe0, 2, 0x8e, 0],                           // DISCONNECT, session taken over
+    ];
+    let mut seeds = Vec::new();
+    for chunk in [1, 3, 128] {
+        let mut stream = v4.to_vec();
+        stream.push(publish_v4.clone());
+        stream.push(publish_v4_q0.clone());
+        seeds.push(uplink_input(false, chunk, &stream));
+        let mut stream = v5.to_vec();
+        stream.push(publish_v5.clone());
+        stream.push(publish_v5_q2.clone());
+        seeds.push(uplink_input(true, chunk, &stream));
+    }
+    seeds.push(uplink_input(false, 128, &[vec![0x20, 2, 0, 5]])); // CONNACK not authorised
+    seeds.push(uplink_input(true, 128, &[vec![0x20, 3, 0, 0x86, 0]])); // bad user name or password
+    let near_misses = vec![
+        uplink_input(false, 128, &[vec![0x20, 3, 0, 0, 0]]), // v4 CONNACK of the wrong length
+        uplink_input(false, 128, &[vec![0x30, 0xff, 0xff, 0xff, 0xff, 0x7f]]), // bad length
+        uplink_input(
+            false,
+            128,
+            &[encode_v4_publish("a", 0, 0, false, &[0; 2000])],
+        ), // too large
+        uplink_input(true, 128, &[vec![0x20, 3, 0, 0, 9]]),  // properties longer than the packet
+    ];
+    (seeds, near_misses)
+}
+
+/// The target: the uplink's packet decoder on arbitrary upstream bytes, both protocols.
+pub fn uplink_packets() -> Target {
+    let (seeds, near_misses) = uplink_seeds();
+    let dictionary = vec![
+        vec![0x20, 2, 0, 0],
+        vec![0x20, 3, 0, 0, 0],
+        vec![0x40, 2],
+        vec![0x90],
+        vec![0xd0, 0],
+        vec![0xe0, 0],
+        vec![0x30],
+        vec![0x32],
+        vec![0x34],
+        vec![0xff, 0xff, 0xff, 0x7f],
+        vec![0x80, 0x80, 0x80, 0x80, 0x01],
+        vec![0x21, 0, 0],       // Receive Maximum 0
+        vec![0x27, 0, 0, 0, 0], // Maximum Packet Size 0
+        vec![0x1f, 0, 1, b'x'], // Reason String
+        vec![0x26, 0, 1, b'k', 0, 1, b'v'],
+        vec![0x23, 0, 1],       // Topic Alias
+        vec![0x0b, 0x80, 0x01], // Subscription Identifier
+        b"outpost/gw-1/control/modules".to_vec(),
+    ];
+    Target {
+        name: "uplink_packets",
+        max_len: 4 * 1024,
+        seeds,
+        near_misses,
+        dictionary,
+        json: false,
+        check: Box::new(check_uplink_packets),
+        fixture: None,
+    }
+}
+
+/// What one stream decodes to: the packets, then how it stopped (`None`: wants more bytes).
+type UplinkDecoding = (Vec<outpost::uplink::client::Incoming>, Option<String>);
+
+/// Decodes `stream` arriving in chunks of `chunk` bytes, the way the uplink's reader does: each
+/// chunk is appended, then packets are taken off until one is incomplete or malformed (which
+/// ends the connection). Checks on the way that decoding consumes nothing when it needs more
+/// bytes, consumes a whole packet (and no more than the limit allows) when it decodes one, and
+/// that a decoded packet respects the limit.
+fn decode_uplink_stream(
+    stream: &[u8],
+    protocol: outpost::config::MqttVersion,
+    chunk: usize,
+) -> Result<UplinkDecoding, String> {
+    use outpost::uplink::client::{decode, Incoming};
+    let mut buffer = BytesMut::new();
+    let mut packets = Vec::new();
+    for piece in stream.chunks(chunk.max(1)) {
+        buffer.extend_from_slice(piece);
+        loop {
+            let before = buffer.len();
+            match decode(&mut buffer, protocol, UPLINK_MAX_PACKET) {
+                Ok(None) => {
+                    if buffer.len() != before {
+                        return Err(format!(
+                            "wanting more bytes, the decoder consumed {} of {before}",
+                            before - buffer.len()
+                        ));
+                    }
+                    break;
+                }
+                Ok(Some(packet)) => {
+                    let used = before - buffer.len();
+                    // A fixed header is 2 to 5 bytes; the body at most the limit.
+                    if !(2..=UPLINK_MAX_PACKET + 5).contains(&used) {
+                        return Err(format!("a {packet:?} used {used} bytes"));
+                    }
+                    if let Incoming::Publish {
+                        payload,
+                        qos,
+                        topic,
+                        ..
+                    } = &packet
+                    {
+                        if payload.len() > UPLINK_MAX_PACKET || topic.len() > UPLINK_MAX_PACKET {
+                            return Err(format!("a publish over the limit: {used} bytes"));
+                        }
+                        if *qos > 2 {
+                            return Err(format!("a publish with QoS {qos}"));
+                        }
+                    }
+                    packets.push(packet);
+                }
+                Err(reason) => {
+                    if reason.is_empty() {
+                        return Err("an error without a reason".into());
+                    }
+                    return Ok((packets, Some(reason)));
+                }
+            }
+        }
+    }
+    Ok((packets, None))
+}
+
+pub fn check_uplink_packets(data: &[u8]) -> Result<Outcome, String> {
+    use outpost::config::MqttVersion;
+    let Some((&head, stream)) = data.split_first() else {
+        return Ok(Outcome::refused("empty"));
+    };
+    let protocol = if head & 1 == 1 {
+        MqttVersion::V5
+    } else {
+        MqttVersion::V311
+    };
+    let chunk = usize::from(head >> 1) + 1;
+    let whole = decode_uplink_stream(stream, protocol, stream.len())?;
+    let pieces = decode_uplink_stream(stream, protocol, chunk)?;
+    // TCP cuts a stream anywhere: how it arrives must not change what it means.
+    if whole != pieces {
+        return Err(format!(
+            "in one piece the stream decodes to {whole:?}, in pieces of {chunk} to {pieces:?}"
+        ));
+    }
+    let (packets, error) = whole;
+    let kinds: Vec<String> = packets
+        .iter()
+        .take(4)
+        .map(|p| {
+            let debug = format!("{p:?}");
+            debug
+                .split(|c: char| !c.is_ascii_alphanumeric())
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    let version = if head & 1 == 1 { "v5" } else { "v4" };
+    let label = match &error {
+        None => format!("{version} {} ok", kinds.join(",")),
+        Some(reason) => label_text(&format!("{version} {} error", kinds.join(",")), reason),
+    };
+    Ok(if error.is_none() && !packets.is_empty() {
+        Outcome::accepted(label)
+    } else {
+        Outcome::refused(label)
+    })
 }
