@@ -12,10 +12,14 @@ cd "$(dirname "$0")/.."
 . scripts/setup.sh
 
 # What the tests need from Debian: Mosquitto (the upstream broker of the integration tests),
-# and for the board tests the cross toolchains (linkers, and objdump for the glibc check) and
-# qemu-user to run the aarch64 and armv7 binaries.
+# openssl (certificates made the way operators make them, tests/tls.rs), the system's CA
+# certificates (mqtts:// without cafile), and for the board tests the cross toolchains
+# (linkers, and objdump for the glibc check) and qemu-user to run the aarch64 and armv7
+# binaries.
 missing=""
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
+command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+[ -s /etc/ssl/certs/ca-certificates.crt ] || missing="$missing ca-certificates"
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing="$missing gcc-aarch64-linux-gnu"
 command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || missing="$missing gcc-arm-linux-gnueabihf"
 command -v qemu-aarch64-static >/dev/null 2>&1 && command -v qemu-arm-static >/dev/null 2>&1 \
@@ -68,6 +72,8 @@ echo "== clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== tests"
 cargo test --locked
+echo "== fuzzing: every target of tests/fuzz.rs for 10 s more (the run above gave each 2 s)"
+OUTPOST_FUZZ_SECS=10 cargo test --locked --test fuzz
 echo "== board binaries (aarch64, armv7; profile board) and their tests under qemu"
 bash cross/build-boards.sh
 cargo test --locked --test boards -- --ignored
