@@ -765,18 +765,11 @@ impl Config {
     /// Reads and parses a file, and makes relative module paths and trusted key paths relative
     /// to its directory. Does not validate; call [`Config::validate`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let read_error = |error| ConfigError::Read {
-            path: path.to_path_buf(),
-            error,
-        };
-        let bytes = crate::files::read_regular(path, MAX_CONFIG_BYTES)
-            .map_err(read_error)?
-            .bytes;
-        let text = String::from_utf8(bytes).map_err(|e| {
-            read_error(crate::files::FileError::Io(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to()),
-            )))
+        let text = crate::files::read_regular_text(path, MAX_CONFIG_BYTES).map_err(|error| {
+            ConfigError::Read {
+                path: path.to_path_buf(),
+                error,
+            }
         })?;
         let mut config = Config::from_toml(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));

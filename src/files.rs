@@ -32,6 +32,12 @@ pub enum FileError {
         /// What the path names instead.
         kind: &'static str,
     },
+    /// The caller asked for text and the file is not UTF-8.
+    #[error("is not UTF-8 text (from byte {valid_up_to})")]
+    NotText {
+        /// How many bytes from the start are valid UTF-8.
+        valid_up_to: usize,
+    },
     /// The file is larger than the caller's bound.
     #[error("is larger than {max_bytes} bytes ({size} bytes)")]
     TooLarge {
@@ -81,6 +87,13 @@ pub fn read_regular(path: &Path, max_bytes: u64) -> Result<FileContents, FileErr
     })
 }
 
+/// [`read_regular`] for a text file: the same guarantees, and UTF-8 or [`FileError::NotText`].
+pub fn read_regular_text(path: &Path, max_bytes: u64) -> Result<String, FileError> {
+    String::from_utf8(read_regular(path, max_bytes)?.bytes).map_err(|e| FileError::NotText {
+        valid_up_to: e.utf8_error().valid_up_to(),
+    })
+}
+
 fn kind_of(kind: &std::fs::FileType) -> &'static str {
     use std::os::unix::fs::FileTypeExt;
     if kind.is_dir() {
@@ -96,6 +109,14 @@ fn kind_of(kind: &std::fs::FileType) -> &'static str {
     } else {
         "special file"
     }
+}
+
+/// Makes a FIFO at `path` (mode 0600), for tests of readers that must not wait on one.
+#[cfg(test)]
+pub(crate) fn make_fifo(path: &Path) {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
 }
 
 #[cfg(test)]
@@ -142,11 +163,20 @@ mod tests {
         let e = read_regular(dir.path(), 1 << 20).unwrap_err();
         assert_eq!(e.to_string(), "is not a regular file (it is a directory)");
         let fifo = dir.path().join("fifo");
-        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: mkfifo with a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        make_fifo(&fifo);
         let e = read_regular(&fifo, 1 << 20).unwrap_err();
         assert_eq!(e.to_string(), "is not a regular file (it is a FIFO)");
+    }
+
+    #[test]
+    fn text_must_be_utf8() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"ok \xff").unwrap();
+        let e = read_regular_text(&path, 10).unwrap_err();
+        assert!(matches!(e, FileError::NotText { valid_up_to: 3 }), "{e:?}");
+        std::fs::write(&path, "grüß").unwrap();
+        assert_eq!(read_regular_text(&path, 10).unwrap(), "grüß");
     }
 
     #[test]

@@ -1785,9 +1785,7 @@ mod tests {
     fn a_fifo_without_a_writer_is_an_empty_key_file_not_a_hang() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("ops.pub");
-        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        crate::files::make_fifo(&fifo);
         let (done, result) = std::sync::mpsc::channel();
         let reader = fifo.clone();
         std::thread::spawn(move || {
@@ -1810,9 +1808,7 @@ mod tests {
     fn a_fifo_with_a_writer_is_read() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("ops.pub");
-        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path.
-        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        crate::files::make_fifo(&fifo);
         let key = key(3).verifying_key();
         let writer_path = fifo.clone();
         let writer = std::thread::spawn(move || {

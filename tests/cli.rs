@@ -443,9 +443,7 @@ fn outpost_within_a_minute(args: &[&str]) -> Output {
 fn paths_that_are_not_regular_files_are_refused_without_waiting() {
     let dir = tempfile::tempdir().unwrap();
     let fifo = dir.path().join("fifo");
-    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo with a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    common::make_fifo(&fifo);
     let fifo = fifo.to_str().unwrap();
     let mut cases: Vec<(String, &str)> = Vec::new();
     for config in [fifo, "/dev/zero"] {

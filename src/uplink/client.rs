@@ -1183,7 +1183,8 @@ pub enum Incoming {
 }
 
 impl Incoming {
-    fn kind(&self) -> &'static str {
+    /// The packet type's name as the MQTT specification spells it (`CONNACK`, `PUBACK`, ...).
+    pub fn kind(&self) -> &'static str {
         match self {
             Incoming::ConnAck { .. } => "CONNACK",
             Incoming::PubAck { .. } => "PUBACK",

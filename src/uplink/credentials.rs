@@ -531,9 +531,7 @@ mod tests {
     fn a_fifo_or_a_directory_is_refused_without_waiting() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("fifo");
-        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
-        // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
-        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+        crate::files::make_fifo(&fifo);
         for path in [fifo, dir.path().to_path_buf()] {
             let mut config = upstream("mqtts://h");
             config.cafile = Some(path.clone());

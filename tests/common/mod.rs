@@ -564,6 +564,13 @@ impl Drop for Subscriber {
     }
 }
 
+/// Makes a FIFO at `path` (mode 0600), for tests of readers that must not wait on one.
+pub fn make_fifo(path: &Path) {
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
 /// Writes a configuration file into `dir` and returns its path.
 pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("outpost.toml");

@@ -2023,18 +2023,7 @@ pub fn check_uplink_packets(data: &[u8]) -> Result<Outcome, String> {
         ));
     }
     let (packets, error) = whole;
-    let kinds: Vec<String> = packets
-        .iter()
-        .take(4)
-        .map(|p| {
-            let debug = format!("{p:?}");
-            debug
-                .split(|c: char| !c.is_ascii_alphanumeric())
-                .next()
-                .unwrap_or_default()
-                .to_string()
-        })
-        .collect();
+    let kinds: Vec<&str> = packets.iter().take(4).map(|p| p.kind()).collect();
     let version = if head & 1 == 1 { "v5" } else { "v4" };
     let label = match &error {
         None => format!("{version} {} ok", kinds.join(",")),
