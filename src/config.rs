@@ -355,9 +355,10 @@ pub enum PayloadFormat {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// MQTT 3.1.1 listeners.
+    /// Device listeners; each serves MQTT 3.1.1 and 5 (the CONNECT's protocol level decides).
     pub listen: Vec<SocketAddr>,
-    /// MQTT 5 listeners.
+    /// More device listeners, served exactly like [`BrokerConfig::listen`]; kept so that
+    /// configurations written when MQTT 5 needed its own port keep working.
     pub listen_v5: Vec<SocketAddr>,
     /// Largest accepted publish payload, in bytes.
     pub max_payload_bytes: usize,
@@ -367,6 +368,9 @@ pub struct BrokerConfig {
     pub max_inflight: usize,
     /// How long a new connection may take to send CONNECT, in milliseconds.
     pub connect_timeout_ms: u16,
+    /// Most bytes of device publishes received and not yet committed to the journal; beyond
+    /// it the front stops reading from devices until commits catch up (backpressure).
+    pub max_unjournaled_bytes: usize,
 }
 
 impl Default for BrokerConfig {
@@ -378,6 +382,7 @@ impl Default for BrokerConfig {
             max_connections: 1024,
             max_inflight: 100,
             connect_timeout_ms: 5000,
+            max_unjournaled_bytes: crate::journal::DEFAULT_MAX_QUEUED_BYTES,
         }
     }
 }
@@ -936,6 +941,18 @@ impl Config {
                 "must be between 1 and 268435456",
             ));
         }
+        if b.max_unjournaled_bytes < 64 * 1024 {
+            return Err(invalid(
+                "broker.max_unjournaled_bytes",
+                "must be at least 65536 (64 KiB)",
+            ));
+        }
+        if b.connect_timeout_ms < 100 {
+            return Err(invalid(
+                "broker.connect_timeout_ms",
+                "must be at least 100 (a device needs time to send its CONNECT)",
+            ));
+        }
         if b.max_connections == 0 {
             return Err(invalid("broker.max_connections", "must be at least 1"));
         }
@@ -1298,6 +1315,30 @@ mod tests {
     fn unknown_key_is_named() {
         let err = parse("[broker]\nlisten = []\nmax_payload = 3\n").unwrap_err();
         assert!(err.to_string().contains("max_payload"), "{err}");
+    }
+
+    #[test]
+    fn broker_limits_below_their_floor_are_named() {
+        for (text, key) in [
+            (
+                "[broker]\nconnect_timeout_ms = 0\n",
+                "broker.connect_timeout_ms",
+            ),
+            (
+                "[broker]\nmax_unjournaled_bytes = 1000\n",
+                "broker.max_unjournaled_bytes",
+            ),
+            ("[broker]\nmax_connections = 0\n", "broker.max_connections"),
+        ] {
+            let err = parse(text).unwrap().validate().unwrap_err();
+            assert!(err.to_string().starts_with(key), "{text}: {err}");
+        }
+        assert!(
+            parse("[broker]\nconnect_timeout_ms = 100\nmax_unjournaled_bytes = 65536\n")
+                .unwrap()
+                .validate()
+                .is_ok()
+        );
     }
 
     #[test]

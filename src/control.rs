@@ -591,11 +591,7 @@ pub async fn request(
     body.reply_to = Some(reply_topic.clone());
     let body = serde_json::to_vec(&body)?;
 
-    let mut options = MqttOptions::new(
-        format!("outpost-cli-{token}"),
-        address.host.clone(),
-        address.port,
-    );
+    let mut options = MqttOptions::new(format!("cli-{token}"), address.host.clone(), address.port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
     options.set_max_packet_size(MAX_INCOMING_PACKET, MAX_INCOMING_PACKET);

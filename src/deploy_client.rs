@@ -431,11 +431,7 @@ async fn exchange(
     };
     let digest = request.request_sha256();
     let token = format!("{:016x}", rand::rng().random::<u64>());
-    let mut options = MqttOptions::new(
-        format!("outpost-cli-{token}"),
-        address.host.clone(),
-        address.port,
-    );
+    let mut options = MqttOptions::new(format!("cli-{token}"), address.host.clone(), address.port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
     options.set_max_packet_size(MAX_STATUS_BYTES, MAX_OUTGOING_PACKET);

@@ -178,7 +178,12 @@ impl Gateway {
         });
         let uplink_wakes: Vec<Arc<Notify>> = wakes.values().cloned().collect();
         let committed = Arc::new(Notify::new());
-        let (journal, journal_thread) = Journal::start(&store, committed.clone(), metrics.clone())?;
+        let (journal, journal_thread) = Journal::start(
+            &store,
+            committed.clone(),
+            metrics.clone(),
+            config.broker.max_unjournaled_bytes,
+        )?;
         let (finish_pipeline, finish_rx) = watch::channel(false);
         let policies = config
             .routes

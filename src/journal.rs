@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::{error, info};
 
 use crate::metrics::Metrics;
@@ -30,6 +30,10 @@ use crate::store::{JournalWriter, NewJournalEntry, Store, StoreError};
 const MAX_GROUP: usize = 8192;
 /// Publishes that may wait for the journal thread before `append` waits too.
 const QUEUE: usize = 65_536;
+/// Bytes counted for one publish on top of its topic and payload (the entry's own fields).
+const ENTRY_OVERHEAD: usize = 96;
+/// The default of `broker.max_unjournaled_bytes`.
+pub const DEFAULT_MAX_QUEUED_BYTES: usize = 32 * 1024 * 1024;
 
 /// Fires when the publish it was returned for is durable. If the journal stops before that,
 /// the signal is dropped unfired (the publish must not be acknowledged).
@@ -38,12 +42,18 @@ pub type Committed = oneshot::Receiver<()>;
 struct Pending {
     entry: NewJournalEntry,
     done: Option<oneshot::Sender<()>>,
+    /// The publish's share of the byte budget, given back once it is committed.
+    _bytes: OwnedSemaphorePermit,
 }
 
 /// The edge's handle to the journal. Cheap to clone.
 #[derive(Clone)]
 pub struct Journal {
     queue: mpsc::Sender<Pending>,
+    /// Bytes of publishes appended and not yet committed may not exceed this budget: the
+    /// memory the journal holds is bounded in bytes, not only in entries.
+    budget: Arc<Semaphore>,
+    budget_bytes: usize,
 }
 
 /// The journal thread; [`JournalThread::join`] waits until it has committed everything
@@ -57,12 +67,16 @@ pub struct JournalClosed;
 
 impl Journal {
     /// Starts the group-commit thread on its own write connection. `committed` is notified
-    /// after every commit (the pipeline waits on it).
+    /// after every commit (the pipeline waits on it). At most `max_queued_bytes` of publishes
+    /// (topic, payload and a fixed overhead each) wait for a commit at any time; `append`
+    /// waits for room beyond that, which holds back the devices (backpressure).
     pub fn start(
         store: &Store,
         committed: Arc<Notify>,
         metrics: Arc<Metrics>,
+        max_queued_bytes: usize,
     ) -> Result<(Journal, JournalThread), StoreError> {
+        let budget_bytes = max_queued_bytes.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
         let mut writer = store.journal_writer()?;
         let (queue, mut rx) = mpsc::channel::<Pending>(QUEUE);
         let thread = std::thread::Builder::new()
@@ -104,11 +118,20 @@ impl Journal {
                 info!("journal thread finished");
             })
             .map_err(|e| StoreError::Thread(e.to_string()))?;
-        Ok((Journal { queue }, JournalThread(thread)))
+        Ok((
+            Journal {
+                queue,
+                budget: Arc::new(Semaphore::new(budget_bytes)),
+                budget_bytes,
+            },
+            JournalThread(thread),
+        ))
     }
 
     /// Queues a publish for the next commit. With `want_signal`, returns the signal that fires
-    /// when it is durable. Waits only when the journal thread is far behind.
+    /// when it is durable. Waits only when the journal thread is far behind (in entries or in
+    /// bytes); a single publish larger than the whole budget waits until nothing else is
+    /// queued.
     pub async fn append(
         &self,
         entry: NewJournalEntry,
@@ -120,8 +143,23 @@ impl Journal {
         } else {
             (None, None)
         };
+        let size = entry.topic.len() + entry.payload.len() + ENTRY_OVERHEAD;
+        let permits = u32::try_from(size.min(self.budget_bytes)).unwrap_or(u32::MAX);
+        let bytes = match self.budget.clone().try_acquire_many_owned(permits) {
+            Ok(permit) => permit,
+            Err(_) => self
+                .budget
+                .clone()
+                .acquire_many_owned(permits)
+                .await
+                .map_err(|_| JournalClosed)?,
+        };
         self.queue
-            .send(Pending { entry, done })
+            .send(Pending {
+                entry,
+                done,
+                _bytes: bytes,
+            })
             .await
             .map_err(|_| JournalClosed)?;
         Ok(signal)
@@ -195,5 +233,64 @@ impl JournalThread {
     /// Waits for the thread to commit what it has and stop (after every handle was dropped).
     pub fn join(self) {
         let _ = self.0.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreLimits;
+
+    fn entry(payload_bytes: usize) -> NewJournalEntry {
+        NewJournalEntry {
+            topic: "telemetry/dev/x".into(),
+            payload: bytes::Bytes::from(vec![b'x'; payload_bytes]),
+            qos: 1,
+            retain: false,
+            client_id: Arc::from("dev"),
+            received_ms: 0,
+        }
+    }
+
+    /// While the journal cannot commit, the publishes it holds stay within the byte budget:
+    /// the append that would exceed it waits. A publish larger than the whole budget still
+    /// goes in when nothing else is held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn appends_wait_beyond_the_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = StoreLimits {
+            journal_max_rows: 1,
+            ..StoreLimits::default()
+        };
+        let store = Store::open_with(dir.path(), limits).unwrap();
+        let metrics = Arc::new(Metrics::default());
+        let budget = 1024 * 1024;
+        let (journal, _thread) =
+            Journal::start(&store, Arc::new(Notify::new()), metrics.clone(), budget).unwrap();
+        // A publish larger than the budget is taken (alone) and committed: the journal is
+        // then full, so the thread holds whatever it takes next.
+        let first = journal.append(entry(2 * budget), true).await.unwrap();
+        first.unwrap().await.expect("committed");
+
+        let size = 100 * 1024;
+        let mut accepted = 0usize;
+        loop {
+            let append = journal.append(entry(size), false);
+            match tokio::time::timeout(Duration::from_millis(500), append).await {
+                Ok(result) => {
+                    result.unwrap();
+                    accepted += 1;
+                    assert!(accepted < 100, "appends never waited");
+                }
+                Err(_) => break,
+            }
+        }
+        let held = accepted * (size + "telemetry/dev/x".len() + ENTRY_OVERHEAD);
+        assert!(held <= budget, "{accepted} publishes held: {held} bytes");
+        assert!(
+            held + 2 * (size + ENTRY_OVERHEAD) > budget,
+            "waited too early: {accepted} publishes, {held} bytes"
+        );
+        assert!(journal.budget.available_permits() < size + ENTRY_OVERHEAD);
     }
 }

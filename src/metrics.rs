@@ -17,8 +17,11 @@ pub struct Metrics {
     pub received: AtomicU64,
     /// Publishes committed to the journal (acknowledgeable).
     pub journaled: AtomicU64,
-    /// Device connections closed for a malformed or oversized packet.
+    /// Device connections closed for a malformed, oversized or forbidden packet, or refused
+    /// for a reserved client id.
     pub edge_rejected: AtomicU64,
+    /// Device connections refused at the connection limit (`broker.max_connections`).
+    pub edge_connections_refused: AtomicU64,
     /// Publishes that matched no route (they still reach local subscribers).
     pub unrouted: AtomicU64,
     /// Events whose payload had invalid coordinates (dead-lettered `bad-location`).
@@ -132,6 +135,8 @@ pub struct Snapshot {
     pub journaled: u64,
     /// See [`Metrics::edge_rejected`].
     pub edge_rejected: u64,
+    /// See [`Metrics::edge_connections_refused`].
+    pub edge_connections_refused: u64,
     /// See [`Metrics::unrouted`].
     pub unrouted: u64,
     /// See [`Metrics::bad_locations`].
@@ -317,6 +322,7 @@ impl Metrics {
             received: get(&self.received),
             journaled: get(&self.journaled),
             edge_rejected: get(&self.edge_rejected),
+            edge_connections_refused: get(&self.edge_connections_refused),
             unrouted: get(&self.unrouted),
             bad_locations: get(&self.bad_locations),
             no_location: get(&self.no_location),

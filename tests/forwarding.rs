@@ -156,7 +156,7 @@ async fn queued_events_survive_a_gateway_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mqtt5_listener_forwards_too() {
+async fn listen_v5_still_works_for_both_versions() {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{mqttbytes::QoS, AsyncClient, Event, MqttOptions};
 
@@ -201,11 +201,118 @@ async fn mqtt5_listener_forwards_too() {
     .await;
     assert!(acked.is_ok(), "no PUBACK on the MQTT 5 listener");
     eventually("the v5 publish upstream", || subscriber.received.len() >= 1).await;
+    // `listen_v5` is served like `listen`: a 3.1.1 device may use it too.
+    let device = Device::connect(v5_port, "v4-device").await;
+    device
+        .publish("telemetry/v4-device/env", r#"{"seq":1}"#)
+        .await;
+    device.wait_acked(1).await;
+    eventually("the 3.1.1 publish upstream", || {
+        subscriber.received.len() >= 2
+    })
+    .await;
     assert_eq!(
         subscriber.received.all(),
-        vec![(
-            "telemetry/v5-device/env".to_string(),
-            br#"{"seq":1}"#.to_vec()
-        )]
+        vec![
+            (
+                "telemetry/v5-device/env".to_string(),
+                br#"{"seq":1}"#.to_vec()
+            ),
+            (
+                "telemetry/v4-device/env".to_string(),
+                br#"{"seq":1}"#.to_vec()
+            )
+        ]
     );
+}
+
+/// One device listener serves both protocol versions, as every other broker does on 1883:
+/// the CONNECT's protocol level decides. A 3.1.1 device (rumqttc) and an MQTT 5 device
+/// (`mosquitto_pub -V 5`, which exits non-zero without its PUBACK) publish on the same port;
+/// a 3.1.1 and an MQTT 5 subscriber on that port and the upstream each get both publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_listener_serves_3_1_1_and_5() {
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    use rumqttc::v5::{mqttbytes::QoS as QoS5, AsyncClient as Client5, Event as Event5};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let upstream_subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
+    let mut gateway = Gateway::new(dir.path(), &["--upstream", &upstream.url()]);
+    gateway.start();
+
+    let local_v4 = Subscriber::connect(gateway.port, "local-v4", "telemetry/#").await;
+    let options = rumqttc::v5::MqttOptions::new("local-v5", "127.0.0.1", gateway.port);
+    let (client5, mut eventloop5) = Client5::new(options, 16);
+    client5
+        .subscribe("telemetry/#", QoS5::AtLeastOnce)
+        .await
+        .unwrap();
+    let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+    let received_v5 = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = received_v5.clone();
+    let driver = tokio::spawn(async move {
+        let mut subscribed_tx = Some(subscribed_tx);
+        loop {
+            match eventloop5.poll().await {
+                Ok(Event5::Incoming(Packet5::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event5::Incoming(Packet5::Publish(p))) => {
+                    let topic = String::from_utf8_lossy(&p.topic).to_string();
+                    sink.lock().unwrap().push((topic, p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(e) => panic!("the MQTT 5 subscriber lost its connection: {e}"),
+            }
+        }
+    });
+    tokio::time::timeout(common::PATIENCE, subscribed_rx)
+        .await
+        .expect("SUBACK for the MQTT 5 subscriber on the shared listener")
+        .unwrap();
+
+    let device = Device::connect(gateway.port, "dev-v4").await;
+    device.publish("telemetry/dev-v4/env", r#"{"v":4}"#).await;
+    device.wait_acked(1).await;
+    let port = gateway.port.to_string();
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("mosquitto_pub")
+            .args(["-V", "5", "-h", "127.0.0.1", "-p", &port, "-i", "dev-v5"])
+            .args(["-q", "1", "-t", "telemetry/dev-v5/env", "-m", r#"{"v":5}"#])
+            .status()
+            .expect("mosquitto_pub runs")
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "mosquitto_pub -V 5 failed: {status}");
+
+    let mut expected = vec![
+        ("telemetry/dev-v4/env".to_string(), br#"{"v":4}"#.to_vec()),
+        ("telemetry/dev-v5/env".to_string(), br#"{"v":5}"#.to_vec()),
+    ];
+    expected.sort();
+    let sorted = |mut v: Vec<(String, Vec<u8>)>| {
+        v.sort();
+        v
+    };
+    eventually("both publishes upstream", || {
+        upstream_subscriber.received.len() >= 2
+    })
+    .await;
+    eventually("both publishes at the local 3.1.1 subscriber", || {
+        local_v4.received.len() >= 2
+    })
+    .await;
+    eventually("both publishes at the local MQTT 5 subscriber", || {
+        received_v5.lock().unwrap().len() >= 2
+    })
+    .await;
+    assert_eq!(sorted(upstream_subscriber.received.all()), expected);
+    assert_eq!(sorted(local_v4.received.all()), expected);
+    assert_eq!(sorted(received_v5.lock().unwrap().clone()), expected);
+    driver.abort();
 }

@@ -20,8 +20,18 @@ pub mod kind {
     pub const PUBREC: u8 = 5;
     /// PUBREL
     pub const PUBREL: u8 = 6;
+    /// PUBCOMP
+    pub const PUBCOMP: u8 = 7;
+    /// SUBSCRIBE
+    pub const SUBSCRIBE: u8 = 8;
+    /// UNSUBSCRIBE
+    pub const UNSUBSCRIBE: u8 = 10;
+    /// PINGREQ
+    pub const PINGREQ: u8 = 12;
     /// PINGRESP
     pub const PINGRESP: u8 = 13;
+    /// DISCONNECT
+    pub const DISCONNECT: u8 = 14;
 }
 
 /// A PINGREQ packet.
@@ -230,6 +240,102 @@ pub fn parse_connect(frame: &Frame, packet: &[u8]) -> Result<ConnectInfo, FrameE
     })
 }
 
+/// One topic filter of a SUBSCRIBE with its subscription options byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    /// The topic filter, as sent (not yet checked for wildcard placement).
+    pub filter: String,
+    /// The options byte: QoS in bits 0-1; on MQTT 5 also No Local (bit 2), Retain As
+    /// Published (bit 3) and Retain Handling (bits 4-5).
+    pub options: u8,
+}
+
+fn utf8_string(r: &mut Reader<'_>, what: &'static str) -> Result<String, FrameError> {
+    let len = r.u16(what)? as usize;
+    let bytes = r.take(len, what)?;
+    std::str::from_utf8(bytes)
+        .map(str::to_string)
+        .map_err(|_| malformed(what, "a string is not UTF-8"))
+}
+
+/// Skips the packet identifier and, on MQTT 5, the properties of a SUBSCRIBE or UNSUBSCRIBE.
+fn skip_to_payload(
+    r: &mut Reader<'_>,
+    version: Version,
+    what: &'static str,
+) -> Result<(), FrameError> {
+    r.u16(what)?;
+    if version == Version::V5 {
+        let properties = r.varint(what)?;
+        r.take(properties, what)?;
+    }
+    Ok(())
+}
+
+/// Reads the topic filters and options of a SUBSCRIBE. Fails on a packet without any filter
+/// ([MQTT-3.8.3-3]), reserved option bits set, QoS 3 or Retain Handling 3 ([MQTT-3-8.3-4],
+/// MQTT 5 §3.8.3.1), or No Local on a shared subscription ([MQTT-3.8.3-4] of MQTT 5).
+pub fn parse_subscribe(
+    frame: &Frame,
+    packet: &[u8],
+    version: Version,
+) -> Result<Vec<Subscription>, FrameError> {
+    const WHAT: &str = "SUBSCRIBE";
+    let end = frame.len().min(packet.len());
+    let mut r = Reader {
+        bytes: &packet[..end],
+        at: frame.header_len,
+    };
+    skip_to_payload(&mut r, version, WHAT)?;
+    let mut subscriptions = Vec::new();
+    while r.at < end {
+        let filter = utf8_string(&mut r, WHAT)?;
+        let options = r.u8(WHAT)?;
+        let reserved = match version {
+            Version::V4 => options & 0xFC != 0,
+            Version::V5 => options & 0xC0 != 0 || (options >> 4) & 0b11 == 0b11,
+        };
+        if reserved || options & 0b11 == 0b11 {
+            return Err(malformed(
+                WHAT,
+                format!("subscription options {options:#04x}"),
+            ));
+        }
+        if version == Version::V5 && options & 0b100 != 0 && filter.starts_with("$share/") {
+            return Err(malformed(WHAT, "No Local on a shared subscription"));
+        }
+        subscriptions.push(Subscription { filter, options });
+    }
+    if subscriptions.is_empty() {
+        return Err(malformed(WHAT, "no topic filter"));
+    }
+    Ok(subscriptions)
+}
+
+/// Reads the topic filters of an UNSUBSCRIBE; fails on a packet without any
+/// ([MQTT-3.10.3-2]).
+pub fn parse_unsubscribe(
+    frame: &Frame,
+    packet: &[u8],
+    version: Version,
+) -> Result<Vec<String>, FrameError> {
+    const WHAT: &str = "UNSUBSCRIBE";
+    let end = frame.len().min(packet.len());
+    let mut r = Reader {
+        bytes: &packet[..end],
+        at: frame.header_len,
+    };
+    skip_to_payload(&mut r, version, WHAT)?;
+    let mut filters = Vec::new();
+    while r.at < end {
+        filters.push(utf8_string(&mut r, WHAT)?);
+    }
+    if filters.is_empty() {
+        return Err(malformed(WHAT, "no topic filter"));
+    }
+    Ok(filters)
+}
+
 /// A decoded PUBLISH.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publish {
@@ -403,6 +509,88 @@ mod tests {
     }
 
     #[test]
+    fn subscribe_and_unsubscribe_filters_v4_and_v5() {
+        use rumqttc::mqttbytes::v4;
+        let mut buf = BytesMut::new();
+        let sub = v4::Subscribe::new_many([
+            v4::SubscribeFilter::new("a/+".into(), rumqttc::QoS::AtLeastOnce),
+            v4::SubscribeFilter::new("a/#/b".into(), rumqttc::QoS::ExactlyOnce),
+        ]);
+        sub.write(&mut buf).unwrap();
+        let frame = next_frame(&buf, 1 << 20).unwrap().unwrap();
+        let subs = parse_subscribe(&frame, &buf, Version::V4).unwrap();
+        assert_eq!(
+            subs,
+            vec![
+                Subscription {
+                    filter: "a/+".into(),
+                    options: 1
+                },
+                Subscription {
+                    filter: "a/#/b".into(),
+                    options: 2
+                },
+            ]
+        );
+        let mut bad = buf.clone();
+        let last = bad.len() - 1;
+        bad[last] = 0x04; // No Local is not an option of 3.1.1
+        assert!(parse_subscribe(&frame, &bad, Version::V4).is_err());
+        bad[last] = 0x03;
+        assert!(parse_subscribe(&frame, &bad, Version::V4).is_err(), "QoS 3");
+        // SUBSCRIBE with a packet id and no filter.
+        let empty = [0x82, 0x02, 0x00, 0x01];
+        let frame = next_frame(&empty, 1 << 20).unwrap().unwrap();
+        assert!(parse_subscribe(&frame, &empty, Version::V4).is_err());
+
+        use rumqttc::v5::mqttbytes::v5 as m5;
+        let mut buf = BytesMut::new();
+        let mut filter = m5::Filter::new("$share/g/x", rumqttc::v5::mqttbytes::QoS::AtLeastOnce);
+        filter.retain_forward_rule = m5::RetainForwardRule::Never;
+        filter.preserve_retain = true;
+        let sub = m5::Subscribe::new(
+            filter,
+            Some(m5::SubscribeProperties {
+                id: Some(7),
+                user_properties: vec![],
+            }),
+        );
+        sub.write(&mut buf).unwrap();
+        let frame = next_frame(&buf, 1 << 20).unwrap().unwrap();
+        let subs = parse_subscribe(&frame, &buf, Version::V5).unwrap();
+        assert_eq!(
+            subs,
+            vec![Subscription {
+                filter: "$share/g/x".into(),
+                options: 0b10_1001
+            }]
+        );
+        let mut no_local = buf.clone();
+        let last = no_local.len() - 1;
+        no_local[last] |= 0b100;
+        assert!(
+            parse_subscribe(&frame, &no_local, Version::V5).is_err(),
+            "No Local on $share"
+        );
+
+        let mut buf = BytesMut::new();
+        let unsub = m5::Unsubscribe::new("a/b", None);
+        unsub.write(&mut buf).unwrap();
+        let frame = next_frame(&buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(
+            parse_unsubscribe(&frame, &buf, Version::V5).unwrap(),
+            vec!["a/b".to_string()]
+        );
+        let mut buf = BytesMut::new();
+        v4::Unsubscribe::new("x/#").write(&mut buf).unwrap();
+        let frame = next_frame(&buf, 1 << 20).unwrap().unwrap();
+        assert_eq!(
+            parse_unsubscribe(&frame, &buf, Version::V4).unwrap(),
+            vec!["x/#".to_string()]
+        );
+    }
+
+    #[test]
     fn first_packet_must_be_connect() {
         let packet = encode_v4_publish("a", rumqttc::QoS::AtMostOnce, 0, b"");
         let frame = next_frame(&packet, 1 << 20).unwrap().unwrap();
@@ -418,6 +606,10 @@ mod tests {
                 let _ = parse_publish(&frame, packet.clone(), Version::V4);
                 let _ = parse_publish(&frame, packet.clone(), Version::V5);
                 let _ = packet_id(&frame, &packet);
+                let _ = parse_subscribe(&frame, &packet, Version::V4);
+                let _ = parse_subscribe(&frame, &packet, Version::V5);
+                let _ = parse_unsubscribe(&frame, &packet, Version::V4);
+                let _ = parse_unsubscribe(&frame, &packet, Version::V5);
             }
         }
 

@@ -3,7 +3,8 @@
 //! connection front on the device listeners.
 //!
 //! [`Edge::start_durable`] is the gateway's edge: devices connect to the front
-//! ([`front`]), which relays each connection to the broker's internal listener, journals every
+//! ([`front`]), which relays each connection to the broker's internal listener for the
+//! CONNECT's protocol version (so every device listener serves 3.1.1 and 5), journals every
 //! publish and holds its acknowledgement until the journal commit. [`Edge::start`] is a plain
 //! broker whose publishes are tapped into a channel: the demo and the benchmark use it as a
 //! stand-in upstream.
@@ -16,10 +17,15 @@
 //! local process that connects there directly bypasses the journal (devices cannot: they only
 //! see the front's addresses).
 
+mod checks;
 mod frame;
 mod front;
 
+pub use checks::RESERVED_CLIENT_ID_PREFIX;
+
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
@@ -27,7 +33,7 @@ use rumqttd::protocol::{v4::V4, v5::V5};
 use rumqttd::{
     ConnectionSettings, LinkType, Notification, Router, RouterConfig, Server, ServerSettings,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
@@ -111,53 +117,53 @@ impl Edge {
         metrics: std::sync::Arc<Metrics>,
     ) -> Result<Edge, EdgeError> {
         let mut device_listeners = Vec::new();
-        for (addr, v5) in config
-            .listen
-            .iter()
-            .map(|a| (a, false))
-            .chain(config.listen_v5.iter().map(|a| (a, true)))
-        {
+        for addr in config.listen.iter().chain(&config.listen_v5) {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(|source| EdgeError::Bind {
                     addr: *addr,
                     source,
                 })?;
-            device_listeners.push((listener, v5));
+            device_listeners.push(listener);
         }
         let router_tx = Router::new(0, router_config(config)).spawn();
         let mut tasks = Vec::new();
-        let mut unopened = Vec::new();
-        let mut internal = [None, None];
-        for (listener, v5) in device_listeners {
-            let slot = usize::from(v5);
-            let broker = match internal[slot] {
-                Some(addr) => addr,
-                None => {
-                    let addr = free_loopback_address()?;
-                    let settings = server_settings(
-                        config,
-                        format!("internal-v{}", if v5 { 5 } else { 4 }),
-                        addr,
-                    );
-                    tasks.push(if v5 {
-                        spawn_server(Server::new(settings, router_tx.clone(), V5), addr)
-                    } else {
-                        spawn_server(Server::new(settings, router_tx.clone(), V4), addr)
-                    });
-                    wait_until_listening(addr).await?;
-                    internal[slot] = Some(addr);
-                    addr
-                }
-            };
-            let front = front::Front {
-                broker,
-                journal: journal.clone(),
-                metrics: metrics.clone(),
-                max_payload: config.max_payload_bytes,
-            };
-            unopened.push((front, listener));
-        }
+        // Both internal listeners, whatever the device listeners are called: every device
+        // listener serves 3.1.1 and 5, and the front picks the broker side by the CONNECT.
+        let v4 = free_loopback_address()?;
+        tasks.push(spawn_server(
+            Server::new(
+                server_settings(config, "internal-v4".into(), v4),
+                router_tx.clone(),
+                V4,
+            ),
+            v4,
+        ));
+        let v5 = free_loopback_address()?;
+        tasks.push(spawn_server(
+            Server::new(
+                server_settings(config, "internal-v5".into(), v5),
+                router_tx.clone(),
+                V5,
+            ),
+            v5,
+        ));
+        wait_until_listening(v4).await?;
+        wait_until_listening(v5).await?;
+        let front = front::Front {
+            brokers: front::Brokers { v4, v5 },
+            journal,
+            metrics,
+            max_payload: config.max_payload_bytes,
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            refusing: Arc::new(Semaphore::new(front::MAX_REFUSING)),
+            connect_timeout: Duration::from_millis(u64::from(config.connect_timeout_ms)),
+        };
+        let unopened = device_listeners
+            .into_iter()
+            .map(|listener| (front.clone(), listener))
+            .collect();
+        let internal = [Some(v4), Some(v5)];
         Ok(Edge {
             tasks,
             links: link_factory!(router_tx),
@@ -287,9 +293,15 @@ impl Drop for Edge {
     }
 }
 
+/// Slots the broker's router keeps on top of the device connections the front allows: the
+/// gateway's own in-process links (control, modules, the local link, the tap) and spares. The
+/// front never lets the router fill up: rumqttd 0.20 blocks a runtime thread, and then panics
+/// on every later connection, once it has refused one.
+const ROUTER_SPARE_SLOTS: usize = 32;
+
 fn router_config(config: &BrokerConfig) -> RouterConfig {
     RouterConfig {
-        max_connections: config.max_connections + 1,
+        max_connections: config.max_connections + ROUTER_SPARE_SLOTS,
         max_outgoing_packet_count: 200,
         // The in-memory log the router keeps per subscribed filter, for local subscribers;
         // this bounds its memory on a small board.
