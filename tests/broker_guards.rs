@@ -7,7 +7,9 @@
 //!   that connection, on 3.1.1 and 5, and leak no slot;
 //! - a publish topic with wildcards and an invalid topic filter close the connection;
 //! - the gateway's own client ids are refused to devices, and the control plane keeps
-//!   answering.
+//!   answering;
+//! - a connection that never finishes its CONNECT is closed and gives its slot back;
+//! - MQTT 3.1 clients are served and other protocol levels refused, as Mosquitto does.
 //!
 //! The packet-level checks run against Debian's Mosquitto too (one port, both versions), so
 //! the expected behaviour is checked against a real broker.
@@ -611,5 +613,77 @@ async fn a_connection_that_never_finishes_connect_is_closed_and_gives_its_slot_b
     })
     .await
     .unwrap();
+    assert!(gateway.stop(), "clean exit");
+}
+
+/// How a broker answers CONNECTs of other protocol levels: the CONNACK code for MQTT at
+/// levels it does not speak, and whether an MQTT 3.1 client (`mosquitto_pub -V mqttv31`,
+/// which exits non-zero without its PUBACK) gets its QoS 1 publish acknowledged.
+fn protocol_levels(port: u16) -> (Vec<(u8, Option<u8>)>, bool) {
+    let mut codes = Vec::new();
+    for level in [3u8, 6] {
+        let mut body = Vec::new();
+        string(&mut body, "MQTT");
+        body.extend_from_slice(&[level, 0x02, 0, 30]);
+        string(&mut body, "levels");
+        let mut raw = Raw::open(port);
+        raw.send(&packet(0x10, &body));
+        let code = match raw.read_packet() {
+            Some((0x20, body)) => body.get(1).copied(),
+            _ => None,
+        };
+        codes.push((level, code));
+    }
+    let status = Command::new("mosquitto_pub")
+        .args(["-V", "mqttv31", "-h", "127.0.0.1", "-p", &port.to_string()])
+        .args([
+            "-i",
+            "legacy-31",
+            "-q",
+            "1",
+            "-t",
+            "telemetry/legacy-31/t",
+            "-m",
+            "{}",
+        ])
+        .status()
+        .expect("mosquitto_pub runs");
+    (codes, status.success())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_protocol_levels_are_answered_as_mosquitto_answers_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
+    let mut gateway = Gateway::new(dir.path(), &["--upstream", &upstream.url()]);
+    gateway.start();
+    let (upstream_port, gateway_port) = (upstream.port, gateway.port);
+    let (mosquitto, outpost) = tokio::task::spawn_blocking(move || {
+        (
+            protocol_levels(upstream_port),
+            protocol_levels(gateway_port),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        mosquitto,
+        (vec![(3, Some(0x01)), (6, Some(0x01))], true),
+        "Mosquitto's answers"
+    );
+    assert_eq!(outpost, mosquitto, "outpost answers as Mosquitto does");
+    // One copy published on Mosquitto directly, one forwarded by the gateway.
+    eventually("the MQTT 3.1 publish upstream", || {
+        subscriber
+            .received
+            .all()
+            .iter()
+            .filter(|(t, _)| t == "telemetry/legacy-31/t")
+            .count()
+            >= 2
+    })
+    .await;
     assert!(gateway.stop(), "clean exit");
 }

@@ -34,6 +34,8 @@ pub mod reason {
 
 /// MQTT 3.1.1 CONNACK return codes (3.1.1 §3.2.2.3).
 pub mod return_code {
+    /// The server does not speak the protocol level the client asked for.
+    pub const UNACCEPTABLE_PROTOCOL_VERSION: u8 = 0x01;
     /// The client id is not allowed.
     pub const IDENTIFIER_REJECTED: u8 = 0x02;
     /// The server cannot take the connection now.

@@ -59,6 +59,13 @@ pub enum FrameError {
         /// What is wrong.
         detail: String,
     },
+    /// A CONNECT of the MQTT protocol at a level this broker does not speak (3.1.1 §3.1.2.2:
+    /// answered with CONNACK return code 0x01).
+    #[error("unsupported MQTT protocol level {level}")]
+    UnsupportedLevel {
+        /// The level the client asked for.
+        level: u8,
+    },
 }
 
 fn malformed(what: &'static str, detail: impl Into<String>) -> FrameError {
@@ -156,6 +163,9 @@ pub struct ConnectInfo {
     pub keep_alive_offset: usize,
     /// The client identifier (may be empty).
     pub client_id: String,
+    /// MQTT 3.1 (protocol name `MQIsdp`, level 3), served as 3.1.1 (see
+    /// [`connect_as_3_1_1`]).
+    pub protocol_3_1: bool,
 }
 
 struct Reader<'a> {
@@ -208,9 +218,11 @@ pub fn parse_connect(frame: &Frame, packet: &[u8]) -> Result<ConnectInfo, FrameE
     let name_len = r.u16(WHAT)? as usize;
     let name = r.take(name_len, WHAT)?;
     let level = r.u8(WHAT)?;
-    let version = match (name, level) {
-        (b"MQTT", 4) | (b"MQIsdp", 3) => Version::V4,
-        (b"MQTT", 5) => Version::V5,
+    let (version, protocol_3_1) = match (name, level) {
+        (b"MQTT", 4) => (Version::V4, false),
+        (b"MQIsdp", 3) => (Version::V4, true),
+        (b"MQTT", 5) => (Version::V5, false),
+        (b"MQTT", level) => return Err(FrameError::UnsupportedLevel { level }),
         _ => {
             return Err(malformed(
                 WHAT,
@@ -237,7 +249,35 @@ pub fn parse_connect(frame: &Frame, packet: &[u8]) -> Result<ConnectInfo, FrameE
         keep_alive,
         keep_alive_offset,
         client_id,
+        protocol_3_1,
     })
+}
+
+/// An MQTT 3.1 CONNECT (`MQIsdp`, level 3) rewritten as the same CONNECT of 3.1.1 (`MQTT`,
+/// level 4), for a broker that speaks only 3.1.1: the two differ in name and level only
+/// (3.1.1 Appendix B: its other changes are relaxations a 3.1 client does not use). `packet`
+/// must be a CONNECT that [`parse_connect`] read with `protocol_3_1` set.
+pub fn connect_as_3_1_1(frame: &Frame, packet: &[u8]) -> Bytes {
+    // Protocol name (2 + 6 bytes) and level (1) of 3.1, replaced by 2 + 4 and 1.
+    let rest = packet.get(frame.header_len + 9..).unwrap_or_default();
+    let mut body = Vec::with_capacity(rest.len() + 7);
+    body.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04]);
+    body.extend_from_slice(rest);
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(packet.first().copied().unwrap_or(0x10));
+    let mut len = body.len();
+    loop {
+        let digit = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            out.push(digit | 0x80);
+        } else {
+            out.push(digit);
+            break;
+        }
+    }
+    out.extend_from_slice(&body);
+    Bytes::from(out)
 }
 
 /// One topic filter of a SUBSCRIBE with its subscription options byte.
@@ -407,6 +447,87 @@ mod tests {
         let mut buf = BytesMut::new();
         p.write(&mut buf).expect("encode");
         buf
+    }
+
+    /// A CONNECT with this protocol name and level, clean session, `keep_alive` and
+    /// `client_id` (and on level 5 empty properties).
+    fn connect_packet(name: &[u8], level: u8, keep_alive: u16, client_id: &str) -> Vec<u8> {
+        let mut body = (name.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(name);
+        body.extend_from_slice(&[level, 0x02]);
+        body.extend_from_slice(&keep_alive.to_be_bytes());
+        if level == 5 {
+            body.push(0);
+        }
+        body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+        body.extend_from_slice(client_id.as_bytes());
+        let mut packet = vec![0x10];
+        let mut len = body.len();
+        loop {
+            let digit = (len % 128) as u8;
+            len /= 128;
+            packet.push(if len > 0 { digit | 0x80 } else { digit });
+            if len == 0 {
+                break;
+            }
+        }
+        packet.extend_from_slice(&body);
+        packet
+    }
+
+    #[test]
+    fn protocol_levels_are_told_apart() {
+        let read = |name: &[u8], level| {
+            let packet = connect_packet(name, level, 30, "dev");
+            let frame = next_frame(&packet, 1 << 20).unwrap().unwrap();
+            parse_connect(&frame, &packet)
+        };
+        let v4 = read(b"MQTT", 4).unwrap();
+        assert_eq!((v4.version, v4.protocol_3_1), (Version::V4, false));
+        let v5 = read(b"MQTT", 5).unwrap();
+        assert_eq!((v5.version, v5.protocol_3_1), (Version::V5, false));
+        let v3 = read(b"MQIsdp", 3).unwrap();
+        assert_eq!((v3.version, v3.protocol_3_1), (Version::V4, true));
+        for level in [0, 1, 2, 3, 6, 255] {
+            assert_eq!(
+                read(b"MQTT", level),
+                Err(FrameError::UnsupportedLevel { level })
+            );
+        }
+        assert!(matches!(
+            read(b"MQIsdp", 4),
+            Err(FrameError::Malformed { .. })
+        ));
+        assert!(matches!(
+            read(b"XXXX", 4),
+            Err(FrameError::Malformed { .. })
+        ));
+    }
+
+    proptest! {
+        /// A 3.1 CONNECT rewritten as 3.1.1 is a whole frame that reads back as 3.1.1 with
+        /// the same keep-alive, client id and everything after the level, also when the
+        /// shorter name shrinks the remaining-length field.
+        #[test]
+        fn a_3_1_connect_reads_back_as_3_1_1(
+            keep_alive in any::<u16>(),
+            client_id in "[a-z0-9]{0,200}",
+        ) {
+            let packet = connect_packet(b"MQIsdp", 3, keep_alive, &client_id);
+            let frame = next_frame(&packet, 1 << 20).unwrap().unwrap();
+            let rewritten = connect_as_3_1_1(&frame, &packet);
+            let new_frame = next_frame(&rewritten, 1 << 20).unwrap().unwrap();
+            prop_assert_eq!(new_frame.len(), rewritten.len());
+            let info = parse_connect(&new_frame, &rewritten).unwrap();
+            prop_assert_eq!(info.version, Version::V4);
+            prop_assert!(!info.protocol_3_1);
+            prop_assert_eq!(info.keep_alive, keep_alive);
+            prop_assert_eq!(info.client_id, client_id);
+            prop_assert_eq!(
+                &rewritten[new_frame.header_len + 7..],
+                &packet[frame.header_len + 9..]
+            );
+        }
     }
 
     #[test]

@@ -408,9 +408,17 @@ impl Session {
             FrameError::TooLarge { .. } => reason::PACKET_TOO_LARGE,
             _ => reason::MALFORMED_PACKET,
         };
-        match self.version {
-            Some(version) => close_with(version, code, format!("protocol: {error}")),
-            None => End::Refused {
+        match (self.version, &error) {
+            (Some(version), _) => close_with(version, code, format!("protocol: {error}")),
+            (None, FrameError::UnsupportedLevel { .. }) => End::Refused {
+                // In 3.1.1's format, which every level understands (Mosquitto answers so).
+                answer: Some(connack_refusal(
+                    Version::V4,
+                    return_code::UNACCEPTABLE_PROTOCOL_VERSION,
+                )),
+                reason: format!("protocol: {error}"),
+            },
+            (None, _) => End::Refused {
                 answer: None,
                 reason: format!("protocol: {error}"),
             },
@@ -510,12 +518,17 @@ impl Session {
         }
         self.version = Some(info.version);
         self.client_id = Arc::from(info.client_id.as_str());
+        let mut packet = packet;
         if info.keep_alive == 0 {
             self.keep_alive_off = true;
             let mut rewritten = BytesMut::from(&packet[..]);
             let at = info.keep_alive_offset;
             rewritten[at..at + 2].copy_from_slice(&STAND_IN_KEEP_ALIVE.to_be_bytes());
-            return Ok(rewritten.freeze());
+            packet = rewritten.freeze();
+        }
+        if info.protocol_3_1 {
+            // rumqttd speaks 3.1.1 only; 3.1 clients (older firmware) are served as 3.1.1.
+            packet = frame::connect_as_3_1_1(frame, &packet);
         }
         Ok(packet)
     }
