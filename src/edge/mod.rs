@@ -20,6 +20,7 @@
 mod checks;
 mod frame;
 mod front;
+mod outbound;
 mod subscriptions;
 
 pub use checks::RESERVED_CLIENT_ID_PREFIX;
