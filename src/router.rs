@@ -230,23 +230,9 @@ impl TopicFilter {
     /// A `topic` that is not a valid publish topic name (empty, over 65535 bytes, containing
     /// `+`, `#` or NUL) matches nothing.
     pub fn matches(&self, topic: &str) -> bool {
-        if check_topic_name(topic).is_err() {
-            return false;
-        }
-        let mut filter_levels = self.text.split('/');
-        let mut topic_levels = topic.split('/');
-        if topic.starts_with('$') && (self.text.starts_with('+') || self.text.starts_with('#')) {
-            return false;
-        }
-        loop {
-            match (filter_levels.next(), topic_levels.next()) {
-                (Some("#"), _) => return true,
-                (None, None) => return true,
-                (Some("+"), Some(_)) => {}
-                (Some(f), Some(t)) if f == t => {}
-                _ => return false,
-            }
-        }
+        // The broker's rule, so that a route and a local subscription with the same filter
+        // always see the same publishes.
+        crate::edge::filter_matches(&self.text, topic)
     }
 
     /// The filter exactly as written.

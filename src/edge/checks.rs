@@ -114,6 +114,30 @@ fn valid_plain_filter(filter: &str) -> bool {
     true
 }
 
+/// Whether the topic name `topic` matches the topic filter `filter` (3.1.1 §4.7.1, MQTT 5
+/// §4.7.1): `+` is one level, `#` the rest of them (also none: `a/#` matches `a`), other
+/// levels match themselves, and a wildcard in the first level never matches a topic starting
+/// with `$` (§4.7.2). A topic that is not a valid topic name matches nothing; `filter` is
+/// taken to be valid ([`valid_topic_filter`], without a `$share/` prefix).
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    if !valid_topic_name(topic) {
+        return false;
+    }
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut filter_levels = filter.split('/');
+    let mut topic_levels = topic.split('/');
+    loop {
+        match (filter_levels.next(), topic_levels.next()) {
+            (Some("#"), _) | (None, None) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(f), Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+}
+
 /// Whether a device may not use this client id (it is one of the gateway's own).
 pub fn reserved_client_id(client_id: &str) -> bool {
     client_id.starts_with(RESERVED_CLIENT_ID_PREFIX)

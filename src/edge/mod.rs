@@ -21,9 +21,10 @@ mod checks;
 mod frame;
 mod front;
 mod outbound;
+mod retained;
 mod subscriptions;
 
-pub use checks::RESERVED_CLIENT_ID_PREFIX;
+pub use checks::{filter_matches, RESERVED_CLIENT_ID_PREFIX};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
