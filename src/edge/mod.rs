@@ -22,6 +22,7 @@ mod frame;
 mod front;
 mod outbound;
 mod retained;
+mod sessions;
 mod subscriptions;
 
 pub use checks::{filter_matches, RESERVED_CLIENT_ID_PREFIX};
