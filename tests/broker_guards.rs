@@ -687,3 +687,208 @@ async fn other_protocol_levels_are_answered_as_mosquitto_answers_them() {
     .await;
     assert!(gateway.stop(), "clean exit");
 }
+
+/// A CONNECT of `level` with these connect flags, MQTT 5 properties, client id and bytes
+/// after the client id.
+fn raw_connect(level: u8, flags: u8, properties: &[u8], client_id: &[u8], tail: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    string(&mut body, "MQTT");
+    body.extend_from_slice(&[level, flags, 0, 30]);
+    if level == 5 {
+        body.push(properties.len() as u8);
+        body.extend_from_slice(properties);
+    }
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id);
+    body.extend_from_slice(tail);
+    packet(0x10, &body)
+}
+
+fn lp(bytes: &[u8]) -> Vec<u8> {
+    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// CONNECTs that break the rules of 3.1.1 §3.1 / MQTT 5 §3.1, or that a broker answers in a
+/// particular way, with the CONNACK code Mosquitto 2 answers (`None`: it closes without one).
+fn connect_cases() -> Vec<(&'static str, Vec<u8>, Option<u8>)> {
+    let will = [lp(b"w"), lp(b"x")].concat();
+    vec![
+        (
+            "3.1.1 reserved flag",
+            raw_connect(4, 0x03, b"", b"c1", b""),
+            None,
+        ),
+        (
+            "5 reserved flag",
+            raw_connect(5, 0x03, b"", b"c2", b""),
+            None,
+        ),
+        (
+            "3.1.1 will QoS without will",
+            raw_connect(4, 0x0A, b"", b"c3", b""),
+            None,
+        ),
+        (
+            "5 will QoS without will",
+            raw_connect(5, 0x0A, b"", b"c4", b""),
+            None,
+        ),
+        (
+            "3.1.1 will retain without will",
+            raw_connect(4, 0x22, b"", b"c5", b""),
+            None,
+        ),
+        (
+            "3.1.1 will QoS 3",
+            raw_connect(4, 0x1E, b"", b"c6", &will),
+            None,
+        ),
+        (
+            "5 will QoS 3",
+            raw_connect(5, 0x1E, b"", b"c7", &[&[0u8][..], &will].concat()),
+            None,
+        ),
+        (
+            "3.1.1 password without username",
+            raw_connect(4, 0x42, b"", b"c8", &lp(b"pw")),
+            None,
+        ),
+        (
+            "5 repeated property",
+            raw_connect(5, 0x02, &[0x11, 0, 0, 0, 5, 0x11, 0, 0, 0, 5], b"c9", b""),
+            None,
+        ),
+        (
+            "5 Receive Maximum 0",
+            raw_connect(5, 0x02, &[0x21, 0, 0], b"c10", b""),
+            None,
+        ),
+        (
+            "5 Maximum Packet Size 0",
+            raw_connect(5, 0x02, &[0x27, 0, 0, 0, 0], b"c11", b""),
+            None,
+        ),
+        (
+            "5 unknown property",
+            raw_connect(5, 0x02, &[0x7F, 0], b"c12", b""),
+            None,
+        ),
+        (
+            "3.1.1 NUL in the client id",
+            raw_connect(4, 0x02, b"", b"a\0b", b""),
+            None,
+        ),
+        (
+            "5 NUL in the client id",
+            raw_connect(5, 0x02, b"", b"a\0b", b""),
+            None,
+        ),
+        (
+            "3.1.1 client id not UTF-8",
+            raw_connect(4, 0x02, b"", b"a\xffb", b""),
+            None,
+        ),
+        (
+            "5 client id not UTF-8",
+            raw_connect(5, 0x02, b"", b"a\xffb", b""),
+            None,
+        ),
+        (
+            "3.1.1 bytes after the payload",
+            raw_connect(4, 0x02, b"", b"c13", b"zz"),
+            None,
+        ),
+        (
+            "5 bytes after the payload",
+            raw_connect(5, 0x02, b"", b"c14", b"zz"),
+            None,
+        ),
+        (
+            "5 authentication method",
+            raw_connect(
+                5,
+                0x02,
+                &[&[0x15u8][..], &lp(b"SCRAM-SHA-1")].concat(),
+                b"c15",
+                b"",
+            ),
+            Some(0x8C),
+        ),
+        (
+            "3.1.1 binary password",
+            raw_connect(4, 0xC2, b"", b"c16", &[lp(b"u"), lp(b"\xff\xfe")].concat()),
+            Some(0),
+        ),
+        (
+            "5 password without username",
+            raw_connect(5, 0x42, b"", b"c17", &lp(b"pw")),
+            Some(0),
+        ),
+        (
+            "3.1.1 empty client id, persistent session",
+            raw_connect(4, 0x00, b"", b"", b""),
+            Some(0x02),
+        ),
+        (
+            "3.1.1 conforming",
+            raw_connect(4, 0x02, b"", b"c18", b""),
+            Some(0),
+        ),
+        (
+            "5 conforming",
+            raw_connect(5, 0x02, b"", b"c19", b""),
+            Some(0),
+        ),
+    ]
+}
+
+/// The CONNACK code a broker answers each case with (`None`: closed without one).
+fn connect_answers(port: u16) -> Vec<(&'static str, Option<u8>)> {
+    connect_cases()
+        .into_iter()
+        .map(|(what, bytes, _)| {
+            let mut raw = Raw::open(port);
+            raw.send(&bytes);
+            let code = match raw.read_packet() {
+                Some((0x20, body)) => body.get(1).copied(),
+                Some((other, _)) => panic!("{what}: first byte {other:#x}"),
+                None => None,
+            };
+            (what, code)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connects_that_break_the_rules_are_answered_as_mosquitto_answers_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let mut gateway = Gateway::new(dir.path(), &["--upstream", &upstream.url()]);
+    gateway.start();
+    let (upstream_port, gateway_port) = (upstream.port, gateway.port);
+    let (mosquitto, outpost) = tokio::task::spawn_blocking(move || {
+        (
+            connect_answers(upstream_port),
+            connect_answers(gateway_port),
+        )
+    })
+    .await
+    .unwrap();
+    let expected: Vec<(&str, Option<u8>)> = connect_cases()
+        .into_iter()
+        .map(|(what, _, code)| (what, code))
+        .collect();
+    assert_eq!(
+        mosquitto, expected,
+        "Mosquitto's answers (the test's reference)"
+    );
+    assert_eq!(outpost, expected, "outpost answers as Mosquitto does");
+    // The gateway still takes a conforming client afterwards.
+    let device = Device::connect(gateway_port, "after-the-bad-connects").await;
+    device.publish("telemetry/after/t", "{}").await;
+    device.wait_acked(1).await;
+    assert!(gateway.stop(), "clean exit");
+}

@@ -18,6 +18,8 @@ pub const RESERVED_CLIENT_ID_PREFIX: &str = "outpost-";
 pub mod reason {
     /// CONNACK: the client id is not allowed.
     pub const CLIENT_ID_NOT_VALID: u8 = 0x85;
+    /// CONNACK: the client asked for an authentication method the server does not offer.
+    pub const BAD_AUTHENTICATION_METHOD: u8 = 0x8C;
     /// CONNACK: the server is at its connection limit.
     pub const QUOTA_EXCEEDED: u8 = 0x97;
     /// DISCONNECT: the packet could not be parsed, or breaks its type's syntax (invalid

@@ -66,9 +66,16 @@ pub enum FrameError {
         /// The level the client asked for.
         level: u8,
     },
+    /// An MQTT 5 CONNECT asking for enhanced authentication, which this broker does not
+    /// offer (MQTT 5 §4.12: answered with CONNACK 0x8C).
+    #[error("authentication method {method:?} is not supported")]
+    AuthenticationMethod {
+        /// The method the client asked for.
+        method: String,
+    },
 }
 
-fn malformed(what: &'static str, detail: impl Into<String>) -> FrameError {
+pub(super) fn malformed(what: &'static str, detail: impl Into<String>) -> FrameError {
     FrameError::Malformed {
         what,
         detail: detail.into(),
@@ -152,29 +159,14 @@ pub enum Version {
     V5,
 }
 
-/// What the front needs from a CONNECT packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConnectInfo {
-    /// Protocol level.
-    pub version: Version,
-    /// Keep-alive in seconds; 0 turns keep-alive off.
-    pub keep_alive: u16,
-    /// Offset of the two keep-alive bytes in the packet.
-    pub keep_alive_offset: usize,
-    /// The client identifier (may be empty).
-    pub client_id: String,
-    /// MQTT 3.1 (protocol name `MQIsdp`, level 3), served as 3.1.1 (see
-    /// [`connect_as_3_1_1`]).
-    pub protocol_3_1: bool,
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    at: usize,
+/// Reads a packet's fields in order; every read checks the bounds.
+pub(super) struct Reader<'a> {
+    pub(super) bytes: &'a [u8],
+    pub(super) at: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], FrameError> {
+    pub(super) fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], FrameError> {
         let slice = self
             .bytes
             .get(self.at..self.at + n)
@@ -183,16 +175,16 @@ impl<'a> Reader<'a> {
         Ok(slice)
     }
 
-    fn u8(&mut self, what: &'static str) -> Result<u8, FrameError> {
+    pub(super) fn u8(&mut self, what: &'static str) -> Result<u8, FrameError> {
         Ok(self.take(1, what)?[0])
     }
 
-    fn u16(&mut self, what: &'static str) -> Result<u16, FrameError> {
+    pub(super) fn u16(&mut self, what: &'static str) -> Result<u16, FrameError> {
         let b = self.take(2, what)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
 
-    fn varint(&mut self, what: &'static str) -> Result<usize, FrameError> {
+    pub(super) fn varint(&mut self, what: &'static str) -> Result<usize, FrameError> {
         let mut value = 0usize;
         for i in 0..4 {
             let byte = self.u8(what)?;
@@ -203,81 +195,6 @@ impl<'a> Reader<'a> {
         }
         Err(malformed(what, "variable byte integer longer than 4 bytes"))
     }
-}
-
-/// Reads the protocol level, keep-alive and client id of a CONNECT packet.
-pub fn parse_connect(frame: &Frame, packet: &[u8]) -> Result<ConnectInfo, FrameError> {
-    const WHAT: &str = "CONNECT";
-    if frame.kind() != kind::CONNECT {
-        return Err(malformed(WHAT, "the first packet must be CONNECT"));
-    }
-    let mut r = Reader {
-        bytes: packet,
-        at: frame.header_len,
-    };
-    let name_len = r.u16(WHAT)? as usize;
-    let name = r.take(name_len, WHAT)?;
-    let level = r.u8(WHAT)?;
-    let (version, protocol_3_1) = match (name, level) {
-        (b"MQTT", 4) => (Version::V4, false),
-        (b"MQIsdp", 3) => (Version::V4, true),
-        (b"MQTT", 5) => (Version::V5, false),
-        (b"MQTT", level) => return Err(FrameError::UnsupportedLevel { level }),
-        _ => {
-            return Err(malformed(
-                WHAT,
-                format!(
-                    "unsupported protocol {:?} level {level}",
-                    String::from_utf8_lossy(name)
-                ),
-            ))
-        }
-    };
-    let _flags = r.u8(WHAT)?;
-    let keep_alive_offset = r.at;
-    let keep_alive = r.u16(WHAT)?;
-    if version == Version::V5 {
-        let properties = r.varint(WHAT)?;
-        r.take(properties, WHAT)?;
-    }
-    let id_len = r.u16(WHAT)? as usize;
-    let client_id = std::str::from_utf8(r.take(id_len, WHAT)?)
-        .map_err(|_| malformed(WHAT, "client id is not UTF-8"))?
-        .to_string();
-    Ok(ConnectInfo {
-        version,
-        keep_alive,
-        keep_alive_offset,
-        client_id,
-        protocol_3_1,
-    })
-}
-
-/// An MQTT 3.1 CONNECT (`MQIsdp`, level 3) rewritten as the same CONNECT of 3.1.1 (`MQTT`,
-/// level 4), for a broker that speaks only 3.1.1: the two differ in name and level only
-/// (3.1.1 Appendix B: its other changes are relaxations a 3.1 client does not use). `packet`
-/// must be a CONNECT that [`parse_connect`] read with `protocol_3_1` set.
-pub fn connect_as_3_1_1(frame: &Frame, packet: &[u8]) -> Bytes {
-    // Protocol name (2 + 6 bytes) and level (1) of 3.1, replaced by 2 + 4 and 1.
-    let rest = packet.get(frame.header_len + 9..).unwrap_or_default();
-    let mut body = Vec::with_capacity(rest.len() + 7);
-    body.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04]);
-    body.extend_from_slice(rest);
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(packet.first().copied().unwrap_or(0x10));
-    let mut len = body.len();
-    loop {
-        let digit = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            out.push(digit | 0x80);
-        } else {
-            out.push(digit);
-            break;
-        }
-    }
-    out.extend_from_slice(&body);
-    Bytes::from(out)
 }
 
 /// One topic filter of a SUBSCRIBE with its subscription options byte.
@@ -449,87 +366,6 @@ mod tests {
         buf
     }
 
-    /// A CONNECT with this protocol name and level, clean session, `keep_alive` and
-    /// `client_id` (and on level 5 empty properties).
-    fn connect_packet(name: &[u8], level: u8, keep_alive: u16, client_id: &str) -> Vec<u8> {
-        let mut body = (name.len() as u16).to_be_bytes().to_vec();
-        body.extend_from_slice(name);
-        body.extend_from_slice(&[level, 0x02]);
-        body.extend_from_slice(&keep_alive.to_be_bytes());
-        if level == 5 {
-            body.push(0);
-        }
-        body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-        body.extend_from_slice(client_id.as_bytes());
-        let mut packet = vec![0x10];
-        let mut len = body.len();
-        loop {
-            let digit = (len % 128) as u8;
-            len /= 128;
-            packet.push(if len > 0 { digit | 0x80 } else { digit });
-            if len == 0 {
-                break;
-            }
-        }
-        packet.extend_from_slice(&body);
-        packet
-    }
-
-    #[test]
-    fn protocol_levels_are_told_apart() {
-        let read = |name: &[u8], level| {
-            let packet = connect_packet(name, level, 30, "dev");
-            let frame = next_frame(&packet, 1 << 20).unwrap().unwrap();
-            parse_connect(&frame, &packet)
-        };
-        let v4 = read(b"MQTT", 4).unwrap();
-        assert_eq!((v4.version, v4.protocol_3_1), (Version::V4, false));
-        let v5 = read(b"MQTT", 5).unwrap();
-        assert_eq!((v5.version, v5.protocol_3_1), (Version::V5, false));
-        let v3 = read(b"MQIsdp", 3).unwrap();
-        assert_eq!((v3.version, v3.protocol_3_1), (Version::V4, true));
-        for level in [0, 1, 2, 3, 6, 255] {
-            assert_eq!(
-                read(b"MQTT", level),
-                Err(FrameError::UnsupportedLevel { level })
-            );
-        }
-        assert!(matches!(
-            read(b"MQIsdp", 4),
-            Err(FrameError::Malformed { .. })
-        ));
-        assert!(matches!(
-            read(b"XXXX", 4),
-            Err(FrameError::Malformed { .. })
-        ));
-    }
-
-    proptest! {
-        /// A 3.1 CONNECT rewritten as 3.1.1 is a whole frame that reads back as 3.1.1 with
-        /// the same keep-alive, client id and everything after the level, also when the
-        /// shorter name shrinks the remaining-length field.
-        #[test]
-        fn a_3_1_connect_reads_back_as_3_1_1(
-            keep_alive in any::<u16>(),
-            client_id in "[a-z0-9]{0,200}",
-        ) {
-            let packet = connect_packet(b"MQIsdp", 3, keep_alive, &client_id);
-            let frame = next_frame(&packet, 1 << 20).unwrap().unwrap();
-            let rewritten = connect_as_3_1_1(&frame, &packet);
-            let new_frame = next_frame(&rewritten, 1 << 20).unwrap().unwrap();
-            prop_assert_eq!(new_frame.len(), rewritten.len());
-            let info = parse_connect(&new_frame, &rewritten).unwrap();
-            prop_assert_eq!(info.version, Version::V4);
-            prop_assert!(!info.protocol_3_1);
-            prop_assert_eq!(info.keep_alive, keep_alive);
-            prop_assert_eq!(info.client_id, client_id);
-            prop_assert_eq!(
-                &rewritten[new_frame.header_len + 7..],
-                &packet[frame.header_len + 9..]
-            );
-        }
-    }
-
     #[test]
     fn frames_need_the_whole_packet() {
         let packet = encode_v4_publish("a/b", rumqttc::QoS::AtLeastOnce, 7, b"hello");
@@ -587,46 +423,6 @@ mod tests {
         assert_eq!(parsed.topic, "");
         assert_eq!(parsed.topic_alias, Some(3));
         assert_eq!((parsed.qos, parsed.pkid), (2, 9));
-    }
-
-    #[test]
-    fn connect_fields_v4_and_v5() {
-        let mut c = rumqttc::mqttbytes::v4::Connect::new("dev-1");
-        c.keep_alive = 0;
-        let mut buf = BytesMut::new();
-        c.write(&mut buf).unwrap();
-        let frame = next_frame(&buf, 1 << 20).unwrap().unwrap();
-        let info = parse_connect(&frame, &buf).unwrap();
-        assert_eq!(
-            (info.version, info.keep_alive, info.client_id.as_str()),
-            (Version::V4, 0, "dev-1")
-        );
-        assert_eq!(
-            &buf[info.keep_alive_offset..info.keep_alive_offset + 2],
-            &[0, 0]
-        );
-
-        let mut buf = BytesMut::new();
-        let c5 = rumqttc::v5::mqttbytes::v5::Connect {
-            keep_alive: 30,
-            client_id: "dev-5".into(),
-            clean_start: true,
-            properties: Some(rumqttc::v5::mqttbytes::v5::ConnectProperties {
-                session_expiry_interval: Some(10),
-                ..Default::default()
-            }),
-        };
-        c5.write(&None, &None, &mut buf).unwrap();
-        let frame = next_frame(&buf, 1 << 20).unwrap().unwrap();
-        let info = parse_connect(&frame, &buf).unwrap();
-        assert_eq!(
-            (info.version, info.keep_alive, info.client_id.as_str()),
-            (Version::V5, 30, "dev-5")
-        );
-        assert_eq!(
-            &buf[info.keep_alive_offset..info.keep_alive_offset + 2],
-            &[0, 30]
-        );
     }
 
     #[test]
@@ -711,19 +507,12 @@ mod tests {
         );
     }
 
-    #[test]
-    fn first_packet_must_be_connect() {
-        let packet = encode_v4_publish("a", rumqttc::QoS::AtMostOnce, 0, b"");
-        let frame = next_frame(&packet, 1 << 20).unwrap().unwrap();
-        assert!(parse_connect(&frame, &packet).is_err());
-    }
-
     proptest! {
         #[test]
         fn framing_and_parsing_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
             if let Ok(Some(frame)) = next_frame(&bytes, 1 << 20) {
                 let packet = Bytes::copy_from_slice(&bytes[..frame.len()]);
-                let _ = parse_connect(&frame, &packet);
+                let _ = super::super::connect::parse_connect(&frame, &packet);
                 let _ = parse_publish(&frame, packet.clone(), Version::V4);
                 let _ = parse_publish(&frame, packet.clone(), Version::V5);
                 let _ = packet_id(&frame, &packet);

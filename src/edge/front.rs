@@ -43,6 +43,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use super::checks::{self, reason, return_code};
+use super::connect;
 use super::frame::{self, kind, Frame, FrameError, Version};
 use crate::journal::{Committed, Journal};
 use crate::metrics::Metrics;
@@ -193,7 +194,7 @@ impl Front {
             loop {
                 match frame::next_frame(&input, self.max_payload + PACKET_OVERHEAD) {
                     Ok(Some(frame)) => {
-                        let version = frame::parse_connect(&frame, &input).ok()?.version;
+                        let version = connect::parse_connect(&frame, &input).ok()?.version;
                         let code = match version {
                             Version::V4 => return_code::SERVER_UNAVAILABLE,
                             Version::V5 => reason::QUOTA_EXCEEDED,
@@ -410,6 +411,14 @@ impl Session {
         };
         match (self.version, &error) {
             (Some(version), _) => close_with(version, code, format!("protocol: {error}")),
+            (None, FrameError::AuthenticationMethod { .. }) => End::Refused {
+                // Only MQTT 5 has authentication methods.
+                answer: Some(connack_refusal(
+                    Version::V5,
+                    reason::BAD_AUTHENTICATION_METHOD,
+                )),
+                reason: format!("protocol: {error}"),
+            },
             (None, FrameError::UnsupportedLevel { .. }) => End::Refused {
                 // In 3.1.1's format, which every level understands (Mosquitto answers so).
                 answer: Some(connack_refusal(
@@ -495,7 +504,7 @@ impl Session {
     /// The first packet: must be a CONNECT with a client id the gateway does not keep for
     /// itself.
     fn connect(&mut self, frame: &Frame, packet: Bytes) -> Result<Bytes, End> {
-        let info = frame::parse_connect(frame, &packet).map_err(|e| self.refuse_frame(e))?;
+        let info = connect::parse_connect(frame, &packet).map_err(|e| self.refuse_frame(e))?;
         if !checks::flags_valid(frame.byte1) {
             return Err(End::Refused {
                 answer: None,
@@ -518,19 +527,15 @@ impl Session {
         }
         self.version = Some(info.version);
         self.client_id = Arc::from(info.client_id.as_str());
-        let mut packet = packet;
-        if info.keep_alive == 0 {
-            self.keep_alive_off = true;
-            let mut rewritten = BytesMut::from(&packet[..]);
-            let at = info.keep_alive_offset;
-            rewritten[at..at + 2].copy_from_slice(&STAND_IN_KEEP_ALIVE.to_be_bytes());
-            packet = rewritten.freeze();
-        }
-        if info.protocol_3_1 {
-            // rumqttd speaks 3.1.1 only; 3.1 clients (older firmware) are served as 3.1.1.
-            packet = frame::connect_as_3_1_1(frame, &packet);
-        }
-        Ok(packet)
+        self.keep_alive_off = info.keep_alive == 0;
+        let keep_alive = if self.keep_alive_off {
+            STAND_IN_KEEP_ALIVE
+        } else {
+            info.keep_alive
+        };
+        Ok(connect::connect_for_broker(
+            frame, &packet, &info, keep_alive,
+        ))
     }
 
     /// Checks and journals a PUBLISH; its acknowledgement is held until the journal commit.

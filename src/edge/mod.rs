@@ -18,6 +18,7 @@
 //! see the front's addresses).
 
 mod checks;
+mod connect;
 mod frame;
 mod front;
 mod outbound;

@@ -31,6 +31,9 @@ use serde_json::{json, Value};
 // `outpost::edge::frame` is private to the crate (only the front uses it), so the target
 // compiles the very same source file into the test (its unit tests run here again).
 #[allow(dead_code)]
+#[path = "../../src/edge/connect.rs"]
+mod connect;
+#[allow(dead_code)]
 #[path = "../../src/edge/frame.rs"]
 mod frame;
 use frame::{kind, Frame, Version};
@@ -512,7 +515,7 @@ fn device_stream(
         let packet = Bytes::copy_from_slice(&input[..frame.len()]);
         input = &input[frame.len()..];
         let Some(v) = version else {
-            match frame::parse_connect(&frame, &packet) {
+            match connect::parse_connect(&frame, &packet) {
                 Err(e) => {
                     stop = label("connect", &e);
                     break;
@@ -531,6 +534,23 @@ fn device_stream(
                     };
                     if u16::from_be_bytes([hi, lo]) != info.keep_alive {
                         return Err("the keep-alive offset does not point at the keep-alive".into());
+                    }
+                    // What the front relays must itself be a CONNECT that reads back as
+                    // this one, without the login.
+                    let relayed = connect::connect_for_broker(&frame, &packet, &info, 60);
+                    let again = frame::next_frame(&relayed, usize::MAX)
+                        .ok()
+                        .flatten()
+                        .and_then(|f| connect::parse_connect(&f, &relayed).ok())
+                        .ok_or("the relayed CONNECT does not parse")?;
+                    if again.client_id != info.client_id
+                        || again.will != info.will
+                        || again.version != info.version
+                        || again.password.is_some()
+                    {
+                        return Err(format!(
+                            "the relayed CONNECT differs: {again:?} from {info:?}"
+                        ));
                     }
                     seen.insert(format!("connect-{:?}", info.version));
                     version = Some(info.version);
@@ -665,7 +685,7 @@ fn every_parser_on_every_frame(data: &[u8]) -> Result<(), String> {
     while let Ok(Some(frame)) = frame::next_frame(input, usize::MAX) {
         let packet = Bytes::copy_from_slice(&input[..frame.len()]);
         input = &input[frame.len()..];
-        let _ = frame::parse_connect(&frame, &packet);
+        let _ = connect::parse_connect(&frame, &packet);
         for version in [Version::V4, Version::V5] {
             if let Ok(p) = frame::parse_publish(&frame, packet.clone(), version) {
                 if p.topic.len() + p.payload.len() > frame.remaining {
