@@ -12,7 +12,7 @@
 
 use bytes::Bytes;
 
-use super::frame::{kind, malformed, Frame, FrameError, Reader, Version};
+use super::frame::{encode_packet, kind, malformed, Frame, FrameError, Reader, Version};
 
 const WHAT: &str = "CONNECT";
 
@@ -374,26 +374,12 @@ pub fn connect_for_broker(
     body.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', level, flags]);
     body.extend_from_slice(&keep_alive.to_be_bytes());
     body.extend_from_slice(rest);
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(frame.byte1);
-    let mut len = body.len();
-    loop {
-        let digit = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            out.push(digit | 0x80);
-        } else {
-            out.push(digit);
-            break;
-        }
-    }
-    out.extend_from_slice(&body);
-    Bytes::from(out)
+    Bytes::from(encode_packet(frame.byte1, &body))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::frame::next_frame;
+    use super::super::frame::{encode_packet, next_frame};
     use super::*;
     use bytes::BytesMut;
     use proptest::prelude::*;
@@ -410,18 +396,7 @@ mod tests {
         }
         body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
         body.extend_from_slice(client_id.as_bytes());
-        let mut packet = vec![0x10];
-        let mut len = body.len();
-        loop {
-            let digit = (len % 128) as u8;
-            len /= 128;
-            packet.push(if len > 0 { digit | 0x80 } else { digit });
-            if len == 0 {
-                break;
-            }
-        }
-        packet.extend_from_slice(&body);
-        packet
+        encode_packet(0x10, &body)
     }
 
     #[test]
@@ -478,18 +453,7 @@ mod tests {
         string(&mut body, b"gone");
         string(&mut body, b"user");
         string(&mut body, password);
-        let mut packet = vec![0x10];
-        let mut len = body.len();
-        loop {
-            let digit = (len % 128) as u8;
-            len /= 128;
-            packet.push(if len > 0 { digit | 0x80 } else { digit });
-            if len == 0 {
-                break;
-            }
-        }
-        packet.extend_from_slice(&body);
-        packet
+        encode_packet(0x10, &body)
     }
 
     proptest! {

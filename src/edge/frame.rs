@@ -82,6 +82,24 @@ pub(super) fn malformed(what: &'static str, detail: impl Into<String>) -> FrameE
     }
 }
 
+/// A packet with this first byte (type and flags) and body: the fixed header's remaining
+/// length is the body's (at most 268,435,455 bytes, which every caller's bodies are far below).
+pub fn encode_packet(byte1: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(byte1);
+    let mut len = body.len();
+    loop {
+        let digit = (len % 128) as u8;
+        len /= 128;
+        out.push(if len > 0 { digit | 0x80 } else { digit });
+        if len == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(body);
+    out
+}
+
 /// The fixed header of one complete packet at the start of a buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Frame {
