@@ -596,7 +596,7 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
     let clock = Instant::now();
     let upstream_port = free_port()?;
     let (upstream_tx, upstream_rx) = mpsc::channel(8192);
-    let upstream_edge = Edge::start(
+    let mut upstream_edge = Edge::start(
         &broker_on(upstream_port, 16),
         upstream_tx,
         Arc::new(Metrics::default()),
@@ -1005,7 +1005,7 @@ async fn drain_phase(
     // Upstream reachable, live traffic released.
     let arrivals = Arc::new(Arrivals::live_from(backlog));
     let (upstream_tx, upstream_rx) = mpsc::channel(8192);
-    let upstream_edge = Edge::start(
+    let mut upstream_edge = Edge::start(
         &broker_on(upstream_port, 16),
         upstream_tx,
         Arc::new(Metrics::default()),

@@ -371,6 +371,29 @@ pub struct BrokerConfig {
     /// Most bytes of device publishes received and not yet committed to the journal; beyond
     /// it the front stops reading from devices until commits catch up (backpressure).
     pub max_unjournaled_bytes: usize,
+    /// Most messages waiting for one local subscriber behind its in-flight window; beyond it
+    /// messages for it are dropped and counted (Mosquitto's `max_queued_messages`).
+    pub max_queued_messages: usize,
+    /// Most bytes (topics, payloads, properties) waiting for one local subscriber.
+    pub max_queued_bytes: usize,
+    /// Most subscriptions of one client; beyond it SUBACK says "quota exceeded" (0x97; 0x80
+    /// on 3.1.1).
+    pub max_subscriptions_per_client: usize,
+    /// Most subscriptions of all clients together.
+    pub max_subscriptions: usize,
+    /// Most bytes of topic filters of all subscriptions together.
+    pub max_subscription_bytes: usize,
+    /// Most retained messages; a retained publish on a new topic beyond it is delivered but
+    /// not retained (counted).
+    pub max_retained_messages: usize,
+    /// Most bytes of retained messages (topics, payloads, properties).
+    pub max_retained_bytes: usize,
+    /// Most sessions kept for clients that are away (3.1.1 Clean Session 0, MQTT 5 Session
+    /// Expiry above 0); a CONNECT that would keep one more is refused (0x03; 0x97 on 5).
+    pub max_sessions: usize,
+    /// The longest session expiry granted, in seconds; 0: as long as the client asks (a
+    /// 3.1.1 persistent session never expires then).
+    pub max_session_expiry_secs: u32,
 }
 
 impl Default for BrokerConfig {
@@ -383,6 +406,15 @@ impl Default for BrokerConfig {
             max_inflight: 100,
             connect_timeout_ms: 5000,
             max_unjournaled_bytes: crate::journal::DEFAULT_MAX_QUEUED_BYTES,
+            max_queued_messages: 1000,
+            max_queued_bytes: 8 * 1024 * 1024,
+            max_subscriptions_per_client: 1000,
+            max_subscriptions: 100_000,
+            max_subscription_bytes: 8 * 1024 * 1024,
+            max_retained_messages: 10_000,
+            max_retained_bytes: 32 * 1024 * 1024,
+            max_sessions: 10_000,
+            max_session_expiry_secs: 0,
         }
     }
 }
@@ -956,6 +988,20 @@ impl Config {
         if b.max_connections == 0 {
             return Err(invalid("broker.max_connections", "must be at least 1"));
         }
+        for (key, value) in [
+            ("broker.max_queued_messages", b.max_queued_messages),
+            ("broker.max_queued_bytes", b.max_queued_bytes),
+            (
+                "broker.max_subscriptions_per_client",
+                b.max_subscriptions_per_client,
+            ),
+            ("broker.max_subscriptions", b.max_subscriptions),
+            ("broker.max_subscription_bytes", b.max_subscription_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
         if b.max_inflight == 0 || b.max_inflight > u16::MAX as usize {
             return Err(invalid(
                 "broker.max_inflight",
@@ -1329,6 +1375,14 @@ mod tests {
                 "broker.max_unjournaled_bytes",
             ),
             ("[broker]\nmax_connections = 0\n", "broker.max_connections"),
+            (
+                "[broker]\nmax_queued_messages = 0\n",
+                "broker.max_queued_messages",
+            ),
+            (
+                "[broker]\nmax_subscriptions_per_client = 0\n",
+                "broker.max_subscriptions_per_client",
+            ),
         ] {
             let err = parse(text).unwrap().validate().unwrap_err();
             assert!(err.to_string().starts_with(key), "{text}: {err}");

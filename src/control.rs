@@ -45,8 +45,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rand::RngExt;
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::Notification;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
@@ -54,6 +52,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
 use crate::config::parse_broker_url;
+use crate::edge::LocalLink;
 use crate::store::{DeadLetter, DeadLetterFilter, Store, StoreError};
 
 /// The client id of the control plane's in-process link to the broker.
@@ -67,9 +66,6 @@ pub const MAX_LIMIT: usize = 1000;
 
 /// Bound on a `list` or `show` reply's JSON (see the module guarantees).
 pub const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
-
-/// How long [`Control::start`] waits for the broker to confirm the subscription.
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Attempts after the first when the database is busy (pauses of 5 ms doubling: about 1.3 s
 /// in all).
@@ -280,63 +276,30 @@ impl Control {
     /// Subscribes the link to the request topics, waits until the broker confirmed the
     /// subscription (so a request published after this returns is not missed), and then serves
     /// requests on a task of its own until the link closes or the task is aborted.
-    pub async fn start(
-        self,
-        mut link_tx: LinkTx,
-        mut link_rx: LinkRx,
-    ) -> Result<JoinHandle<()>, ControlError> {
+    pub async fn start(self, link: LocalLink) -> Result<JoinHandle<()>, ControlError> {
         let filter = format!("{}+", topic_prefix(&self.gateway_id));
-        let failed = |reason: String| ControlError::Subscribe {
-            filter: filter.clone(),
-            reason,
-        };
-        crate::edge::subscribe_confirmed(&mut link_tx, &mut link_rx, &filter, SUBSCRIBE_TIMEOUT)
-            .await
-            .map_err(failed)?;
+        link.subscribe(&filter)
+            .map_err(|e| ControlError::Subscribe {
+                filter: filter.clone(),
+                reason: e.to_string(),
+            })?;
         info!(topics = %filter, "dead-letter control topics ready");
-        Ok(tokio::spawn(self.serve(link_tx, link_rx)))
+        Ok(tokio::spawn(self.serve(link)))
     }
 
-    async fn serve(self, mut link_tx: LinkTx, mut link_rx: LinkRx) {
+    async fn serve(self, mut link: LocalLink) {
         let prefix = topic_prefix(&self.gateway_id);
         loop {
-            let notification = match link_rx.next().await {
-                Ok(Some(n)) => n,
-                Ok(None) => continue,
-                Err(e) => {
-                    error!(error = %e, "control link to the embedded broker closed; dead-letter requests are no longer answered");
-                    return;
-                }
+            let message = link.next().await;
+            let Some(name) = message.topic.strip_prefix(&prefix) else {
+                continue;
             };
-            match notification {
-                Notification::Forward(forward) => {
-                    let topic = String::from_utf8_lossy(&forward.publish.topic).into_owned();
-                    let Some(name) = topic.strip_prefix(&prefix) else {
-                        continue;
-                    };
-                    if name == "result" {
-                        // Replies without a reply_to, this one's own included.
-                        continue;
-                    }
-                    let answer = self.answer(name, &forward.publish.payload).await;
-                    let body = answer.body.to_string();
-                    if let Err(e) = link_tx.publish(answer.topic, body) {
-                        error!(error = %e, "cannot publish a control reply; control link closed");
-                        return;
-                    }
-                }
-                Notification::Unschedule => {
-                    if let Err(e) = link_rx.wake().await {
-                        error!(error = %e, "cannot resume the control link");
-                        return;
-                    }
-                }
-                Notification::Disconnect(..) => {
-                    error!("the embedded broker disconnected the control link");
-                    return;
-                }
-                other => debug!(?other, "ignored broker notification"),
+            if name == "result" {
+                // Replies without a reply_to, this one's own included.
+                continue;
             }
+            let answer = self.answer(name, &message.payload).await;
+            link.publish(answer.topic, answer.body.to_string());
         }
     }
 

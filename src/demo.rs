@@ -77,7 +77,7 @@ pub async fn run(phase_secs: u64, device_count: usize) -> anyhow::Result<()> {
     // The stand-in upstream: a second embedded broker whose every received publish we count.
     let upstream_port = free_port()?;
     let (upstream_tx, upstream_rx) = mpsc::channel(8192);
-    let upstream_edge = Edge::start(
+    let mut upstream_edge = Edge::start(
         &BrokerConfig {
             listen: vec![SocketAddr::from(([127, 0, 0, 1], upstream_port))],
             ..BrokerConfig::default()

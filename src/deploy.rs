@@ -32,13 +32,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::Notification;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{debug, error, info, warn};
+use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::modules::Registry;
@@ -47,9 +45,6 @@ use crate::uplink::{RemoteRequest, UpstreamReply};
 
 /// The client id of the module control plane's in-process link to the broker.
 pub const CLIENT_ID: &str = "outpost-modules";
-
-/// How long [`ModuleControl::start`] waits for the broker to confirm the subscription.
-const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Requests from the uplinks that may wait to be handled; more are dropped with a warning.
 pub const REMOTE_QUEUE: usize = 16;
@@ -137,22 +132,19 @@ impl ModuleControl {
     /// local requests and those the uplinks forward on `remote` until the link closes.
     pub async fn start(
         self,
-        mut link_tx: LinkTx,
-        mut link_rx: LinkRx,
+        link: crate::edge::LocalLink,
         remote: mpsc::Receiver<RemoteRequest>,
     ) -> anyhow::Result<JoinHandle<()>> {
         let filter = format!("{}/#", base(&self.gateway_id));
-        crate::edge::subscribe_confirmed(&mut link_tx, &mut link_rx, &filter, SUBSCRIBE_TIMEOUT)
-            .await
+        link.subscribe(&filter)
             .map_err(|reason| anyhow::anyhow!("cannot subscribe to {filter}: {reason}"))?;
         info!(topics = %filter, "module control topics ready");
-        Ok(tokio::spawn(self.serve(link_tx, link_rx, remote)))
+        Ok(tokio::spawn(self.serve(link, remote)))
     }
 
     async fn serve(
         self,
-        mut link_tx: LinkTx,
-        mut link_rx: LinkRx,
+        mut link: crate::edge::LocalLink,
         mut remote: mpsc::Receiver<RemoteRequest>,
     ) {
         let local_base = format!("{}/", base(&self.gateway_id));
@@ -165,37 +157,10 @@ impl ModuleControl {
         let mut remote_open = true;
         loop {
             tokio::select! {
-                notification = link_rx.next() => {
-                    let notification = match notification {
-                        Ok(Some(n)) => n,
-                        Ok(None) => continue,
-                        Err(e) => {
-                            error!(error = %e, "module control link closed; module requests are no longer answered");
-                            return;
-                        }
-                    };
-                    match notification {
-                        Notification::Forward(forward) => {
-                            let topic = String::from_utf8_lossy(&forward.publish.topic).into_owned();
-                            let Some(rest) = topic.strip_prefix(&local_base) else { continue };
-                            let Some(body) = self.answer(rest, forward.publish.payload.to_vec(), "local").await else { continue };
-                            if let Err(e) = link_tx.publish(status.clone(), body.to_string()) {
-                                error!(error = %e, "cannot publish a module status; control link closed");
-                                return;
-                            }
-                        }
-                        Notification::Unschedule => {
-                            if let Err(e) = link_rx.wake().await {
-                                error!(error = %e, "cannot resume the module control link");
-                                return;
-                            }
-                        }
-                        Notification::Disconnect(..) => {
-                            error!("the embedded broker disconnected the module control link");
-                            return;
-                        }
-                        other => debug!(?other, "ignored broker notification"),
-                    }
+                message = link.next() => {
+                    let Some(rest) = message.topic.strip_prefix(&local_base) else { continue };
+                    let Some(body) = self.answer(rest, message.payload.to_vec(), "local").await else { continue };
+                    link.publish(status.clone(), body.to_string());
                 }
                 request = remote.recv(), if remote_open => {
                     let Some(request) = request else { remote_open = false; continue };
@@ -209,10 +174,7 @@ impl ModuleControl {
                     };
                     let Some(body) = self.answer(&rest, request.payload, &request.link).await else { continue };
                     reply_upstream(&request.reply, &status, &body);
-                    if let Err(e) = link_tx.publish(status.clone(), body.to_string()) {
-                        error!(error = %e, "cannot publish a module status; control link closed");
-                        return;
-                    }
+                    link.publish(status.clone(), body.to_string());
                 }
                 _ = tick(&mut ticker) => {
                     let mut snapshot = self.metrics.snapshot();
@@ -221,10 +183,7 @@ impl ModuleControl {
                         Ok(s) => s,
                         Err(e) => { warn!(error = %e, "cannot serialize the metrics"); continue }
                     };
-                    if let Err(e) = link_tx.publish(metrics_topic(&self.gateway_id), snapshot) {
-                        error!(error = %e, "cannot publish the metrics; control link closed");
-                        return;
-                    }
+                    link.publish(metrics_topic(&self.gateway_id), snapshot);
                 }
             }
         }

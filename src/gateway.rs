@@ -165,6 +165,7 @@ impl Gateway {
                 metrics: metrics.clone(),
                 control: uplink_control.clone(),
                 credentials,
+                dial: None,
             };
             uplinks.push(tokio::spawn(uplink.run(stop_rx.clone())));
         }
@@ -234,19 +235,17 @@ impl Gateway {
             uplinks: uplink_wakes,
         };
         let control = match edge.local_link(control::CLIENT_ID) {
-            Ok((link_tx, link_rx)) => control.start(link_tx, link_rx).await.map_err(Into::into),
+            Ok(link) => control.start(link).await.map_err(Into::into),
             Err(e) => Err(anyhow::Error::from(e)),
         };
         let module_control = match (control, edge.local_link(deploy::CLIENT_ID)) {
-            (Ok(control), Ok((link_tx, link_rx))) => {
-                match module_control.start(link_tx, link_rx, remote_rx).await {
-                    Ok(task) => Ok((control, task)),
-                    Err(e) => {
-                        control.abort();
-                        Err(e)
-                    }
+            (Ok(control), Ok(link)) => match module_control.start(link, remote_rx).await {
+                Ok(task) => Ok((control, task)),
+                Err(e) => {
+                    control.abort();
+                    Err(e)
                 }
-            }
+            },
             (Ok(control), Err(e)) => {
                 control.abort();
                 Err(anyhow::Error::from(e))
@@ -264,16 +263,14 @@ impl Gateway {
             }
         };
         let mut uplinks = uplinks;
-        if let (Some(wake), Some((addr, v5))) = (local_wake, edge.internal_listener()) {
+        if let Some(wake) = local_wake {
             metrics.set_link_connected(crate::locator::LOCAL_LINK, false);
             let local_config = crate::config::UpstreamConfig {
                 name: crate::locator::LOCAL_LINK.to_string(),
-                url: format!("mqtt://{addr}"),
+                // Not dialled: the link reaches the broker in process (`dial` below).
+                url: "mqtt://127.0.0.1:1883".to_string(),
                 client_id: Some(format!("outpost-{}-local", config.gateway_id)),
-                protocol: match v5 {
-                    true => crate::config::MqttVersion::V5,
-                    false => crate::config::MqttVersion::V311,
-                },
+                protocol: crate::config::MqttVersion::V5,
                 regions: vec!["*".to_string()],
                 ..crate::config::UpstreamConfig::default()
             };
@@ -287,6 +284,7 @@ impl Gateway {
                 metrics: metrics.clone(),
                 control: None,
                 credentials: watch::channel(Arc::new(local_credentials)).1,
+                dial: Some(edge.local_dialer()),
             };
             uplinks.push(tokio::spawn(local.run(stop_rx.clone())));
         }
@@ -322,7 +320,7 @@ impl Gateway {
 
     /// Stops accepting publishes, commits what was received, moves the journal to the outbox,
     /// and disconnects the uplinks.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.edge.stop();
         self.control.abort();
         self.module_control.abort();

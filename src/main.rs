@@ -366,13 +366,12 @@ fn cap_malloc_arenas() {}
 fn main() -> ExitCode {
     cap_malloc_arenas();
     let cli = Cli::parse();
-    // rumqttd logs every connection at info and every disconnect as an error; the demo's
-    // progress lines say what matters.
+    // The demo's and the benchmark's progress lines say what matters.
     let default_level = match cli.command {
-        Command::Demo { .. } | Command::Bench { .. } => "error,rumqttd=off",
+        Command::Demo { .. } | Command::Bench { .. } => "error",
         Command::Deadletters { .. } => "warn",
         Command::Module { .. } => "warn",
-        _ => "info,rumqttd=warn",
+        _ => "info",
     };
     tracing_subscriber::fmt()
         .with_env_filter(

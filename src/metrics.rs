@@ -22,6 +22,20 @@ pub struct Metrics {
     pub edge_rejected: AtomicU64,
     /// Device connections refused at the connection limit (`broker.max_connections`).
     pub edge_connections_refused: AtomicU64,
+    /// Messages for local subscribers dropped at a session's queue bound (`broker.max_queued_messages`, `broker.max_queued_bytes`), retained messages owed beyond `broker.max_retained_messages` included.
+    pub broker_dropped_queue_full: AtomicU64,
+    /// QoS 0 messages dropped for a kept session whose client was away (as Mosquitto drops them).
+    pub broker_dropped_offline: AtomicU64,
+    /// Messages for local subscribers whose Message Expiry Interval passed before they could be sent.
+    pub broker_dropped_expired: AtomicU64,
+    /// Messages not sent to a local subscriber because they exceed its Maximum Packet Size.
+    pub broker_dropped_too_large: AtomicU64,
+    /// Subscriptions refused at `broker.max_subscriptions_per_client` or `broker.max_subscriptions`.
+    pub broker_subscriptions_refused: AtomicU64,
+    /// Retained publishes not stored at `broker.max_retained_messages` or `broker.max_retained_bytes` (still delivered).
+    pub broker_retained_refused: AtomicU64,
+    /// Connections refused because `broker.max_sessions` sessions are kept.
+    pub broker_sessions_refused: AtomicU64,
     /// Publishes that matched no route (they still reach local subscribers).
     pub unrouted: AtomicU64,
     /// Events whose payload had invalid coordinates (dead-lettered `bad-location`).
@@ -137,6 +151,20 @@ pub struct Snapshot {
     pub edge_rejected: u64,
     /// See [`Metrics::edge_connections_refused`].
     pub edge_connections_refused: u64,
+    /// See [`Metrics::broker_dropped_queue_full`].
+    pub broker_dropped_queue_full: u64,
+    /// See [`Metrics::broker_dropped_offline`].
+    pub broker_dropped_offline: u64,
+    /// See [`Metrics::broker_dropped_expired`].
+    pub broker_dropped_expired: u64,
+    /// See [`Metrics::broker_dropped_too_large`].
+    pub broker_dropped_too_large: u64,
+    /// See [`Metrics::broker_subscriptions_refused`].
+    pub broker_subscriptions_refused: u64,
+    /// See [`Metrics::broker_retained_refused`].
+    pub broker_retained_refused: u64,
+    /// See [`Metrics::broker_sessions_refused`].
+    pub broker_sessions_refused: u64,
     /// See [`Metrics::unrouted`].
     pub unrouted: u64,
     /// See [`Metrics::bad_locations`].
@@ -323,6 +351,13 @@ impl Metrics {
             journaled: get(&self.journaled),
             edge_rejected: get(&self.edge_rejected),
             edge_connections_refused: get(&self.edge_connections_refused),
+            broker_dropped_queue_full: get(&self.broker_dropped_queue_full),
+            broker_dropped_offline: get(&self.broker_dropped_offline),
+            broker_dropped_expired: get(&self.broker_dropped_expired),
+            broker_dropped_too_large: get(&self.broker_dropped_too_large),
+            broker_subscriptions_refused: get(&self.broker_subscriptions_refused),
+            broker_retained_refused: get(&self.broker_retained_refused),
+            broker_sessions_refused: get(&self.broker_sessions_refused),
             unrouted: get(&self.unrouted),
             bad_locations: get(&self.bad_locations),
             no_location: get(&self.no_location),

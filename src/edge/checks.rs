@@ -32,6 +32,13 @@ pub mod reason {
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
     /// DISCONNECT: a packet larger than the server accepts.
     pub const PACKET_TOO_LARGE: u8 = 0x95;
+    /// Session taken over: another connection with the same client id (§3.14.2.1).
+    pub const SESSION_TAKEN_OVER: u8 = 0x8E;
+    /// Keep alive timeout: nothing came within 1.5 times the keep-alive (§3.1.2.10).
+    pub const KEEP_ALIVE_TIMEOUT: u8 = 0x8D;
+    /// Receive Maximum exceeded: more unacknowledged QoS 2 publishes than the server's
+    /// Receive Maximum (§3.3.4).
+    pub const RECEIVE_MAXIMUM_EXCEEDED: u8 = 0x93;
 }
 
 /// MQTT 3.1.1 CONNACK return codes (3.1.1 §3.2.2.3).

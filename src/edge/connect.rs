@@ -12,7 +12,7 @@
 
 use bytes::Bytes;
 
-use super::frame::{encode_packet, kind, malformed, Frame, FrameError, Reader, Version};
+use super::frame::{kind, malformed, Frame, FrameError, Reader, Version};
 
 const WHAT: &str = "CONNECT";
 
@@ -23,15 +23,11 @@ pub struct ConnectInfo {
     pub version: Version,
     /// Keep-alive in seconds; 0 turns keep-alive off.
     pub keep_alive: u16,
-    /// Offset of the two keep-alive bytes in the packet.
-    pub keep_alive_offset: usize,
     /// The client identifier (may be empty).
     pub client_id: String,
-    /// MQTT 3.1 (protocol name `MQIsdp`, level 3), served as 3.1.1 (see
-    /// [`connect_for_broker`]).
+    /// MQTT 3.1 (protocol name `MQIsdp`, level 3), served as 3.1.1 (3.1.1 Appendix B: its
+    /// other changes are relaxations a 3.1 client does not use).
     pub protocol_3_1: bool,
-    /// Offset in the packet where the username (or, without one, the end) starts.
-    pub login_offset: usize,
     /// Clean Session (3.1.1) or Clean Start (5).
     pub clean_start: bool,
     /// The username, if the CONNECT has one.
@@ -76,8 +72,10 @@ pub struct WillInfo {
     pub retain: bool,
     /// MQTT 5 Will Delay Interval, in seconds.
     pub delay_secs: Option<u32>,
-    /// MQTT 5: the will's property list as it was encoded, its length and the delay
-    /// included (empty on 3.1.1).
+    /// MQTT 5 Message Expiry Interval of the will, in seconds.
+    pub message_expiry: Option<u32>,
+    /// MQTT 5: the will's properties to publish it with, as encoded and in their order
+    /// (all but the delay and the expiry; empty on 3.1.1).
     pub properties: Bytes,
 }
 
@@ -199,7 +197,6 @@ pub fn parse_connect(frame: &Frame, packet: &[u8]) -> Result<ConnectInfo, FrameE
     if version == Version::V4 && has_password && !has_username {
         return Err(malformed(WHAT, "a password without a username"));
     }
-    let keep_alive_offset = r.at;
     let keep_alive = r.u16(WHAT)?;
     let mut props = ConnectProperties::default();
     if version == Version::V5 {
@@ -262,9 +259,10 @@ pub fn parse_connect(frame: &Frame, packet: &[u8]) -> Result<ConnectInfo, FrameE
     let client_id = utf8(&mut r, "the client id")?;
     let will = if has_will {
         let mut delay_secs = None;
-        let mut will_properties = Bytes::new();
+        let mut message_expiry = None;
+        let mut will_properties = Vec::new();
         if version == Version::V5 {
-            let start = r.at;
+            let bytes = r.bytes;
             properties(
                 &mut r,
                 &[
@@ -277,15 +275,20 @@ pub fn parse_connect(frame: &Frame, packet: &[u8]) -> Result<ConnectInfo, FrameE
                     property::USER_PROPERTY,
                 ],
                 |id, r| {
+                    let from = r.at - 1;
                     match id {
-                        property::WILL_DELAY => delay_secs = Some(u32(r)?),
+                        property::WILL_DELAY => {
+                            delay_secs = Some(u32(r)?);
+                            return Ok(());
+                        }
+                        property::MESSAGE_EXPIRY => {
+                            message_expiry = Some(u32(r)?);
+                            return Ok(());
+                        }
                         property::PAYLOAD_FORMAT => {
                             if r.u8(WHAT)? > 1 {
                                 return Err(malformed(WHAT, "will payload format above 1"));
                             }
-                        }
-                        property::MESSAGE_EXPIRY => {
-                            u32(r)?;
                         }
                         property::CONTENT_TYPE | property::RESPONSE_TOPIC => {
                             utf8(r, "a will property")?;
@@ -298,10 +301,10 @@ pub fn parse_connect(frame: &Frame, packet: &[u8]) -> Result<ConnectInfo, FrameE
                             binary(r)?;
                         }
                     }
+                    will_properties.extend_from_slice(bytes.get(from..r.at).unwrap_or_default());
                     Ok(())
                 },
             )?;
-            will_properties = Bytes::copy_from_slice(r.bytes.get(start..r.at).unwrap_or_default());
         }
         let topic = utf8(&mut r, "the will topic")?;
         let payload = binary(&mut r)?;
@@ -311,12 +314,12 @@ pub fn parse_connect(frame: &Frame, packet: &[u8]) -> Result<ConnectInfo, FrameE
             qos: will_qos,
             retain: will_retain,
             delay_secs,
-            properties: will_properties,
+            message_expiry,
+            properties: Bytes::from(will_properties),
         })
     } else {
         None
     };
-    let login_offset = r.at;
     let username = if has_username {
         Some(utf8(&mut r, "the username")?)
     } else {
@@ -333,48 +336,14 @@ pub fn parse_connect(frame: &Frame, packet: &[u8]) -> Result<ConnectInfo, FrameE
     Ok(ConnectInfo {
         version,
         keep_alive,
-        keep_alive_offset,
         client_id,
         protocol_3_1,
-        login_offset,
         clean_start: flags & 0b0000_0010 != 0,
         username,
         password,
         will,
         properties: props,
     })
-}
-
-/// The CONNECT as the embedded broker behind the front is to see it: MQTT 3.1 (`MQIsdp`,
-/// level 3) as the same CONNECT of 3.1.1 (`MQTT`, level 4; 3.1.1 Appendix B: its other
-/// changes are relaxations a 3.1 client does not use), `keep_alive` in place of the client's,
-/// and without the username and password (the front is where clients are authenticated;
-/// the broker behind it has no authentication, and rumqttd refuses a password that is not
-/// UTF-8, which MQTT allows). `packet` must be the CONNECT that [`parse_connect`] read as
-/// `info`.
-pub fn connect_for_broker(
-    frame: &Frame,
-    packet: &[u8],
-    info: &ConnectInfo,
-    keep_alive: u16,
-) -> Bytes {
-    let level = match info.version {
-        Version::V4 => 4,
-        Version::V5 => 5,
-    };
-    let flags = packet
-        .get(info.keep_alive_offset.saturating_sub(1))
-        .copied()
-        .unwrap_or(0)
-        & 0b0011_1111;
-    let rest = packet
-        .get(info.keep_alive_offset + 2..info.login_offset)
-        .unwrap_or_default();
-    let mut body = Vec::with_capacity(rest.len() + 10);
-    body.extend_from_slice(&[0x00, 0x04, b'M', b'Q', b'T', b'T', level, flags]);
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    body.extend_from_slice(rest);
-    Bytes::from(encode_packet(frame.byte1, &body))
 }
 
 #[cfg(test)]
@@ -472,20 +441,12 @@ mod tests {
             let info = parse_connect(&frame, &packet).unwrap();
             prop_assert_eq!(info.password.as_deref(), Some(&password[..]));
             prop_assert_eq!(info.username.as_deref(), Some("user"));
-            let rewritten = connect_for_broker(&frame, &packet, &info, 60);
-            let new_frame = next_frame(&rewritten, 1 << 20).unwrap().unwrap();
-            prop_assert_eq!(new_frame.len(), rewritten.len());
-            let again = parse_connect(&new_frame, &rewritten).unwrap();
-            prop_assert_eq!(again.version, info.version);
-            prop_assert!(!again.protocol_3_1);
-            prop_assert_eq!(again.keep_alive, 60);
-            prop_assert_eq!(&again.client_id, &client_id);
-            prop_assert_eq!(again.username, None);
-            prop_assert_eq!(again.password, None);
-            prop_assert_eq!(&again.will, &info.will);
-            prop_assert_eq!(&again.properties, &info.properties);
-            prop_assert!(again.clean_start);
-            let will = again.will.unwrap();
+            prop_assert_eq!(info.version, if level == 5 { Version::V5 } else { Version::V4 });
+            prop_assert_eq!(info.protocol_3_1, level == 3);
+            prop_assert_eq!(info.keep_alive, keep_alive);
+            prop_assert_eq!(&info.client_id, &client_id);
+            prop_assert!(info.clean_start);
+            let will = info.will.unwrap();
             prop_assert_eq!((will.qos, will.retain, &will.topic[..]), (1, true, "wills/x"));
             prop_assert_eq!(will.delay_secs, (level == 5).then_some(7));
         }
@@ -506,9 +467,7 @@ mod tests {
             }
             if let Ok(Some(frame)) = next_frame(&packet, 1 << 20) {
                 if let Ok(info) = parse_connect(&frame, &packet) {
-                    let rewritten = connect_for_broker(&frame, &packet, &info, 60);
-                    let new_frame = next_frame(&rewritten, 1 << 20).unwrap().unwrap();
-                    prop_assert!(parse_connect(&new_frame, &rewritten).is_ok());
+                    prop_assert!(!info.client_id.contains('\0'));
                 }
             }
         }
@@ -525,10 +484,6 @@ mod tests {
         assert_eq!(
             (info.version, info.keep_alive, info.client_id.as_str()),
             (Version::V4, 0, "dev-1")
-        );
-        assert_eq!(
-            &buf[info.keep_alive_offset..info.keep_alive_offset + 2],
-            &[0, 0]
         );
 
         let mut buf = BytesMut::new();
@@ -547,10 +502,6 @@ mod tests {
         assert_eq!(
             (info.version, info.keep_alive, info.client_id.as_str()),
             (Version::V5, 30, "dev-5")
-        );
-        assert_eq!(
-            &buf[info.keep_alive_offset..info.keep_alive_offset + 2],
-            &[0, 30]
         );
     }
 

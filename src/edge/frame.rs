@@ -28,14 +28,9 @@ pub mod kind {
     pub const UNSUBSCRIBE: u8 = 10;
     /// PINGREQ
     pub const PINGREQ: u8 = 12;
-    /// PINGRESP
-    pub const PINGRESP: u8 = 13;
     /// DISCONNECT
     pub const DISCONNECT: u8 = 14;
 }
-
-/// A PINGREQ packet.
-pub const PINGREQ: [u8; 2] = [0xC0, 0x00];
 
 /// What is wrong with a packet.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -233,35 +228,80 @@ fn utf8_string(r: &mut Reader<'_>, what: &'static str) -> Result<String, FrameEr
         .map_err(|_| malformed(what, "a string is not UTF-8"))
 }
 
-/// Skips the packet identifier and, on MQTT 5, the properties of a SUBSCRIBE or UNSUBSCRIBE.
-fn skip_to_payload(
+/// A SUBSCRIBE's content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscribe {
+    /// Its packet identifier (echoed in the SUBACK).
+    pub packet_id: u16,
+    /// MQTT 5 Subscription Identifier (§3.8.2.1.2), 1 to 268,435,455.
+    pub identifier: Option<u32>,
+    /// The filters in the packet's order.
+    pub subscriptions: Vec<Subscription>,
+}
+
+/// Reads the packet identifier and, on MQTT 5, the properties of a SUBSCRIBE or UNSUBSCRIBE
+/// (only a Subscription Identifier, on SUBSCRIBE, and user properties are allowed); returns
+/// the identifier and the Subscription Identifier.
+fn read_header(
     r: &mut Reader<'_>,
     version: Version,
     what: &'static str,
-) -> Result<(), FrameError> {
-    r.u16(what)?;
-    if version == Version::V5 {
-        let properties = r.varint(what)?;
-        r.take(properties, what)?;
+) -> Result<(u16, Option<u32>), FrameError> {
+    let packet_id = r.u16(what)?;
+    if packet_id == 0 {
+        return Err(malformed(what, "packet identifier 0"));
     }
-    Ok(())
+    let mut identifier = None;
+    if version == Version::V5 {
+        let len = r.varint(what)?;
+        let end = r.at + len;
+        if end > r.bytes.len() {
+            return Err(malformed(what, "properties end after the packet"));
+        }
+        while r.at < end {
+            match r.u8(what)? {
+                0x0B if what == "SUBSCRIBE" && identifier.is_none() => {
+                    let id = r.varint(what)?;
+                    if id == 0 {
+                        return Err(malformed(what, "subscription identifier 0"));
+                    }
+                    identifier = Some(id as u32);
+                }
+                0x26 => {
+                    utf8_string(r, what)?;
+                    utf8_string(r, what)?;
+                }
+                other => {
+                    return Err(malformed(
+                        what,
+                        format!("property {other:#04x} is not allowed here"),
+                    ))
+                }
+            }
+        }
+        if r.at != end {
+            return Err(malformed(what, "a property runs past the property list"));
+        }
+    }
+    Ok((packet_id, identifier))
 }
 
-/// Reads the topic filters and options of a SUBSCRIBE. Fails on a packet without any filter
-/// ([MQTT-3.8.3-3]), reserved option bits set, QoS 3 or Retain Handling 3 ([MQTT-3-8.3-4],
-/// MQTT 5 §3.8.3.1), or No Local on a shared subscription ([MQTT-3.8.3-4] of MQTT 5).
+/// Reads a SUBSCRIBE. Fails on a packet without any filter ([MQTT-3.8.3-3]), reserved option
+/// bits set, QoS 3 or Retain Handling 3 ([MQTT-3-8.3-4], MQTT 5 §3.8.3.1), No Local on a
+/// shared subscription ([MQTT-3.8.3-4] of MQTT 5), or properties other than one Subscription
+/// Identifier and user properties.
 pub fn parse_subscribe(
     frame: &Frame,
     packet: &[u8],
     version: Version,
-) -> Result<Vec<Subscription>, FrameError> {
+) -> Result<Subscribe, FrameError> {
     const WHAT: &str = "SUBSCRIBE";
     let end = frame.len().min(packet.len());
     let mut r = Reader {
         bytes: &packet[..end],
         at: frame.header_len,
     };
-    skip_to_payload(&mut r, version, WHAT)?;
+    let (packet_id, identifier) = read_header(&mut r, version, WHAT)?;
     let mut subscriptions = Vec::new();
     while r.at < end {
         let filter = utf8_string(&mut r, WHAT)?;
@@ -284,23 +324,27 @@ pub fn parse_subscribe(
     if subscriptions.is_empty() {
         return Err(malformed(WHAT, "no topic filter"));
     }
-    Ok(subscriptions)
+    Ok(Subscribe {
+        packet_id,
+        identifier,
+        subscriptions,
+    })
 }
 
-/// Reads the topic filters of an UNSUBSCRIBE; fails on a packet without any
-/// ([MQTT-3.10.3-2]).
+/// Reads an UNSUBSCRIBE: its packet identifier and filters. Fails on a packet without any
+/// filter ([MQTT-3.10.3-2]).
 pub fn parse_unsubscribe(
     frame: &Frame,
     packet: &[u8],
     version: Version,
-) -> Result<Vec<String>, FrameError> {
+) -> Result<(u16, Vec<String>), FrameError> {
     const WHAT: &str = "UNSUBSCRIBE";
     let end = frame.len().min(packet.len());
     let mut r = Reader {
         bytes: &packet[..end],
         at: frame.header_len,
     };
-    skip_to_payload(&mut r, version, WHAT)?;
+    let (packet_id, _) = read_header(&mut r, version, WHAT)?;
     let mut filters = Vec::new();
     while r.at < end {
         filters.push(utf8_string(&mut r, WHAT)?);
@@ -308,7 +352,7 @@ pub fn parse_unsubscribe(
     if filters.is_empty() {
         return Err(malformed(WHAT, "no topic filter"));
     }
-    Ok(filters)
+    Ok((packet_id, filters))
 }
 
 /// A decoded PUBLISH.
@@ -326,6 +370,11 @@ pub struct Publish {
     pub retain: bool,
     /// The payload.
     pub payload: Bytes,
+    /// MQTT 5: the properties to pass on to subscribers, as encoded and in their order
+    /// (all of them except the topic alias and the Message Expiry Interval).
+    pub properties: Bytes,
+    /// MQTT 5 Message Expiry Interval, in seconds.
+    pub message_expiry: Option<u32>,
 }
 
 /// Decodes a PUBLISH with rumqttc's codec for the connection's protocol level.
@@ -349,15 +398,18 @@ pub fn parse_publish(
                 pkid: p.pkid,
                 retain: p.retain,
                 payload: p.payload,
+                properties: Bytes::new(),
+                message_expiry: None,
             })
         }
         Version::V5 => {
             let header =
                 rumqttc::v5::mqttbytes::v5::FixedHeader::new(frame.byte1, len_len, frame.remaining);
-            let p = rumqttc::v5::mqttbytes::v5::Publish::read(header, packet)
+            let p = rumqttc::v5::mqttbytes::v5::Publish::read(header, packet.clone())
                 .map_err(|e| malformed(WHAT, format!("{e:?}")))?;
             let topic = String::from_utf8(p.topic.to_vec())
                 .map_err(|_| malformed(WHAT, "topic is not UTF-8"))?;
+            let (properties, message_expiry) = publish_properties(frame, &packet, p.qos as u8)?;
             Ok(Publish {
                 topic,
                 topic_alias: p.properties.as_ref().and_then(|props| props.topic_alias),
@@ -365,9 +417,147 @@ pub fn parse_publish(
                 pkid: p.pkid,
                 retain: p.retain,
                 payload: p.payload,
+                properties,
+                message_expiry,
             })
         }
     }
+}
+
+/// A client's DISCONNECT: its reason code (0x00 on 3.1.1 or when left out) and MQTT 5's
+/// Session Expiry Interval, if it sets one (§3.14.2).
+pub fn parse_disconnect(
+    frame: &Frame,
+    packet: &[u8],
+    version: Version,
+) -> Result<(u8, Option<u32>), FrameError> {
+    const WHAT: &str = "DISCONNECT";
+    let end = frame.len().min(packet.len());
+    let mut r = Reader {
+        bytes: &packet[..end],
+        at: frame.header_len,
+    };
+    if version == Version::V4 {
+        return match frame.remaining {
+            0 => Ok((0, None)),
+            _ => Err(malformed(WHAT, "a 3.1.1 DISCONNECT has no content")),
+        };
+    }
+    if r.at == end {
+        return Ok((0, None));
+    }
+    let code = r.u8(WHAT)?;
+    let mut expiry = None;
+    if r.at < end {
+        let len = r.varint(WHAT)?;
+        let props_end = r.at + len;
+        if props_end != end {
+            return Err(malformed(WHAT, "properties do not end with the packet"));
+        }
+        while r.at < props_end {
+            match r.u8(WHAT)? {
+                0x11 if expiry.is_none() => {
+                    let b = r.take(4, WHAT)?;
+                    expiry = Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                }
+                0x1F => {
+                    utf8_string(&mut r, WHAT)?;
+                }
+                0x26 => {
+                    utf8_string(&mut r, WHAT)?;
+                    utf8_string(&mut r, WHAT)?;
+                }
+                other => {
+                    return Err(malformed(
+                        WHAT,
+                        format!("property {other:#04x} is not allowed here"),
+                    ))
+                }
+            }
+        }
+    }
+    Ok((code, expiry))
+}
+
+/// Splits an MQTT 5 PUBLISH's properties (§3.3.2.3) into those passed on to subscribers,
+/// unchanged and in order, and the Message Expiry Interval; the topic alias is left out. A
+/// Subscription Identifier from a client is malformed ([MQTT-3.3.4-6]).
+fn publish_properties(
+    frame: &Frame,
+    packet: &Bytes,
+    qos: u8,
+) -> Result<(Bytes, Option<u32>), FrameError> {
+    const WHAT: &str = "PUBLISH";
+    let end = frame.len().min(packet.len());
+    let mut r = Reader {
+        bytes: &packet[..end],
+        at: frame.header_len,
+    };
+    let topic_len = usize::from(r.u16(WHAT)?);
+    r.take(topic_len, WHAT)?;
+    if qos > 0 {
+        r.u16(WHAT)?;
+    }
+    let len = r.varint(WHAT)?;
+    let start = r.at;
+    let props_end = start + len;
+    if props_end > end {
+        return Err(malformed(WHAT, "properties end after the packet"));
+    }
+    let mut expiry = None;
+    let mut kept: Vec<(usize, usize)> = Vec::new();
+    while r.at < props_end {
+        let at = r.at;
+        let skip = |r: &mut Reader<'_>| -> Result<(), FrameError> {
+            let n = usize::from(r.u16(WHAT)?);
+            r.take(n, WHAT).map(|_| ())
+        };
+        match r.u8(WHAT)? {
+            0x01 => {
+                r.u8(WHAT)?;
+            }
+            0x02 => {
+                let b = r.take(4, WHAT)?;
+                expiry = Some(u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+                continue;
+            }
+            0x23 => {
+                r.u16(WHAT)?;
+                continue;
+            }
+            0x03 | 0x08 | 0x09 => skip(&mut r)?,
+            0x26 => {
+                skip(&mut r)?;
+                skip(&mut r)?;
+            }
+            0x0B => return Err(malformed(WHAT, "a client sent a subscription identifier")),
+            other => {
+                return Err(malformed(
+                    WHAT,
+                    format!("property {other:#04x} is not allowed here"),
+                ))
+            }
+        }
+        match kept.last_mut() {
+            Some((_, last_end)) if *last_end == at => *last_end = r.at,
+            _ => kept.push((at, r.at)),
+        }
+    }
+    if r.at != props_end {
+        return Err(malformed(WHAT, "a property runs past the property list"));
+    }
+    let properties = match kept.as_slice() {
+        [] => Bytes::new(),
+        [(from, to)] => packet.slice(*from..*to),
+        ranges => {
+            let mut joined = Vec::with_capacity(len);
+            for (from, to) in ranges {
+                joined.extend_from_slice(&packet[*from..*to]);
+            }
+            Bytes::from(joined)
+        }
+    };
+    Ok((properties, expiry))
 }
 
 #[cfg(test)]
@@ -441,21 +631,77 @@ mod tests {
         assert_eq!(parsed.topic, "");
         assert_eq!(parsed.topic_alias, Some(3));
         assert_eq!((parsed.qos, parsed.pkid), (2, 9));
+        assert!(parsed.properties.is_empty(), "the alias is not passed on");
+    }
+
+    #[test]
+    fn disconnects_read_their_reason_and_expiry() {
+        let read = |bytes: &[u8], v| {
+            let frame = next_frame(bytes, 1 << 20).unwrap().unwrap();
+            parse_disconnect(&frame, bytes, v)
+        };
+        assert_eq!(read(&[0xE0, 0], Version::V4), Ok((0, None)));
+        assert!(read(&[0xE0, 1, 4], Version::V4).is_err());
+        assert_eq!(read(&[0xE0, 0], Version::V5), Ok((0, None)));
+        assert_eq!(read(&[0xE0, 1, 4], Version::V5), Ok((4, None)));
+        assert_eq!(
+            read(&[0xE0, 7, 0, 5, 0x11, 0, 0, 1, 0], Version::V5),
+            Ok((0, Some(256)))
+        );
+        assert!(read(&[0xE0, 4, 0, 2, 0x1C, 0], Version::V5).is_err());
+    }
+
+    /// The properties a subscriber gets are the publisher's, in its order, without the topic
+    /// alias and the expiry (hand-encoded: rumqttc writes properties in an order of its own).
+    #[test]
+    fn v5_publish_properties_pass_through_in_order() {
+        let mut props = Vec::new();
+        props.extend_from_slice(&[0x26, 0, 1, b'b', 0, 1, b'2']); // user b=2
+        props.extend_from_slice(&[0x23, 0, 4]); // alias 4
+        props.extend_from_slice(&[0x03, 0, 4, b't', b'e', b'x', b't']); // content type
+        props.extend_from_slice(&[0x02, 0, 0, 0, 60]); // expiry 60 s
+        props.extend_from_slice(&[0x26, 0, 1, b'a', 0, 1, b'1']); // user a=1
+        props.extend_from_slice(&[0x01, 1]); // payload format: UTF-8
+        let mut body = vec![0, 3, b'a', b'/', b'b', 0, 7];
+        body.push(props.len() as u8);
+        body.extend_from_slice(&props);
+        body.extend_from_slice(b"hi");
+        let packet = Bytes::from(encode_packet(0x32, &body));
+        let frame = next_frame(&packet, 1 << 20).unwrap().unwrap();
+        let parsed = parse_publish(&frame, packet.clone(), Version::V5).unwrap();
+        assert_eq!(parsed.topic_alias, Some(4));
+        assert_eq!(parsed.message_expiry, Some(60));
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&[0x26, 0, 1, b'b', 0, 1, b'2']);
+        expected.extend_from_slice(&[0x03, 0, 4, b't', b'e', b'x', b't']);
+        expected.extend_from_slice(&[0x26, 0, 1, b'a', 0, 1, b'1']);
+        expected.extend_from_slice(&[0x01, 1]);
+        assert_eq!(&parsed.properties[..], &expected[..]);
+        assert_eq!(&parsed.payload[..], b"hi");
+
+        // A client may not send a subscription identifier.
+        let mut body = vec![0, 1, b'a', 2, 0x0B, 1];
+        body.extend_from_slice(b"x");
+        let packet = Bytes::from(encode_packet(0x30, &body));
+        let frame = next_frame(&packet, 1 << 20).unwrap().unwrap();
+        assert!(parse_publish(&frame, packet.clone(), Version::V5).is_err());
     }
 
     #[test]
     fn subscribe_and_unsubscribe_filters_v4_and_v5() {
         use rumqttc::mqttbytes::v4;
         let mut buf = BytesMut::new();
-        let sub = v4::Subscribe::new_many([
+        let mut sub = v4::Subscribe::new_many([
             v4::SubscribeFilter::new("a/+".into(), rumqttc::QoS::AtLeastOnce),
             v4::SubscribeFilter::new("a/#/b".into(), rumqttc::QoS::ExactlyOnce),
         ]);
+        sub.pkid = 5;
         sub.write(&mut buf).unwrap();
         let frame = next_frame(&buf, 1 << 20).unwrap().unwrap();
         let subs = parse_subscribe(&frame, &buf, Version::V4).unwrap();
+        assert_eq!((subs.packet_id, subs.identifier), (5, None));
         assert_eq!(
-            subs,
+            subs.subscriptions,
             vec![
                 Subscription {
                     filter: "a/+".into(),
@@ -483,18 +729,20 @@ mod tests {
         let mut filter = m5::Filter::new("$share/g/x", rumqttc::v5::mqttbytes::QoS::AtLeastOnce);
         filter.retain_forward_rule = m5::RetainForwardRule::Never;
         filter.preserve_retain = true;
-        let sub = m5::Subscribe::new(
+        let mut sub = m5::Subscribe::new(
             filter,
             Some(m5::SubscribeProperties {
                 id: Some(7),
-                user_properties: vec![],
+                user_properties: vec![("k".into(), "v".into())],
             }),
         );
+        sub.pkid = 300;
         sub.write(&mut buf).unwrap();
         let frame = next_frame(&buf, 1 << 20).unwrap().unwrap();
         let subs = parse_subscribe(&frame, &buf, Version::V5).unwrap();
+        assert_eq!((subs.packet_id, subs.identifier), (300, Some(7)));
         assert_eq!(
-            subs,
+            subs.subscriptions,
             vec![Subscription {
                 filter: "$share/g/x".into(),
                 options: 0b10_1001
@@ -509,20 +757,27 @@ mod tests {
         );
 
         let mut buf = BytesMut::new();
-        let unsub = m5::Unsubscribe::new("a/b", None);
+        let mut unsub = m5::Unsubscribe::new("a/b", None);
+        unsub.pkid = 9;
         unsub.write(&mut buf).unwrap();
         let frame = next_frame(&buf, 1 << 20).unwrap().unwrap();
         assert_eq!(
             parse_unsubscribe(&frame, &buf, Version::V5).unwrap(),
-            vec!["a/b".to_string()]
+            (9, vec!["a/b".to_string()])
         );
         let mut buf = BytesMut::new();
-        v4::Unsubscribe::new("x/#").write(&mut buf).unwrap();
+        let mut unsub = v4::Unsubscribe::new("x/#");
+        unsub.pkid = 10;
+        unsub.write(&mut buf).unwrap();
         let frame = next_frame(&buf, 1 << 20).unwrap().unwrap();
         assert_eq!(
             parse_unsubscribe(&frame, &buf, Version::V4).unwrap(),
-            vec!["x/#".to_string()]
+            (10, vec!["x/#".to_string()])
         );
+        // Packet identifier 0 is malformed ([MQTT-2.3.1-1]).
+        let zero = [0xA2, 0x05, 0x00, 0x00, 0x00, 0x01, b'x'];
+        let frame = next_frame(&zero, 1 << 20).unwrap().unwrap();
+        assert!(parse_unsubscribe(&frame, &zero, Version::V4).is_err());
     }
 
     proptest! {

@@ -1,16 +1,21 @@
-//! The connection front: outpost's listener for devices, standing between each device and the
-//! embedded broker (rumqttd), so that a publish is acknowledged only once it is durable.
+//! The connection front: outpost's listener for devices. It reads every packet a device
+//! sends, checks it, journals its publishes, and serves the device's session on the
+//! in-process [`Broker`].
 //!
-//! For every device connection the front opens a connection to the broker's internal listener
-//! and relays packets both ways unchanged, except:
-//! - each PUBLISH from the device is appended to the [`Journal`]; the broker's PUBACK (QoS 1)
-//!   or PUBREC (QoS 2) for it is held back until the journal commit that contains the publish
-//!   has returned, then passed on. A device therefore never holds an acknowledgement for a
-//!   publish that a crash or power cut could lose.
-//! - a CONNECT with keep-alive 0 (MQTT 3.1.1 §3.1.2.10: keep-alive off), which rumqttd 0.20
-//!   refuses, is passed on with a keep-alive the front then keeps alive itself: it sends the
-//!   broker a PINGREQ every half interval and swallows the matching PINGRESPs.
-//! - MQTT 5 topic aliases are resolved for the journal (the broker still sees the alias).
+//! For every device connection:
+//! - the CONNECT is read in full and checked ([`super::connect`]) within the connect timeout;
+//!   the connection then attaches to its session on the broker (CONNACK with Session Present,
+//!   and on MQTT 5 an assigned client id, the granted expiry, the broker's Receive Maximum,
+//!   Topic Alias Maximum and Maximum Packet Size).
+//! - each PUBLISH is appended to the [`Journal`] and handed to the broker (local subscribers
+//!   get it at once); its PUBACK (QoS 1) or PUBREC (QoS 2) is sent only after the journal
+//!   commit that contains it, in the order the publishes came. A device therefore never holds
+//!   an acknowledgement for a publish that a crash or power cut could lose. A QoS 2 publish
+//!   sent again before its PUBREL is neither journaled nor delivered twice.
+//! - the packets the broker has for the session (deliveries, PUBRELs, retained messages) are
+//!   written as the device reads them; SUBSCRIBE, UNSUBSCRIBE, PINGREQ and DISCONNECT are
+//!   answered here; a connection whose session another connection took over is closed (MQTT
+//!   5: DISCONNECT 0x8E); one that sends nothing for 1.5 times its keep-alive is closed.
 //! - the front's own rules ([`super::checks`]) come first: a packet type a client may not send,
 //!   invalid fixed-header flags, a publish topic with wildcards, an invalid topic filter or a
 //!   topic alias out of range closes the connection (on MQTT 5 after a DISCONNECT with the
@@ -20,38 +25,36 @@
 //!   cases.
 //!
 //! This is the one place where every packet of every device passes: per-packet decisions
-//! (authorization, per-client limits) belong in [`Session::inspect`].
+//! (authorization, per-client limits) belong in [`Session::handle`].
 //!
 //! Guarantees: a malformed, oversized or forbidden packet closes that connection (logged and
-//! counted) and affects nothing else; no input panics; a connection goes to the broker side
-//! of its CONNECT's protocol version, and one that sends no CONNECT within the connect
-//! timeout is closed; the broker behind the front never holds more device connections than
-//! `broker.max_connections`, and never sees a connection close before its CONNACK is sent.
+//! counted) and affects nothing else; no input panics; one that sends no CONNECT within the
+//! connect timeout is closed; at most `broker.max_connections` device connections are served
+//! at once; a connection that ends, however, detaches from its session.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot::error::RecvError;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::broker::{self, Attach, Broker, ClientAck, Connection};
 use super::checks::{self, reason, return_code};
-use super::connect;
+use super::connect::{self, ConnectInfo};
 use super::frame::{self, kind, Frame, FrameError, Version};
+use super::packets::{self, ConnAckProperties};
+use super::sessions::{self, Ending, Expiry};
+use super::DevicePublish;
 use crate::journal::{Committed, Journal};
 use crate::metrics::Metrics;
 use crate::store::NewJournalEntry;
-
-/// The keep-alive the front asks the broker for on behalf of a device that turned keep-alive
-/// off; the front pings the broker every half of it.
-const STAND_IN_KEEP_ALIVE: u16 = 60;
 
 /// Bytes of MQTT framing allowed on top of the largest payload.
 const PACKET_OVERHEAD: usize = 64 * 1024;
@@ -67,32 +70,47 @@ const MAX_ALIAS_BYTES: usize = 1024 * 1024;
 /// connection is closed without an answer.
 pub const MAX_REFUSING: usize = 64;
 
-/// How long the front waits, after a device's connection ended, for the broker to close its
-/// side (the connection's slot is held until then, so the broker never counts more
-/// connections than the front allows).
-const BROKER_CLOSE_WAIT: Duration = Duration::from_secs(10);
+/// Bytes of packets for the device gathered into one write.
+const WRITE_BATCH: usize = 64 * 1024;
 
-/// The broker's internal listeners, one per protocol version.
-#[derive(Clone, Copy, Debug)]
-pub struct Brokers {
-    /// Where MQTT 3.1 and 3.1.1 connections are relayed.
-    pub v4: SocketAddr,
-    /// Where MQTT 5 connections are relayed.
-    pub v5: SocketAddr,
+/// How long one write to a device may stall before the connection is given up (a device
+/// that stops reading must not hold its session's connection for ever).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where device publishes go, besides the broker's subscribers.
+#[derive(Clone)]
+pub enum Sink {
+    /// The gateway's journal: acknowledged once durable.
+    Journal(Journal),
+    /// A channel (the demo's and the benchmark's stand-in upstream): acknowledged once taken.
+    Tap(mpsc::Sender<DevicePublish>),
+}
+
+/// Who is on the other side of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A device on a listener: every check applies, publishes go to the [`Sink`].
+    Device,
+    /// The gateway itself (the local link, in process): may use reserved client ids; its
+    /// publishes are outputs already durable in the outbox, so they only reach subscribers.
+    Gateway,
 }
 
 /// Everything every connection of the device listeners shares.
 #[derive(Clone)]
 pub struct Front {
-    /// The broker's internal listeners: a connection goes to the one of its CONNECT's
-    /// protocol level, so every device listener serves both versions.
-    pub brokers: Brokers,
-    /// Where publishes become durable.
-    pub journal: Journal,
+    /// The sessions, subscriptions and retained messages.
+    pub broker: Arc<Broker>,
+    /// Where device publishes become durable (`None` for a front that serves only the
+    /// gateway's own connections).
+    pub sink: Option<Sink>,
     /// Counters.
     pub metrics: Arc<Metrics>,
     /// Largest accepted publish payload.
     pub max_payload: usize,
+    /// The Receive Maximum announced to MQTT 5 clients and enforced on them
+    /// (`broker.max_inflight`).
+    pub max_inflight: u16,
     /// One permit per device connection allowed (`broker.max_connections`), shared by every
     /// listener of the gateway.
     pub slots: Arc<Semaphore>,
@@ -111,15 +129,21 @@ enum End {
         answer: Option<Bytes>,
         reason: String,
     },
-    /// Anything else: I/O, the broker, the journal.
-    Closed(String),
+    /// The broker closed it (its session was taken over): `answer` is MQTT 5's DISCONNECT.
+    Closed {
+        answer: Option<Bytes>,
+        reason: String,
+    },
+    /// Anything else: I/O, the journal.
+    Lost(String),
 }
 
 impl std::fmt::Display for End {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             End::Refused { reason, .. } => write!(f, "refused: {reason}"),
-            End::Closed(reason) => f.write_str(reason),
+            End::Closed { reason, .. } => write!(f, "closed: {reason}"),
+            End::Lost(reason) => f.write_str(reason),
         }
     }
 }
@@ -158,7 +182,10 @@ impl Front {
                     match self.slots.clone().try_acquire_owned() {
                         Ok(slot) => {
                             connections.spawn(async move {
-                                if let Err(end) = front.connection(socket, slot).await {
+                                let _ = socket.set_nodelay(true);
+                                if let Err(end) =
+                                    front.connection(socket, Some(slot), Origin::Device).await
+                                {
                                     debug!(%peer, %end, "device connection closed");
                                 }
                             });
@@ -216,131 +243,150 @@ impl Front {
         }
     }
 
-    async fn connection(
+    /// Serves the gateway's own connection to its broker (the local link), in process.
+    pub fn serve_gateway(&self, stream: tokio::io::DuplexStream) {
+        let front = self.clone();
+        tokio::spawn(async move {
+            if let Err(end) = front.connection(stream, None, Origin::Gateway).await {
+                debug!(%end, "gateway's own broker connection closed");
+            }
+        });
+    }
+
+    async fn connection<S>(
         self,
-        mut device: TcpStream,
-        slot: OwnedSemaphorePermit,
-    ) -> Result<(), End> {
-        let _ = device.set_nodelay(true);
+        stream: S,
+        slot: Option<OwnedSemaphorePermit>,
+        origin: Origin,
+    ) -> Result<(), End>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let (mut reader, mut writer) = tokio::io::split(stream);
         let mut session = Session {
             front: self.clone(),
-            shared: Arc::new(Shared::default()),
-            version: None,
-            client_id: Arc::from(""),
+            origin,
+            version: Version::V4,
             aliases: HashMap::new(),
             alias_bytes: 0,
             qos2_open: HashSet::new(),
-            keep_alive_off: false,
+            acks: VecDeque::new(),
+            expiry_zero: true,
+            connected: false,
+            keep_alive: 0,
         };
         let mut input = BytesMut::with_capacity(16 * 1024);
         let connect = tokio::time::timeout(
             self.connect_timeout,
-            session.read_connect(&mut device, &mut input),
+            session.read_connect(&mut reader, &mut input),
         )
         .await
         .unwrap_or_else(|_| {
-            Err(End::Closed(
+            Err(End::Lost(
                 "no CONNECT within broker.connect_timeout_ms".into(),
             ))
         });
-        let (connect, version) = match connect {
-            Ok(connect) => connect,
+        let attached = connect.and_then(|info| session.attach(&info));
+        let (connection, connack) = match attached {
+            Ok(attached) => attached,
             Err(end) => {
-                self.answer_refusal(&end, &mut device).await;
+                self.answer(&end, &mut writer).await;
                 return Err(end);
             }
         };
-        let address = match version {
-            Version::V4 => self.brokers.v4,
-            Version::V5 => self.brokers.v5,
-        };
-        let mut broker = TcpStream::connect(address)
-            .await
-            .map_err(|e| End::Closed(format!("internal broker unreachable: {e}")))?;
-        let _ = broker.set_nodelay(true);
-        broker
-            .write_all(&connect)
-            .await
-            .map_err(|e| End::Closed(format!("broker write: {e}")))?;
-        let (device_rx, mut device_tx) = device.into_split();
-        let (mut broker_rx, broker_tx) = broker.into_split();
-        let shared = session.shared.clone();
-        let result = tokio::select! {
-            r = session.relay_device_packets(device_rx, broker_tx, input) => r,
-            r = relay_broker_packets(shared, &mut broker_rx, &mut device_tx) => r,
-        };
-        if let Err(end) = &result {
-            self.answer_refusal(end, &mut device_tx).await;
-        }
-        drop(device_tx);
-        // The write half to the broker is closed (dropped with the relay); wait until the
-        // broker has let go of the connection too before giving the slot back. rumqttd
-        // panics, and wedges every later connection, when its router is full or when a
-        // connection goes away while it is still sending the CONNACK: neither can happen
-        // while the front holds fewer slots than the router and never closes first.
-        let mut scratch = [0u8; 4096];
-        let _ = tokio::time::timeout(BROKER_CLOSE_WAIT, async {
-            while let Ok(n) = broker_rx.read(&mut scratch).await {
-                if n == 0 {
-                    break;
-                }
+        let result = match write_within(&mut writer, &connack).await {
+            Ok(()) => {
+                session
+                    .run(&connection, &mut reader, &mut writer, input)
+                    .await
             }
-        })
-        .await;
-        drop(slot);
-        result
+            Err(end) => Err(end),
+        };
+        match result {
+            Ok((ending, expiry)) => {
+                connection.disconnect(ending, expiry);
+                drop(slot);
+                Ok(())
+            }
+            Err(end) => {
+                drop(connection);
+                self.answer(&end, &mut writer).await;
+                drop(slot);
+                Err(end)
+            }
+        }
     }
 
     /// Counts and logs a refused connection and sends the device its answer, if it has one.
-    async fn answer_refusal<W: AsyncWriteExt + Unpin>(&self, end: &End, device: &mut W) {
-        if let End::Refused { answer, reason } = end {
-            Metrics::add(&self.metrics.edge_rejected, 1);
-            warn!(%reason, "device connection refused");
-            if let Some(answer) = answer {
-                let _ = device.write_all(answer).await;
+    async fn answer<W: AsyncWrite + Unpin>(&self, end: &End, device: &mut W) {
+        let answer = match end {
+            End::Refused { answer, reason } => {
+                Metrics::add(&self.metrics.edge_rejected, 1);
+                warn!(%reason, "device connection refused");
+                answer
             }
+            End::Closed { answer, .. } => answer,
+            End::Lost(_) => return,
+        };
+        if let Some(answer) = answer {
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, device.write_all(answer)).await;
         }
     }
 }
 
-/// State both directions of one connection see.
-#[derive(Default)]
-struct Shared {
-    /// Commit signals of publishes whose acknowledgement is pending, by packet id.
-    gates: Mutex<HashMap<u16, Committed>>,
-    /// PINGRESPs to swallow (answers to the front's own PINGREQs).
-    injected_pings: AtomicU32,
+/// Writes to the device, giving up after [`WRITE_TIMEOUT`].
+async fn write_within<W: AsyncWrite + Unpin>(device: &mut W, bytes: &[u8]) -> Result<(), End> {
+    match tokio::time::timeout(WRITE_TIMEOUT, device.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(End::Lost(format!("device write: {e}"))),
+        Err(_) => Err(End::Lost(format!(
+            "the device read nothing for {} s",
+            WRITE_TIMEOUT.as_secs()
+        ))),
+    }
 }
 
-/// The device-to-broker direction of one connection.
+/// An acknowledgement to the device, in the order of the publishes, waiting for the journal.
+struct Held {
+    /// The commit it waits for; `None` once open (or when it waits for nothing).
+    gate: Option<Committed>,
+    /// The packet.
+    packet: [u8; 4],
+}
+
+/// One device connection's protocol state.
 struct Session {
     front: Front,
-    shared: Arc<Shared>,
-    version: Option<Version>,
-    client_id: Arc<str>,
+    origin: Origin,
+    version: Version,
     aliases: HashMap<u16, String>,
     alias_bytes: usize,
+    /// QoS 2 publishes received and not yet released (PUBREL), by packet id.
     qos2_open: HashSet<u16>,
-    keep_alive_off: bool,
+    /// Acknowledgements not yet sent, in order.
+    acks: VecDeque<Held>,
+    /// Whether the CONNECT's session expiry was 0 (a DISCONNECT may not raise it then).
+    expiry_zero: bool,
+    /// Whether the CONNECT was taken (refusals before it are CONNACKs).
+    connected: bool,
+    /// The CONNECT's keep-alive, in seconds (0: off).
+    keep_alive: u16,
 }
 
 impl Session {
-    /// Reads the device's first packet, which must be an acceptable CONNECT, into `input`
-    /// and returns it (as it is to be relayed) with its protocol version. Bytes after it stay
-    /// in `input`.
-    async fn read_connect(
+    /// Reads the device's first packet, which must be an acceptable CONNECT, into `input`;
+    /// bytes after it stay in `input`.
+    async fn read_connect<R: AsyncRead + Unpin>(
         &mut self,
-        device: &mut TcpStream,
+        device: &mut R,
         input: &mut BytesMut,
-    ) -> Result<(Bytes, Version), End> {
+    ) -> Result<ConnectInfo, End> {
         let max = self.front.max_payload + PACKET_OVERHEAD;
         loop {
             match frame::next_frame(input, max) {
                 Ok(Some(frame)) => {
                     let packet = input.split_to(frame.len()).freeze();
-                    let connect = self.connect(&frame, packet)?;
-                    let version = self.version.unwrap_or(Version::V4);
-                    return Ok((connect, version));
+                    return self.connect(&frame, &packet);
                 }
                 Ok(None) => {}
                 Err(e) => return Err(self.refuse_frame(e)),
@@ -348,26 +394,129 @@ impl Session {
             let n = device
                 .read_buf(input)
                 .await
-                .map_err(|e| End::Closed(format!("device read: {e}")))?;
+                .map_err(|e| End::Lost(format!("device read: {e}")))?;
             if n == 0 {
-                return Err(End::Closed("device closed before CONNECT".into()));
+                return Err(End::Lost("device closed before CONNECT".into()));
             }
         }
     }
 
-    /// Reads the device's packets after its CONNECT (starting with what `input` already
-    /// holds), journals publishes, relays everything to the broker.
-    async fn relay_device_packets(
-        mut self,
-        mut device: OwnedReadHalf,
-        mut broker: OwnedWriteHalf,
+    /// The first packet: must be a CONNECT with a client id the gateway does not keep for
+    /// itself.
+    fn connect(&mut self, frame: &Frame, packet: &[u8]) -> Result<ConnectInfo, End> {
+        let info = connect::parse_connect(frame, packet).map_err(|e| self.refuse_frame(e))?;
+        if !checks::flags_valid(frame.byte1) {
+            return Err(End::Refused {
+                answer: None,
+                reason: "protocol: CONNECT with invalid flags".into(),
+            });
+        }
+        if self.origin == Origin::Device && checks::reserved_client_id(&info.client_id) {
+            let code = match info.version {
+                Version::V4 => return_code::IDENTIFIER_REJECTED,
+                Version::V5 => reason::CLIENT_ID_NOT_VALID,
+            };
+            return Err(End::Refused {
+                answer: Some(connack_refusal(info.version, code)),
+                reason: format!(
+                    "client id {:?} is reserved for the gateway (prefix {:?})",
+                    info.client_id,
+                    checks::RESERVED_CLIENT_ID_PREFIX
+                ),
+            });
+        }
+        if info.version == Version::V4 && info.client_id.is_empty() && !info.clean_start {
+            // 3.1.1 §3.1.3.1: an empty client id needs Clean Session (Mosquitto answers so).
+            return Err(End::Refused {
+                answer: Some(connack_refusal(
+                    Version::V4,
+                    return_code::IDENTIFIER_REJECTED,
+                )),
+                reason: "an empty client id without Clean Session".into(),
+            });
+        }
+        if let Some(will) = &info.will {
+            if !checks::valid_topic_name(&will.topic) {
+                return Err(End::Refused {
+                    answer: None,
+                    reason: format!("protocol: invalid will topic {:?}", will.topic),
+                });
+            }
+        }
+        self.version = info.version;
+        self.keep_alive = info.keep_alive;
+        Ok(info)
+    }
+
+    /// Attaches the connection to its session; returns it with the CONNACK to send.
+    fn attach(&mut self, info: &ConnectInfo) -> Result<(Connection, Bytes), End> {
+        let version = info.version;
+        let v5_expiry = (version == Version::V5).then_some(info.properties.session_expiry);
+        let expiry = Expiry::from_connect(v5_expiry, info.clean_start);
+        self.expiry_zero = expiry == Expiry::AtDisconnect;
+        let will = info.will.as_ref().map(|w| sessions::Will {
+            topic: Arc::from(w.topic.as_str()),
+            payload: w.payload.clone(),
+            qos: w.qos,
+            retain: w.retain,
+            properties: w.properties.clone(),
+            delay_secs: w.delay_secs.unwrap_or(0),
+            message_expiry: w.message_expiry,
+        });
+        let attached = self.front.broker.attach(Attach {
+            client_id: info.client_id.clone(),
+            clean_start: info.clean_start,
+            expiry,
+            will,
+            version,
+            receive_maximum: info.properties.receive_maximum,
+            max_packet_size: info.properties.max_packet_size,
+        });
+        let attachment = match attached {
+            Ok(attachment) => attachment,
+            Err(broker::AttachError::Sessions(refused)) => {
+                Metrics::add(&self.front.metrics.broker_sessions_refused, 1);
+                let code = match version {
+                    Version::V4 => return_code::SERVER_UNAVAILABLE,
+                    Version::V5 => reason::QUOTA_EXCEEDED,
+                };
+                return Err(End::Refused {
+                    answer: Some(connack_refusal(version, code)),
+                    reason: format!("{refused} (broker.max_sessions)"),
+                });
+            }
+        };
+        self.connected = true;
+        let properties = ConnAckProperties {
+            assigned_client_id: attachment.assigned_client_id.clone(),
+            session_expiry: attachment.granted_expiry,
+            receive_maximum: Some(self.front.max_inflight),
+            topic_alias_maximum: Some(TOPIC_ALIAS_MAX),
+            maximum_packet_size: u32::try_from(self.front.max_payload + PACKET_OVERHEAD).ok(),
+            server_keep_alive: None,
+        };
+        let connack = packets::connack(version, attachment.session_present, 0, &properties);
+        debug!(client_id = %attachment.connection.client_id(), session_present = attachment.session_present, "client connected");
+        Ok((attachment.connection, connack))
+    }
+
+    /// Serves the connection after CONNACK until it ends: `Ok` with how the client ended it
+    /// (DISCONNECT), `Err` otherwise.
+    async fn run<R, W>(
+        &mut self,
+        connection: &Connection,
+        reader: &mut R,
+        writer: &mut W,
         mut input: BytesMut,
-    ) -> Result<(), End> {
+    ) -> Result<(Ending, Option<Expiry>), End>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
         let max = self.front.max_payload + PACKET_OVERHEAD;
-        let mut output = BytesMut::with_capacity(16 * 1024);
-        let ping_every = Duration::from_secs(u64::from(STAND_IN_KEEP_ALIVE / 2));
-        let mut pinger = tokio::time::interval(ping_every);
-        pinger.tick().await;
+        let mut out = BytesMut::with_capacity(16 * 1024);
+        let keep_alive = self.keep_alive_limit();
+        let mut deadline = keep_alive.map(|limit| Instant::now() + limit);
         loop {
             // Whole packets first: the CONNECT may have arrived together with more.
             loop {
@@ -377,28 +526,69 @@ impl Session {
                     Err(e) => return Err(self.refuse_frame(e)),
                 };
                 let packet = input.split_to(frame.len()).freeze();
-                let packet = self.inspect(&frame, packet).await?;
-                output.extend_from_slice(&packet);
+                if let Some(ended) = self.handle(connection, &frame, packet, &mut out).await? {
+                    let _ = write_within(writer, &out).await;
+                    return Ok(ended);
+                }
             }
-            if !output.is_empty() {
-                broker
-                    .write_all(&output)
-                    .await
-                    .map_err(|e| End::Closed(format!("broker write: {e}")))?;
-                output.clear();
+            self.release_open_acks(&mut out);
+            if let Some(code) = connection.must_close() {
+                let _ = write_within(writer, &out).await;
+                let answer = (self.version == Version::V5)
+                    .then(|| Bytes::copy_from_slice(&packets::disconnect(code)));
+                return Err(End::Closed {
+                    answer,
+                    reason: "its session was taken over by a new connection".into(),
+                });
+            }
+            if out.len() < WRITE_BATCH {
+                connection.take(&mut out, WRITE_BATCH);
+            }
+            let more = out.len() >= WRITE_BATCH;
+            if !out.is_empty() {
+                write_within(writer, &out).await?;
+                out.clear();
             }
             tokio::select! {
-                read = device.read_buf(&mut input) => {
-                    let n = read.map_err(|e| End::Closed(format!("device read: {e}")))?;
+                read = reader.read_buf(&mut input) => {
+                    let n = read.map_err(|e| End::Lost(format!("device read: {e}")))?;
                     if n == 0 {
-                        return Ok(());
+                        return Err(End::Lost("the device closed the connection".into()));
                     }
+                    deadline = keep_alive.map(|limit| Instant::now() + limit);
                 }
-                _ = pinger.tick(), if self.keep_alive_off => {
-                    self.shared.injected_pings.fetch_add(1, Ordering::Relaxed);
-                    broker.write_all(&frame::PINGREQ).await
-                        .map_err(|e| End::Closed(format!("broker write: {e}")))?;
+                _ = connection.ready() => {}
+                opened = wait_for_head(&mut self.acks) => {
+                    opened.map_err(|_| End::Lost("journal stopped before the publish was durable".into()))?;
                 }
+                _ = sleep_until(deadline) => {
+                    let answer = (self.version == Version::V5)
+                        .then(|| Bytes::copy_from_slice(&packets::disconnect(reason::KEEP_ALIVE_TIMEOUT)));
+                    return Err(End::Closed { answer, reason: "keep-alive timeout".into() });
+                }
+                _ = std::future::ready(()), if more => {}
+            }
+        }
+    }
+
+    /// 1.5 times the CONNECT's keep-alive (3.1.1 §3.1.2.10), or none for keep-alive 0.
+    fn keep_alive_limit(&self) -> Option<Duration> {
+        (self.keep_alive > 0).then(|| Duration::from_millis(u64::from(self.keep_alive) * 1500))
+    }
+
+    /// Moves the acknowledgements whose publishes are durable, in order, to `out`.
+    fn release_open_acks(&mut self, out: &mut BytesMut) {
+        while let Some(head) = self.acks.front_mut() {
+            if let Some(gate) = &mut head.gate {
+                match gate.try_recv() {
+                    Ok(()) => head.gate = None,
+                    Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return,
+                    // The journal stopped: the wait in `run` reports it.
+                    Err(tokio::sync::oneshot::error::TryRecvError::Closed) => return,
+                }
+            }
+            if let Some(held) = self.acks.pop_front() {
+                out.extend_from_slice(&held.packet);
             }
         }
     }
@@ -409,7 +599,7 @@ impl Session {
             FrameError::TooLarge { .. } => reason::PACKET_TOO_LARGE,
             _ => reason::MALFORMED_PACKET,
         };
-        match (self.version, &error) {
+        match (self.connected.then_some(self.version), &error) {
             (Some(version), _) => close_with(version, code, format!("protocol: {error}")),
             (None, FrameError::AuthenticationMethod { .. }) => End::Refused {
                 // Only MQTT 5 has authentication methods.
@@ -434,13 +624,17 @@ impl Session {
         }
     }
 
-    /// The per-packet decision point: returns the packet to relay (possibly rewritten), or
-    /// how to refuse it. Only packet types a client may send, with the flags their type
-    /// requires, reach the broker.
-    async fn inspect(&mut self, frame: &Frame, packet: Bytes) -> Result<Bytes, End> {
-        let Some(version) = self.version else {
-            return self.connect(frame, packet);
-        };
+    /// The per-packet decision point after CONNECT: checks the packet and acts on it,
+    /// appending answers to `out`. Only packet types a client may send, with the flags their
+    /// type requires, get past the checks. `Some` when the client disconnected.
+    async fn handle(
+        &mut self,
+        connection: &Connection,
+        frame: &Frame,
+        packet: Bytes,
+        out: &mut BytesMut,
+    ) -> Result<Option<(Ending, Option<Expiry>)>, End> {
+        let version = self.version;
         let protocol_error =
             |what: String| close_with(version, reason::PROTOCOL_ERROR, format!("protocol: {what}"));
         if !checks::client_may_send(frame.kind(), version) {
@@ -459,19 +653,35 @@ impl Session {
                 ),
             ));
         }
+        let packet_id =
+            |this: &Self| frame::packet_id(frame, &packet).map_err(|e| this.refuse_frame(e));
         match frame.kind() {
-            kind::CONNECT => Err(protocol_error("second CONNECT on one connection".into())),
-            kind::PUBLISH => self.publish(frame, packet, version).await,
+            kind::CONNECT => return Err(protocol_error("second CONNECT on one connection".into())),
+            kind::PUBLISH => self.publish(connection, frame, packet.clone()).await?,
             kind::PUBREL => {
-                if let Ok(pkid) = frame::packet_id(frame, &packet) {
-                    self.qos2_open.remove(&pkid);
-                }
-                Ok(packet)
+                let id = packet_id(self)?;
+                self.qos2_open.remove(&id);
+                self.acks.push_back(Held {
+                    gate: None,
+                    packet: packets::ack(packets::ack::PUBCOMP, id),
+                });
+            }
+            kind::PUBACK => {
+                connection.acknowledge(ClientAck::Puback(packet_id(self)?));
+            }
+            kind::PUBREC => {
+                let id = packet_id(self)?;
+                connection.acknowledge(ClientAck::Pubrec(id));
+                out.extend_from_slice(&packets::ack(packets::ack::PUBREL, id));
+            }
+            kind::PUBCOMP => {
+                connection.acknowledge(ClientAck::Pubcomp(packet_id(self)?));
             }
             kind::SUBSCRIBE => {
-                let subscriptions = frame::parse_subscribe(frame, &packet, version)
+                let subscribe = frame::parse_subscribe(frame, &packet, version)
                     .map_err(|e| self.refuse_frame(e))?;
-                if let Some(bad) = subscriptions
+                if let Some(bad) = subscribe
+                    .subscriptions
                     .iter()
                     .find(|s| !checks::valid_topic_filter(&s.filter))
                 {
@@ -483,10 +693,17 @@ impl Session {
                         format!("protocol: invalid topic filter {:?}", bad.filter),
                     ));
                 }
-                Ok(packet)
+                let filters: Vec<(String, u8)> = subscribe
+                    .subscriptions
+                    .into_iter()
+                    .map(|s| (s.filter, s.options))
+                    .collect();
+                let granted = connection.subscribe(subscribe.identifier, &filters);
+                let codes: Vec<u8> = granted.iter().map(|g| g.code(version)).collect();
+                out.extend_from_slice(&packets::suback(version, subscribe.packet_id, &codes));
             }
             kind::UNSUBSCRIBE => {
-                let filters = frame::parse_unsubscribe(frame, &packet, version)
+                let (id, filters) = frame::parse_unsubscribe(frame, &packet, version)
                     .map_err(|e| self.refuse_frame(e))?;
                 if let Some(bad) = filters.iter().find(|f| !checks::valid_topic_filter(f)) {
                     return Err(close_with(
@@ -495,58 +712,59 @@ impl Session {
                         format!("protocol: invalid topic filter {bad:?}"),
                     ));
                 }
-                Ok(packet)
+                let codes: Vec<u8> = connection
+                    .unsubscribe(&filters)
+                    .into_iter()
+                    // 0x11: No subscription existed (MQTT 5 §3.11.3).
+                    .map(|existed| if existed { 0x00 } else { 0x11 })
+                    .collect();
+                out.extend_from_slice(&packets::unsuback(version, id, &codes));
             }
-            _ => Ok(packet),
+            kind::PINGREQ => out.extend_from_slice(&packets::PINGRESP),
+            kind::DISCONNECT => {
+                let (code, expiry) = frame::parse_disconnect(frame, &packet, version)
+                    .map_err(|e| self.refuse_frame(e))?;
+                if self.expiry_zero && expiry.is_some_and(|e| e > 0) {
+                    return Err(protocol_error(
+                        "DISCONNECT sets a session expiry after CONNECT's 0 (MQTT 5 §3.14.2.2.2)"
+                            .into(),
+                    ));
+                }
+                // 0x04: Disconnect with Will Message.
+                let ending = if code == 0x04 {
+                    Ending::WithWill
+                } else {
+                    Ending::Normal
+                };
+                let expiry = expiry.map(|secs| Expiry::from_connect(Some(Some(secs)), false));
+                return Ok(Some((ending, expiry)));
+            }
+            other => return Err(protocol_error(format!("packet type {other} is not served"))),
         }
+        Ok(None)
     }
 
-    /// The first packet: must be a CONNECT with a client id the gateway does not keep for
-    /// itself.
-    fn connect(&mut self, frame: &Frame, packet: Bytes) -> Result<Bytes, End> {
-        let info = connect::parse_connect(frame, &packet).map_err(|e| self.refuse_frame(e))?;
-        if !checks::flags_valid(frame.byte1) {
-            return Err(End::Refused {
-                answer: None,
-                reason: "protocol: CONNECT with invalid flags".into(),
-            });
-        }
-        if checks::reserved_client_id(&info.client_id) {
-            let code = match info.version {
-                Version::V4 => return_code::IDENTIFIER_REJECTED,
-                Version::V5 => reason::CLIENT_ID_NOT_VALID,
-            };
-            return Err(End::Refused {
-                answer: Some(connack_refusal(info.version, code)),
-                reason: format!(
-                    "client id {:?} is reserved for the gateway (prefix {:?})",
-                    info.client_id,
-                    checks::RESERVED_CLIENT_ID_PREFIX
-                ),
-            });
-        }
-        self.version = Some(info.version);
-        self.client_id = Arc::from(info.client_id.as_str());
-        self.keep_alive_off = info.keep_alive == 0;
-        let keep_alive = if self.keep_alive_off {
-            STAND_IN_KEEP_ALIVE
-        } else {
-            info.keep_alive
-        };
-        Ok(connect::connect_for_broker(
-            frame, &packet, &info, keep_alive,
-        ))
+    /// QoS 1/2 publishes from the client not yet acknowledged (QoS 2: not yet released).
+    fn inflight(&self) -> usize {
+        self.qos2_open.len()
+            + self
+                .acks
+                .iter()
+                .filter(|held| held.packet[0] == packets::ack::PUBACK)
+                .count()
     }
 
-    /// Checks and journals a PUBLISH; its acknowledgement is held until the journal commit.
+    /// Checks a PUBLISH, journals it and hands it to the broker; its acknowledgement waits for
+    /// the journal commit.
     async fn publish(
         &mut self,
+        connection: &Connection,
         frame: &Frame,
         packet: Bytes,
-        version: Version,
-    ) -> Result<Bytes, End> {
-        let publish = frame::parse_publish(frame, packet.clone(), version)
-            .map_err(|e| self.refuse_frame(e))?;
+    ) -> Result<(), End> {
+        let version = self.version;
+        let publish =
+            frame::parse_publish(frame, packet, version).map_err(|e| self.refuse_frame(e))?;
         if !publish.topic.is_empty() && !checks::valid_topic_name(&publish.topic) {
             // A protocol error, as Mosquitto 2 answers ([MQTT-3.3.2-2]; 0x90 is for
             // well-formed names a receiver declines).
@@ -563,29 +781,81 @@ impl Session {
                 limit: self.front.max_payload,
             }));
         }
-        let duplicate = publish.qos == 2 && !self.qos2_open.insert(publish.pkid);
-        if !duplicate {
-            let entry = NewJournalEntry {
-                topic,
-                payload: publish.payload,
-                qos: publish.qos,
-                retain: publish.retain,
-                client_id: self.client_id.clone(),
-                received_ms: crate::event::now_ms(),
-            };
-            let signal = self
-                .front
-                .journal
-                .append(entry, publish.qos > 0)
-                .await
-                .map_err(|e| End::Closed(e.to_string()))?;
-            if let Some(signal) = signal {
-                if let Ok(mut gates) = self.shared.gates.lock() {
-                    gates.insert(publish.pkid, signal);
-                }
-            }
+        let (qos, id) = (publish.qos, publish.pkid);
+        if qos == 2 && self.qos2_open.contains(&id) {
+            // Sent again before PUBREL (DUP): already journaled and delivered (§4.3.3).
+            self.acks.push_back(Held {
+                gate: None,
+                packet: packets::ack(packets::ack::PUBREC, id),
+            });
+            return Ok(());
         }
-        Ok(packet)
+        if version == Version::V5
+            && qos > 0
+            && self.inflight() >= usize::from(self.front.max_inflight)
+        {
+            return Err(close_with(
+                version,
+                reason::RECEIVE_MAXIMUM_EXCEEDED,
+                format!(
+                    "protocol: more than the Receive Maximum of {} unacknowledged publishes",
+                    self.front.max_inflight
+                ),
+            ));
+        }
+        let topic: Arc<str> = Arc::from(topic);
+        let gate = match (self.origin, &self.front.sink) {
+            (Origin::Gateway, _) | (Origin::Device, None) => None,
+            (Origin::Device, Some(Sink::Journal(journal))) => {
+                let entry = NewJournalEntry {
+                    topic: topic.to_string(),
+                    payload: publish.payload.clone(),
+                    qos,
+                    retain: publish.retain,
+                    client_id: Arc::from(connection.client_id()),
+                    received_ms: crate::event::now_ms(),
+                };
+                journal
+                    .append(entry, qos > 0)
+                    .await
+                    .map_err(|e| End::Lost(e.to_string()))?
+            }
+            (Origin::Device, Some(Sink::Tap(events))) => {
+                let event = DevicePublish {
+                    topic: topic.to_string(),
+                    payload: publish.payload.clone(),
+                    received_ms: crate::event::now_ms(),
+                };
+                events
+                    .send(event)
+                    .await
+                    .map_err(|_| End::Lost("the tap closed".into()))?;
+                None
+            }
+        };
+        connection.publish(&broker::Publish {
+            topic,
+            payload: publish.payload,
+            qos,
+            retain: publish.retain,
+            properties: publish.properties,
+            message_expiry: publish.message_expiry,
+        });
+        match qos {
+            1 => self.acks.push_back(Held {
+                gate,
+                packet: packets::ack(packets::ack::PUBACK, id),
+            }),
+            2 => {
+                self.qos2_open.insert(id);
+                self.acks.push_back(Held {
+                    gate,
+                    packet: packets::ack(packets::ack::PUBREC, id),
+                });
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     fn resolve_topic(&mut self, publish: &frame::Publish, version: Version) -> Result<String, End> {
@@ -625,98 +895,16 @@ impl Session {
     }
 }
 
-/// Most bytes of broker packets queued behind a held acknowledgement before the front stops
-/// reading from the broker (rumqttd then buffers, and eventually slows, what it sends).
-const HELD_BYTES: usize = 4 * 1024 * 1024;
-
-/// Relays the broker's packets to the device, holding each PUBACK/PUBREC (and everything the
-/// broker sent after it) until its publish is journaled, and dropping the answers to the
-/// front's own pings. A PINGRESP is never held: a device whose acknowledgements wait for a
-/// slow or full disk stays connected instead of timing out its keep-alive.
-async fn relay_broker_packets(
-    shared: Arc<Shared>,
-    broker: &mut OwnedReadHalf,
-    device: &mut OwnedWriteHalf,
-) -> Result<(), End> {
-    let mut input = BytesMut::with_capacity(16 * 1024);
-    let mut output = BytesMut::with_capacity(16 * 1024);
-    // Packets waiting for the head gate, in the order the broker sent them.
-    let mut held: VecDeque<Held> = VecDeque::new();
-    let mut held_bytes = 0usize;
-    loop {
-        let reading = held_bytes < HELD_BYTES;
-        tokio::select! {
-            read = broker.read_buf(&mut input), if reading => {
-                let n = read.map_err(|e| End::Closed(format!("broker read: {e}")))?;
-                if n == 0 {
-                    return Ok(());
-                }
-            }
-            opened = wait_for_head(&mut held) => {
-                opened.map_err(|_| End::Closed("journal stopped before the publish was durable".into()))?;
-                while let Some(next) = held.front_mut() {
-                    if next.gate.is_some() {
-                        break;
-                    }
-                    if let Some(item) = held.pop_front() {
-                        held_bytes -= item.packet.len();
-                        output.extend_from_slice(&item.packet);
-                    }
-                }
-            }
-        }
-        while let Some(frame) = frame::next_frame(&input, usize::MAX)
-            .map_err(|e| End::Closed(format!("broker sent {e}")))?
-        {
-            let packet = input.split_to(frame.len());
-            let mut gate = None;
-            match frame.kind() {
-                kind::PUBACK | kind::PUBREC => {
-                    let pkid = frame::packet_id(&frame, &packet)
-                        .map_err(|e| End::Closed(format!("broker sent {e}")))?;
-                    gate = shared.gates.lock().ok().and_then(|mut g| g.remove(&pkid));
-                }
-                kind::PINGRESP => {
-                    let swallow = shared
-                        .injected_pings
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-                        .is_ok();
-                    if !swallow {
-                        output.extend_from_slice(&packet);
-                    }
-                    continue;
-                }
-                _ => {}
-            }
-            if gate.is_some() || !held.is_empty() {
-                held_bytes += packet.len();
-                held.push_back(Held {
-                    gate,
-                    packet: packet.freeze(),
-                });
-            } else {
-                output.extend_from_slice(&packet);
-            }
-        }
-        if !output.is_empty() {
-            device
-                .write_all(&output)
-                .await
-                .map_err(|e| End::Closed(format!("device write: {e}")))?;
-            output.clear();
-        }
+/// Waits until `deadline`, or for ever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
-/// A broker packet held behind an acknowledgement that is not yet durable.
-struct Held {
-    /// The commit this packet waits for (only acknowledgements have one); `None` once opened.
-    gate: Option<Committed>,
-    packet: Bytes,
-}
-
-/// Waits until the first held packet's gate opens (and marks it open); pending forever when
-/// nothing is held.
+/// Waits until the first held acknowledgement's gate opens (and marks it open); pending for
+/// ever when nothing waits.
 async fn wait_for_head(held: &mut VecDeque<Held>) -> Result<(), RecvError> {
     match held.front_mut() {
         Some(Held {
@@ -728,7 +916,6 @@ async fn wait_for_head(held: &mut VecDeque<Held>) -> Result<(), RecvError> {
             }
             result
         }
-        Some(_) => Ok(()),
-        None => std::future::pending().await,
+        _ => std::future::pending().await,
     }
 }

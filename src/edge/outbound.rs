@@ -20,8 +20,8 @@
 //! Pure: no I/O; time is a parameter. The session layer sends what this hands out and feeds
 //! back the client's acknowledgements.
 //!
-//! Not yet in the data path: rumqttd's router still queues for local subscribers; the session
-//! layer of issue 13 is built on this.
+//! In the data path: [`super::broker`] keeps one per session.
+// The size accessors are read by the tests only, until the broker exports them as gauges.
 #![cfg_attr(not(test), allow(dead_code))]
 
 use std::collections::{BTreeMap, VecDeque};
@@ -43,12 +43,17 @@ pub struct Message {
     pub retain: bool,
     /// When it expires (MQTT 5 Message Expiry Interval), in ms since the epoch.
     pub expires_at_ms: Option<u64>,
+    /// The publisher's MQTT 5 properties to pass on, as encoded and in their order (without
+    /// the topic alias and the message expiry, which are the connection's and the queue's).
+    pub properties: Bytes,
+    /// The identifiers of the subscriptions it matched (MQTT 5 §3.3.2.3.8).
+    pub subscription_ids: Arc<[u32]>,
 }
 
 impl Message {
     /// What the message costs in the queue's byte bound.
     pub fn bytes(&self) -> usize {
-        self.topic.len() + self.payload.len()
+        self.topic.len() + self.payload.len() + self.properties.len()
     }
 }
 
@@ -349,6 +354,8 @@ mod tests {
             qos,
             retain: false,
             expires_at_ms,
+            properties: Bytes::new(),
+            subscription_ids: Arc::from([]),
         }
     }
 

@@ -14,8 +14,8 @@
 //!
 //! Pure: no I/O; time is a parameter. Durability (SQLite) is the session layer's.
 //!
-//! Not yet in the data path: rumqttd's router still keeps retained messages; the session
-//! layer of issue 13 is built on this.
+//! In the data path: [`super::broker`] owns it.
+// The size accessors are read by the tests only, until the broker exports them as gauges.
 #![cfg_attr(not(test), allow(dead_code))]
 
 use std::collections::BTreeMap;

@@ -21,8 +21,8 @@
 //! Pure: no I/O; time is a parameter. The caller applies the [`Effect`]s (closing the old
 //! connection, publishing wills, dropping an ended session's subscriptions and queue).
 //!
-//! Not yet in the data path: rumqttd's router still keeps sessions; the session layer of
-//! issue 13 is built on this.
+//! In the data path: [`super::broker`] owns it and applies the effects.
+// The size accessors are read by the tests only, until the broker exports them as gauges.
 #![cfg_attr(not(test), allow(dead_code))]
 
 use std::collections::HashMap;
@@ -80,6 +80,8 @@ pub struct Will {
     pub properties: Bytes,
     /// MQTT 5 Will Delay Interval, in seconds (0 on 3.1.1).
     pub delay_secs: u32,
+    /// MQTT 5 Message Expiry Interval of the will, in seconds.
+    pub message_expiry: Option<u32>,
 }
 
 /// A CONNECT, as far as sessions are concerned.
@@ -391,6 +393,7 @@ mod tests {
             retain: false,
             properties: Bytes::new(),
             delay_secs,
+            message_expiry: None,
         }
     }
 

@@ -78,7 +78,13 @@ pub(crate) struct ConnectSettings {
     pub connect_timeout: Duration,
     /// Capacity of the request channel (the session never has more requests outstanding).
     pub capacity: usize,
+    /// An in-process connection to use instead of host and port (the gateway's own broker).
+    pub dial: Option<Dialer>,
 }
+
+/// Opens an in-process byte stream to a broker (the local link uses it to reach the
+/// gateway's own broker without a socket).
+pub type Dialer = Arc<dyn Fn() -> tokio::io::DuplexStream + Send + Sync>;
 
 /// The TLS side of a connection: rustls' configuration (roots, client certificate, ALPN) and
 /// the name the upstream's certificate must be valid for (a DNS name, sent as SNI, or an IP
@@ -575,12 +581,17 @@ async fn establish(
     let secs = settings.connect_timeout.as_secs().max(1);
     let timed = |stage: &'static str| move |_| LinkFailure::Timeout { stage, secs };
 
-    let tcp = tokio::time::timeout_at(deadline, connect_tcp(&settings.host, settings.port))
-        .await
-        .map_err(timed("connecting over TCP"))??;
-    let mut stream: Box<dyn Stream> = match &settings.tls {
-        None => Box::new(tcp),
-        Some(tls) => {
+    let mut stream: Box<dyn Stream> = match (&settings.dial, &settings.tls) {
+        (Some(dial), _) => Box::new(dial()),
+        (None, None) => Box::new(
+            tokio::time::timeout_at(deadline, connect_tcp(&settings.host, settings.port))
+                .await
+                .map_err(timed("connecting over TCP"))??,
+        ),
+        (None, Some(tls)) => {
+            let tcp = tokio::time::timeout_at(deadline, connect_tcp(&settings.host, settings.port))
+                .await
+                .map_err(timed("connecting over TCP"))??;
             let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
             let handshake = connector.connect(tls.server_name.clone(), tcp);
             let stream = tokio::time::timeout_at(deadline, handshake)

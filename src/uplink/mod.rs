@@ -142,6 +142,9 @@ pub struct Uplink {
     /// The link's current credentials (TLS, user name and password); a new value means the
     /// files were rotated ([`reload::watch`]).
     pub credentials: watch::Receiver<Arc<Credentials>>,
+    /// An in-process connection instead of the URL's address (the local link to the
+    /// gateway's own broker).
+    pub dial: Option<client::Dialer>,
 }
 
 /// How a connection ended.
@@ -417,6 +420,7 @@ impl Uplink {
             max_incoming,
             connect_timeout: Duration::from_secs(self.config.connect_timeout_secs.max(1)),
             capacity: window + 16,
+            dial: self.dial.clone(),
         }
     }
 

@@ -1,0 +1,727 @@
+//! The broker: sessions, subscriptions, retained messages and fan-out, in process. Every
+//! connection (a device through the front, the gateway's own in-process links) attaches to a
+//! session here, publishes into it and takes the packets due to its client from it.
+//!
+//! It ties the pure parts together: [`Sessions`] (who holds which session, expiry, wills,
+//! takeover), [`Subscriptions`] (the topic trie), [`Retained`] and one [`Outbound`] per
+//! session (queue, window, QoS states).
+//!
+//! Guarantees:
+//! - A publish reaches every session with a matching subscription once (overlapping filters
+//!   included), at the lower of the publish's and the subscription's QoS (MQTT 5 §3.8.4), with
+//!   the publisher's properties unchanged, the remaining expiry, and the subscriptions'
+//!   identifiers; No Local, Retain As Published and Retain Handling are applied.
+//! - A session taken over has its connection told to close with 0x8E (§3.14.2.1) and gets no
+//!   more packets; a kept session keeps its subscriptions and queues QoS 1/2 messages while
+//!   its client is away, within its queue's bounds (drops are counted).
+//! - A new subscriber gets every retained message its filter matches, fed into its queue as
+//!   the queue drains, so none is lost to the queue bound (§3.3.1.3).
+//! - Memory is bounded: sessions, subscriptions, retained messages and every queue have
+//!   limits; a payload is shared by all its deliveries, never copied per subscriber.
+//! - A connection that goes away (returned, dropped, or its task aborted or panicking)
+//!   detaches from its session: nothing it did wedges the broker. Its state is behind one
+//!   mutex held only for in-memory work, and a poisoned lock is recovered (the pure parts
+//!   keep their invariants on every return path).
+//!
+//! Does not: touch the network or the disk (the front journals device publishes before they
+//! are acknowledged; persistence of sessions and retained messages is a later step).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::Notify;
+
+use super::frame::Version;
+use super::outbound::{self, Outbound, Pushed};
+use super::packets::{self, OutgoingPublish};
+use super::retained::{self, Retained, Stored};
+use super::sessions::{self, ConnectionId, Effect, Ending, Expiry, SessionId, Sessions};
+use super::subscriptions::{self, Options, SubscribeError, Subscriptions};
+use crate::metrics::Metrics;
+
+/// The broker's bounds (each one a `[broker]` configuration key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Sessions kept beyond their connection, and the longest expiry granted.
+    pub sessions: sessions::Limits,
+    /// Subscriptions per session and in total.
+    pub subscriptions: subscriptions::Limits,
+    /// Retained messages, in count and bytes.
+    pub retained: retained::Limits,
+    /// Messages waiting in one session's queue behind its window.
+    pub max_queued_messages: usize,
+    /// Bytes waiting in one session's queue behind its window.
+    pub max_queued_bytes: usize,
+    /// Most unacknowledged QoS 1/2 messages to a client that did not say (3.1.1, or MQTT 5
+    /// without Receive Maximum); an MQTT 5 client's own Receive Maximum is honoured up to it.
+    pub max_inflight: u16,
+}
+
+/// What a connection asks for in its CONNECT.
+#[derive(Clone, Debug)]
+pub struct Attach {
+    /// The client id; empty: the broker assigns one (Clean Start required on 3.1.1, checked
+    /// by the caller).
+    pub client_id: String,
+    /// Clean Start (MQTT 5) or Clean Session (3.1.1).
+    pub clean_start: bool,
+    /// When the session ends after the connection.
+    pub expiry: Expiry,
+    /// The will.
+    pub will: Option<sessions::Will>,
+    /// The connection's protocol version (how packets are encoded for it).
+    pub version: Version,
+    /// The client's Receive Maximum (MQTT 5), if it sent one.
+    pub receive_maximum: Option<u16>,
+    /// The client's Maximum Packet Size (MQTT 5), if it sent one.
+    pub max_packet_size: Option<u32>,
+}
+
+/// Why the broker refused a connection.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    /// Too many sessions are kept already.
+    #[error(transparent)]
+    Sessions(#[from] sessions::Refused),
+}
+
+/// A publish as the broker takes it in.
+#[derive(Clone, Debug)]
+pub struct Publish {
+    /// A valid topic name (no wildcards).
+    pub topic: Arc<str>,
+    /// The payload.
+    pub payload: Bytes,
+    /// 0, 1 or 2.
+    pub qos: u8,
+    /// The retain flag.
+    pub retain: bool,
+    /// MQTT 5 properties to pass on, as encoded (without topic alias and expiry).
+    pub properties: Bytes,
+    /// MQTT 5 Message Expiry Interval, in seconds.
+    pub message_expiry: Option<u32>,
+}
+
+/// The reason code a connection is told to close with, from outside its own task.
+#[derive(Debug, Default)]
+struct Signal {
+    /// Woken when packets are due or the connection must close.
+    ready: Notify,
+    /// 0: keep going; otherwise the MQTT 5 reason code to close with.
+    close: AtomicU8,
+}
+
+/// A retained message owed to a new subscriber, fed into its queue as the queue drains.
+#[derive(Debug)]
+struct OwedRetained {
+    topic: Arc<str>,
+    qos: u8,
+    subscription_ids: Arc<[u32]>,
+}
+
+#[derive(Debug)]
+struct Attached {
+    connection: ConnectionId,
+    signal: Arc<Signal>,
+    version: Version,
+    max_packet_size: Option<u32>,
+}
+
+#[derive(Debug)]
+struct Client {
+    outbound: Outbound,
+    attached: Option<Attached>,
+    owed_retained: VecDeque<OwedRetained>,
+}
+
+#[derive(Debug)]
+struct State {
+    sessions: Sessions,
+    subscriptions: Subscriptions,
+    retained: Retained,
+    clients: HashMap<SessionId, Client>,
+    signals: HashMap<ConnectionId, Arc<Signal>>,
+    next_connection: ConnectionId,
+}
+
+/// The broker (see the module documentation). Share it behind an `Arc`.
+#[derive(Debug)]
+pub struct Broker {
+    state: Mutex<State>,
+    limits: Limits,
+    metrics: Arc<Metrics>,
+}
+
+/// What [`Broker::attach`] gives a connection.
+#[derive(Debug)]
+pub struct Attachment {
+    /// The connection's handle on its session.
+    pub connection: Connection,
+    /// CONNACK's Session Present.
+    pub session_present: bool,
+    /// The client id the broker chose, when the client sent none.
+    pub assigned_client_id: Option<String>,
+    /// The session expiry granted, when it is lower than the one asked for (MQTT 5 sends it
+    /// in CONNACK).
+    pub granted_expiry: Option<u32>,
+}
+
+/// One connection's hold on its session. Dropping it detaches the session as an abnormal end
+/// (the will is published) unless [`Connection::disconnect`] said otherwise first.
+#[derive(Debug)]
+pub struct Connection {
+    broker: Arc<Broker>,
+    session: SessionId,
+    id: ConnectionId,
+    client_id: Arc<str>,
+    signal: Arc<Signal>,
+    detached: bool,
+}
+
+/// Most owed retained messages moved into a queue at once: enough to keep the window full,
+/// few enough that the queue's bound is never what drops them.
+const RETAINED_FEED: usize = 32;
+
+fn now_ms() -> u64 {
+    crate::event::now_ms()
+}
+
+fn expiry_secs(expiry: Expiry) -> u32 {
+    match expiry {
+        Expiry::AtDisconnect => 0,
+        Expiry::After(secs) => secs,
+        Expiry::Never => u32::MAX,
+    }
+}
+
+impl Broker {
+    /// An empty broker with these bounds.
+    pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Arc<Broker> {
+        Arc::new(Broker {
+            state: Mutex::new(State {
+                sessions: Sessions::new(limits.sessions),
+                subscriptions: Subscriptions::new(limits.subscriptions),
+                retained: Retained::new(limits.retained),
+                clients: HashMap::new(),
+                signals: HashMap::new(),
+                next_connection: 1,
+            }),
+            limits,
+            metrics,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while the lock was held cannot leave the pure parts half-updated in a way
+        // that matters more than refusing every later client would.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Attaches a connection that sent `attach` to its session (taking it over from another
+    /// connection, resuming it or starting it).
+    pub fn attach(self: &Arc<Self>, attach: Attach) -> Result<Attachment, AttachError> {
+        let now = now_ms();
+        let mut state = self.lock();
+        let id = state.next_connection;
+        state.next_connection += 1;
+        let assigned_client_id = attach
+            .client_id
+            .is_empty()
+            .then(|| format!("auto-{}-{id}", std::process::id()));
+        let client_id: Arc<str> = Arc::from(
+            assigned_client_id
+                .as_deref()
+                .unwrap_or(attach.client_id.as_str()),
+        );
+        let asked = attach.expiry;
+        let accepted = state.sessions.connect(
+            id,
+            sessions::Connect {
+                client_id: client_id.clone(),
+                clean_start: attach.clean_start,
+                expiry: asked,
+                will: attach.will,
+            },
+        )?;
+        self.apply(&mut state, accepted.effects, now);
+        let signal = Arc::new(Signal::default());
+        state.signals.insert(id, signal.clone());
+        let receive_maximum = attach
+            .receive_maximum
+            .unwrap_or(self.limits.max_inflight)
+            .clamp(1, self.limits.max_inflight.max(1));
+        let attached = Attached {
+            connection: id,
+            signal: signal.clone(),
+            version: attach.version,
+            max_packet_size: attach.max_packet_size,
+        };
+        let limits = outbound::Limits {
+            receive_maximum,
+            max_queued: self.limits.max_queued_messages,
+            max_queued_bytes: self.limits.max_queued_bytes,
+        };
+        match state.clients.get_mut(&accepted.session) {
+            Some(client) if accepted.session_present => {
+                client.outbound.connected(receive_maximum);
+                client.attached = Some(attached);
+            }
+            _ => {
+                state.clients.insert(
+                    accepted.session,
+                    Client {
+                        outbound: Outbound::new(limits, true),
+                        attached: Some(attached),
+                        owed_retained: VecDeque::new(),
+                    },
+                );
+            }
+        }
+        let granted = expiry_secs(accepted.expiry);
+        Ok(Attachment {
+            connection: Connection {
+                broker: self.clone(),
+                session: accepted.session,
+                id,
+                client_id,
+                signal,
+                detached: false,
+            },
+            session_present: accepted.session_present,
+            assigned_client_id,
+            granted_expiry: (granted < expiry_secs(asked)).then_some(granted),
+        })
+    }
+
+    /// Publishes the wills that are due, ends expired sessions and drops expired retained
+    /// messages; returns when it has something to do next, if ever (ms since the epoch).
+    pub fn tick(&self) -> Option<u64> {
+        let now = now_ms();
+        let mut state = self.lock();
+        let effects = state.sessions.tick(now);
+        self.apply(&mut state, effects, now);
+        state.retained.expire(now);
+        state.sessions.next_due_ms()
+    }
+
+    /// Sessions known (connected or kept), for tests and metrics.
+    pub fn sessions(&self) -> usize {
+        self.lock().sessions.len()
+    }
+
+    fn apply(&self, state: &mut State, effects: Vec<Effect>, now: u64) {
+        for effect in effects {
+            match effect {
+                Effect::CloseTakenOver(connection) => {
+                    if let Some(signal) = state.signals.remove(&connection) {
+                        signal
+                            .close
+                            .store(super::checks::reason::SESSION_TAKEN_OVER, Ordering::Relaxed);
+                        signal.ready.notify_one();
+                    }
+                }
+                Effect::PublishWill(will) => {
+                    let publish = Publish {
+                        topic: will.topic,
+                        payload: will.payload,
+                        qos: will.qos,
+                        retain: will.retain,
+                        properties: will.properties,
+                        message_expiry: will.message_expiry,
+                    };
+                    self.route(state, None, &publish, now);
+                }
+                Effect::EndSession(session) => {
+                    state.subscriptions.remove_session(session);
+                    state.clients.remove(&session);
+                }
+            }
+        }
+    }
+
+    /// Stores a retained publish and queues a copy for every matching session.
+    fn route(&self, state: &mut State, from: Option<SessionId>, publish: &Publish, now: u64) {
+        let expires_at_ms = publish
+            .message_expiry
+            .map(|secs| now + u64::from(secs) * 1000);
+        if publish.retain {
+            let stored = state.retained.publish(
+                &publish.topic,
+                retained::Message {
+                    payload: publish.payload.clone(),
+                    qos: publish.qos,
+                    properties: publish.properties.clone(),
+                    expires_at_ms,
+                },
+            );
+            if let Stored::Refused(_) = stored {
+                Metrics::add(&self.metrics.broker_retained_refused, 1);
+            }
+        }
+        for delivery in state.subscriptions.matches(&publish.topic, from) {
+            let Some(client) = state.clients.get_mut(&delivery.session) else {
+                continue;
+            };
+            let message = outbound::Message {
+                topic: publish.topic.clone(),
+                payload: publish.payload.clone(),
+                qos: publish.qos.min(delivery.qos),
+                retain: publish.retain && delivery.retain_as_published,
+                expires_at_ms,
+                properties: publish.properties.clone(),
+                subscription_ids: Arc::from(delivery.identifiers),
+            };
+            self.push(client, message);
+        }
+    }
+
+    /// Moves owed retained messages into the client's queue while it is short.
+    fn feed_retained(&self, client: &mut Client, retained: &Retained, now: u64) {
+        while client.outbound.queued() < RETAINED_FEED {
+            let Some(owed) = client.owed_retained.pop_front() else {
+                return;
+            };
+            let Some(message) = retained.get(&owed.topic, now) else {
+                continue;
+            };
+            let message = outbound::Message {
+                topic: owed.topic,
+                payload: message.payload.clone(),
+                qos: message.qos.min(owed.qos),
+                // Retained messages sent for a new subscription carry the flag (§3.3.1.3).
+                retain: true,
+                expires_at_ms: message.expires_at_ms,
+                properties: message.properties.clone(),
+                subscription_ids: owed.subscription_ids,
+            };
+            self.push(client, message);
+        }
+    }
+
+    fn push(&self, client: &mut Client, message: outbound::Message) {
+        match client.outbound.push(message) {
+            Pushed::Queued => {
+                if let Some(attached) = &client.attached {
+                    attached.signal.ready.notify_one();
+                }
+            }
+            Pushed::Dropped(outbound::DropReason::QueueFull) => {
+                Metrics::add(&self.metrics.broker_dropped_queue_full, 1)
+            }
+            Pushed::Dropped(outbound::DropReason::Offline) => {
+                Metrics::add(&self.metrics.broker_dropped_offline, 1)
+            }
+        }
+    }
+}
+
+/// The result of one filter of a SUBSCRIBE.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Granted {
+    /// Subscribed at this QoS.
+    Qos(u8),
+    /// Refused: a limit of the broker or the session.
+    Quota,
+    /// Refused: not a valid filter.
+    InvalidFilter,
+}
+
+impl Granted {
+    /// The SUBACK code for it (3.1.1 has only 0x80 for a failure).
+    pub fn code(self, version: Version) -> u8 {
+        match (self, version) {
+            (Granted::Qos(qos), _) => qos,
+            (_, Version::V4) => 0x80,
+            (Granted::Quota, Version::V5) => 0x97,
+            (Granted::InvalidFilter, Version::V5) => 0x8F,
+        }
+    }
+}
+
+/// An acknowledgement from the client of a packet the broker sent it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientAck {
+    /// PUBACK (QoS 1 delivered).
+    Puback(u16),
+    /// PUBREC (QoS 2 received; the broker answers PUBREL).
+    Pubrec(u16),
+    /// PUBCOMP (QoS 2 delivered).
+    Pubcomp(u16),
+}
+
+impl Connection {
+    /// The client id of the session (the assigned one, if the broker chose it).
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// Publishes from this connection's client.
+    pub fn publish(&self, publish: &Publish) {
+        let now = now_ms();
+        let mut state = self.broker.lock();
+        self.broker
+            .route(&mut state, Some(self.session), publish, now);
+    }
+
+    /// Subscribes the session to each `(filter, options byte)` with the SUBSCRIBE's
+    /// subscription `identifier`; returns what each filter got, in order. Retained messages
+    /// the new subscriptions match are owed to the client from now on.
+    pub fn subscribe(&self, identifier: Option<u32>, filters: &[(String, u8)]) -> Vec<Granted> {
+        let now = now_ms();
+        let mut guard = self.broker.lock();
+        let state = &mut *guard;
+        let mut granted = Vec::with_capacity(filters.len());
+        for (filter, byte) in filters {
+            let Some(options) = Options::from_byte(*byte, identifier) else {
+                granted.push(Granted::InvalidFilter);
+                continue;
+            };
+            let subscribed = match state.subscriptions.subscribe(self.session, filter, options) {
+                Ok(subscribed) => subscribed,
+                Err(SubscribeError::SessionLimit { .. } | SubscribeError::BrokerLimit { .. }) => {
+                    Metrics::add(&self.broker.metrics.broker_subscriptions_refused, 1);
+                    granted.push(Granted::Quota);
+                    continue;
+                }
+                Err(SubscribeError::InvalidFilter | SubscribeError::NoLocalOnShared) => {
+                    granted.push(Granted::InvalidFilter);
+                    continue;
+                }
+            };
+            granted.push(Granted::Qos(options.qos));
+            let new = subscribed == subscriptions::Subscribed::New;
+            let send_retained = !filter.starts_with("$share/")
+                && match options.retain_handling {
+                    0 => true,
+                    1 => new,
+                    _ => false,
+                };
+            if !send_retained {
+                continue;
+            }
+            let ids: Arc<[u32]> = Arc::from(options.identifier.into_iter().collect::<Vec<_>>());
+            let topics = state.retained.matching(filter, now);
+            let Some(client) = state.clients.get_mut(&self.session) else {
+                continue;
+            };
+            let room = self
+                .broker
+                .limits
+                .retained
+                .max_messages
+                .saturating_sub(client.owed_retained.len());
+            if topics.len() > room {
+                Metrics::add(
+                    &self.broker.metrics.broker_dropped_queue_full,
+                    (topics.len() - room) as u64,
+                );
+            }
+            client
+                .owed_retained
+                .extend(topics.into_iter().take(room).map(|topic| OwedRetained {
+                    topic,
+                    qos: options.qos,
+                    subscription_ids: ids.clone(),
+                }));
+        }
+        if let Some(attached) = state
+            .clients
+            .get(&self.session)
+            .and_then(|c| c.attached.as_ref())
+        {
+            attached.signal.ready.notify_one();
+        }
+        granted
+    }
+
+    /// Removes the session's subscription to each filter; whether each existed, in order.
+    pub fn unsubscribe(&self, filters: &[String]) -> Vec<bool> {
+        let mut state = self.broker.lock();
+        filters
+            .iter()
+            .map(|filter| state.subscriptions.unsubscribe(self.session, filter))
+            .collect()
+    }
+
+    /// The client acknowledged a packet the broker sent; an acknowledgement for a packet id
+    /// nothing waits for is ignored (returns false), as a late duplicate would be.
+    pub fn acknowledge(&self, ack: ClientAck) -> bool {
+        let mut state = self.broker.lock();
+        let Some(client) = state.clients.get_mut(&self.session) else {
+            return false;
+        };
+        let result = match ack {
+            ClientAck::Puback(id) => client.outbound.puback(id),
+            ClientAck::Pubrec(id) => client.outbound.pubrec(id),
+            ClientAck::Pubcomp(id) => client.outbound.pubcomp(id),
+        };
+        if let Some(attached) = &client.attached {
+            // The window moved: more may go now.
+            attached.signal.ready.notify_one();
+        }
+        result.is_ok()
+    }
+
+    /// Encodes into `out` the packets due to the client now, until about `max_bytes` are
+    /// there; returns how many packets it added. A publish larger than the client's Maximum
+    /// Packet Size is not sent to it (MQTT 5 §3.1.2.11.4): it is counted and, for QoS 1/2,
+    /// completed as if acknowledged.
+    pub fn take(&self, out: &mut BytesMut, max_bytes: usize) -> usize {
+        let now = now_ms();
+        let mut guard = self.broker.lock();
+        let state = &mut *guard;
+        let Some(client) = state.clients.get_mut(&self.session) else {
+            return 0;
+        };
+        let Some(attached) = client.attached.as_ref() else {
+            return 0;
+        };
+        if attached.connection != self.id {
+            return 0;
+        }
+        let (version, max_packet_size) = (attached.version, attached.max_packet_size);
+        let mut added = 0;
+        while out.len() < max_bytes {
+            self.broker.feed_retained(client, &state.retained, now);
+            let expired_before = client.outbound.dropped().expired;
+            let Some(send) = client.outbound.next(now) else {
+                break;
+            };
+            let expired = client.outbound.dropped().expired - expired_before;
+            if expired > 0 {
+                Metrics::add(&self.broker.metrics.broker_dropped_expired, expired);
+            }
+            match send {
+                outbound::Send::Publish {
+                    message,
+                    packet_id,
+                    dup,
+                    expiry_secs,
+                } => {
+                    let publish = OutgoingPublish {
+                        topic: &message.topic,
+                        payload: &message.payload,
+                        qos: message.qos,
+                        retain: message.retain,
+                        dup,
+                        packet_id,
+                        properties: &message.properties,
+                        expiry_secs,
+                        subscription_ids: &message.subscription_ids,
+                    };
+                    let too_large = max_packet_size
+                        .is_some_and(|max| publish.encoded_len(version) > max as usize);
+                    if too_large {
+                        Metrics::add(&self.broker.metrics.broker_dropped_too_large, 1);
+                        if let Some(id) = packet_id {
+                            let _ = client.outbound.puback(id);
+                            let _ = client.outbound.pubrec(id);
+                            let _ = client.outbound.pubcomp(id);
+                        }
+                        continue;
+                    }
+                    publish.encode(version, out);
+                }
+                outbound::Send::Pubrel { packet_id } => {
+                    out.extend_from_slice(&packets::ack(packets::ack::PUBREL, packet_id));
+                }
+            }
+            added += 1;
+        }
+        added
+    }
+
+    /// The messages due to an in-process client now (at most `max`), each completed at once
+    /// as if the client had acknowledged it.
+    pub fn take_messages(&self, max: usize) -> Vec<(Arc<str>, Bytes)> {
+        let now = now_ms();
+        let mut guard = self.broker.lock();
+        let state = &mut *guard;
+        let mut taken = Vec::new();
+        let Some(client) = state.clients.get_mut(&self.session) else {
+            return taken;
+        };
+        if client
+            .attached
+            .as_ref()
+            .is_none_or(|a| a.connection != self.id)
+        {
+            return taken;
+        }
+        while taken.len() < max {
+            self.broker.feed_retained(client, &state.retained, now);
+            match client.outbound.next(now) {
+                Some(outbound::Send::Publish {
+                    message, packet_id, ..
+                }) => {
+                    if let Some(id) = packet_id {
+                        let _ = client.outbound.puback(id);
+                        let _ = client.outbound.pubrec(id);
+                        let _ = client.outbound.pubcomp(id);
+                    }
+                    taken.push((message.topic, message.payload));
+                }
+                Some(outbound::Send::Pubrel { packet_id }) => {
+                    let _ = client.outbound.pubcomp(packet_id);
+                }
+                None => break,
+            }
+        }
+        taken
+    }
+
+    /// Waits until packets may be due or the connection must close (check [`Connection::take`]
+    /// and [`Connection::must_close`] after it returns).
+    pub async fn ready(&self) {
+        self.signal.ready.notified().await;
+    }
+
+    /// The MQTT 5 reason code the connection must close with, if it must (its session was
+    /// taken over: 0x8E).
+    pub fn must_close(&self) -> Option<u8> {
+        match self.signal.close.load(Ordering::Relaxed) {
+            0 => None,
+            code => Some(code),
+        }
+    }
+
+    /// The connection ended: `ending` says whether its will goes; `new_expiry` is MQTT 5's
+    /// DISCONNECT Session Expiry Interval.
+    pub fn disconnect(mut self, ending: Ending, new_expiry: Option<Expiry>) {
+        self.detach(ending, new_expiry);
+    }
+
+    fn detach(&mut self, ending: Ending, new_expiry: Option<Expiry>) {
+        if std::mem::replace(&mut self.detached, true) {
+            return;
+        }
+        let now = now_ms();
+        let mut state = self.broker.lock();
+        state.signals.remove(&self.id);
+        if let Some(client) = state.clients.get_mut(&self.session) {
+            if client
+                .attached
+                .as_ref()
+                .is_some_and(|a| a.connection == self.id)
+            {
+                client.attached = None;
+                client.outbound.disconnected();
+            }
+        }
+        let effects =
+            state
+                .sessions
+                .disconnected(&self.client_id, self.id, ending, new_expiry, now);
+        self.broker.apply(&mut state, effects, now);
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.detach(Ending::WithWill, None);
+    }
+}
