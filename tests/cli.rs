@@ -469,3 +469,26 @@ fn paths_that_are_not_regular_files_are_refused_without_waiting() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+/// The README's first command, shortened: the demo's stand-in upstream (the same broker as the
+/// gateway's, with a channel for a journal) must let the gateway's uplink in with its
+/// reserved client id, and everything published must arrive. This failed, with nothing
+/// delivered, when the stand-in refused reserved ids like a gateway's own listener does.
+#[test]
+fn the_demo_delivers_everything_it_published() {
+    let out = outpost(&["demo", "--phase-secs", "2", "--devices", "3"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", stderr(&out));
+    let check = stdout
+        .lines()
+        .find(|l| l.contains("check: published"))
+        .unwrap_or_else(|| panic!("no check line:\n{stdout}"));
+    assert!(check.ends_with("OK"), "{check}");
+    let delivered = stdout
+        .lines()
+        .find(|l| l.contains("enriched readings delivered upstream"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(delivered > 0, "something was delivered:\n{stdout}");
+}

@@ -118,6 +118,9 @@ pub struct Front {
     pub refusing: Arc<Semaphore>,
     /// How long a connection may take to send its CONNECT (`broker.connect_timeout_ms`).
     pub connect_timeout: Duration,
+    /// Whether devices are refused the gateway's reserved client ids (a gateway's own
+    /// broker); a stand-in upstream lets gateways connect with theirs.
+    pub reserve_client_ids: bool,
 }
 
 /// How a device connection ended.
@@ -411,7 +414,10 @@ impl Session {
                 reason: "protocol: CONNECT with invalid flags".into(),
             });
         }
-        if self.origin == Origin::Device && checks::reserved_client_id(&info.client_id) {
+        if self.origin == Origin::Device
+            && self.front.reserve_client_ids
+            && checks::reserved_client_id(&info.client_id)
+        {
             let code = match info.version {
                 Version::V4 => return_code::IDENTIFIER_REJECTED,
                 Version::V5 => reason::CLIENT_ID_NOT_VALID,

@@ -177,6 +177,8 @@ impl Edge {
         let broker = broker::Broker::new(broker_limits(config), metrics.clone());
         let front = front::Front {
             broker: broker.clone(),
+            // A stand-in upstream (a channel sink) serves gateways, whose ids are reserved.
+            reserve_client_ids: matches!(sink, front::Sink::Journal(_)),
             sink: Some(sink),
             metrics,
             max_payload: config.max_payload_bytes,
