@@ -351,7 +351,7 @@ pub enum PayloadFormat {
     Json,
 }
 
-/// The device-facing MQTT broker (rumqttd).
+/// The device-facing MQTT broker (outpost's own, `edge`): listeners and bounds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {

@@ -267,8 +267,9 @@ impl Gateway {
             metrics.set_link_connected(crate::locator::LOCAL_LINK, false);
             let local_config = crate::config::UpstreamConfig {
                 name: crate::locator::LOCAL_LINK.to_string(),
-                // Not dialled: the link reaches the broker in process (`dial` below).
-                url: "mqtt://127.0.0.1:1883".to_string(),
+                // Not dialled: the link reaches the broker in process (`dial` below); the
+                // name is what logs and metrics show.
+                url: "mqtt://in-process:1883".to_string(),
                 client_id: Some(format!("outpost-{}-local", config.gateway_id)),
                 protocol: crate::config::MqttVersion::V5,
                 regions: vec!["*".to_string()],

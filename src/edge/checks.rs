@@ -4,8 +4,8 @@
 //! itself.
 //!
 //! Guarantees: each function decides from its arguments alone and never panics; a packet the
-//! front relays to the embedded broker has passed [`client_may_send`] and [`flags_valid`], so
-//! the broker's codec only ever sees packet types a client is allowed to send.
+//! front acts on has passed [`client_may_send`] and [`flags_valid`], so the parsers after them
+//! only ever see packet types a client is allowed to send.
 
 use super::frame::{kind, Version};
 

@@ -1,10 +1,10 @@
-//! Just enough MQTT to stand between a device and the broker: framing of the byte stream into
-//! packets, the fields of CONNECT the front needs, and PUBLISH decoding (through rumqttc's
-//! codecs, for MQTT 3.1.1 and 5).
+//! The packets clients send, read: framing of the byte stream into packets, PUBLISH (validated
+//! by rumqttc's codecs, for MQTT 3.1.1 and 5, with its MQTT 5 properties split by our own
+//! walker so they pass on unchanged), SUBSCRIBE, UNSUBSCRIBE, DISCONNECT and packet ids
+//! (CONNECT is [`super::connect`]'s).
 //!
 //! Guarantees: never panics on any input; a malformed or oversized packet is an error that
-//! names the problem; frames are returned exactly as received so they can be relayed
-//! unchanged.
+//! names the problem.
 
 use bytes::Bytes;
 
