@@ -104,6 +104,14 @@ pub struct Metrics {
     pub outbox_full_waits: AtomicU64,
     /// Times the journal waited because it was at its cap (devices not acknowledged meanwhile).
     pub journal_full_waits: AtomicU64,
+    /// Gauge: sessions the local broker knows (connected or kept), as of its last tick (every second).
+    pub broker_sessions: AtomicU64,
+    /// Gauge: subscriptions held by the local broker, as of its last tick.
+    pub broker_subscriptions: AtomicU64,
+    /// Gauge: retained messages the local broker keeps, as of its last tick.
+    pub broker_retained_messages: AtomicU64,
+    /// Gauge: bytes of those retained messages, as of its last tick.
+    pub broker_retained_bytes: AtomicU64,
     links: Mutex<BTreeMap<String, LinkState>>,
     quarantined: Mutex<BTreeMap<String, u64>>,
     module_fuel: Mutex<BTreeMap<String, u64>>,
@@ -235,6 +243,14 @@ pub struct Snapshot {
     pub outbox_full_waits: u64,
     /// See [`Metrics::journal_full_waits`].
     pub journal_full_waits: u64,
+    /// See [`Metrics::broker_sessions`].
+    pub broker_sessions: u64,
+    /// See [`Metrics::broker_subscriptions`].
+    pub broker_subscriptions: u64,
+    /// See [`Metrics::broker_retained_messages`].
+    pub broker_retained_messages: u64,
+    /// See [`Metrics::broker_retained_bytes`].
+    pub broker_retained_bytes: u64,
     /// Per upstream link: whether it is connected now.
     pub links_connected: BTreeMap<String, bool>,
     /// Per upstream link: its state, last error and failures per cause.
@@ -397,6 +413,10 @@ impl Metrics {
             dead_letters_evicted: get(&self.dead_letters_evicted),
             outbox_full_waits: get(&self.outbox_full_waits),
             journal_full_waits: get(&self.journal_full_waits),
+            broker_sessions: get(&self.broker_sessions),
+            broker_subscriptions: get(&self.broker_subscriptions),
+            broker_retained_messages: get(&self.broker_retained_messages),
+            broker_retained_bytes: get(&self.broker_retained_bytes),
             links_connected,
             links,
             module_fuel: self

@@ -305,12 +305,19 @@ impl Broker {
         let effects = state.sessions.tick(now);
         self.apply(&mut state, effects, now);
         state.retained.expire(now);
+        let gauges = [
+            (&self.metrics.broker_sessions, state.sessions.len()),
+            (
+                &self.metrics.broker_subscriptions,
+                state.subscriptions.len(),
+            ),
+            (&self.metrics.broker_retained_messages, state.retained.len()),
+            (&self.metrics.broker_retained_bytes, state.retained.bytes()),
+        ];
+        for (gauge, value) in gauges {
+            gauge.store(value as u64, Ordering::Relaxed);
+        }
         state.sessions.next_due_ms()
-    }
-
-    /// Sessions known (connected or kept), for tests and metrics.
-    pub fn sessions(&self) -> usize {
-        self.lock().sessions.len()
     }
 
     fn apply(&self, state: &mut State, effects: Vec<Effect>, now: u64) {
@@ -381,13 +388,22 @@ impl Broker {
 
     /// Moves owed retained messages into the client's queue while it is short.
     fn feed_retained(&self, client: &mut Client, retained: &Retained, now: u64) {
-        while client.outbound.queued() < RETAINED_FEED {
+        let most = RETAINED_FEED.min(self.limits.max_queued_messages);
+        while client.outbound.queued() < most {
             let Some(owed) = client.owed_retained.pop_front() else {
                 return;
             };
             let Some(message) = retained.get(&owed.topic, now) else {
                 continue;
             };
+            let bytes = owed.topic.len() + message.payload.len() + message.properties.len();
+            if client.outbound.queued() > 0
+                && client.outbound.queued_bytes() + bytes > self.limits.max_queued_bytes
+            {
+                // No room for it yet: it waits for the queue to drain.
+                client.owed_retained.push_front(owed);
+                return;
+            }
             let message = outbound::Message {
                 topic: owed.topic,
                 payload: message.payload.clone(),
@@ -723,5 +739,182 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.detach(Ending::WithWill, None);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn broker(max_queued_messages: usize) -> (Arc<Broker>, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::default());
+        let limits = Limits {
+            sessions: sessions::Limits {
+                max_kept_sessions: 100,
+                max_expiry_secs: None,
+            },
+            subscriptions: subscriptions::Limits {
+                per_session: 100,
+                total: 1000,
+                total_bytes: 1 << 20,
+            },
+            retained: retained::Limits {
+                max_messages: 1000,
+                max_bytes: 1 << 20,
+            },
+            max_queued_messages,
+            max_queued_bytes: 1 << 20,
+            max_inflight: 10,
+        };
+        (Broker::new(limits, metrics.clone()), metrics)
+    }
+
+    fn attach(broker: &Arc<Broker>, id: &str, clean: bool, will: Option<&str>) -> Attachment {
+        broker
+            .attach(Attach {
+                client_id: id.to_string(),
+                clean_start: clean,
+                expiry: if clean {
+                    Expiry::AtDisconnect
+                } else {
+                    Expiry::Never
+                },
+                will: will.map(|topic| sessions::Will {
+                    topic: Arc::from(topic),
+                    payload: Bytes::from_static(b"gone"),
+                    qos: 1,
+                    retain: false,
+                    properties: Bytes::new(),
+                    delay_secs: 0,
+                    message_expiry: None,
+                }),
+                version: Version::V5,
+                receive_maximum: None,
+                max_packet_size: None,
+            })
+            .expect("attached")
+    }
+
+    fn publish(topic: &str, qos: u8, retain: bool) -> Publish {
+        Publish {
+            topic: Arc::from(topic),
+            payload: Bytes::from(topic.to_string()),
+            qos,
+            retain,
+            properties: Bytes::new(),
+            message_expiry: None,
+        }
+    }
+
+    fn topics(connection: &Connection) -> Vec<String> {
+        connection
+            .take_messages(usize::MAX)
+            .into_iter()
+            .map(|(topic, _)| topic.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn a_takeover_tells_the_old_connection_and_the_session_moves_on() {
+        let (broker, _) = broker(100);
+        let old = attach(&broker, "panel", false, None);
+        assert!(!old.session_present);
+        old.connection.subscribe(None, &[("t/#".into(), 1)]);
+        let new = attach(&broker, "panel", false, None);
+        assert!(new.session_present, "the kept session is resumed");
+        assert_eq!(old.connection.must_close(), Some(0x8E));
+        assert_eq!(new.connection.must_close(), None);
+        let device = attach(&broker, "device", true, None);
+        device.connection.publish(&publish("t/1", 1, false));
+        assert!(
+            topics(&old.connection).is_empty(),
+            "nothing for the old one"
+        );
+        assert_eq!(topics(&new.connection), ["t/1"], "the subscription moved");
+        // The old connection's end does not end the session it no longer holds.
+        drop(old);
+        device.connection.publish(&publish("t/2", 1, false));
+        assert_eq!(topics(&new.connection), ["t/2"]);
+    }
+
+    #[test]
+    fn a_connection_that_is_dropped_publishes_its_will_and_a_normal_end_does_not() {
+        let (broker, _) = broker(100);
+        let watcher = attach(&broker, "watcher", true, None);
+        watcher.connection.subscribe(None, &[("will/#".into(), 1)]);
+        let lost = attach(&broker, "lost", true, Some("will/lost"));
+        drop(lost);
+        let polite = attach(&broker, "polite", true, Some("will/polite"));
+        polite.connection.disconnect(Ending::Normal, None);
+        assert_eq!(topics(&watcher.connection), ["will/lost"]);
+    }
+
+    #[test]
+    fn every_retained_message_reaches_a_new_subscriber_past_the_queue_bound() {
+        let (broker, metrics) = broker(10);
+        let device = attach(&broker, "device", true, None);
+        for n in 0..100 {
+            device
+                .connection
+                .publish(&publish(&format!("r/{n:03}"), 1, true));
+        }
+        let late = attach(&broker, "late", true, None);
+        let granted = late.connection.subscribe(None, &[("r/#".into(), 1)]);
+        assert_eq!(granted, [Granted::Qos(1)]);
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            got.extend(late.connection.take_messages(7).into_iter().map(|(t, _)| t));
+        }
+        assert_eq!(
+            got.len(),
+            100,
+            "all of them, 7 at a time through a queue of 10"
+        );
+        assert_eq!(metrics.snapshot().broker_dropped_queue_full, 0);
+        // Retain Handling 2: none on subscribe.
+        let other = attach(&broker, "other", true, None);
+        other
+            .connection
+            .subscribe(None, &[("r/#".into(), 0b10_0001)]);
+        assert!(topics(&other.connection).is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_and_limits_refuse_subscriptions() {
+        let (broker, metrics) = broker(3);
+        let slow = attach(&broker, "slow", true, None);
+        slow.connection.subscribe(None, &[("q/#".into(), 1)]);
+        let device = attach(&broker, "device", true, None);
+        for n in 0..20 {
+            device
+                .connection
+                .publish(&publish(&format!("q/{n}"), 1, false));
+        }
+        // The window (10) plus the queue (3) are taken; the other 7 are dropped and counted.
+        // Nothing was taken yet: the queue (3) holds the first ones; the other 17 are dropped
+        // and counted.
+        assert_eq!(topics(&slow.connection), ["q/0", "q/1", "q/2"]);
+        assert_eq!(metrics.snapshot().broker_dropped_queue_full, 17);
+        let filters: Vec<(String, u8)> = (0..101).map(|n| (format!("f/{n}"), 0)).collect();
+        let granted = slow.connection.subscribe(None, &filters);
+        // One subscription is held already: 99 more fit in the session's 100.
+        assert_eq!(granted.iter().filter(|g| **g == Granted::Quota).count(), 2);
+        assert_eq!(granted[100].code(Version::V5), 0x97);
+        assert_eq!(granted[100].code(Version::V4), 0x80);
+    }
+
+    #[test]
+    fn the_tick_publishes_the_gauges() {
+        let (broker, metrics) = broker(10);
+        let a = attach(&broker, "a", false, None);
+        a.connection
+            .subscribe(None, &[("x/#".into(), 1), ("y".into(), 0)]);
+        a.connection.publish(&publish("x/kept", 0, true));
+        broker.tick();
+        let snapshot = metrics.snapshot();
+        assert_eq!(snapshot.broker_sessions, 1);
+        assert_eq!(snapshot.broker_subscriptions, 2);
+        assert_eq!(snapshot.broker_retained_messages, 1);
+        assert!(snapshot.broker_retained_bytes > 0);
     }
 }

@@ -257,11 +257,6 @@ impl Edge {
         })
     }
 
-    /// Sessions the broker knows (connected or kept).
-    pub fn sessions(&self) -> usize {
-        self.broker.sessions()
-    }
-
     /// Stops the listeners and closes the device connections (the front's journal handle
     /// goes with them). The gateway's own links keep working until they are dropped.
     pub fn stop(&mut self) {
