@@ -82,17 +82,21 @@ pub(super) fn malformed(what: &'static str, detail: impl Into<String>) -> FrameE
 pub fn encode_packet(byte1: u8, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 5);
     out.push(byte1);
-    let mut len = body.len();
-    loop {
-        let digit = (len % 128) as u8;
-        len /= 128;
-        out.push(if len > 0 { digit | 0x80 } else { digit });
-        if len == 0 {
-            break;
-        }
-    }
+    put_varint(&mut out, body.len());
     out.extend_from_slice(body);
     out
+}
+
+/// Appends a variable byte integer (§1.5.5; MQTT 5 §1.5.5); `value` below 2^28.
+pub fn put_varint(out: &mut impl bytes::BufMut, mut value: usize) {
+    loop {
+        let digit = (value % 128) as u8;
+        value /= 128;
+        out.put_u8(if value > 0 { digit | 0x80 } else { digit });
+        if value == 0 {
+            return;
+        }
+    }
 }
 
 /// The fixed header of one complete packet at the start of a buffer.

@@ -11,7 +11,7 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::frame::{self, Version};
+use super::frame::{self, put_varint, Version};
 
 /// MQTT 5 property identifiers the broker writes (MQTT 5 §2.2.2.2).
 mod property {
@@ -42,18 +42,6 @@ pub mod ack {
     pub const PUBREL: u8 = 0x62;
     /// PUBCOMP
     pub const PUBCOMP: u8 = 0x70;
-}
-
-/// A variable byte integer (§1.5.5); `value` below 2^28.
-fn put_varint(out: &mut BytesMut, mut value: usize) {
-    loop {
-        let digit = (value % 128) as u8;
-        value /= 128;
-        out.put_u8(if value > 0 { digit | 0x80 } else { digit });
-        if value == 0 {
-            return;
-        }
-    }
 }
 
 /// How many bytes [`put_varint`] writes for `value`.
