@@ -376,6 +376,9 @@ pub struct BrokerConfig {
     pub max_queued_messages: usize,
     /// Most bytes (topics, payloads, properties) waiting for one local subscriber.
     pub max_queued_bytes: usize,
+    /// Most bytes of messages held for all local subscribers together, queued or sent and
+    /// not yet acknowledged; beyond it messages for them are dropped and counted.
+    pub max_queued_bytes_total: usize,
     /// Most subscriptions of one client; beyond it SUBACK says "quota exceeded" (0x97; 0x80
     /// on 3.1.1).
     pub max_subscriptions_per_client: usize,
@@ -394,6 +397,11 @@ pub struct BrokerConfig {
     /// The longest session expiry granted, in seconds; 0: as long as the client asks (a
     /// 3.1.1 persistent session never expires then).
     pub max_session_expiry_secs: u32,
+    /// The longest keep-alive an MQTT 5 client may use, in seconds: one that asks for more,
+    /// or for none (0), is told this one in CONNACK (Server Keep Alive) and held to it, as
+    /// Mosquitto's `max_keepalive` does. 0: every client keeps the keep-alive it asks for,
+    /// none included. MQTT 3.1.1 has no way to say it, so 3.1.1 clients keep theirs.
+    pub max_keepalive_secs: u16,
 }
 
 impl Default for BrokerConfig {
@@ -408,6 +416,7 @@ impl Default for BrokerConfig {
             max_unjournaled_bytes: crate::journal::DEFAULT_MAX_QUEUED_BYTES,
             max_queued_messages: 1000,
             max_queued_bytes: 8 * 1024 * 1024,
+            max_queued_bytes_total: 64 * 1024 * 1024,
             max_subscriptions_per_client: 1000,
             max_subscriptions: 100_000,
             max_subscription_bytes: 8 * 1024 * 1024,
@@ -415,6 +424,7 @@ impl Default for BrokerConfig {
             max_retained_bytes: 32 * 1024 * 1024,
             max_sessions: 10_000,
             max_session_expiry_secs: 0,
+            max_keepalive_secs: u16::MAX,
         }
     }
 }
@@ -991,6 +1001,7 @@ impl Config {
         for (key, value) in [
             ("broker.max_queued_messages", b.max_queued_messages),
             ("broker.max_queued_bytes", b.max_queued_bytes),
+            ("broker.max_queued_bytes_total", b.max_queued_bytes_total),
             (
                 "broker.max_subscriptions_per_client",
                 b.max_subscriptions_per_client,

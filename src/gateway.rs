@@ -219,15 +219,18 @@ impl Gateway {
         };
         let pipeline = tokio::spawn(pipeline.run(committed.clone(), finish_rx));
 
-        let mut edge = match Edge::start_durable(&config.broker, journal, metrics.clone()).await {
-            Ok(edge) => edge,
-            Err(e) => {
-                let _ = stop_uplinks.send(true);
-                let _ = finish_pipeline.send(true);
-                pipeline.abort();
-                return Err(e.into());
-            }
-        };
+        let mut edge =
+            match Edge::start_durable(&config.broker, &config.data_dir, journal, metrics.clone())
+                .await
+            {
+                Ok(edge) => edge,
+                Err(e) => {
+                    let _ = stop_uplinks.send(true);
+                    let _ = finish_pipeline.send(true);
+                    pipeline.abort();
+                    return Err(e.into());
+                }
+            };
         let control = Control {
             gateway_id: config.gateway_id.clone(),
             store: store.clone(),

@@ -24,6 +24,8 @@ pub struct Metrics {
     pub edge_connections_refused: AtomicU64,
     /// Messages for local subscribers dropped at a session's queue bound (`broker.max_queued_messages`, `broker.max_queued_bytes`), retained messages owed beyond `broker.max_retained_messages` included.
     pub broker_dropped_queue_full: AtomicU64,
+    /// Messages for local subscribers dropped because all sessions together held `broker.max_queued_bytes_total`.
+    pub broker_dropped_total_full: AtomicU64,
     /// QoS 0 messages dropped for a kept session whose client was away (as Mosquitto drops them).
     pub broker_dropped_offline: AtomicU64,
     /// Messages for local subscribers whose Message Expiry Interval passed before they could be sent.
@@ -36,6 +38,10 @@ pub struct Metrics {
     pub broker_retained_refused: AtomicU64,
     /// Connections refused because `broker.max_sessions` sessions are kept.
     pub broker_sessions_refused: AtomicU64,
+    /// Writes of the broker's durable state (`broker.sqlite`) that failed and are retried.
+    pub broker_store_errors: AtomicU64,
+    /// Kept sessions, subscriptions and retained messages read back at start that today's limits no longer admit.
+    pub broker_not_restored: AtomicU64,
     /// Publishes that matched no route (they still reach local subscribers).
     pub unrouted: AtomicU64,
     /// Events whose payload had invalid coordinates (dead-lettered `bad-location`).
@@ -112,6 +118,8 @@ pub struct Metrics {
     pub broker_retained_messages: AtomicU64,
     /// Gauge: bytes of those retained messages, as of its last tick.
     pub broker_retained_bytes: AtomicU64,
+    /// Gauge: bytes of messages all sessions hold for their clients (queued or in flight), as of the broker's last tick.
+    pub broker_queued_bytes: AtomicU64,
     links: Mutex<BTreeMap<String, LinkState>>,
     quarantined: Mutex<BTreeMap<String, u64>>,
     module_fuel: Mutex<BTreeMap<String, u64>>,
@@ -161,6 +169,8 @@ pub struct Snapshot {
     pub edge_connections_refused: u64,
     /// See [`Metrics::broker_dropped_queue_full`].
     pub broker_dropped_queue_full: u64,
+    /// See [`Metrics::broker_dropped_total_full`].
+    pub broker_dropped_total_full: u64,
     /// See [`Metrics::broker_dropped_offline`].
     pub broker_dropped_offline: u64,
     /// See [`Metrics::broker_dropped_expired`].
@@ -173,6 +183,10 @@ pub struct Snapshot {
     pub broker_retained_refused: u64,
     /// See [`Metrics::broker_sessions_refused`].
     pub broker_sessions_refused: u64,
+    /// See [`Metrics::broker_store_errors`].
+    pub broker_store_errors: u64,
+    /// See [`Metrics::broker_not_restored`].
+    pub broker_not_restored: u64,
     /// See [`Metrics::unrouted`].
     pub unrouted: u64,
     /// See [`Metrics::bad_locations`].
@@ -251,6 +265,8 @@ pub struct Snapshot {
     pub broker_retained_messages: u64,
     /// See [`Metrics::broker_retained_bytes`].
     pub broker_retained_bytes: u64,
+    /// See [`Metrics::broker_queued_bytes`].
+    pub broker_queued_bytes: u64,
     /// Per upstream link: whether it is connected now.
     pub links_connected: BTreeMap<String, bool>,
     /// Per upstream link: its state, last error and failures per cause.
@@ -368,12 +384,15 @@ impl Metrics {
             edge_rejected: get(&self.edge_rejected),
             edge_connections_refused: get(&self.edge_connections_refused),
             broker_dropped_queue_full: get(&self.broker_dropped_queue_full),
+            broker_dropped_total_full: get(&self.broker_dropped_total_full),
             broker_dropped_offline: get(&self.broker_dropped_offline),
             broker_dropped_expired: get(&self.broker_dropped_expired),
             broker_dropped_too_large: get(&self.broker_dropped_too_large),
             broker_subscriptions_refused: get(&self.broker_subscriptions_refused),
             broker_retained_refused: get(&self.broker_retained_refused),
             broker_sessions_refused: get(&self.broker_sessions_refused),
+            broker_store_errors: get(&self.broker_store_errors),
+            broker_not_restored: get(&self.broker_not_restored),
             unrouted: get(&self.unrouted),
             bad_locations: get(&self.bad_locations),
             no_location: get(&self.no_location),
@@ -417,6 +436,7 @@ impl Metrics {
             broker_subscriptions: get(&self.broker_subscriptions),
             broker_retained_messages: get(&self.broker_retained_messages),
             broker_retained_bytes: get(&self.broker_retained_bytes),
+            broker_queued_bytes: get(&self.broker_queued_bytes),
             links_connected,
             links,
             module_fuel: self

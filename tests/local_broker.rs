@@ -431,3 +431,63 @@ async fn a_takeover_closes_the_old_connection_with_0x8e() {
     assert!(len > 0, "a non-empty assigned id");
     assert!(gateway.stop(), "clean exit");
 }
+
+/// Issue 13, "durable local state" (MQTT 5 §4.1 and 3.1.1 §4.1, the session state a server
+/// keeps): a kept session's subscription, the QoS 1 messages acknowledged to their publisher
+/// while its client was away, and retained messages survive a `kill -9` of the gateway; a
+/// cleared retained message stays cleared. Before `broker.sqlite`, all of it was in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kept_sessions_and_retained_messages_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gateway = Gateway::new(dir.path(), &[]);
+    gateway.start();
+    let port = gateway.port;
+    let sub_args = |count: &'static str| -> Vec<&'static str> {
+        vec![
+            "-V", "5", "-c", "-x", "600", "-i", "hmi", "-q", "1", "-t", "cell/#", "-C", count,
+        ]
+    };
+    let mut first = Sub::start(dir.path(), port, "hmi", "%t %p", &sub_args("1"));
+    first.wait_ready(port, "hmi").await;
+    first.wait_exit().await;
+    for n in 1..=3 {
+        publish(
+            port,
+            &["-q", "1", "-t", &format!("cell/{n}"), "-m", &n.to_string()],
+        );
+    }
+    for (topic, payload) in [("status/a", "up"), ("status/b", "up"), ("status/b", "")] {
+        publish(port, &["-q", "1", "-r", "-t", topic, "-m", payload]);
+    }
+    // Every publish above was acknowledged (mosquitto_pub waits for its PUBACK): no clean
+    // shutdown follows.
+    gateway.kill();
+    gateway.start();
+    let port = gateway.port;
+    let mut back = Sub::start(dir.path(), port, "hmi-back", "%t %p", &sub_args("3"));
+    back.wait_exit().await;
+    assert_eq!(
+        back.messages(),
+        ["cell/1 1", "cell/2 2", "cell/3 3"],
+        "what was queued for the kept session before the kill"
+    );
+    let mut retained = Sub::start(
+        dir.path(),
+        port,
+        "status",
+        "%r %t %p",
+        &["-t", "status/#", "-W", "3"],
+    );
+    retained.wait_ready(port, "status").await;
+    eventually("the retained message", || {
+        retained.messages().iter().any(|l| l == "1 status/a up")
+    })
+    .await;
+    retained.wait_exit().await;
+    assert_eq!(
+        retained.messages(),
+        ["1 status/a up"],
+        "status/b was cleared before the kill"
+    );
+    assert!(gateway.stop(), "clean exit");
+}

@@ -23,8 +23,14 @@
 //!   mutex held only for in-memory work, and a poisoned lock is recovered (the pure parts
 //!   keep their invariants on every return path).
 //!
-//! Does not: touch the network or the disk (the front journals device publishes before they
-//! are acknowledged; persistence of sessions and retained messages is a later step).
+//! - With a [`Persister`] (a gateway's broker), every change to a kept session (one whose
+//!   expiry is not 0: its expiry, subscriptions, and QoS 1/2 messages queued or in flight)
+//!   and to the retained messages is recorded in the order it happens, and the state read
+//!   back at start is where it resumes: [`Connection::publish`] says what to wait for before
+//!   the publish may be acknowledged.
+//!
+//! Does not: touch the network or the disk itself (the front journals device publishes
+//! before they are acknowledged; [`super::durable`] writes what is recorded here).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -33,12 +39,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
+use super::durable::{self, Persister, Recorder};
 use super::frame::Version;
-use super::outbound::{self, Outbound, Pushed};
+use super::outbound::{self, Budget, Outbound, Pushed};
 use super::packets::{self, OutgoingPublish};
 use super::retained::{self, Retained, Stored};
 use super::sessions::{self, ConnectionId, Effect, Ending, Expiry, SessionId, Sessions};
 use super::subscriptions::{self, Options, SubscribeError, Subscriptions};
+use crate::journal::Committed;
 use crate::metrics::Metrics;
 
 /// The broker's bounds (each one a `[broker]` configuration key).
@@ -54,6 +62,8 @@ pub struct Limits {
     pub max_queued_messages: usize,
     /// Bytes waiting in one session's queue behind its window.
     pub max_queued_bytes: usize,
+    /// Bytes of messages held for all sessions together, queued or in flight.
+    pub max_queued_bytes_total: usize,
     /// Most unacknowledged QoS 1/2 messages to a client that did not say (3.1.1, or MQTT 5
     /// without Receive Maximum); an MQTT 5 client's own Receive Maximum is honoured up to it.
     pub max_inflight: u16,
@@ -131,9 +141,30 @@ struct Attached {
 
 #[derive(Debug)]
 struct Client {
+    client_id: Arc<str>,
+    /// Whether its session is kept on disk (it is kept beyond its connection, and the broker
+    /// has a [`Persister`]).
+    durable: bool,
     outbound: Outbound,
     attached: Option<Attached>,
     owed_retained: VecDeque<OwedRetained>,
+    /// Packet ids of the client's QoS 2 publishes that are journaled and acknowledged with
+    /// PUBREC and not yet released by its PUBREL (MQTT 5 §4.3.3: the receiver's part of
+    /// the session state), oldest first, at most [`MAX_INCOMING_QOS2`].
+    incoming_qos2: VecDeque<u16>,
+}
+
+impl Client {
+    fn new(client_id: Arc<str>, durable: bool, outbound: Outbound) -> Client {
+        Client {
+            client_id,
+            durable,
+            outbound,
+            attached: None,
+            owed_retained: VecDeque::new(),
+            incoming_qos2: VecDeque::new(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -144,6 +175,8 @@ struct State {
     clients: HashMap<SessionId, Client>,
     signals: HashMap<ConnectionId, Arc<Signal>>,
     next_connection: ConnectionId,
+    /// The durable id of the next QoS 1/2 message queued for a kept session.
+    next_message_id: u64,
 }
 
 /// The broker (see the module documentation). Share it behind an `Arc`.
@@ -152,6 +185,9 @@ pub struct Broker {
     state: Mutex<State>,
     limits: Limits,
     metrics: Arc<Metrics>,
+    store: Option<Persister>,
+    /// The bytes all sessions' queues hold together.
+    budget: Budget,
 }
 
 /// What [`Broker::attach`] gives a connection.
@@ -184,6 +220,11 @@ pub struct Connection {
 /// few enough that the queue's bound is never what drops them.
 const RETAINED_FEED: usize = 32;
 
+/// Most QoS 2 publishes of one client remembered as received and not yet released: a client
+/// that never sends PUBREL for older ones cannot grow its session without bound. Forgetting
+/// the oldest one can only make its resend a duplicate, never lose it.
+pub const MAX_INCOMING_QOS2: usize = 1024;
+
 fn now_ms() -> u64 {
     crate::event::now_ms()
 }
@@ -199,7 +240,11 @@ fn expiry_secs(expiry: Expiry) -> u32 {
 impl Broker {
     /// An empty broker with these bounds.
     pub fn new(limits: Limits, metrics: Arc<Metrics>) -> Arc<Broker> {
-        Arc::new(Broker {
+        Arc::new(Broker::empty(limits, metrics, None))
+    }
+
+    fn empty(limits: Limits, metrics: Arc<Metrics>, store: Option<Persister>) -> Broker {
+        Broker {
             state: Mutex::new(State {
                 sessions: Sessions::new(limits.sessions),
                 subscriptions: Subscriptions::new(limits.subscriptions),
@@ -207,10 +252,91 @@ impl Broker {
                 clients: HashMap::new(),
                 signals: HashMap::new(),
                 next_connection: 1,
+                next_message_id: 1,
             }),
             limits,
             metrics,
-        })
+            store,
+            budget: Budget::new(limits.max_queued_bytes_total),
+        }
+    }
+
+    /// A broker that keeps its state on disk with `store`, resuming from `snapshot` (what
+    /// the store read back). What today's limits do not admit is left out, removed from the
+    /// disk and counted in `broker_not_restored`.
+    pub fn restore(
+        limits: Limits,
+        metrics: Arc<Metrics>,
+        store: Persister,
+        snapshot: durable::Snapshot,
+    ) -> Arc<Broker> {
+        let now = now_ms();
+        let broker = Broker::empty(limits, metrics, Some(store));
+        let mut not_restored = 0u64;
+        {
+            let mut guard = broker.lock();
+            let state = &mut *guard;
+            let mut record = broker.record();
+            state.next_message_id = snapshot.next_message_id.max(1);
+            for kept in snapshot.sessions {
+                let client_id = kept.client_id;
+                let Some(session) =
+                    state
+                        .sessions
+                        .restore(client_id.clone(), kept.expiry, kept.ends_at_ms, now)
+                else {
+                    not_restored += 1;
+                    if let Some(r) = record.as_mut() {
+                        r.session_ended(&client_id);
+                    }
+                    continue;
+                };
+                for (filter, byte, identifier) in kept.subscriptions {
+                    let restored = Options::from_byte(byte, identifier).is_some_and(|options| {
+                        state
+                            .subscriptions
+                            .subscribe(session, &filter, options)
+                            .is_ok()
+                    });
+                    if !restored {
+                        not_restored += 1;
+                        if let Some(r) = record.as_mut() {
+                            r.unsubscribed(&client_id, &filter);
+                        }
+                    }
+                }
+                let outbound =
+                    Outbound::restore(broker.queue_limits(limits.max_inflight), kept.messages)
+                        .sharing(&broker.budget);
+                let mut client = Client::new(client_id, true, outbound);
+                client.incoming_qos2 = kept.incoming_qos2.into_iter().collect();
+                state.clients.insert(session, client);
+            }
+            for (topic, message) in snapshot.retained {
+                if let Stored::Refused(_) = state.retained.publish(&topic, message) {
+                    not_restored += 1;
+                    if let Some(r) = record.as_mut() {
+                        r.retained_cleared(&topic);
+                    }
+                }
+            }
+        }
+        Metrics::add(&broker.metrics.broker_not_restored, not_restored);
+        Arc::new(broker)
+    }
+
+    /// Records changes to the durable state, if the broker keeps one; call it while holding
+    /// the state's lock.
+    fn record(&self) -> Option<Recorder<'_>> {
+        self.store.as_ref().map(Persister::record)
+    }
+
+    fn queue_limits(&self, receive_maximum: u16) -> outbound::Limits {
+        outbound::Limits {
+            receive_maximum,
+            max_queued: self.limits.max_queued_messages,
+            max_queued_bytes: self.limits.max_queued_bytes,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -260,27 +386,32 @@ impl Broker {
             version: attach.version,
             max_packet_size: attach.max_packet_size,
         };
-        let limits = outbound::Limits {
-            receive_maximum,
-            max_queued: self.limits.max_queued_messages,
-            max_queued_bytes: self.limits.max_queued_bytes,
-        };
+        let limits = self.queue_limits(receive_maximum);
+        let durable = self.store.is_some() && accepted.expiry != Expiry::AtDisconnect;
+        let mut record = self.record();
         match state.clients.get_mut(&accepted.session) {
             Some(client) if accepted.session_present => {
                 client.outbound.connected(receive_maximum);
                 client.attached = Some(attached);
+                if client.durable && !durable {
+                    // Resumed with expiry 0: it ends with this connection, so it leaves the disk.
+                    if let Some(r) = record.as_mut() {
+                        r.session_ended(&client_id);
+                    }
+                }
+                client.durable = durable;
             }
             _ => {
-                state.clients.insert(
-                    accepted.session,
-                    Client {
-                        outbound: Outbound::new(limits, true),
-                        attached: Some(attached),
-                        owed_retained: VecDeque::new(),
-                    },
-                );
+                let outbound = Outbound::new(limits, true).sharing(&self.budget);
+                let mut client = Client::new(client_id.clone(), durable, outbound);
+                client.attached = Some(attached);
+                state.clients.insert(accepted.session, client);
             }
         }
+        if let (true, Some(r)) = (durable, record.as_mut()) {
+            r.session_saved(&client_id, accepted.expiry, None);
+        }
+        drop(record);
         let granted = expiry_secs(accepted.expiry);
         Ok(Attachment {
             connection: Connection {
@@ -313,6 +444,7 @@ impl Broker {
             ),
             (&self.metrics.broker_retained_messages, state.retained.len()),
             (&self.metrics.broker_retained_bytes, state.retained.bytes()),
+            (&self.metrics.broker_queued_bytes, self.budget.used()),
         ];
         for (gauge, value) in gauges {
             gauge.store(value as u64, Ordering::Relaxed);
@@ -344,50 +476,87 @@ impl Broker {
                 }
                 Effect::EndSession(session) => {
                     state.subscriptions.remove_session(session);
-                    state.clients.remove(&session);
+                    if let Some(client) = state.clients.remove(&session) {
+                        if let (true, Some(mut r)) = (client.durable, self.record()) {
+                            r.session_ended(&client.client_id);
+                        }
+                    }
                 }
             }
         }
     }
 
-    /// Stores a retained publish and queues a copy for every matching session.
-    fn route(&self, state: &mut State, from: Option<SessionId>, publish: &Publish, now: u64) {
+    /// Stores a retained publish and queues a copy for every matching session; returns
+    /// whether it changed the durable state.
+    fn route(
+        &self,
+        state: &mut State,
+        from: Option<SessionId>,
+        publish: &Publish,
+        now: u64,
+    ) -> bool {
         let expires_at_ms = publish
             .message_expiry
             .map(|secs| now + u64::from(secs) * 1000);
+        let mut record = None;
         if publish.retain {
-            let stored = state.retained.publish(
-                &publish.topic,
-                retained::Message {
-                    payload: publish.payload.clone(),
-                    qos: publish.qos,
-                    properties: publish.properties.clone(),
-                    expires_at_ms,
-                },
-            );
-            if let Stored::Refused(_) = stored {
-                Metrics::add(&self.metrics.broker_retained_refused, 1);
+            let message = retained::Message {
+                payload: publish.payload.clone(),
+                qos: publish.qos,
+                properties: publish.properties.clone(),
+                expires_at_ms,
+            };
+            let stored = state.retained.publish(&publish.topic, message.clone());
+            match stored {
+                Stored::Refused(_) => Metrics::add(&self.metrics.broker_retained_refused, 1),
+                Stored::New | Stored::Replaced => {
+                    if let Some(r) = self.record().map(|r| record.insert(r)) {
+                        r.retained_set(&publish.topic, &message);
+                    }
+                }
+                Stored::Cleared(true) => {
+                    if let Some(r) = self.record().map(|r| record.insert(r)) {
+                        r.retained_cleared(&publish.topic);
+                    }
+                }
+                Stored::Cleared(false) => {}
             }
         }
         for delivery in state.subscriptions.matches(&publish.topic, from) {
             let Some(client) = state.clients.get_mut(&delivery.session) else {
                 continue;
             };
+            let qos = publish.qos.min(delivery.qos);
             let message = outbound::Message {
                 topic: publish.topic.clone(),
                 payload: publish.payload.clone(),
-                qos: publish.qos.min(delivery.qos),
+                qos,
                 retain: publish.retain && delivery.retain_as_published,
                 expires_at_ms,
                 properties: publish.properties.clone(),
                 subscription_ids: Arc::from(delivery.identifiers),
+                id: next_id(client, qos, &mut state.next_message_id),
             };
-            self.push(client, message);
+            if self.push(client, message.clone()) && message.id != 0 {
+                if record.is_none() {
+                    record = self.record();
+                }
+                if let Some(r) = record.as_mut() {
+                    r.queued(&client.client_id, &message);
+                }
+            }
         }
+        record.is_some()
     }
 
     /// Moves owed retained messages into the client's queue while it is short.
-    fn feed_retained(&self, client: &mut Client, retained: &Retained, now: u64) {
+    fn feed_retained(
+        &self,
+        client: &mut Client,
+        retained: &Retained,
+        next_message_id: &mut u64,
+        now: u64,
+    ) {
         let most = RETAINED_FEED.min(self.limits.max_queued_messages);
         while client.outbound.queued() < most {
             let Some(owed) = client.owed_retained.pop_front() else {
@@ -397,41 +566,82 @@ impl Broker {
                 continue;
             };
             let bytes = owed.topic.len() + message.payload.len() + message.properties.len();
-            if client.outbound.queued() > 0
-                && client.outbound.queued_bytes() + bytes > self.limits.max_queued_bytes
-            {
-                // No room for it yet: it waits for the queue to drain.
+            let over_session = client.outbound.queued() > 0
+                && client.outbound.queued_bytes() + bytes > self.limits.max_queued_bytes;
+            let over_total =
+                self.budget.used().saturating_add(bytes) > self.limits.max_queued_bytes_total;
+            if over_session || over_total {
+                // No room for it yet: it waits for the queue (or the others) to drain; the
+                // client's next packet or acknowledgement feeds it again.
                 client.owed_retained.push_front(owed);
                 return;
             }
+            let qos = message.qos.min(owed.qos);
             let message = outbound::Message {
                 topic: owed.topic,
                 payload: message.payload.clone(),
-                qos: message.qos.min(owed.qos),
+                qos,
                 // Retained messages sent for a new subscription carry the flag (§3.3.1.3).
                 retain: true,
                 expires_at_ms: message.expires_at_ms,
                 properties: message.properties.clone(),
                 subscription_ids: owed.subscription_ids,
+                id: next_id(client, qos, next_message_id),
             };
-            self.push(client, message);
+            if self.push(client, message.clone()) && message.id != 0 {
+                if let Some(mut r) = self.record() {
+                    r.queued(&client.client_id, &message);
+                }
+            }
         }
     }
 
-    fn push(&self, client: &mut Client, message: outbound::Message) {
+    /// Queues `message` for the client; returns whether it was queued (or dropped, counted).
+    fn push(&self, client: &mut Client, message: outbound::Message) -> bool {
         match client.outbound.push(message) {
             Pushed::Queued => {
                 if let Some(attached) = &client.attached {
                     attached.signal.ready.notify_one();
                 }
+                true
             }
             Pushed::Dropped(outbound::DropReason::QueueFull) => {
-                Metrics::add(&self.metrics.broker_dropped_queue_full, 1)
+                Metrics::add(&self.metrics.broker_dropped_queue_full, 1);
+                false
+            }
+            Pushed::Dropped(outbound::DropReason::TotalFull) => {
+                Metrics::add(&self.metrics.broker_dropped_total_full, 1);
+                false
             }
             Pushed::Dropped(outbound::DropReason::Offline) => {
-                Metrics::add(&self.metrics.broker_dropped_offline, 1)
+                Metrics::add(&self.metrics.broker_dropped_offline, 1);
+                false
             }
         }
+    }
+
+    /// Forgets on disk the kept messages of `client` that are done with.
+    fn forget(&self, client: &Client, ids: Vec<u64>) {
+        if ids.is_empty() || !client.durable {
+            return;
+        }
+        if let Some(mut r) = self.record() {
+            for id in ids.into_iter().filter(|id| *id != 0) {
+                r.done(&client.client_id, id);
+            }
+        }
+    }
+}
+
+/// The durable id for a message of `qos` queued for `client`: a new one if it is kept on
+/// disk (QoS 1/2 for a kept session), else 0.
+fn next_id(client: &Client, qos: u8, next_message_id: &mut u64) -> u64 {
+    if client.durable && qos > 0 {
+        let id = *next_message_id;
+        *next_message_id += 1;
+        id
+    } else {
+        0
     }
 }
 
@@ -475,12 +685,75 @@ impl Connection {
         &self.client_id
     }
 
-    /// Publishes from this connection's client.
-    pub fn publish(&self, publish: &Publish) {
+    /// Publishes from this connection's client. For a QoS 1/2 publish that changed the
+    /// durable state, returns what fires once that change is on disk: the publish may be
+    /// acknowledged then (and not before, if it is to survive a crash).
+    pub fn publish(&self, publish: &Publish) -> Option<Committed> {
         let now = now_ms();
         let mut state = self.broker.lock();
-        self.broker
+        let changed = self
+            .broker
             .route(&mut state, Some(self.session), publish, now);
+        if changed && publish.qos > 0 {
+            return self.broker.record().map(|mut r| r.committed());
+        }
+        None
+    }
+
+    /// Whether the client's QoS 2 publish with this packet id was received (journaled and
+    /// acknowledged, on this connection or an earlier one of the session) and not yet
+    /// released: a publish sent again with it is a duplicate (MQTT 5 §4.3.3).
+    pub fn incoming_qos2_open(&self, packet_id: u16) -> bool {
+        let state = self.broker.lock();
+        state
+            .clients
+            .get(&self.session)
+            .is_some_and(|c| c.incoming_qos2.contains(&packet_id))
+    }
+
+    /// The client's QoS 2 publish with this packet id is journaled: it is remembered until its
+    /// PUBREL. For a kept session, returns what fires once that is on disk; its PUBREC may go
+    /// then (and not before, or a resend after a crash would be journaled twice).
+    pub fn incoming_qos2_received(&self, packet_id: u16) -> Option<Committed> {
+        let mut state = self.broker.lock();
+        let client = state.clients.get_mut(&self.session)?;
+        if client.incoming_qos2.contains(&packet_id) {
+            return None;
+        }
+        if client.incoming_qos2.len() >= MAX_INCOMING_QOS2 {
+            if let Some(oldest) = client.incoming_qos2.pop_front() {
+                if let (true, Some(mut r)) = (client.durable, self.broker.record()) {
+                    r.qos2_released(&client.client_id, oldest);
+                }
+            }
+        }
+        client.incoming_qos2.push_back(packet_id);
+        if !client.durable {
+            return None;
+        }
+        let mut record = self.broker.record()?;
+        record.qos2_received(&client.client_id, packet_id);
+        Some(record.committed())
+    }
+
+    /// The client released its QoS 2 publish with this packet id (PUBREL). For a kept session
+    /// that remembered it, returns what fires once that is on disk; its PUBCOMP may go then
+    /// (and not before: after PUBCOMP the client may use the packet id for a new publish,
+    /// which a crash must not make look like a duplicate).
+    pub fn incoming_qos2_released(&self, packet_id: u16) -> Option<Committed> {
+        let mut state = self.broker.lock();
+        let client = state.clients.get_mut(&self.session)?;
+        let at = client
+            .incoming_qos2
+            .iter()
+            .position(|id| *id == packet_id)?;
+        client.incoming_qos2.remove(at);
+        if !client.durable {
+            return None;
+        }
+        let mut record = self.broker.record()?;
+        record.qos2_released(&client.client_id, packet_id);
+        Some(record.committed())
     }
 
     /// Subscribes the session to each `(filter, options byte)` with the SUBSCRIBE's
@@ -497,7 +770,14 @@ impl Connection {
                 continue;
             };
             let subscribed = match state.subscriptions.subscribe(self.session, filter, options) {
-                Ok(subscribed) => subscribed,
+                Ok(subscribed) => {
+                    if let Some(client) = state.clients.get(&self.session).filter(|c| c.durable) {
+                        if let Some(mut r) = self.broker.record() {
+                            r.subscribed(&client.client_id, filter, *byte, identifier);
+                        }
+                    }
+                    subscribed
+                }
                 Err(SubscribeError::SessionLimit { .. } | SubscribeError::BrokerLimit { .. }) => {
                     Metrics::add(&self.broker.metrics.broker_subscriptions_refused, 1);
                     granted.push(Granted::Quota);
@@ -556,10 +836,23 @@ impl Connection {
 
     /// Removes the session's subscription to each filter; whether each existed, in order.
     pub fn unsubscribe(&self, filters: &[String]) -> Vec<bool> {
-        let mut state = self.broker.lock();
+        let mut guard = self.broker.lock();
+        let state = &mut *guard;
+        let durable = state
+            .clients
+            .get(&self.session)
+            .filter(|c| c.durable)
+            .map(|c| c.client_id.clone());
+        let mut record = durable.as_ref().and_then(|_| self.broker.record());
         filters
             .iter()
-            .map(|filter| state.subscriptions.unsubscribe(self.session, filter))
+            .map(|filter| {
+                let removed = state.subscriptions.unsubscribe(self.session, filter);
+                if let (true, Some(client), Some(r)) = (removed, &durable, record.as_mut()) {
+                    r.unsubscribed(client, filter);
+                }
+                removed
+            })
             .collect()
     }
 
@@ -571,9 +864,27 @@ impl Connection {
             return false;
         };
         let result = match ack {
-            ClientAck::Puback(id) => client.outbound.puback(id),
-            ClientAck::Pubrec(id) => client.outbound.pubrec(id),
-            ClientAck::Pubcomp(id) => client.outbound.pubcomp(id),
+            ClientAck::Puback(id) | ClientAck::Pubcomp(id) => {
+                let done = match ack {
+                    ClientAck::Puback(_) => client.outbound.puback(id),
+                    _ => client.outbound.pubcomp(id),
+                };
+                if let (Ok(mid @ 1..), true) = (done, client.durable) {
+                    if let Some(mut r) = self.broker.record() {
+                        r.done(&client.client_id, mid);
+                    }
+                }
+                done
+            }
+            ClientAck::Pubrec(id) => {
+                let released = client.outbound.pubrec(id);
+                if let (Ok(mid @ 1..), true) = (released, client.durable) {
+                    if let Some(mut r) = self.broker.record() {
+                        r.released(&client.client_id, mid);
+                    }
+                }
+                released
+            }
         };
         if let Some(attached) = &client.attached {
             // The window moved: more may go now.
@@ -602,15 +913,19 @@ impl Connection {
         let (version, max_packet_size) = (attached.version, attached.max_packet_size);
         let mut added = 0;
         while out.len() < max_bytes {
-            self.broker.feed_retained(client, &state.retained, now);
+            self.broker
+                .feed_retained(client, &state.retained, &mut state.next_message_id, now);
             let expired_before = client.outbound.dropped().expired;
-            let Some(send) = client.outbound.next(now) else {
-                break;
-            };
+            let next = client.outbound.next(now);
             let expired = client.outbound.dropped().expired - expired_before;
             if expired > 0 {
                 Metrics::add(&self.broker.metrics.broker_dropped_expired, expired);
             }
+            let gone = client.outbound.take_gone();
+            self.broker.forget(client, gone);
+            let Some(send) = next else {
+                break;
+            };
             match send {
                 outbound::Send::Publish {
                     message,
@@ -633,14 +948,19 @@ impl Connection {
                         .is_some_and(|max| publish.encoded_len(version) > max as usize);
                     if too_large {
                         Metrics::add(&self.broker.metrics.broker_dropped_too_large, 1);
-                        if let Some(id) = packet_id {
-                            let _ = client.outbound.puback(id);
-                            let _ = client.outbound.pubrec(id);
-                            let _ = client.outbound.pubcomp(id);
+                        if let Some(mid) = packet_id.and_then(|id| client.outbound.complete(id)) {
+                            self.broker.forget(client, vec![mid]);
                         }
                         continue;
                     }
                     publish.encode(version, out);
+                    if let (Some(id), false, 1.., true) =
+                        (packet_id, dup, message.id, client.durable)
+                    {
+                        if let Some(mut r) = self.broker.record() {
+                            r.sent(&client.client_id, message.id, id);
+                        }
+                    }
                 }
                 outbound::Send::Pubrel { packet_id } => {
                     out.extend_from_slice(&packets::ack(packets::ack::PUBREL, packet_id));
@@ -669,23 +989,26 @@ impl Connection {
             return taken;
         }
         while taken.len() < max {
-            self.broker.feed_retained(client, &state.retained, now);
-            match client.outbound.next(now) {
+            self.broker
+                .feed_retained(client, &state.retained, &mut state.next_message_id, now);
+            let next = client.outbound.next(now);
+            let mut gone = client.outbound.take_gone();
+            match next {
                 Some(outbound::Send::Publish {
                     message, packet_id, ..
                 }) => {
-                    if let Some(id) = packet_id {
-                        let _ = client.outbound.puback(id);
-                        let _ = client.outbound.pubrec(id);
-                        let _ = client.outbound.pubcomp(id);
-                    }
+                    gone.extend(packet_id.and_then(|id| client.outbound.complete(id)));
                     taken.push((message.topic, message.payload));
                 }
                 Some(outbound::Send::Pubrel { packet_id }) => {
-                    let _ = client.outbound.pubcomp(packet_id);
+                    gone.extend(client.outbound.complete(packet_id));
                 }
-                None => break,
+                None => {
+                    self.broker.forget(client, gone);
+                    break;
+                }
             }
+            self.broker.forget(client, gone);
         }
         taken
     }
@@ -718,6 +1041,7 @@ impl Connection {
         let now = now_ms();
         let mut state = self.broker.lock();
         state.signals.remove(&self.id);
+        let mut was_attached = false;
         if let Some(client) = state.clients.get_mut(&self.session) {
             if client
                 .attached
@@ -726,6 +1050,7 @@ impl Connection {
             {
                 client.attached = None;
                 client.outbound.disconnected();
+                was_attached = true;
             }
         }
         let effects =
@@ -733,6 +1058,17 @@ impl Connection {
                 .sessions
                 .disconnected(&self.client_id, self.id, ending, new_expiry, now);
         self.broker.apply(&mut state, effects, now);
+        let durable = state.clients.get(&self.session).is_some_and(|c| c.durable);
+        if let (true, true, Some((expiry, ends_at))) = (
+            was_attached,
+            durable,
+            state.sessions.expiry_of(&self.client_id),
+        ) {
+            if let Some(mut r) = self.broker.record() {
+                // Its expiry counts from now on: a restart resumes the countdown.
+                r.session_saved(&self.client_id, expiry, ends_at);
+            }
+        }
     }
 }
 
@@ -764,6 +1100,7 @@ mod tests {
             },
             max_queued_messages,
             max_queued_bytes: 1 << 20,
+            max_queued_bytes_total: 1 << 24,
             max_inflight: 10,
         };
         (Broker::new(limits, metrics.clone()), metrics)

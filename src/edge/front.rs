@@ -118,6 +118,8 @@ pub struct Front {
     pub refusing: Arc<Semaphore>,
     /// How long a connection may take to send its CONNECT (`broker.connect_timeout_ms`).
     pub connect_timeout: Duration,
+    /// The longest keep-alive an MQTT 5 client may use (`broker.max_keepalive_secs`; 0: any).
+    pub max_keepalive: u16,
     /// Whether devices are refused the gateway's reserved client ids (a gateway's own
     /// broker); a stand-in upstream lets gateways connect with theirs.
     pub reserve_client_ids: bool,
@@ -349,12 +351,34 @@ async fn write_within<W: AsyncWrite + Unpin>(device: &mut W, bytes: &[u8]) -> Re
     }
 }
 
-/// An acknowledgement to the device, in the order of the publishes, waiting for the journal.
+/// An acknowledgement to the device, in the order of the publishes, waiting for what must be
+/// durable before it may go: the journal commit of its publish, then the broker's state on
+/// disk (the publish changed a retained message or a kept session's queue; or, for a kept
+/// session's QoS 2 flow, the packet id's state).
 struct Held {
-    /// The commit it waits for; `None` once open (or when it waits for nothing).
-    gate: Option<Committed>,
+    /// Commits still to wait for, in order.
+    gates: VecDeque<Committed>,
+    /// A QoS 2 publish's packet id to remember in the session once the gates are open
+    /// (remembering it makes a resend a duplicate, so it must follow the journal commit).
+    remember_qos2: Option<u16>,
     /// The packet.
     packet: [u8; 4],
+}
+
+impl Held {
+    /// An acknowledgement that waits for nothing.
+    fn open(packet: [u8; 4]) -> Held {
+        Held::after(packet, [])
+    }
+
+    /// An acknowledgement that waits for these commits, in order.
+    fn after(packet: [u8; 4], gates: impl IntoIterator<Item = Option<Committed>>) -> Held {
+        Held {
+            gates: gates.into_iter().flatten().collect(),
+            remember_qos2: None,
+            packet,
+        }
+    }
 }
 
 /// One device connection's protocol state.
@@ -499,11 +523,25 @@ impl Session {
             receive_maximum: Some(self.front.max_inflight),
             topic_alias_maximum: Some(TOPIC_ALIAS_MAX),
             maximum_packet_size: u32::try_from(self.front.max_payload + PACKET_OVERHEAD).ok(),
-            server_keep_alive: None,
+            server_keep_alive: self.server_keep_alive(),
         };
         let connack = packets::connack(version, attachment.session_present, 0, &properties);
         debug!(client_id = %attachment.connection.client_id(), session_present = attachment.session_present, "client connected");
         Ok((attachment.connection, connack))
+    }
+
+    /// MQTT 5's Server Keep Alive (§3.2.2.3.14): when the client asked for no keep-alive or
+    /// for a longer one than `broker.max_keepalive_secs`, that one, which the connection is
+    /// then held to. As Mosquitto 2 does; a 3.1.1 client keeps its own (it cannot be told).
+    fn server_keep_alive(&mut self) -> Option<u16> {
+        let max = self.front.max_keepalive;
+        let told = self.version == Version::V5
+            && max > 0
+            && (self.keep_alive == 0 || self.keep_alive > max);
+        if told {
+            self.keep_alive = max;
+        }
+        told.then_some(max)
     }
 
     /// Serves the connection after CONNACK until it ends: `Ok` with how the client ended it
@@ -537,7 +575,7 @@ impl Session {
                     return Ok(ended);
                 }
             }
-            self.release_open_acks(&mut out);
+            self.release_open_acks(connection, &mut out);
             if let Some(code) = connection.must_close() {
                 let _ = write_within(writer, &out).await;
                 let answer = (self.version == Version::V5)
@@ -583,14 +621,22 @@ impl Session {
     }
 
     /// Moves the acknowledgements whose publishes are durable, in order, to `out`.
-    fn release_open_acks(&mut self, out: &mut BytesMut) {
+    fn release_open_acks(&mut self, connection: &Connection, out: &mut BytesMut) {
         while let Some(head) = self.acks.front_mut() {
-            if let Some(gate) = &mut head.gate {
+            while let Some(gate) = head.gates.front_mut() {
                 match gate.try_recv() {
-                    Ok(()) => head.gate = None,
+                    Ok(()) => {
+                        head.gates.pop_front();
+                    }
                     Err(tokio::sync::oneshot::error::TryRecvError::Empty) => return,
                     // The journal stopped: the wait in `run` reports it.
                     Err(tokio::sync::oneshot::error::TryRecvError::Closed) => return,
+                }
+            }
+            if let Some(packet_id) = head.remember_qos2.take() {
+                if let Some(stored) = connection.incoming_qos2_received(packet_id) {
+                    head.gates.push_back(stored);
+                    continue;
                 }
             }
             if let Some(held) = self.acks.pop_front() {
@@ -667,10 +713,11 @@ impl Session {
             kind::PUBREL => {
                 let id = packet_id(self)?;
                 self.qos2_open.remove(&id);
-                self.acks.push_back(Held {
-                    gate: None,
-                    packet: packets::ack(packets::ack::PUBCOMP, id),
-                });
+                let forgotten = connection.incoming_qos2_released(id);
+                self.acks.push_back(Held::after(
+                    packets::ack(packets::ack::PUBCOMP, id),
+                    [forgotten],
+                ));
             }
             kind::PUBACK => {
                 connection.acknowledge(ClientAck::Puback(packet_id(self)?));
@@ -788,12 +835,13 @@ impl Session {
             }));
         }
         let (qos, id) = (publish.qos, publish.pkid);
-        if qos == 2 && self.qos2_open.contains(&id) {
-            // Sent again before PUBREL (DUP): already journaled and delivered (§4.3.3).
-            self.acks.push_back(Held {
-                gate: None,
-                packet: packets::ack(packets::ack::PUBREC, id),
-            });
+        if qos == 2 && (self.qos2_open.contains(&id) || connection.incoming_qos2_open(id)) {
+            // Sent again before PUBREL (DUP), on this connection or after a reconnect:
+            // already journaled and delivered (§4.3.3). Its PUBREC goes after the first
+            // one (if that still waits, this waits behind it).
+            self.qos2_open.insert(id);
+            self.acks
+                .push_back(Held::open(packets::ack(packets::ack::PUBREC, id)));
             return Ok(());
         }
         if version == Version::V5
@@ -839,7 +887,7 @@ impl Session {
                 None
             }
         };
-        connection.publish(&broker::Publish {
+        let stored = connection.publish(&broker::Publish {
             topic,
             payload: publish.payload,
             qos,
@@ -848,16 +896,15 @@ impl Session {
             message_expiry: publish.message_expiry,
         });
         match qos {
-            1 => self.acks.push_back(Held {
-                gate,
-                packet: packets::ack(packets::ack::PUBACK, id),
-            }),
+            1 => self.acks.push_back(Held::after(
+                packets::ack(packets::ack::PUBACK, id),
+                [gate, stored],
+            )),
             2 => {
                 self.qos2_open.insert(id);
-                self.acks.push_back(Held {
-                    gate,
-                    packet: packets::ack(packets::ack::PUBREC, id),
-                });
+                let mut held = Held::after(packets::ack(packets::ack::PUBREC, id), [gate, stored]);
+                held.remember_qos2 = Some(id);
+                self.acks.push_back(held);
             }
             _ => {}
         }
@@ -912,16 +959,15 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// Waits until the first held acknowledgement's gate opens (and marks it open); pending for
 /// ever when nothing waits.
 async fn wait_for_head(held: &mut VecDeque<Held>) -> Result<(), RecvError> {
-    match held.front_mut() {
-        Some(Held {
-            gate: Some(gate), ..
-        }) => {
+    let Some(head) = held.front_mut() else {
+        return std::future::pending().await;
+    };
+    match head.gates.front_mut() {
+        Some(gate) => {
             let result = gate.await;
-            if let Some(head) = held.front_mut() {
-                head.gate = None;
-            }
+            head.gates.pop_front();
             result
         }
-        _ => std::future::pending().await,
+        None => std::future::pending().await,
     }
 }

@@ -12,12 +12,16 @@
 //!
 //! Guarantees: a listener that cannot bind makes start-up fail with the address in the
 //! message; with [`Edge::start_durable`], a QoS 1 or 2 publish is acknowledged to its device
-//! only after it is durable in the journal; nothing reaches the broker except through the
+//! only after it is durable in the journal (and, when it changed a retained message or a kept
+//! session's queue, in the broker's state, `broker.sqlite` in the data directory, which
+//! [`Edge::start_durable`] reads back: kept sessions and retained messages survive a
+//! restart); nothing reaches the broker except through the
 //! front's checks or the gateway's own in-process links (there is no internal listener).
 
 mod broker;
 mod checks;
 mod connect;
+mod durable;
 mod frame;
 mod front;
 mod outbound;
@@ -66,6 +70,9 @@ pub enum EdgeError {
     /// The broker refused the gateway's own link.
     #[error("cannot attach to the embedded broker: {0}")]
     Link(String),
+    /// The broker's durable state cannot be opened or read.
+    #[error(transparent)]
+    State(#[from] durable::DurableError),
 }
 
 /// The running broker. Dropping it stops the listeners.
@@ -100,6 +107,7 @@ fn broker_limits(config: &BrokerConfig) -> broker::Limits {
         },
         max_queued_messages: config.max_queued_messages,
         max_queued_bytes: config.max_queued_bytes,
+        max_queued_bytes_total: config.max_queued_bytes_total,
         max_inflight: max_inflight(config),
     }
 }
@@ -121,9 +129,21 @@ impl Edge {
     /// to. A device that connects meanwhile waits in the listen backlog.
     pub async fn start_durable(
         config: &BrokerConfig,
+        data_dir: &std::path::Path,
         journal: Journal,
         metrics: Arc<Metrics>,
     ) -> Result<Edge, EdgeError> {
+        let (store, snapshot) =
+            durable::Persister::open(data_dir, crate::event::now_ms(), metrics.clone())?;
+        if !snapshot.sessions.is_empty() || !snapshot.retained.is_empty() {
+            info!(
+                sessions = snapshot.sessions.len(),
+                retained = snapshot.retained.len(),
+                "broker state read back"
+            );
+        }
+        let broker =
+            broker::Broker::restore(broker_limits(config), metrics.clone(), store, snapshot);
         let mut listeners = Vec::new();
         for addr in config.listen.iter().chain(&config.listen_v5) {
             let listener = tokio::net::TcpListener::bind(addr)
@@ -136,6 +156,7 @@ impl Edge {
         }
         Ok(Edge::with_sink(
             config,
+            broker,
             front::Sink::Journal(journal),
             metrics,
             listeners,
@@ -163,18 +184,20 @@ impl Edge {
             })?;
             listeners.push(listener);
         }
-        let mut edge = Edge::with_sink(config, front::Sink::Tap(events), metrics, listeners);
+        let broker = broker::Broker::new(broker_limits(config), metrics.clone());
+        let mut edge =
+            Edge::with_sink(config, broker, front::Sink::Tap(events), metrics, listeners);
         edge.open();
         Ok(edge)
     }
 
     fn with_sink(
         config: &BrokerConfig,
+        broker: Arc<broker::Broker>,
         sink: front::Sink,
         metrics: Arc<Metrics>,
         unopened: Vec<tokio::net::TcpListener>,
     ) -> Edge {
-        let broker = broker::Broker::new(broker_limits(config), metrics.clone());
         let front = front::Front {
             broker: broker.clone(),
             // A stand-in upstream (a channel sink) serves gateways, whose ids are reserved.
@@ -186,6 +209,7 @@ impl Edge {
             slots: Arc::new(Semaphore::new(config.max_connections)),
             refusing: Arc::new(Semaphore::new(front::MAX_REFUSING)),
             connect_timeout: Duration::from_millis(u64::from(config.connect_timeout_ms)),
+            max_keepalive: config.max_keepalive_secs,
         };
         let ticking = broker.clone();
         let ticker = tokio::spawn(async move {

@@ -25,6 +25,7 @@
 #![cfg_attr(not(test), allow(dead_code))]
 
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -48,6 +49,9 @@ pub struct Message {
     pub properties: Bytes,
     /// The identifiers of the subscriptions it matched (MQTT 5 §3.3.2.3.8).
     pub subscription_ids: Arc<[u32]>,
+    /// Its number in the broker's durable state (0: not kept on disk); handed back when the
+    /// message is done with, so that the caller can forget it there too.
+    pub id: u64,
 }
 
 impl Message {
@@ -69,6 +73,55 @@ pub struct Limits {
     pub max_queued_bytes: usize,
 }
 
+/// The bytes of messages held for all the sessions of a broker together, queued or in
+/// flight: each session's queue has its own bounds, and this one bounds their sum, so that
+/// many sessions cannot together hold more than the board can spare. A message for a session
+/// counts in full even when its payload is shared with other sessions' copies (the bound errs
+/// on the safe side). Clones share the count.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    used: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes, none of them used.
+    pub fn new(limit: usize) -> Budget {
+        Budget {
+            used: Arc::new(AtomicUsize::new(0)),
+            limit,
+        }
+    }
+
+    /// Bytes held now.
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` if they fit under the limit.
+    fn try_take(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(bytes).filter(|total| *total <= self.limit)
+            })
+            .is_ok()
+    }
+
+    /// Takes `bytes` whatever the limit (messages read back from disk).
+    fn take(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Gives `bytes` back.
+    fn give_back(&self, bytes: usize) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(bytes))
+            });
+    }
+}
+
 /// What happened to a message given to [`Outbound::push`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pushed {
@@ -84,6 +137,8 @@ pub enum Pushed {
 pub enum DropReason {
     /// The queue was at one of its bounds.
     QueueFull,
+    /// All sessions' messages together were at the broker's [`Budget`].
+    TotalFull,
     /// QoS 0 for a client that is not connected.
     Offline,
 }
@@ -122,8 +177,8 @@ pub enum AckError {
 enum Flight {
     /// Sent, waiting for PUBACK (QoS 1) or PUBREC (QoS 2).
     Published(Message),
-    /// QoS 2: PUBREC came, PUBREL sent, waiting for PUBCOMP.
-    Released,
+    /// QoS 2: PUBREC came, PUBREL sent, waiting for PUBCOMP (the message's durable id).
+    Released(u64),
 }
 
 /// Counters of what was dropped.
@@ -131,6 +186,8 @@ enum Flight {
 pub struct Dropped {
     /// At a queue bound.
     pub queue_full: u64,
+    /// At the broker's [`Budget`].
+    pub total_full: u64,
     /// QoS 0 while offline.
     pub offline: u64,
     /// Expired.
@@ -152,6 +209,24 @@ pub struct Outbound {
     sent_order: u64,
     last_packet_id: u16,
     dropped: Dropped,
+    /// Durable ids of messages that left without being sent (expired), until taken.
+    gone: Vec<u64>,
+    /// The broker's count of held bytes this queue takes from and gives back to.
+    budget: Budget,
+    /// Bytes of the messages this queue holds (queued, and in flight until acknowledged or
+    /// released), all taken from `budget`.
+    held_bytes: usize,
+}
+
+/// A message of a session restored from disk, with where it was in its flow.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    /// The message.
+    pub message: Message,
+    /// Its packet identifier, if it was sent.
+    pub packet_id: Option<u16>,
+    /// Whether its PUBREC came (QoS 2).
+    pub released: bool,
 }
 
 impl Outbound {
@@ -167,7 +242,63 @@ impl Outbound {
             sent_order: 0,
             last_packet_id: 0,
             dropped: Dropped::default(),
+            gone: Vec::new(),
+            budget: Budget::new(usize::MAX),
+            held_bytes: 0,
         }
+    }
+
+    /// The same queue, counting what it holds in `budget` from now on (shared with the
+    /// broker's other sessions) instead of in a budget of its own.
+    pub fn sharing(mut self, budget: &Budget) -> Outbound {
+        self.budget.give_back(self.held_bytes);
+        budget.take(self.held_bytes);
+        self.budget = budget.clone();
+        self
+    }
+
+    /// Bytes of the messages this queue holds, queued or in flight.
+    pub fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
+    fn release(&mut self, bytes: usize) {
+        self.held_bytes = self.held_bytes.saturating_sub(bytes);
+        self.budget.give_back(bytes);
+    }
+
+    /// A session's queue as it was kept on disk, for a client that is not connected:
+    /// `messages` in the order they were queued; the sent ones go again first when it
+    /// connects, in that order (with their packet ids), then the others.
+    pub fn restore(limits: Limits, messages: Vec<Restored>) -> Outbound {
+        let mut out = Outbound::new(limits, false);
+        for restored in messages {
+            match restored.packet_id {
+                Some(packet_id) if !out.inflight.contains_key(&packet_id) => {
+                    out.sent_order += 1;
+                    let flight = if restored.released {
+                        Flight::Released(restored.message.id)
+                    } else {
+                        out.held_bytes += restored.message.bytes();
+                        Flight::Published(restored.message)
+                    };
+                    out.inflight.insert(packet_id, (out.sent_order, flight));
+                    out.last_packet_id = out.last_packet_id.max(packet_id);
+                }
+                _ => {
+                    out.queued_bytes += restored.message.bytes();
+                    out.held_bytes += restored.message.bytes();
+                    out.queue.push_back(restored.message);
+                }
+            }
+        }
+        out.budget.take(out.held_bytes);
+        out
+    }
+
+    /// The durable ids of the messages that left the queue unsent since the last call.
+    pub fn take_gone(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.gone)
     }
 
     /// Messages waiting behind the in-flight window.
@@ -202,6 +333,11 @@ impl Outbound {
             self.dropped.queue_full += 1;
             return Pushed::Dropped(DropReason::QueueFull);
         }
+        if !self.budget.try_take(message.bytes()) {
+            self.dropped.total_full += 1;
+            return Pushed::Dropped(DropReason::TotalFull);
+        }
+        self.held_bytes += message.bytes();
         self.queued_bytes += message.bytes();
         self.queue.push_back(message);
         Pushed::Queued
@@ -226,7 +362,7 @@ impl Outbound {
                             .map(|at| remaining_secs(at, now_ms).max(1)),
                     });
                 }
-                Some((_, Flight::Released)) => return Some(Send::Pubrel { packet_id }),
+                Some((_, Flight::Released(_))) => return Some(Send::Pubrel { packet_id }),
                 None => continue,
             }
         }
@@ -245,15 +381,23 @@ impl Outbound {
             let expiry_secs = match message.expires_at_ms {
                 Some(at) if at <= now_ms => {
                     self.dropped.expired += 1;
+                    self.release(message.bytes());
+                    if message.id != 0 {
+                        self.gone.push(message.id);
+                    }
                     continue;
                 }
                 Some(at) => Some(remaining_secs(at, now_ms)),
                 None => None,
             };
-            if let Some(id) = packet_id {
-                self.sent_order += 1;
-                self.inflight
-                    .insert(id, (self.sent_order, Flight::Published(message.clone())));
+            match packet_id {
+                Some(id) => {
+                    self.sent_order += 1;
+                    self.inflight
+                        .insert(id, (self.sent_order, Flight::Published(message.clone())));
+                }
+                // QoS 0 is done with once it is handed out.
+                None => self.release(message.bytes()),
             }
             return Some(Send::Publish {
                 message,
@@ -264,39 +408,62 @@ impl Outbound {
         }
     }
 
-    /// The client's PUBACK (QoS 1).
-    pub fn puback(&mut self, packet_id: u16) -> Result<(), AckError> {
+    /// The client's PUBACK (QoS 1): the message is delivered; returns its durable id.
+    pub fn puback(&mut self, packet_id: u16) -> Result<u64, AckError> {
         match self.inflight.get(&packet_id) {
             Some((_, Flight::Published(m))) if m.qos == 1 => {
+                let (id, bytes) = (m.id, m.bytes());
                 self.inflight.remove(&packet_id);
-                Ok(())
+                self.release(bytes);
+                Ok(id)
             }
             _ => Err(AckError::Unknown(packet_id)),
         }
     }
 
     /// The client's PUBREC (QoS 2): the PUBREL to answer with is the caller's to send.
-    pub fn pubrec(&mut self, packet_id: u16) -> Result<(), AckError> {
+    /// Returns the message's durable id.
+    pub fn pubrec(&mut self, packet_id: u16) -> Result<u64, AckError> {
         match self.inflight.get_mut(&packet_id) {
             Some((_, flight @ Flight::Published(_))) if is_qos2(flight) => {
-                *flight = Flight::Released;
-                Ok(())
+                let (id, bytes) = match flight {
+                    Flight::Published(m) => (m.id, m.bytes()),
+                    Flight::Released(id) => (*id, 0),
+                };
+                *flight = Flight::Released(id);
+                // Only its packet id is needed from now on.
+                self.release(bytes);
+                Ok(id)
             }
             // A PUBREC again after a reconnect: the PUBREL is sent again.
-            Some((_, Flight::Released)) => Ok(()),
+            Some((_, Flight::Released(id))) => Ok(*id),
             _ => Err(AckError::Unknown(packet_id)),
         }
     }
 
-    /// The client's PUBCOMP (QoS 2): the message is delivered.
-    pub fn pubcomp(&mut self, packet_id: u16) -> Result<(), AckError> {
+    /// The client's PUBCOMP (QoS 2): the message is delivered; returns its durable id.
+    pub fn pubcomp(&mut self, packet_id: u16) -> Result<u64, AckError> {
         match self.inflight.get(&packet_id) {
-            Some((_, Flight::Released)) => {
+            Some((_, Flight::Released(id))) => {
+                let id = *id;
                 self.inflight.remove(&packet_id);
-                Ok(())
+                Ok(id)
             }
             _ => Err(AckError::Unknown(packet_id)),
         }
+    }
+
+    /// Completes the message sent under `packet_id` whatever its flow (it could not be
+    /// sent, or an in-process client takes it as delivered); returns its durable id.
+    pub fn complete(&mut self, packet_id: u16) -> Option<u64> {
+        let (_, flight) = self.inflight.remove(&packet_id)?;
+        Some(match flight {
+            Flight::Published(m) => {
+                self.release(m.bytes());
+                m.id
+            }
+            Flight::Released(id) => id,
+        })
     }
 
     /// The client went away: nothing is handed out until [`Outbound::connected`].
@@ -331,6 +498,12 @@ impl Outbound {
     }
 }
 
+impl Drop for Outbound {
+    fn drop(&mut self) {
+        self.budget.give_back(self.held_bytes);
+    }
+}
+
 /// Seconds until `at_ms`, rounded up so that a message never expires early at the client.
 fn remaining_secs(at_ms: u64, now_ms: u64) -> u32 {
     u32::try_from(at_ms.saturating_sub(now_ms).div_ceil(1000)).unwrap_or(u32::MAX)
@@ -356,6 +529,7 @@ mod tests {
             expires_at_ms,
             properties: Bytes::new(),
             subscription_ids: Arc::from([]),
+            id: seq,
         }
     }
 
@@ -386,7 +560,7 @@ mod tests {
             panic!("{first:?}")
         };
         assert!(matches!(second, Send::Publish { packet_id: Some(i), .. } if i != id));
-        assert_eq!(out.puback(id), Ok(()));
+        assert_eq!(out.puback(id).map(|_| ()), Ok(()));
         assert_eq!(
             out.puback(id),
             Err(AckError::Unknown(id)),
@@ -429,6 +603,7 @@ mod tests {
             out.dropped(),
             Dropped {
                 queue_full: 2,
+                total_full: 0,
                 offline: 1,
                 expired: 0
             }
@@ -479,7 +654,7 @@ mod tests {
             Err(AckError::Unknown(ids[0])),
             "not QoS 1"
         );
-        assert_eq!(out.pubrec(ids[0]), Ok(()));
+        assert_eq!(out.pubrec(ids[0]).map(|_| ()), Ok(()));
         out.disconnected();
         out.connected(10);
         assert_eq!(out.next(0), Some(Send::Pubrel { packet_id: ids[0] }));
@@ -494,8 +669,66 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(out.pubcomp(ids[0]), Ok(()));
+        assert_eq!(out.pubcomp(ids[0]).map(|_| ()), Ok(()));
         assert_eq!(out.inflight(), 1);
+    }
+
+    #[test]
+    fn sessions_share_one_budget_and_give_it_back() {
+        let budget = Budget::new(100);
+        let mut a = Outbound::new(LIMITS, true).sharing(&budget);
+        let mut b = Outbound::new(LIMITS, true).sharing(&budget);
+        // 41 bytes each (topic "t" + 40 bytes of payload): two fit, the third does not.
+        assert_eq!(a.push(message(1, 1, 40, None)), Pushed::Queued);
+        assert_eq!(b.push(message(2, 0, 40, None)), Pushed::Queued);
+        assert_eq!(
+            a.push(message(3, 1, 40, None)),
+            Pushed::Dropped(DropReason::TotalFull)
+        );
+        assert_eq!(a.dropped().total_full, 1);
+        assert_eq!(budget.used(), 82);
+        // QoS 0 is given back once handed out; QoS 1 only once acknowledged.
+        assert!(matches!(
+            b.next(0),
+            Some(Send::Publish {
+                packet_id: None,
+                ..
+            })
+        ));
+        assert_eq!(budget.used(), 41);
+        let Some(Send::Publish {
+            packet_id: Some(id),
+            ..
+        }) = a.next(0)
+        else {
+            panic!("a QoS 1 publish")
+        };
+        assert_eq!(budget.used(), 41, "in flight still holds it");
+        assert!(a.puback(id).is_ok());
+        assert_eq!(budget.used(), 0);
+        // A session that ends gives back what it held.
+        assert_eq!(a.push(message(4, 2, 40, None)), Pushed::Queued);
+        assert_eq!(b.push(message(5, 1, 40, None)), Pushed::Queued);
+        drop(a);
+        assert_eq!(budget.used(), 41);
+        // Messages read back from disk are taken in even beyond the budget.
+        let restored = (10..14)
+            .map(|seq| Restored {
+                message: message(seq, 1, 40, None),
+                packet_id: None,
+                released: false,
+            })
+            .collect();
+        let c = Outbound::restore(LIMITS, restored).sharing(&budget);
+        assert_eq!(c.queued(), 4);
+        assert_eq!(budget.used(), 41 + 4 * 41);
+        assert_eq!(
+            b.push(message(6, 1, 1, None)),
+            Pushed::Dropped(DropReason::TotalFull)
+        );
+        drop(c);
+        drop(b);
+        assert_eq!(budget.used(), 0);
     }
 
     #[derive(Clone, Debug)]
@@ -530,8 +763,12 @@ mod tests {
         #[test]
         fn every_message_is_accounted_for_and_the_bounds_hold(
             ops in prop::collection::vec(op(), 0..120),
+            budget_limit in 100usize..2000,
         ) {
-            let mut out = Outbound::new(LIMITS, true);
+            // Small enough that the budget shared with other sessions is hit too.
+            let budget = Budget::new(budget_limit);
+            let mut out = Outbound::new(LIMITS, true).sharing(&budget);
+            let mut sizes: BTreeMap<u64, usize> = BTreeMap::new();
             let mut receive_maximum = LIMITS.receive_maximum;
             let mut now = 0u64;
             let mut seq = 0u64;
@@ -547,7 +784,9 @@ mod tests {
                     Op::Push { qos, size, ttl } => {
                         seq += 1;
                         pushed += 1;
-                        out.push(message(seq, qos, size, ttl.map(|t| now + t)));
+                        let m = message(seq, qos, size, ttl.map(|t| now + t));
+                        sizes.insert(seq, m.bytes());
+                        out.push(m);
                     }
                     Op::Next => {
                         let before = out.inflight();
@@ -599,16 +838,16 @@ mod tests {
                         let (_, _, qos, released) = flights[&id];
                         match (qos, released) {
                             (1, _) => {
-                                prop_assert_eq!(out.puback(id), Ok(()));
+                                prop_assert_eq!(out.puback(id).map(|_| ()), Ok(()));
                                 flights.remove(&id);
                                 finished += 1;
                             }
                             (_, false) => {
-                                prop_assert_eq!(out.pubrec(id), Ok(()));
+                                prop_assert_eq!(out.pubrec(id).map(|_| ()), Ok(()));
                                 flights.get_mut(&id).unwrap().3 = true;
                             }
                             (_, true) => {
-                                prop_assert_eq!(out.pubcomp(id), Ok(()));
+                                prop_assert_eq!(out.pubcomp(id).map(|_| ()), Ok(()));
                                 flights.remove(&id);
                                 finished += 1;
                             }
@@ -633,10 +872,21 @@ mod tests {
                 prop_assert_eq!(
                     pushed,
                     finished + flights.len() as u64 + out.queued() as u64
-                        + d.queue_full + d.offline + d.expired,
+                        + d.queue_full + d.total_full + d.offline + d.expired,
                     "a message is unaccounted for"
                 );
+                // Held: the queue, and what is in flight until acknowledged or released.
+                let in_flight: usize = flights
+                    .values()
+                    .filter(|f| !f.3)
+                    .map(|f| sizes[&f.1])
+                    .sum();
+                prop_assert_eq!(out.held_bytes(), out.queued_bytes() + in_flight);
+                prop_assert_eq!(budget.used(), out.held_bytes());
+                prop_assert!(budget.used() <= budget_limit);
             }
+            drop(out);
+            prop_assert_eq!(budget.used(), 0, "a dropped queue gives its bytes back");
         }
     }
 }

@@ -349,6 +349,51 @@ impl Sessions {
         effects
     }
 
+    /// A kept session read back from disk after a restart, with no connection: it ends at
+    /// `ends_at_ms` (or, with `None`, after its expiry counted from `now_ms`: its client was
+    /// connected when the gateway stopped), capped by today's limits. Returns `None` if the
+    /// client id already has a session or the kept sessions are at their limit.
+    pub fn restore(
+        &mut self,
+        client_id: Arc<str>,
+        expiry: Expiry,
+        ends_at_ms: Option<u64>,
+        now_ms: u64,
+    ) -> Option<SessionId> {
+        let expiry = self.cap(expiry);
+        if self.by_client.contains_key(&client_id)
+            || !expiry.kept()
+            || self.kept >= self.limits.max_kept_sessions
+        {
+            return None;
+        }
+        let ends_at_ms = match expiry {
+            Expiry::Never => None,
+            Expiry::After(secs) => Some(ends_at_ms.unwrap_or(now_ms + u64::from(secs) * 1000)),
+            Expiry::AtDisconnect => Some(now_ms),
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        self.insert(
+            client_id,
+            Session {
+                id,
+                connection: None,
+                expiry,
+                ends_at_ms,
+                pending_will: None,
+            },
+        );
+        Some(id)
+    }
+
+    /// The expiry of `client_id`'s session and when it ends (`None`: connected, or never).
+    pub fn expiry_of(&self, client_id: &str) -> Option<(Expiry, Option<u64>)> {
+        self.by_client
+            .get(client_id)
+            .map(|s| (s.expiry, s.ends_at_ms))
+    }
+
     /// The earliest time [`Sessions::tick`] has something to do, if any.
     pub fn next_due_ms(&self) -> Option<u64> {
         self.by_client
