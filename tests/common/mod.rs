@@ -263,6 +263,25 @@ impl Gateway {
         }
     }
 
+    /// The running gateway's process id.
+    #[allow(dead_code)]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The running gateway's peak resident memory (VmHWM), in MiB.
+    #[allow(dead_code)]
+    pub fn peak_rss_mib(&self) -> f64 {
+        let pid = self.pid().expect("the gateway runs");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let kib: f64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status");
+        kib / 1024.0
+    }
+
     /// SIGKILL: no chance to finish anything.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
