@@ -857,13 +857,15 @@ impl Connection {
     }
 
     /// The client acknowledged a packet the broker sent; an acknowledgement for a packet id
-    /// nothing waits for is ignored (returns false), as a late duplicate would be.
-    pub fn acknowledge(&self, ack: ClientAck) -> bool {
+    /// nothing waits for is ignored, as a late duplicate would be. For a PUBREC of a kept
+    /// session's message, returns what fires once its release is on disk: the PUBREL may go
+    /// then (and not before: after PUBREL the client forgets the packet id, so a resend of
+    /// the PUBLISH after a crash would reach it as a new message).
+    pub fn acknowledge(&self, ack: ClientAck) -> Option<Committed> {
         let mut state = self.broker.lock();
-        let Some(client) = state.clients.get_mut(&self.session) else {
-            return false;
-        };
-        let result = match ack {
+        let client = state.clients.get_mut(&self.session)?;
+        let mut stored = None;
+        match ack {
             ClientAck::Puback(id) | ClientAck::Pubcomp(id) => {
                 let done = match ack {
                     ClientAck::Puback(_) => client.outbound.puback(id),
@@ -874,44 +876,44 @@ impl Connection {
                         r.done(&client.client_id, mid);
                     }
                 }
-                done
             }
             ClientAck::Pubrec(id) => {
                 let released = client.outbound.pubrec(id);
                 if let (Ok(mid @ 1..), true) = (released, client.durable) {
                     if let Some(mut r) = self.broker.record() {
                         r.released(&client.client_id, mid);
+                        stored = Some(r.committed());
                     }
                 }
-                released
             }
-        };
+        }
         if let Some(attached) = &client.attached {
             // The window moved: more may go now.
             attached.signal.ready.notify_one();
         }
-        result.is_ok()
+        stored
     }
 
     /// Encodes into `out` the packets due to the client now, until about `max_bytes` are
-    /// there; returns how many packets it added. A publish larger than the client's Maximum
-    /// Packet Size is not sent to it (MQTT 5 §3.1.2.11.4): it is counted and, for QoS 1/2,
-    /// completed as if acknowledged.
-    pub fn take(&self, out: &mut BytesMut, max_bytes: usize) -> usize {
+    /// there. A publish larger than the client's Maximum Packet Size is not sent to it (MQTT
+    /// 5 §3.1.2.11.4): it is counted and, for QoS 1/2, completed as if acknowledged.
+    ///
+    /// When `out` holds the first send of a kept session's QoS 2 message, returns what fires
+    /// once its packet id is on disk: `out` may be written then (and not before: a resend
+    /// after a crash must carry the packet id the client saw, or the client would take it
+    /// for a new message). A QoS 1 message is written at once (a crash then can only resend
+    /// it under a new packet id: a duplicate, which QoS 1 allows).
+    pub fn take(&self, out: &mut BytesMut, max_bytes: usize) -> Option<Committed> {
         let now = now_ms();
         let mut guard = self.broker.lock();
         let state = &mut *guard;
-        let Some(client) = state.clients.get_mut(&self.session) else {
-            return 0;
-        };
-        let Some(attached) = client.attached.as_ref() else {
-            return 0;
-        };
+        let client = state.clients.get_mut(&self.session)?;
+        let attached = client.attached.as_ref()?;
         if attached.connection != self.id {
-            return 0;
+            return None;
         }
         let (version, max_packet_size) = (attached.version, attached.max_packet_size);
-        let mut added = 0;
+        let mut must_be_stored = false;
         while out.len() < max_bytes {
             self.broker
                 .feed_retained(client, &state.retained, &mut state.next_message_id, now);
@@ -959,6 +961,7 @@ impl Connection {
                     {
                         if let Some(mut r) = self.broker.record() {
                             r.sent(&client.client_id, message.id, id);
+                            must_be_stored |= message.qos == 2;
                         }
                     }
                 }
@@ -966,9 +969,12 @@ impl Connection {
                     out.extend_from_slice(&packets::ack(packets::ack::PUBREL, packet_id));
                 }
             }
-            added += 1;
         }
-        added
+        if must_be_stored {
+            self.broker.record().map(|mut r| r.committed())
+        } else {
+            None
+        }
     }
 
     /// The messages due to an in-process client now (at most `max`), each completed at once

@@ -135,8 +135,11 @@ struct Batch {
     /// By durable id, which is the order they were queued in.
     messages: BTreeMap<u64, (Arc<str>, MessageOp)>,
     retained: HashMap<Arc<str>, Option<retained::Message>>,
-    /// QoS 2 publishes of a client: received (true) or released (false).
-    incoming_qos2: HashMap<(Arc<str>, u16), bool>,
+    /// QoS 2 publishes of a client: received (true) or released (false), with the order of
+    /// their last record (the order the broker forgets them in is the order received).
+    incoming_qos2: HashMap<(Arc<str>, u16), (u64, bool)>,
+    /// Records so far, to order `incoming_qos2`.
+    records: u64,
 }
 
 impl Batch {
@@ -545,7 +548,9 @@ fn write(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<()> {
         )?;
         let mut released =
             tx.prepare_cached("DELETE FROM incoming_qos2 WHERE client_id = ?1 AND packet_id = ?2")?;
-        for ((client, packet_id), open) in &batch.incoming_qos2 {
+        let mut changes: Vec<_> = batch.incoming_qos2.iter().collect();
+        changes.sort_unstable_by_key(|(_, (order, _))| *order);
+        for ((client, packet_id), (_, open)) in changes {
             let client: &str = client;
             if *open {
                 received.execute(params![client, packet_id])?;
@@ -675,21 +680,23 @@ impl Recorder<'_> {
 
     /// A kept session's client had a QoS 2 publish journaled under `packet_id`.
     pub fn qos2_received(&mut self, client: &Arc<str>, packet_id: u16) {
-        self.count();
-        self.pending
-            .batch
-            .incoming_qos2
-            .insert((client.clone(), packet_id), true);
+        self.qos2(client, packet_id, true);
     }
 
     /// A kept session's client released (or the broker forgot) its QoS 2 publish
     /// `packet_id`.
     pub fn qos2_released(&mut self, client: &Arc<str>, packet_id: u16) {
+        self.qos2(client, packet_id, false);
+    }
+
+    fn qos2(&mut self, client: &Arc<str>, packet_id: u16, open: bool) {
         self.count();
-        self.pending
-            .batch
+        let batch = &mut self.pending.batch;
+        batch.records += 1;
+        let order = batch.records;
+        batch
             .incoming_qos2
-            .insert((client.clone(), packet_id), false);
+            .insert((client.clone(), packet_id), (order, open));
     }
 
     /// A kept session subscribed (or changed a subscription's options).

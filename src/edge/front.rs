@@ -586,7 +586,13 @@ impl Session {
                 });
             }
             if out.len() < WRITE_BATCH {
-                connection.take(&mut out, WRITE_BATCH);
+                if let Some(stored) = connection.take(&mut out, WRITE_BATCH) {
+                    // A kept session's QoS 2 message goes out only once its packet id is on
+                    // disk (see `Connection::take`): a short wait for one group commit.
+                    stored.await.map_err(|_| {
+                        End::Lost("the broker's state stopped before a delivery was stored".into())
+                    })?;
+                }
             }
             let more = out.len() >= WRITE_BATCH;
             if !out.is_empty() {
@@ -724,8 +730,13 @@ impl Session {
             }
             kind::PUBREC => {
                 let id = packet_id(self)?;
-                connection.acknowledge(ClientAck::Pubrec(id));
-                out.extend_from_slice(&packets::ack(packets::ack::PUBREL, id));
+                let released = connection.acknowledge(ClientAck::Pubrec(id));
+                // In order with the acknowledgements: it waits behind them, and for its own
+                // release to be stored (a kept session's message).
+                self.acks.push_back(Held::after(
+                    packets::ack(packets::ack::PUBREL, id),
+                    [released],
+                ));
             }
             kind::PUBCOMP => {
                 connection.acknowledge(ClientAck::Pubcomp(packet_id(self)?));
