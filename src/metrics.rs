@@ -24,6 +24,8 @@ pub struct Metrics {
     pub edge_connections_refused: AtomicU64,
     /// Messages for local subscribers dropped at a session's queue bound (`broker.max_queued_messages`, `broker.max_queued_bytes`), retained messages owed beyond `broker.max_retained_messages` included.
     pub broker_dropped_queue_full: AtomicU64,
+    /// Device publishes refused (neither journaled nor delivered): to a reserved topic (`$SYS`, `$share`).
+    pub edge_publishes_refused: AtomicU64,
     /// Messages for local subscribers dropped because all sessions together held `broker.max_queued_bytes_total`.
     pub broker_dropped_total_full: AtomicU64,
     /// QoS 0 messages dropped for a kept session whose client was away (as Mosquitto drops them).
@@ -169,6 +171,8 @@ pub struct Snapshot {
     pub edge_connections_refused: u64,
     /// See [`Metrics::broker_dropped_queue_full`].
     pub broker_dropped_queue_full: u64,
+    /// See [`Metrics::edge_publishes_refused`].
+    pub edge_publishes_refused: u64,
     /// See [`Metrics::broker_dropped_total_full`].
     pub broker_dropped_total_full: u64,
     /// See [`Metrics::broker_dropped_offline`].
@@ -384,6 +388,7 @@ impl Metrics {
             edge_rejected: get(&self.edge_rejected),
             edge_connections_refused: get(&self.edge_connections_refused),
             broker_dropped_queue_full: get(&self.broker_dropped_queue_full),
+            edge_publishes_refused: get(&self.edge_publishes_refused),
             broker_dropped_total_full: get(&self.broker_dropped_total_full),
             broker_dropped_offline: get(&self.broker_dropped_offline),
             broker_dropped_expired: get(&self.broker_dropped_expired),

@@ -28,8 +28,11 @@ pub mod reason {
     /// DISCONNECT: a packet the protocol does not allow here (a packet type only servers
     /// send, a second CONNECT, wildcards in a publish topic); Mosquitto 2's answer too.
     pub const PROTOCOL_ERROR: u8 = 0x82;
-    /// DISCONNECT: a topic alias of 0, above the server's maximum, or holding too much.
+    /// DISCONNECT: a topic alias above the server's maximum, or holding too much (an alias
+    /// of 0 is malformed, as Mosquitto 2 answers it).
     pub const TOPIC_ALIAS_INVALID: u8 = 0x94;
+    /// PUBACK / PUBREC: the client may not publish to this topic.
+    pub const NOT_AUTHORIZED: u8 = 0x87;
     /// DISCONNECT: a packet larger than the server accepts.
     pub const PACKET_TOO_LARGE: u8 = 0x95;
     /// Session taken over: another connection with the same client id (§3.14.2.1).
@@ -89,10 +92,10 @@ pub fn valid_topic_name(topic: &str) -> bool {
     !topic.is_empty() && topic.len() <= usize::from(u16::MAX) && !topic.contains(['+', '#', '\0'])
 }
 
-/// Whether `filter` may be subscribed to: not empty, no NUL, `#` only as the whole last level,
-/// `+` only as a whole level (3.1.1 §4.7.1); a shared subscription `$share/GROUP/FILTER` needs
-/// a non-empty group without wildcards and a valid filter after it (MQTT 5 §4.8.2; Mosquitto
-/// applies the same rule on 3.1.1).
+/// Whether `filter` may be subscribed to on MQTT 5: not empty, no NUL, `#` only as the whole
+/// last level, `+` only as a whole level (§4.7.1); a shared subscription
+/// `$share/GROUP/FILTER` needs a non-empty group without wildcards and a valid filter after it
+/// (§4.8.2).
 pub fn valid_topic_filter(filter: &str) -> bool {
     if filter.is_empty() || filter.len() > usize::from(u16::MAX) || filter.contains('\0') {
         return false;
@@ -106,7 +109,27 @@ pub fn valid_topic_filter(filter: &str) -> bool {
     valid_plain_filter(filter)
 }
 
-fn valid_plain_filter(filter: &str) -> bool {
+/// Whether a 3.1.1 client may subscribe to `filter`: as on MQTT 5 ([`valid_topic_filter`]),
+/// and also a `$share/` filter that names no share (no filter after the group, or an empty
+/// group: `$share/g`, `$share//a`), which 3.1.1, having no shared subscriptions in its
+/// specification, reads as an ordinary filter (Mosquitto 2 grants them; a group with a
+/// wildcard or an invalid filter after it is refused there too).
+pub fn valid_topic_filter_v311(filter: &str) -> bool {
+    valid_topic_filter(filter) || (names_no_share(filter) && valid_plain_filter(filter))
+}
+
+/// Whether `filter` starts with `$share/` without naming a share: no `/` after the group, or an
+/// empty group. Such a filter is an ordinary one (see [`valid_topic_filter_v311`]).
+pub fn names_no_share(filter: &str) -> bool {
+    filter.strip_prefix("$share/").is_some_and(|rest| {
+        rest.split_once('/')
+            .is_none_or(|(group, _)| group.is_empty())
+    })
+}
+
+/// Whether `filter` is valid as a filter without any `$share/` reading: `#` only as the whole
+/// last level, `+` only as a whole level.
+pub fn valid_plain_filter(filter: &str) -> bool {
     if filter.is_empty() {
         return false;
     }
@@ -121,6 +144,13 @@ fn valid_plain_filter(filter: &str) -> bool {
         }
     }
     true
+}
+
+/// Whether a client is refused publishing to `topic`, as Mosquitto 2 refuses it: topics
+/// starting with `$SYS` (the broker's own) or `$share` (not a topic, a subscription prefix).
+/// The publish is acknowledged (on MQTT 5 with 0x87 "not authorized") and dropped.
+pub fn reserved_publish_topic(topic: &str) -> bool {
+    topic.starts_with("$SYS") || topic.starts_with("$share")
 }
 
 /// Whether the topic name `topic` matches the topic filter `filter` (3.1.1 §4.7.1, MQTT 5
@@ -243,6 +273,36 @@ mod tests {
             "$share/g/a/#/b",
         ] {
             assert!(!valid_topic_filter(bad), "{bad:?}");
+        }
+        // 3.1.1 reads a `$share/` filter that names no share as an ordinary filter; the
+        // others are as on 5.
+        for ok in ["$share/g", "$share//a", "$share/g/a/#", "a/+"] {
+            assert!(valid_topic_filter_v311(ok), "{ok}");
+        }
+        for bad in [
+            "$share/g+/a",
+            "$share/g#/a",
+            "$share/g/a/#/b",
+            "$share//a/#/b",
+            "a/#/b",
+        ] {
+            assert!(!valid_topic_filter_v311(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn reserved_publish_topics_are_mosquittos() {
+        for reserved in [
+            "$SYS/broker/uptime",
+            "$SYS",
+            "$SYSX/a",
+            "$share/g/t",
+            "$share",
+        ] {
+            assert!(reserved_publish_topic(reserved), "{reserved}");
+        }
+        for open in ["$aws/things/x", "SYS/a", "a/$SYS", "$sys/a", "telemetry/1"] {
+            assert!(!reserved_publish_topic(open), "{open}");
         }
     }
 

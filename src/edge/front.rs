@@ -120,6 +120,8 @@ pub struct Front {
     pub connect_timeout: Duration,
     /// The longest keep-alive an MQTT 5 client may use (`broker.max_keepalive_secs`; 0: any).
     pub max_keepalive: u16,
+    /// Publishes refused so far (their warning is rate-limited).
+    pub refused_publishes: Arc<AtomicU64>,
     /// Whether devices are refused the gateway's reserved client ids (a gateway's own
     /// broker); a stand-in upstream lets gateways connect with theirs.
     pub reserve_client_ids: bool,
@@ -361,23 +363,33 @@ struct Held {
     /// A QoS 2 publish's packet id to remember in the session once the gates are open
     /// (remembering it makes a resend a duplicate, so it must follow the journal commit).
     remember_qos2: Option<u16>,
-    /// The packet.
-    packet: [u8; 4],
+    /// The packet: an acknowledgement of four bytes, or five with an MQTT 5 reason code.
+    packet: [u8; 5],
+    /// Its length.
+    len: u8,
 }
 
 impl Held {
     /// An acknowledgement that waits for nothing.
-    fn open(packet: [u8; 4]) -> Held {
+    fn open(packet: &[u8]) -> Held {
         Held::after(packet, [])
     }
 
     /// An acknowledgement that waits for these commits, in order.
-    fn after(packet: [u8; 4], gates: impl IntoIterator<Item = Option<Committed>>) -> Held {
+    fn after(packet: &[u8], gates: impl IntoIterator<Item = Option<Committed>>) -> Held {
+        let mut bytes = [0; 5];
+        let len = packet.len().min(bytes.len());
+        bytes[..len].copy_from_slice(&packet[..len]);
         Held {
             gates: gates.into_iter().flatten().collect(),
             remember_qos2: None,
-            packet,
+            packet: bytes,
+            len: len as u8,
         }
+    }
+
+    fn packet(&self) -> &[u8] {
+        &self.packet[..usize::from(self.len)]
     }
 }
 
@@ -646,7 +658,7 @@ impl Session {
                 }
             }
             if let Some(held) = self.acks.pop_front() {
-                out.extend_from_slice(&held.packet);
+                out.extend_from_slice(held.packet());
             }
         }
     }
@@ -721,7 +733,7 @@ impl Session {
                 self.qos2_open.remove(&id);
                 let forgotten = connection.incoming_qos2_released(id);
                 self.acks.push_back(Held::after(
-                    packets::ack(packets::ack::PUBCOMP, id),
+                    &packets::ack(packets::ack::PUBCOMP, id),
                     [forgotten],
                 ));
             }
@@ -734,7 +746,7 @@ impl Session {
                 // In order with the acknowledgements: it waits behind them, and for its own
                 // release to be stored (a kept session's message).
                 self.acks.push_back(Held::after(
-                    packets::ack(packets::ack::PUBREL, id),
+                    &packets::ack(packets::ack::PUBREL, id),
                     [released],
                 ));
             }
@@ -747,7 +759,7 @@ impl Session {
                 if let Some(bad) = subscribe
                     .subscriptions
                     .iter()
-                    .find(|s| !checks::valid_topic_filter(&s.filter))
+                    .find(|s| !valid_filter(version, &s.filter))
                 {
                     // Malformed, as Mosquitto 2 answers (0x8F is for well-formed filters
                     // a server declines).
@@ -769,7 +781,7 @@ impl Session {
             kind::UNSUBSCRIBE => {
                 let (id, filters) = frame::parse_unsubscribe(frame, &packet, version)
                     .map_err(|e| self.refuse_frame(e))?;
-                if let Some(bad) = filters.iter().find(|f| !checks::valid_topic_filter(f)) {
+                if let Some(bad) = filters.iter().find(|f| !valid_filter(version, f)) {
                     return Err(close_with(
                         version,
                         reason::MALFORMED_PACKET,
@@ -852,7 +864,7 @@ impl Session {
             // one (if that still waits, this waits behind it).
             self.qos2_open.insert(id);
             self.acks
-                .push_back(Held::open(packets::ack(packets::ack::PUBREC, id)));
+                .push_back(Held::open(&packets::ack(packets::ack::PUBREC, id)));
             return Ok(());
         }
         if version == Version::V5
@@ -867,6 +879,10 @@ impl Session {
                     self.front.max_inflight
                 ),
             ));
+        }
+        if self.origin == Origin::Device && checks::reserved_publish_topic(&topic) {
+            self.refuse_publish(qos, id, &topic);
+            return Ok(());
         }
         let topic: Arc<str> = Arc::from(topic);
         let gate = match (self.origin, &self.front.sink) {
@@ -908,12 +924,12 @@ impl Session {
         });
         match qos {
             1 => self.acks.push_back(Held::after(
-                packets::ack(packets::ack::PUBACK, id),
+                &packets::ack(packets::ack::PUBACK, id),
                 [gate, stored],
             )),
             2 => {
                 self.qos2_open.insert(id);
-                let mut held = Held::after(packets::ack(packets::ack::PUBREC, id), [gate, stored]);
+                let mut held = Held::after(&packets::ack(packets::ack::PUBREC, id), [gate, stored]);
                 held.remember_qos2 = Some(id);
                 self.acks.push_back(held);
             }
@@ -922,11 +938,42 @@ impl Session {
         Ok(())
     }
 
+    /// A publish the client may not make: neither journaled nor delivered, counted, and
+    /// acknowledged as Mosquitto 2 acknowledges it (MQTT 5: PUBACK or PUBREC with 0x87 "not
+    /// authorized", which ends a QoS 2 flow; 3.1.1 has no way to say it, so the flow looks
+    /// successful to the client).
+    fn refuse_publish(&mut self, qos: u8, id: u16, topic: &str) {
+        Metrics::add(&self.front.metrics.edge_publishes_refused, 1);
+        if every_thousandth(&self.front.refused_publishes) {
+            warn!(%topic, "publish to a reserved topic refused (logged once per 1,000)");
+        }
+        let kind = match qos {
+            1 => packets::ack::PUBACK,
+            2 => packets::ack::PUBREC,
+            _ => return,
+        };
+        let ack = packets::ack(kind, id);
+        match self.version {
+            Version::V4 => self.acks.push_back(Held::open(&ack)),
+            Version::V5 => {
+                let [byte1, _, hi, lo] = ack;
+                let with_reason = [byte1, 0x03, hi, lo, reason::NOT_AUTHORIZED];
+                self.acks.push_back(Held::open(&with_reason));
+            }
+        }
+    }
+
     fn resolve_topic(&mut self, publish: &frame::Publish, version: Version) -> Result<String, End> {
         let alias_error = |what: String| close_with(version, reason::TOPIC_ALIAS_INVALID, what);
         match publish.topic_alias {
-            Some(alias) if alias == 0 || alias > TOPIC_ALIAS_MAX => Err(alias_error(format!(
-                "protocol: topic alias {alias} outside 1..={TOPIC_ALIAS_MAX}"
+            // Malformed, as Mosquitto 2 answers it (MQTT 5 §3.3.2.3.4 leaves the code open).
+            Some(0) => Err(close_with(
+                version,
+                reason::MALFORMED_PACKET,
+                "protocol: topic alias 0".into(),
+            )),
+            Some(alias) if alias > TOPIC_ALIAS_MAX => Err(alias_error(format!(
+                "protocol: topic alias {alias} above {TOPIC_ALIAS_MAX}"
             ))),
             Some(alias) if publish.topic.is_empty() => {
                 self.aliases.get(&alias).cloned().ok_or_else(|| {
@@ -956,6 +1003,14 @@ impl Session {
             )),
             None => Ok(publish.topic.clone()),
         }
+    }
+}
+
+/// Whether a client of `version` may subscribe to (or unsubscribe from) `filter`.
+fn valid_filter(version: Version, filter: &str) -> bool {
+    match version {
+        Version::V4 => checks::valid_topic_filter_v311(filter),
+        Version::V5 => checks::valid_topic_filter(filter),
     }
 }
 

@@ -210,6 +210,7 @@ impl Edge {
             refusing: Arc::new(Semaphore::new(front::MAX_REFUSING)),
             connect_timeout: Duration::from_millis(u64::from(config.connect_timeout_ms)),
             max_keepalive: config.max_keepalive_secs,
+            refused_publishes: Arc::default(),
         };
         let ticking = broker.clone();
         let ticker = tokio::spawn(async move {

@@ -163,14 +163,15 @@ pub struct Subscriptions {
     limits: Limits,
 }
 
-/// Splits `$share/NAME/FILTER` into its share name and filter.
+/// Splits `$share/NAME/FILTER` into its share name and filter; a `$share/` filter that names no
+/// share ([`checks::names_no_share`], which only 3.1.1 clients may send) is an ordinary one.
 fn split_share(filter: &str) -> (Option<&str>, &str) {
     match filter
         .strip_prefix("$share/")
         .and_then(|rest| rest.split_once('/'))
     {
-        Some((name, inner)) => (Some(name), inner),
-        None => (None, filter),
+        Some((name, inner)) if !name.is_empty() => (Some(name), inner),
+        _ => (None, filter),
     }
 }
 
@@ -214,7 +215,8 @@ impl Subscriptions {
         filter: &str,
         options: Options,
     ) -> Result<Subscribed, SubscribeError> {
-        if !checks::valid_topic_filter(filter) {
+        // The front holds MQTT 5 clients to the stricter rule.
+        if !checks::valid_topic_filter_v311(filter) {
             return Err(SubscribeError::InvalidFilter);
         }
         let (share, inner) = split_share(filter);
@@ -588,13 +590,24 @@ mod tests {
     #[test]
     fn invalid_filters_and_option_bytes_are_refused() {
         let mut subs = Subscriptions::new(ROOMY);
-        for filter in ["", "a/#/b", "a+", "$share/g", "$share//a", "$share/g+/a"] {
+        for filter in ["", "a/#/b", "a+", "$share/g+/a", "$share/g/a/#/b"] {
             assert_eq!(
                 subs.subscribe(1, filter, qos(0)),
                 Err(SubscribeError::InvalidFilter),
                 "{filter:?}"
             );
         }
+        assert!(subs.is_empty());
+        // `$share/` filters that name no share are ordinary ones (the front lets only 3.1.1
+        // clients send them): they match only the topic they spell.
+        for filter in ["$share/g", "$share//a"] {
+            assert_eq!(subs.subscribe(1, filter, qos(0)), Ok(Subscribed::New));
+            let deliveries = subs.matches(filter, None);
+            assert_eq!(deliveries.len(), 1, "{filter}");
+            assert_eq!(deliveries[0].share, None, "{filter}");
+        }
+        assert!(subs.unsubscribe(1, "$share//a"));
+        assert!(subs.unsubscribe(1, "$share/g"));
         assert!(subs.is_empty());
         assert_eq!(Options::from_byte(3, None), None);
         assert_eq!(Options::from_byte(0b0011_0000, None), None);
