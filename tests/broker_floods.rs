@@ -10,10 +10,9 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
+use common::mqtt::{Client, Publish, Version};
 use common::{write_config, Gateway};
 
 /// The service unit's memory limit (`MemoryMax=256M` in packaging/debian/outpost.service).
@@ -41,149 +40,27 @@ fn start(dir: &std::path::Path, broker: &str) -> Gateway {
     gateway
 }
 
-/// A raw MQTT connection (the floods need control a client library does not give: no
-/// reading at all, pipelining without limit).
-struct Raw {
-    stream: TcpStream,
-    v5: bool,
+/// A clean-session client that waits as long as a flood may take.
+fn client(port: u16, version: Version, client_id: &str) -> Client {
+    let mut client = Client::clean(port, version, client_id);
+    client.set_wait(PATIENCE);
+    client
 }
 
-fn remaining_length(mut len: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if len == 0 {
-            return;
-        }
-    }
-}
-
-fn packet(byte1: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![byte1];
-    remaining_length(body.len(), &mut out);
-    out.extend_from_slice(body);
-    out
-}
-
-fn string(out: &mut Vec<u8>, s: &str) {
-    out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-    out.extend_from_slice(s.as_bytes());
-}
-
-impl Raw {
-    /// Connects with a clean session and waits for the CONNACK.
-    fn connect(port: u16, client_id: &str, v5: bool) -> Raw {
-        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        stream.set_read_timeout(Some(PATIENCE)).expect("timeout");
-        let mut raw = Raw { stream, v5 };
-        let mut body = Vec::new();
-        string(&mut body, "MQTT");
-        body.extend_from_slice(&[if v5 { 5 } else { 4 }, 0x02, 0, 0]);
-        if v5 {
-            body.push(0);
-        }
-        string(&mut body, client_id);
-        raw.send(&packet(0x10, &body));
-        let (byte1, connack) = raw.read();
-        assert_eq!(byte1, 0x20, "CONNACK for {client_id}");
-        assert_eq!(connack[1], 0, "{client_id} accepted");
-        raw
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("write to the broker");
-    }
-
-    /// The next packet: its first byte and its body.
-    fn read(&mut self) -> (u8, Vec<u8>) {
-        let mut byte1 = [0u8; 1];
-        self.stream.read_exact(&mut byte1).expect("a packet");
-        let (mut len, mut shift) = (0usize, 0);
-        loop {
-            let mut b = [0u8; 1];
-            self.stream.read_exact(&mut b).expect("remaining length");
-            len |= usize::from(b[0] & 0x7f) << shift;
-            shift += 7;
-            if b[0] & 0x80 == 0 {
-                break;
-            }
-        }
-        let mut body = vec![0; len];
-        self.stream.read_exact(&mut body).expect("a packet body");
-        (byte1[0], body)
-    }
-
-    fn publish(
-        &self,
-        topic: &str,
-        qos: u8,
-        retain: bool,
-        packet_id: u16,
-        payload: &[u8],
-    ) -> Vec<u8> {
-        let mut body = Vec::with_capacity(payload.len() + topic.len() + 8);
-        string(&mut body, topic);
-        if qos > 0 {
-            body.extend_from_slice(&packet_id.to_be_bytes());
-        }
-        if self.v5 {
-            body.push(0);
-        }
-        body.extend_from_slice(payload);
-        packet(0x30 | (qos << 1) | u8::from(retain), &body)
-    }
-
-    /// SUBSCRIBEs to `filters` at QoS 1 in one packet; returns the SUBACK's codes.
-    fn subscribe(&mut self, packet_id: u16, filters: &[String]) -> Vec<u8> {
-        let mut body = packet_id.to_be_bytes().to_vec();
-        if self.v5 {
-            body.push(0);
-        }
-        for filter in filters {
-            string(&mut body, filter);
-            body.push(1);
-        }
-        self.send(&packet(0x82, &body));
-        loop {
-            let (byte1, body) = self.read();
-            if byte1 == 0x90 {
-                assert_eq!(body[..2], packet_id.to_be_bytes(), "SUBACK's packet id");
-                let codes = if self.v5 {
-                    let props = usize::from(body[2]);
-                    &body[3 + props..]
-                } else {
-                    &body[2..]
-                };
-                return codes.to_vec();
-            }
-        }
-    }
-
-    /// Reads until the PUBACK for `packet_id` (other packets are skipped).
-    fn wait_puback(&mut self, packet_id: u16) {
-        loop {
-            let (byte1, body) = self.read();
-            if byte1 == 0x40 && body[..2] == packet_id.to_be_bytes() {
-                return;
-            }
-        }
-    }
+/// A publish as bytes, ready to be sent again and again.
+fn publish(version: Version, topic: &str, qos: u8, id: u16, payload: &[u8]) -> Vec<u8> {
+    Publish::new(topic, payload).qos(qos).id(id).encode(version)
 }
 
 /// The gateway's metrics, as a client subscribed to them for the whole test reads them
 /// (one subscription of its own, counted in `broker_subscriptions`).
-struct Metrics(Raw);
+struct Metrics(Client);
 
 impl Metrics {
     fn subscribe(port: u16) -> Metrics {
-        let mut raw = Raw::connect(port, "metrics-reader", false);
-        let topic = format!("outpost/{GATEWAY}/metrics");
-        assert_eq!(raw.subscribe(1, &[topic]), vec![1]);
-        Metrics(raw)
+        let mut reader = client(port, Version::V4, "metrics-reader");
+        reader.subscribe(&format!("outpost/{GATEWAY}/metrics"), 0);
+        Metrics(reader)
     }
 
     /// The snapshot after ten more (two seconds of the gateway's time at one every 200 ms):
@@ -204,13 +81,9 @@ impl Metrics {
     ) -> serde_json::Value {
         let deadline = std::time::Instant::now() + PATIENCE;
         loop {
-            let (byte1, body) = self.0.read();
-            if byte1 & 0xF0 != 0x30 {
-                continue;
-            }
-            let len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+            let snapshot = self.0.expect_publish();
             let m: serde_json::Value =
-                serde_json::from_slice(&body[2 + len..]).expect("metrics JSON");
+                serde_json::from_slice(&snapshot.payload).expect("metrics JSON");
             if check(&m) {
                 return m;
             }
@@ -236,16 +109,14 @@ fn counter(m: &serde_json::Value, name: &str) -> u64 {
 fn a_qos0_flood_of_large_payloads_stays_under_the_memory_limit() {
     let dir = tempfile::tempdir().unwrap();
     let gateway = start(dir.path(), "");
-    let mut flooder = Raw::connect(gateway.port, "flooder", false);
-    let payload = vec![b'x'; 200_000];
+    let mut flooder = client(gateway.port, Version::V4, "flooder");
     const FLOOD: u64 = 1500;
-    let publish = flooder.publish("flood/x", 0, false, 0, &payload);
+    let flood = publish(Version::V4, "flood/x", 0, 0, &[b'x'; 200_000]);
     for _ in 0..FLOOD {
-        flooder.send(&publish);
+        flooder.send_raw(&flood);
     }
     // Publishes are journaled in order: once the last one's PUBACK comes, all are.
-    let last = flooder.publish("flood/end", 1, false, 1, b"end");
-    flooder.send(&last);
+    flooder.send_raw(&publish(Version::V4, "flood/end", 1, 1, b"end"));
     flooder.wait_puback(1);
     let peak = gateway.peak_rss_mib();
     assert!(
@@ -269,23 +140,27 @@ fn fifty_thousand_subscriptions_from_one_client_get_the_quota_and_are_freed() {
     let mut metrics = Metrics::subscribe(gateway.port);
     // The gateway's own (its control planes') and the metrics reader's.
     let base = counter(&metrics.settled(), "broker_subscriptions");
-    for (v5, count, refused) in [(true, 50_000usize, 0x97u8), (false, 2_000, 0x80)] {
-        let mut greedy = Raw::connect(gateway.port, &format!("greedy-{v5}"), v5);
+    for (version, count, refused) in [
+        (Version::V5, 50_000usize, 0x97u8),
+        (Version::V4, 2_000, 0x80),
+    ] {
+        let mut greedy = client(gateway.port, version, &format!("greedy-{}", version.tag()));
         let mut codes = Vec::new();
         let filters: Vec<String> = (0..count).map(|i| format!("s/{i}/+/#")).collect();
-        for (n, chunk) in filters.chunks(500).enumerate() {
-            codes.extend(greedy.subscribe(n as u16 + 1, chunk));
+        for chunk in filters.chunks(500) {
+            let chunk: Vec<(&str, u8)> = chunk.iter().map(|f| (f.as_str(), 1)).collect();
+            codes.extend(greedy.subscribe_with(&chunk, &[]));
         }
         assert_eq!(codes.len(), count);
         let granted = codes.iter().filter(|c| **c == 1).count();
-        assert_eq!(granted, 1000, "the per-client quota (v5: {v5})");
+        assert_eq!(granted, 1000, "the per-client quota ({version:?})");
         assert!(
             codes[1000..].iter().all(|c| *c == refused),
-            "quota exceeded for the rest (v5: {v5})"
+            "quota exceeded for the rest ({version:?})"
         );
         // Someone else is not starved by it.
-        let mut other = Raw::connect(gateway.port, &format!("other-{v5}"), v5);
-        assert_eq!(other.subscribe(1, &["o/#".to_string()]), vec![1]);
+        let mut other = client(gateway.port, version, &format!("other-{}", version.tag()));
+        other.subscribe("o/#", 1);
         // 1,000 of its own and one of the other client.
         metrics.until("the greedy client's subscriptions counted", |m| {
             counter(m, "broker_subscriptions") == base + 1001
@@ -307,13 +182,16 @@ fn fifty_thousand_subscriptions_from_one_client_get_the_quota_and_are_freed() {
 fn a_retained_flood_is_bounded_and_a_new_subscriber_gets_every_kept_one() {
     let dir = tempfile::tempdir().unwrap();
     let gateway = start(dir.path(), "");
-    let mut device = Raw::connect(gateway.port, "retainer", true);
+    let mut device = client(gateway.port, Version::V5, "retainer");
     let payload = vec![b'r'; 100_000];
     const RETAINED: u16 = 2000;
     // A window of 50 unacknowledged publishes (under the broker's Receive Maximum of 100).
     for id in 1..=RETAINED {
-        let publish = device.publish(&format!("r/{id}"), 1, true, id, &payload);
-        device.send(&publish);
+        let retained = Publish::new(&format!("r/{id}"), payload.clone())
+            .qos(1)
+            .id(id)
+            .retain();
+        device.send_raw(&retained.encode(Version::V5));
         if id > 50 {
             device.wait_puback(id - 50);
         }
@@ -338,20 +216,17 @@ fn a_retained_flood_is_bounded_and_a_new_subscriber_gets_every_kept_one() {
     // A new subscriber gets every kept one, with the retain flag, each topic once: more than
     // its queue holds at once (max_queued_messages 1000 by default with these), paced by
     // its acknowledgements.
-    let mut late = Raw::connect(gateway.port, "late", false);
-    assert_eq!(late.subscribe(1, &["r/#".to_string()]), vec![1]);
+    let mut late = client(gateway.port, Version::V4, "late");
+    late.subscribe("r/#", 1);
     let mut topics = std::collections::HashSet::new();
     while (topics.len() as u64) < kept {
-        let (byte1, body) = late.read();
-        if byte1 & 0xF0 != 0x30 {
-            continue;
-        }
-        assert_eq!(byte1 & 0x01, 1, "the retain flag");
-        let len = usize::from(u16::from_be_bytes([body[0], body[1]]));
-        let topic = String::from_utf8(body[2..2 + len].to_vec()).unwrap();
-        assert!(topics.insert(topic.clone()), "{topic} twice");
-        let packet_id = [body[2 + len], body[3 + len]];
-        late.send(&packet(0x40, &packet_id));
+        let message = late.receive();
+        assert!(message.retain, "the retain flag on {}", message.topic);
+        assert!(
+            topics.insert(message.topic.clone()),
+            "{} twice",
+            message.topic
+        );
     }
     let peak = gateway.peak_rss_mib();
     assert!(
@@ -371,25 +246,24 @@ fn subscribers_that_stop_reading_hold_no_more_than_the_total_bound() {
     let dir = tempfile::tempdir().unwrap();
     let gateway = start(dir.path(), "");
     const STALLED: usize = 40;
-    let stalled: Vec<Raw> = (0..STALLED)
+    let stalled: Vec<Client> = (0..STALLED)
         .map(|i| {
-            let mut sub = Raw::connect(gateway.port, &format!("stalled-{i}"), true);
-            assert_eq!(sub.subscribe(1, &[format!("fan/{i}")]), vec![1]);
+            let mut sub = client(gateway.port, Version::V5, &format!("stalled-{i}"));
+            sub.subscribe(&format!("fan/{i}"), 1);
             sub
         })
         .collect();
-    let mut reader = Raw::connect(gateway.port, "reader", false);
-    assert_eq!(reader.subscribe(1, &["ok/#".to_string()]), vec![1]);
+    let mut reader = client(gateway.port, Version::V4, "reader");
+    reader.subscribe("ok/#", 1);
     let mut metrics = Metrics::subscribe(gateway.port);
 
-    let mut device = Raw::connect(gateway.port, "fanner", false);
+    let mut device = client(gateway.port, Version::V4, "fanner");
     let payload = vec![b'f'; 100_000];
     let mut id = 0u16;
     for _round in 0..60 {
         for i in 0..STALLED {
             id += 1;
-            let publish = device.publish(&format!("fan/{i}"), 1, false, id, &payload);
-            device.send(&publish);
+            device.send_raw(&publish(Version::V4, &format!("fan/{i}"), 1, id, &payload));
         }
         // Acknowledged in order: wait for this round's last before the next round (a window
         // of at most 40 unacknowledged).
@@ -409,17 +283,8 @@ fn subscribers_that_stop_reading_hold_no_more_than_the_total_bound() {
     );
 
     // The broker still serves a subscriber that reads.
-    let publish = device.publish("ok/1", 1, false, 1, b"still here");
-    device.send(&publish);
-    loop {
-        let (byte1, body) = reader.read();
-        if byte1 & 0xF0 == 0x30 {
-            assert!(body.ends_with(b"still here"));
-            let len = usize::from(u16::from_be_bytes([body[0], body[1]]));
-            reader.send(&packet(0x40, &body[2 + len..4 + len]));
-            break;
-        }
-    }
+    device.send_raw(&publish(Version::V4, "ok/1", 1, 1, b"still here"));
+    assert_eq!(reader.receive().payload, b"still here");
     // Once they are gone, what they held is given back.
     drop(stalled);
     metrics.until("their messages given back", |m| {

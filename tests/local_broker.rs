@@ -2,6 +2,7 @@
 //! layer (issue 13), tried with real clients of both protocol versions (`mosquitto_sub` and
 //! `mosquitto_pub`, rumqttc) over real sockets. Each test names the spec section it checks.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
@@ -9,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::mqtt::{Client, Connect, Packet, Publish, Version, PUBCOMP, PUBREC, PUBREL};
 use common::{eventually, Device, Gateway};
 
 /// A `mosquitto_sub` whose lines go to a file; killed when dropped.
@@ -489,5 +491,110 @@ async fn kept_sessions_and_retained_messages_survive_kill_9() {
         ["1 status/a up"],
         "status/b was cleared before the kill"
     );
+    assert!(gateway.stop(), "clean exit");
+}
+
+/// Issue 13, "QoS 2 exactly once in both directions" and "inflight QoS 1/2 state" across a
+/// `kill -9` (MQTT 5 §4.3.3, §4.4; 3.1.1 §4.3.3, §4.4): the gateway is killed while
+/// - a device's QoS 2 publish was acknowledged with PUBREC and not yet released: after the
+///   restart its resend (DUP) gets PUBREC and is neither journaled nor delivered again;
+/// - a kept subscriber had sent PUBREC for a QoS 2 delivery and got PUBREL: after the restart
+///   it gets the PUBREL again (not the PUBLISH, which it would take for a new message);
+/// - a kept subscriber had a QoS 1 delivery unacknowledged: after the restart it gets it
+///   again with DUP set and the same packet id.
+///
+/// Mosquitto keeps this state only at its autosave interval and on a clean stop, so this test
+/// runs against the gateway only.
+#[test]
+fn inflight_state_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut gateway = Gateway::new(dir.path(), &[]);
+    gateway.start();
+    let kept = |id: &str| Connect::new(Version::V5, id).persistent();
+    let (mut hmi, _) = Client::connect(gateway.port, &kept("hmi"));
+    hmi.subscribe("cell/#", 2);
+    let (mut historian, _) = Client::connect(gateway.port, &kept("historian"));
+    historian.subscribe("line/#", 1);
+    let (mut plc, _) = Client::connect(gateway.port, &kept("plc"));
+
+    let two = Publish::new("cell/a", "two").qos(2).id(7);
+    plc.publish(&two);
+    assert!(
+        matches!(plc.next(), Packet::PubRec { id: 7, code: 0 }),
+        "PUBREC for the QoS 2 publish"
+    );
+    assert_eq!(plc.publish_done(&Publish::new("line/a", "one").qos(1)), 0);
+
+    let delivered = hmi.expect_publish();
+    assert_eq!(
+        (delivered.qos, delivered.payload.as_slice()),
+        (2, &b"two"[..])
+    );
+    hmi.send_ack(PUBREC, delivered.id);
+    assert!(
+        matches!(hmi.next(), Packet::PubRel { id, .. } if id == delivered.id),
+        "PUBREL once the release is stored"
+    );
+    let unacked = historian.expect_publish();
+    assert_eq!((unacked.qos, unacked.dup), (1, false));
+    // A QoS 1 delivery goes out before its packet id is stored: wait until it is.
+    let state = rusqlite::Connection::open(gateway.data.join("broker.sqlite")).unwrap();
+    let stored = || -> Option<i64> {
+        state
+            .query_row(
+                "SELECT packet_id FROM messages WHERE client_id = 'historian'",
+                [],
+                |row| row.get(0),
+            )
+            .ok()
+            .flatten()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stored() != Some(i64::from(unacked.id)) {
+        assert!(std::time::Instant::now() < deadline, "the packet id stored");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(state);
+
+    gateway.kill();
+    gateway.start();
+    let port = gateway.port;
+
+    let (mut plc, connack) = Client::connect(port, &kept("plc"));
+    assert!(connack.session_present);
+    plc.publish(&two.clone().dup());
+    assert!(
+        matches!(plc.next(), Packet::PubRec { id: 7, code: 0 }),
+        "the resend is acknowledged"
+    );
+    plc.send_ack(PUBREL, 7);
+    assert!(matches!(plc.next(), Packet::PubComp { id: 7, .. }));
+    assert_eq!(
+        plc.publish_done(&Publish::new("cell/end", "sentinel").qos(1)),
+        0
+    );
+
+    let (mut hmi, connack) = Client::connect(port, &kept("hmi"));
+    assert!(connack.session_present);
+    assert!(
+        matches!(hmi.next(), Packet::PubRel { id, .. } if id == delivered.id),
+        "the PUBREL again, not the PUBLISH"
+    );
+    hmi.send_ack(PUBCOMP, delivered.id);
+    assert_eq!(
+        hmi.receive_until("cell/end"),
+        [],
+        "nothing before the sentinel"
+    );
+
+    let (mut historian, connack) = Client::connect(port, &kept("historian"));
+    assert!(connack.session_present);
+    let again = historian.expect_publish();
+    assert_eq!(
+        (again.dup, again.id, again.payload.as_slice()),
+        (true, unacked.id, &b"one"[..]),
+        "resent with DUP and its packet id"
+    );
+    historian.ack(&again);
     assert!(gateway.stop(), "clean exit");
 }

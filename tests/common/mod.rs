@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+#[macro_use]
+pub mod mqtt;
 pub mod pki;
 
 use std::collections::HashMap;
@@ -101,6 +103,26 @@ impl Mosquitto {
         };
         mosquitto.set_config(extra);
         mosquitto
+    }
+
+    /// A Mosquitto as shipped: its configuration is only `listener PORT 127.0.0.1`,
+    /// `allow_anonymous true`, every packet logged (to stderr, unbuffered, which goes to its
+    /// log file), and `extra`; no persistence, every other setting Mosquitto's default (for
+    /// tests that compare outpost's broker with it).
+    pub fn plain(dir: &Path, extra: &str) -> Mosquitto {
+        let port = free_port();
+        let dir = dir.join(format!("mosquitto-{port}"));
+        std::fs::create_dir_all(&dir).expect("mosquitto dir");
+        let conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\n\
+             log_dest stderr\nlog_type all\n{extra}"
+        );
+        std::fs::write(dir.join("mosquitto.conf"), conf).expect("write mosquitto.conf");
+        Mosquitto {
+            port,
+            dir,
+            child: None,
+        }
     }
 
     /// Rewrites the configuration's `extra` part (it applies at the next start).
