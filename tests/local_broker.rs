@@ -598,3 +598,140 @@ fn inflight_state_survives_kill_9() {
     historian.ack(&again);
     assert!(gateway.stop(), "clean exit");
 }
+
+/// A client driven by rumqttc's MQTT 5 event loop; every incoming PUBLISH and CONNACK goes to
+/// its channel.
+struct RumqttcV5 {
+    client: rumqttc::v5::AsyncClient,
+    events: tokio::sync::mpsc::UnboundedReceiver<rumqttc::v5::Incoming>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl RumqttcV5 {
+    /// Connects with Clean Start 0 and a Session Expiry Interval of 600 s.
+    fn kept(port: u16, id: &str) -> RumqttcV5 {
+        let mut options = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
+        options.set_clean_start(false);
+        options.set_session_expiry_interval(Some(600));
+        let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 100);
+        let (send, events) = tokio::sync::mpsc::unbounded_channel();
+        let driver = tokio::spawn(async move {
+            while let Ok(event) = eventloop.poll().await {
+                if let rumqttc::v5::Event::Incoming(incoming) = event {
+                    if send.send(incoming).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        RumqttcV5 {
+            client,
+            events,
+            driver,
+        }
+    }
+
+    /// The next incoming packet that `pick` takes.
+    async fn next<T>(&mut self, mut pick: impl FnMut(rumqttc::v5::Incoming) -> Option<T>) -> T {
+        let wait = async {
+            loop {
+                let incoming = self.events.recv().await.expect("the event loop runs");
+                if let Some(found) = pick(incoming) {
+                    return found;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .expect("the packet came")
+    }
+
+    async fn session_present(&mut self) -> bool {
+        self.next(|incoming| match incoming {
+            rumqttc::v5::Incoming::ConnAck(ack) => Some(ack.session_present),
+            _ => None,
+        })
+        .await
+    }
+
+    async fn publish(&mut self) -> rumqttc::v5::mqttbytes::v5::Publish {
+        self.next(|incoming| match incoming {
+            rumqttc::v5::Incoming::Publish(publish) => Some(publish),
+            _ => None,
+        })
+        .await
+    }
+}
+
+impl Drop for RumqttcV5 {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+/// rumqttc's MQTT 5 client, as a historian written in Rust would use the broker: a QoS 2
+/// publish with properties reaches its QoS 1 subscription at QoS 1 (MQTT 5 §3.8.4) with the
+/// properties unchanged and in order (§3.3.2.3), and what is published while it is away waits
+/// in its kept session (§4.1) for its return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rumqttc_mqtt5_client_gets_the_lower_qos_its_properties_and_its_kept_session() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::mqttbytes::QoS;
+    let dir = tempfile::tempdir().unwrap();
+    let mut gateway = Gateway::new(dir.path(), &[]);
+    gateway.start();
+    let mut historian = RumqttcV5::kept(gateway.port, "historian-v5");
+    assert!(!historian.session_present().await, "a new session");
+    historian
+        .client
+        .subscribe("plant/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    historian
+        .next(|incoming| matches!(incoming, rumqttc::v5::Incoming::SubAck(_)).then_some(()))
+        .await;
+    let mut line = RumqttcV5::kept(gateway.port, "line-v5");
+    line.session_present().await;
+    let properties = PublishProperties {
+        payload_format_indicator: Some(1),
+        content_type: Some("application/json".into()),
+        response_topic: Some("plant/replies".into()),
+        correlation_data: Some(bytes::Bytes::from_static(b"\x00\x01")),
+        user_properties: vec![
+            ("unit".into(), "C".into()),
+            ("site".into(), "3".into()),
+            ("unit".into(), "F".into()),
+        ],
+        ..PublishProperties::default()
+    };
+    line.client
+        .publish_with_properties(
+            "plant/oven",
+            QoS::ExactlyOnce,
+            false,
+            "21.5",
+            properties.clone(),
+        )
+        .await
+        .unwrap();
+    let got = historian.publish().await;
+    assert_eq!(got.qos, QoS::AtLeastOnce, "the lower of 2 and 1");
+    assert_eq!(&got.payload[..], b"21.5");
+    assert_eq!(got.properties, Some(properties), "unchanged and in order");
+
+    drop(historian);
+    line.client
+        .publish("plant/press", QoS::AtLeastOnce, false, "while away")
+        .await
+        .unwrap();
+    line.next(|incoming| matches!(incoming, rumqttc::v5::Incoming::PubAck(_)).then_some(()))
+        .await;
+    let mut historian = RumqttcV5::kept(gateway.port, "historian-v5");
+    assert!(historian.session_present().await, "its session was kept");
+    let queued = historian.publish().await;
+    assert_eq!(
+        (&queued.topic[..], &queued.payload[..]),
+        (&b"plant/press"[..], &b"while away"[..])
+    );
+    assert!(gateway.stop(), "clean exit");
+}
