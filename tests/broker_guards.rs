@@ -21,6 +21,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::mqtt::frame as packet;
 use common::{eventually, write_config, Device, Gateway, Mosquitto, Subscriber};
 
 const PATIENCE: Duration = Duration::from_secs(20);
@@ -34,24 +35,6 @@ enum V {
 fn string(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(&(s.len() as u16).to_be_bytes());
     out.extend_from_slice(s.as_bytes());
-}
-
-fn packet(byte1: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![byte1];
-    let mut len = body.len();
-    loop {
-        let mut b = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if len == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(body);
-    out
 }
 
 fn connect_packet(v: V, id: &str) -> Vec<u8> {

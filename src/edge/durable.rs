@@ -43,6 +43,7 @@ use super::outbound::{Message, Restored};
 use super::retained;
 use super::sessions::Expiry;
 use crate::metrics::Metrics;
+use crate::store::SchemaError;
 
 /// The file, in the data directory.
 pub const FILE_NAME: &str = "broker.sqlite";
@@ -274,24 +275,14 @@ fn open_connection(path: &Path) -> Result<Connection, DurableError> {
     let conn = Connection::open(path).map_err(sqlite(path))?;
     conn.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")
         .map_err(sqlite(path))?;
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(sqlite(path))?;
-    let known = MIGRATIONS.len() as i64;
-    if version > known {
-        return Err(DurableError::NewerSchema {
+    crate::store::upgrade_schema(&conn, MIGRATIONS).map_err(|e| match e {
+        SchemaError::Sqlite(source) => sqlite(path)(source),
+        SchemaError::TooNew { found, known } => DurableError::NewerSchema {
             path: path.display().to_string(),
-            found: version,
+            found,
             known,
-        });
-    }
-    for (done, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        conn.execute_batch(&format!(
-            "BEGIN; {step}; PRAGMA user_version = {}; COMMIT;",
-            done + 1
-        ))
-        .map_err(sqlite(path))?;
-    }
+        },
+    })?;
     Ok(conn)
 }
 

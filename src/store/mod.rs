@@ -597,27 +597,52 @@ fn open_connection_capped(path: &Path, max_db_bytes: u64) -> Result<Connection, 
 }
 
 fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
-    let sql = |source| StoreError::Sqlite {
-        path: path.to_path_buf(),
-        source,
-    };
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(sql)?;
-    let known = MIGRATIONS.len() as i64;
-    if version > known {
-        return Err(StoreError::TooNew {
+    upgrade_schema(conn, MIGRATIONS).map_err(|e| match e {
+        SchemaError::Sqlite(source) => StoreError::Sqlite {
             path: path.to_path_buf(),
+            source,
+        },
+        SchemaError::TooNew { found, known } => StoreError::TooNew {
+            path: path.to_path_buf(),
+            found,
+            known,
+        },
+    })
+}
+
+/// Why a database's schema could not be brought up to date.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// SQLite refused a step.
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
+    /// The file was written by a newer outpost, whose schema this one does not know.
+    #[error("schema version {found} is newer than this outpost's ({known})")]
+    TooNew {
+        /// The file's version.
+        found: i64,
+        /// The newest this build knows.
+        known: i64,
+    },
+}
+
+/// Brings `conn`'s schema up to date: `migrations[i]` upgrades version `i` to `i + 1`, and
+/// `PRAGMA user_version` records how many ran, each step in its own transaction (a crash
+/// leaves a version that is whole). A file newer than `migrations` is refused, unchanged.
+pub fn upgrade_schema(conn: &Connection, migrations: &[&str]) -> Result<(), SchemaError> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = migrations.len() as i64;
+    if version > known {
+        return Err(SchemaError::TooNew {
             found: version,
             known,
         });
     }
-    for (i, step) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+    for (i, step) in migrations.iter().enumerate().skip(version as usize) {
         conn.execute_batch(&format!(
             "BEGIN; {step}; PRAGMA user_version = {}; COMMIT;",
             i + 1
-        ))
-        .map_err(sql)?;
+        ))?;
     }
     Ok(())
 }

@@ -188,8 +188,9 @@ fn put_props(out: &mut Vec<u8>, props: &[Prop]) {
     out.extend_from_slice(&body);
 }
 
-/// A whole packet: first byte, remaining length, body.
-fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
+/// A whole packet: first byte, remaining length, body (any bytes: tests build packets a
+/// broker must refuse with it too).
+pub fn frame(byte1: u8, body: &[u8]) -> Vec<u8> {
     let mut out = vec![byte1];
     put_varint(&mut out, body.len());
     out.extend_from_slice(body);
