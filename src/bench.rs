@@ -46,6 +46,10 @@
 //! Everything is in one process on purpose: `/proc/self/io` then counts the gateway's disk
 //! writes, but `/proc/self/status`'s peak RSS and the CPU time include the load generator and
 //! the stand-in upstream.
+//!
+//! For a broker that runs as a process of its own (`outpost run`, or Mosquitto to compare
+//! with), `outpost bench load | fanout | retained | idle` is only the load generator, over
+//! real sockets: see [`external`].
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -67,6 +71,8 @@ use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Pack
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+
+pub mod external;
 
 /// How long no counter may move before the benchmark gives up.
 const STALL: Duration = Duration::from_secs(30);
@@ -1883,7 +1889,12 @@ fn write_bytes() -> Option<u64> {
 
 /// User + system CPU seconds of this process so far (`/proc/self/stat`).
 fn cpu_secs() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    stat_cpu_secs("/proc/self/stat")
+}
+
+/// User + system CPU seconds so far of the process whose `/proc/<pid>/stat` is `path`.
+fn stat_cpu_secs(path: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the command name (which is in parentheses and may hold spaces); utime and
     // stime are fields 14 and 15 of the whole line, so 12th and 13th after the name.
     let rest = stat.rsplit_once(')')?.1;

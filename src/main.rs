@@ -84,8 +84,14 @@ enum Command {
     /// Measure the gateway end to end: simulated devices publish QoS 1 as fast as they can
     /// through an in-process gateway to a stand-in upstream; then, with the upstream
     /// unreachable, the rate as the outbox grows; then a backlog drains while the devices keep
-    /// publishing. Build with --release.
+    /// publishing. Build with --release. With a mode (load, fanout, retained, idle), only a
+    /// load generator for a broker running as a process of its own.
+    #[command(args_conflicts_with_subcommands = true)]
     Bench {
+        /// Generate load for a broker that runs as a process of its own (outpost run,
+        /// Mosquitto) instead of measuring an in-process gateway.
+        #[command(subcommand)]
+        external: Option<bench::external::Mode>,
         /// Number of simulated devices (one MQTT connection each).
         #[arg(long, default_value_t = 50)]
         devices: usize,
@@ -461,6 +467,11 @@ fn main() -> ExitCode {
             devices,
         } => tokio_runtime().and_then(|rt| rt.block_on(demo::run(phase_secs, devices))),
         Command::Bench {
+            external: Some(mode),
+            ..
+        } => tokio_runtime().and_then(|rt| rt.block_on(bench::external::run(mode))),
+        Command::Bench {
+            external: None,
             devices,
             messages,
             payload_bytes,
