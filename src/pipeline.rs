@@ -272,7 +272,7 @@ impl Pipeline {
         kicks: HashMap<String, Arc<Notify>>,
         lane_routes: Vec<String>,
     ) {
-        let limit = (self.max_batch * 4).max(512);
+        let limit = (self.max_batch * 4).max(2048);
         let mut last: i64 = 0;
         let others = RouteSet::Except(lane_routes);
         let kick_all = || {

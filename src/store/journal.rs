@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, Transaction, TransactionBehavior};
 
@@ -45,6 +45,8 @@ pub struct JournalRow {
 pub struct JournalWriter {
     path: PathBuf,
     conn: Connection,
+    /// The store's write lock, held around each transaction (see `Store::writer`).
+    gate: Arc<Mutex<Connection>>,
     totals: Arc<Totals>,
     max_rows: i64,
     /// Most bytes of the database in use (all tables) after a journal commit; 0: no cap.
@@ -64,12 +66,17 @@ impl JournalWriter {
             path: path.clone(),
             source,
         };
+        // Held until the commit below: the other writers queue here, not in SQLite's sleeps.
+        let _gate = self.gate.lock().map_err(|_| StoreError::Poisoned)?;
         let tx = self
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(err)?;
-        for e in entries {
-            insert(&tx, e).map_err(err)?;
+        {
+            let mut insert = inserter(&tx).map_err(err)?;
+            for e in entries {
+                insert(e).map_err(err)?;
+            }
         }
         tx.commit().map_err(err)?;
         self.totals
@@ -121,6 +128,7 @@ impl Store {
                 &self.path,
                 (self.limits.max_db_bytes as f64 * JOURNAL_SHARE_OF_CAP) as u64,
             )?,
+            gate: self.writer.clone(),
             totals: self.totals.clone(),
             max_rows: self.limits.journal_max_rows,
             max_used_bytes: (self.limits.max_db_bytes as f64 * JOURNAL_SHARE_OF_CAP) as u64,
@@ -172,26 +180,40 @@ impl Store {
     }
 }
 
-pub(super) fn delete(tx: &Transaction<'_>, id: i64) -> rusqlite::Result<()> {
-    tx.prepare_cached("DELETE FROM journal WHERE id = ?1")?
-        .execute(params![id])?;
+/// Deletes the journal rows `ids` (in any order), one statement per run of consecutive ids: a
+/// batch the pipeline read in id order is usually one run.
+pub(super) fn delete(tx: &Transaction<'_>, ids: &[i64]) -> rusqlite::Result<()> {
+    let mut delete = tx.prepare_cached("DELETE FROM journal WHERE id BETWEEN ?1 AND ?2")?;
+    for (first, last) in super::id_runs(ids) {
+        delete.execute(params![first, last])?;
+    }
     Ok(())
 }
 
 /// Journals one entry inside a transaction: the group commit's, or a pipeline batch's (events
 /// the gateway makes itself, such as geofence transitions).
 pub(super) fn insert(tx: &Transaction<'_>, e: &NewJournalEntry) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+    inserter(tx)?(e)
+}
+
+/// Journals entries one after another inside a transaction, with one prepared statement for
+/// all of them (a group commit holds hundreds).
+pub(super) fn inserter<'t>(
+    tx: &'t Transaction<'_>,
+) -> rusqlite::Result<impl FnMut(&NewJournalEntry) -> rusqlite::Result<()> + 't> {
+    let mut statement = tx.prepare_cached(
         "INSERT INTO journal (topic, payload, qos, retain, client_id, received_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?
-    .execute(params![
-        e.topic,
-        &e.payload[..],
-        e.qos,
-        e.retain,
-        &*e.client_id,
-        e.received_ms as i64
-    ])?;
-    Ok(())
+    )?;
+    Ok(move |e: &NewJournalEntry| {
+        statement.execute(params![
+            e.topic,
+            &e.payload[..],
+            e.qos,
+            e.retain,
+            &*e.client_id,
+            e.received_ms as i64
+        ])?;
+        Ok(())
+    })
 }

@@ -50,10 +50,10 @@ pub struct OutboxRow {
 
 /// Switches a connection to `synchronous=NORMAL` (commits atomic but synced later) for as long
 /// as it lives, and back to `FULL` when dropped, whatever happened in between.
-struct UnsyncedCommits<'c>(&'c mut rusqlite::Connection);
+pub(super) struct UnsyncedCommits<'c>(pub(super) &'c mut rusqlite::Connection);
 
 impl<'c> UnsyncedCommits<'c> {
-    fn new(conn: &'c mut rusqlite::Connection) -> rusqlite::Result<Self> {
+    pub(super) fn new(conn: &'c mut rusqlite::Connection) -> rusqlite::Result<Self> {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         Ok(UnsyncedCommits(conn))
     }
@@ -156,12 +156,18 @@ impl Store {
         let mut rows = 0i64;
         let mut bytes = 0i64;
         {
+            // One statement per run of consecutive ids: an upstream acknowledges in the order
+            // of the publishes, so the rows of one link's batch are usually one run.
             let mut delete = tx
-                .prepare_cached("DELETE FROM outbox WHERE id = ?1 RETURNING LENGTH(payload)")
+                .prepare_cached(
+                    "DELETE FROM outbox WHERE id BETWEEN ?1 AND ?2 RETURNING LENGTH(payload)",
+                )
                 .map_err(|e| self.err(e))?;
-            for id in ids {
-                let mut found = delete.query(params![id]).map_err(|e| self.err(e))?;
-                if let Some(row) = found.next().map_err(|e| self.err(e))? {
+            for (first, last) in super::id_runs(ids) {
+                let mut found = delete
+                    .query(params![first, last])
+                    .map_err(|e| self.err(e))?;
+                while let Some(row) = found.next().map_err(|e| self.err(e))? {
                     rows += 1;
                     bytes += row.get::<_, i64>(0).map_err(|e| self.err(e))?;
                 }
@@ -244,24 +250,36 @@ impl Store {
     }
 }
 
+/// Queues one row inside a transaction.
 pub(super) fn insert(tx: &Transaction<'_>, o: &NewOutboxRow) -> rusqlite::Result<()> {
-    tx.prepare_cached(
+    inserter(tx)?(o)
+}
+
+/// Queues rows one after another inside a transaction, with one prepared statement for all of
+/// them (a pipeline batch holds hundreds).
+pub(super) fn inserter<'t>(
+    tx: &'t Transaction<'_>,
+) -> rusqlite::Result<impl FnMut(&NewOutboxRow) -> rusqlite::Result<()> + 't> {
+    let mut statement = tx.prepare_cached(
         "INSERT INTO outbox (link, msg_id, route, topic, payload, received_ms, created_ms,
                              expires_ms, regions)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?
-    .execute(params![
-        o.link,
-        o.msg_id,
-        o.route,
-        o.topic,
-        o.payload,
-        o.received_ms as i64,
-        crate::event::now_ms() as i64,
-        o.expires_ms as i64,
-        o.regions
-    ])?;
-    Ok(())
+    )?;
+    let now = crate::event::now_ms() as i64;
+    Ok(move |o: &NewOutboxRow| {
+        statement.execute(params![
+            o.link,
+            o.msg_id,
+            o.route,
+            o.topic,
+            o.payload,
+            o.received_ms as i64,
+            now,
+            o.expires_ms as i64,
+            o.regions
+        ])?;
+        Ok(())
+    })
 }
 
 /// Deletes one outbox row and returns it as a dead letter with `reason`.

@@ -82,6 +82,61 @@ fn outbox_is_per_link_in_order_and_survives_reopen() {
 }
 
 #[test]
+fn deletes_by_runs_remove_exactly_the_ids_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    // Two links interleaved: a's ids are not consecutive where b's rows stand between them.
+    let links = ["a", "a", "b", "a", "a", "a", "b", "a"];
+    let rows: Vec<NewOutboxRow> = links
+        .iter()
+        .enumerate()
+        .map(|(n, link)| row(link, n as u8))
+        .collect();
+    store.commit(&outputs(rows)).unwrap();
+    let a = store.outbox_after("a", 0, 10).unwrap();
+    let b = store.outbox_after("b", 0, 10).unwrap();
+    // Every a row but the fourth (payload 4), given out of order and once twice.
+    let gone: Vec<i64> = a
+        .iter()
+        .filter(|r| r.payload[0] != 4)
+        .map(|r| r.id)
+        .rev()
+        .chain(std::iter::once(a[0].id))
+        .collect();
+    store.delete_outbox(&gone).unwrap();
+    let left: Vec<u8> = store
+        .outbox_after("a", 0, 10)
+        .unwrap()
+        .iter()
+        .map(|r| r.payload[0])
+        .collect();
+    assert_eq!(left, vec![4]);
+    assert_eq!(
+        store.outbox_after("b", 0, 10).unwrap(),
+        b,
+        "b's rows untouched"
+    );
+    assert_eq!(store.outbox_rows(), 3, "the totals follow");
+}
+
+proptest::proptest! {
+    /// The runs cover exactly the ids given, each once, in ascending order, and no two runs
+    /// touch (they would be one).
+    #[test]
+    fn id_runs_cover_exactly_the_ids(ids in proptest::collection::vec(0i64..200, 0..80)) {
+        let runs = super::id_runs(&ids);
+        let covered: Vec<i64> = runs.iter().flat_map(|(a, b)| *a..=*b).collect();
+        let mut expected = ids.clone();
+        expected.sort_unstable();
+        expected.dedup();
+        proptest::prop_assert_eq!(covered, expected);
+        for pair in runs.windows(2) {
+            proptest::prop_assert!(pair[0].1 + 1 < pair[1].0);
+        }
+    }
+}
+
+#[test]
 fn ids_are_never_reused_after_delete() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();

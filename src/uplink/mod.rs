@@ -198,9 +198,18 @@ struct Refusal {
 }
 
 enum DeleteRequest {
-    Rows(Vec<i64>),
+    /// An outbox row the upstream acknowledged.
+    Row(i64),
+    /// Delete everything requested so far, then answer.
     Flush(oneshot::Sender<()>),
 }
+
+/// Rows the deleting task gathers before it deletes (unless a flush is asked for)...
+const DELETE_BATCH: usize = 1024;
+/// ...waiting at most this long for them: one transaction then deletes hundreds of rows
+/// rather than a few (each transaction rewrites the pages it touches), and a delivered row
+/// waits for its delete a few milliseconds longer (a crash then can only send it again).
+const DELETE_LINGER: Duration = Duration::from_millis(10);
 
 /// Queues `row` as a QoS 1 publish on `client`, carrying its message id as the protocol
 /// allows. Fails only when the connection is gone.
@@ -588,44 +597,12 @@ impl Uplink {
             }
 
             let drain_deadline = rotating.unwrap_or_else(tokio::time::Instant::now);
+            // The connection's events, handled in a run: one wake-up takes every event that
+            // is ready (acknowledgements come in bursts), so the window is refilled with many
+            // rows at once and they go out in one write.
+            let mut next: Option<Option<LinkEvent>> = None;
             tokio::select! {
-                event = events.recv() => match event {
-                    Some(LinkEvent::Published(pkid)) => {
-                        if let Some(row) = unassigned.pop_front() {
-                            by_pkid.insert(pkid, row);
-                        }
-                    }
-                    Some(LinkEvent::PubAck { pkid, refusal }) => {
-                        if let Some((id, msg_id)) = by_pkid.remove(&pkid) {
-                            in_flight -= 1;
-                            match refusal {
-                                // Not delivered: the row stays queued.
-                                Some(reason) => {
-                                    if refused.as_ref().is_none_or(|r| id < r.row) {
-                                        refused = Some(Refusal { row: id, msg_id, reason });
-                                    }
-                                }
-                                None => {
-                                    delivered += 1;
-                                    if delete_tx.send(DeleteRequest::Rows(vec![id])).is_err() {
-                                        return SessionEnd::Shutdown;
-                                    }
-                                }
-                            }
-                            if in_flight == 0 {
-                                if let Some(refusal) = refused.take() {
-                                    // Start again from the refused row, after a backoff.
-                                    client.try_disconnect();
-                                    return SessionEnd::Refused { refusal, unanswered: 0 };
-                                }
-                            }
-                        }
-                    }
-                    Some(LinkEvent::Incoming { topic, payload }) => self.forward(&client, topic, payload),
-                    Some(LinkEvent::Connected(_)) => {}
-                    Some(LinkEvent::Failed(failure)) => return lost(refused.take(), in_flight, delivered, failure),
-                    None => return lost(refused.take(), in_flight, delivered, LinkFailure::Io("the connection task ended".into())),
-                },
+                event = events.recv() => next = Some(event),
                 _ = self.wake.notified(), if rotating.is_none() => outbox_drained = false,
                 changed = credentials.changed(), if rotating.is_none() && credentials.has_changed().is_ok() => {
                     if changed.is_ok() {
@@ -641,6 +618,66 @@ impl Uplink {
                 _ = shutdown.changed() => {
                     client.try_disconnect();
                     return SessionEnd::Shutdown;
+                }
+            }
+            while let Some(event) = next.take() {
+                match event {
+                    Some(LinkEvent::Published(pkid)) => {
+                        if let Some(row) = unassigned.pop_front() {
+                            by_pkid.insert(pkid, row);
+                        }
+                    }
+                    Some(LinkEvent::PubAck { pkid, refusal }) => {
+                        if let Some((id, msg_id)) = by_pkid.remove(&pkid) {
+                            in_flight -= 1;
+                            match refusal {
+                                // Not delivered: the row stays queued.
+                                Some(reason) => {
+                                    if refused.as_ref().is_none_or(|r| id < r.row) {
+                                        refused = Some(Refusal {
+                                            row: id,
+                                            msg_id,
+                                            reason,
+                                        });
+                                    }
+                                }
+                                None => {
+                                    delivered += 1;
+                                    if delete_tx.send(DeleteRequest::Row(id)).is_err() {
+                                        return SessionEnd::Shutdown;
+                                    }
+                                }
+                            }
+                            if in_flight == 0 {
+                                if let Some(refusal) = refused.take() {
+                                    // Start again from the refused row, after a backoff.
+                                    client.try_disconnect();
+                                    return SessionEnd::Refused {
+                                        refusal,
+                                        unanswered: 0,
+                                    };
+                                }
+                            }
+                        }
+                    }
+                    Some(LinkEvent::Incoming { topic, payload }) => {
+                        self.forward(&client, topic, payload)
+                    }
+                    Some(LinkEvent::Connected(_)) => {}
+                    Some(LinkEvent::Failed(failure)) => {
+                        return lost(refused.take(), in_flight, delivered, failure)
+                    }
+                    None => {
+                        return lost(
+                            refused.take(),
+                            in_flight,
+                            delivered,
+                            LinkFailure::Io("the connection task ended".into()),
+                        )
+                    }
+                }
+                if let Ok(more) = events.try_recv() {
+                    next = Some(Some(more));
                 }
             }
         }
@@ -775,11 +812,20 @@ async fn delete_acknowledged(
 ) {
     let mut buffer = Vec::new();
     while requests.recv_many(&mut buffer, 4096).await > 0 {
+        let deadline = tokio::time::Instant::now() + DELETE_LINGER;
+        while buffer.len() < DELETE_BATCH
+            && !buffer.iter().any(|r| matches!(r, DeleteRequest::Flush(_)))
+        {
+            match tokio::time::timeout_at(deadline, requests.recv_many(&mut buffer, 4096)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
         let mut ids = Vec::new();
         let mut waiters = Vec::new();
         for request in buffer.drain(..) {
             match request {
-                DeleteRequest::Rows(rows) => ids.extend(rows),
+                DeleteRequest::Row(row) => ids.push(row),
                 DeleteRequest::Flush(done) => waiters.push(done),
             }
         }
