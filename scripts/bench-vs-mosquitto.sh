@@ -15,6 +15,10 @@
 #                  defaults (max_inflight_messages 20, max_queued_messages 1000: QoS 1 over
 #                  the queue cap is dropped)
 #   mosquitto-q0   the same with max_queued_messages 0 (no queue cap, so nothing is dropped)
+#   outpost-w300   outpost with the uplink's window raised from its default of 100
+#                  unacknowledged publishes to 300 ([[upstream]] inflight; load only: on a busy
+#                  machine each acknowledgement takes a few task hops, so the window bounds the
+#                  rate; 100 is the default because AWS IoT Core takes no more than 100 at once)
 #   outpost-bigq   outpost with local subscriber queues raised (broker.max_queued_messages
 #                  1,000,000 and max_queued_bytes 1 GiB; fan-out only: the counterpart of
 #                  mosquitto-q0 for local subscribers)
@@ -76,7 +80,7 @@ case "$rounds" in ''|*[!0-9]*|0) echo "error: --rounds must be a positive number
 # Which systems each phase compares.
 systems_for() {
     case "$1" in
-        load) echo "outpost mosquitto mosquitto-q0" ;;
+        load) echo "outpost outpost-w300 mosquitto mosquitto-q0" ;;
         fanout) echo "outpost mosquitto outpost-bigq mosquitto-q0" ;;
         retained) echo "outpost mosquitto mosquitto-q0" ;;
         idle) echo "outpost mosquitto" ;;
@@ -132,15 +136,18 @@ summary() {
                 done
                 echo
                 echo "delivered, outpost / Mosquitto bridge, per round:"
+                local mine
                 for round in $(seq 1 "$rounds"); do
-                    local o="$out/load-outpost-r$round.json" line="  round $round:"
-                    [ -f "$o" ] || continue
-                    for system in mosquitto mosquitto-q0; do
-                        f="$out/load-$system-r$round.json"
-                        [ -f "$f" ] || continue
-                        line="$line $(jq -n -r --slurpfile a "$o" --slurpfile b "$f" '($a[0].delivered_per_sec / $b[0].delivered_per_sec * 100 | round | tostring) + "% of '"$system"'"')"
+                    for mine in outpost outpost-w300; do
+                        local o="$out/load-$mine-r$round.json" line="  round $round, $mine:"
+                        [ -f "$o" ] || continue
+                        for system in mosquitto mosquitto-q0; do
+                            f="$out/load-$system-r$round.json"
+                            [ -f "$f" ] || continue
+                            line="$line $(jq -n -r --slurpfile a "$o" --slurpfile b "$f" '($a[0].delivered_per_sec / $b[0].delivered_per_sec * 100 | round | tostring) + "% of '"$system"'"')"
+                        done
+                        echo "$line"
                     done
-                    echo "$line"
                 done
                 echo
                 ;;
@@ -209,7 +216,7 @@ summary() {
                 ;;
         esac
     done
-    echo "Configurations: $out/upstream.conf, $out/mosquitto*.conf, $out/outpost-bigq.toml (when run); reports: $out/*.json"
+    echo "Configurations: $out/upstream.conf, $out/mosquitto*.conf, $out/outpost-bigq.toml and $out/outpost-w300.toml (when run); reports: $out/*.json"
 }
 
 if [ -n "$report_only" ]; then
@@ -364,15 +371,21 @@ start_edge_once() {
     local before
     before=$(upstream_connects)
     case "$system" in
-        outpost|outpost-bigq)
-            local config=()
+        outpost|outpost-bigq|outpost-w300)
+            local config=(--upstream "mqtt://127.0.0.1:$upstream_port")
             if [ "$system" = outpost-bigq ]; then
                 printf '[broker]\nmax_queued_messages = 1000000\nmax_queued_bytes = 1073741824\n' > "$dir/outpost.toml"
                 cp "$dir/outpost.toml" "$out/outpost-bigq.toml"
+                config+=(--config "$dir/outpost.toml")
+            fi
+            if [ "$system" = outpost-w300 ]; then
+                printf '[[upstream]]\nname = "cloud"\nurl = "mqtt://127.0.0.1:%s"\ninflight = 300\n' \
+                    "$upstream_port" > "$dir/outpost.toml"
+                sed "s|$upstream_port|<upstream port>|" "$dir/outpost.toml" > "$out/outpost-w300.toml"
                 config=(--config "$dir/outpost.toml")
             fi
             "$edge_outpost" run "${config[@]}" --listen "127.0.0.1:$edge_port" --data "$dir/data" \
-                --upstream "mqtt://127.0.0.1:$upstream_port" --gateway-id bench \
+                --gateway-id bench \
                 > "$dir/edge.log" 2>&1 &
             ;;
         mosquitto|mosquitto-q0)

@@ -12,9 +12,9 @@
 //!   for one keep-alive period ends the connection; a slow link that still moves does not.
 //! - Incoming packets are bounded by `max_incoming` bytes, so what an upstream can make this
 //!   connection buffer is bounded; a larger, malformed or unexpected packet ends the connection.
-//! - [`LinkEvent::Published`] is emitted once per QoS 1 publish, in the order the publishes
-//!   were requested and before any other event about its packet id. A packet id is reused only
-//!   after its PUBACK.
+//! - A QoS 1 publish gets its packet id when it is queued ([`Client::try_publish`] returns
+//!   it), so the session knows it before any event about it; a packet id is reused only after
+//!   its PUBACK.
 //! - A publish larger than the upstream's Maximum Packet Size (MQTT 5) is not sent: it gets a
 //!   refusal as if the upstream had refused it, so the session keeps the row and, after its
 //!   refusals, dead-letters it.
@@ -25,7 +25,7 @@
 use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -133,8 +133,6 @@ impl Default for ServerLimits {
 pub(crate) enum LinkEvent {
     /// CONNACK accepted the connection.
     Connected(ServerLimits),
-    /// A QoS 1 publish went out with this packet id (in the order publishes were requested).
-    Published(u16),
     /// The upstream acknowledged this packet id; `refusal` is set when it did not accept the
     /// message (MQTT 5 reason code 0x80 or above, or a packet too large for it).
     PubAck { pkid: u16, refusal: Option<String> },
@@ -425,15 +423,16 @@ fn server_name_text(name: &ServerName<'_>) -> String {
 
 /// A request from the session to its connection.
 enum Request {
-    /// Publish with QoS 1 (`qos1`) or 0; `msg_id` goes into the MQTT 5 user property.
+    /// Publish with QoS 1 under packet id `pkid`, or with QoS 0 when it is 0; `msg_id` goes
+    /// into the MQTT 5 user property.
     Publish {
         topic: String,
         payload: Vec<u8>,
-        qos1: bool,
+        pkid: u16,
         msg_id: Option<String>,
     },
-    /// Subscribe (QoS 1) to these filters.
-    Subscribe(Vec<String>),
+    /// Subscribe (QoS 1) to these filters, under this packet id.
+    Subscribe(u16, Vec<String>),
     /// Send DISCONNECT and close.
     Disconnect,
 }
@@ -443,28 +442,52 @@ enum Request {
 #[derive(Clone)]
 pub(crate) struct Client {
     requests: mpsc::Sender<Request>,
+    /// The connection's packet ids in use: given here, given back by the reader when their
+    /// acknowledgement arrives (no message to the writer, no event back for each publish).
+    ids: Arc<Mutex<PacketIds>>,
 }
 
 impl Client {
-    /// Queues a publish. Fails only when the connection is gone or the queue is full.
+    /// Queues a publish; returns its packet id (QoS 1) or 0 (QoS 0). Fails only when the
+    /// connection is gone, its queue is full, or every packet id is in flight.
     pub fn try_publish(
         &self,
         topic: String,
         payload: Vec<u8>,
         qos1: bool,
         msg_id: Option<String>,
-    ) -> Result<(), String> {
+    ) -> Result<u16, String> {
+        let pkid = if qos1 { self.next_id()? } else { 0 };
         self.send(Request::Publish {
             topic,
             payload,
-            qos1,
+            pkid,
             msg_id,
         })
+        .inspect_err(|_| self.release(pkid))?;
+        Ok(pkid)
     }
 
     /// Queues a subscription (QoS 1) to every filter.
     pub fn try_subscribe(&self, filters: Vec<String>) -> Result<(), String> {
-        self.send(Request::Subscribe(filters))
+        if filters.is_empty() {
+            return Ok(());
+        }
+        let pkid = self.next_id()?;
+        self.send(Request::Subscribe(pkid, filters))
+            .inspect_err(|_| self.release(pkid))
+    }
+
+    fn next_id(&self) -> Result<u16, String> {
+        lock(&self.ids)
+            .next()
+            .ok_or_else(|| "every packet id is in flight".to_string())
+    }
+
+    fn release(&self, pkid: u16) {
+        if pkid != 0 {
+            lock(&self.ids).release(pkid);
+        }
     }
 
     /// Asks for a clean DISCONNECT; best effort.
@@ -496,8 +519,10 @@ pub(crate) fn connect(
     events: mpsc::UnboundedSender<LinkEvent>,
 ) -> (Client, AbortOnDrop) {
     let (requests_tx, requests) = mpsc::channel(settings.capacity.max(1));
+    let ids = Arc::new(Mutex::new(PacketIds::default()));
+    let released = ids.clone();
     let task = tokio::spawn(async move {
-        let failure = match run(&settings, requests, &events).await {
+        let failure = match run(&settings, requests, &events, &released).await {
             Ok(()) => LinkFailure::Closing,
             Err(failure) => failure,
         };
@@ -506,6 +531,7 @@ pub(crate) fn connect(
     (
         Client {
             requests: requests_tx,
+            ids,
         },
         AbortOnDrop(task),
     )
@@ -519,8 +545,6 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 enum Internal {
     /// Acknowledge an incoming QoS 1 publish.
     Ack(u16),
-    /// A packet id's PUBACK (or SUBACK) arrived: it may be used again.
-    Released(u16),
     /// PINGRESP arrived.
     Pong,
 }
@@ -529,6 +553,7 @@ async fn run(
     settings: &ConnectSettings,
     mut requests: mpsc::Receiver<Request>,
     events: &mpsc::UnboundedSender<LinkEvent>,
+    ids: &Mutex<PacketIds>,
 ) -> Result<(), LinkFailure> {
     let tls = settings.tls.is_some();
     let alpn = settings
@@ -552,6 +577,7 @@ async fn run(
         settings.max_incoming,
         events,
         &internal_tx,
+        ids,
         &alpn,
         tls,
     );
@@ -563,6 +589,7 @@ async fn run(
         &mut requests,
         internal_rx,
         events,
+        ids,
         &alpn,
     );
     tokio::select! {
@@ -754,6 +781,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     max_incoming: usize,
     events: &mpsc::UnboundedSender<LinkEvent>,
     internal: &mpsc::UnboundedSender<Internal>,
+    ids: &Mutex<PacketIds>,
     alpn: &[Vec<u8>],
     tls: bool,
 ) -> Result<(), LinkFailure> {
@@ -763,7 +791,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         {
             match packet {
                 Incoming::PubAck { pkid, refusal } => {
-                    let _ = internal.send(Internal::Released(pkid));
+                    lock(ids).release(pkid);
                     let _ = events.send(LinkEvent::PubAck { pkid, refusal });
                 }
                 Incoming::Publish {
@@ -793,7 +821,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     let _ = internal.send(Internal::Pong);
                 }
                 Incoming::SubAck { pkid, refused } => {
-                    let _ = internal.send(Internal::Released(pkid));
+                    lock(ids).release(pkid);
                     if refused > 0 {
                         // Module deploys through this upstream will not arrive; data still flows.
                         warn!(%link, refused, "the upstream refused control subscriptions (module requests through it will not arrive)");
@@ -831,11 +859,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     requests: &mut mpsc::Receiver<Request>,
     mut internal: mpsc::UnboundedReceiver<Internal>,
     events: &mpsc::UnboundedSender<LinkEvent>,
+    ids: &Mutex<PacketIds>,
     alpn: &[Vec<u8>],
 ) -> Result<(), LinkFailure> {
     let tls = settings.tls.is_some();
     let secs = keep_alive.as_secs().max(1);
-    let mut ids = PacketIds::default();
     let mut ping_outstanding = false;
     let mut pings = tokio::time::interval_at(Instant::now() + keep_alive, keep_alive);
     pings.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -845,11 +873,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         tokio::select! {
             biased;
             Some(message) = internal.recv() => {
-                handle_internal(message, settings.protocol, &mut ids, &mut ping_outstanding, &mut out)?;
+                handle_internal(message, settings.protocol, &mut ping_outstanding, &mut out)?;
             }
             request = requests.recv() => match request {
                 Some(request) => {
-                    closing = handle_request(request, settings, limits, &mut ids, &mut out, events)?;
+                    closing = handle_request(request, settings, limits, ids, &mut out, events)?;
                 }
                 None => closing = true,
             },
@@ -864,15 +892,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         // Gather whatever else is ready into the same write.
         while !closing && out.len() < WRITE_BATCH_BYTES {
             if let Ok(message) = internal.try_recv() {
-                handle_internal(
-                    message,
-                    settings.protocol,
-                    &mut ids,
-                    &mut ping_outstanding,
-                    &mut out,
-                )?;
+                handle_internal(message, settings.protocol, &mut ping_outstanding, &mut out)?;
             } else if let Ok(request) = requests.try_recv() {
-                closing = handle_request(request, settings, limits, &mut ids, &mut out, events)?;
+                closing = handle_request(request, settings, limits, ids, &mut out, events)?;
             } else {
                 break;
             }
@@ -894,16 +916,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(
 fn handle_internal(
     message: Internal,
     protocol: MqttVersion,
-    ids: &mut PacketIds,
     ping_outstanding: &mut bool,
     out: &mut BytesMut,
 ) -> Result<(), LinkFailure> {
     match message {
         Internal::Ack(pkid) => encode_puback(protocol, pkid, out),
-        Internal::Released(pkid) => {
-            ids.release(pkid);
-            Ok(())
-        }
         Internal::Pong => {
             *ping_outstanding = false;
             Ok(())
@@ -916,7 +933,7 @@ fn handle_request(
     request: Request,
     settings: &ConnectSettings,
     limits: ServerLimits,
-    ids: &mut PacketIds,
+    ids: &Mutex<PacketIds>,
     out: &mut BytesMut,
     events: &mpsc::UnboundedSender<LinkEvent>,
 ) -> Result<bool, LinkFailure> {
@@ -924,16 +941,9 @@ fn handle_request(
         Request::Publish {
             topic,
             payload,
-            qos1,
+            pkid,
             msg_id,
         } => {
-            let pkid = if qos1 {
-                ids.next().ok_or_else(|| {
-                    LinkFailure::Protocol("every packet id is in flight".to_string())
-                })?
-            } else {
-                0
-            };
             let encoded = encode_publish(
                 settings.protocol,
                 out,
@@ -943,27 +953,19 @@ fn handle_request(
                 msg_id,
                 limits.max_packet_size,
             );
-            if qos1 {
-                let _ = events.send(LinkEvent::Published(pkid));
-                if let Err(refusal) = encoded {
-                    // Never sent: answer for the upstream, which would have refused it.
-                    ids.release(pkid);
-                    let _ = events.send(LinkEvent::PubAck {
-                        pkid,
-                        refusal: Some(refusal),
-                    });
-                }
+            if let (1.., Err(refusal)) = (pkid, encoded) {
+                // Never sent: answer for the upstream, which would have refused it.
+                lock(ids).release(pkid);
+                let _ = events.send(LinkEvent::PubAck {
+                    pkid,
+                    refusal: Some(refusal),
+                });
             }
             Ok(false)
         }
-        Request::Subscribe(filters) => {
-            if !filters.is_empty() {
-                let pkid = ids.next().ok_or_else(|| {
-                    LinkFailure::Protocol("every packet id is in flight".to_string())
-                })?;
-                // Its SUBACK gives the id back.
-                encode_subscribe(settings.protocol, pkid, filters, out)?;
-            }
+        Request::Subscribe(pkid, filters) => {
+            // Its SUBACK gives the id back.
+            encode_subscribe(settings.protocol, pkid, filters, out)?;
             Ok(false)
         }
         Request::Disconnect => Ok(true),
@@ -992,9 +994,14 @@ async fn write_out<W: AsyncWrite + Unpin>(
         .map_err(|e| io_failure(e, alpn, tls, false))
 }
 
+/// The packet ids, however a holder of the lock ended (their state is whole after each call).
+fn lock(ids: &Mutex<PacketIds>) -> std::sync::MutexGuard<'_, PacketIds> {
+    ids.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Packet ids in use (QoS 1 publishes awaiting PUBACK), so that none is reused too early.
 #[derive(Default)]
-struct PacketIds {
+pub(crate) struct PacketIds {
     last: u16,
     in_use: HashSet<u16>,
 }

@@ -108,7 +108,9 @@ impl UpstreamReply {
     /// Queues `payload` on `topic` with QoS 0 (not retained). Fails when the connection is
     /// gone or its request queue is full; a reply is informational and may be lost.
     pub fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
-        self.0.try_publish(topic.to_string(), payload, false, None)
+        self.0
+            .try_publish(topic.to_string(), payload, false, None)
+            .map(|_| ())
     }
 }
 
@@ -212,13 +214,13 @@ const DELETE_BATCH: usize = 1024;
 const DELETE_LINGER: Duration = Duration::from_millis(10);
 
 /// Queues `row` as a QoS 1 publish on `client`, carrying its message id as the protocol
-/// allows. Fails only when the connection is gone.
+/// allows; returns its packet id. Fails only when the connection is gone.
 fn publish_row(
     client: &Client,
     protocol: MqttVersion,
     use_envelope: bool,
     row: OutboxRow,
-) -> Result<(), String> {
+) -> Result<u16, String> {
     match protocol {
         MqttVersion::V311 => {
             let payload = if use_envelope {
@@ -495,10 +497,7 @@ impl Uplink {
             debug!(link = %name, filters = ?control.filters, "subscribed to control topics");
         }
 
-        // Outbox rows (id, message id) sent in this session but whose packet id is not known
-        // yet, in send order (the connection reports `Published(pkid)` in the order publishes
-        // were requested).
-        let mut unassigned: VecDeque<(i64, String)> = VecDeque::new();
+        // Outbox rows (id, message id) sent in this session and not acknowledged, by packet id.
         let mut by_pkid: HashMap<u16, (i64, String)> = HashMap::new();
         let mut in_flight = 0usize;
         // Rows the upstream accepted in this session.
@@ -562,19 +561,21 @@ impl Uplink {
                     });
                     break;
                 }
-                if let Err(reason) =
-                    publish_row(&client, self.config.protocol, self.config.envelope, row)
-                {
-                    // The request channel is sized above the window, so this means the
-                    // connection is gone; the session is over.
-                    return lost(
-                        refused.take(),
-                        in_flight,
-                        delivered,
-                        LinkFailure::Io(reason),
-                    );
+                match publish_row(&client, self.config.protocol, self.config.envelope, row) {
+                    Ok(pkid) => {
+                        by_pkid.insert(pkid, (id, msg_id));
+                    }
+                    Err(reason) => {
+                        // The request channel is sized above the window, so this means the
+                        // connection is gone; the session is over.
+                        return lost(
+                            refused.take(),
+                            in_flight,
+                            delivered,
+                            LinkFailure::Io(reason),
+                        );
+                    }
                 }
-                unassigned.push_back((id, msg_id));
                 in_flight += 1;
             }
             if !expired.is_empty() {
@@ -622,11 +623,6 @@ impl Uplink {
             }
             while let Some(event) = next.take() {
                 match event {
-                    Some(LinkEvent::Published(pkid)) => {
-                        if let Some(row) = unassigned.pop_front() {
-                            by_pkid.insert(pkid, row);
-                        }
-                    }
                     Some(LinkEvent::PubAck { pkid, refusal }) => {
                         if let Some((id, msg_id)) = by_pkid.remove(&pkid) {
                             in_flight -= 1;
