@@ -11,13 +11,17 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/setup.sh
 . scripts/setup.sh
 
-# What the tests need from Debian: Mosquitto (the upstream broker of the integration tests),
+# What the tests need from Debian: Mosquitto (the upstream broker of the integration tests, and
+# the reference the local broker's conformance tests are run against too) and its clients,
 # openssl (certificates made the way operators make them, tests/tls.rs), the system's CA
 # certificates (mqtts:// without cafile), and for the board tests the cross toolchains
 # (linkers, and objdump for the glibc check) and qemu-user to run the aarch64 and armv7
 # binaries.
 missing=""
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || missing="$missing mosquitto"
+# mosquitto_pub and mosquitto_sub: real MQTT 3.1.1 and 5 clients of the local broker's tests.
+command -v mosquitto_pub >/dev/null 2>&1 && command -v mosquitto_sub >/dev/null 2>&1 \
+    || missing="$missing mosquitto-clients"
 command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
 [ -s /etc/ssl/certs/ca-certificates.crt ] || missing="$missing ca-certificates"
 command -v aarch64-linux-gnu-gcc >/dev/null 2>&1 || missing="$missing gcc-aarch64-linux-gnu"
