@@ -1758,7 +1758,15 @@ async fn publish_loop(
 /// A JSON payload carrying the sequence number and the send time, padded to `size` bytes
 /// (longer when `size` is too small for the fields).
 fn payload(seq: u64, sent_us: u64, device: usize, size: usize) -> Vec<u8> {
-    let head = format!(r#"{{"seq":{seq},"sent_us":{sent_us},"device":{device},"pad":""#);
+    padded(
+        &format!(r#"{{"seq":{seq},"sent_us":{sent_us},"device":{device},"pad":""#),
+        size,
+    )
+}
+
+/// `head` (a JSON object up to the opening quote of its last string field) closed with a run
+/// of `x` and `"}`, `size` bytes in all (longer when `head` alone is longer).
+fn padded(head: &str, size: usize) -> Vec<u8> {
     let tail = "\"}";
     let pad = size.saturating_sub(head.len() + tail.len());
     let mut out = Vec::with_capacity(head.len() + pad + tail.len());

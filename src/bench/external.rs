@@ -580,17 +580,13 @@ struct Stamp {
 
 /// A JSON payload with `stamp`, padded to `size` bytes (longer when `size` is too small).
 fn stamped(stamp: &Stamp, size: usize) -> Vec<u8> {
-    let head = format!(
-        r#"{{"run":{},"seq":{},"device":{},"sent_us":{},"pad":""#,
-        stamp.run, stamp.seq, stamp.device, stamp.sent_us
-    );
-    let tail = "\"}";
-    let pad = size.saturating_sub(head.len() + tail.len());
-    let mut out = Vec::with_capacity(head.len() + pad + tail.len());
-    out.extend_from_slice(head.as_bytes());
-    out.resize(head.len() + pad, b'x');
-    out.extend_from_slice(tail.as_bytes());
-    out
+    super::padded(
+        &format!(
+            r#"{{"run":{},"seq":{},"device":{},"sent_us":{},"pad":""#,
+            stamp.run, stamp.seq, stamp.device, stamp.sent_us
+        ),
+        size,
+    )
 }
 
 /// A counting subscriber's record of what arrived.
