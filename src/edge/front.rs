@@ -73,6 +73,14 @@ pub const MAX_REFUSING: usize = 64;
 /// Bytes of packets for the device gathered into one write.
 const WRITE_BATCH: usize = 64 * 1024;
 
+/// A connection's buffers start this small: most devices send a packet now and then, and a
+/// thousand idle connections should cost little memory.
+const INITIAL_BUFFER: usize = 1024;
+
+/// Room made in the input buffer before a read once a read filled all the room it had (the
+/// device sends a lot), so that it is read in large pieces.
+const READ_CHUNK: usize = 16 * 1024;
+
 /// How long one write to a device may stall before the connection is given up (a device
 /// that stops reading must not hold its session's connection for ever).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -282,7 +290,7 @@ impl Front {
             connected: false,
             keep_alive: 0,
         };
-        let mut input = BytesMut::with_capacity(16 * 1024);
+        let mut input = BytesMut::with_capacity(INITIAL_BUFFER);
         let connect = tokio::time::timeout(
             self.connect_timeout,
             session.read_connect(&mut reader, &mut input),
@@ -570,7 +578,9 @@ impl Session {
         W: AsyncWrite + Unpin,
     {
         let max = self.front.max_payload + PACKET_OVERHEAD;
-        let mut out = BytesMut::with_capacity(16 * 1024);
+        let mut out = BytesMut::with_capacity(INITIAL_BUFFER);
+        // Whether the last read filled all the room the input buffer had.
+        let mut busy = false;
         let keep_alive = self.keep_alive_limit();
         let mut deadline = keep_alive.map(|limit| Instant::now() + limit);
         loop {
@@ -611,9 +621,14 @@ impl Session {
                 write_within(writer, &out).await?;
                 out.clear();
             }
+            if busy && input.capacity() - input.len() < READ_CHUNK / 4 {
+                input.reserve(READ_CHUNK);
+            }
+            let room = input.capacity() - input.len();
             tokio::select! {
                 read = reader.read_buf(&mut input) => {
                     let n = read.map_err(|e| End::Lost(format!("device read: {e}")))?;
+                    busy = n >= room.max(1);
                     if n == 0 {
                         return Err(End::Lost("the device closed the connection".into()));
                     }
