@@ -39,7 +39,7 @@ pub use dead_letters::{
 pub use devices::DevicePosition;
 pub use journal::{JournalRow, JournalWriter, NewJournalEntry};
 pub use modules::{CommandRefused, Deployed, ModuleSummary, StoredModule};
-pub use outbox::{Moved, NewOutboxRow, OutboxRow};
+pub use outbox::{Delivered, Moved, NewOutboxRow, OutboxRow};
 
 /// The database file inside the data directory.
 pub const DB_FILE: &str = "outpost.db";

@@ -31,6 +31,15 @@ pub struct NewOutboxRow {
     pub regions: String,
 }
 
+/// An outbox row its upstream acknowledged, to delete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// The row id.
+    pub id: i64,
+    /// The length of its payload as stored (as read back in [`OutboxRow::payload`]).
+    pub bytes: u64,
+}
+
 /// A queued output as read back from the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutboxRow {
@@ -78,6 +87,14 @@ pub struct Moved {
 }
 
 impl OutboxRow {
+    /// What deleting this row once delivered takes.
+    pub fn delivered(&self) -> Delivered {
+        Delivered {
+            id: self.id,
+            bytes: self.payload.len() as u64,
+        }
+    }
+
     /// Whether the row's time to live has passed at `now_ms`.
     pub fn is_expired(&self, now_ms: u64) -> bool {
         self.expires_ms != 0 && self.expires_ms <= now_ms
@@ -137,45 +154,65 @@ impl Store {
         Ok(batch)
     }
 
-    /// Removes delivered rows. Ids that are already gone are ignored.
+    /// Removes delivered rows. Rows that are already gone (expired or evicted meanwhile) are
+    /// ignored; a row given twice is removed once.
     ///
     /// The delete is atomic but not synced to disk on its own: it becomes durable with the
     /// next synced commit (or WAL checkpoint). A power cut before that brings the rows back,
     /// and they are sent again: a duplicate, which the upstream can drop by message id, never
     /// a loss. This spares one disk sync per batch of acknowledgements.
-    pub fn delete_outbox(&self, ids: &[i64]) -> Result<(), StoreError> {
-        if ids.is_empty() {
+    pub fn delete_outbox(&self, rows: &[Delivered]) -> Result<(), StoreError> {
+        if rows.is_empty() {
             return Ok(());
         }
+        let mut sorted = rows.to_vec();
+        sorted.sort_unstable_by_key(|r| r.id);
+        sorted.dedup_by_key(|r| r.id);
         let mut guard = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
         let conn = UnsyncedCommits::new(&mut guard).map_err(|e| self.err(e))?;
-        let tx = conn
+        let mut tx = conn
             .0
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| self.err(e))?;
-        let mut rows = 0i64;
-        let mut bytes = 0i64;
-        {
-            // One statement per run of consecutive ids: an upstream acknowledges in the order
-            // of the publishes, so the rows of one link's batch are usually one run.
-            let mut delete = tx
-                .prepare_cached(
-                    "DELETE FROM outbox WHERE id BETWEEN ?1 AND ?2 RETURNING LENGTH(payload)",
-                )
+        let (mut deleted_rows, mut deleted_bytes) = (0i64, 0i64);
+        // One statement per run of consecutive ids: an upstream acknowledges in the order of
+        // the publishes, so the rows of one link's batch are usually one run. The sizes come
+        // with the ids (the uplink read the rows), so the delete need not read them back.
+        for run in sorted.chunk_by(|a, b| b.id == a.id + 1) {
+            let (first, last) = (run[0].id, run[run.len() - 1].id);
+            let run_bytes: i64 = run.iter().map(|r| r.bytes as i64).sum();
+            let mut savepoint = tx.savepoint().map_err(|e| self.err(e))?;
+            let deleted = savepoint
+                .prepare_cached("DELETE FROM outbox WHERE id BETWEEN ?1 AND ?2")
+                .and_then(|mut delete| delete.execute(params![first, last]))
                 .map_err(|e| self.err(e))?;
-            for (first, last) in super::id_runs(ids) {
-                let mut found = delete
-                    .query(params![first, last])
-                    .map_err(|e| self.err(e))?;
-                while let Some(row) = found.next().map_err(|e| self.err(e))? {
-                    rows += 1;
-                    bytes += row.get::<_, i64>(0).map_err(|e| self.err(e))?;
+            if deleted == run.len() {
+                savepoint.commit().map_err(|e| self.err(e))?;
+                deleted_rows += deleted as i64;
+                deleted_bytes += run_bytes;
+                continue;
+            }
+            // Some of the run was gone already (the totals counted its removal): row by row,
+            // to count only what this delete removes.
+            savepoint.rollback().map_err(|e| self.err(e))?;
+            drop(savepoint);
+            let mut delete = tx
+                .prepare_cached("DELETE FROM outbox WHERE id = ?1")
+                .map_err(|e| self.err(e))?;
+            for row in run {
+                if delete.execute(params![row.id]).map_err(|e| self.err(e))? == 1 {
+                    deleted_rows += 1;
+                    deleted_bytes += row.bytes as i64;
                 }
             }
         }
         tx.commit().map_err(|e| self.err(e))?;
-        self.totals.outbox_rows.fetch_sub(rows, Ordering::Relaxed);
-        self.totals.outbox_bytes.fetch_sub(bytes, Ordering::Relaxed);
+        self.totals
+            .outbox_rows
+            .fetch_sub(deleted_rows, Ordering::Relaxed);
+        self.totals
+            .outbox_bytes
+            .fetch_sub(deleted_bytes, Ordering::Relaxed);
         Ok(())
     }
 

@@ -75,7 +75,7 @@ fn outbox_is_per_link_in_order_and_survives_reopen() {
         3,
         "totals reloaded at open"
     );
-    store.delete_outbox(&[a[0].id]).unwrap();
+    store.delete_outbox(&[a[0].delivered()]).unwrap();
     assert_eq!(store.outbox_depth(Some("a")).unwrap(), 1);
     assert_eq!(store.outbox_depth(Some("b")).unwrap(), 1);
     assert_eq!(store.outbox_rows(), 2);
@@ -96,12 +96,12 @@ fn deletes_by_runs_remove_exactly_the_ids_given() {
     let a = store.outbox_after("a", 0, 10).unwrap();
     let b = store.outbox_after("b", 0, 10).unwrap();
     // Every a row but the fourth (payload 4), given out of order and once twice.
-    let gone: Vec<i64> = a
+    let gone: Vec<Delivered> = a
         .iter()
         .filter(|r| r.payload[0] != 4)
-        .map(|r| r.id)
+        .map(|r| r.delivered())
         .rev()
-        .chain(std::iter::once(a[0].id))
+        .chain(std::iter::once(a[0].delivered()))
         .collect();
     store.delete_outbox(&gone).unwrap();
     let left: Vec<u8> = store
@@ -117,6 +117,38 @@ fn deletes_by_runs_remove_exactly_the_ids_given() {
         "b's rows untouched"
     );
     assert_eq!(store.outbox_rows(), 3, "the totals follow");
+}
+
+#[test]
+fn deleting_a_run_of_which_some_rows_are_gone_counts_only_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let rows: Vec<NewOutboxRow> = (1..=5u8)
+        .map(|n| NewOutboxRow {
+            payload: vec![n; usize::from(n) * 10],
+            ..row("a", n)
+        })
+        .collect();
+    store.commit(&outputs(rows)).unwrap();
+    let a = store.outbox_after("a", 0, 10).unwrap();
+    let bytes = |store: &Store| store.totals.outbox_bytes.load(Ordering::Relaxed);
+    assert_eq!(bytes(&store), 150);
+    // The third row expires while the first four are in flight; its removal is counted there.
+    store.expire_outbox(&[a[2].id]).unwrap();
+    assert_eq!((store.outbox_rows(), bytes(&store)), (4, 120));
+    let acknowledged: Vec<Delivered> = a[..4].iter().map(|r| r.delivered()).collect();
+    store.delete_outbox(&acknowledged).unwrap();
+    assert_eq!((store.outbox_rows(), bytes(&store)), (1, 50));
+    let left = store.outbox_after("a", 0, 10).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].payload[0], 5);
+    drop(store);
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(
+        (store.outbox_rows(), bytes(&store)),
+        (1, 50),
+        "the totals agree with the database"
+    );
 }
 
 proptest::proptest! {
@@ -142,7 +174,12 @@ fn ids_are_never_reused_after_delete() {
     let store = Store::open(dir.path()).unwrap();
     store.commit(&outputs(vec![row("a", 1)])).unwrap();
     let first = store.outbox_after("a", 0, 1).unwrap()[0].id;
-    store.delete_outbox(&[first]).unwrap();
+    store
+        .delete_outbox(&[Delivered {
+            id: first,
+            bytes: 1,
+        }])
+        .unwrap();
     store.commit(&outputs(vec![row("a", 2)])).unwrap();
     let second = store.outbox_after("a", 0, 1).unwrap()[0].id;
     assert!(second > first);

@@ -72,7 +72,7 @@ use credentials::Credentials;
 
 use crate::config::{parse_broker_url, BrokerAddress, MqttVersion, UpstreamConfig};
 use crate::metrics::Metrics;
-use crate::store::{OutboxRow, Store};
+use crate::store::{Delivered, OutboxRow, Store};
 
 /// The MQTT 5 user property that carries an output's stable message id.
 pub const MSG_ID_PROPERTY: &str = "outpost-msg-id";
@@ -201,7 +201,7 @@ struct Refusal {
 
 enum DeleteRequest {
     /// An outbox row the upstream acknowledged.
-    Row(i64),
+    Row(Delivered),
     /// Delete everything requested so far, then answer.
     Flush(oneshot::Sender<()>),
 }
@@ -498,7 +498,7 @@ impl Uplink {
         }
 
         // Outbox rows (id, message id) sent in this session and not acknowledged, by packet id.
-        let mut by_pkid: HashMap<u16, (i64, String)> = HashMap::new();
+        let mut by_pkid: HashMap<u16, (Delivered, String)> = HashMap::new();
         let mut in_flight = 0usize;
         // Rows the upstream accepted in this session.
         let mut delivered = 0usize;
@@ -550,7 +550,7 @@ impl Uplink {
                     misrouted.push(row.id);
                     continue;
                 }
-                let (id, msg_id) = (row.id, row.msg_id.clone());
+                let (id, msg_id, sent) = (row.id, row.msg_id.clone(), row.delivered());
                 if row.topic.contains(['+', '#']) {
                     // The router never queues such a topic; should one be there anyway, it
                     // is handled like a refused row: not sent, and not dropped.
@@ -563,7 +563,7 @@ impl Uplink {
                 }
                 match publish_row(&client, self.config.protocol, self.config.envelope, row) {
                     Ok(pkid) => {
-                        by_pkid.insert(pkid, (id, msg_id));
+                        by_pkid.insert(pkid, (sent, msg_id));
                     }
                     Err(reason) => {
                         // The request channel is sized above the window, so this means the
@@ -624,7 +624,8 @@ impl Uplink {
             while let Some(event) = next.take() {
                 match event {
                     Some(LinkEvent::PubAck { pkid, refusal }) => {
-                        if let Some((id, msg_id)) = by_pkid.remove(&pkid) {
+                        if let Some((sent, msg_id)) = by_pkid.remove(&pkid) {
+                            let id = sent.id;
                             in_flight -= 1;
                             match refusal {
                                 // Not delivered: the row stays queued.
@@ -639,7 +640,7 @@ impl Uplink {
                                 }
                                 None => {
                                     delivered += 1;
-                                    if delete_tx.send(DeleteRequest::Row(id)).is_err() {
+                                    if delete_tx.send(DeleteRequest::Row(sent)).is_err() {
                                         return SessionEnd::Shutdown;
                                     }
                                 }
