@@ -72,12 +72,7 @@ impl JournalWriter {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(err)?;
-        {
-            let mut insert = inserter(&tx).map_err(err)?;
-            for e in entries {
-                insert(e).map_err(err)?;
-            }
-        }
+        insert_all(&tx, entries).map_err(err)?;
         tx.commit().map_err(err)?;
         self.totals
             .journal_rows
@@ -190,30 +185,25 @@ pub(super) fn delete(tx: &Transaction<'_>, ids: &[i64]) -> rusqlite::Result<()> 
     Ok(())
 }
 
-/// Journals one entry inside a transaction: the group commit's, or a pipeline batch's (events
-/// the gateway makes itself, such as geofence transitions).
-pub(super) fn insert(tx: &Transaction<'_>, e: &NewJournalEntry) -> rusqlite::Result<()> {
-    inserter(tx)?(e)
-}
-
-/// Journals entries one after another inside a transaction, with one prepared statement for
-/// all of them (a group commit holds hundreds).
-pub(super) fn inserter<'t>(
-    tx: &'t Transaction<'_>,
-) -> rusqlite::Result<impl FnMut(&NewJournalEntry) -> rusqlite::Result<()> + 't> {
-    let mut statement = tx.prepare_cached(
-        "INSERT INTO journal (topic, payload, qos, retain, client_id, received_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-    )?;
-    Ok(move |e: &NewJournalEntry| {
-        statement.execute(params![
-            e.topic,
-            &e.payload[..],
-            e.qos,
-            e.retain,
-            &*e.client_id,
-            e.received_ms as i64
-        ])?;
-        Ok(())
-    })
+/// Journals entries inside a transaction, in order, many per statement: the group commit's
+/// (hundreds), or a pipeline batch's (events the gateway makes itself, such as geofence
+/// transitions).
+pub(super) fn insert_all(
+    tx: &Transaction<'_>,
+    entries: &[NewJournalEntry],
+) -> rusqlite::Result<()> {
+    super::insert_rows(
+        tx,
+        "journal (topic, payload, qos, retain, client_id, received_ms)",
+        6,
+        entries,
+        |statement, at, e| {
+            statement.raw_bind_parameter(at, &e.topic)?;
+            statement.raw_bind_parameter(at + 1, &e.payload[..])?;
+            statement.raw_bind_parameter(at + 2, e.qos)?;
+            statement.raw_bind_parameter(at + 3, e.retain)?;
+            statement.raw_bind_parameter(at + 4, &*e.client_id)?;
+            statement.raw_bind_parameter(at + 5, e.received_ms as i64)
+        },
+    )
 }

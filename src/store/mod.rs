@@ -448,14 +448,10 @@ impl Store {
                 dead_letters::insert(&tx, &letter).map_err(|e| self.err(e))?;
             }
         }
-        {
-            let mut insert = outbox::inserter(&tx).map_err(|e| self.err(e))?;
-            for output in &batch.outputs[skip..] {
-                insert(output).map_err(|e| self.err(e))?;
-                delta.outbox_rows += 1;
-                delta.outbox_bytes += output.payload.len() as i64;
-            }
-        }
+        let kept = &batch.outputs[skip..];
+        outbox::insert_all(&tx, kept).map_err(|e| self.err(e))?;
+        delta.outbox_rows += kept.len() as i64;
+        delta.outbox_bytes += kept.iter().map(|o| o.payload.len() as i64).sum::<i64>();
         for letter in &batch.dead {
             dead_letters::insert(&tx, letter).map_err(|e| self.err(e))?;
             delta.add_dead(letter);
@@ -467,9 +463,7 @@ impl Store {
         for position in &batch.devices {
             devices::upsert(&tx, position).map_err(|e| self.err(e))?;
         }
-        for event in &batch.events {
-            journal::insert(&tx, event).map_err(|e| self.err(e))?;
-        }
+        journal::insert_all(&tx, &batch.events).map_err(|e| self.err(e))?;
         delta.journal_rows += batch.events.len() as i64;
         let (evicted, freed) = self
             .enforce_dead_letter_cap(&tx, &delta)
@@ -622,6 +616,48 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             known,
         },
     })
+}
+
+/// Rows one multi-row INSERT statement carries: a statement's set-up, and for tables with
+/// AUTOINCREMENT the read and write of its sequence, are paid once per statement rather than
+/// once per row.
+const ROWS_PER_INSERT: usize = 32;
+
+/// Inserts `rows` with `INSERT INTO {into} VALUES (...), (...), ...`, [`ROWS_PER_INSERT`]
+/// rows per statement, in order; `bind` binds one row's `width` values starting at the given
+/// parameter index (1-based).
+pub(super) fn insert_rows<T>(
+    tx: &Transaction<'_>,
+    into: &str,
+    width: usize,
+    rows: &[T],
+    bind: impl Fn(&mut rusqlite::Statement<'_>, usize, &T) -> rusqlite::Result<()>,
+) -> rusqlite::Result<()> {
+    let tuple = format!("({})", vec!["?"; width].join(", "));
+    let sql = |n: usize| {
+        format!(
+            "INSERT INTO {into} VALUES {}",
+            vec![tuple.as_str(); n].join(", ")
+        )
+    };
+    let mut chunks = rows.chunks_exact(ROWS_PER_INSERT);
+    if rows.len() >= ROWS_PER_INSERT {
+        let mut statement = tx.prepare_cached(&sql(ROWS_PER_INSERT))?;
+        for chunk in &mut chunks {
+            for (n, row) in chunk.iter().enumerate() {
+                bind(&mut statement, 1 + n * width, row)?;
+            }
+            statement.raw_execute()?;
+        }
+    }
+    if !chunks.remainder().is_empty() {
+        let mut statement = tx.prepare_cached(&sql(1))?;
+        for row in chunks.remainder() {
+            bind(&mut statement, 1, row)?;
+            statement.raw_execute()?;
+        }
+    }
+    Ok(())
 }
 
 /// `ids` as runs of consecutive integers `(first, last)`, in ascending order, each id once: a

@@ -289,34 +289,30 @@ impl Store {
 
 /// Queues one row inside a transaction.
 pub(super) fn insert(tx: &Transaction<'_>, o: &NewOutboxRow) -> rusqlite::Result<()> {
-    inserter(tx)?(o)
+    insert_all(tx, std::slice::from_ref(o))
 }
 
-/// Queues rows one after another inside a transaction, with one prepared statement for all of
-/// them (a pipeline batch holds hundreds).
-pub(super) fn inserter<'t>(
-    tx: &'t Transaction<'_>,
-) -> rusqlite::Result<impl FnMut(&NewOutboxRow) -> rusqlite::Result<()> + 't> {
-    let mut statement = tx.prepare_cached(
-        "INSERT INTO outbox (link, msg_id, route, topic, payload, received_ms, created_ms,
-                             expires_ms, regions)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-    )?;
+/// Queues rows inside a transaction, in order, many per statement (a pipeline batch holds
+/// hundreds).
+pub(super) fn insert_all(tx: &Transaction<'_>, rows: &[NewOutboxRow]) -> rusqlite::Result<()> {
     let now = crate::event::now_ms() as i64;
-    Ok(move |o: &NewOutboxRow| {
-        statement.execute(params![
-            o.link,
-            o.msg_id,
-            o.route,
-            o.topic,
-            o.payload,
-            o.received_ms as i64,
-            now,
-            o.expires_ms as i64,
-            o.regions
-        ])?;
-        Ok(())
-    })
+    super::insert_rows(
+        tx,
+        "outbox (link, msg_id, route, topic, payload, received_ms, created_ms, expires_ms, regions)",
+        9,
+        rows,
+        |statement, at, o| {
+            statement.raw_bind_parameter(at, &o.link)?;
+            statement.raw_bind_parameter(at + 1, &o.msg_id)?;
+            statement.raw_bind_parameter(at + 2, &o.route)?;
+            statement.raw_bind_parameter(at + 3, &o.topic)?;
+            statement.raw_bind_parameter(at + 4, &o.payload)?;
+            statement.raw_bind_parameter(at + 5, o.received_ms as i64)?;
+            statement.raw_bind_parameter(at + 6, now)?;
+            statement.raw_bind_parameter(at + 7, o.expires_ms as i64)?;
+            statement.raw_bind_parameter(at + 8, &o.regions)
+        },
+    )
 }
 
 /// Deletes one outbox row and returns it as a dead letter with `reason`.

@@ -185,6 +185,78 @@ fn ids_are_never_reused_after_delete() {
     assert!(second > first);
 }
 
+/// Batches larger than one multi-row statement (and not a multiple of it) go in whole, in
+/// order, every field in its place.
+#[test]
+fn large_batches_keep_every_row_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut writer = store.journal_writer().unwrap();
+    let entries: Vec<NewJournalEntry> = (0..75u8)
+        .map(|n| NewJournalEntry {
+            qos: n % 2,
+            retain: n % 3 == 0,
+            client_id: format!("c{n}").into(),
+            received_ms: u64::from(n) * 1000,
+            ..entry(n)
+        })
+        .collect();
+    writer.append(&entries).unwrap();
+    let journaled = store.journal_after(0, 100).unwrap();
+    assert_eq!(journaled.len(), 75);
+    for (n, row) in journaled.iter().enumerate() {
+        let e = &entries[n];
+        assert_eq!(
+            (
+                &row.topic,
+                &row.payload[..],
+                row.client_id.as_str(),
+                row.received_ms
+            ),
+            (&e.topic, &e.payload[..], &*e.client_id, e.received_ms),
+            "journal row {n}"
+        );
+    }
+    assert!(journaled.windows(2).all(|w| w[0].id < w[1].id));
+
+    let rows: Vec<NewOutboxRow> = (0..70u8)
+        .map(|n| NewOutboxRow {
+            expires_ms: u64::from(n) + 5_000_000_000_000,
+            regions: format!("r{n}"),
+            ..row(if n % 5 == 0 { "b" } else { "a" }, n)
+        })
+        .collect();
+    store.commit(&outputs(rows.clone())).unwrap();
+    assert_eq!(store.outbox_rows(), 70);
+    let a = store.outbox_after("a", 0, 100).unwrap();
+    let b = store.outbox_after("b", 0, 100).unwrap();
+    assert_eq!((a.len(), b.len()), (56, 14));
+    let read: Vec<&OutboxRow> = {
+        let mut all: Vec<&OutboxRow> = a.iter().chain(b.iter()).collect();
+        all.sort_by_key(|r| r.id);
+        all
+    };
+    for (n, (got, sent)) in read.iter().zip(&rows).enumerate() {
+        assert_eq!(
+            (
+                &got.msg_id,
+                &got.topic,
+                &got.payload,
+                got.expires_ms,
+                &got.regions
+            ),
+            (
+                &sent.msg_id,
+                &sent.topic,
+                &sent.payload,
+                sent.expires_ms,
+                &sent.regions
+            ),
+            "outbox row {n}"
+        );
+    }
+}
+
 #[test]
 fn journal_rows_leave_with_their_outputs() {
     let dir = tempfile::tempdir().unwrap();
