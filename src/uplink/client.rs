@@ -23,9 +23,12 @@
 //! business (the outbox is the source of truth), so every connection starts clean.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -503,37 +506,42 @@ impl Client {
     }
 }
 
-/// Aborts the connection's task when dropped, which closes the socket.
-pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// A connection to the upstream, driven by whoever polls it: the session polls it in the
+/// same task as its own work, so an acknowledgement and the publishes that refill the window
+/// pass between them without waking another task on another thread. It completes when the
+/// connection has ended (after sending [`LinkEvent::Failed`]); dropping it closes the socket.
+pub(crate) struct Connection(Pin<Box<dyn Future<Output = ()> + Send>>);
 
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
+impl Future for Connection {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.as_mut().poll(cx)
     }
 }
 
-/// Starts connecting in a task of its own; every event of the connection arrives on `events`,
-/// the last one being [`LinkEvent::Failed`].
+/// Prepares a connection; it connects when first polled, and every event of the connection
+/// arrives on `events`, the last one being [`LinkEvent::Failed`].
 pub(crate) fn connect(
     settings: ConnectSettings,
     events: mpsc::UnboundedSender<LinkEvent>,
-) -> (Client, AbortOnDrop) {
+) -> (Client, Connection) {
     let (requests_tx, requests) = mpsc::channel(settings.capacity.max(1));
     let ids = Arc::new(Mutex::new(PacketIds::default()));
     let released = ids.clone();
-    let task = tokio::spawn(async move {
+    let connection = Connection(Box::pin(async move {
         let failure = match run(&settings, requests, &events, &released).await {
             Ok(()) => LinkFailure::Closing,
             Err(failure) => failure,
         };
         let _ = events.send(LinkEvent::Failed(failure));
-    });
+    }));
     (
         Client {
             requests: requests_tx,
             ids,
         },
-        AbortOnDrop(task),
+        connection,
     )
 }
 

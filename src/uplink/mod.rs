@@ -66,7 +66,7 @@ use rand::RngExt;
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{debug, info, warn};
 
-use client::{Client, ConnectSettings, LinkEvent};
+use client::{Client, ConnectSettings, Connection, LinkEvent};
 pub use client::{ConnectRefusal, LinkFailure, TlsFailure};
 use credentials::Credentials;
 
@@ -455,11 +455,14 @@ impl Uplink {
         let settings = self.settings(address, &current, max_incoming);
         let keep_alive = settings.keep_alive;
         let (events_tx, mut events) = mpsc::unbounded_channel();
-        let (client, _connection) = client::connect(settings, events_tx);
+        let (client, mut connection) = client::connect(settings, events_tx);
+        // Whether the connection's future has completed (its last event is then queued).
+        let mut ended = false;
 
         // Wait for CONNACK.
         let limits = loop {
             tokio::select! {
+                _ = &mut connection, if !ended => ended = true,
                 event = events.recv() => match event {
                     Some(LinkEvent::Connected(limits)) => break limits,
                     Some(LinkEvent::Failed(failure)) => {
@@ -524,7 +527,13 @@ impl Uplink {
                     if outbox_drained {
                         break;
                     }
-                    match self.read_outbox(last_read, read_batch).await {
+                    match alongside(
+                        &mut connection,
+                        &mut ended,
+                        self.read_outbox(last_read, read_batch),
+                    )
+                    .await
+                    {
                         Some(rows) => {
                             // A batch cut short by its byte budget is not the end of the outbox.
                             let bytes: usize = rows.iter().map(|r| r.payload.len()).sum();
@@ -579,10 +588,10 @@ impl Uplink {
                 in_flight += 1;
             }
             if !expired.is_empty() {
-                self.expire(expired).await;
+                alongside(&mut connection, &mut ended, self.expire(expired)).await;
             }
             if !misrouted.is_empty() {
-                self.refuse(misrouted).await;
+                alongside(&mut connection, &mut ended, self.refuse(misrouted)).await;
             }
             if in_flight == 0 {
                 if let Some(refusal) = refused.take() {
@@ -592,7 +601,7 @@ impl Uplink {
                     };
                 }
                 if rotating.is_some() {
-                    client.try_disconnect();
+                    disconnect(&client, &mut connection, ended).await;
                     return SessionEnd::Rotated { unanswered: 0 };
                 }
             }
@@ -603,6 +612,7 @@ impl Uplink {
             // rows at once and they go out in one write.
             let mut next: Option<Option<LinkEvent>> = None;
             tokio::select! {
+                _ = &mut connection, if !ended => ended = true,
                 event = events.recv() => next = Some(event),
                 _ = self.wake.notified(), if rotating.is_none() => outbox_drained = false,
                 changed = credentials.changed(), if rotating.is_none() && credentials.has_changed().is_ok() => {
@@ -613,11 +623,11 @@ impl Uplink {
                     }
                 }
                 _ = tokio::time::sleep_until(drain_deadline), if rotating.is_some() => {
-                    client.try_disconnect();
+                    disconnect(&client, &mut connection, ended).await;
                     return SessionEnd::Rotated { unanswered: in_flight };
                 }
                 _ = shutdown.changed() => {
-                    client.try_disconnect();
+                    disconnect(&client, &mut connection, ended).await;
                     return SessionEnd::Shutdown;
                 }
             }
@@ -648,7 +658,7 @@ impl Uplink {
                             if in_flight == 0 {
                                 if let Some(refusal) = refused.take() {
                                     // Start again from the refused row, after a backoff.
-                                    client.try_disconnect();
+                                    disconnect(&client, &mut connection, ended).await;
                                     return SessionEnd::Refused {
                                         refusal,
                                         unanswered: 0,
@@ -771,6 +781,29 @@ impl Uplink {
             }
             Err(e) => warn!(link = %self.config.name, error = %e, "rejection task failed"),
         }
+    }
+}
+
+/// Awaits `work` while the connection keeps moving (it is polled in this task only).
+async fn alongside<T>(
+    connection: &mut Connection,
+    ended: &mut bool,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = &mut *connection, if !*ended => *ended = true,
+        }
+    }
+}
+
+/// Asks for a clean DISCONNECT and gives the connection a moment to send it.
+async fn disconnect(client: &Client, connection: &mut Connection, ended: bool) {
+    client.try_disconnect();
+    if !ended {
+        let _ = tokio::time::timeout(Duration::from_secs(1), connection).await;
     }
 }
 
