@@ -1,7 +1,5 @@
 //! The outbox: outputs waiting for their upstream link, in commit order per link.
 
-use std::sync::atomic::Ordering;
-
 use rusqlite::{params, Transaction, TransactionBehavior};
 
 use super::dead_letters::{self, NewDeadLetter, Stage};
@@ -207,12 +205,12 @@ impl Store {
             }
         }
         tx.commit().map_err(|e| self.err(e))?;
-        self.totals
-            .outbox_rows
-            .fetch_sub(deleted_rows, Ordering::Relaxed);
-        self.totals
-            .outbox_bytes
-            .fetch_sub(deleted_bytes, Ordering::Relaxed);
+        Delta {
+            outbox_rows: -deleted_rows,
+            outbox_bytes: -deleted_bytes,
+            ..Delta::default()
+        }
+        .apply(&self.totals);
         Ok(())
     }
 
