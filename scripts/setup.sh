@@ -118,3 +118,42 @@ setup_cargo_deny() {
         *) setup_fail "cargo deny does not run after installing cargo-deny $CARGO_DENY_VERSION (is ~/.cargo/bin on PATH?)" ;;
     esac
 }
+
+# Where cargo-deny 0.20 keeps the RustSec database of its default URL: deny.toml's db-path plus
+# advisory-db-<hash of the URL>, a git repository (it reads the HEAD commit's time).
+ADVISORY_DB=target/advisory-dbs/advisory-db-3157b0e258782691
+
+# advisory_db_snapshot: the advisory-database snapshot to check against offline, or nothing
+# (cargo-deny then fetches the database itself). OUTPOST_ADVISORY_DB names one (empty: none);
+# else ../shared/advisory-db when the machine has it (it may be newer), else the copy in the
+# repository (supply-chain/advisory-db), so that a clone anywhere checks offline.
+advisory_db_snapshot() {
+    local candidate
+    if [ -n "${OUTPOST_ADVISORY_DB+set}" ]; then
+        [ -n "$OUTPOST_ADVISORY_DB" ] && [ -d "$OUTPOST_ADVISORY_DB/crates" ] && echo "$OUTPOST_ADVISORY_DB"
+        return 0
+    fi
+    for candidate in ../shared/advisory-db supply-chain/advisory-db; do
+        if [ -d "$candidate/crates" ]; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+}
+
+# setup_advisory_db SNAPSHOT: the snapshot installed where cargo-deny reads its database (as a
+# git repository of one commit), and every crate of the lock file fetched (offline, cargo
+# metadata needs other platforms' crates too). `cargo deny --offline check` works after it.
+setup_advisory_db() {
+    local snapshot="$1"
+    echo "   offline, with the advisory database snapshot in $snapshot" \
+        "($(tr '\n' ' ' < "$snapshot/README.outpost.md" 2>/dev/null | grep -o -m1 'commit [0-9a-f]\{40\} of [0-9-]*' || echo 'undated'))"
+    rm -rf "$ADVISORY_DB" && mkdir -p "$(dirname "$ADVISORY_DB")" && cp -r "$snapshot" "$ADVISORY_DB" \
+        && chmod -R u+w "$ADVISORY_DB" \
+        || setup_fail "cannot copy the advisory database snapshot $snapshot to $ADVISORY_DB"
+    git -C "$ADVISORY_DB" init -q && git -C "$ADVISORY_DB" add -A \
+        && git -C "$ADVISORY_DB" -c user.name=snapshot -c user.email=snapshot@localhost commit -qm snapshot \
+        || setup_fail "cannot make the advisory database in $ADVISORY_DB a git repository (is git installed?)"
+    touch "$ADVISORY_DB/.outpost-snapshot"
+    cargo fetch --locked || setup_fail "cargo fetch --locked failed (see above): cargo deny needs every crate of Cargo.lock"
+}

@@ -47,27 +47,18 @@ cargo fmt --all -- --check
 
 echo "== supply chain: cargo deny (advisories, licences, duplicate versions, sources; deny.toml)"
 setup_cargo_deny
-# The RustSec advisory database: offline from the snapshot in ../shared/advisory-db when it
-# is there (the machines that build outpost here cannot reach GitHub; OUTPOST_ADVISORY_DB
-# names another copy, or none when empty), else cargo-deny fetches the database itself.
-# cargo-deny 0.20 reads it from <db-path>/advisory-db-<hash of its URL>, as a git repository.
-snapshot="${OUTPOST_ADVISORY_DB-../shared/advisory-db}"
-db=target/advisory-dbs/advisory-db-3157b0e258782691
+# The RustSec advisory database: offline from a snapshot (scripts/setup.sh says which: the
+# machines that build outpost here cannot reach GitHub), or the one cargo-deny fetches when
+# OUTPOST_ADVISORY_DB is set empty.
+snapshot="$(advisory_db_snapshot)"
 deny_flags=(--workspace --locked)
-if [ -n "$snapshot" ] && [ -d "$snapshot/crates" ]; then
-    echo "   offline, with the advisory database snapshot in $snapshot" \
-        "($(tr '\n' ' ' < "$snapshot/README.outpost.md" 2>/dev/null | grep -o -m1 'commit [0-9a-f]\{40\} of [0-9-]*' || echo 'undated'))"
-    rm -rf "$db" && mkdir -p "$(dirname "$db")" && cp -r "$snapshot" "$db" && chmod -R u+w "$db"
-    git -C "$db" init -q && git -C "$db" add -A \
-        && git -C "$db" -c user.name=snapshot -c user.email=snapshot@localhost commit -qm snapshot
-    touch "$db/.outpost-snapshot"
-    # Offline, cargo metadata needs every crate of the lock file, other platforms' too.
-    cargo fetch --locked
+if [ -n "$snapshot" ]; then
+    setup_advisory_db "$snapshot"
     deny_flags+=(--offline)
 else
-    echo "   with the advisory database cargo-deny fetches (no snapshot in ${snapshot:-(none)})"
+    echo "   with the advisory database cargo-deny fetches (OUTPOST_ADVISORY_DB is empty or names no snapshot)"
     # A snapshot copied here earlier is no clone cargo-deny can update.
-    if [ -e "$db/.outpost-snapshot" ]; then rm -rf "$db"; fi
+    if [ -e "$ADVISORY_DB/.outpost-snapshot" ]; then rm -rf "$ADVISORY_DB"; fi
 fi
 cargo deny "${deny_flags[@]}" check \
     || setup_fail "cargo deny check failed (see above): an open advisory, a licence deny.toml does not allow, a duplicate version it does not skip or a source other than crates.io; or the advisory database could not be read or fetched"
