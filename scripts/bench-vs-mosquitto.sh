@@ -15,10 +15,10 @@
 #                  defaults (max_inflight_messages 20, max_queued_messages 1000: QoS 1 over
 #                  the queue cap is dropped)
 #   mosquitto-q0   the same with max_queued_messages 0 (no queue cap, so nothing is dropped)
-#   outpost-w300   outpost with the uplink's window raised from its default of 100
-#                  unacknowledged publishes to 300 ([[upstream]] inflight; load only: on a busy
-#                  machine each acknowledgement takes a few task hops, so the window bounds the
-#                  rate; 100 is the default because AWS IoT Core takes no more than 100 at once)
+#   outpost-w100   outpost with the uplink's window lowered from its default of 1,000
+#                  unacknowledged publishes to 100 ([[upstream]] inflight; load only: what a
+#                  cloud broker that takes no more than 100 at once, such as AWS IoT Core,
+#                  allows; on a busy machine the window bounds the rate)
 #   outpost-bigq   outpost with local subscriber queues raised (broker.max_queued_messages
 #                  1,000,000 and max_queued_bytes 1 GiB; fan-out only: the counterpart of
 #                  mosquitto-q0 for local subscribers)
@@ -80,7 +80,7 @@ case "$rounds" in ''|*[!0-9]*|0) echo "error: --rounds must be a positive number
 # Which systems each phase compares.
 systems_for() {
     case "$1" in
-        load) echo "outpost outpost-w300 mosquitto mosquitto-q0" ;;
+        load) echo "outpost outpost-w100 mosquitto mosquitto-q0" ;;
         fanout) echo "outpost mosquitto outpost-bigq mosquitto-q0" ;;
         retained) echo "outpost mosquitto mosquitto-q0" ;;
         idle) echo "outpost mosquitto" ;;
@@ -138,7 +138,7 @@ summary() {
                 echo "delivered, outpost / Mosquitto bridge, per round:"
                 local mine
                 for round in $(seq 1 "$rounds"); do
-                    for mine in outpost outpost-w300; do
+                    for mine in outpost outpost-w100; do
                         local o="$out/load-$mine-r$round.json" line="  round $round, $mine:"
                         [ -f "$o" ] || continue
                         for system in mosquitto mosquitto-q0; do
@@ -216,7 +216,7 @@ summary() {
                 ;;
         esac
     done
-    echo "Configurations: $out/upstream.conf, $out/mosquitto*.conf, $out/outpost-bigq.toml and $out/outpost-w300.toml (when run); reports: $out/*.json"
+    echo "Configurations: $out/upstream.conf, $out/mosquitto*.conf, $out/outpost-bigq.toml and $out/outpost-w100.toml (when run); reports: $out/*.json"
 }
 
 if [ -n "$report_only" ]; then
@@ -371,17 +371,17 @@ start_edge_once() {
     local before
     before=$(upstream_connects)
     case "$system" in
-        outpost|outpost-bigq|outpost-w300)
+        outpost|outpost-bigq|outpost-w100)
             local config=(--upstream "mqtt://127.0.0.1:$upstream_port")
             if [ "$system" = outpost-bigq ]; then
                 printf '[broker]\nmax_queued_messages = 1000000\nmax_queued_bytes = 1073741824\n' > "$dir/outpost.toml"
                 cp "$dir/outpost.toml" "$out/outpost-bigq.toml"
                 config+=(--config "$dir/outpost.toml")
             fi
-            if [ "$system" = outpost-w300 ]; then
-                printf '[[upstream]]\nname = "cloud"\nurl = "mqtt://127.0.0.1:%s"\ninflight = 300\n' \
+            if [ "$system" = outpost-w100 ]; then
+                printf '[[upstream]]\nname = "cloud"\nurl = "mqtt://127.0.0.1:%s"\ninflight = 100\n' \
                     "$upstream_port" > "$dir/outpost.toml"
-                sed "s|$upstream_port|<upstream port>|" "$dir/outpost.toml" > "$out/outpost-w300.toml"
+                sed "s|$upstream_port|<upstream port>|" "$dir/outpost.toml" > "$out/outpost-w100.toml"
                 config=(--config "$dir/outpost.toml")
             fi
             "$edge_outpost" run "${config[@]}" --listen "127.0.0.1:$edge_port" --data "$dir/data" \

@@ -518,8 +518,13 @@ pub struct UpstreamConfig {
     pub client_id: Option<String>,
     /// MQTT keep-alive, in seconds (at least 5).
     pub keep_alive_secs: u64,
-    /// Most publishes awaiting PUBACK at once.
+    /// Most publishes awaiting PUBACK at once (an MQTT 5 upstream's Receive Maximum may lower
+    /// it).
     pub inflight: u16,
+    /// Most bytes (payload and topic) awaiting PUBACK at once; a single row larger than this is
+    /// still sent, alone. Bounds the memory a slow link holds and what a dropped connection
+    /// sends twice.
+    pub inflight_bytes: usize,
     /// First reconnect delay, in milliseconds; doubles up to `reconnect_max_ms`.
     pub reconnect_min_ms: u64,
     /// Longest reconnect delay, in milliseconds.
@@ -569,7 +574,8 @@ impl Default for UpstreamConfig {
             connect_timeout_secs: 15,
             client_id: None,
             keep_alive_secs: 30,
-            inflight: 100,
+            inflight: 1000,
+            inflight_bytes: 1024 * 1024,
             reconnect_min_ms: 250,
             reconnect_max_ms: 10_000,
             protocol: MqttVersion::default(),
@@ -1132,6 +1138,9 @@ impl Config {
             if u.inflight == 0 {
                 return Err(invalid(key("inflight"), "must be at least 1"));
             }
+            if u.inflight_bytes < 1024 {
+                return Err(invalid(key("inflight_bytes"), "must be at least 1024"));
+            }
             if u.max_refusals == 0 {
                 return Err(invalid(key("max_refusals"), "must be at least 1"));
             }
@@ -1404,6 +1413,28 @@ mod tests {
                 .validate()
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn upstream_windows_below_their_floor_are_named() {
+        let upstream = |extra: &str| {
+            parse(&format!(
+                "[[upstream]]\nname = \"cloud\"\nurl = \"mqtt://h:1\"\n{extra}"
+            ))
+            .unwrap()
+            .validate()
+        };
+        for (extra, key) in [
+            ("inflight = 0\n", "upstream \"cloud\".inflight"),
+            (
+                "inflight_bytes = 1023\n",
+                "upstream \"cloud\".inflight_bytes",
+            ),
+        ] {
+            let err = upstream(extra).unwrap_err().to_string();
+            assert!(err.starts_with(key), "{extra}: {err}");
+        }
+        assert!(upstream("inflight = 1\ninflight_bytes = 1024\n").is_ok());
     }
 
     #[test]

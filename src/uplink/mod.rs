@@ -1,8 +1,10 @@
 //! One connection per upstream broker, draining that link's outbox rows in order.
 //!
 //! Guarantees:
-//! - Rows are published with QoS 1 in outbox order, with up to `inflight` awaiting PUBACK (or
-//!   fewer, when an MQTT 5 upstream's Receive Maximum says so).
+//! - Rows are published with QoS 1 in outbox order, with up to `inflight` rows and
+//!   `inflight_bytes` bytes awaiting PUBACK (fewer rows when an MQTT 5 upstream's Receive
+//!   Maximum says so; one row however large when nothing else is in flight). A large window is
+//!   refilled in batches of an eighth of it ([`window`]).
 //! - A row is deleted from the outbox only after the upstream's PUBACK for it arrived (and, on
 //!   MQTT 5, only when that PUBACK's reason code is a success: `0x00`, or `0x10` "no matching
 //!   subscribers").
@@ -57,6 +59,7 @@ pub mod client;
 pub mod credentials;
 pub mod envelope;
 pub mod reload;
+pub mod window;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -69,6 +72,7 @@ use tracing::{debug, info, warn};
 use client::{Client, ConnectSettings, Connection, LinkEvent};
 pub use client::{ConnectRefusal, LinkFailure, TlsFailure};
 use credentials::Credentials;
+use window::Window;
 
 use crate::config::{parse_broker_url, BrokerAddress, MqttVersion, UpstreamConfig};
 use crate::metrics::Metrics;
@@ -435,8 +439,8 @@ impl Uplink {
         }
     }
 
-    /// One connection: waits for CONNACK, then keeps the inflight window full from the outbox
-    /// and hands every acknowledged row to the deleter. The first `careful` rows are sent one at
+    /// One connection: waits for CONNACK, then keeps the inflight window filled from the
+    /// outbox and hands every acknowledged row to the deleter. The first `careful` rows are sent one at
     /// a time (each one only after the previous one was accepted).
     async fn session(
         &self,
@@ -480,7 +484,8 @@ impl Uplink {
                 }
             }
         };
-        let window = usize::from(self.config.inflight).min(usize::from(limits.receive_maximum));
+        let max_rows = usize::from(self.config.inflight).min(usize::from(limits.receive_maximum));
+        let mut window = Window::new(max_rows, self.config.inflight_bytes);
         if careful > 0 {
             // Retrying rows the last connection ended over; that was logged already.
             debug!(link = %name, protocol = ?self.config.protocol, "upstream connected");
@@ -500,9 +505,8 @@ impl Uplink {
             debug!(link = %name, filters = ?control.filters, "subscribed to control topics");
         }
 
-        // Outbox rows (id, message id) sent in this session and not acknowledged, by packet id.
-        let mut by_pkid: HashMap<u16, (Delivered, String)> = HashMap::new();
-        let mut in_flight = 0usize;
+        // Outbox rows sent in this session and not acknowledged, by packet id.
+        let mut by_pkid: HashMap<u16, InFlight> = HashMap::new();
         // Rows the upstream accepted in this session.
         let mut delivered = 0usize;
         let mut outbox_drained = false;
@@ -515,14 +519,16 @@ impl Uplink {
         // Rows read from the outbox but not sent yet, and the last id read.
         let mut buffer: VecDeque<OutboxRow> = VecDeque::new();
         let mut last_read: i64 = 0;
-        let read_batch = window.max(READ_BATCH_MIN);
+        let read_batch = max_rows.max(READ_BATCH_MIN);
         loop {
-            // Fill the window from the outbox, reading it in batches.
-            let limit = if delivered < careful { 1 } else { window };
+            // Fill the window from the outbox, reading it in batches. While the first
+            // `careful` rows are not accepted, one at a time.
+            let one_at_a_time = delivered < careful;
             let mut expired: Vec<i64> = Vec::new();
             let mut misrouted: Vec<i64> = Vec::new();
             let now = crate::event::now_ms();
-            while refused.is_none() && rotating.is_none() && in_flight < limit {
+            let mut filling = refused.is_none() && rotating.is_none() && window.wants_refill();
+            while filling && !(one_at_a_time && window.rows() > 0) {
                 let Some(row) = buffer.pop_front() else {
                     if outbox_drained {
                         break;
@@ -559,6 +565,13 @@ impl Uplink {
                     misrouted.push(row.id);
                     continue;
                 }
+                let size = row.payload.len().saturating_add(row.topic.len());
+                if !window.admits(size) {
+                    // Full in bytes: it goes first next time.
+                    buffer.push_front(row);
+                    filling = false;
+                    continue;
+                }
                 let (id, msg_id, sent) = (row.id, row.msg_id.clone(), row.delivered());
                 if row.topic.contains(['+', '#']) {
                     // The router never queues such a topic; should one be there anyway, it
@@ -572,20 +585,27 @@ impl Uplink {
                 }
                 match publish_row(&client, self.config.protocol, self.config.envelope, row) {
                     Ok(pkid) => {
-                        by_pkid.insert(pkid, (sent, msg_id));
+                        by_pkid.insert(
+                            pkid,
+                            InFlight {
+                                row: sent,
+                                msg_id,
+                                size,
+                            },
+                        );
                     }
                     Err(reason) => {
                         // The request channel is sized above the window, so this means the
                         // connection is gone; the session is over.
                         return lost(
                             refused.take(),
-                            in_flight,
+                            window.rows(),
                             delivered,
                             LinkFailure::Io(reason),
                         );
                     }
                 }
-                in_flight += 1;
+                window.sent(size);
             }
             if !expired.is_empty() {
                 alongside(&mut connection, &mut ended, self.expire(expired)).await;
@@ -593,7 +613,7 @@ impl Uplink {
             if !misrouted.is_empty() {
                 alongside(&mut connection, &mut ended, self.refuse(misrouted)).await;
             }
-            if in_flight == 0 {
+            if window.rows() == 0 {
                 if let Some(refusal) = refused.take() {
                     return SessionEnd::Refused {
                         refusal,
@@ -618,13 +638,13 @@ impl Uplink {
                 changed = credentials.changed(), if rotating.is_none() && credentials.has_changed().is_ok() => {
                     if changed.is_ok() {
                         // Stop sending; reconnect once the window is acknowledged.
-                        debug!(link = %name, in_flight, "credentials changed; draining the window before reconnecting");
+                        debug!(link = %name, in_flight = window.rows(), "credentials changed; draining the window before reconnecting");
                         rotating = Some(tokio::time::Instant::now() + keep_alive);
                     }
                 }
                 _ = tokio::time::sleep_until(drain_deadline), if rotating.is_some() => {
                     disconnect(&client, &mut connection, ended).await;
-                    return SessionEnd::Rotated { unanswered: in_flight };
+                    return SessionEnd::Rotated { unanswered: window.rows() };
                 }
                 _ = shutdown.changed() => {
                     disconnect(&client, &mut connection, ended).await;
@@ -634,9 +654,14 @@ impl Uplink {
             while let Some(event) = next.take() {
                 match event {
                     Some(LinkEvent::PubAck { pkid, refusal }) => {
-                        if let Some((sent, msg_id)) = by_pkid.remove(&pkid) {
+                        if let Some(InFlight {
+                            row: sent,
+                            msg_id,
+                            size,
+                        }) = by_pkid.remove(&pkid)
+                        {
                             let id = sent.id;
-                            in_flight -= 1;
+                            window.answered(size);
                             match refusal {
                                 // Not delivered: the row stays queued.
                                 Some(reason) => {
@@ -655,7 +680,7 @@ impl Uplink {
                                     }
                                 }
                             }
-                            if in_flight == 0 {
+                            if window.rows() == 0 {
                                 if let Some(refusal) = refused.take() {
                                     // Start again from the refused row, after a backoff.
                                     disconnect(&client, &mut connection, ended).await;
@@ -672,12 +697,12 @@ impl Uplink {
                     }
                     Some(LinkEvent::Connected(_)) => {}
                     Some(LinkEvent::Failed(failure)) => {
-                        return lost(refused.take(), in_flight, delivered, failure)
+                        return lost(refused.take(), window.rows(), delivered, failure)
                     }
                     None => {
                         return lost(
                             refused.take(),
-                            in_flight,
+                            window.rows(),
                             delivered,
                             LinkFailure::Io("the connection task ended".into()),
                         )
@@ -689,6 +714,16 @@ impl Uplink {
             }
         }
     }
+}
+
+/// A row sent on this connection and not answered yet.
+struct InFlight {
+    /// The row, to delete once acknowledged.
+    row: Delivered,
+    /// Its message id, for the log should the upstream refuse it.
+    msg_id: String,
+    /// What it counts for in the window's bytes.
+    size: usize,
 }
 
 impl Uplink {
