@@ -18,6 +18,7 @@
 //! restart); nothing reaches the broker except through the
 //! front's checks or the gateway's own in-process links (there is no internal listener).
 
+pub mod acl;
 mod broker;
 mod checks;
 mod connect;
