@@ -402,6 +402,22 @@ pub struct BrokerConfig {
     /// Mosquitto's `max_keepalive` does. 0: every client keeps the keep-alive it asks for,
     /// none included. MQTT 3.1.1 has no way to say it, so 3.1.1 clients keep theirs.
     pub max_keepalive_secs: u16,
+    /// Usernames and password hashes in Mosquitto's format (`mosquitto_passwd`, or `outpost
+    /// passwd`), relative to the configuration file; a client with a username must match it.
+    /// Must not be readable by other users.
+    pub password_file: Option<PathBuf>,
+    /// Whether clients without a username may connect. Unset: yes without a password file,
+    /// no with one. A listener that is not on loopback needs a password file or this set to
+    /// `true` explicitly.
+    pub allow_anonymous: Option<bool>,
+}
+
+impl BrokerConfig {
+    /// Whether clients without a username may connect (see
+    /// [`BrokerConfig::allow_anonymous`]).
+    pub fn anonymous_allowed(&self) -> bool {
+        self.allow_anonymous.unwrap_or(self.password_file.is_none())
+    }
 }
 
 impl Default for BrokerConfig {
@@ -425,6 +441,8 @@ impl Default for BrokerConfig {
             max_sessions: 10_000,
             max_session_expiry_secs: 0,
             max_keepalive_secs: u16::MAX,
+            password_file: None,
+            allow_anonymous: None,
         }
     }
 }
@@ -853,6 +871,11 @@ impl Config {
                 }
             }
         }
+        if let Some(file) = &mut config.broker.password_file {
+            if file.is_relative() {
+                *file = base.join(&*file);
+            }
+        }
         for fence in &mut config.geofences {
             if let Some(file) = &mut fence.file {
                 if file.is_relative() {
@@ -1024,6 +1047,31 @@ impl Config {
                 "broker.max_inflight",
                 "must be between 1 and 65535",
             ));
+        }
+        if b.password_file.is_none() && b.allow_anonymous == Some(false) {
+            return Err(invalid(
+                "broker.allow_anonymous",
+                "is false but there is no broker.password_file: no device could connect",
+            ));
+        }
+        if b.password_file.is_none() && b.allow_anonymous.is_none() {
+            // Anyone who can reach a listener off loopback could read and write everything:
+            // only when the operator says so.
+            if let Some(open) = b
+                .listen
+                .iter()
+                .chain(&b.listen_v5)
+                .find(|addr| !addr.ip().is_loopback())
+            {
+                return Err(invalid(
+                    "broker.allow_anonymous",
+                    format!(
+                        "the listener {open} accepts devices from the network, and there is no \
+                         broker.password_file: set one (see `outpost passwd`), or write \
+                         allow_anonymous = true under [broker] to let anyone connect"
+                    ),
+                ));
+            }
         }
         let h = &self.handlers;
         if h.deadline_ms == 0 || h.deadline_ms > 600_000 {

@@ -20,6 +20,7 @@ use tracing::info;
 use crate::config::Config;
 use crate::control::{self, Control};
 use crate::deploy::{self, ModuleControl};
+use crate::edge::auth::Authenticator;
 use crate::edge::Edge;
 use crate::journal::{Journal, JournalThread};
 use crate::metrics::Metrics;
@@ -61,6 +62,11 @@ impl Gateway {
             }
             credentials.push(loaded);
         }
+        // The broker's password file: likewise, before anything runs.
+        let passwords = match &config.broker.password_file {
+            Some(path) => Some((path.clone(), crate::edge::auth::load_password_file(path)?)),
+            None => None,
+        };
         let routes = Arc::new(validated.routes);
         let store = Arc::new(Store::open_with(&config.data_dir, config.store.limits())?);
         let geo = Arc::new(validated.geo);
@@ -169,6 +175,19 @@ impl Gateway {
             };
             uplinks.push(tokio::spawn(uplink.run(stop_rx.clone())));
         }
+        let auth = match passwords {
+            Some((path, file)) => {
+                let (passwords, watcher) = crate::edge::auth::watch_password_file(
+                    path,
+                    file,
+                    reload_rx.clone(),
+                    stop_rx.clone(),
+                );
+                uplinks.push(watcher);
+                Authenticator::new(Some(passwords), config.broker.anonymous_allowed())
+            }
+            None => Authenticator::new(None, config.broker.anonymous_allowed()),
+        };
 
         // Outputs of `local-only` events: a link to the gateway's own broker, started once
         // the broker is up.
@@ -219,18 +238,23 @@ impl Gateway {
         };
         let pipeline = tokio::spawn(pipeline.run(committed.clone(), finish_rx));
 
-        let mut edge =
-            match Edge::start_durable(&config.broker, &config.data_dir, journal, metrics.clone())
-                .await
-            {
-                Ok(edge) => edge,
-                Err(e) => {
-                    let _ = stop_uplinks.send(true);
-                    let _ = finish_pipeline.send(true);
-                    pipeline.abort();
-                    return Err(e.into());
-                }
-            };
+        let mut edge = match Edge::start_durable(
+            &config.broker,
+            &config.data_dir,
+            journal,
+            metrics.clone(),
+            auth,
+        )
+        .await
+        {
+            Ok(edge) => edge,
+            Err(e) => {
+                let _ = stop_uplinks.send(true);
+                let _ = finish_pipeline.send(true);
+                pipeline.abort();
+                return Err(e.into());
+            }
+        };
         let control = Control {
             gateway_id: config.gateway_id.clone(),
             store: store.clone(),

@@ -65,6 +65,16 @@ enum Command {
         #[arg(long, default_value = "outpost")]
         name: String,
     },
+    /// Add a user to a password file in Mosquitto's format (`broker.password_file`), or change
+    /// their password: a PBKDF2-SHA512 (`$7$`) hash that Mosquitto 2 reads too. Asks for the
+    /// password twice on a terminal; otherwise reads it from the first line of standard input.
+    /// Creates the file (mode 0600) if missing; every other line is kept.
+    Passwd {
+        /// The password file.
+        file: PathBuf,
+        /// The username (the one devices give in CONNECT).
+        username: String,
+    },
     /// Sign handler modules and verify signed ones; deploy, list, roll back and remove them on
     /// running gateways over MQTT.
     Module {
@@ -415,6 +425,7 @@ fn main() -> ExitCode {
         }
         Command::Deadletters { command, options } => deadletters(command, options),
         Command::Keygen { out, name } => keygen(&out, &name),
+        Command::Passwd { file, username } => passwd(&file, &username),
         Command::Module {
             command:
                 ModuleCommand::Sign {
@@ -557,6 +568,26 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
             ));
         }
     }
+    // The broker's password file: read and checked as at start; entries it cannot use are
+    // warnings with their line.
+    if let Some(path) = &config.broker.password_file {
+        let passwords = outpost::edge::auth::load_password_file(path)?;
+        for skipped in passwords.skipped() {
+            warnings.push(format!(
+                "{} line {}: the entry of {:?} cannot be used ({}); that user is refused",
+                path.display(),
+                skipped.line,
+                skipped.username,
+                skipped.reason
+            ));
+        }
+        if passwords.users() == 0 {
+            warnings.push(format!(
+                "{}: no usable entry; every client with a username is refused",
+                path.display()
+            ));
+        }
+    }
     println!(
         "{}: ok ({} route(s), {} module(s), {} upstream(s), {} geofence(s), {} region(s))",
         file.display(),
@@ -663,6 +694,97 @@ fn deadletters(command: DeadLettersCommand, o: DeadLettersOptions) -> anyhow::Re
         );
     }
     Ok(())
+}
+
+/// `outpost passwd FILE USER`.
+fn passwd(file: &std::path::Path, username: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use outpost::edge::passwords::{self, Change};
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
+    let (text, mode) = match outpost::files::read_regular_text(file, 16 * 1024 * 1024) {
+        Ok(contents) => {
+            let mode = std::fs::metadata(file)
+                .map(|m| m.permissions().mode() & 0o777)
+                .unwrap_or(0o600);
+            (contents, mode)
+        }
+        Err(outpost::files::FileError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+            (String::new(), 0o600)
+        }
+        Err(e) => anyhow::bail!("{}: {e}", file.display()),
+    };
+    let password = read_new_password()?;
+    let (updated, change) = passwords::set_password(&text, username, password.as_bytes())
+        .with_context(|| format!("{username:?}"))?;
+    // Written next to it and renamed over it, so that a crash leaves the old file or the new
+    // one, never half of one.
+    let mut temporary = file.as_os_str().to_owned();
+    temporary.push(".outpost-new");
+    let temporary = PathBuf::from(temporary);
+    let _ = std::fs::remove_file(&temporary);
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&temporary)
+        .with_context(|| format!("cannot create {}", temporary.display()))?;
+    out.write_all(updated.as_bytes())
+        .and_then(|()| out.sync_all())
+        .with_context(|| format!("cannot write {}", temporary.display()))?;
+    std::fs::rename(&temporary, file)
+        .with_context(|| format!("cannot replace {}", file.display()))?;
+    let what = match change {
+        Change::Added => "added",
+        Change::Changed => "password changed",
+    };
+    println!("{username}: {what} in {}", file.display());
+    Ok(())
+}
+
+/// The new password: asked twice without echo on a terminal, else the first line of stdin.
+fn read_new_password() -> anyhow::Result<String> {
+    use std::io::{BufRead, IsTerminal};
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        let mut line = String::new();
+        stdin.lock().read_line(&mut line)?;
+        let password = line.trim_end_matches(['\n', '\r']).to_string();
+        anyhow::ensure!(!password.is_empty(), "no password on standard input");
+        return Ok(password);
+    }
+    let first = prompt_hidden("Password: ")?;
+    let second = prompt_hidden("Password again: ")?;
+    anyhow::ensure!(first == second, "the passwords differ; nothing changed");
+    Ok(first)
+}
+
+/// Reads one line from the terminal with echo off (restored afterwards, also on error).
+fn prompt_hidden(prompt: &str) -> anyhow::Result<String> {
+    use std::io::{BufRead, Write};
+    eprint!("{prompt}");
+    std::io::stderr().flush()?;
+    let fd = libc::STDIN_FILENO;
+    // SAFETY: termios is plain data; tcgetattr fills it for a terminal fd.
+    let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: fd is stdin and `saved` is a valid termios to fill.
+    let have_terminal = unsafe { libc::tcgetattr(fd, &mut saved) } == 0;
+    if have_terminal {
+        let mut quiet = saved;
+        quiet.c_lflag &= !libc::ECHO;
+        // SAFETY: a termios copied from tcgetattr with one flag cleared.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &quiet) };
+    }
+    let mut line = String::new();
+    let read = std::io::stdin().lock().read_line(&mut line);
+    if have_terminal {
+        // SAFETY: restores what tcgetattr returned.
+        unsafe { libc::tcsetattr(fd, libc::TCSANOW, &saved) };
+        eprintln!();
+    }
+    read?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }
 
 fn keygen(dir: &std::path::Path, name: &str) -> anyhow::Result<()> {

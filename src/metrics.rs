@@ -22,6 +22,9 @@ pub struct Metrics {
     pub edge_rejected: AtomicU64,
     /// Device connections refused at the connection limit (`broker.max_connections`).
     pub edge_connections_refused: AtomicU64,
+    /// Device logins refused: a wrong username or password, or no username where anonymous
+    /// clients are not allowed (`broker.password_file`, `broker.allow_anonymous`).
+    pub edge_logins_refused: AtomicU64,
     /// Messages for local subscribers dropped at a session's queue bound (`broker.max_queued_messages`, `broker.max_queued_bytes`), retained messages owed beyond `broker.max_retained_messages` included.
     pub broker_dropped_queue_full: AtomicU64,
     /// Device publishes refused (neither journaled nor delivered): to a reserved topic (`$SYS`, `$share`).
@@ -169,6 +172,8 @@ pub struct Snapshot {
     pub edge_rejected: u64,
     /// See [`Metrics::edge_connections_refused`].
     pub edge_connections_refused: u64,
+    /// See [`Metrics::edge_logins_refused`].
+    pub edge_logins_refused: u64,
     /// See [`Metrics::broker_dropped_queue_full`].
     pub broker_dropped_queue_full: u64,
     /// See [`Metrics::edge_publishes_refused`].
@@ -387,6 +392,7 @@ impl Metrics {
             journaled: get(&self.journaled),
             edge_rejected: get(&self.edge_rejected),
             edge_connections_refused: get(&self.edge_connections_refused),
+            edge_logins_refused: get(&self.edge_logins_refused),
             broker_dropped_queue_full: get(&self.broker_dropped_queue_full),
             edge_publishes_refused: get(&self.edge_publishes_refused),
             broker_dropped_total_full: get(&self.broker_dropped_total_full),

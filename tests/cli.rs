@@ -492,3 +492,108 @@ fn the_demo_delivers_everything_it_published() {
         .unwrap_or(0);
     assert!(delivered > 0, "something was delivered:\n{stdout}");
 }
+
+/// `outpost passwd FILE USER` with the password on standard input.
+fn passwd(file: &std::path::Path, user: &str, password: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["passwd", file.to_str().unwrap(), user])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run outpost passwd");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Whether Mosquitto on `port` accepts a QoS 1 publish from `user` with `password`
+/// (`mosquitto_pub` exits 0 only after its PUBACK).
+fn mosquitto_accepts(port: u16, user: &str, password: &str, version: &str) -> bool {
+    Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", version])
+        .args(["-u", user, "-P", password, "-q", "1", "-t", "t", "-m", "x"])
+        .output()
+        .expect("mosquitto_pub runs")
+        .status
+        .success()
+}
+
+/// Issue 14: password files in Mosquitto's format both ways. What `outpost passwd` writes,
+/// Debian's Mosquitto accepts (and refuses the old password after a change); what Debian's
+/// `mosquitto_passwd` adds to the same file, outpost's reader verifies. The file is created
+/// 0600 and keeps its other lines.
+#[test]
+fn password_files_work_both_ways_with_mosquitto() {
+    use outpost::edge::passwords::PasswordFile;
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("passwords");
+    for (user, password) in [("alice", "old-a"), ("bob", "pw-b"), ("alice", "new-a")] {
+        let out = passwd(&file, user, password);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    assert!(String::from_utf8_lossy(&passwd(&file, "bob", "pw-b").stdout).contains("changed"));
+    let refused = passwd(&file, "no:colon", "pw");
+    assert!(!refused.status.success());
+    assert!(stderr(&refused).contains("':'"), "{}", stderr(&refused));
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 2);
+
+    // Debian's tool adds its own entry (2.0's default: $7$, 101 iterations) to our file.
+    let status = Command::new("mosquitto_passwd")
+        .args(["-b", file.to_str().unwrap(), "carol", "pw-c"])
+        .status()
+        .expect("mosquitto_passwd runs");
+    assert!(status.success());
+    let ours = PasswordFile::parse(&std::fs::read_to_string(&file).unwrap());
+    assert_eq!(ours.users(), 3);
+    assert!(ours.skipped().is_empty());
+    for (user, password, ok) in [
+        ("alice", "new-a", true),
+        ("alice", "old-a", false),
+        ("bob", "pw-b", true),
+        ("carol", "pw-c", true),
+        ("carol", "pw-b", false),
+        ("nobody", "pw-c", false),
+    ] {
+        assert_eq!(
+            ours.verify(user, password.as_bytes()),
+            ok,
+            "outpost: {user}"
+        );
+    }
+
+    // And the real broker with the same file.
+    let port = common::free_port();
+    let mut mosquitto = common::Mosquitto::with_config(
+        dir.path(),
+        &format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
+            file.display()
+        ),
+    );
+    mosquitto.start();
+    for version in ["mqttv311", "mqttv5"] {
+        for (user, password, ok) in [
+            ("alice", "new-a", true),
+            ("alice", "old-a", false),
+            ("bob", "pw-b", true),
+            ("carol", "pw-c", true),
+            ("nobody", "pw-c", false),
+        ] {
+            assert_eq!(
+                mosquitto_accepts(port, user, password, version),
+                ok,
+                "mosquitto {version}: {user}"
+            );
+        }
+    }
+}

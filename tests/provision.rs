@@ -66,7 +66,9 @@ fn public_key(dir: &Path) -> String {
 fn a_provision_file_becomes_a_checked_configuration() {
     let keys = tempfile::tempdir().unwrap();
     let key = public_key(keys.path());
+    let (passwords, _) = outpost::edge::passwords::set_password("", "sensor-1", b"pw-1").unwrap();
     let root = board(&[
+        ("passwords", &passwords),
         (
             "provision.env",
             // Written on Windows: CRLF line endings and a comment.
@@ -87,6 +89,7 @@ fn a_provision_file_becomes_a_checked_configuration() {
         "gateway_id = \"truck-17\"",
         "url = \"mqtt://broker.example:8883\"",
         "listen = [\"0.0.0.0:1883\"]",
+        "password_file = \"passwords\"",
         "groups = [\"trucks\", \"eu\"]",
         "trusted_keys = [\"keys/ops.pub\"]",
     ] {
@@ -94,6 +97,13 @@ fn a_provision_file_becomes_a_checked_configuration() {
     }
     assert_eq!(read(root.path(), "etc/outpost/keys/ops.pub"), key);
     assert!(root.path().join("etc/outpost/tls/ca.pem").exists());
+    // The device logins: copied, readable by their owner only.
+    assert_eq!(read(root.path(), "etc/outpost/passwords"), passwords);
+    let mode = std::fs::metadata(root.path().join("etc/outpost/passwords"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
     // Applied once: the provision file is renamed.
     assert!(!root
         .path()
@@ -219,6 +229,15 @@ fn a_bad_provision_file_changes_nothing_and_says_why() {
             "GATEWAY_ID=t17\nUPSTREAM_URL=mqtt://b\"; rm -rf /\n",
             "quotes",
         ),
+        // Off loopback, anyone could connect: not without logins or an explicit yes.
+        (
+            "GATEWAY_ID=t17\nUPSTREAM_URL=mqtt://b:1883\nLISTEN=0.0.0.0:1883\n",
+            "allow_anonymous",
+        ),
+        (
+            "GATEWAY_ID=t17\nUPSTREAM_URL=mqtt://b:1883\nALLOW_ANONYMOUS=yes\n",
+            "ALLOW_ANONYMOUS",
+        ),
     ] {
         let root = board(&[("provision.env", env)]);
         let before = read(root.path(), "etc/outpost/outpost.toml");
@@ -236,6 +255,26 @@ fn a_bad_provision_file_changes_nothing_and_says_why() {
             .join("boot/firmware/outpost/provision.env")
             .exists());
     }
+}
+
+/// `ALLOW_ANONYMOUS=true` opens a network listener to devices without logins, explicitly.
+#[test]
+fn allow_anonymous_is_written_when_asked_for() {
+    let root = board(&[(
+        "provision.env",
+        "GATEWAY_ID=t17\nUPSTREAM_URL=mqtt://b:1883\nLISTEN=0.0.0.0:1883\nALLOW_ANONYMOUS=true\n",
+    )]);
+    let out = provision(root.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = read(root.path(), "etc/outpost/outpost.toml");
+    assert!(
+        config.contains("listen = [\"0.0.0.0:1883\"]\nallow_anonymous = true\n"),
+        "{config}"
+    );
 }
 
 #[test]

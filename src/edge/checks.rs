@@ -52,6 +52,8 @@ pub mod return_code {
     pub const IDENTIFIER_REJECTED: u8 = 0x02;
     /// The server cannot take the connection now.
     pub const SERVER_UNAVAILABLE: u8 = 0x03;
+    /// The client is not allowed to connect (Mosquitto's answer to a failed login).
+    pub const NOT_AUTHORIZED: u8 = 0x05;
 }
 
 /// Whether a client may send a packet of this type once connected. CONNACK, SUBACK,

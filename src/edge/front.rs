@@ -45,6 +45,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use super::auth::Authenticator;
 use super::broker::{self, Attach, Broker, ClientAck, Connection};
 use super::checks::{self, reason, return_code};
 use super::connect::{self, ConnectInfo};
@@ -133,6 +134,10 @@ pub struct Front {
     /// Whether devices are refused the gateway's reserved client ids (a gateway's own
     /// broker); a stand-in upstream lets gateways connect with theirs.
     pub reserve_client_ids: bool,
+    /// Who may connect (the gateway's own connections are not asked).
+    pub auth: Authenticator,
+    /// Logins refused so far (their log line is rate-limited).
+    pub refused_logins: Arc<AtomicU64>,
 }
 
 /// How a device connection ended.
@@ -149,6 +154,9 @@ enum End {
         answer: Option<Bytes>,
         reason: String,
     },
+    /// The login was refused: answered with the CONNACK `answer` and closed (counted apart,
+    /// and logged at most once per 1,000, so that guessing fills neither the log nor memory).
+    Unauthorized { answer: Bytes, reason: String },
     /// Anything else: I/O, the journal.
     Lost(String),
 }
@@ -157,6 +165,7 @@ impl std::fmt::Display for End {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             End::Refused { reason, .. } => write!(f, "refused: {reason}"),
+            End::Unauthorized { reason, .. } => write!(f, "login refused: {reason}"),
             End::Closed { reason, .. } => write!(f, "closed: {reason}"),
             End::Lost(reason) => f.write_str(reason),
         }
@@ -291,10 +300,11 @@ impl Front {
             keep_alive: 0,
         };
         let mut input = BytesMut::with_capacity(INITIAL_BUFFER);
-        let connect = tokio::time::timeout(
-            self.connect_timeout,
-            session.read_connect(&mut reader, &mut input),
-        )
+        let connect = tokio::time::timeout(self.connect_timeout, async {
+            let info = session.read_connect(&mut reader, &mut input).await?;
+            session.log_in(&info).await?;
+            Ok(info)
+        })
         .await
         .unwrap_or_else(|_| {
             Err(End::Lost(
@@ -339,6 +349,14 @@ impl Front {
                 Metrics::add(&self.metrics.edge_rejected, 1);
                 warn!(%reason, "device connection refused");
                 answer
+            }
+            End::Unauthorized { answer, reason } => {
+                Metrics::add(&self.metrics.edge_logins_refused, 1);
+                if every_thousandth(&self.refused_logins) {
+                    warn!(%reason, "device login refused (logged once per 1,000)");
+                }
+                let _ = tokio::time::timeout(WRITE_TIMEOUT, device.write_all(answer)).await;
+                return;
             }
             End::Closed { answer, .. } => answer,
             End::Lost(_) => return,
@@ -496,6 +514,33 @@ impl Session {
         self.version = info.version;
         self.keep_alive = info.keep_alive;
         Ok(info)
+    }
+
+    /// Lets a device's CONNECT in or refuses it (the gateway's own connections are not
+    /// asked): CONNACK "not authorized" (3.1.1: 0x05; 5: 0x87), as Mosquitto 2 answers a
+    /// wrong password, an unknown user and an anonymous client alike.
+    async fn log_in(&mut self, info: &ConnectInfo) -> Result<(), End> {
+        if self.origin != Origin::Device {
+            return Ok(());
+        }
+        match self
+            .front
+            .auth
+            .check(info.username.as_deref(), info.password.as_ref())
+            .await
+        {
+            Ok(_identity) => Ok(()),
+            Err(refusal) => {
+                let code = match info.version {
+                    Version::V4 => return_code::NOT_AUTHORIZED,
+                    Version::V5 => reason::NOT_AUTHORIZED,
+                };
+                Err(End::Unauthorized {
+                    answer: connack_refusal(info.version, code),
+                    reason: format!("{refusal} (client id {:?})", info.client_id),
+                })
+            }
+        }
     }
 
     /// Attaches the connection to its session; returns it with the CONNACK to send.

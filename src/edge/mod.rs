@@ -19,6 +19,7 @@
 //! front's checks or the gateway's own in-process links (there is no internal listener).
 
 pub mod acl;
+pub mod auth;
 mod broker;
 mod checks;
 mod connect;
@@ -27,6 +28,7 @@ mod frame;
 mod front;
 mod outbound;
 mod packets;
+pub mod passwords;
 mod retained;
 mod sessions;
 mod subscriptions;
@@ -133,6 +135,7 @@ impl Edge {
         data_dir: &std::path::Path,
         journal: Journal,
         metrics: Arc<Metrics>,
+        auth: auth::Authenticator,
     ) -> Result<Edge, EdgeError> {
         let (store, snapshot) =
             durable::Persister::open(data_dir, crate::event::now_ms(), metrics.clone())?;
@@ -161,6 +164,7 @@ impl Edge {
             front::Sink::Journal(journal),
             metrics,
             listeners,
+            auth,
         ))
     }
 
@@ -186,8 +190,14 @@ impl Edge {
             listeners.push(listener);
         }
         let broker = broker::Broker::new(broker_limits(config), metrics.clone());
-        let mut edge =
-            Edge::with_sink(config, broker, front::Sink::Tap(events), metrics, listeners);
+        let mut edge = Edge::with_sink(
+            config,
+            broker,
+            front::Sink::Tap(events),
+            metrics,
+            listeners,
+            auth::Authenticator::open(),
+        );
         edge.open();
         Ok(edge)
     }
@@ -198,6 +208,7 @@ impl Edge {
         sink: front::Sink,
         metrics: Arc<Metrics>,
         unopened: Vec<tokio::net::TcpListener>,
+        auth: auth::Authenticator,
     ) -> Edge {
         let front = front::Front {
             broker: broker.clone(),
@@ -212,6 +223,8 @@ impl Edge {
             connect_timeout: Duration::from_millis(u64::from(config.connect_timeout_ms)),
             max_keepalive: config.max_keepalive_secs,
             refused_publishes: Arc::default(),
+            refused_logins: Arc::default(),
+            auth,
         };
         let ticking = broker.clone();
         let ticker = tokio::spawn(async move {

@@ -525,6 +525,9 @@ pub struct Connect {
     pub props: Vec<Prop>,
     /// The will: its topic, payload, QoS, retain flag and (MQTT 5) will properties.
     pub will: Option<Publish>,
+    /// The username and the password, when given.
+    pub username: Option<String>,
+    pub password: Option<Vec<u8>>,
 }
 
 impl Connect {
@@ -537,7 +540,16 @@ impl Connect {
             keep_alive: 60,
             props: Vec::new(),
             will: None,
+            username: None,
+            password: None,
         }
+    }
+
+    /// Gives a username, and a password when `password` is `Some`.
+    pub fn login(mut self, username: &str, password: Option<&str>) -> Connect {
+        self.username = Some(username.to_string());
+        self.password = password.map(|p| p.as_bytes().to_vec());
+        self
     }
 
     /// Clean Session / Clean Start 0: resume the session if there is one.
@@ -582,6 +594,12 @@ impl Connect {
         if let Some(will) = &self.will {
             flags |= 0x04 | (will.qos << 3) | (u8::from(will.retain) << 5);
         }
+        if self.username.is_some() {
+            flags |= 0x80;
+        }
+        if self.password.is_some() {
+            flags |= 0x40;
+        }
         body.push(flags);
         put_u16(&mut body, self.keep_alive);
         if v5 {
@@ -594,6 +612,12 @@ impl Connect {
             }
             put_bytes(&mut body, will.topic.as_bytes());
             put_bytes(&mut body, &will.payload);
+        }
+        if let Some(username) = &self.username {
+            put_bytes(&mut body, username.as_bytes());
+        }
+        if let Some(password) = &self.password {
+            put_bytes(&mut body, password);
         }
         frame(0x10, &body)
     }
