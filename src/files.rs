@@ -5,6 +5,9 @@
 //! never waits for a writer, never reads more than the bound its caller gives, and accepts
 //! regular files only, so a wrong path is a clear error instead of a hang at start-up or an
 //! out-of-memory kill on a 512 MiB board.
+//!
+//! [`Rereads`] says when files an operator rotates (credentials, password files) should be
+//! read again: on request (`SIGHUP`) or when they change on disk.
 
 use std::fs::OpenOptions;
 use std::io::Read;
@@ -117,6 +120,91 @@ pub(crate) fn make_fifo(path: &Path) {
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
     // SAFETY: a valid NUL-terminated path; mkfifo only creates a file.
     assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// How often [`Rereads`] looks at its files for changes (a `stat` each).
+pub const FILE_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long after a change is seen [`Rereads`] says so, so that a rotation written in steps
+/// (a certificate, then its key) is read once it is whole.
+pub const SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// What a file looked like: size, modification and change times, inode (`None`: missing).
+type Stamp = Option<(u64, i64, i64, i64, i64, u64)>;
+
+fn stamps(paths: &[std::path::PathBuf]) -> Vec<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    paths
+        .iter()
+        .map(|p| {
+            std::fs::metadata(p).ok().map(|m| {
+                (
+                    m.len(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec(),
+                    m.ino(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// When to read a set of files again: each new value of a reload counter (a `SIGHUP`), and
+/// each change seen on disk (looked at every [`FILE_CHECK_INTERVAL`], reported [`SETTLE`]
+/// after it is seen).
+pub struct Rereads {
+    paths: Vec<std::path::PathBuf>,
+    seen: Vec<Stamp>,
+    checks: tokio::time::Interval,
+    reloads: tokio::sync::watch::Receiver<u64>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Rereads {
+    /// Watches `paths` as they are now; requests are new values of `reloads`; ends when
+    /// `shutdown` changes. Must be called inside a tokio runtime.
+    pub fn new(
+        paths: Vec<std::path::PathBuf>,
+        mut reloads: tokio::sync::watch::Receiver<u64>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Rereads {
+        let mut checks = tokio::time::interval(FILE_CHECK_INTERVAL);
+        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        checks.reset();
+        reloads.mark_unchanged();
+        Rereads {
+            seen: stamps(&paths),
+            paths,
+            checks,
+            reloads,
+            shutdown,
+        }
+    }
+
+    /// Waits for the next reason to read the files: `Some(true)` when asked to, `Some(false)`
+    /// when they changed on disk; `None` at shutdown or when the reload counter is gone.
+    pub async fn next(&mut self) -> Option<bool> {
+        loop {
+            let requested = tokio::select! {
+                _ = self.checks.tick() => false,
+                changed = self.reloads.changed() => {
+                    changed.ok()?;
+                    true
+                }
+                _ = self.shutdown.changed() => return None,
+            };
+            if !requested {
+                if self.paths.is_empty() || stamps(&self.paths) == self.seen {
+                    continue;
+                }
+                tokio::time::sleep(SETTLE).await;
+            }
+            self.seen = stamps(&self.paths);
+            return Some(requested);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -175,19 +175,17 @@ impl Gateway {
             };
             uplinks.push(tokio::spawn(uplink.run(stop_rx.clone())));
         }
-        let auth = match passwords {
-            Some((path, file)) => {
-                let (passwords, watcher) = crate::edge::auth::watch_password_file(
-                    path,
-                    file,
-                    reload_rx.clone(),
-                    stop_rx.clone(),
-                );
-                uplinks.push(watcher);
-                Authenticator::new(Some(passwords), config.broker.anonymous_allowed())
-            }
-            None => Authenticator::new(None, config.broker.anonymous_allowed()),
-        };
+        let passwords = passwords.map(|(path, file)| {
+            let (passwords, watcher) = crate::edge::auth::watch_password_file(
+                path,
+                file,
+                reload_rx.clone(),
+                stop_rx.clone(),
+            );
+            uplinks.push(watcher);
+            passwords
+        });
+        let auth = Authenticator::new(passwords, config.broker.anonymous_allowed());
 
         // Outputs of `local-only` events: a link to the gateway's own broker, started once
         // the broker is up.

@@ -701,15 +701,10 @@ fn passwd(file: &std::path::Path, username: &str) -> anyhow::Result<()> {
     use anyhow::Context;
     use outpost::edge::passwords::{self, Change};
     use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::OpenOptionsExt;
 
-    let (text, mode) = match outpost::files::read_regular_text(file, 16 * 1024 * 1024) {
-        Ok(contents) => {
-            let mode = std::fs::metadata(file)
-                .map(|m| m.permissions().mode() & 0o777)
-                .unwrap_or(0o600);
-            (contents, mode)
-        }
+    let (text, mode) = match outpost::edge::auth::load_password_text(file) {
+        Ok(contents) => contents,
         Err(outpost::files::FileError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
             (String::new(), 0o600)
         }

@@ -493,25 +493,6 @@ fn the_demo_delivers_everything_it_published() {
     assert!(delivered > 0, "something was delivered:\n{stdout}");
 }
 
-/// `outpost passwd FILE USER` with the password on standard input.
-fn passwd(file: &std::path::Path, user: &str, password: &str) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["passwd", file.to_str().unwrap(), user])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run outpost passwd");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
 /// Whether Mosquitto on `port` accepts a QoS 1 publish from `user` with `password`
 /// (`mosquitto_pub` exits 0 only after its PUBACK).
 fn mosquitto_accepts(port: u16, user: &str, password: &str, version: &str) -> bool {
@@ -536,11 +517,14 @@ fn password_files_work_both_ways_with_mosquitto() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("passwords");
     for (user, password) in [("alice", "old-a"), ("bob", "pw-b"), ("alice", "new-a")] {
-        let out = passwd(&file, user, password);
+        let out = common::outpost_passwd(&file, user, password);
         assert!(out.status.success(), "{}", stderr(&out));
     }
-    assert!(String::from_utf8_lossy(&passwd(&file, "bob", "pw-b").stdout).contains("changed"));
-    let refused = passwd(&file, "no:colon", "pw");
+    assert!(
+        String::from_utf8_lossy(&common::outpost_passwd(&file, "bob", "pw-b").stdout)
+            .contains("changed")
+    );
+    let refused = common::outpost_passwd(&file, "no:colon", "pw");
     assert!(!refused.status.success());
     assert!(stderr(&refused).contains("':'"), "{}", stderr(&refused));
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;

@@ -27,22 +27,14 @@ fn password_file(dir: &Path) -> std::path::PathBuf {
     file
 }
 
-/// `outpost passwd FILE USER` with the password on standard input.
+/// `outpost passwd FILE USER`, which must succeed.
 fn set_password(file: &Path, user: &str, password: &str) {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["passwd", file.to_str().unwrap(), user])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("outpost passwd runs");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    assert!(child.wait().unwrap().success());
+    let out = common::outpost_passwd(file, user, password);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A gateway whose broker takes `broker` (TOML lines under `[broker]`), metrics every 200 ms.

@@ -19,17 +19,15 @@
 //! - Connections already open stay open when the file changes (Mosquitto 2.0 checks them
 //!   again and closes those that no longer pass; outpost does not yet).
 
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{watch, Semaphore};
 use tracing::{info, warn};
 
 use super::passwords::PasswordFile;
-use crate::files::{self, FileError};
+use crate::files::{self, FileError, Rereads};
 
 /// Password checks that run at once; the rest wait. Two: one per core of the smallest boards
 /// the gateway runs on is what they can give without starving the data path.
@@ -37,12 +35,6 @@ pub const MAX_CONCURRENT_CHECKS: usize = 2;
 
 /// The largest password file read (about 100,000 users).
 pub const MAX_PASSWORD_FILE_BYTES: u64 = 16 * 1024 * 1024;
-
-/// How often the password file is looked at for changes.
-pub const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-
-/// How long after a change is seen the file is read (an editor may write it in steps).
-const SETTLE: Duration = Duration::from_millis(500);
 
 /// Why a password file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -68,25 +60,28 @@ pub enum AuthFileError {
 
 /// Reads a password file for the broker; see the module's guarantees.
 pub fn load_password_file(path: &Path) -> Result<PasswordFile, AuthFileError> {
-    let contents = files::read_regular(path, MAX_PASSWORD_FILE_BYTES).map_err(|source| {
-        AuthFileError::Read {
-            path: path.to_path_buf(),
-            source,
-        }
-    })?;
-    if contents.mode & 0o077 != 0 {
+    let read_error = |source| AuthFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let (text, mode) = load_password_text(path).map_err(read_error)?;
+    if mode & 0o077 != 0 {
         return Err(AuthFileError::Exposed {
             path: path.to_path_buf(),
-            mode: contents.mode,
+            mode,
         });
     }
-    let text = String::from_utf8(contents.bytes).map_err(|e| AuthFileError::Read {
-        path: path.to_path_buf(),
-        source: FileError::NotText {
-            valid_up_to: e.utf8_error().valid_up_to(),
-        },
-    })?;
     Ok(PasswordFile::parse(&text))
+}
+
+/// A password file's text and permission bits, read with the bounds of [`files::read_regular`]
+/// (for `outpost passwd`, which keeps the mode when it rewrites the file).
+pub fn load_password_text(path: &Path) -> Result<(String, u32), FileError> {
+    let contents = files::read_regular(path, MAX_PASSWORD_FILE_BYTES)?;
+    let text = String::from_utf8(contents.bytes).map_err(|e| FileError::NotText {
+        valid_up_to: e.utf8_error().valid_up_to(),
+    })?;
+    Ok((text, contents.mode))
 }
 
 /// Logs what a freshly read password file holds and what in it cannot be used.
@@ -201,23 +196,14 @@ impl Authenticator {
     }
 }
 
-/// What the file looked like: size, modification and change times, inode (`None`: missing).
-type Stamp = Option<(u64, i64, i64, i64, u64)>;
-
-fn stamp(path: &Path) -> Stamp {
-    std::fs::metadata(path)
-        .ok()
-        .map(|m| (m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ino()))
-}
-
 /// Serves `initial` (read from `path` by [`load_password_file`]) and reads the file again when
 /// `reloads` changes (a `SIGHUP`) or the file changes on disk; the task ends when `shutdown`
 /// becomes true or the gateway is gone. The receiver always holds the file to check against.
 pub fn watch_password_file(
     path: PathBuf,
     initial: PasswordFile,
-    mut reloads: watch::Receiver<u64>,
-    mut shutdown: watch::Receiver<bool>,
+    reloads: watch::Receiver<u64>,
+    shutdown: watch::Receiver<bool>,
 ) -> (
     watch::Receiver<Arc<PasswordFile>>,
     tokio::task::JoinHandle<()>,
@@ -225,29 +211,8 @@ pub fn watch_password_file(
     report(&path, &initial);
     let (tx, rx) = watch::channel(Arc::new(initial));
     let task = tokio::spawn(async move {
-        let mut seen = stamp(&path);
-        let mut checks = tokio::time::interval(FILE_CHECK_INTERVAL);
-        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        checks.reset();
-        reloads.mark_unchanged();
-        loop {
-            let requested = tokio::select! {
-                _ = checks.tick() => false,
-                changed = reloads.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    true
-                }
-                _ = shutdown.changed() => return,
-            };
-            if !requested {
-                if stamp(&path) == seen {
-                    continue;
-                }
-                tokio::time::sleep(SETTLE).await;
-            }
-            seen = stamp(&path);
+        let mut rereads = Rereads::new(vec![path.clone()], reloads, shutdown);
+        while rereads.next().await.is_some() {
             let reading = path.clone();
             let loaded =
                 match tokio::task::spawn_blocking(move || load_password_file(&reading)).await {

@@ -348,17 +348,16 @@ impl Front {
             End::Refused { answer, reason } => {
                 Metrics::add(&self.metrics.edge_rejected, 1);
                 warn!(%reason, "device connection refused");
-                answer
+                answer.as_ref()
             }
             End::Unauthorized { answer, reason } => {
                 Metrics::add(&self.metrics.edge_logins_refused, 1);
                 if every_thousandth(&self.refused_logins) {
                     warn!(%reason, "device login refused (logged once per 1,000)");
                 }
-                let _ = tokio::time::timeout(WRITE_TIMEOUT, device.write_all(answer)).await;
-                return;
+                Some(answer)
             }
-            End::Closed { answer, .. } => answer,
+            End::Closed { answer, .. } => answer.as_ref(),
             End::Lost(_) => return,
         };
         if let Some(answer) = answer {

@@ -3,8 +3,8 @@
 //! when a change is seen on disk.
 //!
 //! Guarantees:
-//! - The files are looked at every [`FILE_CHECK_INTERVAL`] (their size, times and inode, which
-//!   costs a `stat` each); a change is read after [`SETTLE`], so that a rotation that writes the
+//! - The files are looked at every [`FILE_CHECK_INTERVAL`](crate::files::FILE_CHECK_INTERVAL) (their size, times and inode, which
+//!   costs a `stat` each); a change is read after [`SETTLE`](crate::files::SETTLE), so that a rotation that writes the
 //!   certificate and then the key is read once both are there.
 //! - New credentials are handed to the uplink only when they load completely ([`load`]) and
 //!   differ in content from the ones in use. A file that does not parse, a key that does not
@@ -14,44 +14,16 @@
 //!
 //! [`load`]: super::credentials::load
 
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::credentials::{self, Credentials};
 use crate::config::UpstreamConfig;
+use crate::files::Rereads;
 use crate::metrics::Metrics;
-
-/// How often the files are looked at for changes.
-pub const FILE_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-
-/// How long after a change is seen the files are read.
-pub const SETTLE: Duration = Duration::from_millis(500);
-
-/// What a file looked like: size, modification and change times, inode (`None`: missing).
-type Stamp = Option<(u64, i64, i64, i64, i64, u64)>;
-
-fn stamps(paths: &[PathBuf]) -> Vec<Stamp> {
-    paths
-        .iter()
-        .map(|p| {
-            std::fs::metadata(p).ok().map(|m| {
-                (
-                    m.len(),
-                    m.mtime(),
-                    m.mtime_nsec(),
-                    m.ctime(),
-                    m.ctime_nsec(),
-                    m.ino(),
-                )
-            })
-        })
-        .collect()
-}
 
 /// Starts watching `config`'s credential files; `initial` is what the uplink starts with.
 /// `reloads` counts reload requests (a new value is one request). The task ends when `shutdown`
@@ -59,9 +31,9 @@ fn stamps(paths: &[PathBuf]) -> Vec<Stamp> {
 pub fn watch(
     config: UpstreamConfig,
     initial: Credentials,
-    mut reloads: watch::Receiver<u64>,
+    reloads: watch::Receiver<u64>,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> (
     watch::Receiver<Arc<Credentials>>,
     tokio::task::JoinHandle<()>,
@@ -70,36 +42,15 @@ pub fn watch(
     let task = tokio::spawn(async move {
         let name = config.name.clone();
         let paths = credentials::files(&config);
-        let mut seen = stamps(&paths);
-        let mut checks = tokio::time::interval(FILE_CHECK_INTERVAL);
-        checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        checks.reset();
-        reloads.mark_unchanged();
-        loop {
-            let requested = tokio::select! {
-                _ = checks.tick() => false,
-                changed = reloads.changed() => {
-                    if changed.is_err() {
-                        // The gateway is gone; so is every reason to reload.
-                        return;
-                    }
-                    true
-                }
-                _ = shutdown.changed() => return,
-            };
-            if paths.is_empty() {
+        let has_files = !paths.is_empty();
+        let mut rereads = Rereads::new(paths, reloads, shutdown);
+        while let Some(requested) = rereads.next().await {
+            if !has_files {
                 if requested {
                     info!(link = %name, "reload: this link has no credential files");
                 }
                 continue;
             }
-            if !requested {
-                if stamps(&paths) == seen {
-                    continue;
-                }
-                tokio::time::sleep(SETTLE).await;
-            }
-            seen = stamps(&paths);
             let load_config = config.clone();
             let loaded =
                 match tokio::task::spawn_blocking(move || credentials::load(&load_config)).await {

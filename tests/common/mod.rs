@@ -629,3 +629,21 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     file.write_all(text.as_bytes()).expect("write config");
     path
 }
+
+/// `outpost passwd FILE USER` with `password` on its standard input.
+pub fn outpost_passwd(file: &Path, user: &str, password: &str) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["passwd", file.to_str().expect("UTF-8 path"), user])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run outpost passwd");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{password}\n").as_bytes())
+        .expect("write the password");
+    child.wait_with_output().expect("outpost passwd ends")
+}
