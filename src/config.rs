@@ -410,6 +410,11 @@ pub struct BrokerConfig {
     /// no with one. A listener that is not on loopback needs a password file or this set to
     /// `true` explicitly.
     pub allow_anonymous: Option<bool>,
+    /// Who may publish, subscribe to and receive what, in Mosquitto's `acl_file` format,
+    /// relative to the configuration file. Once set, whatever it does not grant is denied;
+    /// the gateway's `outpost/` topics and `$SYS` only by rules that name them literally.
+    /// Unset: every client may do everything.
+    pub acl_file: Option<PathBuf>,
 }
 
 impl BrokerConfig {
@@ -443,6 +448,7 @@ impl Default for BrokerConfig {
             max_keepalive_secs: u16::MAX,
             password_file: None,
             allow_anonymous: None,
+            acl_file: None,
         }
     }
 }
@@ -871,7 +877,13 @@ impl Config {
                 }
             }
         }
-        if let Some(file) = &mut config.broker.password_file {
+        for file in [
+            &mut config.broker.password_file,
+            &mut config.broker.acl_file,
+        ]
+        .into_iter()
+        .flatten()
+        {
             if file.is_relative() {
                 *file = base.join(&*file);
             }

@@ -207,6 +207,42 @@ impl Rereads {
     }
 }
 
+/// Keeps a file the operator may change in use: reads `path` again with `load` (on the
+/// blocking pool) at each [`Rereads`] request and hands every version that loads to `take`.
+/// A version that does not load is logged once, naming `what`, and the one in use stays.
+/// The task ends at shutdown, when the reload counter is gone, or when `take` returns false.
+/// Must be called inside a tokio runtime.
+pub fn keep_reading<T, E>(
+    what: &'static str,
+    path: std::path::PathBuf,
+    reloads: tokio::sync::watch::Receiver<u64>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    load: fn(&Path) -> Result<T, E>,
+    mut take: impl FnMut(T) -> bool + Send + 'static,
+) -> tokio::task::JoinHandle<()>
+where
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut rereads = Rereads::new(vec![path.clone()], reloads, shutdown);
+        while rereads.next().await.is_some() {
+            let reading = path.clone();
+            match tokio::task::spawn_blocking(move || load(&reading)).await {
+                Ok(Ok(loaded)) => {
+                    if !take(loaded) {
+                        return;
+                    }
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "the {what} cannot be read again; the one in use stays");
+                }
+                Err(error) => tracing::warn!(%error, "reading the {what} again failed"),
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -62,9 +62,13 @@ impl Gateway {
             }
             credentials.push(loaded);
         }
-        // The broker's password file: likewise, before anything runs.
+        // The broker's password and ACL files: likewise, before anything runs.
         let passwords = match &config.broker.password_file {
             Some(path) => Some((path.clone(), crate::edge::auth::load_password_file(path)?)),
+            None => None,
+        };
+        let acl = match &config.broker.acl_file {
+            Some(path) => Some((path.clone(), crate::edge::auth::load_acl_file(path)?)),
             None => None,
         };
         let routes = Arc::new(validated.routes);
@@ -253,6 +257,10 @@ impl Gateway {
                 return Err(e.into());
             }
         };
+        if let Some((path, acl)) = acl {
+            // Before the listeners open: no device is ever served without the rules.
+            edge.enforce_acl(path, acl, reload_rx.clone(), stop_rx.clone());
+        }
         let control = Control {
             gateway_id: config.gateway_id.clone(),
             store: store.clone(),

@@ -588,6 +588,16 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
             ));
         }
     }
+    // The ACL: a line it cannot parse is an error with its number, as at start.
+    if let Some(path) = &config.broker.acl_file {
+        let acl = outpost::edge::auth::load_acl_file(path)?;
+        if acl.rules() == 0 {
+            warnings.push(format!(
+                "{}: no rules; every device publish, subscription and delivery is refused",
+                path.display()
+            ));
+        }
+    }
     println!(
         "{}: ok ({} route(s), {} module(s), {} upstream(s), {} geofence(s), {} region(s))",
         file.display(),

@@ -47,6 +47,14 @@ pub struct Metrics {
     pub broker_store_errors: AtomicU64,
     /// Kept sessions, subscriptions and retained messages read back at start that today's limits no longer admit.
     pub broker_not_restored: AtomicU64,
+    /// Device publishes the ACL (`broker.acl_file`) refused: neither journaled nor delivered.
+    pub acl_denied_publishes: AtomicU64,
+    /// Subscription filters the ACL refused (SUBACK 0x80 on 3.1.1, 0x87 on 5).
+    pub acl_denied_subscriptions: AtomicU64,
+    /// Messages not delivered to a subscriber because the ACL does not let its client read the topic.
+    pub acl_denied_deliveries: AtomicU64,
+    /// Wills dropped at CONNECT because the ACL does not let the client write their topic.
+    pub acl_denied_wills: AtomicU64,
     /// Publishes that matched no route (they still reach local subscribers).
     pub unrouted: AtomicU64,
     /// Events whose payload had invalid coordinates (dead-lettered `bad-location`).
@@ -196,6 +204,14 @@ pub struct Snapshot {
     pub broker_store_errors: u64,
     /// See [`Metrics::broker_not_restored`].
     pub broker_not_restored: u64,
+    /// See [`Metrics::acl_denied_publishes`].
+    pub acl_denied_publishes: u64,
+    /// See [`Metrics::acl_denied_subscriptions`].
+    pub acl_denied_subscriptions: u64,
+    /// See [`Metrics::acl_denied_deliveries`].
+    pub acl_denied_deliveries: u64,
+    /// See [`Metrics::acl_denied_wills`].
+    pub acl_denied_wills: u64,
     /// See [`Metrics::unrouted`].
     pub unrouted: u64,
     /// See [`Metrics::bad_locations`].
@@ -404,6 +420,10 @@ impl Metrics {
             broker_sessions_refused: get(&self.broker_sessions_refused),
             broker_store_errors: get(&self.broker_store_errors),
             broker_not_restored: get(&self.broker_not_restored),
+            acl_denied_publishes: get(&self.acl_denied_publishes),
+            acl_denied_subscriptions: get(&self.acl_denied_subscriptions),
+            acl_denied_deliveries: get(&self.acl_denied_deliveries),
+            acl_denied_wills: get(&self.acl_denied_wills),
             unrouted: get(&self.unrouted),
             bad_locations: get(&self.bad_locations),
             no_location: get(&self.no_location),

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::mqtt::{Client, Connect, Packet, Version};
+use common::mqtt::{Client, Connect, Packet, Publish, Version};
 use common::{write_config, Gateway, Mosquitto};
 
 const GATEWAY: &str = "gw-sec";
@@ -256,4 +256,373 @@ fn a_network_listener_needs_a_password_file_or_an_explicit_allow_anonymous() {
         "{}",
         String::from_utf8_lossy(&exposed.stderr)
     );
+}
+
+/// An ACL written for Mosquitto (its `acl_file` format), used unchanged by both brokers.
+const ACL: &str = "\
+# anonymous clients
+topic read public/#
+topic readwrite done/#
+
+user alice
+topic readwrite a/#
+topic deny a/secret/#
+topic read b/+
+topic read clients/#
+topic read public/#
+topic readwrite done/#
+
+user bob
+topic write b/#
+topic readwrite done/#
+
+user writer
+topic write #
+topic readwrite done/#
+
+user ops
+topic read outpost/#
+
+pattern write clients/%c/state
+pattern readwrite dev/%u/#
+";
+
+/// The password file of [`password_file`] with `writer` and `ops` added.
+fn acl_users(dir: &Path) -> std::path::PathBuf {
+    let file = password_file(dir);
+    set_password(&file, "writer", "pw-writer");
+    set_password(&file, "ops", "pw-ops");
+    file
+}
+
+fn login(port: u16, version: Version, id: &str, user: Option<&str>) -> Client {
+    let mut connect = Connect::new(version, id);
+    if let Some(user) = user {
+        connect = connect.login(user, Some(&format!("pw-{user}")));
+    }
+    Client::connect(port, &connect).0
+}
+
+/// What one run of the ACL matrix saw: per publish whether it was refused ("not authorized",
+/// which only MQTT 5 can say), and per subscriber the topics it received, sorted.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    refused: Vec<(String, String, bool)>,
+    received: Vec<(String, Vec<String>)>,
+}
+
+/// Publishes, subscriptions through `#`, retained messages, `%c`/`%u` patterns and (on 5,
+/// where DISCONNECT 0x04 fires a will in order) wills, against the broker on `port`.
+fn acl_matrix(port: u16, version: Version) -> Seen {
+    let tag = version.tag();
+    let retained = [
+        ("alice", "a/r"),
+        ("writer", "a/secret/r"),
+        ("writer", "b/r"),
+        ("writer", "public/r"),
+    ];
+    for (user, topic) in retained {
+        let mut c = login(port, version, &format!("ret-{tag}"), Some(user));
+        c.publish_done(&Publish::new(topic, "kept").qos(1).retain());
+        c.disconnect();
+    }
+    let mut subscribers: Vec<(String, Client)> = [
+        ("alice", Some("alice")),
+        ("bob", Some("bob")),
+        ("anon-sub", None),
+    ]
+    .into_iter()
+    .map(|(name, user)| {
+        let mut c = login(port, version, &format!("{name}-{tag}"), user);
+        // Mosquitto grants every SUBSCRIBE; outpost grants `#` to each of these (some rule
+        // of theirs can deliver through it).
+        c.subscribe("#", 1);
+        (name.to_string(), c)
+    })
+    .collect();
+    let publishes = [
+        ("alice", "a/x"),
+        ("alice", "a/secret/x"),
+        ("alice", "b/c"),
+        ("alice", "dev/alice/1"),
+        ("alice", "dev/bob/1"),
+        ("bob", "b/c"),
+        ("bob", "b/c/d"),
+        ("bob", "a/x"),
+        ("bob", "dev/bob/1"),
+        ("anon-pub", "clients/anon-pub/state"),
+        ("anon-pub", "clients/other/state"),
+        ("anon-pub", "public/p"),
+        ("writer", "a/secret/y"),
+        ("writer", "public/p"),
+        ("writer", "zzz"),
+        ("writer", "b/c"),
+        ("writer", "dev/bob/9"),
+        ("writer", "clients/w9/state"),
+    ];
+    let mut refused = Vec::new();
+    for (who, topic) in publishes {
+        let user = (who != "anon-pub").then_some(who);
+        // The client id is the name: `%c` patterns see it.
+        let mut c = login(port, version, who, user);
+        let code = c.publish_done(&Publish::new(topic, "x").qos(1));
+        refused.push((who.to_string(), topic.to_string(), code == 0x87));
+        c.disconnect();
+    }
+    if version == Version::V5 {
+        for (id, topic) in [("w1", "clients/w1/state"), ("w2", "public/x")] {
+            let c = Client::connect(
+                port,
+                &Connect::new(version, id).will(Publish::new(topic, "gone").qos(1)),
+            )
+            .0;
+            c.disconnect_with(0x04, &[]);
+        }
+    }
+    let mut end = login(port, version, &format!("end-{tag}"), Some("writer"));
+    end.publish_done(&Publish::new("done/end", "").qos(1));
+    let received = subscribers
+        .iter_mut()
+        .map(|(name, c)| {
+            let mut topics: Vec<String> = c
+                .receive_until("done/end")
+                .into_iter()
+                .map(|m| m.topic)
+                .collect();
+            topics.sort();
+            (name.clone(), topics)
+        })
+        .collect();
+    for (_, topic) in retained {
+        end.publish_done(&Publish::new(topic, "").qos(1).retain());
+    }
+    end.disconnect();
+    Seen { refused, received }
+}
+
+fn acl_file(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("acl");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn an_acl_written_for_mosquitto_gives_the_same_deliveries_on_both_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = acl_users(dir.path());
+    let acl = acl_file(dir.path(), ACL);
+    let gateway = gateway(
+        dir.path(),
+        &format!(
+            "password_file = {:?}\nallow_anonymous = true\nacl_file = {:?}",
+            passwords.display().to_string(),
+            acl.display().to_string()
+        ),
+    );
+    let mosquitto_port = common::free_port();
+    let mut mosquitto = Mosquitto::with_config(
+        dir.path(),
+        &format!(
+            "listener {mosquitto_port} 127.0.0.1\nallow_anonymous true\npassword_file {}\n\
+             acl_file {}\n",
+            passwords.display(),
+            acl.display()
+        ),
+    );
+    mosquitto.start();
+
+    let mut denied_publishes = 0;
+    for version in Version::BOTH {
+        let expected = acl_matrix(mosquitto_port, version);
+        // The expectation itself, as Mosquitto delivers it.
+        let alice = &expected.received[0].1;
+        let mut want_alice = vec![
+            "a/r",
+            "a/x",
+            "b/c",
+            "b/c",
+            "b/r",
+            "clients/anon-pub/state",
+            "clients/w9/state",
+            "dev/alice/1",
+            "public/p",
+            "public/r",
+        ];
+        if version == Version::V5 {
+            want_alice.push("clients/w1/state");
+            want_alice.sort();
+        }
+        assert_eq!(alice, &want_alice, "Mosquitto, alice, {version:?}");
+        assert_eq!(
+            expected.received[1].1,
+            ["dev/bob/1", "dev/bob/9"],
+            "Mosquitto, bob"
+        );
+        assert_eq!(
+            expected.received[2].1,
+            ["public/p", "public/r"],
+            "Mosquitto, anonymous"
+        );
+        let seen = acl_matrix(gateway.port, version);
+        if version == Version::V4 {
+            // 3.1.1 cannot say "not authorized": both acknowledge and drop.
+            assert!(seen.refused.iter().all(|(_, _, refused)| !refused));
+        } else {
+            denied_publishes = seen.refused.iter().filter(|r| r.2).count();
+            assert_eq!(denied_publishes, 6, "{:?}", seen.refused);
+        }
+        assert_eq!(seen, expected, "outpost against Mosquitto, {version:?}");
+    }
+
+    // SUBSCRIBE is checked too (Mosquitto's acl_file does not): per filter, 0x80 on 3.1.1 and
+    // 0x87 on 5; `#` reaches no `outpost/` topic.
+    for version in Version::BOTH {
+        let mut alice = login(gateway.port, version, "alice-subs", Some("alice"));
+        let no = if version == Version::V4 { 0x80 } else { 0x87 };
+        assert_eq!(
+            alice.subscribe_with(
+                &[("a/secret/#", 1), ("zzz", 1), ("outpost/#", 1), ("a/#", 1)],
+                &[]
+            ),
+            [no, no, no, 1],
+            "{version:?}"
+        );
+    }
+    let mut alice = login(gateway.port, Version::V4, "alice-all", Some("alice"));
+    alice.subscribe("#", 0);
+    let mut ops = login(gateway.port, Version::V4, "ops", Some("ops"));
+    ops.subscribe(&format!("outpost/{GATEWAY}/metrics"), 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let snapshot = ops.expect_publish();
+        let m: serde_json::Value = serde_json::from_slice(&snapshot.payload).unwrap();
+        let counted = m["acl_denied_publishes"].as_u64() == Some(2 * denied_publishes as u64)
+            && m["acl_denied_subscriptions"].as_u64() == Some(6)
+            && m["acl_denied_wills"].as_u64() == Some(1)
+            && m["acl_denied_deliveries"].as_u64() > Some(0);
+        if counted {
+            break;
+        }
+        assert!(Instant::now() < deadline, "denials not counted: {m}");
+    }
+    // Metrics went out every 200 ms meanwhile; alice's `#` got none of them.
+    alice.publish_done(&Publish::new("a/fence", "").qos(1));
+    let got = alice.receive_until("a/fence");
+    assert!(
+        got.iter().all(|m| !m.topic.starts_with("outpost/")),
+        "{got:?}"
+    );
+}
+
+#[test]
+fn kept_sessions_keep_their_owner_across_a_restart_and_the_acl_is_read_again_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = acl_users(dir.path());
+    let acl = acl_file(dir.path(), ACL);
+    let mut gateway = gateway(
+        dir.path(),
+        &format!(
+            "password_file = {:?}\nacl_file = {:?}",
+            passwords.display().to_string(),
+            acl.display().to_string()
+        ),
+    );
+    let v = Version::V5;
+    let bob_kept = || {
+        Connect::new(v, "bob-kept")
+            .login("bob", Some("pw-bob"))
+            .persistent()
+    };
+    let mut bob = Client::connect(gateway.port, &bob_kept()).0;
+    bob.subscribe("dev/bob/#", 1);
+    bob.disconnect();
+    let publish = |port: u16, topic: &str| {
+        let mut writer = login(port, v, "writer", Some("writer"));
+        assert_eq!(writer.publish_done(&Publish::new(topic, "x").qos(1)), 0);
+        writer.disconnect();
+    };
+    publish(gateway.port, "dev/bob/1");
+
+    // kill -9 and start again: the session is still bob's, so what is published for it while
+    // he is away is checked against his rights (`dev/%u/#`), not an anonymous client's.
+    gateway.kill();
+    gateway.start();
+    publish(gateway.port, "dev/bob/2");
+    let mut bob = Client::connect(gateway.port, &bob_kept()).0;
+    publish(gateway.port, "dev/bob/fence");
+    let got: Vec<String> = bob
+        .receive_until("dev/bob/fence")
+        .into_iter()
+        .map(|m| m.topic)
+        .collect();
+    assert_eq!(got, ["dev/bob/1", "dev/bob/2"]);
+    bob.disconnect();
+    publish(gateway.port, "dev/bob/3");
+
+    // A version that does not parse is not taken: the rules in force stay.
+    std::fs::write(&acl, format!("{ACL}topic dney x\n")).unwrap();
+    gateway.reload();
+    common::block_until("the refusal is logged", || {
+        gateway.log().contains("the ACL file cannot be read again")
+    });
+    let may_subscribe = |filter: &str| {
+        let mut probe = login(gateway.port, v, "bob-probe", Some("bob"));
+        let codes = probe.subscribe_with(&[(filter, 1)], &[]);
+        probe.disconnect();
+        codes == [1]
+    };
+    assert!(may_subscribe("dev/bob/x"));
+
+    // Without the `dev/%u/#` pattern, bob reads only the fence: what was queued for him before
+    // the change is checked again as it goes, and not sent.
+    let narrower = ACL.replace(
+        "pattern readwrite dev/%u/#\n",
+        "user bob\ntopic read dev/bob/fence\n",
+    );
+    std::fs::write(&acl, narrower).unwrap();
+    gateway.reload();
+    common::block_until("the new rules are in force", || !may_subscribe("dev/bob/x"));
+    let mut bob = Client::connect(gateway.port, &bob_kept()).0;
+    publish(gateway.port, "dev/bob/fence");
+    let got = bob.receive_until("dev/bob/fence");
+    assert!(got.is_empty(), "{got:?}");
+}
+
+#[test]
+fn config_check_names_an_acl_line_it_cannot_parse_and_run_refuses_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = acl_file(dir.path(), "topic read a/#\n\ntopic dney secret/#\n");
+    let config = write_config(
+        dir.path(),
+        &format!("[broker]\nacl_file = {:?}\n", acl.display().to_string()),
+    );
+    let data = dir.path().join("data");
+    for args in [
+        vec!["config", "check", config.to_str().unwrap()],
+        vec![
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("acl") && stderr.contains("line 3"),
+            "{args:?}: {stderr}"
+        );
+    }
+    std::fs::remove_file(&acl).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["config", "check", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("acl"));
 }

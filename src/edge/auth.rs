@@ -18,6 +18,12 @@
 //!   user.
 //! - Connections already open stay open when the file changes (Mosquitto 2.0 checks them
 //!   again and closes those that no longer pass; outpost does not yet).
+//!
+//! What a client may do once in is the ACL's (`broker.acl_file`, [`super::acl`]):
+//! [`load_acl_file`] reads it at start (a missing or unreadable file, or a line it cannot
+//! parse, fails the start naming the file and the line), and [`super::Edge::enforce_acl`]
+//! reads it again on `SIGHUP` and when it changes, keeping the rules in force when a new
+//! version does not parse.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -26,8 +32,9 @@ use bytes::Bytes;
 use tokio::sync::{watch, Semaphore};
 use tracing::{info, warn};
 
+use super::acl::{Acl, AclError};
 use super::passwords::PasswordFile;
-use crate::files::{self, FileError, Rereads};
+use crate::files::{self, FileError};
 
 /// Password checks that run at once; the rest wait. Two: one per core of the smallest boards
 /// the gateway runs on is what they can give without starving the data path.
@@ -82,6 +89,44 @@ pub fn load_password_text(path: &Path) -> Result<(String, u32), FileError> {
         valid_up_to: e.utf8_error().valid_up_to(),
     })?;
     Ok((text, contents.mode))
+}
+
+/// The largest ACL file read (about 200,000 rules).
+pub const MAX_ACL_FILE_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Why an ACL file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AclFileError {
+    /// Missing, not a regular file, too large, not text, or unreadable.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: FileError,
+    },
+    /// A line cannot be parsed (the broker does not start on rules it does not understand).
+    #[error("{}: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The line and what is wrong with it.
+        source: AclError,
+    },
+}
+
+/// Reads and parses an ACL file in Mosquitto's `acl_file` format.
+pub fn load_acl_file(path: &Path) -> Result<Acl, AclFileError> {
+    let text = files::read_regular_text(path, MAX_ACL_FILE_BYTES).map_err(|source| {
+        AclFileError::Read {
+            path: path.to_path_buf(),
+            source,
+        }
+    })?;
+    Acl::parse(&text).map_err(|source| AclFileError::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Logs what a freshly read password file holds and what in it cannot be used.
@@ -210,32 +255,19 @@ pub fn watch_password_file(
 ) {
     report(&path, &initial);
     let (tx, rx) = watch::channel(Arc::new(initial));
-    let task = tokio::spawn(async move {
-        let mut rereads = Rereads::new(vec![path.clone()], reloads, shutdown);
-        while rereads.next().await.is_some() {
-            let reading = path.clone();
-            let loaded =
-                match tokio::task::spawn_blocking(move || load_password_file(&reading)).await {
-                    Ok(loaded) => loaded,
-                    Err(e) => {
-                        warn!(error = %e, "password file reload task failed");
-                        continue;
-                    }
-                };
-            match loaded {
-                Ok(file) => {
-                    report(&path, &file);
-                    info!(file = %path.display(), users = file.users(), "password file read again");
-                    if tx.send(Arc::new(file)).is_err() {
-                        return;
-                    }
-                }
-                Err(error) => {
-                    warn!(%error, "the password file cannot be read again; the one in use stays");
-                }
-            }
-        }
-    });
+    let shown = path.clone();
+    let task = files::keep_reading(
+        "password file",
+        path,
+        reloads,
+        shutdown,
+        load_password_file,
+        move |file| {
+            report(&shown, &file);
+            info!(file = %shown.display(), users = file.users(), "password file read again");
+            tx.send(Arc::new(file)).is_ok()
+        },
+    );
     (rx, task)
 }
 

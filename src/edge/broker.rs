@@ -34,11 +34,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
+use super::acl::{Access, Acl};
 use super::durable::{self, Persister, Recorder};
 use super::frame::Version;
 use super::outbound::{self, Budget, Outbound, Pushed};
@@ -87,6 +88,54 @@ pub struct Attach {
     pub receive_maximum: Option<u16>,
     /// The client's Maximum Packet Size (MQTT 5), if it sent one.
     pub max_packet_size: Option<u32>,
+    /// Who connects: the ACL decides for a device by its username.
+    pub owner: Owner,
+}
+
+/// Whose a session is, for the access rules ([`Broker::set_acl`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Owner {
+    /// The gateway's own links: no access rule applies to them.
+    Gateway,
+    /// A device, with the username it logged in with (`None`: anonymous).
+    Device(Option<Arc<str>>),
+}
+
+impl Owner {
+    /// The owner of a session read back from disk: the gateway's own ids are the gateway's
+    /// (no device may use them), any other is the device that last used it.
+    fn restored(client_id: &str, username: Option<Arc<str>>) -> Owner {
+        if super::checks::reserved_client_id(client_id) {
+            Owner::Gateway
+        } else {
+            Owner::Device(username)
+        }
+    }
+
+    /// The username to keep on disk.
+    fn username(&self) -> Option<&Arc<str>> {
+        match self {
+            Owner::Gateway => None,
+            Owner::Device(username) => username.as_ref(),
+        }
+    }
+}
+
+/// Whether `acl` (if there is one) lets the client of `owner` and `client_id` have `access`
+/// to `topic`.
+fn permitted(
+    acl: Option<&Acl>,
+    owner: &Owner,
+    client_id: &str,
+    topic: &str,
+    access: Access,
+) -> bool {
+    match (acl, owner) {
+        (None, _) | (_, Owner::Gateway) => true,
+        (Some(acl), Owner::Device(username)) => {
+            acl.allows(username.as_deref(), client_id, topic, access)
+        }
+    }
 }
 
 /// Why the broker refused a connection.
@@ -142,6 +191,8 @@ struct Attached {
 #[derive(Debug)]
 struct Client {
     client_id: Arc<str>,
+    /// Whose it is: its deliveries are checked against the ACL as this owner's.
+    owner: Owner,
     /// Whether its session is kept on disk (it is kept beyond its connection, and the broker
     /// has a [`Persister`]).
     durable: bool,
@@ -155,9 +206,10 @@ struct Client {
 }
 
 impl Client {
-    fn new(client_id: Arc<str>, durable: bool, outbound: Outbound) -> Client {
+    fn new(client_id: Arc<str>, owner: Owner, durable: bool, outbound: Outbound) -> Client {
         Client {
             client_id,
+            owner,
             durable,
             outbound,
             attached: None,
@@ -188,6 +240,10 @@ pub struct Broker {
     store: Option<Persister>,
     /// The bytes all sessions' queues hold together.
     budget: Budget,
+    /// The access rules (`broker.acl_file`); `None`: everything is allowed. Apart from the
+    /// state, so that the front's check of a publish does not wait for the state's lock
+    /// (taken after the state's lock where both are held).
+    acl: RwLock<Option<Arc<Acl>>>,
 }
 
 /// What [`Broker::attach`] gives a connection.
@@ -254,6 +310,7 @@ impl Broker {
                 next_connection: 1,
                 next_message_id: 1,
             }),
+            acl: RwLock::new(None),
             limits,
             metrics,
             store,
@@ -308,7 +365,8 @@ impl Broker {
                 let outbound =
                     Outbound::restore(broker.queue_limits(limits.max_inflight), kept.messages)
                         .sharing(&broker.budget);
-                let mut client = Client::new(client_id, true, outbound);
+                let owner = Owner::restored(&client_id, kept.username);
+                let mut client = Client::new(client_id, owner, true, outbound);
                 client.incoming_qos2 = kept.incoming_qos2.into_iter().collect();
                 state.clients.insert(session, client);
             }
@@ -393,6 +451,9 @@ impl Broker {
             Some(client) if accepted.session_present => {
                 client.outbound.connected(receive_maximum);
                 client.attached = Some(attached);
+                // Resumed, perhaps under another username: what it receives from now on is
+                // what the new owner may read (checked again at every send).
+                client.owner = attach.owner.clone();
                 if client.durable && !durable {
                     // Resumed with expiry 0: it ends with this connection, so it leaves the disk.
                     if let Some(r) = record.as_mut() {
@@ -403,13 +464,14 @@ impl Broker {
             }
             _ => {
                 let outbound = Outbound::new(limits, true).sharing(&self.budget);
-                let mut client = Client::new(client_id.clone(), durable, outbound);
+                let mut client =
+                    Client::new(client_id.clone(), attach.owner.clone(), durable, outbound);
                 client.attached = Some(attached);
                 state.clients.insert(accepted.session, client);
             }
         }
         if let (true, Some(r)) = (durable, record.as_mut()) {
-            r.session_saved(&client_id, accepted.expiry, None);
+            r.session_saved(&client_id, accepted.expiry, None, attach.owner.username());
         }
         drop(record);
         let granted = expiry_secs(accepted.expiry);
@@ -426,6 +488,31 @@ impl Broker {
             assigned_client_id,
             granted_expiry: (granted < expiry_secs(asked)).then_some(granted),
         })
+    }
+
+    /// Replaces the access rules: from now on every publish, subscription and delivery to
+    /// a device's session is checked against `acl` (`None`: everything is allowed). Messages
+    /// already queued are checked again as they are sent.
+    pub fn set_acl(&self, acl: Option<Arc<Acl>>) {
+        *self
+            .acl
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = acl;
+    }
+
+    /// The access rules in force.
+    fn acl(&self) -> Option<Arc<Acl>> {
+        self.acl
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Whether a device with `username` and `client_id` may publish to `topic` (its will
+    /// included) under the current rules.
+    pub fn may_write(&self, username: Option<&str>, client_id: &str, topic: &str) -> bool {
+        self.acl()
+            .is_none_or(|acl| acl.allows(username, client_id, topic, Access::Write))
     }
 
     /// Publishes the wills that are due, ends expired sessions and drops expired retained
@@ -522,10 +609,21 @@ impl Broker {
                 Stored::Cleared(false) => {}
             }
         }
+        let acl = self.acl();
         for delivery in state.subscriptions.matches(&publish.topic, from) {
             let Some(client) = state.clients.get_mut(&delivery.session) else {
                 continue;
             };
+            if !permitted(
+                acl.as_deref(),
+                &client.owner,
+                &client.client_id,
+                &publish.topic,
+                Access::Read,
+            ) {
+                Metrics::add(&self.metrics.acl_denied_deliveries, 1);
+                continue;
+            }
             let qos = publish.qos.min(delivery.qos);
             let message = outbound::Message {
                 topic: publish.topic.clone(),
@@ -554,6 +652,7 @@ impl Broker {
         &self,
         client: &mut Client,
         retained: &Retained,
+        acl: Option<&Acl>,
         next_message_id: &mut u64,
         now: u64,
     ) {
@@ -565,6 +664,16 @@ impl Broker {
             let Some(message) = retained.get(&owed.topic, now) else {
                 continue;
             };
+            if !permitted(
+                acl,
+                &client.owner,
+                &client.client_id,
+                &owed.topic,
+                Access::Read,
+            ) {
+                Metrics::add(&self.metrics.acl_denied_deliveries, 1);
+                continue;
+            }
             let bytes = owed.topic.len() + message.payload.len() + message.properties.len();
             let over_session = client.outbound.queued() > 0
                 && client.outbound.queued_bytes() + bytes > self.limits.max_queued_bytes;
@@ -654,6 +763,8 @@ pub enum Granted {
     Quota,
     /// Refused: not a valid filter.
     InvalidFilter,
+    /// Refused: the ACL grants no read through this filter.
+    NotAuthorized,
 }
 
 impl Granted {
@@ -664,6 +775,7 @@ impl Granted {
             (_, Version::V4) => 0x80,
             (Granted::Quota, Version::V5) => 0x97,
             (Granted::InvalidFilter, Version::V5) => 0x8F,
+            (Granted::NotAuthorized, Version::V5) => 0x87,
         }
     }
 }
@@ -761,6 +873,7 @@ impl Connection {
     /// the new subscriptions match are owed to the client from now on.
     pub fn subscribe(&self, identifier: Option<u32>, filters: &[(String, u8)]) -> Vec<Granted> {
         let now = now_ms();
+        let acl = self.broker.acl();
         let mut guard = self.broker.lock();
         let state = &mut *guard;
         let mut granted = Vec::with_capacity(filters.len());
@@ -769,6 +882,16 @@ impl Connection {
                 granted.push(Granted::InvalidFilter);
                 continue;
             };
+            let owner = state.clients.get(&self.session).map(|c| &c.owner);
+            if let (Some(acl), Some(Owner::Device(username))) = (acl.as_deref(), owner) {
+                // A shared subscription reads what its filter would.
+                let (_, inner) = subscriptions::split_share(filter);
+                if !acl.allows_subscribe(username.as_deref(), &self.client_id, inner) {
+                    Metrics::add(&self.broker.metrics.acl_denied_subscriptions, 1);
+                    granted.push(Granted::NotAuthorized);
+                    continue;
+                }
+            }
             let subscribed = match state.subscriptions.subscribe(self.session, filter, options) {
                 Ok(subscribed) => {
                     if let Some(client) = state.clients.get(&self.session).filter(|c| c.durable) {
@@ -905,6 +1028,7 @@ impl Connection {
     /// it under a new packet id: a duplicate, which QoS 1 allows).
     pub fn take(&self, out: &mut BytesMut, max_bytes: usize) -> Option<Committed> {
         let now = now_ms();
+        let acl = self.broker.acl();
         let mut guard = self.broker.lock();
         let state = &mut *guard;
         let client = state.clients.get_mut(&self.session)?;
@@ -915,8 +1039,13 @@ impl Connection {
         let (version, max_packet_size) = (attached.version, attached.max_packet_size);
         let mut must_be_stored = false;
         while out.len() < max_bytes {
-            self.broker
-                .feed_retained(client, &state.retained, &mut state.next_message_id, now);
+            self.broker.feed_retained(
+                client,
+                &state.retained,
+                acl.as_deref(),
+                &mut state.next_message_id,
+                now,
+            );
             let expired_before = client.outbound.dropped().expired;
             let next = client.outbound.next(now);
             let expired = client.outbound.dropped().expired - expired_before;
@@ -955,6 +1084,21 @@ impl Connection {
                         }
                         continue;
                     }
+                    // Checked again as it goes: the rules may have changed since it was
+                    // queued, or the session's owner (a resumed session).
+                    if !permitted(
+                        acl.as_deref(),
+                        &client.owner,
+                        &client.client_id,
+                        &message.topic,
+                        Access::Read,
+                    ) {
+                        Metrics::add(&self.broker.metrics.acl_denied_deliveries, 1);
+                        if let Some(mid) = packet_id.and_then(|id| client.outbound.complete(id)) {
+                            self.broker.forget(client, vec![mid]);
+                        }
+                        continue;
+                    }
                     publish.encode(version, out);
                     if let (Some(id), false, 1.., true) =
                         (packet_id, dup, message.id, client.durable)
@@ -981,6 +1125,7 @@ impl Connection {
     /// as if the client had acknowledged it.
     pub fn take_messages(&self, max: usize) -> Vec<(Arc<str>, Bytes)> {
         let now = now_ms();
+        let acl = self.broker.acl();
         let mut guard = self.broker.lock();
         let state = &mut *guard;
         let mut taken = Vec::new();
@@ -995,8 +1140,13 @@ impl Connection {
             return taken;
         }
         while taken.len() < max {
-            self.broker
-                .feed_retained(client, &state.retained, &mut state.next_message_id, now);
+            self.broker.feed_retained(
+                client,
+                &state.retained,
+                acl.as_deref(),
+                &mut state.next_message_id,
+                now,
+            );
             let next = client.outbound.next(now);
             let mut gone = client.outbound.take_gone();
             match next {
@@ -1064,15 +1214,19 @@ impl Connection {
                 .sessions
                 .disconnected(&self.client_id, self.id, ending, new_expiry, now);
         self.broker.apply(&mut state, effects, now);
-        let durable = state.clients.get(&self.session).is_some_and(|c| c.durable);
-        if let (true, true, Some((expiry, ends_at))) = (
+        let kept = state
+            .clients
+            .get(&self.session)
+            .filter(|c| c.durable)
+            .map(|c| c.owner.clone());
+        if let (true, Some(owner), Some((expiry, ends_at))) = (
             was_attached,
-            durable,
+            kept,
             state.sessions.expiry_of(&self.client_id),
         ) {
             if let Some(mut r) = self.broker.record() {
                 // Its expiry counts from now on: a restart resumes the countdown.
-                r.session_saved(&self.client_id, expiry, ends_at);
+                r.session_saved(&self.client_id, expiry, ends_at, owner.username());
             }
         }
     }
@@ -1134,6 +1288,7 @@ mod tests {
                 version: Version::V5,
                 receive_maximum: None,
                 max_packet_size: None,
+                owner: Owner::Device(None),
             })
             .expect("attached")
     }

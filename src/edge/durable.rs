@@ -87,6 +87,9 @@ pub struct KeptSession {
     pub subscriptions: Vec<(String, u8, Option<u32>)>,
     /// Its QoS 1/2 messages, in the order they were queued.
     pub messages: Vec<Restored>,
+    /// The username its client last connected with (its read rights are that user's while
+    /// it is away).
+    pub username: Option<Arc<str>>,
     /// Packet ids of its client's QoS 2 publishes received and not yet released, oldest
     /// first.
     pub incoming_qos2: Vec<u16>,
@@ -102,6 +105,9 @@ pub struct Snapshot {
     /// The first durable message id not used yet.
     pub next_message_id: u64,
 }
+
+/// A kept session as saved: its expiry, when it ends, and its client's username.
+type SessionRow = (Expiry, Option<u64>, Option<Arc<str>>);
 
 /// A subscription as kept on disk: its SUBSCRIBE options byte and subscription identifier.
 type SubscriptionRow = (u8, Option<u32>);
@@ -130,7 +136,8 @@ enum MessageOp {
 struct Batch {
     /// Sessions that ended: every row of theirs goes, before anything else of the batch.
     ended: HashSet<Arc<str>>,
-    sessions: HashMap<Arc<str>, (Expiry, Option<u64>)>,
+    /// Kept sessions saved: expiry, end, username of the client.
+    sessions: HashMap<Arc<str>, SessionRow>,
     /// By client and filter: its options byte and identifier, or `None` once removed.
     subscriptions: HashMap<(Arc<str>, String), Option<SubscriptionRow>>,
     /// By durable id, which is the order they were queued in.
@@ -197,7 +204,8 @@ fn sqlite(path: &Path) -> impl Fn(rusqlite::Error) -> DurableError + '_ {
 }
 
 /// Each entry upgrades the schema by one version; `PRAGMA user_version` records how many ran.
-const MIGRATIONS: &[&str] = &["CREATE TABLE sessions (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE sessions (
         client_id TEXT PRIMARY KEY,
         expiry_secs INTEGER NOT NULL,
         ends_at_ms INTEGER
@@ -235,7 +243,10 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE sessions (
         packet_id INTEGER NOT NULL,
         seq INTEGER NOT NULL,
         PRIMARY KEY (client_id, packet_id)
-     ) WITHOUT ROWID;"];
+     ) WITHOUT ROWID;",
+    // Issue 14: a kept session is checked against its owner's read rights while it is away.
+    "ALTER TABLE sessions ADD COLUMN username TEXT",
+];
 
 fn expiry_to_column(expiry: Expiry) -> i64 {
     match expiry {
@@ -304,16 +315,18 @@ fn load(conn: &Connection, now_ms: u64) -> rusqlite::Result<Snapshot> {
     let mut sessions: Vec<KeptSession> = Vec::new();
     let mut index: HashMap<Arc<str>, usize> = HashMap::new();
     {
-        let mut rows = conn.prepare("SELECT client_id, expiry_secs, ends_at_ms FROM sessions")?;
+        let mut rows =
+            conn.prepare("SELECT client_id, expiry_secs, ends_at_ms, username FROM sessions")?;
         let rows = rows.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, i64>(1)?,
                 r.get::<_, Option<i64>>(2)?,
+                r.get::<_, Option<String>>(3)?,
             ))
         })?;
         for row in rows {
-            let (client_id, expiry, ends_at) = row?;
+            let (client_id, expiry, ends_at, username) = row?;
             let Some(expiry) = expiry_from_column(expiry) else {
                 continue;
             };
@@ -326,6 +339,7 @@ fn load(conn: &Connection, now_ms: u64) -> rusqlite::Result<Snapshot> {
                 subscriptions: Vec::new(),
                 messages: Vec::new(),
                 incoming_qos2: Vec::new(),
+                username: username.map(Arc::from),
             });
         }
     }
@@ -457,15 +471,16 @@ fn write(conn: &mut Connection, batch: &Batch) -> rusqlite::Result<()> {
     }
     {
         let mut save = tx.prepare_cached(
-            "INSERT OR REPLACE INTO sessions (client_id, expiry_secs, ends_at_ms)
-             VALUES (?1, ?2, ?3)",
+            "INSERT OR REPLACE INTO sessions (client_id, expiry_secs, ends_at_ms, username)
+             VALUES (?1, ?2, ?3, ?4)",
         )?;
-        for (client, (expiry, ends_at)) in &batch.sessions {
+        for (client, (expiry, ends_at, username)) in &batch.sessions {
             let client: &str = client;
             save.execute(params![
                 client,
                 expiry_to_column(*expiry),
-                ms_column(*ends_at)
+                ms_column(*ends_at),
+                username.as_deref()
             ])?;
         }
     }
@@ -649,13 +664,19 @@ impl Recorder<'_> {
         receive
     }
 
-    /// A kept session started, was resumed or changed its expiry.
-    pub fn session_saved(&mut self, client: &Arc<str>, expiry: Expiry, ends_at_ms: Option<u64>) {
+    /// A kept session started, was resumed (perhaps by another user) or changed its expiry.
+    pub fn session_saved(
+        &mut self,
+        client: &Arc<str>,
+        expiry: Expiry,
+        ends_at_ms: Option<u64>,
+        username: Option<&Arc<str>>,
+    ) {
         self.count();
         self.pending
             .batch
             .sessions
-            .insert(client.clone(), (expiry, ends_at_ms));
+            .insert(client.clone(), (expiry, ends_at_ms, username.cloned()));
     }
 
     /// A kept session ended: it goes from the disk with its subscriptions and messages.
@@ -910,7 +931,7 @@ mod tests {
                 }
             );
             let mut record = persister.record();
-            record.session_saved(&client, Expiry::After(60), None);
+            record.session_saved(&client, Expiry::After(60), None, Some(&Arc::from("alice")));
             record.subscribed(&client, "t/#", 0x01, Some(7));
             record.subscribed(&client, "u/+", 0x02, None);
             record.unsubscribed(&client, "u/+");
@@ -924,7 +945,7 @@ mod tests {
             record.qos2_received(&client, 7);
             record.qos2_received(&client, 8);
             record.qos2_released(&client, 8);
-            record.session_saved(&other, Expiry::Never, None);
+            record.session_saved(&other, Expiry::Never, None, None);
             record.queued(&other, &message(4, 1));
             record.qos2_received(&other, 3);
             record.session_ended(&other);
@@ -947,6 +968,7 @@ mod tests {
         let kept = &snapshot.sessions[0];
         assert_eq!(&*kept.client_id, "dev-1");
         assert_eq!(kept.expiry, Expiry::After(60));
+        assert_eq!(kept.username.as_deref(), Some("alice"));
         assert_eq!(kept.subscriptions, vec![("t/#".to_owned(), 0x01, Some(7))]);
         let ids: Vec<_> = kept
             .messages
@@ -980,7 +1002,7 @@ mod tests {
         {
             let (persister, _) = open(dir.path());
             commit(&persister, &|r| {
-                r.session_saved(&client, Expiry::Never, None);
+                r.session_saved(&client, Expiry::Never, None, None);
                 r.qos2_received(&client, 9);
                 r.qos2_received(&client, 4);
                 r.queued(&client, &message(1, 2));
@@ -1001,7 +1023,7 @@ mod tests {
                 r.released(&client, 1);
                 r.done(&client, 2);
                 r.retained_cleared(&topic);
-                r.session_saved(&client, Expiry::After(5), Some(99_000));
+                r.session_saved(&client, Expiry::After(5), Some(99_000), None);
             });
         }
         let (persister, snapshot) = open(dir.path());
@@ -1022,7 +1044,7 @@ mod tests {
         // An ended session and then the same client id again: only the new one stays.
         commit(&persister, &|r| {
             r.session_ended(&client);
-            r.session_saved(&client, Expiry::Never, None);
+            r.session_saved(&client, Expiry::Never, None, None);
             r.subscribed(&client, "new/#", 0, None);
         });
         drop(persister);
@@ -1042,5 +1064,23 @@ mod tests {
         let error = Persister::open(dir.path(), 0, Arc::new(Metrics::default())).unwrap_err();
         assert!(error.to_string().contains("broker.sqlite"), "{error}");
         assert!(error.to_string().contains("99"), "{error}");
+    }
+
+    #[test]
+    fn a_file_of_the_first_schema_opens_with_its_sessions_unowned() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(FILE_NAME)).unwrap();
+        conn.execute_batch(&format!("{}; PRAGMA user_version = 1;", MIGRATIONS[0]))
+            .unwrap();
+        conn.execute(
+            "INSERT INTO sessions (client_id, expiry_secs, ends_at_ms) VALUES ('old', 60, NULL)",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let (_persister, snapshot) = open(dir.path());
+        assert_eq!(snapshot.sessions.len(), 1, "{snapshot:?}");
+        assert_eq!(&*snapshot.sessions[0].client_id, "old");
+        assert_eq!(snapshot.sessions[0].username, None);
     }
 }

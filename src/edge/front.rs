@@ -45,8 +45,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
-use super::auth::Authenticator;
-use super::broker::{self, Attach, Broker, ClientAck, Connection};
+use super::auth::{Authenticator, Identity};
+use super::broker::{self, Attach, Broker, ClientAck, Connection, Owner};
 use super::checks::{self, reason, return_code};
 use super::connect::{self, ConnectInfo};
 use super::frame::{self, kind, Frame, FrameError, Version};
@@ -298,6 +298,7 @@ impl Front {
             expiry_zero: true,
             connected: false,
             keep_alive: 0,
+            username: None,
         };
         let mut input = BytesMut::with_capacity(INITIAL_BUFFER);
         let connect = tokio::time::timeout(self.connect_timeout, async {
@@ -435,6 +436,8 @@ struct Session {
     connected: bool,
     /// The CONNECT's keep-alive, in seconds (0: off).
     keep_alive: u16,
+    /// The username the device logged in with (the ACL decides by it).
+    username: Option<Arc<str>>,
 }
 
 impl Session {
@@ -528,7 +531,11 @@ impl Session {
             .check(info.username.as_deref(), info.password.as_ref())
             .await
         {
-            Ok(_identity) => Ok(()),
+            Ok(Identity::Anonymous) => Ok(()),
+            Ok(Identity::User(username)) => {
+                self.username = Some(Arc::from(username));
+                Ok(())
+            }
             Err(refusal) => {
                 let code = match info.version {
                     Version::V4 => return_code::NOT_AUTHORIZED,
@@ -548,7 +555,11 @@ impl Session {
         let v5_expiry = (version == Version::V5).then_some(info.properties.session_expiry);
         let expiry = Expiry::from_connect(v5_expiry, info.clean_start);
         self.expiry_zero = expiry == Expiry::AtDisconnect;
-        let will = info.will.as_ref().map(|w| sessions::Will {
+        let will = info
+            .will
+            .as_ref()
+            .filter(|w| self.may_leave_will(&info.client_id, &w.topic));
+        let will = will.map(|w| sessions::Will {
             topic: Arc::from(w.topic.as_str()),
             payload: w.payload.clone(),
             qos: w.qos,
@@ -565,6 +576,10 @@ impl Session {
             version,
             receive_maximum: info.properties.receive_maximum,
             max_packet_size: info.properties.max_packet_size,
+            owner: match self.origin {
+                Origin::Gateway => Owner::Gateway,
+                Origin::Device => Owner::Device(self.username.clone()),
+            },
         });
         let attachment = match attached {
             Ok(attachment) => attachment,
@@ -592,6 +607,23 @@ impl Session {
         let connack = packets::connack(version, attachment.session_present, 0, &properties);
         debug!(client_id = %attachment.connection.client_id(), session_present = attachment.session_present, "client connected");
         Ok((attachment.connection, connack))
+    }
+
+    /// Whether the device may leave a will on `topic`: one the ACL does not let it write is
+    /// dropped, and the CONNECT accepted, as Mosquitto 2 does (checked at CONNECT, by the
+    /// rules then in force).
+    fn may_leave_will(&self, client_id: &str, topic: &str) -> bool {
+        if self.origin != Origin::Device
+            || self
+                .front
+                .broker
+                .may_write(self.username.as_deref(), client_id, topic)
+        {
+            return true;
+        }
+        Metrics::add(&self.front.metrics.acl_denied_wills, 1);
+        debug!(%client_id, %topic, "will dropped: the ACL does not let the client write its topic");
+        false
     }
 
     /// MQTT 5's Server Keep Alive (§3.2.2.3.14): when the client asked for no keep-alive or
@@ -940,7 +972,18 @@ impl Session {
             ));
         }
         if self.origin == Origin::Device && checks::reserved_publish_topic(&topic) {
-            self.refuse_publish(qos, id, &topic);
+            self.refuse_publish(qos, id, &topic, "to a reserved topic");
+            return Ok(());
+        }
+        if self.origin == Origin::Device
+            && !self.front.broker.may_write(
+                self.username.as_deref(),
+                connection.client_id(),
+                &topic,
+            )
+        {
+            Metrics::add(&self.front.metrics.acl_denied_publishes, 1);
+            self.refuse_publish(qos, id, &topic, "not granted by broker.acl_file");
             return Ok(());
         }
         let topic: Arc<str> = Arc::from(topic);
@@ -1001,10 +1044,10 @@ impl Session {
     /// acknowledged as Mosquitto 2 acknowledges it (MQTT 5: PUBACK or PUBREC with 0x87 "not
     /// authorized", which ends a QoS 2 flow; 3.1.1 has no way to say it, so the flow looks
     /// successful to the client).
-    fn refuse_publish(&mut self, qos: u8, id: u16, topic: &str) {
+    fn refuse_publish(&mut self, qos: u8, id: u16, topic: &str, why: &str) {
         Metrics::add(&self.front.metrics.edge_publishes_refused, 1);
         if every_thousandth(&self.front.refused_publishes) {
-            warn!(%topic, "publish to a reserved topic refused (logged once per 1,000)");
+            warn!(%topic, username = ?self.username, "publish refused, {why} (logged once per 1,000)");
         }
         let kind = match qos {
             1 => packets::ack::PUBACK,

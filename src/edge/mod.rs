@@ -261,6 +261,36 @@ impl Edge {
         }
     }
 
+    /// Enforces `acl` (read from `path` by [`auth::load_acl_file`]) on every device's
+    /// publishes, subscriptions, deliveries and wills from now on, and reads `path` again
+    /// when `reloads` changes (a `SIGHUP`) or the file changes on disk; a new version that
+    /// does not parse leaves the rules in force, with a warning. Call it before
+    /// [`Edge::open`], so that no device is served without the rules.
+    pub fn enforce_acl(
+        &mut self,
+        path: std::path::PathBuf,
+        acl: acl::Acl,
+        reloads: tokio::sync::watch::Receiver<u64>,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
+        info!(file = %path.display(), rules = acl.rules(), "access rules in force");
+        self.broker.set_acl(Some(Arc::new(acl)));
+        let broker = self.broker.clone();
+        let shown = path.clone();
+        self.tasks.push(crate::files::keep_reading(
+            "ACL file",
+            path,
+            reloads,
+            shutdown,
+            auth::load_acl_file,
+            move |acl| {
+                info!(file = %shown.display(), rules = acl.rules(), "ACL file read again");
+                broker.set_acl(Some(Arc::new(acl)));
+                true
+            },
+        ));
+    }
+
     /// An in-process client of the broker (for the gateway's own control plane): it can
     /// subscribe and publish like a device, without a socket and without the journal. Its
     /// client id should start with [`RESERVED_CLIENT_ID_PREFIX`], so that no device can take
@@ -276,6 +306,7 @@ impl Edge {
                 version: frame::Version::V5,
                 receive_maximum: None,
                 max_packet_size: None,
+                owner: broker::Owner::Gateway,
             })
             .map_err(|e| EdgeError::Link(e.to_string()))?;
         Ok(LocalLink {

@@ -165,7 +165,7 @@ pub struct Subscriptions {
 
 /// Splits `$share/NAME/FILTER` into its share name and filter; a `$share/` filter that names no
 /// share ([`checks::names_no_share`], which only 3.1.1 clients may send) is an ordinary one.
-fn split_share(filter: &str) -> (Option<&str>, &str) {
+pub(super) fn split_share(filter: &str) -> (Option<&str>, &str) {
     match filter
         .strip_prefix("$share/")
         .and_then(|rest| rest.split_once('/'))
