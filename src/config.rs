@@ -415,6 +415,10 @@ pub struct BrokerConfig {
     /// the gateway's `outpost/` topics and `$SYS` only by rules that name them literally.
     /// Unset: every client may do everything.
     pub acl_file: Option<PathBuf>,
+    /// Whether a device's client id must equal its username (then no device can take over
+    /// another's session); a client without a username must then leave its client id empty
+    /// (the broker assigns one). Refused: CONNACK "identifier rejected".
+    pub require_client_id_match: bool,
 }
 
 impl BrokerConfig {
@@ -449,6 +453,7 @@ impl Default for BrokerConfig {
             password_file: None,
             allow_anonymous: None,
             acl_file: None,
+            require_client_id_match: false,
         }
     }
 }

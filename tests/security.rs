@@ -626,3 +626,55 @@ fn config_check_names_an_acl_line_it_cannot_parse_and_run_refuses_it() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("acl"));
 }
+
+#[test]
+fn with_require_client_id_match_no_device_takes_over_another_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = password_file(dir.path());
+    let gateway = gateway(
+        dir.path(),
+        &format!(
+            "password_file = {:?}\nallow_anonymous = true\nrequire_client_id_match = true",
+            file.display().to_string()
+        ),
+    );
+    for version in Version::BOTH {
+        let rejected = match version {
+            Version::V4 => 0x02,
+            Version::V5 => 0x85,
+        };
+        let try_as = |id: &str, user: Option<&str>| {
+            let mut connect = Connect::new(version, id);
+            if let Some(user) = user {
+                connect = connect.login(user, Some(&format!("pw-{user}")));
+            }
+            match Client::try_connect(gateway.port, &connect).1 {
+                Some(Packet::ConnAck { code, .. }) => code,
+                other => panic!("{id:?} {user:?}: expected CONNACK, got {other:?}"),
+            }
+        };
+        // bob holds his session, subscribed.
+        let mut bob = Client::connect(
+            gateway.port,
+            &Connect::new(version, "bob")
+                .login("bob", Some("pw-bob"))
+                .persistent(),
+        )
+        .0;
+        bob.subscribe("t/#", 1);
+        assert_eq!(try_as("bob", Some("alice")), rejected, "alice as bob");
+        assert_eq!(try_as("bob", None), rejected, "anonymous as bob");
+        assert_eq!(try_as("anything", None), rejected, "anonymous with an id");
+        assert_eq!(try_as("alice", Some("alice")), 0);
+        assert_eq!(try_as("", None), 0, "anonymous, the id assigned");
+        // bob's session was never taken over: his connection is open and still delivers.
+        let mut alice = Client::connect(
+            gateway.port,
+            &Connect::new(version, "alice").login("alice", Some("pw-alice")),
+        )
+        .0;
+        alice.publish_done(&Publish::new("t/1", "for bob").qos(1));
+        assert_eq!(bob.receive().topic, "t/1");
+        bob.disconnect();
+    }
+}

@@ -138,6 +138,9 @@ pub struct Front {
     pub auth: Authenticator,
     /// Logins refused so far (their log line is rate-limited).
     pub refused_logins: Arc<AtomicU64>,
+    /// Whether a device's client id must be its username (`broker.require_client_id_match`):
+    /// no device can then take over another's session.
+    pub require_client_id_match: bool,
 }
 
 /// How a device connection ended.
@@ -531,22 +534,48 @@ impl Session {
             .check(info.username.as_deref(), info.password.as_ref())
             .await
         {
-            Ok(Identity::Anonymous) => Ok(()),
-            Ok(Identity::User(username)) => {
-                self.username = Some(Arc::from(username));
-                Ok(())
-            }
+            Ok(Identity::Anonymous) => {}
+            Ok(Identity::User(username)) => self.username = Some(Arc::from(username)),
             Err(refusal) => {
                 let code = match info.version {
                     Version::V4 => return_code::NOT_AUTHORIZED,
                     Version::V5 => reason::NOT_AUTHORIZED,
                 };
-                Err(End::Unauthorized {
+                return Err(End::Unauthorized {
                     answer: connack_refusal(info.version, code),
                     reason: format!("{refusal} (client id {:?})", info.client_id),
-                })
+                });
             }
         }
+        if self.front.require_client_id_match {
+            self.client_id_matches(info)?;
+        }
+        Ok(())
+    }
+
+    /// `broker.require_client_id_match`: a device's client id must be its username, so that
+    /// no one can take over another's session. A client without a username may only let the
+    /// broker choose its id (empty), or it could take any user's. Refused with "identifier
+    /// rejected" (3.1.1: 0x02; 5: 0x85), counted and logged as refused logins are.
+    fn client_id_matches(&self, info: &ConnectInfo) -> Result<(), End> {
+        let matches = match &self.username {
+            Some(username) => **username == *info.client_id,
+            None => info.client_id.is_empty(),
+        };
+        if matches {
+            return Ok(());
+        }
+        let code = match info.version {
+            Version::V4 => return_code::IDENTIFIER_REJECTED,
+            Version::V5 => reason::CLIENT_ID_NOT_VALID,
+        };
+        Err(End::Unauthorized {
+            answer: connack_refusal(info.version, code),
+            reason: format!(
+                "client id {:?} is not the username {:?} (broker.require_client_id_match)",
+                info.client_id, self.username
+            ),
+        })
     }
 
     /// Attaches the connection to its session; returns it with the CONNACK to send.
