@@ -419,6 +419,10 @@ pub struct BrokerConfig {
     /// another's session); a client without a username must then leave its client id empty
     /// (the broker assigns one). Refused: CONNACK "identifier rejected".
     pub require_client_id_match: bool,
+    /// Usernames that may use this gateway's control topics (`outpost/<gateway_id>/...`:
+    /// dead letters, modules, metrics), whatever the ACL says. Once set (or once there is an
+    /// ACL), no one else may, unless an ACL rule names those topics.
+    pub admins: Vec<String>,
 }
 
 impl BrokerConfig {
@@ -454,6 +458,7 @@ impl Default for BrokerConfig {
             allow_anonymous: None,
             acl_file: None,
             require_client_id_match: false,
+            admins: Vec::new(),
         }
     }
 }
@@ -659,6 +664,28 @@ impl fmt::Display for BrokerAddress {
         } else {
             write!(f, "{scheme}://{}:{}", self.host, self.port)
         }
+    }
+}
+
+/// Where an operator's command (`outpost deadletters`, `outpost module`) connects, and who it
+/// says it is.
+#[derive(Debug, Clone, Copy)]
+pub struct Endpoint<'a> {
+    /// `mqtt://HOST[:PORT]`.
+    pub url: &'a str,
+    /// The username and password to log in with, if any.
+    pub login: Option<(&'a str, &'a str)>,
+}
+
+impl<'a> From<&'a str> for Endpoint<'a> {
+    fn from(url: &'a str) -> Endpoint<'a> {
+        Endpoint { url, login: None }
+    }
+}
+
+impl<'a> From<&'a String> for Endpoint<'a> {
+    fn from(url: &'a String) -> Endpoint<'a> {
+        Endpoint::from(url.as_str())
     }
 }
 
@@ -1063,6 +1090,12 @@ impl Config {
             return Err(invalid(
                 "broker.max_inflight",
                 "must be between 1 and 65535",
+            ));
+        }
+        if let Some(bad) = b.admins.iter().find(|name| name.is_empty()) {
+            return Err(invalid(
+                "broker.admins",
+                format!("{bad:?}: an admin is a username, which cannot be empty"),
             ));
         }
         if b.password_file.is_none() && b.allow_anonymous == Some(false) {

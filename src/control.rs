@@ -36,10 +36,18 @@
 //!   no answer may ask again: `list` and `show` change nothing, and a repeated `replay` or
 //!   `purge` finds nothing the first one already took.
 //!
-//! What it does not do: authenticate. Anyone who may publish to the gateway's broker may purge
-//! its dead letters (the broker has no ACLs yet). Requests from devices pass through the
-//! journal like any publish, so the pipeline sees them: counted `unrouted`, unless a route's
-//! filter matches them (then they are routed like any event).
+//! - A reply goes to the requesting client only (its subscriptions that match the reply
+//!   topic), never to other subscribers of that topic, and carries `"gateway"` (who answers)
+//!   and the request's `"nonce"` (which request it answers), so that [`request`] believes only
+//!   the answer to its own request.
+//!
+//! Who may ask is the broker's business: once `broker.admins` or an ACL is configured, only
+//! admins (and clients an ACL rule names these topics for) may publish requests or read
+//! anything under `outpost/<gateway_id>/` (see [`crate::edge::access`]); anyone else's request
+//! is refused at the broker and never reaches this plane. Without either, anyone who may
+//! publish to the gateway's broker may purge its dead letters. Requests from devices pass
+//! through the journal like any publish, so the pipeline sees them: counted `unrouted`, unless
+//! a route's filter matches them (then they are routed like any event).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,7 +59,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::config::parse_broker_url;
+use crate::config::{parse_broker_url, Endpoint};
 use crate::edge::LocalLink;
 use crate::store::{DeadLetter, DeadLetterFilter, Store, StoreError};
 
@@ -149,7 +157,15 @@ pub struct Request {
     /// `replay` and `purge`: every dead letter (required when there is no other filter).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub all: bool,
+    /// Echoed in the reply (at most [`MAX_NONCE_BYTES`]): a requester that makes it
+    /// unguessable knows the reply answers its request and was not made up by someone who
+    /// never saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nonce: Option<String>,
 }
+
+/// The longest `nonce` a request may carry.
+pub const MAX_NONCE_BYTES: usize = 128;
 
 impl Request {
     /// The store filter this request selects.
@@ -165,6 +181,13 @@ impl Request {
     pub fn validate(&self, verb: Verb, gateway_id: &str) -> Result<(), String> {
         if let Some(reply_to) = &self.reply_to {
             check_reply_topic(reply_to, gateway_id)?;
+        }
+        if self
+            .nonce
+            .as_ref()
+            .is_some_and(|n| n.len() > MAX_NONCE_BYTES)
+        {
+            return Err(format!("\"nonce\" must be at most {MAX_NONCE_BYTES} bytes"));
         }
         for (name, value) in [("reason", &self.reason), ("route", &self.route)] {
             if value.as_deref() == Some("") {
@@ -299,14 +322,23 @@ impl Control {
                 continue;
             }
             let answer = self.answer(name, &message.payload).await;
-            link.publish(answer.topic, answer.body.to_string());
+            // To the requester only: no one else learns what it asked or what it got.
+            link.reply(
+                message.from.as_deref(),
+                answer.topic,
+                answer.body.to_string(),
+            );
         }
     }
 
     /// Handles the request `payload` published to `.../deadletters/<name>`: runs it, logs it,
     /// and says what to reply where.
     async fn answer(&self, name: &str, payload: &[u8]) -> Answer {
-        let Incoming { reply_to, request } = read_request(&self.gateway_id, name, payload);
+        let Incoming {
+            reply_to,
+            request,
+            nonce,
+        } = read_request(&self.gateway_id, name, payload);
         let outcome = match request {
             Ok((verb, request)) => self.execute(verb, &request).await,
             Err(message) => Err(Failure::BadRequest(message)),
@@ -328,6 +360,14 @@ impl Control {
                 json!({"ok": false, "error": failure.message()})
             }
         };
+        let mut body = body;
+        // Who answers, and to what: the requester checks both.
+        if let Some(fields) = body.as_object_mut() {
+            fields.insert("gateway".into(), Value::from(self.gateway_id.as_str()));
+            if let Some(nonce) = nonce {
+                fields.insert("nonce".into(), Value::from(nonce));
+            }
+        }
         Answer {
             topic: reply_to,
             body,
@@ -371,6 +411,9 @@ pub struct Incoming {
     pub reply_to: String,
     /// The verb and the valid request, or why it is refused (the reply's `error`).
     pub request: Result<(Verb, Request), String>,
+    /// The request's `nonce`, when that much of it can be read (echoed in every reply, a
+    /// refusal's too).
+    pub nonce: Option<String>,
 }
 
 /// Reads the request `payload` published to `outpost/<gateway_id>/deadletters/<name>`: the
@@ -389,6 +432,13 @@ pub fn read_request(gateway_id: &str, name: &str, payload: &[u8]) -> Incoming {
         .filter(|t| check_reply_topic(t, gateway_id).is_ok())
         .map(str::to_owned)
         .unwrap_or_else(|| default_reply_topic(gateway_id));
+    let nonce = parsed
+        .as_ref()
+        .ok()
+        .and_then(|v| v.get("nonce"))
+        .and_then(Value::as_str)
+        .filter(|n| n.len() <= MAX_NONCE_BYTES)
+        .map(str::to_owned);
     let request = match (Verb::parse(name), parsed) {
         (None, _) => Err(format!(
             "unknown dead-letter request {name:?}; expected list, show, replay or purge"
@@ -398,7 +448,11 @@ pub fn read_request(gateway_id: &str, name: &str, payload: &[u8]) -> Incoming {
             parse_request(verb, value, gateway_id).map(|request| (verb, request))
         }
     };
-    Incoming { reply_to, request }
+    Incoming {
+        reply_to,
+        request,
+        nonce,
+    }
 }
 
 /// Turns a parsed JSON value into a valid request for `verb`.
@@ -525,7 +579,7 @@ fn base64(bytes: &[u8]) -> String {
 /// QoS 1 and `reply_to` set to that topic, and waits for the reply. Fails with a clear message
 /// when the broker cannot be reached or no reply arrives within `timeout`.
 pub async fn request(
-    broker_url: &str,
+    broker: impl Into<Endpoint<'_>>,
     gateway_id: &str,
     verb: Verb,
     request: &Request,
@@ -533,6 +587,8 @@ pub async fn request(
 ) -> anyhow::Result<Value> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode};
 
+    let broker = broker.into();
+    let broker_url = broker.url;
     let address = parse_broker_url(broker_url).map_err(anyhow::Error::msg)?;
     if address.tls {
         anyhow::bail!(
@@ -550,14 +606,21 @@ pub async fn request(
     }
     let token = format!("{:016x}", rand::rng().random::<u64>());
     let reply_topic = format!("outpost/{gateway_id}/replies/{token}");
+    // Unguessable, and seen only by the gateway (and whoever may read its request topics):
+    // a reply that does not carry it was not made for this request.
+    let nonce = format!("{:032x}", rand::rng().random::<u128>());
     let mut body = request.clone();
     body.reply_to = Some(reply_topic.clone());
+    body.nonce = Some(nonce.clone());
     let body = serde_json::to_vec(&body)?;
 
     let mut options = MqttOptions::new(format!("cli-{token}"), address.host.clone(), address.port);
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
     options.set_max_packet_size(MAX_INCOMING_PACKET, MAX_INCOMING_PACKET);
+    if let Some((username, password)) = broker.login {
+        options.set_credentials(username, password);
+    }
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     client.subscribe(&reply_topic, QoS::AtLeastOnce).await?;
 
@@ -571,7 +634,10 @@ pub async fn request(
                         .iter()
                         .any(|c| matches!(c, SubscribeReasonCode::Failure))
                     {
-                        anyhow::bail!("{address} refused the subscription to {reply_topic}");
+                        anyhow::bail!(
+                            "{address} refused the subscription to {reply_topic}: log in as one \
+                             of the gateway's broker.admins (--username, --password)"
+                        );
                     }
                     client
                         .publish(
@@ -584,9 +650,16 @@ pub async fn request(
                     sent = true;
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.topic == reply_topic => {
-                    return serde_json::from_slice::<Value>(&p.payload).map_err(|e| {
-                        anyhow::anyhow!("gateway {gateway_id} sent a reply that is not JSON: {e}")
-                    });
+                    let reply = serde_json::from_slice::<Value>(&p.payload).ok();
+                    match reply {
+                        Some(reply) if answers(&reply, gateway_id, &nonce) => return Ok(reply),
+                        // Someone else's message on the reply topic: not believed, and the
+                        // real reply is still awaited.
+                        _ => eprintln!(
+                            "warning: ignored a message on {reply_topic} that is not gateway \
+                             {gateway_id}'s reply to this request (forged, or stale)"
+                        ),
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => anyhow::bail!("cannot talk to the gateway's broker at {address}: {e}"),
@@ -615,6 +688,12 @@ pub async fn request(
         .await;
     }
     Ok(reply)
+}
+
+/// Whether `reply` is gateway `gateway_id`'s answer to the request that carried `nonce`.
+pub fn answers(reply: &Value, gateway_id: &str, nonce: &str) -> bool {
+    reply.get("gateway").and_then(Value::as_str) == Some(gateway_id)
+        && reply.get("nonce").and_then(Value::as_str) == Some(nonce)
 }
 
 /// The error a reply reports, if it is not `"ok": true`.
@@ -937,7 +1016,10 @@ mod tests {
         let replay = control
             .answer("replay", br#"{"reason": "trap", "route": "a"}"#)
             .await;
-        assert_eq!(replay.body, json!({"ok": true, "replayed": 1}));
+        assert_eq!(
+            replay.body,
+            json!({"ok": true, "replayed": 1, "gateway": "gw"})
+        );
         assert_eq!(control.store.retry_count().unwrap(), 1);
         // The pipeline was told: a permit is waiting.
         tokio::time::timeout(Duration::from_secs(1), control.pipeline.notified())
@@ -945,7 +1027,10 @@ mod tests {
             .expect("pipeline woken after a replay");
 
         let purge = control.answer("purge", br#"{"all": true}"#).await;
-        assert_eq!(purge.body, json!({"ok": true, "purged": 2}));
+        assert_eq!(
+            purge.body,
+            json!({"ok": true, "purged": 2, "gateway": "gw"})
+        );
         assert_eq!(control.store.dead_letter_count(), 0);
     }
 

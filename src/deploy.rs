@@ -26,8 +26,14 @@
 //!   answered with the reason.
 //! - Status messages are QoS 0 (informational): a requester that misses one may ask `list`.
 //!
-//! What it does not do: authenticate `list`, or keep a request that arrived while the gateway
-//! was down (publish fleet deploys retained so that gateways that connect later get them).
+//! - The status of a request from the gateway's own broker goes to the requesting client only;
+//!   a request that came through an upstream is answered there and on the local status topic.
+//!
+//! Who may send local requests is the broker's business (`broker.admins`, the ACL: see
+//! [`crate::edge::access`]); deploy, rollback and remove are signed on top. On an upstream,
+//! the upstream broker decides who may publish on the module topics. It does not keep a
+//! request that arrived while the gateway was down (publish fleet deploys retained so that
+//! gateways that connect later get them).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -160,7 +166,8 @@ impl ModuleControl {
                 message = link.next() => {
                     let Some(rest) = message.topic.strip_prefix(&local_base) else { continue };
                     let Some(body) = self.answer(rest, message.payload.to_vec(), "local").await else { continue };
-                    link.publish(status.clone(), body.to_string());
+                    // To the requester only: no one else learns what it asked or what it got.
+                    link.reply(message.from.as_deref(), status.clone(), body.to_string());
                 }
                 request = remote.recv(), if remote_open => {
                     let Some(request) = request else { remote_open = false; continue };

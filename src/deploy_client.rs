@@ -26,8 +26,10 @@
 //! - Nothing is retained on the broker unless the request says so ([`Request::retained`],
 //!   deploys only).
 //!
-//! What it does not do: authenticate the statuses (anyone who may publish on the status topics
-//! may forge one) or connect with TLS or credentials.
+//! It logs in with the [`Endpoint`]'s username and password when given. What it does not do:
+//! authenticate the statuses beyond their digest (anyone who may publish on the status topics
+//! may forge one: on a gateway's own broker, only its admins may, once `broker.admins` or an
+//! ACL is set), or connect with TLS.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -37,7 +39,7 @@ use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::config::parse_broker_url;
+use crate::config::{parse_broker_url, Endpoint};
 use crate::signing::{self, CommandOp, SignedCommand, SignedModule};
 
 /// The default first levels of fleet topics: `outpost/fleet/<group>/modules/...`.
@@ -375,14 +377,14 @@ impl Status {
 /// status for it, whatever its `ok`. Fails with a clear message when the target is a fleet,
 /// when the broker cannot be reached or refuses, or when no status arrives within `timeout`.
 pub async fn request(
-    broker_url: &str,
+    broker: impl Into<Endpoint<'_>>,
     request: &Request,
     timeout: Duration,
 ) -> anyhow::Result<Status> {
     let Target::Gateway(gateway_id) = request.target() else {
         anyhow::bail!("a fleet has no single answer: use request_fleet");
     };
-    let statuses = exchange(broker_url, request, timeout, Some(1), false).await?;
+    let statuses = exchange(broker.into(), request, timeout, Some(1), false).await?;
     match statuses.into_iter().next() {
         Some(status) => Ok(status),
         None => anyhow::bail!(
@@ -398,19 +400,19 @@ pub async fn request(
 /// possibly nothing; fails only when the broker cannot be reached, refuses, or did not
 /// acknowledge the request.
 pub async fn request_fleet(
-    broker_url: &str,
+    broker: impl Into<Endpoint<'_>>,
     request: &Request,
     wait: Duration,
     expect: Option<usize>,
 ) -> anyhow::Result<Vec<Status>> {
-    exchange(broker_url, request, wait, expect, true).await
+    exchange(broker.into(), request, wait, expect, true).await
 }
 
 /// The exchange behind [`request`] and [`request_fleet`]: subscribe, publish once the
 /// subscription is confirmed, collect matching statuses until `limit` gateways answered or
 /// `wait` passed. With `need_ack`, a request the broker never acknowledged is an error.
 async fn exchange(
-    broker_url: &str,
+    broker: Endpoint<'_>,
     request: &Request,
     wait: Duration,
     limit: Option<usize>,
@@ -418,6 +420,7 @@ async fn exchange(
 ) -> anyhow::Result<Vec<Status>> {
     use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode};
 
+    let broker_url = broker.url;
     let address = parse_broker_url(broker_url).map_err(anyhow::Error::msg)?;
     if address.tls {
         anyhow::bail!(
@@ -435,6 +438,9 @@ async fn exchange(
     options.set_keep_alive(Duration::from_secs(30));
     options.set_clean_session(true);
     options.set_max_packet_size(MAX_STATUS_BYTES, MAX_OUTGOING_PACKET);
+    if let Some((username, password)) = broker.login {
+        options.set_credentials(username, password);
+    }
     let (client, mut eventloop) = AsyncClient::new(options, 16);
     client.subscribe(&filter, QoS::AtLeastOnce).await?;
 
@@ -452,7 +458,10 @@ async fn exchange(
                         .iter()
                         .any(|c| matches!(c, SubscribeReasonCode::Failure))
                     {
-                        anyhow::bail!("{address} refused the subscription to {filter}");
+                        anyhow::bail!(
+                            "{address} refused the subscription to {filter}: log in as one of \
+                             the gateway's broker.admins (--username, --password)"
+                        );
                     }
                     client
                         .publish(

@@ -257,10 +257,14 @@ impl Gateway {
                 return Err(e.into());
             }
         };
-        if let Some((path, acl)) = acl {
-            // Before the listeners open: no device is ever served without the rules.
-            edge.enforce_acl(path, acl, reload_rx.clone(), stop_rx.clone());
-        }
+        // Before the listeners open: no device is ever served without the rules.
+        edge.enforce_access(
+            &config.gateway_id,
+            &config.broker.admins,
+            acl,
+            reload_rx.clone(),
+            stop_rx.clone(),
+        );
         let control = Control {
             gateway_id: config.gateway_id.clone(),
             store: store.clone(),

@@ -286,6 +286,13 @@ struct TargetOptions {
     /// connected to (needed for --fleet).
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
+    /// Log in to the broker as this user (one of the gateway's `broker.admins`, or one the
+    /// ACL lets publish the module topics).
+    #[arg(long, requires = "password")]
+    username: Option<String>,
+    /// The password of --username.
+    #[arg(long, requires = "username")]
+    password: Option<String>,
     /// The gateway's id (its `gateway_id`).
     #[arg(long, required_unless_present = "fleet", conflicts_with = "fleet")]
     gateway: Option<String>,
@@ -354,6 +361,13 @@ struct DeadLettersOptions {
     /// The gateway's MQTT listener.
     #[arg(long, global = true, default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
+    /// Log in to the broker as this user (one of the gateway's `broker.admins`, or one the
+    /// ACL lets use the dead-letter topics).
+    #[arg(long, global = true, requires = "password")]
+    username: Option<String>,
+    /// The password of --username.
+    #[arg(long, global = true, requires = "username")]
+    password: Option<String>,
     /// The gateway's id (its `gateway_id`).
     #[arg(long, global = true, default_value = "outpost")]
     gateway_id: String,
@@ -588,6 +602,25 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
             ));
         }
     }
+    // The control topics are open to every device that can connect, unless access control
+    // is configured: worth a word when devices connect from the network.
+    let network_listener = config
+        .broker
+        .listen
+        .iter()
+        .chain(&config.broker.listen_v5)
+        .find(|addr| !addr.ip().is_loopback());
+    if let (Some(addr), None, true) = (
+        network_listener,
+        &config.broker.acl_file,
+        config.broker.admins.is_empty(),
+    ) {
+        warnings.push(format!(
+            "the listener {addr} accepts devices from the network and there is neither \
+             broker.admins nor broker.acl_file: any device that connects may list, replay \
+             and purge dead letters and read the metrics"
+        ));
+    }
     // The ACL: a line it cannot parse is an error with its number, as at start.
     if let Some(path) = &config.broker.acl_file {
         let acl = outpost::edge::auth::load_acl_file(path)?;
@@ -674,10 +707,15 @@ fn deadletters(command: DeadLettersCommand, o: DeadLettersOptions) -> anyhow::Re
         route: o.route,
         limit: o.limit,
         all: o.all,
+        nonce: None,
     };
     let timeout = std::time::Duration::from_secs(o.timeout_secs);
+    let broker = outpost::config::Endpoint {
+        url: &o.broker,
+        login: o.username.as_deref().zip(o.password.as_deref()),
+    };
     let reply = tokio_runtime()?.block_on(control::request(
-        &o.broker,
+        broker,
         &o.gateway_id,
         verb,
         &request,
@@ -949,10 +987,14 @@ fn module_request(
 ) -> anyhow::Result<()> {
     use outpost::deploy_client::{self, Target};
     let rt = tokio_runtime()?;
+    let broker = outpost::config::Endpoint {
+        url: &o.broker,
+        login: o.username.as_deref().zip(o.password.as_deref()),
+    };
     match request.target() {
         Target::Gateway(_) => {
             let timeout = std::time::Duration::from_secs(o.timeout);
-            let status = rt.block_on(deploy_client::request(&o.broker, &request, timeout))?;
+            let status = rt.block_on(deploy_client::request(broker, &request, timeout))?;
             if o.json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else if status.ok {
@@ -969,9 +1011,8 @@ fn module_request(
         Target::Fleet { .. } => {
             let wait = std::time::Duration::from_secs(o.wait.unwrap_or(10));
             let expect = o.expect.map(|n| usize::try_from(n).unwrap_or(usize::MAX));
-            let statuses = rt.block_on(deploy_client::request_fleet(
-                &o.broker, &request, wait, expect,
-            ))?;
+            let statuses =
+                rt.block_on(deploy_client::request_fleet(broker, &request, wait, expect))?;
             if o.json {
                 println!("{}", serde_json::to_string_pretty(&statuses)?);
             } else {

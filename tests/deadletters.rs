@@ -7,6 +7,7 @@ mod common;
 
 use std::process::Command;
 
+use common::mqtt::{Client, Publish, Version};
 use common::{eventually, write_config, Device, Gateway, Mosquitto, Subscriber};
 use serde_json::Value;
 
@@ -325,37 +326,42 @@ async fn a_malformed_request_gets_an_error_and_the_gateway_keeps_serving() {
     );
     gateway.start();
 
+    // The requester reads its own answers: replies go to the requester only.
     let results = format!("outpost/{GATEWAY_ID}/deadletters/result");
-    let watcher = Subscriber::connect(gateway.port, "watcher", &results).await;
-    let requester = Device::connect(gateway.port, "requester").await;
     let request_topic = format!("outpost/{GATEWAY_ID}/deadletters/list");
-    requester.publish(&request_topic, "not json").await;
-    eventually("an answer to the request that is not JSON", || {
-        watcher.received.len() >= 1
-    })
-    .await;
-    let (topic, body) = watcher.received.all()[0].clone();
-    assert_eq!(topic, results);
-    let reply: Value = serde_json::from_slice(&body).unwrap();
+    let mut requester = Client::clean(gateway.port, Version::V5, "requester");
+    requester.subscribe(&results, 1);
+    let mut ask = |payload: &str| -> Value {
+        requester.publish_done(&Publish::new(&request_topic, payload).qos(1));
+        let reply = requester.receive();
+        assert_eq!(reply.topic, results);
+        serde_json::from_slice(&reply.payload).unwrap()
+    };
+    let reply = ask("not json");
     assert_eq!(reply["ok"], false, "{reply}");
     assert!(
         reply["error"].as_str().unwrap().contains("not JSON"),
         "{reply}"
     );
-
-    requester
-        .publish(&request_topic, r#"{"colour": "red"}"#)
-        .await;
-    eventually("an answer to the request with an unknown field", || {
-        watcher.received.len() >= 2
-    })
-    .await;
-    let reply: Value = serde_json::from_slice(&watcher.received.all()[1].1).unwrap();
+    let reply = ask(r#"{"colour": "red", "nonce": "n-1"}"#);
     assert_eq!(reply["ok"], false, "{reply}");
     assert!(
         reply["error"].as_str().unwrap().contains("colour"),
         "{reply}"
     );
+    // A refusal still says who answers, and to which request.
+    assert_eq!(reply["gateway"], GATEWAY_ID, "{reply}");
+    assert_eq!(reply["nonce"], "n-1", "{reply}");
+
+    // Another client subscribed to the same topic sees none of it.
+    let mut watcher = Client::clean(gateway.port, Version::V5, "watcher");
+    watcher.subscribe(&results, 1);
+    let reply = ask(r#"{"limit": 5}"#);
+    assert_eq!(reply["ok"], true, "{reply}");
+    watcher.subscribe("fence/#", 1);
+    watcher.publish_done(&Publish::new("fence/w", "").qos(1));
+    let seen = watcher.receive_until("fence/w");
+    assert!(seen.is_empty(), "{seen:?}");
 
     assert!(gateway.is_running());
     let reply = cli(gateway.port, &["list", "--json"]).await.ok_json();

@@ -678,3 +678,177 @@ fn with_require_client_id_match_no_device_takes_over_another_session() {
         bob.disconnect();
     }
 }
+
+/// Runs the `outpost` command line with `args`.
+fn outpost(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(args)
+        .output()
+        .expect("run outpost")
+}
+
+#[test]
+fn only_admins_use_the_control_topics_and_replies_reach_only_the_requester() {
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = acl_users(dir.path());
+    let mut upstream = Mosquitto::new(dir.path());
+    upstream.start();
+    let config = write_config(
+        dir.path(),
+        &format!(
+            "gateway_id = \"{GATEWAY}\"\n\n[broker]\npassword_file = {:?}\nallow_anonymous = true\n\
+             admins = [\"ops\"]\n\n[handlers]\nmetrics_interval_ms = 200\n\n\
+             [[upstream]]\nname = \"cloud\"\nurl = \"{}\"\n\n\
+             [[route]]\nname = \"json-in\"\nfilter = \"json/#\"\npayload = \"json\"\n",
+            passwords.display().to_string(),
+            upstream.url()
+        ),
+    );
+    let mut gateway = Gateway::new(dir.path(), &["--config", config.to_str().unwrap()]);
+    gateway.start();
+    let port = gateway.port;
+    let mut device = login(port, Version::V5, "alice-dev", Some("alice"));
+    for n in 0..2 {
+        device.publish_done(&Publish::new(&format!("json/a/{n}"), "not json").qos(1));
+    }
+    common::block_until("two dead letters", || {
+        gateway.dead_letters().values().sum::<u64>() == 2
+    });
+    let broker = format!("mqtt://127.0.0.1:{port}");
+    let cli = |args: &[&str], login: Option<(&str, &str)>| {
+        let mut all = vec!["deadletters"];
+        all.extend_from_slice(args);
+        all.extend(["--broker", &broker, "--gateway-id", GATEWAY]);
+        if let Some((user, password)) = login {
+            all.extend(["--username", user, "--password", password]);
+        }
+        outpost(&all)
+    };
+
+    // The attacks, as a logged-in device (alice) and as an anonymous one, on both versions.
+    let purge = format!("outpost/{GATEWAY}/deadletters/purge");
+    for version in Version::BOTH {
+        for user in [Some("alice"), None] {
+            let mut attacker = login(port, version, &format!("attacker-{}", version.tag()), user);
+            let no = if version == Version::V4 { 0x80 } else { 0x87 };
+            // Reading the control plane: requests, replies, metrics.
+            for filter in [
+                "outpost/#".to_string(),
+                format!("outpost/{GATEWAY}/metrics"),
+                format!("outpost/{GATEWAY}/deadletters/+"),
+                format!("outpost/{GATEWAY}/replies/+"),
+            ] {
+                assert_eq!(
+                    attacker.subscribe_with(&[(&filter, 1)], &[]),
+                    [no],
+                    "{user:?} {version:?} {filter}"
+                );
+            }
+            // Purging: refused (5 says so; 3.1.1 cannot), and nothing is purged.
+            let code = attacker
+                .publish_done(&Publish::new(&purge, r#"{"all": true, "reply_to": "mine"}"#).qos(1));
+            assert_eq!(code, if version == Version::V4 { 0 } else { 0x87 });
+            let modules = format!("outpost/{GATEWAY}/modules/list");
+            let code = attacker.publish_done(&Publish::new(&modules, "{}").qos(1));
+            assert_eq!(code, if version == Version::V4 { 0 } else { 0x87 });
+            // `#` is granted, but delivers none of the gateway's topics (metrics go out every
+            // 200 ms meanwhile).
+            attacker.subscribe("#", 1);
+            std::thread::sleep(Duration::from_millis(500));
+            attacker.publish_done(&Publish::new("fence/a", "").qos(1));
+            let got = attacker.receive_until("fence/a");
+            assert!(
+                got.iter().all(|m| !m.topic.starts_with("outpost/")),
+                "{got:?}"
+            );
+            attacker.disconnect();
+        }
+    }
+    assert_eq!(
+        gateway.dead_letters().values().sum::<u64>(),
+        2,
+        "nothing purged"
+    );
+
+    // Without credentials the command gets no answer; with an admin's it does.
+    let anonymous = cli(&["list", "--timeout-secs", "2"], None);
+    assert!(!anonymous.status.success());
+    let stderr = String::from_utf8_lossy(&anonymous.stderr);
+    assert!(stderr.contains("refused the subscription"), "{stderr}");
+    let wrong = cli(&["list", "--timeout-secs", "5"], Some(("ops", "wrong")));
+    assert!(!wrong.status.success());
+    let listed = cli(&["list", "--json"], Some(("ops", "pw-ops")));
+    assert!(listed.status.success(), "{listed:?}");
+    let reply: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(
+        reply["dead_letters"].as_array().map(Vec::len),
+        Some(2),
+        "{reply}"
+    );
+    let modules = outpost(&[
+        "module",
+        "list",
+        "--broker",
+        &broker,
+        "--gateway",
+        GATEWAY,
+        "--username",
+        "ops",
+        "--password",
+        "pw-ops",
+    ]);
+    assert!(modules.status.success(), "{modules:?}");
+    let purged = cli(&["purge", "--all"], Some(("ops", "pw-ops")));
+    assert!(purged.status.success(), "{purged:?}");
+    assert_eq!(String::from_utf8_lossy(&purged.stdout).trim(), "purged 2");
+    assert!(gateway.stop());
+}
+
+#[test]
+fn the_cli_takes_only_the_reply_that_answers_its_request() {
+    // A stand-in gateway on a real broker answers each request three times: a forged "no dead
+    // letters" without the request's nonce, one from another gateway, then the real one.
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = Mosquitto::new(dir.path());
+    broker.start();
+    let mut responder = Client::clean(broker.port, Version::V4, "stand-in");
+    responder.subscribe("outpost/gw-x/deadletters/+", 1);
+    let cli = std::thread::spawn({
+        let url = broker.url();
+        move || {
+            outpost(&[
+                "deadletters",
+                "list",
+                "--broker",
+                &url,
+                "--gateway-id",
+                "gw-x",
+                "--timeout-secs",
+                "30",
+            ])
+        }
+    });
+    let request = responder.receive();
+    let request: serde_json::Value = serde_json::from_slice(&request.payload).unwrap();
+    let reply_to = request["reply_to"].as_str().unwrap();
+    let nonce = request["nonce"].as_str().unwrap();
+    assert!(nonce.len() >= 32, "an unguessable nonce: {nonce}");
+    let letter = serde_json::json!({"id": 7, "reason": "trap", "route": "r", "topic": "t",
+        "error": "boom", "attempts": 1, "received_ms": 0, "dead_lettered_ms": 0, "size": 1});
+    for reply in [
+        serde_json::json!({"ok": true, "dead_letters": [], "truncated": false, "gateway": "gw-x"}),
+        serde_json::json!({"ok": true, "dead_letters": [], "truncated": false,
+            "gateway": "gw-y", "nonce": nonce}),
+        serde_json::json!({"ok": true, "dead_letters": [letter], "truncated": false,
+            "gateway": "gw-x", "nonce": nonce}),
+    ] {
+        responder.publish_done(&Publish::new(reply_to, reply.to_string()).qos(1));
+    }
+    let out = cli.join().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("trap"), "the real reply is shown: {stdout}");
+    assert!(!stdout.contains("no dead letters"), "{stdout}");
+    assert_eq!(stderr.matches("ignored a message").count(), 2, "{stderr}");
+}

@@ -39,6 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::Notify;
 
+use super::access::Rules;
 use super::acl::{Access, Acl};
 use super::durable::{self, Persister, Recorder};
 use super::frame::Version;
@@ -121,20 +122,12 @@ impl Owner {
     }
 }
 
-/// Whether `acl` (if there is one) lets the client of `owner` and `client_id` have `access`
-/// to `topic`.
-fn permitted(
-    acl: Option<&Acl>,
-    owner: &Owner,
-    client_id: &str,
-    topic: &str,
-    access: Access,
-) -> bool {
-    match (acl, owner) {
-        (None, _) | (_, Owner::Gateway) => true,
-        (Some(acl), Owner::Device(username)) => {
-            acl.allows(username.as_deref(), client_id, topic, access)
-        }
+/// Whether `rules` let the client of `owner` and `client_id` have `access` to `topic` (the
+/// gateway's own sessions are not asked).
+fn permitted(rules: &Rules, owner: &Owner, client_id: &str, topic: &str, access: Access) -> bool {
+    match owner {
+        Owner::Gateway => true,
+        Owner::Device(username) => rules.allows(username.as_deref(), client_id, topic, access),
     }
 }
 
@@ -240,10 +233,10 @@ pub struct Broker {
     store: Option<Persister>,
     /// The bytes all sessions' queues hold together.
     budget: Budget,
-    /// The access rules (`broker.acl_file`); `None`: everything is allowed. Apart from the
-    /// state, so that the front's check of a publish does not wait for the state's lock
-    /// (taken after the state's lock where both are held).
-    acl: RwLock<Option<Arc<Acl>>>,
+    /// The access rules (`broker.acl_file`, `broker.admins`). Apart from the state, so that
+    /// the front's check of a publish does not wait for the state's lock (taken after the
+    /// state's lock where both are held).
+    rules: RwLock<Arc<Rules>>,
 }
 
 /// What [`Broker::attach`] gives a connection.
@@ -310,7 +303,7 @@ impl Broker {
                 next_connection: 1,
                 next_message_id: 1,
             }),
-            acl: RwLock::new(None),
+            rules: RwLock::new(Arc::new(Rules::open())),
             limits,
             metrics,
             store,
@@ -491,28 +484,37 @@ impl Broker {
     }
 
     /// Replaces the access rules: from now on every publish, subscription and delivery to
-    /// a device's session is checked against `acl` (`None`: everything is allowed). Messages
-    /// already queued are checked again as they are sent.
-    pub fn set_acl(&self, acl: Option<Arc<Acl>>) {
+    /// a device's session is checked against `rules`. Messages already queued are checked
+    /// again as they are sent.
+    pub fn set_rules(&self, rules: Rules) {
         *self
-            .acl
+            .rules
             .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = acl;
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(rules);
+    }
+
+    /// Replaces the ACL of the rules in force (a reloaded file), keeping the admins.
+    pub fn set_acl(&self, acl: Option<Arc<Acl>>) {
+        let mut rules = self
+            .rules
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *rules = Arc::new(rules.with_acl(acl));
     }
 
     /// The access rules in force.
-    fn acl(&self) -> Option<Arc<Acl>> {
-        self.acl
+    fn rules(&self) -> Arc<Rules> {
+        self.rules
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()
     }
 
     /// Whether a device with `username` and `client_id` may publish to `topic` (its will
-    /// included) under the current rules.
+    /// included) under the rules in force.
     pub fn may_write(&self, username: Option<&str>, client_id: &str, topic: &str) -> bool {
-        self.acl()
-            .is_none_or(|acl| acl.allows(username, client_id, topic, Access::Write))
+        self.rules()
+            .allows(username, client_id, topic, Access::Write)
     }
 
     /// Publishes the wills that are due, ends expired sessions and drops expired retained
@@ -559,7 +561,7 @@ impl Broker {
                         properties: will.properties,
                         message_expiry: will.message_expiry,
                     };
-                    self.route(state, None, &publish, now);
+                    self.route(state, None, &publish, now, None);
                 }
                 Effect::EndSession(session) => {
                     state.subscriptions.remove_session(session);
@@ -573,14 +575,15 @@ impl Broker {
         }
     }
 
-    /// Stores a retained publish and queues a copy for every matching session; returns
-    /// whether it changed the durable state.
+    /// Stores a retained publish and queues a copy for every matching session (only for
+    /// `only`, when given); returns whether it changed the durable state.
     fn route(
         &self,
         state: &mut State,
         from: Option<SessionId>,
         publish: &Publish,
         now: u64,
+        only: Option<SessionId>,
     ) -> bool {
         let expires_at_ms = publish
             .message_expiry
@@ -609,13 +612,19 @@ impl Broker {
                 Stored::Cleared(false) => {}
             }
         }
-        let acl = self.acl();
+        let rules = self.rules();
+        let publisher = from
+            .and_then(|session| state.clients.get(&session))
+            .map(|client| client.client_id.clone());
         for delivery in state.subscriptions.matches(&publish.topic, from) {
+            if only.is_some_and(|session| session != delivery.session) {
+                continue;
+            }
             let Some(client) = state.clients.get_mut(&delivery.session) else {
                 continue;
             };
             if !permitted(
-                acl.as_deref(),
+                &rules,
                 &client.owner,
                 &client.client_id,
                 &publish.topic,
@@ -634,6 +643,10 @@ impl Broker {
                 properties: publish.properties.clone(),
                 subscription_ids: Arc::from(delivery.identifiers),
                 id: next_id(client, qos, &mut state.next_message_id),
+                publisher: match client.owner {
+                    Owner::Gateway => publisher.clone(),
+                    Owner::Device(_) => None,
+                },
             };
             if self.push(client, message.clone()) && message.id != 0 {
                 if record.is_none() {
@@ -652,7 +665,7 @@ impl Broker {
         &self,
         client: &mut Client,
         retained: &Retained,
-        acl: Option<&Acl>,
+        rules: &Rules,
         next_message_id: &mut u64,
         now: u64,
     ) {
@@ -665,7 +678,7 @@ impl Broker {
                 continue;
             };
             if !permitted(
-                acl,
+                rules,
                 &client.owner,
                 &client.client_id,
                 &owed.topic,
@@ -696,6 +709,7 @@ impl Broker {
                 properties: message.properties.clone(),
                 subscription_ids: owed.subscription_ids,
                 id: next_id(client, qos, next_message_id),
+                publisher: None,
             };
             if self.push(client, message.clone()) && message.id != 0 {
                 if let Some(mut r) = self.record() {
@@ -805,11 +819,29 @@ impl Connection {
         let mut state = self.broker.lock();
         let changed = self
             .broker
-            .route(&mut state, Some(self.session), publish, now);
+            .route(&mut state, Some(self.session), publish, now, None);
         if changed && publish.qos > 0 {
             return self.broker.record().map(|mut r| r.committed());
         }
         None
+    }
+
+    /// Publishes from this connection's client to the client `client_id` only (to its
+    /// subscriptions that match, under its read rights), not retained: a reply to one
+    /// requester that no other subscriber sees. Nothing happens when that client has no
+    /// session.
+    pub fn publish_to(&self, client_id: &str, publish: &Publish) {
+        let now = now_ms();
+        let mut state = self.broker.lock();
+        let Some((target, _)) = state.sessions.get(client_id) else {
+            return;
+        };
+        let publish = Publish {
+            retain: false,
+            ..publish.clone()
+        };
+        self.broker
+            .route(&mut state, Some(self.session), &publish, now, Some(target));
     }
 
     /// Whether the client's QoS 2 publish with this packet id was received (journaled and
@@ -873,7 +905,7 @@ impl Connection {
     /// the new subscriptions match are owed to the client from now on.
     pub fn subscribe(&self, identifier: Option<u32>, filters: &[(String, u8)]) -> Vec<Granted> {
         let now = now_ms();
-        let acl = self.broker.acl();
+        let rules = self.broker.rules();
         let mut guard = self.broker.lock();
         let state = &mut *guard;
         let mut granted = Vec::with_capacity(filters.len());
@@ -883,10 +915,10 @@ impl Connection {
                 continue;
             };
             let owner = state.clients.get(&self.session).map(|c| &c.owner);
-            if let (Some(acl), Some(Owner::Device(username))) = (acl.as_deref(), owner) {
+            if let Some(Owner::Device(username)) = owner {
                 // A shared subscription reads what its filter would.
                 let (_, inner) = subscriptions::split_share(filter);
-                if !acl.allows_subscribe(username.as_deref(), &self.client_id, inner) {
+                if !rules.allows_subscribe(username.as_deref(), &self.client_id, inner) {
                     Metrics::add(&self.broker.metrics.acl_denied_subscriptions, 1);
                     granted.push(Granted::NotAuthorized);
                     continue;
@@ -1028,7 +1060,7 @@ impl Connection {
     /// it under a new packet id: a duplicate, which QoS 1 allows).
     pub fn take(&self, out: &mut BytesMut, max_bytes: usize) -> Option<Committed> {
         let now = now_ms();
-        let acl = self.broker.acl();
+        let rules = self.broker.rules();
         let mut guard = self.broker.lock();
         let state = &mut *guard;
         let client = state.clients.get_mut(&self.session)?;
@@ -1042,7 +1074,7 @@ impl Connection {
             self.broker.feed_retained(
                 client,
                 &state.retained,
-                acl.as_deref(),
+                &rules,
                 &mut state.next_message_id,
                 now,
             );
@@ -1087,7 +1119,7 @@ impl Connection {
                     // Checked again as it goes: the rules may have changed since it was
                     // queued, or the session's owner (a resumed session).
                     if !permitted(
-                        acl.as_deref(),
+                        &rules,
                         &client.owner,
                         &client.client_id,
                         &message.topic,
@@ -1121,11 +1153,11 @@ impl Connection {
         }
     }
 
-    /// The messages due to an in-process client now (at most `max`), each completed at once
-    /// as if the client had acknowledged it.
-    pub fn take_messages(&self, max: usize) -> Vec<(Arc<str>, Bytes)> {
+    /// The messages due to an in-process client now (at most `max`): topic, payload and the
+    /// publisher's client id, each completed at once as if the client had acknowledged it.
+    pub fn take_messages(&self, max: usize) -> Vec<(Arc<str>, Bytes, Option<Arc<str>>)> {
         let now = now_ms();
-        let acl = self.broker.acl();
+        let rules = self.broker.rules();
         let mut guard = self.broker.lock();
         let state = &mut *guard;
         let mut taken = Vec::new();
@@ -1143,7 +1175,7 @@ impl Connection {
             self.broker.feed_retained(
                 client,
                 &state.retained,
-                acl.as_deref(),
+                &rules,
                 &mut state.next_message_id,
                 now,
             );
@@ -1154,7 +1186,7 @@ impl Connection {
                     message, packet_id, ..
                 }) => {
                     gone.extend(packet_id.and_then(|id| client.outbound.complete(id)));
-                    taken.push((message.topic, message.payload));
+                    taken.push((message.topic, message.payload, message.publisher));
                 }
                 Some(outbound::Send::Pubrel { packet_id }) => {
                     gone.extend(client.outbound.complete(packet_id));
@@ -1308,7 +1340,7 @@ mod tests {
         connection
             .take_messages(usize::MAX)
             .into_iter()
-            .map(|(topic, _)| topic.to_string())
+            .map(|(topic, _, _)| topic.to_string())
             .collect()
     }
 
@@ -1361,7 +1393,12 @@ mod tests {
         assert_eq!(granted, [Granted::Qos(1)]);
         let mut got = Vec::new();
         for _ in 0..100 {
-            got.extend(late.connection.take_messages(7).into_iter().map(|(t, _)| t));
+            got.extend(
+                late.connection
+                    .take_messages(7)
+                    .into_iter()
+                    .map(|(t, _, _)| t),
+            );
         }
         assert_eq!(
             got.len(),

@@ -418,6 +418,7 @@ fn load(conn: &Connection, now_ms: u64) -> rusqlite::Result<Snapshot> {
                 properties: Bytes::from(properties),
                 subscription_ids: ids_from_blob(&ids),
                 id,
+                publisher: None,
             };
             sessions[at].messages.push(Restored {
                 message,
@@ -909,6 +910,7 @@ mod tests {
             properties: Bytes::from_static(&[0x03, 0x00, 0x01, b'j']),
             subscription_ids: Arc::from([7u32, 9]),
             id,
+            publisher: None,
         }
     }
 

@@ -18,6 +18,7 @@
 //! restart); nothing reaches the broker except through the
 //! front's checks or the gateway's own in-process links (there is no internal listener).
 
+pub mod access;
 pub mod acl;
 pub mod auth;
 mod broker;
@@ -262,20 +263,29 @@ impl Edge {
         }
     }
 
-    /// Enforces `acl` (read from `path` by [`auth::load_acl_file`]) on every device's
-    /// publishes, subscriptions, deliveries and wills from now on, and reads `path` again
-    /// when `reloads` changes (a `SIGHUP`) or the file changes on disk; a new version that
-    /// does not parse leaves the rules in force, with a warning. Call it before
-    /// [`Edge::open`], so that no device is served without the rules.
-    pub fn enforce_acl(
+    /// Enforces the access rules on every device's publishes, subscriptions, deliveries and
+    /// wills from now on ([`access::Rules`]): `admins` may use gateway `gateway_id`'s control
+    /// topics, and `acl` (when there is one: its file and the rules read from it by
+    /// [`auth::load_acl_file`]) decides the rest; its file is read again when `reloads`
+    /// changes (a `SIGHUP`) or the file changes on disk, and a new version that does not parse
+    /// leaves the rules in force, with a warning. Call it before [`Edge::open`], so that no
+    /// device is served without the rules.
+    pub fn enforce_access(
         &mut self,
-        path: std::path::PathBuf,
-        acl: acl::Acl,
+        gateway_id: &str,
+        admins: &[String],
+        acl: Option<(std::path::PathBuf, acl::Acl)>,
         reloads: tokio::sync::watch::Receiver<u64>,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
-        info!(file = %path.display(), rules = acl.rules(), "access rules in force");
-        self.broker.set_acl(Some(Arc::new(acl)));
+        let Some((path, acl)) = acl else {
+            self.broker
+                .set_rules(access::Rules::new(None, admins, gateway_id));
+            return;
+        };
+        info!(file = %path.display(), rules = acl.rules(), admins = admins.len(), "access rules in force");
+        self.broker
+            .set_rules(access::Rules::new(Some(Arc::new(acl)), admins, gateway_id));
         let broker = self.broker.clone();
         let shown = path.clone();
         self.tasks.push(crate::files::keep_reading(
@@ -352,13 +362,16 @@ pub struct LocalMessage {
     pub topic: Arc<str>,
     /// Its payload.
     pub payload: Bytes,
+    /// The client id of its publisher (`None` for a will), to answer it with
+    /// [`LocalLink::reply`].
+    pub from: Option<Arc<str>>,
 }
 
 /// The gateway's own in-process client of the broker (see [`Edge::local_link`]).
 #[derive(Debug)]
 pub struct LocalLink {
     connection: broker::Connection,
-    pending: std::collections::VecDeque<(Arc<str>, Bytes)>,
+    pending: std::collections::VecDeque<(Arc<str>, Bytes, Option<Arc<str>>)>,
 }
 
 impl LocalLink {
@@ -375,26 +388,50 @@ impl LocalLink {
 
     /// Publishes at QoS 0, not retained, to the broker's subscribers.
     pub fn publish(&self, topic: impl Into<String>, payload: impl Into<Bytes>) {
-        let topic: String = topic.into();
+        if let Some(publish) = Self::message(topic.into(), payload.into()) {
+            self.connection.publish(&publish);
+        }
+    }
+
+    /// Answers a request: publishes at QoS 0, not retained, to the requester `to` only (when
+    /// it is subscribed to `topic` and may read it), or, when the request has no publisher
+    /// (`None`), to every subscriber as [`LocalLink::publish`] does.
+    pub fn reply(&self, to: Option<&str>, topic: impl Into<String>, payload: impl Into<Bytes>) {
+        let Some(publish) = Self::message(topic.into(), payload.into()) else {
+            return;
+        };
+        match to {
+            Some(client_id) => self.connection.publish_to(client_id, &publish),
+            None => {
+                self.connection.publish(&publish);
+            }
+        }
+    }
+
+    fn message(topic: String, payload: Bytes) -> Option<broker::Publish> {
         if !checks::valid_topic_name(&topic) {
             warn!(%topic, "the gateway tried to publish on an invalid topic; dropped");
-            return;
+            return None;
         }
-        self.connection.publish(&broker::Publish {
+        Some(broker::Publish {
             topic: Arc::from(topic),
-            payload: payload.into(),
+            payload,
             qos: 0,
             retain: false,
             properties: Bytes::new(),
             message_expiry: None,
-        });
+        })
     }
 
     /// The next message for the link, waiting for one.
     pub async fn next(&mut self) -> LocalMessage {
         loop {
-            if let Some((topic, payload)) = self.pending.pop_front() {
-                return LocalMessage { topic, payload };
+            if let Some((topic, payload, from)) = self.pending.pop_front() {
+                return LocalMessage {
+                    topic,
+                    payload,
+                    from,
+                };
             }
             self.pending.extend(self.connection.take_messages(64));
             if self.pending.is_empty() {

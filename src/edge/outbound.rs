@@ -52,6 +52,9 @@ pub struct Message {
     /// Its number in the broker's durable state (0: not kept on disk); handed back when the
     /// message is done with, so that the caller can forget it there too.
     pub id: u64,
+    /// The publisher's client id, for the gateway's own links (a control request is answered
+    /// to its requester only); `None` for devices' sessions, and for messages kept on disk.
+    pub publisher: Option<Arc<str>>,
 }
 
 impl Message {
@@ -530,6 +533,7 @@ mod tests {
             properties: Bytes::new(),
             subscription_ids: Arc::from([]),
             id: seq,
+            publisher: None,
         }
     }
 
