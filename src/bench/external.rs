@@ -175,6 +175,17 @@ pub struct IdleArgs {
     /// How long to hold the devices connected once all are, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub hold_secs: u64,
+    /// Devices that connect at once, each wave connected before the next; the number of
+    /// devices connects them all at once (a reconnect storm).
+    #[arg(long, value_name = "N", default_value_t = CONNECT_WAVE)]
+    pub wave: usize,
+    /// Every device logs in as this user (with --password), so that each CONNECT costs the
+    /// broker a password check.
+    #[arg(long, requires = "password")]
+    pub username: Option<String>,
+    /// The password of --username.
+    #[arg(long, requires = "username")]
+    pub password: Option<String>,
 }
 
 /// A process to watch: a label for the report, and its pid.
@@ -1428,9 +1439,17 @@ async fn idle(args: &IdleArgs) -> anyhow::Result<IdleReport> {
     if args.keep_alive_secs < 5 {
         bail!("--keep-alive-secs must be at least 5 (rumqttc's minimum)");
     }
+    if args.wave == 0 {
+        bail!("--wave must be at least 1");
+    }
     println!(
-        "outpost bench idle: {} devices connected to {} (keep-alive {} s), held {} s",
-        args.devices, common.target, args.keep_alive_secs, args.hold_secs
+        "outpost bench idle: {} devices connected to {} in waves of {}{} (keep-alive {} s), held {} s",
+        args.devices,
+        common.target,
+        args.wave,
+        if args.username.is_some() { ", with a password" } else { "" },
+        args.keep_alive_secs,
+        args.hold_secs
     );
     let started_unix = unix_now();
     let before = sample(&common.watch);
@@ -1440,7 +1459,7 @@ async fn idle(args: &IdleArgs) -> anyhow::Result<IdleReport> {
     let mut drivers = Vec::new();
     let start = Instant::now();
     let result: anyhow::Result<()> = async {
-        for wave in (0..args.devices).collect::<Vec<_>>().chunks(CONNECT_WAVE) {
+        for wave in (0..args.devices).collect::<Vec<_>>().chunks(args.wave) {
             for &device in wave {
                 let mut mqtt = MqttOptions::new(
                     format!("bench-idle-{device}"),
@@ -1449,6 +1468,9 @@ async fn idle(args: &IdleArgs) -> anyhow::Result<IdleReport> {
                 );
                 mqtt.set_keep_alive(Duration::from_secs(args.keep_alive_secs))
                     .set_clean_session(true);
+                if let (Some(user), Some(password)) = (&args.username, &args.password) {
+                    mqtt.set_credentials(user, password);
+                }
                 let (client, eventloop) = AsyncClient::new(mqtt, 4);
                 drivers.push(tokio::spawn(drive(
                     eventloop,
