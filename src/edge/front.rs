@@ -138,6 +138,8 @@ pub struct Front {
     pub auth: Authenticator,
     /// Logins refused so far (their log line is rate-limited).
     pub refused_logins: Arc<AtomicU64>,
+    /// Connections refused for breaking a rule so far (their log line is rate-limited).
+    pub refused_connections: Arc<AtomicU64>,
     /// Whether a device's client id must be its username (`broker.require_client_id_match`):
     /// no device can then take over another's session.
     pub require_client_id_match: bool,
@@ -351,7 +353,12 @@ impl Front {
         let answer = match end {
             End::Refused { answer, reason } => {
                 Metrics::add(&self.metrics.edge_rejected, 1);
-                warn!(%reason, "device connection refused");
+                // A device that keeps breaking the rules must not fill the log.
+                if every_thousandth(&self.refused_connections) {
+                    warn!(%reason, "device connection refused (logged once per 1,000)");
+                } else {
+                    debug!(%reason, "device connection refused");
+                }
                 answer.as_ref()
             }
             End::Unauthorized { answer, reason } => {

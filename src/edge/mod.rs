@@ -225,6 +225,7 @@ impl Edge {
             max_keepalive: config.max_keepalive_secs,
             refused_publishes: Arc::default(),
             refused_logins: Arc::default(),
+            refused_connections: Arc::default(),
             require_client_id_match: config.require_client_id_match,
             auth,
         };
