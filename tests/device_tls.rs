@@ -23,6 +23,9 @@ use tokio::net::TcpStream;
 
 const GATEWAY: &str = "gw-tls";
 
+/// A CONNECT's username and, when given, password.
+type Login<'a> = Option<(&'a str, Option<&'a str>)>;
+
 /// The test's certificates in `dir`: `ca.pem` (the device CA), `server.pem`/`server.key` (the
 /// gateway's, for localhost and 127.0.0.1), and client certificates `alice`, `bob` and
 /// `nocn` (no subject CN) of that CA, and `stranger` of another CA.
@@ -205,7 +208,7 @@ async fn connack(
     dir: &Path,
     identity: Option<&str>,
     version: Version,
-    login: Option<(&str, Option<&str>)>,
+    login: Login<'_>,
 ) -> Option<u8> {
     let mut connect = Connect::new(version, &format!("tls-{}", version.tag()));
     if let Some((user, password)) = login {
@@ -519,7 +522,7 @@ async fn identity_as_username_ignores_the_connect_login_and_a_certificate_withou
         Version::V5 => 0x86,
     };
     for version in Version::BOTH {
-        let cases: [(&str, Option<&str>, Option<(&str, Option<&str>)>, u8); 5] = [
+        let cases: [(&str, Option<&str>, Login, u8); 5] = [
             ("alice, her certificate alone", Some("alice"), None, 0),
             (
                 "alice's certificate, a wrong password",

@@ -751,7 +751,7 @@ mod tests {
         );
         // rcgen keeps one value per attribute type, so "the first CN" is the only one here;
         // x509-cert's walk goes in DER order either way.
-        assert!(common_name(&der(&[org.clone()]))
+        assert!(common_name(&der(std::slice::from_ref(&org)))
             .unwrap_err()
             .contains("no CN"));
         assert!(common_name(&der(&[cn(DnValue::Utf8String("a\0b".into()))]))
