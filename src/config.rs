@@ -61,6 +61,48 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// The rules of `[broker.tls]` that its keys alone decide.
+fn validate_broker_tls(tls: &BrokerTlsConfig) -> Result<(), ConfigError> {
+    if tls.listen.is_empty() {
+        return Err(invalid(
+            "broker.tls.listen",
+            "at least one address (e.g. \"0.0.0.0:8883\"); remove [broker.tls] for no TLS listener",
+        ));
+    }
+    for (key, path) in [
+        ("broker.tls.certfile", Some(&tls.certfile)),
+        ("broker.tls.keyfile", Some(&tls.keyfile)),
+        ("broker.tls.cafile", tls.cafile.as_ref()),
+        ("broker.tls.crlfile", tls.crlfile.as_ref()),
+    ] {
+        if path.is_some_and(|p| p.as_os_str().is_empty()) {
+            return Err(invalid(key, "must not be empty"));
+        }
+    }
+    if tls.cafile.is_none() {
+        if tls.crlfile.is_some() {
+            return Err(invalid(
+                "broker.tls.cafile",
+                "required with crlfile (the CA certificates whose revocations it lists)",
+            ));
+        }
+        if tls.require_certificate {
+            return Err(invalid(
+                "broker.tls.cafile",
+                "required with require_certificate (the CA certificates client certificates \
+                 must chain to)",
+            ));
+        }
+    }
+    if tls.use_identity_as_username && !tls.require_certificate {
+        return Err(invalid(
+            "broker.tls.use_identity_as_username",
+            "needs require_certificate = true (a device without a certificate has no identity)",
+        ));
+    }
+    Ok(())
+}
+
 /// The whole configuration of one gateway.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -423,6 +465,53 @@ pub struct BrokerConfig {
     /// dead letters, modules, metrics), whatever the ACL says. Once set (or once there is an
     /// ACL), no one else may, unless an ACL rule names those topics.
     pub admins: Vec<String>,
+    /// TLS listeners for devices (`[broker.tls]`); none when absent.
+    pub tls: Option<BrokerTlsConfig>,
+}
+
+/// TLS listeners for devices (`[broker.tls]`), with Mosquitto's listener options of the same
+/// names. File paths are relative to the configuration file. [`Config::validate`] guarantees:
+/// at least one address; `crlfile` and `require_certificate` only with `cafile`;
+/// `use_identity_as_username` only with `require_certificate`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerTlsConfig {
+    /// Addresses of the TLS listeners; each serves MQTT 3.1.1 and 5 like the plain ones.
+    #[serde(default = "BrokerTlsConfig::default_listen")]
+    pub listen: Vec<SocketAddr>,
+    /// The server's certificate chain (PEM, its own certificate first).
+    pub certfile: PathBuf,
+    /// The server certificate's private key (PEM); must not be readable by other users.
+    pub keyfile: PathBuf,
+    /// CA certificates (PEM) that client certificates must chain to. Without it, devices are
+    /// not asked for a certificate.
+    #[serde(default)]
+    pub cafile: Option<PathBuf>,
+    /// Certificate revocation lists (PEM) of the `cafile` CAs: a client certificate listed
+    /// in one is refused, and so is every client certificate once a list is past its
+    /// nextUpdate (as Mosquitto, through OpenSSL, refuses them).
+    #[serde(default)]
+    pub crlfile: Option<PathBuf>,
+    /// Whether a device must present a certificate (from `cafile`'s CAs) to connect. Without
+    /// it, a certificate that is presented must still verify.
+    #[serde(default)]
+    pub require_certificate: bool,
+    /// Whether the client certificate's subject CN is the device's username; the CONNECT's
+    /// username and password are then ignored (no password check), as in Mosquitto.
+    #[serde(default)]
+    pub use_identity_as_username: bool,
+}
+
+impl BrokerTlsConfig {
+    fn default_listen() -> Vec<SocketAddr> {
+        vec![SocketAddr::from(([0, 0, 0, 0], 8883))]
+    }
+
+    /// Whether this listener authenticates every device by itself (a verified client
+    /// certificate whose CN is the username), so that no password file is needed for it.
+    pub fn authenticates(&self) -> bool {
+        self.require_certificate && self.use_identity_as_username
+    }
 }
 
 impl BrokerConfig {
@@ -459,6 +548,7 @@ impl Default for BrokerConfig {
             acl_file: None,
             require_client_id_match: false,
             admins: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -920,6 +1010,16 @@ impl Config {
                 *file = base.join(&*file);
             }
         }
+        if let Some(tls) = &mut config.broker.tls {
+            for file in [&mut tls.certfile, &mut tls.keyfile]
+                .into_iter()
+                .chain([&mut tls.cafile, &mut tls.crlfile].into_iter().flatten())
+            {
+                if file.is_relative() {
+                    *file = base.join(&*file);
+                }
+            }
+        }
         for fence in &mut config.geofences {
             if let Some(file) = &mut fence.file {
                 if file.is_relative() {
@@ -1038,17 +1138,22 @@ impl Config {
             return Err(invalid("data_dir", "must not be empty"));
         }
         let b = &self.broker;
-        if b.listen.is_empty() && b.listen_v5.is_empty() {
+        let tls_listen = b.tls.iter().flat_map(|tls| &tls.listen);
+        if b.listen.is_empty() && b.listen_v5.is_empty() && tls_listen.clone().next().is_none() {
             return Err(invalid(
                 "broker.listen",
-                "at least one listener (broker.listen or broker.listen_v5) is required",
+                "at least one listener (broker.listen, broker.listen_v5 or broker.tls.listen) \
+                 is required",
             ));
         }
         let mut seen_addrs = HashSet::new();
-        for addr in b.listen.iter().chain(&b.listen_v5) {
+        for addr in b.listen.iter().chain(&b.listen_v5).chain(tls_listen) {
             if addr.port() != 0 && !seen_addrs.insert(*addr) {
                 return Err(invalid("broker.listen", format!("{addr} is listed twice")));
             }
+        }
+        if let Some(tls) = &b.tls {
+            validate_broker_tls(tls)?;
         }
         if b.max_payload_bytes == 0 || b.max_payload_bytes > 256 * 1024 * 1024 {
             return Err(invalid(
@@ -1098,7 +1203,13 @@ impl Config {
                 format!("{bad:?}: an admin is a username, which cannot be empty"),
             ));
         }
-        if b.password_file.is_none() && b.allow_anonymous == Some(false) {
+        // A TLS listener that takes the username from a verified client certificate
+        // authenticates its devices by itself.
+        let certificates_authenticate = b.tls.as_ref().is_some_and(BrokerTlsConfig::authenticates);
+        if b.password_file.is_none()
+            && b.allow_anonymous == Some(false)
+            && !certificates_authenticate
+        {
             return Err(invalid(
                 "broker.allow_anonymous",
                 "is false but there is no broker.password_file: no device could connect",
@@ -1107,18 +1218,30 @@ impl Config {
         if b.password_file.is_none() && b.allow_anonymous.is_none() {
             // Anyone who can reach a listener off loopback could read and write everything:
             // only when the operator says so.
+            let unauthenticated_tls = b
+                .tls
+                .iter()
+                .filter(|tls| !tls.authenticates())
+                .flat_map(|tls| &tls.listen);
             if let Some(open) = b
                 .listen
                 .iter()
                 .chain(&b.listen_v5)
+                .chain(unauthenticated_tls)
                 .find(|addr| !addr.ip().is_loopback())
             {
+                let certificates = if b.tls.as_ref().is_some_and(|t| t.listen.contains(open)) {
+                    " (or, for this TLS listener, require_certificate and \
+                     use_identity_as_username under [broker.tls])"
+                } else {
+                    ""
+                };
                 return Err(invalid(
                     "broker.allow_anonymous",
                     format!(
                         "the listener {open} accepts devices from the network, and there is no \
-                         broker.password_file: set one (see `outpost passwd`), or write \
-                         allow_anonymous = true under [broker] to let anyone connect"
+                         broker.password_file: set one (see `outpost passwd`){certificates}, or \
+                         write allow_anonymous = true under [broker] to let anyone connect"
                     ),
                 ));
             }
@@ -1766,5 +1889,107 @@ mod tests {
         assert_eq!(ttl(0), Some(60));
         assert_eq!(ttl(1), Some(5));
         assert_eq!(ttl(2), None);
+    }
+
+    #[test]
+    fn device_tls_keys_are_checked_and_named() {
+        let tls = |keys: &str| {
+            parse(&format!(
+                "[broker]\nlisten = [\"127.0.0.1:1883\"]\n[broker.tls]\nlisten = [\"127.0.0.1:8883\"]\n{keys}"
+            ))
+        };
+        let files = "certfile = \"s.pem\"\nkeyfile = \"s.key\"\n";
+        assert!(tls(files).unwrap().validate().is_ok());
+        let missing = tls("certfile = \"s.pem\"\n").unwrap_err().to_string();
+        assert!(missing.contains("keyfile"), "{missing}");
+        for (keys, key) in [
+            ("crlfile = \"c.crl\"\n", "broker.tls.cafile"),
+            ("require_certificate = true\n", "broker.tls.cafile"),
+            (
+                "cafile = \"ca.pem\"\nuse_identity_as_username = true\n",
+                "broker.tls.use_identity_as_username",
+            ),
+            ("certfile = \"\"\nkeyfile = \"k\"\n", "broker.tls.certfile"),
+        ] {
+            let text = if keys.starts_with("certfile") {
+                keys.to_string()
+            } else {
+                format!("{files}{keys}")
+            };
+            let err = tls(&text).unwrap().validate().unwrap_err().to_string();
+            assert!(err.starts_with(key), "{keys}: {err}");
+        }
+        let err = parse(&format!("[broker.tls]\nlisten = []\n{files}"))
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("broker.tls.listen"), "{err}");
+        let err = parse(&format!(
+            "[broker]\nlisten = [\"127.0.0.1:1883\"]\n[broker.tls]\nlisten = [\"127.0.0.1:1883\"]\n{files}"
+        ))
+        .unwrap()
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("listed twice"), "{err}");
+        // A TLS listener alone is enough.
+        assert!(parse(&format!(
+            "[broker]\nlisten = []\n[broker.tls]\nlisten = [\"127.0.0.1:8883\"]\n{files}"
+        ))
+        .unwrap()
+        .validate()
+        .is_ok());
+    }
+
+    #[test]
+    fn device_tls_paths_are_relative_to_the_configuration_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outpost.toml");
+        std::fs::write(
+            &path,
+            "[broker.tls]\nlisten = [\"127.0.0.1:8883\"]\ncertfile = \"s.pem\"\n\
+             keyfile = \"/etc/k.key\"\ncafile = \"ca.pem\"\ncrlfile = \"c.crl\"\n",
+        )
+        .unwrap();
+        let tls = Config::load(&path).unwrap().broker.tls.unwrap();
+        assert_eq!(tls.certfile, dir.path().join("s.pem"));
+        assert_eq!(tls.keyfile, PathBuf::from("/etc/k.key"));
+        assert_eq!(tls.cafile, Some(dir.path().join("ca.pem")));
+        assert_eq!(tls.crlfile, Some(dir.path().join("c.crl")));
+        assert_eq!(tls.listen, vec![SocketAddr::from(([127, 0, 0, 1], 8883))]);
+        assert!(!tls.require_certificate && !tls.use_identity_as_username);
+    }
+
+    #[test]
+    fn a_tls_listener_off_loopback_needs_a_login_unless_certificates_are_the_login() {
+        let config = |tls: &str, broker: &str| {
+            parse(&format!(
+                "[broker]\n{broker}\n[broker.tls]\nlisten = [\"0.0.0.0:8883\"]\n\
+                 certfile = \"s.pem\"\nkeyfile = \"s.key\"\ncafile = \"ca.pem\"\n{tls}"
+            ))
+            .unwrap()
+            .validate()
+        };
+        let err = config("", "").unwrap_err().to_string();
+        assert!(
+            err.starts_with("broker.allow_anonymous") && err.contains("0.0.0.0:8883"),
+            "{err}"
+        );
+        let err = config("require_certificate = true\n", "")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("use_identity_as_username"), "{err}");
+        let identity = "require_certificate = true\nuse_identity_as_username = true\n";
+        assert!(config(identity, "").is_ok());
+        // Only certificates let devices in: allow_anonymous = false needs no password file.
+        assert!(config(identity, "allow_anonymous = false").is_ok());
+        assert!(config("", "allow_anonymous = true").is_ok());
+        assert!(config("", "password_file = \"p\"").is_ok());
+        // The plain listener off loopback still needs a login.
+        let err = config(identity, "listen = [\"0.0.0.0:1883\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("0.0.0.0:1883"), "{err}");
     }
 }

@@ -71,6 +71,11 @@ impl Gateway {
             Some(path) => Some((path.clone(), crate::edge::auth::load_acl_file(path)?)),
             None => None,
         };
+        // The device listeners' TLS files: likewise.
+        let device_tls = match &config.broker.tls {
+            Some(tls) => Some((tls.clone(), crate::edge::tls::load(tls)?)),
+            None => None,
+        };
         let routes = Arc::new(validated.routes);
         let store = Arc::new(Store::open_with(&config.data_dir, config.store.limits())?);
         let geo = Arc::new(validated.geo);
@@ -190,6 +195,19 @@ impl Gateway {
             passwords
         });
         let auth = Authenticator::new(passwords, config.broker.anonymous_allowed());
+        let device_tls = device_tls.map(|(tls, files)| {
+            let (files, watcher) = crate::edge::tls::watch_tls_files(
+                tls.clone(),
+                files,
+                reload_rx.clone(),
+                stop_rx.clone(),
+            );
+            uplinks.push(watcher);
+            // The handshake gets the CONNECT's deadline, and the CONNECT its own after it.
+            let deadline =
+                std::time::Duration::from_millis(u64::from(config.broker.connect_timeout_ms));
+            crate::edge::tls::DeviceTls::new(&tls, files, deadline)
+        });
 
         // Outputs of `local-only` events: a link to the gateway's own broker, started once
         // the broker is up.
@@ -246,6 +264,7 @@ impl Gateway {
             journal,
             metrics.clone(),
             auth,
+            device_tls,
         )
         .await
         {
@@ -349,8 +368,8 @@ impl Gateway {
         })
     }
 
-    /// Re-reads every uplink's credential files (TLS certificates, keys, CA, password files);
-    /// what `SIGHUP` does. A link whose files changed and load reconnects with them; one whose
+    /// Re-reads every uplink's credential files (TLS certificates, keys, CA, password files),
+    /// and the broker's password file and TLS files; what `SIGHUP` does. A link whose files changed and load reconnects with them; one whose
     /// new files do not load keeps its old ones and says why.
     pub fn reload(&self) {
         self.reloads.send_modify(|n| *n = n.wrapping_add(1));

@@ -609,6 +609,7 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
         .listen
         .iter()
         .chain(&config.broker.listen_v5)
+        .chain(config.broker.tls.iter().flat_map(|tls| &tls.listen))
         .find(|addr| !addr.ip().is_loopback());
     if let (Some(addr), None, true) = (
         network_listener,
@@ -630,6 +631,13 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
                 path.display()
             ));
         }
+    }
+    // The device listeners' TLS files: read and checked as at start (a missing or unreadable
+    // certificate, key, CA or CRL file, a key others can read fails); expiring certificates
+    // and stale revocation lists are warnings.
+    if let Some(tls) = &config.broker.tls {
+        let files = outpost::edge::tls::load(tls)?;
+        warnings.extend(files.warnings(std::time::SystemTime::now()));
     }
     println!(
         "{}: ok ({} route(s), {} module(s), {} upstream(s), {} geofence(s), {} region(s))",
@@ -680,7 +688,7 @@ async fn wait_for_stop_signal(
             result = tokio::signal::ctrl_c() => return Ok(result?),
             _ = terminate.recv() => return Ok(()),
             _ = hangup.recv() => {
-                tracing::info!("SIGHUP: re-reading the uplinks' credential files");
+                tracing::info!("SIGHUP: re-reading the credential, password and TLS files");
                 gateway.reload();
             }
         }

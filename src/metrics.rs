@@ -25,6 +25,10 @@ pub struct Metrics {
     /// Device logins refused: a wrong username or password, or no username where anonymous
     /// clients are not allowed (`broker.password_file`, `broker.allow_anonymous`).
     pub edge_logins_refused: AtomicU64,
+    /// TLS handshakes on the device listeners that failed: not TLS (plain MQTT to a TLS
+    /// port), a client certificate refused (unknown CA, revoked, expired, missing where
+    /// required), or no handshake within `broker.connect_timeout_ms`.
+    pub edge_tls_handshakes_failed: AtomicU64,
     /// Messages for local subscribers dropped at a session's queue bound (`broker.max_queued_messages`, `broker.max_queued_bytes`), retained messages owed beyond `broker.max_retained_messages` included.
     pub broker_dropped_queue_full: AtomicU64,
     /// Device publishes refused (neither journaled nor delivered): to a reserved topic (`$SYS`, `$share`).
@@ -182,6 +186,8 @@ pub struct Snapshot {
     pub edge_connections_refused: u64,
     /// See [`Metrics::edge_logins_refused`].
     pub edge_logins_refused: u64,
+    /// See [`Metrics::edge_tls_handshakes_failed`].
+    pub edge_tls_handshakes_failed: u64,
     /// See [`Metrics::broker_dropped_queue_full`].
     pub broker_dropped_queue_full: u64,
     /// See [`Metrics::edge_publishes_refused`].
@@ -409,6 +415,7 @@ impl Metrics {
             edge_rejected: get(&self.edge_rejected),
             edge_connections_refused: get(&self.edge_connections_refused),
             edge_logins_refused: get(&self.edge_logins_refused),
+            edge_tls_handshakes_failed: get(&self.edge_tls_handshakes_failed),
             broker_dropped_queue_full: get(&self.broker_dropped_queue_full),
             edge_publishes_refused: get(&self.edge_publishes_refused),
             broker_dropped_total_full: get(&self.broker_dropped_total_full),

@@ -18,6 +18,9 @@ pub const RESERVED_CLIENT_ID_PREFIX: &str = "outpost-";
 pub mod reason {
     /// CONNACK: the client id is not allowed.
     pub const CLIENT_ID_NOT_VALID: u8 = 0x85;
+    /// CONNACK: the client certificate gives no username (`use_identity_as_username`
+    /// without a usable CN); Mosquitto 2's answer too.
+    pub const BAD_USERNAME_OR_PASSWORD: u8 = 0x86;
     /// CONNACK: the client asked for an authentication method the server does not offer.
     pub const BAD_AUTHENTICATION_METHOD: u8 = 0x8C;
     /// CONNACK: the server is at its connection limit.
@@ -52,6 +55,9 @@ pub mod return_code {
     pub const IDENTIFIER_REJECTED: u8 = 0x02;
     /// The server cannot take the connection now.
     pub const SERVER_UNAVAILABLE: u8 = 0x03;
+    /// The username or password is malformed (Mosquitto's answer to a client certificate
+    /// without a usable CN under `use_identity_as_username`).
+    pub const BAD_USERNAME_OR_PASSWORD: u8 = 0x04;
     /// The client is not allowed to connect (Mosquitto's answer to a failed login).
     pub const NOT_AUTHORIZED: u8 = 0x05;
 }

@@ -3,6 +3,9 @@
 //! in-process [`Broker`].
 //!
 //! For every device connection:
+//! - on a TLS listener ([`super::tls`]), the TLS handshake comes first, within the connect
+//!   timeout; one that fails (not TLS, a refused client certificate, too slow) closes the
+//!   connection and is counted (`edge_tls_handshakes_failed`).
 //! - the CONNECT is read in full and checked ([`super::connect`]) within the connect timeout;
 //!   the connection then attaches to its session on the broker (CONNACK with Session Present,
 //!   and on MQTT 5 an assigned client id, the granted expiry, the broker's Receive Maximum,
@@ -52,6 +55,7 @@ use super::connect::{self, ConnectInfo};
 use super::frame::{self, kind, Frame, FrameError, Version};
 use super::packets::{self, ConnAckProperties};
 use super::sessions::{self, Ending, Expiry};
+use super::tls::{CertificateLogin, DeviceTls};
 use super::DevicePublish;
 use crate::journal::{Committed, Journal};
 use crate::metrics::Metrics;
@@ -199,22 +203,41 @@ fn every_thousandth(counter: &AtomicU64) -> bool {
 
 impl Front {
     /// Accepts device connections until the task running this is aborted, which also closes
-    /// every connection it accepted.
-    pub async fn serve(self, listener: TcpListener) {
+    /// every connection it accepted. On a TLS listener (`tls`), each connection takes its slot,
+    /// then its TLS handshake (a failed one is counted and closes it), then is served over TLS.
+    pub async fn serve(self, listener: TcpListener, tls: Option<DeviceTls>) {
         let mut connections = tokio::task::JoinSet::new();
         let refusals = AtomicU64::new(0);
+        let failed_handshakes = Arc::new(AtomicU64::new(0));
         loop {
             while connections.try_join_next().is_some() {}
             match listener.accept().await {
                 Ok((socket, peer)) => {
                     let front = self.clone();
+                    let (tls, failed_handshakes) = (tls.clone(), failed_handshakes.clone());
                     match self.slots.clone().try_acquire_owned() {
                         Ok(slot) => {
                             connections.spawn(async move {
                                 let _ = socket.set_nodelay(true);
-                                if let Err(end) =
-                                    front.connection(socket, Some(slot), Origin::Device).await
-                                {
+                                let served = match tls {
+                                    None => {
+                                        front
+                                            .connection(socket, Some(slot), Origin::Device, None)
+                                            .await
+                                    }
+                                    Some(tls) => {
+                                        let Some((stream, login)) = front
+                                            .handshake(&tls, socket, peer, &failed_handshakes)
+                                            .await
+                                        else {
+                                            return;
+                                        };
+                                        front
+                                            .connection(stream, Some(slot), Origin::Device, login)
+                                            .await
+                                    }
+                                };
+                                if let Err(end) = served {
                                     debug!(%peer, %end, "device connection closed");
                                 }
                             });
@@ -227,7 +250,17 @@ impl Front {
                             }
                             if let Ok(permit) = self.refusing.clone().try_acquire_owned() {
                                 connections.spawn(async move {
-                                    front.refuse_busy(socket).await;
+                                    match tls {
+                                        None => front.refuse_busy(socket).await,
+                                        Some(tls) => {
+                                            if let Some((stream, _)) = front
+                                                .handshake(&tls, socket, peer, &failed_handshakes)
+                                                .await
+                                            {
+                                                front.refuse_busy(stream).await;
+                                            }
+                                        }
+                                    }
                                     drop(permit);
                                 });
                             }
@@ -242,9 +275,35 @@ impl Front {
         }
     }
 
+    /// A TLS listener's handshake (within its deadline); a failure is counted and logged, the
+    /// first and then once per 1,000 (`failed` counts them).
+    async fn handshake(
+        &self,
+        tls: &DeviceTls,
+        socket: TcpStream,
+        peer: std::net::SocketAddr,
+        failed: &AtomicU64,
+    ) -> Option<(
+        tokio_rustls::server::TlsStream<TcpStream>,
+        Option<CertificateLogin>,
+    )> {
+        match tls.handshake(socket).await {
+            Ok(done) => Some(done),
+            Err(error) => {
+                Metrics::add(&self.metrics.edge_tls_handshakes_failed, 1);
+                if every_thousandth(failed) {
+                    warn!(%peer, %error, "device TLS handshake failed (logged once per 1,000)");
+                } else {
+                    debug!(%peer, %error, "device TLS handshake failed");
+                }
+                None
+            }
+        }
+    }
+
     /// Answers a connection over the limit: reads its CONNECT (within the connect timeout)
     /// and refuses it with "server unavailable" (3.1.1) or "quota exceeded" (5).
-    async fn refuse_busy(self, mut device: TcpStream) {
+    async fn refuse_busy<S: AsyncRead + AsyncWrite + Unpin>(self, mut device: S) {
         let mut input = BytesMut::with_capacity(1024);
         let answered = tokio::time::timeout(self.connect_timeout, async {
             loop {
@@ -276,17 +335,20 @@ impl Front {
     pub fn serve_gateway(&self, stream: tokio::io::DuplexStream) {
         let front = self.clone();
         tokio::spawn(async move {
-            if let Err(end) = front.connection(stream, None, Origin::Gateway).await {
+            if let Err(end) = front.connection(stream, None, Origin::Gateway, None).await {
                 debug!(%end, "gateway's own broker connection closed");
             }
         });
     }
 
+    /// Serves one connection; `certificate` is who its client certificate says it is, on a
+    /// TLS listener with `use_identity_as_username`.
     async fn connection<S>(
         self,
         stream: S,
         slot: Option<OwnedSemaphorePermit>,
         origin: Origin,
+        certificate: Option<CertificateLogin>,
     ) -> Result<(), End>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -304,6 +366,7 @@ impl Front {
             connected: false,
             keep_alive: 0,
             username: None,
+            certificate,
         };
         let mut input = BytesMut::with_capacity(INITIAL_BUFFER);
         let connect = tokio::time::timeout(self.connect_timeout, async {
@@ -448,6 +511,9 @@ struct Session {
     keep_alive: u16,
     /// The username the device logged in with (the ACL decides by it).
     username: Option<Arc<str>>,
+    /// Who the client certificate says the device is, on a TLS listener with
+    /// `use_identity_as_username`: then it decides the login, not the CONNECT.
+    certificate: Option<CertificateLogin>,
 }
 
 impl Session {
@@ -535,24 +601,26 @@ impl Session {
         if self.origin != Origin::Device {
             return Ok(());
         }
-        match self
-            .front
-            .auth
-            .check(info.username.as_deref(), info.password.as_ref())
-            .await
-        {
-            Ok(Identity::Anonymous) => {}
-            Ok(Identity::User(username)) => self.username = Some(Arc::from(username)),
-            Err(refusal) => {
-                let code = match info.version {
-                    Version::V4 => return_code::NOT_AUTHORIZED,
-                    Version::V5 => reason::NOT_AUTHORIZED,
-                };
-                return Err(End::Unauthorized {
-                    answer: connack_refusal(info.version, code),
-                    reason: format!("{refusal} (client id {:?})", info.client_id),
-                });
-            }
+        let identity = match self.certificate_login(info) {
+            Some(decided) => decided?,
+            None => self
+                .front
+                .auth
+                .check(info.username.as_deref(), info.password.as_ref())
+                .await
+                .map_err(|refusal| {
+                    let code = match info.version {
+                        Version::V4 => return_code::NOT_AUTHORIZED,
+                        Version::V5 => reason::NOT_AUTHORIZED,
+                    };
+                    End::Unauthorized {
+                        answer: connack_refusal(info.version, code),
+                        reason: format!("{refusal} (client id {:?})", info.client_id),
+                    }
+                })?,
+        };
+        if let Identity::User(username) = identity {
+            self.username = Some(Arc::from(username));
         }
         if self.front.require_client_id_match {
             self.client_id_matches(info)?;
@@ -582,6 +650,26 @@ impl Session {
                 "client id {:?} is not the username {:?} (broker.require_client_id_match)",
                 info.client_id, self.username
             ),
+        })
+    }
+
+    /// The login on a TLS listener with `use_identity_as_username`, as Mosquitto decides it:
+    /// the certificate's CN is the username, and the CONNECT's username and password are not
+    /// looked at; a certificate without a usable CN is refused with "bad username or
+    /// password" (3.1.1: 0x04; 5: 0x86). `None` elsewhere: the CONNECT decides.
+    fn certificate_login(&self, info: &ConnectInfo) -> Option<Result<Identity, End>> {
+        Some(match self.certificate.as_ref()? {
+            CertificateLogin::Identity(name) => Ok(Identity::User(name.clone())),
+            CertificateLogin::NoIdentity(why) => {
+                let code = match info.version {
+                    Version::V4 => return_code::BAD_USERNAME_OR_PASSWORD,
+                    Version::V5 => reason::BAD_USERNAME_OR_PASSWORD,
+                };
+                Err(End::Unauthorized {
+                    answer: connack_refusal(info.version, code),
+                    reason: format!("{why} (client id {:?})", info.client_id),
+                })
+            }
         })
     }
 

@@ -4,7 +4,8 @@
 //!
 //! [`Edge::start_durable`] is the gateway's edge: devices connect to the front, which checks
 //! every packet, journals every publish and holds its acknowledgement until the journal
-//! commit, and serves the device's session on the broker; every listener serves 3.1.1 and 5.
+//! commit, and serves the device's session on the broker; every listener serves 3.1.1 and 5,
+//! in the clear or over TLS ([`tls`]).
 //! The gateway's own parts reach the broker in process: the control planes through
 //! [`LocalLink`]s, the local uplink through [`Edge::local_dialer`]. [`Edge::start`] is the
 //! same broker whose device publishes go to a channel instead of a journal: the demo and the
@@ -33,6 +34,7 @@ pub mod passwords;
 mod retained;
 mod sessions;
 mod subscriptions;
+pub mod tls;
 
 pub use checks::{filter_matches, RESERVED_CLIENT_ID_PREFIX};
 
@@ -90,6 +92,8 @@ pub struct Edge {
     gateway: front::Front,
     /// Device listeners bound but not served yet (see [`Edge::open`]).
     unopened: Vec<tokio::net::TcpListener>,
+    /// Device TLS listeners bound but not served yet, with their TLS.
+    unopened_tls: Vec<(tokio::net::TcpListener, tls::DeviceTls)>,
 }
 
 /// The broker's bounds from the configuration.
@@ -130,13 +134,15 @@ impl Edge {
     /// The device addresses are bound (so a port in use is an error here) but not served
     /// until [`Edge::open`]: the gateway first subscribes its control plane through
     /// [`Edge::local_link`], so that no device can publish a request before it is listened
-    /// to. A device that connects meanwhile waits in the listen backlog.
+    /// to. A device that connects meanwhile waits in the listen backlog. With `tls`, its
+    /// listeners are bound too, and served like the others after a TLS handshake.
     pub async fn start_durable(
         config: &BrokerConfig,
         data_dir: &std::path::Path,
         journal: Journal,
         metrics: Arc<Metrics>,
         auth: auth::Authenticator,
+        tls: Option<tls::DeviceTls>,
     ) -> Result<Edge, EdgeError> {
         let (store, snapshot) =
             durable::Persister::open(data_dir, crate::event::now_ms(), metrics.clone())?;
@@ -159,14 +165,28 @@ impl Edge {
                 })?;
             listeners.push(listener);
         }
-        Ok(Edge::with_sink(
+        let mut tls_listeners = Vec::new();
+        for tls in tls.iter() {
+            for addr in tls.listen() {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| EdgeError::Bind {
+                        addr: *addr,
+                        source,
+                    })?;
+                tls_listeners.push((listener, tls.clone()));
+            }
+        }
+        let mut edge = Edge::with_sink(
             config,
             broker,
             front::Sink::Journal(journal),
             metrics,
             listeners,
             auth,
-        ))
+        );
+        edge.unopened_tls = tls_listeners;
+        Ok(edge)
     }
 
     /// Starts the broker on every configured device address, serving at once, with every
@@ -248,6 +268,7 @@ impl Edge {
             devices: Some(front),
             gateway,
             unopened,
+            unopened_tls: Vec::new(),
         }
     }
 
@@ -260,7 +281,15 @@ impl Edge {
             if let Ok(addr) = listener.local_addr() {
                 info!(%addr, "device listener up");
             }
-            self.tasks.push(tokio::spawn(front.clone().serve(listener)));
+            self.tasks
+                .push(tokio::spawn(front.clone().serve(listener, None)));
+        }
+        for (listener, tls) in self.unopened_tls.drain(..) {
+            if let Ok(addr) = listener.local_addr() {
+                info!(%addr, "device TLS listener up");
+            }
+            self.tasks
+                .push(tokio::spawn(front.clone().serve(listener, Some(tls))));
         }
     }
 
@@ -347,6 +376,7 @@ impl Edge {
         }
         self.devices = None;
         self.unopened.clear();
+        self.unopened_tls.clear();
     }
 }
 

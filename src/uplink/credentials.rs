@@ -38,7 +38,8 @@ pub const EXPIRY_WARNING_DAYS: u64 = 30;
 /// Where Debian (and Raspberry Pi OS) keep the system's CA certificates, one PEM bundle.
 pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// Why an upstream's credentials cannot be used. Every message names the key and the file.
+/// Why an upstream's credentials, or the device listeners' TLS files ([`crate::edge::tls`]),
+/// cannot be used. Every message names the key and the file.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CredentialError {
     /// The file cannot be opened or read (missing, a directory, permissions).
@@ -84,6 +85,16 @@ pub enum CredentialError {
     /// The file holds no PEM private key, or one rustls cannot use.
     #[error("{key}: {} holds no usable private key: {detail} (expected PEM: PKCS#8 \"PRIVATE KEY\", SEC1 \"EC PRIVATE KEY\" or \"RSA PRIVATE KEY\")", path.display())]
     NoKey {
+        /// The configuration key.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The file holds no PEM certificate revocation list, or one that does not parse.
+    #[error("{key}: {} holds no usable certificate revocation list: {detail} (expected PEM, \"-----BEGIN X509 CRL-----\")", path.display())]
+    NoCrl {
         /// The configuration key.
         key: String,
         /// The file.
@@ -189,31 +200,43 @@ impl Credentials {
     /// Warnings for certificates that expired or expire within [`EXPIRY_WARNING_DAYS`] days
     /// of `now`, one line each.
     pub fn warnings(&self, now: SystemTime) -> Vec<String> {
-        let soon = now + Duration::from_secs(EXPIRY_WARNING_DAYS * 86_400);
-        self.client_certificate
-            .iter()
-            .chain(&self.ca_certificates)
-            .filter(|c| c.not_after <= soon)
-            .map(|c| {
-                let when = humantime::format_rfc3339_seconds(c.not_after);
-                if c.not_after <= now {
-                    format!(
-                        "{}: the certificate {} expired on {when}",
-                        c.origin, c.subject
-                    )
-                } else {
-                    let days = c
-                        .not_after
-                        .duration_since(now)
-                        .map_or(0, |d| d.as_secs() / 86_400);
-                    format!(
-                        "{}: the certificate {} expires on {when} (in {days} day(s)); rotate it",
-                        c.origin, c.subject
-                    )
-                }
-            })
-            .collect()
+        expiry_warnings(
+            self.client_certificate.iter().chain(&self.ca_certificates),
+            now,
+        )
     }
+}
+
+/// Warnings for the certificates of `certificates` that expired or expire within
+/// [`EXPIRY_WARNING_DAYS`] days of `now`, one line each (the device listeners' TLS files use
+/// it too).
+pub fn expiry_warnings<'a>(
+    certificates: impl IntoIterator<Item = &'a CertificateFacts>,
+    now: SystemTime,
+) -> Vec<String> {
+    let soon = now + Duration::from_secs(EXPIRY_WARNING_DAYS * 86_400);
+    certificates
+        .into_iter()
+        .filter(|c| c.not_after <= soon)
+        .map(|c| {
+            let when = humantime::format_rfc3339_seconds(c.not_after);
+            if c.not_after <= now {
+                format!(
+                    "{}: the certificate {} expired on {when}",
+                    c.origin, c.subject
+                )
+            } else {
+                let days = c
+                    .not_after
+                    .duration_since(now)
+                    .map_or(0, |d| d.as_secs() / 86_400);
+                format!(
+                    "{}: the certificate {} expires on {when} (in {days} day(s)); rotate it",
+                    c.origin, c.subject
+                )
+            }
+        })
+        .collect()
 }
 
 /// The files an upstream's credentials come from, for change detection.
@@ -401,12 +424,13 @@ fn read_file(key: &str, path: &Path) -> Result<(Vec<u8>, u32), CredentialError> 
     }
 }
 
-fn read_public(key: &str, path: &Path) -> Result<Vec<u8>, CredentialError> {
+/// Reads a public file (a certificate, a CA bundle, a CRL) for configuration key `key`.
+pub(crate) fn read_public(key: &str, path: &Path) -> Result<Vec<u8>, CredentialError> {
     read_file(key, path).map(|(bytes, _)| bytes)
 }
 
 /// Reads a secret (private key, password): refused when users other than its owner may access it.
-fn read_secret(key: &str, path: &Path) -> Result<Zeroizing<Vec<u8>>, CredentialError> {
+pub(crate) fn read_secret(key: &str, path: &Path) -> Result<Zeroizing<Vec<u8>>, CredentialError> {
     let (bytes, mode) = read_file(key, path)?;
     let bytes = Zeroizing::new(bytes);
     if mode & 0o077 != 0 {
@@ -442,7 +466,7 @@ fn password_text(
 }
 
 /// Every PEM certificate in `bytes`, in order; at least one.
-fn certificates(
+pub(crate) fn certificates(
     key: &str,
     path: &Path,
     bytes: &[u8],
@@ -465,7 +489,7 @@ fn certificates(
 }
 
 /// Why rustls will not use a client certificate, in words.
-fn certificate_problem(problem: &rustls::CertificateError) -> String {
+pub(crate) fn certificate_problem(problem: &rustls::CertificateError) -> String {
     let text = format!("{problem:?}");
     if text.contains("UnsupportedCertVersion") {
         // `openssl x509 -req` without `-extfile` makes these.
@@ -477,7 +501,8 @@ fn certificate_problem(problem: &rustls::CertificateError) -> String {
     }
 }
 
-fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
+/// What is wrong with a PEM file, in words.
+pub(crate) fn pem_problem(e: &rustls::pki_types::pem::Error) -> String {
     use rustls::pki_types::pem::Error;
     match e {
         Error::NoItemsFound => "no PEM section of the expected kind in it".to_string(),
@@ -490,7 +515,8 @@ fn parse_certificate(cert: &CertificateDer<'_>) -> Result<x509_cert::Certificate
     x509_cert::Certificate::from_der(cert.as_ref()).map_err(|e| e.to_string())
 }
 
-fn facts(key: &str, path: &Path, cert: &CertificateDer<'_>) -> CertificateFacts {
+/// The facts of a certificate that [`certificates`] returned, for logs and warnings.
+pub(crate) fn facts(key: &str, path: &Path, cert: &CertificateDer<'_>) -> CertificateFacts {
     // `certificates` parsed it already; a failure here cannot happen, and would only cost the
     // expiry warning.
     let parsed = parse_certificate(cert).ok();

@@ -409,7 +409,8 @@ pub enum Packet {
 }
 
 impl Packet {
-    fn decode(version: Version, byte1: u8, bytes: &[u8]) -> Packet {
+    /// Decodes a packet from the broker: its first byte and its body (after the length).
+    pub fn decode(version: Version, byte1: u8, bytes: &[u8]) -> Packet {
         let v5 = version == Version::V5;
         let mut body = Body {
             bytes,
@@ -585,7 +586,8 @@ impl Connect {
         self
     }
 
-    fn encode(&self) -> Vec<u8> {
+    /// The CONNECT packet.
+    pub fn encode(&self) -> Vec<u8> {
         let v5 = self.version == Version::V5;
         let mut body = Vec::new();
         put_bytes(&mut body, b"MQTT");

@@ -6,12 +6,23 @@
 
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
+    SerialNumber,
 };
+
+/// A serial number not given before in this process (a CRL names certificates by serial).
+fn next_serial() -> Vec<u8> {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let bytes = n.to_be_bytes();
+    let first = bytes.iter().position(|b| *b != 0).unwrap_or(7);
+    bytes[first..].to_vec()
+}
 
 /// A certificate authority made for one test.
 pub struct Ca {
@@ -41,10 +52,35 @@ impl Ca {
     /// A server (`client == false`) or client certificate for `names` (DNS names or IP
     /// addresses), with the subject CN `cn`.
     pub fn leaf(&self, cn: &str, names: &[&str], client: bool, validity: Validity) -> Leaf {
+        self.leaf_with_subject(&[(DnType::CommonName, cn)], names, client, validity)
+    }
+
+    /// A client certificate whose subject has no CN (only an organisation).
+    pub fn leaf_without_cn(&self) -> Leaf {
+        self.leaf_with_subject(
+            &[(DnType::OrganizationName, "no common name")],
+            &[],
+            true,
+            Validity::Valid,
+        )
+    }
+
+    fn leaf_with_subject(
+        &self,
+        subject: &[(DnType, &str)],
+        names: &[&str],
+        client: bool,
+        validity: Validity,
+    ) -> Leaf {
         let mut params =
             CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
-        params.distinguished_name.push(DnType::CommonName, cn);
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        for (kind, value) in subject {
+            params.distinguished_name.push(kind.clone(), *value);
+        }
+        let serial = next_serial();
+        params.serial_number = Some(SerialNumber::from(serial.clone()));
         params.extended_key_usages = vec![if client {
             ExtendedKeyUsagePurpose::ClientAuth
         } else {
@@ -57,8 +93,42 @@ impl Ca {
         Leaf {
             cert: cert.pem(),
             key: key.serialize_pem(),
+            serial,
         }
     }
+
+    /// A certificate revocation list (PEM) revoking `revoked`, current for a week.
+    pub fn crl(&self, revoked: &[&Leaf]) -> String {
+        let day = Duration::from_secs(86_400);
+        let now = rcgen::date_time_ymd(1970, 1, 1) + since_epoch();
+        CertificateRevocationListParams {
+            this_update: now - day,
+            next_update: now + 7 * day,
+            crl_number: SerialNumber::from(next_serial()),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|leaf| RevokedCertParams {
+                    serial_number: SerialNumber::from(leaf.serial.clone()),
+                    revocation_time: now - day,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&self.issuer)
+        .unwrap()
+        .pem()
+        .unwrap()
+    }
+}
+
+/// How long since the Unix epoch (rcgen's dates are the epoch plus this).
+fn since_epoch() -> Duration {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
 }
 
 /// When a certificate is valid.
@@ -67,21 +137,20 @@ pub enum Validity {
     Valid,
     Expired,
     NotYetValid,
+    /// Valid for 10 more days (close enough to its end for a warning).
+    ExpiresSoon,
 }
 
 impl Validity {
     /// Sets `params`' notBefore and notAfter.
     pub fn apply(self, params: &mut CertificateParams) {
-        let epoch = rcgen::date_time_ymd(1970, 1, 1);
-        let now = epoch
-            + SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap();
+        let now = rcgen::date_time_ymd(1970, 1, 1) + since_epoch();
         let day = Duration::from_secs(86_400);
         let (not_before, not_after) = match self {
             Validity::Valid => (now - day, now + 365 * day),
             Validity::Expired => (now - 30 * day, now - day),
             Validity::NotYetValid => (now + day, now + 30 * day),
+            Validity::ExpiresSoon => (now - day, now + 10 * day),
         };
         params.not_before = not_before;
         params.not_after = not_after;
@@ -92,6 +161,8 @@ impl Validity {
 pub struct Leaf {
     pub cert: String,
     pub key: String,
+    /// Its serial number (big-endian), for revocation lists.
+    pub serial: Vec<u8>,
 }
 
 /// Writes `text` to `path` with `mode`, replacing the file atomically (as a rotation tool
