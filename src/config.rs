@@ -465,6 +465,13 @@ pub struct BrokerConfig {
     /// dead letters, modules, metrics), whatever the ACL says. Once set (or once there is an
     /// ACL), no one else may, unless an ACL rule names those topics.
     pub admins: Vec<String>,
+    /// Most connections open at once from one IP address (0: no limit); one more is refused
+    /// (CONNACK "server unavailable" on 3.1.1, "quota exceeded" on 5).
+    pub max_connections_per_source: usize,
+    /// Most new connections per second from one IP address, with bursts of as many (0: no
+    /// limit); one more is refused (CONNACK "server unavailable" on 3.1.1, "connection rate
+    /// exceeded" on 5).
+    pub max_connection_rate_per_source: u32,
     /// TLS listeners for devices (`[broker.tls]`); none when absent.
     pub tls: Option<BrokerTlsConfig>,
 }
@@ -548,6 +555,8 @@ impl Default for BrokerConfig {
             acl_file: None,
             require_client_id_match: false,
             admins: Vec::new(),
+            max_connections_per_source: 0,
+            max_connection_rate_per_source: 0,
             tls: None,
         }
     }

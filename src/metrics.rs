@@ -29,6 +29,10 @@ pub struct Metrics {
     /// port), a client certificate refused (unknown CA, revoked, expired, missing where
     /// required), or no handshake within `broker.connect_timeout_ms`.
     pub edge_tls_handshakes_failed: AtomicU64,
+    /// Device connections refused because their address had `broker.max_connections_per_source` open.
+    pub edge_refused_per_source: AtomicU64,
+    /// Device connections refused because their address opened them faster than `broker.max_connection_rate_per_source`.
+    pub edge_refused_connection_rate: AtomicU64,
     /// Messages for local subscribers dropped at a session's queue bound (`broker.max_queued_messages`, `broker.max_queued_bytes`), retained messages owed beyond `broker.max_retained_messages` included.
     pub broker_dropped_queue_full: AtomicU64,
     /// Device publishes refused (neither journaled nor delivered): to a reserved topic (`$SYS`, `$share`).
@@ -188,6 +192,10 @@ pub struct Snapshot {
     pub edge_logins_refused: u64,
     /// See [`Metrics::edge_tls_handshakes_failed`].
     pub edge_tls_handshakes_failed: u64,
+    /// See [`Metrics::edge_refused_per_source`].
+    pub edge_refused_per_source: u64,
+    /// See [`Metrics::edge_refused_connection_rate`].
+    pub edge_refused_connection_rate: u64,
     /// See [`Metrics::broker_dropped_queue_full`].
     pub broker_dropped_queue_full: u64,
     /// See [`Metrics::edge_publishes_refused`].
@@ -416,6 +424,8 @@ impl Metrics {
             edge_connections_refused: get(&self.edge_connections_refused),
             edge_logins_refused: get(&self.edge_logins_refused),
             edge_tls_handshakes_failed: get(&self.edge_tls_handshakes_failed),
+            edge_refused_per_source: get(&self.edge_refused_per_source),
+            edge_refused_connection_rate: get(&self.edge_refused_connection_rate),
             broker_dropped_queue_full: get(&self.broker_dropped_queue_full),
             edge_publishes_refused: get(&self.edge_publishes_refused),
             broker_dropped_total_full: get(&self.broker_dropped_total_full),

@@ -852,3 +852,53 @@ fn the_cli_takes_only_the_reply_that_answers_its_request() {
     assert!(!stdout.contains("no dead letters"), "{stdout}");
     assert_eq!(stderr.matches("ignored a message").count(), 2, "{stderr}");
 }
+
+#[test]
+fn one_address_gets_its_connections_and_its_rate_and_no_more() {
+    for version in Version::BOTH {
+        // A gateway per version: closed connections leave their place in their own time.
+        let dir = tempfile::tempdir().unwrap();
+        let limited = gateway(dir.path(), "max_connections_per_source = 3");
+        let busy = match version {
+            Version::V4 => 0x03,
+            Version::V5 => 0x97,
+        };
+        let mut open: Vec<Client> = (0..3)
+            .map(|n| Client::clean(limited.port, version, &format!("s-{}-{n}", version.tag())))
+            .collect();
+        assert_eq!(connack(limited.port, version, None), Some(busy));
+        // One closes: its place is free again.
+        open.pop().unwrap().disconnect();
+        common::block_until("the closed connection's place is free", || {
+            connack(limited.port, version, None) == Some(0)
+        });
+        drop(open);
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let limited = gateway(dir.path(), "max_connection_rate_per_source = 1");
+    for version in Version::BOTH {
+        let too_fast = match version {
+            Version::V4 => 0x03,
+            Version::V5 => 0x9F,
+        };
+        // One new connection per second: of 20 in a row, some are refused (unless each took
+        // a second, which no machine this runs on does).
+        let codes: Vec<Option<u8>> = (0..20)
+            .map(|_| connack(limited.port, version, None))
+            .collect();
+        assert!(codes.contains(&Some(too_fast)), "{codes:?}");
+        assert!(
+            codes.iter().all(|c| *c == Some(0) || *c == Some(too_fast)),
+            "{codes:?}"
+        );
+    }
+    // Logged once per address, not once per refusal.
+    let log = limited.log();
+    assert_eq!(
+        log.matches("refusing device connections from this address")
+            .count(),
+        1,
+        "{log}"
+    );
+}

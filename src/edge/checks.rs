@@ -23,8 +23,10 @@ pub mod reason {
     pub const BAD_USERNAME_OR_PASSWORD: u8 = 0x86;
     /// CONNACK: the client asked for an authentication method the server does not offer.
     pub const BAD_AUTHENTICATION_METHOD: u8 = 0x8C;
-    /// CONNACK: the server is at its connection limit.
+    /// CONNACK: the server is at its connection limit (or the client's address at its own).
     pub const QUOTA_EXCEEDED: u8 = 0x97;
+    /// CONNACK: the client's address opens connections faster than it may.
+    pub const CONNECTION_RATE_EXCEEDED: u8 = 0x9F;
     /// DISCONNECT: the packet could not be parsed, or breaks its type's syntax (invalid
     /// fixed-header flags, a topic filter such as `a/#/b`); Mosquitto 2's answer too.
     pub const MALFORMED_PACKET: u8 = 0x81;

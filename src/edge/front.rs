@@ -36,6 +36,7 @@
 //! at once; a connection that ends, however, detaches from its session.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -55,6 +56,7 @@ use super::connect::{self, ConnectInfo};
 use super::frame::{self, kind, Frame, FrameError, Version};
 use super::packets::{self, ConnAckProperties};
 use super::sessions::{self, Ending, Expiry};
+use super::sources;
 use super::tls::{CertificateLogin, DeviceTls};
 use super::DevicePublish;
 use crate::journal::{Committed, Journal};
@@ -144,6 +146,9 @@ pub struct Front {
     pub refused_logins: Arc<AtomicU64>,
     /// Connections refused for breaking a rule so far (their log line is rate-limited).
     pub refused_connections: Arc<AtomicU64>,
+    /// Connections and new connections per second from one address
+    /// (`broker.max_connections_per_source`, `broker.max_connection_rate_per_source`).
+    pub sources: Arc<SourceLimits>,
     /// Whether a device's client id must be its username (`broker.require_client_id_match`):
     /// no device can then take over another's session.
     pub require_client_id_match: bool,
@@ -196,6 +201,68 @@ fn close_with(version: Version, code: u8, reason: String) -> End {
     End::Refused { answer, reason }
 }
 
+/// What one listener counts to rate-limit its warnings.
+#[derive(Debug, Default)]
+struct ServeCounters {
+    /// Connections refused at `broker.max_connections`.
+    refusals: AtomicU64,
+    /// TLS handshakes that failed.
+    failed_handshakes: AtomicU64,
+}
+
+/// The per-source limits of every device listener together ([`sources`]).
+#[derive(Debug)]
+pub struct SourceLimits {
+    sources: std::sync::Mutex<sources::Sources>,
+    on: bool,
+    started: std::time::Instant,
+}
+
+/// A connection admitted by [`SourceLimits`]: its source's count goes down when it is
+/// dropped.
+struct Admitted {
+    limits: Arc<SourceLimits>,
+    ip: IpAddr,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.limits.lock().release(self.ip);
+    }
+}
+
+impl SourceLimits {
+    /// These limits (both 0: none).
+    pub fn new(limits: sources::Limits) -> Arc<SourceLimits> {
+        Arc::new(SourceLimits {
+            on: limits.any(),
+            sources: std::sync::Mutex::new(sources::Sources::new(limits)),
+            started: std::time::Instant::now(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, sources::Sources> {
+        // The sources' bookkeeping keeps its invariants on every return path.
+        self.sources
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Admits a connection from `ip`, or says why not (and whether that is the first refusal
+    /// of `ip` to report).
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Option<Admitted>, (sources::Refused, bool)> {
+        if !self.on {
+            return Ok(None);
+        }
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.lock().admit(ip, now_ms)?;
+        Ok(Some(Admitted {
+            limits: self.clone(),
+            ip,
+        }))
+    }
+}
+
 /// Rate-limits one warning: true for the 1st, 1,001st, 2,001st... call.
 fn every_thousandth(counter: &AtomicU64) -> bool {
     counter.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000)
@@ -203,69 +270,17 @@ fn every_thousandth(counter: &AtomicU64) -> bool {
 
 impl Front {
     /// Accepts device connections until the task running this is aborted, which also closes
-    /// every connection it accepted. On a TLS listener (`tls`), each connection takes its slot,
-    /// then its TLS handshake (a failed one is counted and closes it), then is served over TLS.
+    /// every connection it accepted. Each connection is admitted by its source's limits, then
+    /// takes its slot; on a TLS listener (`tls`) its TLS handshake follows (a failed one is
+    /// counted and closes it), and it is served over TLS.
     pub async fn serve(self, listener: TcpListener, tls: Option<DeviceTls>) {
         let mut connections = tokio::task::JoinSet::new();
-        let refusals = AtomicU64::new(0);
-        let failed_handshakes = Arc::new(AtomicU64::new(0));
+        let counters = Arc::new(ServeCounters::default());
         loop {
             while connections.try_join_next().is_some() {}
             match listener.accept().await {
                 Ok((socket, peer)) => {
-                    let front = self.clone();
-                    let (tls, failed_handshakes) = (tls.clone(), failed_handshakes.clone());
-                    match self.slots.clone().try_acquire_owned() {
-                        Ok(slot) => {
-                            connections.spawn(async move {
-                                let _ = socket.set_nodelay(true);
-                                let served = match tls {
-                                    None => {
-                                        front
-                                            .connection(socket, Some(slot), Origin::Device, None)
-                                            .await
-                                    }
-                                    Some(tls) => {
-                                        let Some((stream, login)) = front
-                                            .handshake(&tls, socket, peer, &failed_handshakes)
-                                            .await
-                                        else {
-                                            return;
-                                        };
-                                        front
-                                            .connection(stream, Some(slot), Origin::Device, login)
-                                            .await
-                                    }
-                                };
-                                if let Err(end) = served {
-                                    debug!(%peer, %end, "device connection closed");
-                                }
-                            });
-                        }
-                        Err(_) => {
-                            Metrics::add(&self.metrics.edge_connections_refused, 1);
-                            if every_thousandth(&refusals) {
-                                warn!(%peer, limit = "broker.max_connections",
-                                    "connection limit reached: refusing device connections");
-                            }
-                            if let Ok(permit) = self.refusing.clone().try_acquire_owned() {
-                                connections.spawn(async move {
-                                    match tls {
-                                        None => front.refuse_busy(socket).await,
-                                        Some(tls) => {
-                                            if let Some((stream, _)) = front
-                                                .handshake(&tls, socket, peer, &failed_handshakes)
-                                                .await
-                                            {
-                                                front.refuse_busy(stream).await;
-                                            }
-                                        }
-                                    }
-                                    drop(permit);
-                                });
-                            }
-                        }
-                    }
+                    self.accepted(socket, peer, &tls, &counters, &mut connections);
                 }
                 Err(e) => {
                     warn!(error = %e, "cannot accept a device connection");
@@ -273,6 +288,116 @@ impl Front {
                 }
             }
         }
+    }
+
+    /// One accepted connection: admitted by its source's limits and given a slot, or refused
+    /// (counted, logged, and answered with the protocol's code).
+    fn accepted(
+        &self,
+        socket: TcpStream,
+        peer: SocketAddr,
+        tls: &Option<DeviceTls>,
+        counters: &Arc<ServeCounters>,
+        connections: &mut tokio::task::JoinSet<()>,
+    ) {
+        let source = match self.sources.admit(peer.ip()) {
+            Ok(source) => source,
+            Err((why, first)) => {
+                let (counter, key, code) = match why {
+                    sources::Refused::TooMany => (
+                        &self.metrics.edge_refused_per_source,
+                        "broker.max_connections_per_source",
+                        reason::QUOTA_EXCEEDED,
+                    ),
+                    sources::Refused::TooFast => (
+                        &self.metrics.edge_refused_connection_rate,
+                        "broker.max_connection_rate_per_source",
+                        reason::CONNECTION_RATE_EXCEEDED,
+                    ),
+                };
+                Metrics::add(counter, 1);
+                if first {
+                    warn!(source = %peer.ip(), limit = key,
+                        "refusing device connections from this address (logged once per address)");
+                }
+                self.refuse(socket, peer, tls, counters, code, connections);
+                return;
+            }
+        };
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            Metrics::add(&self.metrics.edge_connections_refused, 1);
+            if every_thousandth(&counters.refusals) {
+                warn!(%peer, limit = "broker.max_connections",
+                    "connection limit reached: refusing device connections");
+            }
+            self.refuse(
+                socket,
+                peer,
+                tls,
+                counters,
+                reason::QUOTA_EXCEEDED,
+                connections,
+            );
+            return;
+        };
+        let (front, tls, counters) = (self.clone(), tls.clone(), counters.clone());
+        connections.spawn(async move {
+            let _source = source;
+            let _ = socket.set_nodelay(true);
+            let served = match tls {
+                None => {
+                    front
+                        .connection(socket, Some(slot), Origin::Device, None)
+                        .await
+                }
+                Some(tls) => {
+                    let Some((stream, login)) = front
+                        .handshake(&tls, socket, peer, &counters.failed_handshakes)
+                        .await
+                    else {
+                        return;
+                    };
+                    front
+                        .connection(stream, Some(slot), Origin::Device, login)
+                        .await
+                }
+            };
+            if let Err(end) = served {
+                debug!(%peer, %end, "device connection closed");
+            }
+        });
+    }
+
+    /// Answers a refused connection (after its TLS handshake, on a TLS listener) with CONNACK
+    /// "server unavailable" (3.1.1) or `v5_code` (5), while fewer than [`MAX_REFUSING`] are
+    /// being answered; beyond that it is just closed.
+    fn refuse(
+        &self,
+        socket: TcpStream,
+        peer: SocketAddr,
+        tls: &Option<DeviceTls>,
+        counters: &Arc<ServeCounters>,
+        v5_code: u8,
+        connections: &mut tokio::task::JoinSet<()>,
+    ) {
+        let Ok(permit) = self.refusing.clone().try_acquire_owned() else {
+            return;
+        };
+        let (front, tls, counters) = (self.clone(), tls.clone(), counters.clone());
+        connections.spawn(async move {
+            match tls {
+                None => front.refuse_busy(socket, v5_code).await,
+                Some(tls) => {
+                    if let Some((stream, _)) = front
+                        .handshake(&tls, socket, peer, &counters.failed_handshakes)
+                        .await
+                    {
+                        front.refuse_busy(stream, v5_code).await;
+                    }
+                }
+            }
+            drop(permit);
+        });
     }
 
     /// A TLS listener's handshake (within its deadline); a failure is counted and logged, the
@@ -301,9 +426,9 @@ impl Front {
         }
     }
 
-    /// Answers a connection over the limit: reads its CONNECT (within the connect timeout)
-    /// and refuses it with "server unavailable" (3.1.1) or "quota exceeded" (5).
-    async fn refuse_busy<S: AsyncRead + AsyncWrite + Unpin>(self, mut device: S) {
+    /// Answers a connection over a limit: reads its CONNECT (within the connect timeout) and
+    /// refuses it with "server unavailable" (3.1.1) or `v5_code` (5).
+    async fn refuse_busy<S: AsyncRead + AsyncWrite + Unpin>(self, mut device: S, v5_code: u8) {
         let mut input = BytesMut::with_capacity(1024);
         let answered = tokio::time::timeout(self.connect_timeout, async {
             loop {
@@ -312,7 +437,7 @@ impl Front {
                         let version = connect::parse_connect(&frame, &input).ok()?.version;
                         let code = match version {
                             Version::V4 => return_code::SERVER_UNAVAILABLE,
-                            Version::V5 => reason::QUOTA_EXCEEDED,
+                            Version::V5 => v5_code,
                         };
                         return Some(connack_refusal(version, code));
                     }

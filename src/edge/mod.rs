@@ -33,6 +33,7 @@ mod packets;
 pub mod passwords;
 mod retained;
 mod sessions;
+mod sources;
 mod subscriptions;
 pub mod tls;
 
@@ -246,6 +247,10 @@ impl Edge {
             refused_publishes: Arc::default(),
             refused_logins: Arc::default(),
             refused_connections: Arc::default(),
+            sources: front::SourceLimits::new(sources::Limits {
+                max_open: config.max_connections_per_source,
+                rate: config.max_connection_rate_per_source,
+            }),
             require_client_id_match: config.require_client_id_match,
             auth,
         };

@@ -76,11 +76,13 @@ impl Sources {
     }
 
     /// The number of sources remembered.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.sources.len()
     }
 
     /// Whether no source is remembered.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.sources.is_empty()
     }
@@ -143,6 +145,7 @@ impl Sources {
     }
 
     /// The connections open from `ip`, as admitted.
+    #[cfg(test)]
     pub fn open(&self, ip: IpAddr) -> usize {
         self.sources.get(&ip).map_or(0, |s| s.open)
     }
