@@ -637,6 +637,31 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn tls_1_2_clients_are_served_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new("device ca");
+        let tls = device_tls(&server_config(dir.path(), &ca));
+        let (cert, key) = ca.client("old-firmware", 3);
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.0.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            vec![rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            handshake(&tls, client).await.unwrap(),
+            Some(CertificateLogin::Identity("old-firmware".into()))
+        );
+    }
+
+    #[tokio::test]
     async fn without_require_certificate_a_client_without_one_gets_in_and_a_bad_one_does_not() {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::new("device ca");
