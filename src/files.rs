@@ -207,35 +207,35 @@ impl Rereads {
     }
 }
 
-/// Keeps a file the operator may change in use: reads `path` again with `load` (on the
-/// blocking pool) at each [`Rereads`] request and hands every version that loads to `take`.
-/// A version that does not load is logged once, naming `what`, and the one in use stays.
-/// The task ends at shutdown, when the reload counter is gone, or when `take` returns false.
-/// Must be called inside a tokio runtime.
-pub fn keep_reading<T, E>(
+/// Keeps files the operator may change in use: when one of `paths` changes, or at each
+/// `SIGHUP` ([`Rereads`]), `load`s them again (on the blocking pool) and hands every version
+/// that loads to `take`. A version that does not load is logged once, naming `what`, and
+/// what is in use stays. The task ends at shutdown, when the reload counter is gone, or when
+/// `take` returns false. Must be called inside a tokio runtime.
+pub fn keep_reading<T, E, L>(
     what: &'static str,
-    path: std::path::PathBuf,
+    paths: Vec<std::path::PathBuf>,
     reloads: tokio::sync::watch::Receiver<u64>,
     shutdown: tokio::sync::watch::Receiver<bool>,
-    load: fn(&Path) -> Result<T, E>,
+    load: L,
     mut take: impl FnMut(T) -> bool + Send + 'static,
 ) -> tokio::task::JoinHandle<()>
 where
     T: Send + 'static,
     E: std::fmt::Display + Send + 'static,
+    L: Fn() -> Result<T, E> + Clone + Send + 'static,
 {
     tokio::spawn(async move {
-        let mut rereads = Rereads::new(vec![path.clone()], reloads, shutdown);
+        let mut rereads = Rereads::new(paths, reloads, shutdown);
         while rereads.next().await.is_some() {
-            let reading = path.clone();
-            match tokio::task::spawn_blocking(move || load(&reading)).await {
+            match tokio::task::spawn_blocking(load.clone()).await {
                 Ok(Ok(loaded)) => {
                     if !take(loaded) {
                         return;
                     }
                 }
                 Ok(Err(error)) => {
-                    tracing::warn!(%error, "the {what} cannot be read again; the one in use stays");
+                    tracing::warn!(%error, "the {what} cannot be read again; what is in use stays");
                 }
                 Err(error) => tracing::warn!(%error, "reading the {what} again failed"),
             }

@@ -655,7 +655,7 @@ async fn a_certificate_revoked_by_a_new_crl_is_refused_after_sighup_and_a_garbag
     common::eventually("the refusal of the garbage is logged", || {
         gateway
             .log()
-            .contains("the device TLS files cannot be used")
+            .contains("the device TLS files cannot be read again")
     })
     .await;
     let log = gateway.log();

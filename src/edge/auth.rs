@@ -258,10 +258,10 @@ pub fn watch_password_file(
     let shown = path.clone();
     let task = files::keep_reading(
         "password file",
-        path,
+        vec![path.clone()],
         reloads,
         shutdown,
-        load_password_file,
+        move || load_password_file(&path),
         move |file| {
             report(&shown, &file);
             info!(file = %shown.display(), users = file.users(), "password file read again");

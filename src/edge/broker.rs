@@ -623,14 +623,7 @@ impl Broker {
             let Some(client) = state.clients.get_mut(&delivery.session) else {
                 continue;
             };
-            if !permitted(
-                &rules,
-                &client.owner,
-                &client.client_id,
-                &publish.topic,
-                Access::Read,
-            ) {
-                Metrics::add(&self.metrics.acl_denied_deliveries, 1);
+            if !self.may_deliver(&rules, client, &publish.topic) {
                 continue;
             }
             let qos = publish.qos.min(delivery.qos);
@@ -677,14 +670,7 @@ impl Broker {
             let Some(message) = retained.get(&owed.topic, now) else {
                 continue;
             };
-            if !permitted(
-                rules,
-                &client.owner,
-                &client.client_id,
-                &owed.topic,
-                Access::Read,
-            ) {
-                Metrics::add(&self.metrics.acl_denied_deliveries, 1);
+            if !self.may_deliver(rules, client, &owed.topic) {
                 continue;
             }
             let bytes = owed.topic.len() + message.payload.len() + message.properties.len();
@@ -741,6 +727,16 @@ impl Broker {
                 false
             }
         }
+    }
+
+    /// Whether `client` may read `topic` under `rules` (the gateway's own sessions always
+    /// may); a refusal is counted.
+    fn may_deliver(&self, rules: &Rules, client: &Client, topic: &str) -> bool {
+        let allowed = permitted(rules, &client.owner, &client.client_id, topic, Access::Read);
+        if !allowed {
+            Metrics::add(&self.metrics.acl_denied_deliveries, 1);
+        }
+        allowed
     }
 
     /// Forgets on disk the kept messages of `client` that are done with.
@@ -1118,14 +1114,7 @@ impl Connection {
                     }
                     // Checked again as it goes: the rules may have changed since it was
                     // queued, or the session's owner (a resumed session).
-                    if !permitted(
-                        &rules,
-                        &client.owner,
-                        &client.client_id,
-                        &message.topic,
-                        Access::Read,
-                    ) {
-                        Metrics::add(&self.broker.metrics.acl_denied_deliveries, 1);
+                    if !self.broker.may_deliver(&rules, client, &message.topic) {
                         if let Some(mid) = packet_id.and_then(|id| client.outbound.complete(id)) {
                             self.broker.forget(client, vec![mid]);
                         }

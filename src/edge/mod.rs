@@ -125,6 +125,16 @@ fn max_inflight(config: &BrokerConfig) -> u16 {
     u16::try_from(config.max_inflight.max(1)).unwrap_or(u16::MAX)
 }
 
+/// Binds a device listener; the error names the address.
+async fn bind(addr: &SocketAddr) -> Result<tokio::net::TcpListener, EdgeError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| EdgeError::Bind {
+            addr: *addr,
+            source,
+        })
+}
+
 /// How often the broker looks for due wills and expired sessions and retained messages.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -158,24 +168,12 @@ impl Edge {
             broker::Broker::restore(broker_limits(config), metrics.clone(), store, snapshot);
         let mut listeners = Vec::new();
         for addr in config.listen.iter().chain(&config.listen_v5) {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| EdgeError::Bind {
-                    addr: *addr,
-                    source,
-                })?;
-            listeners.push(listener);
+            listeners.push(bind(addr).await?);
         }
         let mut tls_listeners = Vec::new();
         for tls in tls.iter() {
             for addr in tls.listen() {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| EdgeError::Bind {
-                        addr: *addr,
-                        source,
-                    })?;
-                tls_listeners.push((listener, tls.clone()));
+                tls_listeners.push((bind(addr).await?, tls.clone()));
             }
         }
         let mut edge = Edge::with_sink(
@@ -325,10 +323,10 @@ impl Edge {
         let shown = path.clone();
         self.tasks.push(crate::files::keep_reading(
             "ACL file",
-            path,
+            vec![path.clone()],
             reloads,
             shutdown,
-            auth::load_acl_file,
+            move || auth::load_acl_file(&path),
             move |acl| {
                 info!(file = %shown.display(), rules = acl.rules(), "ACL file read again");
                 broker.set_acl(Some(Arc::new(acl)));

@@ -37,7 +37,6 @@ use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
 
 use crate::config::BrokerTlsConfig;
-use crate::files::Rereads;
 use crate::uplink::credentials::{self, CertificateFacts, CredentialError};
 
 pub use crate::uplink::credentials::MAX_FILE_BYTES;
@@ -399,30 +398,17 @@ pub fn watch_tls_files(
 ) {
     report(&initial);
     let (tx, rx) = watch::channel(Arc::new(initial));
-    let task = tokio::spawn(async move {
-        let mut rereads = Rereads::new(files(&config), reloads, shutdown);
-        while rereads.next().await.is_some() {
-            let reading = config.clone();
-            let loaded = match tokio::task::spawn_blocking(move || load(&reading)).await {
-                Ok(loaded) => loaded,
-                Err(e) => {
-                    warn!(error = %e, "device TLS reload task failed");
-                    continue;
-                }
-            };
-            match loaded {
-                Ok(files) => {
-                    report(&files);
-                    if tx.send(Arc::new(files)).is_err() {
-                        return;
-                    }
-                }
-                Err(error) => {
-                    warn!(%error, "the device TLS files cannot be used; the ones in use stay");
-                }
-            }
-        }
-    });
+    let task = crate::files::keep_reading(
+        "device TLS files",
+        files(&config),
+        reloads,
+        shutdown,
+        move || load(&config),
+        move |files| {
+            report(&files);
+            tx.send(Arc::new(files)).is_ok()
+        },
+    );
     (rx, task)
 }
 
