@@ -770,15 +770,43 @@ impl fmt::Display for BrokerAddress {
 /// says it is.
 #[derive(Debug, Clone, Copy)]
 pub struct Endpoint<'a> {
-    /// `mqtt://HOST[:PORT]`.
+    /// `mqtt://HOST[:PORT]` (1883 by default), or `mqtts://HOST[:PORT]` (TLS, 8883 by default).
     pub url: &'a str,
     /// The username and password to log in with, if any.
     pub login: Option<(&'a str, &'a str)>,
+    /// The TLS files, for an `mqtts://` URL only.
+    pub tls: TlsFiles<'a>,
+}
+
+/// The TLS files an operator's command names (`--cafile`, `--certfile`, `--keyfile`). They
+/// are read and checked as an upstream's `cafile`, `certfile` and `keyfile` are
+/// ([`crate::uplink::credentials`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TlsFiles<'a> {
+    /// PEM file of the CA certificates the broker's certificate must chain to; without it, the
+    /// system's.
+    pub cafile: Option<&'a Path>,
+    /// The client certificate to present (PEM); needs `keyfile`.
+    pub certfile: Option<&'a Path>,
+    /// The client certificate's private key (PEM), readable by its owner only; needs
+    /// `certfile`.
+    pub keyfile: Option<&'a Path>,
+}
+
+impl TlsFiles<'_> {
+    /// Whether no file is named.
+    pub fn is_empty(&self) -> bool {
+        self.cafile.is_none() && self.certfile.is_none() && self.keyfile.is_none()
+    }
 }
 
 impl<'a> From<&'a str> for Endpoint<'a> {
     fn from(url: &'a str) -> Endpoint<'a> {
-        Endpoint { url, login: None }
+        Endpoint {
+            url,
+            login: None,
+            tls: TlsFiles::default(),
+        }
     }
 }
 

@@ -61,6 +61,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::config::{parse_broker_url, Endpoint};
 use crate::edge::LocalLink;
+use crate::operator;
 use crate::store::{DeadLetter, DeadLetterFilter, Store, StoreError};
 
 /// The client id of the control plane's in-process link to the broker.
@@ -571,13 +572,17 @@ fn base64(bytes: &[u8]) -> String {
     out
 }
 
-/// Sends one request to gateway `gateway_id` through the broker at `broker_url`
-/// (`mqtt://HOST:PORT`) and returns its reply, whatever its `ok`.
+/// Sends one request to gateway `gateway_id` through the broker of `broker`
+/// (`mqtt://HOST[:PORT]`, or `mqtts://HOST[:PORT]` with its TLS files) and returns its reply,
+/// whatever its `ok`.
 ///
-/// It connects with a fresh client id, subscribes to a reply topic of its own
-/// (`outpost/<gateway_id>/replies/<random>`), waits for the SUBACK, publishes the request with
-/// QoS 1 and `reply_to` set to that topic, and waits for the reply. Fails with a clear message
-/// when the broker cannot be reached or no reply arrives within `timeout`.
+/// It connects ([`crate::operator`]: TCP or TLS, with the endpoint's login) with a fresh
+/// client id, subscribes to a reply topic of its own (`outpost/<gateway_id>/replies/<random>`),
+/// waits for the SUBACK, publishes the request with QoS 1, `reply_to` set to that topic and an
+/// unguessable `nonce`, and waits for the reply that [`answers`] it (anything else on the reply
+/// topic is ignored, with a warning). Fails with a clear message when the options cannot be
+/// used, the broker cannot be reached or refuses the login or the subscription, or no reply
+/// arrives within `timeout` (connecting included).
 pub async fn request(
     broker: impl Into<Endpoint<'_>>,
     gateway_id: &str,
@@ -585,16 +590,8 @@ pub async fn request(
     request: &Request,
     timeout: Duration,
 ) -> anyhow::Result<Value> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode};
-
     let broker = broker.into();
-    let broker_url = broker.url;
-    let address = parse_broker_url(broker_url).map_err(anyhow::Error::msg)?;
-    if address.tls {
-        anyhow::bail!(
-            "{broker_url:?}: this command does not speak TLS yet; use an mqtt:// URL (a gateway's own broker has plain listeners only)"
-        );
-    }
+    let address = parse_broker_url(broker.url).map_err(anyhow::Error::msg)?;
     if gateway_id.is_empty()
         || !gateway_id
             .chars()
@@ -614,59 +611,36 @@ pub async fn request(
     body.nonce = Some(nonce.clone());
     let body = serde_json::to_vec(&body)?;
 
-    let mut options = MqttOptions::new(format!("cli-{token}"), address.host.clone(), address.port);
-    options.set_keep_alive(Duration::from_secs(30));
-    options.set_clean_session(true);
-    options.set_max_packet_size(MAX_INCOMING_PACKET, MAX_INCOMING_PACKET);
-    if let Some((username, password)) = broker.login {
-        options.set_credentials(username, password);
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 16);
-    client.subscribe(&reply_topic, QoS::AtLeastOnce).await?;
-
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut session = operator::connect(broker, MAX_INCOMING_PACKET, timeout).await?;
     let exchange = async {
-        let mut sent = false;
+        session
+            .subscribe(std::slice::from_ref(&reply_topic))
+            .await?;
+        session
+            .publish(request_topic(gateway_id, verb), body, false)
+            .await?;
         loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(ack))) if !sent => {
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                    {
-                        anyhow::bail!(
-                            "{address} refused the subscription to {reply_topic}: log in as one \
-                             of the gateway's broker.admins (--username, --password)"
-                        );
-                    }
-                    client
-                        .publish(
-                            request_topic(gateway_id, verb),
-                            QoS::AtLeastOnce,
-                            false,
-                            body.clone(),
-                        )
-                        .await?;
-                    sent = true;
+            let operator::Event::Message { topic, payload } = session.next().await? else {
+                continue;
+            };
+            if topic != reply_topic {
+                continue;
+            }
+            match serde_json::from_slice::<Value>(&payload).ok() {
+                Some(reply) if answers(&reply, gateway_id, &nonce) => {
+                    return anyhow::Ok(reply);
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == reply_topic => {
-                    let reply = serde_json::from_slice::<Value>(&p.payload).ok();
-                    match reply {
-                        Some(reply) if answers(&reply, gateway_id, &nonce) => return Ok(reply),
-                        // Someone else's message on the reply topic: not believed, and the
-                        // real reply is still awaited.
-                        _ => eprintln!(
-                            "warning: ignored a message on {reply_topic} that is not gateway \
-                             {gateway_id}'s reply to this request (forged, or stale)"
-                        ),
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => anyhow::bail!("cannot talk to the gateway's broker at {address}: {e}"),
+                // Someone else's message on the reply topic: not believed, and the real reply
+                // is still awaited.
+                _ => eprintln!(
+                    "warning: ignored a message on {reply_topic} that is not gateway \
+                     {gateway_id}'s reply to this request (forged, or stale)"
+                ),
             }
         }
     };
-    let reply = tokio::time::timeout(timeout, exchange)
+    let reply = tokio::time::timeout_at(deadline, exchange)
         .await
         .map_err(|_| {
             anyhow::anyhow!(
@@ -674,19 +648,8 @@ pub async fn request(
                 timeout.as_secs_f64()
             )
         })??;
-
-    // Leave politely; the reply is already in hand, so this is best effort.
-    if client.try_disconnect().is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-    }
+    // The reply is already in hand: leaving politely is best effort.
+    session.close().await;
     Ok(reply)
 }
 

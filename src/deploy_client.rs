@@ -26,10 +26,12 @@
 //! - Nothing is retained on the broker unless the request says so ([`Request::retained`],
 //!   deploys only).
 //!
-//! It logs in with the [`Endpoint`]'s username and password when given. What it does not do:
-//! authenticate the statuses beyond their digest (anyone who may publish on the status topics
-//! may forge one: on a gateway's own broker, only its admins may, once `broker.admins` or an
-//! ACL is set), or connect with TLS.
+//! It connects through [`crate::operator`]: TCP for `mqtt://`, TLS for `mqtts://` (the broker's
+//! certificate checked against the [`Endpoint`]'s CA file or the system's, a client
+//! certificate when given), logging in with the endpoint's username and password when given.
+//! What it does not do: authenticate the statuses beyond their digest (anyone who may publish
+//! on the status topics may forge one: on a gateway's own broker, only its admins may, once
+//! `broker.admins` or an ACL is set).
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -40,6 +42,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::config::{parse_broker_url, Endpoint};
+use crate::operator;
 use crate::signing::{self, CommandOp, SignedCommand, SignedModule};
 
 /// The default first levels of fleet topics: `outpost/fleet/<group>/modules/...`.
@@ -50,9 +53,6 @@ pub const FLEET_STATUS_FILTER: &str = "outpost/+/modules/status";
 
 /// The largest status the client accepts, in bytes (a `list` of many modules fits easily).
 const MAX_STATUS_BYTES: usize = 4 * 1024 * 1024;
-
-/// MQTT's largest packet, so that the largest module the protocol allows can be published.
-const MAX_OUTGOING_PACKET: usize = 268_435_455 + 5;
 
 /// A module operation; what a status's `op` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -372,10 +372,11 @@ impl Status {
     }
 }
 
-/// Publishes `request` to one gateway through the broker at `broker_url` (`mqtt://HOST:PORT`:
-/// the gateway's own broker, or an upstream it is connected to) and returns that gateway's
-/// status for it, whatever its `ok`. Fails with a clear message when the target is a fleet,
-/// when the broker cannot be reached or refuses, or when no status arrives within `timeout`.
+/// Publishes `request` to one gateway through the broker of `broker` (`mqtt://HOST[:PORT]` or
+/// `mqtts://HOST[:PORT]`: the gateway's own broker, or an upstream it is connected to) and
+/// returns that gateway's status for it, whatever its `ok`. Fails with a clear message when
+/// the target is a fleet, when the options cannot be used, when the broker cannot be reached
+/// or refuses, or when no status arrives within `timeout` (connecting included).
 pub async fn request(
     broker: impl Into<Endpoint<'_>>,
     request: &Request,
@@ -394,7 +395,7 @@ pub async fn request(
     }
 }
 
-/// Publishes `request` (usually for a fleet) through the broker at `broker_url` and collects
+/// Publishes `request` (usually for a fleet) through the broker of `broker` and collects
 /// the statuses with its digest from every gateway (`outpost/+/modules/status`, one per
 /// gateway, the first) for `wait`, or until `expect` gateways answered. Returns what arrived,
 /// possibly nothing; fails only when the broker cannot be reached, refuses, or did not
@@ -408,9 +409,11 @@ pub async fn request_fleet(
     exchange(broker.into(), request, wait, expect, true).await
 }
 
-/// The exchange behind [`request`] and [`request_fleet`]: subscribe, publish once the
-/// subscription is confirmed, collect matching statuses until `limit` gateways answered or
-/// `wait` passed. With `need_ack`, a request the broker never acknowledged is an error.
+/// The exchange behind [`request`] and [`request_fleet`] ([`crate::operator`]): subscribe,
+/// publish once the subscription is confirmed, collect matching statuses until `limit`
+/// gateways answered or `wait` (connecting included) passed. With `need_ack`, a request the
+/// broker never acknowledged is an error; a request it refused (MQTT 5, or too large for it)
+/// is one always.
 async fn exchange(
     broker: Endpoint<'_>,
     request: &Request,
@@ -418,101 +421,77 @@ async fn exchange(
     limit: Option<usize>,
     need_ack: bool,
 ) -> anyhow::Result<Vec<Status>> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, SubscribeReasonCode};
-
-    let broker_url = broker.url;
-    let address = parse_broker_url(broker_url).map_err(anyhow::Error::msg)?;
-    if address.tls {
-        anyhow::bail!(
-            "{broker_url:?}: this command does not speak TLS yet; use an mqtt:// URL (a gateway's own broker has plain listeners only)"
-        );
-    }
+    let address = parse_broker_url(broker.url).map_err(anyhow::Error::msg)?;
     let filter = request.target().status_filter();
     let expected_gateway = match request.target() {
         Target::Gateway(id) => Some(id.clone()),
         Target::Fleet { .. } => None,
     };
     let digest = request.request_sha256();
-    let token = format!("{:016x}", rand::rng().random::<u64>());
-    let mut options = MqttOptions::new(format!("cli-{token}"), address.host.clone(), address.port);
-    options.set_keep_alive(Duration::from_secs(30));
-    options.set_clean_session(true);
-    options.set_max_packet_size(MAX_STATUS_BYTES, MAX_OUTGOING_PACKET);
-    if let Some((username, password)) = broker.login {
-        options.set_credentials(username, password);
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 16);
-    client.subscribe(&filter, QoS::AtLeastOnce).await?;
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut session = operator::connect(broker, MAX_STATUS_BYTES, wait).await?;
 
     let mut statuses: Vec<Status> = Vec::new();
     let mut answered: HashSet<String> = HashSet::new();
     let mut acked = false;
     let enough = |n: usize| limit.is_some_and(|limit| n >= limit);
     let collect = async {
-        let mut sent = false;
+        session.subscribe(std::slice::from_ref(&filter)).await?;
+        let sent = session
+            .publish(
+                request.topic(),
+                request.payload().to_vec(),
+                request.is_retained(),
+            )
+            .await?;
         loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(ack))) if !sent => {
-                    if ack
-                        .return_codes
-                        .iter()
-                        .any(|c| matches!(c, SubscribeReasonCode::Failure))
-                    {
+            let (topic, payload) = match session.next().await? {
+                operator::Event::Acked { pkid, refusal } if pkid == sent => {
+                    if let Some(reason) = refusal {
                         anyhow::bail!(
-                            "{address} refused the subscription to {filter}: log in as one of \
-                             the gateway's broker.admins (--username, --password)"
+                            "the broker at {address} refused the request on {}: {reason}",
+                            request.topic()
                         );
                     }
-                    client
-                        .publish(
-                            request.topic(),
-                            QoS::AtLeastOnce,
-                            request.is_retained(),
-                            request.payload().to_vec(),
-                        )
-                        .await?;
-                    sent = true;
+                    acked = true;
+                    continue;
                 }
-                Ok(Event::Incoming(Packet::PubAck(_))) if sent => acked = true,
-                Ok(Event::Incoming(Packet::Publish(p))) if sent => {
-                    let Ok(value) = serde_json::from_slice::<Value>(&p.payload) else {
-                        continue;
-                    };
-                    if value.get("request_sha256").and_then(Value::as_str) != Some(&digest) {
-                        continue;
-                    }
-                    let from = p
-                        .topic
-                        .strip_prefix("outpost/")
-                        .and_then(|rest| rest.strip_suffix("/modules/status"))
-                        .unwrap_or_default();
-                    let status: Status = serde_json::from_value(value).map_err(|e| {
-                        anyhow::anyhow!(
-                            "gateway {from} answered with a status this client cannot read ({e}): {}",
-                            String::from_utf8_lossy(&p.payload[..p.payload.len().min(500)])
-                        )
-                    })?;
-                    if from != status.gateway
-                        || expected_gateway
-                            .as_ref()
-                            .is_some_and(|g| *g != status.gateway)
-                    {
-                        continue;
-                    }
-                    if answered.insert(status.gateway.clone()) {
-                        statuses.push(status);
-                        if enough(statuses.len()) {
-                            return Ok(());
-                        }
-                    }
+                operator::Event::Acked { .. } => continue,
+                operator::Event::Message { topic, payload } => (topic, payload),
+            };
+            let Ok(value) = serde_json::from_slice::<Value>(&payload) else {
+                continue;
+            };
+            if value.get("request_sha256").and_then(Value::as_str) != Some(&digest) {
+                continue;
+            }
+            let from = topic
+                .strip_prefix("outpost/")
+                .and_then(|rest| rest.strip_suffix("/modules/status"))
+                .unwrap_or_default();
+            let status: Status = serde_json::from_value(value).map_err(|e| {
+                anyhow::anyhow!(
+                    "gateway {from} answered with a status this client cannot read ({e}): {}",
+                    String::from_utf8_lossy(&payload[..payload.len().min(500)])
+                )
+            })?;
+            if from != status.gateway
+                || expected_gateway
+                    .as_ref()
+                    .is_some_and(|g| *g != status.gateway)
+            {
+                continue;
+            }
+            if answered.insert(status.gateway.clone()) {
+                statuses.push(status);
+                if enough(statuses.len()) {
+                    return Ok(());
                 }
-                Ok(_) => {}
-                Err(e) => anyhow::bail!("cannot talk to the broker at {address}: {e}"),
             }
         }
     };
     // When the wait is over, what arrived is the answer.
-    if let Ok(result) = tokio::time::timeout(wait, collect).await {
+    if let Ok(result) = tokio::time::timeout_at(deadline, collect).await {
         result?;
     }
     // A status proves that the request arrived; without one, insist on the PUBACK.
@@ -523,19 +502,8 @@ async fn exchange(
             wait.as_secs_f64()
         );
     }
-
     // Leave politely; best effort.
-    if client.try_disconnect().is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        })
-        .await;
-    }
+    session.close().await;
     Ok(statuses)
 }
 

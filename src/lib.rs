@@ -26,6 +26,7 @@ pub mod locator;
 pub mod metrics;
 pub mod modules;
 pub mod notify;
+pub mod operator;
 pub mod pipeline;
 pub mod predicate;
 pub mod router;

@@ -283,7 +283,8 @@ enum ModuleCommand {
 #[derive(clap::Args)]
 struct TargetOptions {
     /// The MQTT broker: the gateway's own listener, or an upstream broker its gateways are
-    /// connected to (needed for --fleet).
+    /// connected to (needed for --fleet): mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for TLS
+    /// (port 8883 by default).
     #[arg(long, default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
     /// Log in to the broker as this user (one of the gateway's `broker.admins`, or one the
@@ -293,6 +294,8 @@ struct TargetOptions {
     /// The password of --username.
     #[arg(long, requires = "username")]
     password: Option<String>,
+    #[command(flatten)]
+    tls: TlsOptions,
     /// The gateway's id (its `gateway_id`).
     #[arg(long, required_unless_present = "fleet", conflicts_with = "fleet")]
     gateway: Option<String>,
@@ -319,6 +322,36 @@ struct TargetOptions {
     /// Print the status(es) as JSON instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// TLS to the broker, for an mqtts:// --broker (named as the configuration's `cafile`,
+/// `certfile` and `keyfile`; `--key` is the signing key of `outpost module`).
+#[derive(clap::Args)]
+struct TlsOptions {
+    /// mqtts:// only: PEM file of the CA certificates the broker's certificate must chain to
+    /// [default: the system's CA certificates]. The certificate must also be valid for the
+    /// host in --broker.
+    #[arg(long, global = true, value_name = "FILE")]
+    cafile: Option<PathBuf>,
+    /// mqtts:// only: a client certificate to present (PEM), for a listener that requires
+    /// one; with `use_identity_as_username` its CN is the user (an admin's, for these
+    /// commands). Needs --keyfile.
+    #[arg(long, global = true, value_name = "FILE", requires = "keyfile")]
+    certfile: Option<PathBuf>,
+    /// mqtts:// only: the private key of --certfile (PEM), readable by its owner only (mode
+    /// 0600).
+    #[arg(long, global = true, value_name = "FILE", requires = "certfile")]
+    keyfile: Option<PathBuf>,
+}
+
+impl TlsOptions {
+    fn files(&self) -> outpost::config::TlsFiles<'_> {
+        outpost::config::TlsFiles {
+            cafile: self.cafile.as_deref(),
+            certfile: self.certfile.as_deref(),
+            keyfile: self.keyfile.as_deref(),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -358,7 +391,8 @@ struct DeadLettersOptions {
     /// Print the gateway's JSON reply instead of a table.
     #[arg(long, global = true)]
     json: bool,
-    /// The gateway's MQTT listener.
+    /// The gateway's MQTT listener: mqtt://HOST[:PORT], or mqtts://HOST[:PORT] for its TLS
+    /// listener (port 8883 by default).
     #[arg(long, global = true, default_value = "mqtt://127.0.0.1:1883")]
     broker: String,
     /// Log in to the broker as this user (one of the gateway's `broker.admins`, or one the
@@ -368,6 +402,8 @@ struct DeadLettersOptions {
     /// The password of --username.
     #[arg(long, global = true, requires = "username")]
     password: Option<String>,
+    #[command(flatten)]
+    tls: TlsOptions,
     /// The gateway's id (its `gateway_id`).
     #[arg(long, global = true, default_value = "outpost")]
     gateway_id: String,
@@ -721,6 +757,7 @@ fn deadletters(command: DeadLettersCommand, o: DeadLettersOptions) -> anyhow::Re
     let broker = outpost::config::Endpoint {
         url: &o.broker,
         login: o.username.as_deref().zip(o.password.as_deref()),
+        tls: o.tls.files(),
     };
     let reply = tokio_runtime()?.block_on(control::request(
         broker,
@@ -998,6 +1035,7 @@ fn module_request(
     let broker = outpost::config::Endpoint {
         url: &o.broker,
         login: o.username.as_deref().zip(o.password.as_deref()),
+        tls: o.tls.files(),
     };
     match request.target() {
         Target::Gateway(_) => {

@@ -415,6 +415,34 @@ async fn module_client_matches_statuses_to_its_requests() {
     );
 }
 
+/// `module push --fleet --retain` publishes the deploy retained: a gateway that subscribes
+/// later still gets it, byte for byte.
+#[tokio::test]
+async fn a_retained_fleet_deploy_stays_on_the_broker_for_later_gateways() {
+    use outpost::deploy_client::{self, Request, Target};
+    use outpost::signing::{SignedModule, SigningKey};
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = common::Mosquitto::new(dir.path());
+    broker.start();
+    let _a = fake_gateway(broker.port, "a", true).await;
+    let key = SigningKey::from_bytes(&[9; 32]);
+    let module = SignedModule::sign(&key, "celsius", "2.0.0", 1, b"\0asm".to_vec()).unwrap();
+    let fleet = Target::fleet(deploy_client::DEFAULT_FLEET_PREFIX, "north").unwrap();
+    let request = Request::deploy_module(fleet, &module).retained().unwrap();
+    // Returns once gateway a answered (it was subscribed already).
+    let statuses = deploy_client::request_fleet(&broker.url(), &request, common::PATIENCE, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(statuses.len(), 1, "{statuses:?}");
+    let late =
+        common::Subscriber::connect(broker.port, "late-gateway", "outpost/fleet/north/modules/#")
+            .await;
+    common::eventually("the retained deploy", || late.received.len() == 1).await;
+    let (topic, payload) = late.received.all().remove(0);
+    assert_eq!(topic, "outpost/fleet/north/modules/celsius/deploy");
+    assert_eq!(payload, module.to_bytes());
+}
+
 /// Runs outpost, killing it (and failing the test) if it has not finished after 60 s: a hang
 /// is what these tests look for.
 fn outpost_within_a_minute(args: &[&str]) -> Output {

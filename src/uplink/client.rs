@@ -39,7 +39,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tracing::warn;
 use zeroize::Zeroizing;
 
 use crate::config::MqttVersion;
@@ -59,8 +58,6 @@ const WRITE_CHUNK_BYTES: usize = 16 * 1024;
 
 /// How to reach the upstream and who to say we are.
 pub(crate) struct ConnectSettings {
-    /// The link's name, for the log.
-    pub link: String,
     /// Host name or IP address of the upstream.
     pub host: String,
     /// Its TCP port.
@@ -141,6 +138,9 @@ pub(crate) enum LinkEvent {
     PubAck { pkid: u16, refusal: Option<String> },
     /// A publish on one of the control subscriptions.
     Incoming { topic: String, payload: Vec<u8> },
+    /// The upstream answered the SUBSCRIBE with packet id `pkid` ([`Client::try_subscribe`]
+    /// returned it); `refused` counts the filters it refused.
+    Subscribed { pkid: u16, refused: usize },
     /// The connection is over; nothing follows.
     Failed(LinkFailure),
 }
@@ -427,12 +427,13 @@ fn server_name_text(name: &ServerName<'_>) -> String {
 /// A request from the session to its connection.
 enum Request {
     /// Publish with QoS 1 under packet id `pkid`, or with QoS 0 when it is 0; `msg_id` goes
-    /// into the MQTT 5 user property.
+    /// into the MQTT 5 user property; `retain` sets the RETAIN flag.
     Publish {
         topic: String,
         payload: Vec<u8>,
         pkid: u16,
         msg_id: Option<String>,
+        retain: bool,
     },
     /// Subscribe (QoS 1) to these filters, under this packet id.
     Subscribe(u16, Vec<String>),
@@ -460,25 +461,45 @@ impl Client {
         qos1: bool,
         msg_id: Option<String>,
     ) -> Result<u16, String> {
+        self.queue_publish(topic, payload, qos1, msg_id, false)
+    }
+
+    /// Queues a QoS 1 publish with the RETAIN flag set; returns its packet id. Fails as
+    /// [`Client::try_publish`] does.
+    pub fn try_publish_retained(&self, topic: String, payload: Vec<u8>) -> Result<u16, String> {
+        self.queue_publish(topic, payload, true, None, true)
+    }
+
+    fn queue_publish(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        qos1: bool,
+        msg_id: Option<String>,
+        retain: bool,
+    ) -> Result<u16, String> {
         let pkid = if qos1 { self.next_id()? } else { 0 };
         self.send(Request::Publish {
             topic,
             payload,
             pkid,
             msg_id,
+            retain,
         })
         .inspect_err(|_| self.release(pkid))?;
         Ok(pkid)
     }
 
-    /// Queues a subscription (QoS 1) to every filter.
-    pub fn try_subscribe(&self, filters: Vec<String>) -> Result<(), String> {
+    /// Queues a subscription (QoS 1) to every filter; returns the SUBSCRIBE's packet id, which
+    /// its [`LinkEvent::Subscribed`] carries (`None`: no filters, nothing sent).
+    pub fn try_subscribe(&self, filters: Vec<String>) -> Result<Option<u16>, String> {
         if filters.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let pkid = self.next_id()?;
         self.send(Request::Subscribe(pkid, filters))
-            .inspect_err(|_| self.release(pkid))
+            .inspect_err(|_| self.release(pkid))?;
+        Ok(Some(pkid))
     }
 
     fn next_id(&self) -> Result<u16, String> {
@@ -578,7 +599,6 @@ async fn run(
     let (reader, writer) = tokio::io::split(stream);
     let (internal_tx, internal_rx) = mpsc::unbounded_channel();
     let reading = read_loop(
-        &settings.link,
         reader,
         leftover,
         settings.protocol,
@@ -782,7 +802,6 @@ fn encode_connect(settings: &ConnectSettings, out: &mut BytesMut) -> Result<(), 
 
 #[allow(clippy::too_many_arguments)]
 async fn read_loop<R: AsyncRead + Unpin>(
-    link: &str,
     mut reader: R,
     mut buffer: BytesMut,
     protocol: MqttVersion,
@@ -830,10 +849,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 Incoming::SubAck { pkid, refused } => {
                     lock(ids).release(pkid);
-                    if refused > 0 {
-                        // Module deploys through this upstream will not arrive; data still flows.
-                        warn!(%link, refused, "the upstream refused control subscriptions (module requests through it will not arrive)");
-                    }
+                    let _ = events.send(LinkEvent::Subscribed { pkid, refused });
                 }
                 Incoming::Disconnect { reason } => {
                     return Err(LinkFailure::Disconnected { reason });
@@ -951,14 +967,18 @@ fn handle_request(
             payload,
             pkid,
             msg_id,
+            retain,
         } => {
             let encoded = encode_publish(
                 settings.protocol,
                 out,
-                pkid,
-                topic,
-                payload,
-                msg_id,
+                Outgoing {
+                    pkid,
+                    topic,
+                    payload,
+                    msg_id,
+                    retain,
+                },
                 limits.max_packet_size,
             );
             if let (1.., Err(refusal)) = (pkid, encoded) {
@@ -1037,22 +1057,36 @@ impl PacketIds {
     }
 }
 
+/// A publish to encode: QoS 1 under `pkid`, QoS 0 when it is 0.
+struct Outgoing {
+    pkid: u16,
+    topic: String,
+    payload: Vec<u8>,
+    msg_id: Option<String>,
+    retain: bool,
+}
+
 /// Encodes a publish; `Err` (nothing written) when the upstream would not take it: too large
 /// for its Maximum Packet Size, or not encodable.
 fn encode_publish(
     protocol: MqttVersion,
     out: &mut BytesMut,
-    pkid: u16,
-    topic: String,
-    payload: Vec<u8>,
-    msg_id: Option<String>,
+    publish: Outgoing,
     max_packet: Option<u32>,
 ) -> Result<(), String> {
+    let Outgoing {
+        pkid,
+        topic,
+        payload,
+        msg_id,
+        retain,
+    } = publish;
     let qos = if pkid == 0 { 0 } else { 1 };
     let written = match protocol {
         MqttVersion::V311 => {
             let mut publish = v4::Publish::new(topic, qos_v4(qos), payload);
             publish.pkid = pkid;
+            publish.retain = retain;
             v4::Packet::Publish(publish)
                 .write(out, MQTT_MAX_PACKET)
                 .map_err(|e| e.to_string())
@@ -1065,6 +1099,7 @@ fn encode_publish(
             let mut publish =
                 v5::Publish::new(topic, qos_v5(qos), Bytes::from(payload), properties);
             publish.pkid = pkid;
+            publish.retain = retain;
             let packet = v5::Packet::Publish(publish);
             let limit = max_packet.unwrap_or(MQTT_MAX_PACKET as u32);
             if packet.size() > limit as usize {
@@ -1590,27 +1625,17 @@ mod tests {
     #[test]
     fn oversized_publishes_are_refused_before_sending() {
         let mut out = BytesMut::new();
-        let refused = encode_publish(
-            MqttVersion::V5,
-            &mut out,
-            5,
-            "t".into(),
-            vec![0; 100],
-            Some("id".into()),
-            Some(64),
-        );
+        let outgoing = |size: usize, retain: bool| Outgoing {
+            pkid: 5,
+            topic: "t".into(),
+            payload: vec![0; size],
+            msg_id: Some("id".into()),
+            retain,
+        };
+        let refused = encode_publish(MqttVersion::V5, &mut out, outgoing(100, false), Some(64));
         assert!(refused.unwrap_err().contains("maximum packet size of 64"));
         assert!(out.is_empty());
-        encode_publish(
-            MqttVersion::V5,
-            &mut out,
-            5,
-            "t".into(),
-            vec![0; 10],
-            Some("id".into()),
-            Some(64),
-        )
-        .unwrap();
+        encode_publish(MqttVersion::V5, &mut out, outgoing(10, false), Some(64)).unwrap();
         assert!(matches!(
             decode_v5(&mut out, 1024),
             Ok(Some(Incoming::Publish {
@@ -1619,6 +1644,25 @@ mod tests {
                 ..
             }))
         ));
+    }
+
+    #[test]
+    fn the_retain_flag_is_encoded_on_both_versions() {
+        for protocol in [MqttVersion::V311, MqttVersion::V5] {
+            for retain in [false, true] {
+                let mut out = BytesMut::new();
+                let publish = Outgoing {
+                    pkid: 3,
+                    topic: "t".into(),
+                    payload: b"p".to_vec(),
+                    msg_id: None,
+                    retain,
+                };
+                encode_publish(protocol, &mut out, publish, None).unwrap();
+                // The fixed header's lowest bit is RETAIN.
+                assert_eq!(out[0] & 0x01 == 0x01, retain, "{protocol:?}");
+            }
+        }
     }
 
     #[test]

@@ -256,7 +256,18 @@ pub fn files(config: &UpstreamConfig) -> Vec<PathBuf> {
 /// Reads and checks an upstream's credentials. Paths are used as they are (the configuration
 /// loader made them relative to the configuration file).
 pub fn load(config: &UpstreamConfig) -> Result<Credentials, CredentialError> {
-    let key = |field: &str| format!("upstream {:?}.{field}", config.name);
+    load_named(config, &|field| {
+        format!("upstream {:?}.{field}", config.name)
+    })
+}
+
+/// [`load`], with the errors naming each setting as `key` spells it (the field's name in
+/// [`UpstreamConfig`]: `url`, `cafile`, `certfile`, `keyfile`, `password_file`), so that a
+/// command line can name its own options. The checks are [`load`]'s, every one.
+pub(crate) fn load_named(
+    config: &UpstreamConfig,
+    key: &dyn Fn(&str) -> String,
+) -> Result<Credentials, CredentialError> {
     let mut digest = Sha256::new();
 
     let login = match &config.username {

@@ -423,7 +423,6 @@ impl Uplink {
     ) -> ConnectSettings {
         let window = usize::from(self.config.inflight);
         ConnectSettings {
-            link: self.config.name.clone(),
             host: address.host.clone(),
             port: address.port,
             tls: credentials.tls.clone(),
@@ -694,6 +693,11 @@ impl Uplink {
                     }
                     Some(LinkEvent::Incoming { topic, payload }) => {
                         self.forward(&client, topic, payload)
+                    }
+                    Some(LinkEvent::Subscribed { refused: 0, .. }) => {}
+                    Some(LinkEvent::Subscribed { refused: n, .. }) => {
+                        // Module deploys through this upstream will not arrive; data still flows.
+                        warn!(link = %name, refused = n, "the upstream refused control subscriptions (module requests through it will not arrive)");
                     }
                     Some(LinkEvent::Connected(_)) => {}
                     Some(LinkEvent::Failed(failure)) => {
