@@ -469,7 +469,7 @@ fn wildcard_meets_dollar(wildcard: &str, dollar: &str) -> bool {
 /// Whether some topic name matches both filters (valid, without `$share/`), level by level:
 /// `+` meets any level, `#` any rest (also none: `a/#` and `a` meet in `a`), and a wildcard
 /// first level never meets a `$` topic.
-fn filters_intersect(a: &str, b: &str) -> bool {
+pub(super) fn filters_intersect(a: &str, b: &str) -> bool {
     // The walk below meets filters in sequences of levels, one of which is not a topic name:
     // the empty name (a single empty level). `+` and `/#` meet only there.
     if matches!((a, b), ("+", "/#") | ("/#", "+")) {
