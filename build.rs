@@ -6,7 +6,7 @@
 //! `cargo build --release --target wasm32-wasip2` for them in a target directory of their own
 //! (`target/guests`): sharing the outer build's directory would wait forever on the lock the
 //! outer cargo holds while it runs this script. The results are copied into `OUT_DIR`, whose
-//! path is given to the crate as `OUTPOST_GUEST_DIR` (see `src/examples.rs`).
+//! path is given to the crate as `OUTPOST_GUEST_DIR` (see `src/handlers/examples.rs`).
 
 use std::env;
 use std::ffi::OsString;

@@ -30,12 +30,12 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use outpost::config::Config;
+use outpost::geo::locator::Locator;
 use outpost::geo::{
     location_from_json, location_from_json_array, GeoJsonOptions, Geography, Location, Placement,
 };
-use outpost::locator::Locator;
-use outpost::predicate::Facts;
-use outpost::router::RouteTable;
+use outpost::routing::predicate::Facts;
+use outpost::routing::RouteTable;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
@@ -245,7 +245,7 @@ fn route_event(locator: &Locator, routes: &RouteTable, topic: &str, payload: &[u
     let json: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
     let mut placement = Placement::default();
     let mut placed = None;
-    let mut memo = outpost::locator::ResolveMemo::default();
+    let mut memo = outpost::geo::locator::ResolveMemo::default();
     let mut taken = 0;
     for (index, route) in routes.routes().iter().enumerate() {
         if !route.filter.matches(topic) {
@@ -268,7 +268,7 @@ fn route_event(locator: &Locator, routes: &RouteTable, topic: &str, payload: &[u
             location: location.map(Into::into),
             fences: &placement.fences[..],
             regions: &placement.regions[..],
-            distance: &outpost::locator::GEODESIC,
+            distance: &outpost::geo::locator::GEODESIC,
         };
         if route.accepts(&facts) {
             taken += 1;

@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use outpost::event::{Event, Output};
-use outpost::examples;
-use outpost::runtime::{Handler, KvBackend, Runtime, RuntimeConfig};
+use outpost::handlers::examples;
+use outpost::handlers::runtime::{Handler, KvBackend, Runtime, RuntimeConfig};
 
 /// Handler state in memory: the benchmarks measure the runtime, not SQLite.
 #[derive(Default)]

@@ -24,7 +24,7 @@
 #                  mosquitto-q0 for local subscribers)
 #
 # Phases (the load generator is `outpost bench load|fanout|retained|idle`, a process of its
-# own, see src/bench/external.rs):
+# own, see src/cli/bench/external.rs):
 #
 #   load       10 devices x 30,000 QoS 1 publishes (100-byte JSON) as fast as their windows
 #              allow, counted by a QoS 1 subscriber on the upstream: acknowledged msg/s,

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::breaker::QuarantinePolicy;
-use crate::router::{RouteSpec, RouteTable};
+use crate::handlers::breaker::QuarantinePolicy;
+use crate::routing::{RouteSpec, RouteTable};
 
 /// The documented default configuration, as printed by `outpost config default`.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("default_config.toml");
@@ -941,7 +941,7 @@ pub struct RouteConfig {
     pub on_quarantine: QuarantinePolicy,
     /// Only events satisfying this condition take the route (geography and content).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub when: Option<crate::predicate::PredicateConfig>,
+    pub when: Option<crate::routing::predicate::PredicateConfig>,
     /// Where this route's payloads carry their coordinates (default: `geography.location`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub location: Option<LocationPointers>,
@@ -1576,7 +1576,7 @@ impl Config {
             }
         }
         let routes = RouteTable::compile(&specs).map_err(|e| invalid("route", e.to_string()))?;
-        let geo = crate::locator::GeoPlan::from_config(self, &routes)?;
+        let geo = crate::geo::locator::GeoPlan::from_config(self, &routes)?;
         Ok(Validated { routes, geo })
     }
 }
@@ -1587,7 +1587,7 @@ pub struct Validated {
     /// The route table.
     pub routes: RouteTable,
     /// The geography: geofences, regions, location sources, residency.
-    pub geo: crate::locator::GeoPlan,
+    pub geo: crate::geo::locator::GeoPlan,
 }
 
 #[cfg(test)]

@@ -18,15 +18,15 @@ use tokio::task::JoinHandle;
 use tracing::info;
 
 use crate::config::Config;
-use crate::control::{self, Control};
-use crate::deploy::{self, ModuleControl};
+use crate::control::dead_letters::{self as control, Control};
+use crate::control::modules::{self as deploy, ModuleControl};
 use crate::edge::auth::Authenticator;
 use crate::edge::Edge;
+use crate::handlers::registry::Registry;
+use crate::handlers::runtime::{Runtime, RuntimeConfig};
 use crate::journal::{Journal, JournalThread};
 use crate::metrics::Metrics;
-use crate::modules::Registry;
 use crate::pipeline::{Pipeline, RoutePolicy};
-use crate::runtime::{Runtime, RuntimeConfig};
 use crate::store::Store;
 use crate::uplink::{Uplink, UplinkControl};
 
@@ -79,8 +79,9 @@ impl Gateway {
         let routes = Arc::new(validated.routes);
         let store = Arc::new(Store::open_with(&config.data_dir, config.store.limits())?);
         let geo = Arc::new(validated.geo);
-        let local_link = geo.residency && geo.no_location == crate::locator::NoLocation::LocalOnly;
-        let locator = Arc::new(crate::locator::Locator::new(
+        let local_link =
+            geo.residency && geo.no_location == crate::geo::locator::NoLocation::LocalOnly;
+        let locator = Arc::new(crate::geo::locator::Locator::new(
             geo,
             &config.gateway_id,
             store
@@ -104,7 +105,7 @@ impl Gateway {
             store.clone(),
         )
         .context("cannot start the WebAssembly runtime")?;
-        let breaker = Arc::new(crate::breaker::Breaker::new(
+        let breaker = Arc::new(crate::handlers::breaker::Breaker::new(
             config.handlers.breaker_failures,
             std::time::Duration::from_millis(config.handlers.breaker_cooldown_ms),
         ));
@@ -213,7 +214,7 @@ impl Gateway {
         // the broker is up.
         let local_wake = local_link.then(|| {
             let wake = Arc::new(Notify::new());
-            wakes.insert(crate::locator::LOCAL_LINK.to_string(), wake.clone());
+            wakes.insert(crate::geo::locator::LOCAL_LINK.to_string(), wake.clone());
             wake
         });
         let uplink_wakes: Vec<Arc<Notify>> = wakes.values().cloned().collect();
@@ -320,9 +321,9 @@ impl Gateway {
         };
         let mut uplinks = uplinks;
         if let Some(wake) = local_wake {
-            metrics.set_link_connected(crate::locator::LOCAL_LINK, false);
+            metrics.set_link_connected(crate::geo::locator::LOCAL_LINK, false);
             let local_config = crate::config::UpstreamConfig {
-                name: crate::locator::LOCAL_LINK.to_string(),
+                name: crate::geo::locator::LOCAL_LINK.to_string(),
                 // Not dialled: the link reaches the broker in process (`dial` below); the
                 // name is what logs and metrics show.
                 url: "mqtt://in-process:1883".to_string(),

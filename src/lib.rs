@@ -1,36 +1,58 @@
 //! outpost: an edge gateway.
 //!
-//! Local devices publish telemetry to the embedded MQTT broker ([`edge`]). Each publish becomes
-//! an [`event::Event`]; the [`router`] decides by topic which routes it belongs to; a route may
-//! run a sandboxed WebAssembly handler on it ([`runtime`]); the results are committed to a
-//! SQLite outbox ([`store`]) before anything is sent, and the [`uplink`] drains the outbox to
-//! the upstream broker in order, deleting a row only when the upstream acknowledged it.
-//! [`pipeline`] is the stage that turns events into outbox rows; [`gateway`] wires the stages
-//! together and owns their lifecycle. [`control`] answers the dead-letter control topics (list,
-//! show, replay, purge) on the embedded broker. [`signing`] defines what a handler module's
-//! Ed25519 signature covers, the key files and the signed-module envelope that deploys carry.
+//! Local devices publish telemetry to the embedded MQTT broker; each publish is journaled
+//! before it is acknowledged, routed by topic, content and location, handed to the operator's
+//! sandboxed WebAssembly handlers where a route says so, and committed to a SQLite outbox that
+//! the uplinks drain to the upstream brokers, deleting a row only once the upstream has
+//! acknowledged it.
+//!
+//! # Layout
+//!
+//! The modules follow the data path, in the order an event visits them:
+//!
+//! 1. [`edge`]: the embedded MQTT broker. `front` accepts device connections (TLS, logins,
+//!    limits) and parses packets (`frame`); `broker` keeps sessions, subscriptions, retained
+//!    messages and local deliveries.
+//! 2. [`journal`]: every device publish is written here (durably) before its PUBACK.
+//! 3. [`pipeline`]: reads the journal, decides per route what to do with each event, runs
+//!    handlers, and commits the results to the outbox, retries and dead letters in one
+//!    transaction.
+//!    - [`routing`]: the route table (topic filters, output templates) and the `when`
+//!      predicates; the pure routing decision.
+//!    - [`geo`]: geometry and GeoJSON, the locator (where an event happened, geofence
+//!      transitions) and residency (which link may carry which region's data).
+//!    - [`handlers`]: the WebAssembly runtime, the module registry, the circuit breaker and
+//!      the handlers' key-value state.
+//! 4. [`store`]: the SQLite database behind the journal, the outbox, retries, dead letters,
+//!    devices, modules and the handlers' state.
+//! 5. [`uplink`]: one session per upstream broker, draining its outbox in order.
+//!
+//! Beside the path:
+//!
+//! - [`control`]: the control topics on the gateway's broker (dead letters, modules, metrics).
+//! - [`client`]: the operator's side of those topics (`outpost deadletters`, `outpost module`).
+//! - [`gateway`]: builds the stages from a validated [`config`] and owns their lifecycle.
+//! - [`metrics`], [`event`], [`signing`], [`files`], [`notify`]: shared vocabulary and support.
+//!
+//! The binary's operator tools (`outpost bench`, `outpost demo`) live in `src/cli/`, outside
+//! the library.
 
-pub mod breaker;
-pub mod config;
-pub mod control;
-pub mod deploy;
-pub mod deploy_client;
 pub mod edge;
-pub mod event;
-pub mod examples;
-pub mod files;
-pub mod gateway;
 pub mod geo;
+pub mod handlers;
 pub mod journal;
-pub mod locator;
-pub mod metrics;
-pub mod modules;
-pub mod notify;
-pub mod operator;
 pub mod pipeline;
-pub mod predicate;
-pub mod router;
-pub mod runtime;
-pub mod signing;
+pub mod routing;
 pub mod store;
 pub mod uplink;
+
+pub mod client;
+pub mod config;
+pub mod control;
+pub mod gateway;
+
+pub mod event;
+pub mod files;
+pub mod metrics;
+pub mod notify;
+pub mod signing;

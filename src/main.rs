@@ -10,8 +10,8 @@ use outpost::config::{Config, Overrides, DEFAULT_CONFIG_TOML};
 use outpost::gateway::Gateway;
 use tracing_subscriber::EnvFilter;
 
-mod bench;
-mod demo;
+mod cli;
+use cli::{bench, demo};
 
 /// outpost: an edge gateway with an embedded MQTT broker, sandboxed WebAssembly handlers and a
 /// store-and-forward uplink.
@@ -566,8 +566,9 @@ fn main() -> ExitCode {
                 drain,
                 skip_drain,
                 handler,
-                hostile: hostile
-                    .map(|path| path.unwrap_or_else(|| outpost::examples::guest_path("faulty"))),
+                hostile: hostile.map(|path| {
+                    path.unwrap_or_else(|| outpost::handlers::examples::guest_path("faulty"))
+                }),
                 hostile_payload,
                 hostile_rate,
                 hostile_pending,
@@ -732,7 +733,7 @@ async fn wait_for_stop_signal(
 }
 
 fn deadletters(command: DeadLettersCommand, o: DeadLettersOptions) -> anyhow::Result<()> {
-    use outpost::control::{self, Request, Verb};
+    use outpost::control::dead_letters::{self as control, Request, Verb};
     let (verb, id) = match command {
         DeadLettersCommand::List => (Verb::List, o.id),
         DeadLettersCommand::Show { number } => {
@@ -1001,8 +1002,8 @@ fn describe_issued(issued_ms: u64) -> String {
 }
 
 /// The target of a module request, from the command line.
-fn module_target(o: &TargetOptions) -> anyhow::Result<outpost::deploy_client::Target> {
-    use outpost::deploy_client::{Target, DEFAULT_FLEET_PREFIX};
+fn module_target(o: &TargetOptions) -> anyhow::Result<outpost::client::modules::Target> {
+    use outpost::client::modules::{Target, DEFAULT_FLEET_PREFIX};
     if o.fleet.is_none() {
         let fleet_only = [
             ("--fleet-prefix", o.fleet_prefix.is_some()),
@@ -1027,10 +1028,10 @@ fn module_target(o: &TargetOptions) -> anyhow::Result<outpost::deploy_client::Ta
 /// Publishes `request` and reports the answer(s): text or JSON on stdout, an error (exit code
 /// 1) when a gateway refused or did not answer.
 fn module_request(
-    request: outpost::deploy_client::Request,
+    request: outpost::client::modules::Request,
     o: &TargetOptions,
 ) -> anyhow::Result<()> {
-    use outpost::deploy_client::{self, Target};
+    use outpost::client::modules::{self as deploy_client, Target};
     let rt = tokio_runtime()?;
     let broker = outpost::config::Endpoint {
         url: &o.broker,
@@ -1084,7 +1085,7 @@ fn module_push(
     target: &TargetOptions,
     retain: bool,
 ) -> anyhow::Result<()> {
-    use outpost::deploy_client::Request;
+    use outpost::client::modules::Request;
     use outpost::signing::{self, SignedModule};
     signing::validate_name(name)?;
     if let Some(version) = version {
@@ -1134,7 +1135,7 @@ fn module_push(
 }
 
 fn module_list(target: &TargetOptions) -> anyhow::Result<()> {
-    let request = outpost::deploy_client::Request::list(module_target(target)?);
+    let request = outpost::client::modules::Request::list(module_target(target)?);
     module_request(request, target)
 }
 
@@ -1150,7 +1151,7 @@ fn module_command(
     let key = signing::read_secret_key(key_file)?;
     let command = SignedCommand::sign(&key, op, name, outpost::event::now_ms())?;
     module_request(
-        outpost::deploy_client::Request::command(to, &command),
+        outpost::client::modules::Request::command(to, &command),
         target,
     )
 }

@@ -320,8 +320,8 @@ pub struct Snapshot {
     pub module_run_us: BTreeMap<String, u64>,
     /// Handler invocations running and waiting now, and the most that ran at once, overall
     /// and per module. The counters do not hold it: whoever publishes a snapshot fills it in
-    /// from the runtime ([`crate::runtime::Runtime::concurrency`]); all zero otherwise.
-    pub handler_concurrency: crate::runtime::Concurrency,
+    /// from the runtime ([`crate::handlers::runtime::Runtime::concurrency`]); all zero otherwise.
+    pub handler_concurrency: Concurrency,
 }
 
 impl Metrics {
@@ -512,6 +512,20 @@ fn add_to(map: &Mutex<BTreeMap<String, u64>>, key: &str, n: u64) {
             }
         }
     }
+}
+
+/// How many handler invocations run at once: filled in by the runtime
+/// ([`crate::handlers::runtime::Runtime::concurrency`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Concurrency {
+    /// Invocations running now.
+    pub running: u64,
+    /// Invocations waiting for a slot now.
+    pub waiting: u64,
+    /// The most invocations that ran at once.
+    pub peak: u64,
+    /// The most invocations of each module that ran at once.
+    pub module_peaks: std::collections::BTreeMap<String, u64>,
 }
 
 #[cfg(test)]

@@ -110,7 +110,7 @@ fn smoke(board: &Board) {
     runtime.block_on(async {
         let dir = tempfile::tempdir().unwrap();
         let wasm = dir.path().join("enrich.wasm");
-        std::fs::write(&wasm, outpost::examples::ENRICH).unwrap();
+        std::fs::write(&wasm, outpost::handlers::examples::ENRICH).unwrap();
         let pki = dir.path().join("pki");
         std::fs::create_dir_all(&pki).unwrap();
         let ca = pki::Ca::new("board test ca");

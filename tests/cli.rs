@@ -358,7 +358,7 @@ async fn fake_gateway(port: u16, gateway: &'static str, ok: bool) -> rumqttc::As
 
 #[tokio::test]
 async fn module_client_matches_statuses_to_its_requests() {
-    use outpost::deploy_client::{self, Request, Target};
+    use outpost::client::modules::{self as deploy_client, Request, Target};
     use outpost::signing::{CommandOp, SignedCommand, SignedModule, SigningKey};
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
@@ -419,7 +419,7 @@ async fn module_client_matches_statuses_to_its_requests() {
 /// later still gets it, byte for byte.
 #[tokio::test]
 async fn a_retained_fleet_deploy_stays_on_the_broker_for_later_gateways() {
-    use outpost::deploy_client::{self, Request, Target};
+    use outpost::client::modules::{self as deploy_client, Request, Target};
     use outpost::signing::{SignedModule, SigningKey};
     let dir = tempfile::tempdir().unwrap();
     let mut broker = common::Mosquitto::new(dir.path());

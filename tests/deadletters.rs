@@ -80,7 +80,7 @@ fn letters(reply: &Value) -> Vec<Value> {
 /// `sensors` runs the `faulty` module on `telemetry/#` (`handler = None`: passthrough), and
 /// `json-in` forwards `json/#` but only JSON payloads.
 fn config(upstream: &str, handler: bool, max_attempts: u32) -> String {
-    let faulty = outpost::examples::guest_path("faulty");
+    let faulty = outpost::handlers::examples::guest_path("faulty");
     let (module, handler) = if handler {
         (
             format!(

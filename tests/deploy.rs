@@ -65,7 +65,7 @@ fn hex_sha256(bytes: &[u8]) -> String {
 }
 
 fn guest(name: &str) -> Vec<u8> {
-    std::fs::read(outpost::examples::guest_path(name)).unwrap()
+    std::fs::read(outpost::handlers::examples::guest_path(name)).unwrap()
 }
 
 /// An operator's MQTT client: publishes requests (any size) and collects the JSON messages on
@@ -702,10 +702,10 @@ async fn the_cli_pushes_lists_rolls_back_and_removes_on_a_real_gateway() {
     let broker = format!("mqtt://127.0.0.1:{}", gateway.port);
     let key = keys.join("ops.key").display().to_string();
     let target = ["--broker", broker.as_str(), "--gateway", "gw-d"];
-    let faulty = outpost::examples::guest_path("faulty")
+    let faulty = outpost::handlers::examples::guest_path("faulty")
         .display()
         .to_string();
-    let enrich = outpost::examples::guest_path("enrich")
+    let enrich = outpost::handlers::examples::guest_path("enrich")
         .display()
         .to_string();
 
@@ -814,7 +814,7 @@ max_attempts = 1
 "#,
         trusted = trusted.display(),
         upstream = upstream.url(),
-        faulty = outpost::examples::guest_path("faulty").display(),
+        faulty = outpost::handlers::examples::guest_path("faulty").display(),
     );
     let file = write_config(dir.path(), &text);
     let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);

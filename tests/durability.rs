@@ -180,7 +180,7 @@ filter = "telemetry/#"
 handler = "enrich"
 payload = "json"
 "#,
-        path = outpost::examples::guest_path("enrich").display()
+        path = outpost::handlers::examples::guest_path("enrich").display()
     )
 }
 

@@ -1070,7 +1070,7 @@ fn bad_geography_config_is_refused_blocking() {
 async fn handlers_see_location_and_regions() {
     let dir = tempfile::tempdir().unwrap();
     let wasm = dir.path().join("enrich.wasm");
-    std::fs::write(&wasm, outpost::examples::ENRICH).unwrap();
+    std::fs::write(&wasm, outpost::handlers::examples::ENRICH).unwrap();
     let mut cloud = Mosquitto::new(dir.path());
     cloud.start();
     let cloud_sub = Subscriber::connect(cloud.port, "cloud-sub", "#").await;

@@ -37,7 +37,7 @@ topic = "{topic}"
 async fn enrich_example_converts_units_and_adds_the_device() {
     let dir = tempfile::tempdir().unwrap();
     let wasm = dir.path().join("enrich.wasm");
-    std::fs::write(&wasm, outpost::examples::ENRICH).unwrap();
+    std::fs::write(&wasm, outpost::handlers::examples::ENRICH).unwrap();
     let mut upstream = Mosquitto::new(dir.path());
     upstream.start();
     let subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
@@ -78,7 +78,7 @@ async fn failing_handler_costs_only_the_failing_events() {
     let mut upstream = Mosquitto::new(dir.path());
     upstream.start();
     let subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
-    let faulty = outpost::examples::guest_path("faulty");
+    let faulty = outpost::handlers::examples::guest_path("faulty");
     let file = write_config(
         dir.path(),
         &config(&upstream.url(), "faulty", &faulty, "{output}"),
@@ -159,7 +159,7 @@ max_attempts = 1
 name = "plain"
 filter = "telemetry/plain/#"
 "#,
-        path = outpost::examples::guest_path("faulty").display()
+        path = outpost::handlers::examples::guest_path("faulty").display()
     )
 }
 
@@ -284,7 +284,7 @@ filter = "telemetry/#"
 handler = "echo"
 "#,
         upstream = upstream.url(),
-        faulty = outpost::examples::guest_path("faulty").display(),
+        faulty = outpost::handlers::examples::guest_path("faulty").display(),
     );
     let file = write_config(dir.path(), &text);
     let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
@@ -331,7 +331,7 @@ async fn a_route_caps_its_own_concurrency_and_the_metrics_show_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut upstream = Mosquitto::new(dir.path());
     upstream.start();
-    let faulty = outpost::examples::guest_path("faulty");
+    let faulty = outpost::handlers::examples::guest_path("faulty");
     // Two names for the same module, so that each route's concurrency has its own figure;
     // every event loops until the deadline, so invocations overlap whenever they may.
     let text = format!(

@@ -92,7 +92,7 @@ max_attempts = 1
 name = "telemetry"
 filter = "telemetry/#"
 "#,
-        path = outpost::examples::guest_path("faulty").display()
+        path = outpost::handlers::examples::guest_path("faulty").display()
     )
 }
 
@@ -296,7 +296,7 @@ handler = "faulty"
 max_attempts = 1
 "#,
         upstream = upstream.url(),
-        path = outpost::examples::guest_path("faulty").display()
+        path = outpost::handlers::examples::guest_path("faulty").display()
     );
     let file = write_config(dir.path(), &text);
     let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
@@ -374,8 +374,8 @@ name = "telemetry"
 filter = "telemetry/#"
 "#,
         upstream = upstream.url(),
-        faulty = outpost::examples::guest_path("faulty").display(),
-        enrich = outpost::examples::guest_path("enrich").display(),
+        faulty = outpost::handlers::examples::guest_path("faulty").display(),
+        enrich = outpost::handlers::examples::guest_path("enrich").display(),
     );
     let file = write_config(dir.path(), &text);
     let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);

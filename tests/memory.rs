@@ -71,7 +71,7 @@ url = "{upstream}"
 "#
     );
     for i in 0..MODULES {
-        let path = outpost::examples::guest_path(guest(i));
+        let path = outpost::handlers::examples::guest_path(guest(i));
         text.push_str(&format!(
             r#"
 [[module]]

@@ -362,7 +362,7 @@ impl Edge {
     /// Opens in-process MQTT connections to the broker, served like a device's but trusted
     /// (a reserved client id is allowed; publishes reach subscribers without the journal):
     /// the local uplink delivers `local-only` outputs through it.
-    pub fn local_dialer(&self) -> crate::uplink::client::Dialer {
+    pub fn local_dialer(&self) -> LocalDialer {
         let front = self.gateway.clone();
         Arc::new(move || {
             let (ours, theirs) = tokio::io::duplex(64 * 1024);
@@ -474,3 +474,7 @@ impl LocalLink {
         }
     }
 }
+
+/// Opens an in-process byte stream to the broker, served as the gateway's own connection
+/// (the same type as the uplink client's dialer, so the local link can use it as is).
+pub type LocalDialer = Arc<dyn Fn() -> tokio::io::DuplexStream + Send + Sync>;

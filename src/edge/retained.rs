@@ -304,7 +304,7 @@ mod tests {
             }
             let sum: usize = store.by_topic.iter().map(|(t, m)| m.bytes(t)).sum();
             prop_assert_eq!(sum, store.bytes());
-            let route = crate::router::TopicFilter::parse(&filter).unwrap();
+            let route = crate::routing::TopicFilter::parse(&filter).unwrap();
             let expected: Vec<Arc<str>> = store.by_topic.iter()
                 .filter(|(t, m)| route.matches(t) && m.expires_at_ms.is_none_or(|at| at > now))
                 .map(|(t, _)| t.clone())

@@ -434,7 +434,7 @@ fn take(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::TopicFilter;
+    use crate::routing::TopicFilter;
     use proptest::prelude::*;
 
     const ROOMY: Limits = Limits {

@@ -1,12 +1,13 @@
-//! The handlers' key-value state, one key space per module.
+//! The handlers' key-value state, one key space per module (the rows only; the handlers reach
+//! it through `crate::handlers::kv`).
 
 use rusqlite::{params, OptionalExtension};
 
 use super::{Store, StoreError};
-use crate::runtime::KvBackend;
 
-impl KvBackend for Store {
-    fn get(&self, module: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+impl Store {
+    /// The value a module stored under `key`, if any.
+    pub fn kv_get(&self, module: &str, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
         let value = conn
             .query_row(
@@ -19,7 +20,8 @@ impl KvBackend for Store {
         Ok(value)
     }
 
-    fn set(&self, module: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
+    /// Stores `value` under `key` in `module`'s key space, replacing what was there.
+    pub fn kv_set(&self, module: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
         let conn = self.writer.lock().map_err(|_| StoreError::Poisoned)?;
         conn.execute(
             "INSERT INTO kv (module, key, value) VALUES (?1, ?2, ?3)

@@ -1,5 +1,4 @@
 use super::*;
-use crate::runtime::KvBackend;
 
 fn row(link: &str, n: u8) -> NewOutboxRow {
     NewOutboxRow {
@@ -503,11 +502,11 @@ fn a_full_database_is_a_clear_error_and_keeps_what_it_had() {
 fn kv_round_trip_per_module() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    assert_eq!(store.get("m", "k").unwrap(), None);
-    store.set("m", "k", b"1").unwrap();
-    store.set("m", "k", b"2").unwrap();
-    assert_eq!(store.get("m", "k").unwrap(), Some(b"2".to_vec()));
-    assert_eq!(store.get("other", "k").unwrap(), None);
+    assert_eq!(store.kv_get("m", "k").unwrap(), None);
+    store.kv_set("m", "k", b"1").unwrap();
+    store.kv_set("m", "k", b"2").unwrap();
+    assert_eq!(store.kv_get("m", "k").unwrap(), Some(b"2".to_vec()));
+    assert_eq!(store.kv_get("other", "k").unwrap(), None);
 }
 
 #[test]

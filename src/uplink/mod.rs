@@ -450,7 +450,7 @@ impl Uplink {
         careful: usize,
     ) -> SessionEnd {
         let name = &self.config.name;
-        let carried = crate::locator::LinkRegions::from_list(&self.config.regions);
+        let carried = crate::geo::residency::LinkRegions::from_list(&self.config.regions);
         let max_incoming = self.control.as_ref().map_or(MAX_INCOMING_PACKET, |c| {
             c.max_packet.max(MAX_INCOMING_PACKET)
         });

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use outpost::config::Config;
-use outpost::control::{self, Request, Verb};
+use outpost::control::dead_letters::{self as control, Request, Verb};
 use outpost::geo::{GeoJsonOptions, Geography, Location, Shape};
 use outpost::signing::{
     self, CommandOp, KeyId, SignedCommand, SignedModule, SigningKey, VerifyingKey,

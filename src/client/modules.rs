@@ -26,7 +26,7 @@
 //! - Nothing is retained on the broker unless the request says so ([`Request::retained`],
 //!   deploys only).
 //!
-//! It connects through [`crate::operator`]: TCP for `mqtt://`, TLS for `mqtts://` (the broker's
+//! It connects through [`crate::client::exchange`]: TCP for `mqtt://`, TLS for `mqtts://` (the broker's
 //! certificate checked against the [`Endpoint`]'s CA file or the system's, a client
 //! certificate when given), logging in with the endpoint's username and password when given.
 //! What it does not do: authenticate the statuses beyond their digest (anyone who may publish
@@ -41,8 +41,8 @@ use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::client::exchange as operator;
 use crate::config::{parse_broker_url, Endpoint};
-use crate::operator;
 use crate::signing::{self, CommandOp, SignedCommand, SignedModule};
 
 /// The default first levels of fleet topics: `outpost/fleet/<group>/modules/...`.
@@ -409,7 +409,7 @@ pub async fn request_fleet(
     exchange(broker.into(), request, wait, expect, true).await
 }
 
-/// The exchange behind [`request`] and [`request_fleet`] ([`crate::operator`]): subscribe,
+/// The exchange behind [`request`] and [`request_fleet`] ([`crate::client::exchange`]): subscribe,
 /// publish once the subscription is confirmed, collect matching statuses until `limit`
 /// gateways answered or `wait` (connecting included) passed. With `need_ack`, a request the
 /// broker never acknowledged is an error; a request it refused (MQTT 5, or too large for it)

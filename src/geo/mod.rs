@@ -31,6 +31,9 @@
 //! defines them: a polygon that crosses the antimeridian must be split there, as RFC 7946
 //! section 3.1.9 asks (Natural Earth's data already is).
 
+pub mod locator;
+pub mod residency;
+
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::sync::Arc;

@@ -21,7 +21,7 @@
 //! Guarantees:
 //! - Requests are handled one at a time, in arrival order; a request never blocks the
 //!   pipeline (compiling runs on a blocking thread, and the new version replaces the old one
-//!   atomically: see [`crate::modules`]).
+//!   atomically: see [`crate::handlers::registry`]).
 //! - A malformed request (unknown verb, bad name, bad signature, ...) changes nothing and is
 //!   answered with the reason.
 //! - Status messages are QoS 0 (informational): a requester that misses one may ask `list`.
@@ -44,8 +44,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::handlers::registry::Registry;
 use crate::metrics::Metrics;
-use crate::modules::Registry;
 use crate::signing::{self, CommandOp};
 use crate::uplink::{RemoteRequest, UpstreamReply};
 
@@ -254,7 +254,7 @@ impl ModuleControl {
     }
 }
 
-fn applied_json(applied: crate::modules::Applied) -> Value {
+fn applied_json(applied: crate::handlers::registry::Applied) -> Value {
     let mut body = json!({
         "key": applied.key,
         "unchanged": applied.unchanged,

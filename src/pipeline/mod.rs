@@ -36,16 +36,16 @@ use rand::RngExt;
 use tokio::sync::{watch, Notify};
 use tracing::{debug, error, info, warn};
 
-use crate::breaker::{Admission, Breaker, QuarantinePolicy, Transition};
 use crate::config::{PayloadFormat, RetryConfig};
 use crate::event::{join_tags, now_ms, Event, Geo, Output};
+use crate::geo::locator::{Locator, NoLocation, Observed, Source, GATEWAY_CLIENT, LOCAL_LINK};
 use crate::geo::Placement;
-use crate::locator::{Locator, NoLocation, Observed, Source, GATEWAY_CLIENT, LOCAL_LINK};
+use crate::handlers::breaker::{Admission, Breaker, QuarantinePolicy, Transition};
+use crate::handlers::registry::Registry;
+use crate::handlers::runtime::{Handler, HandlerFailure};
 use crate::metrics::Metrics;
-use crate::modules::Registry;
-use crate::predicate::Facts;
-use crate::router::{Route, RouteTable, TemplateContext};
-use crate::runtime::{Handler, HandlerFailure};
+use crate::routing::predicate::Facts;
+use crate::routing::{Route, RouteTable, TemplateContext};
 use crate::store::{
     Batch, JournalRow, NewDeadLetter, NewJournalEntry, NewOutboxRow, NewRetry, OutboxPolicy,
     RetryRow, RouteSet, Stage, Store, StoreError,
@@ -389,7 +389,7 @@ impl Pipeline {
             // Parsed at most once per event, and only when geography or a predicate needs it.
             let mut json: Option<Option<serde_json::Value>> = None;
             let mut placed: Option<crate::geo::Location> = None;
-            let mut memo = crate::locator::ResolveMemo::default();
+            let mut memo = crate::geo::locator::ResolveMemo::default();
             if plan.gps_topic.is_some() {
                 let payload = json
                     .get_or_insert_with(|| serde_json::from_slice(&row.payload).ok())
@@ -470,7 +470,7 @@ impl Pipeline {
                     location: location.map(Into::into),
                     fences,
                     regions,
-                    distance: &crate::locator::GEODESIC,
+                    distance: &crate::geo::locator::GEODESIC,
                 };
                 if !route.accepts(&facts) {
                     continue;

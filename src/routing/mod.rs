@@ -24,11 +24,13 @@
 //! [`RouteTable::routes_for`] is the whole routing decision, a pure function of the event's
 //! topic and its [`Facts`] (payload, location, geofences, regions).
 
+pub mod predicate;
+
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
-use crate::predicate::{Facts, Predicate, PredicateConfig, PredicateError};
+use crate::routing::predicate::{Facts, Predicate, PredicateConfig, PredicateError};
 
 /// The largest topic name or topic filter MQTT can carry, in bytes.
 const MAX_TOPIC_BYTES: usize = 65535;
@@ -557,13 +559,14 @@ impl RouteTable {
                     RouteError::OutputWithoutHandler,
                 ));
             }
-            let when =
-                match &spec.when {
-                    Some(config) => Some(crate::predicate::compile(config).map_err(|e| {
+            let when = match &spec.when {
+                Some(config) => {
+                    Some(crate::routing::predicate::compile(config).map_err(|e| {
                         RouteError::in_route(name, "when", RouteError::Predicate(e))
-                    })?),
-                    None => None,
-                };
+                    })?)
+                }
+                None => None,
+            };
             routes.push(Route {
                 when,
                 name: spec.name.clone(),

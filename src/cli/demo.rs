@@ -23,7 +23,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-const CITIES: &str = include_str!("../demo/cities.csv");
+const CITIES: &str = include_str!("../../demo/cities.csv");
 
 /// One simulated device.
 struct Device {
@@ -71,8 +71,14 @@ pub async fn run(phase_secs: u64, device_count: usize) -> anyhow::Result<()> {
     let devices = devices(device_count.max(1));
     let phase = Duration::from_secs(phase_secs.max(1));
     let data = tempfile_dir()?;
-    std::fs::write(data.join("enrich.wasm"), outpost::examples::ENRICH)?;
-    std::fs::write(data.join("threshold.wasm"), outpost::examples::THRESHOLD)?;
+    std::fs::write(
+        data.join("enrich.wasm"),
+        outpost::handlers::examples::ENRICH,
+    )?;
+    std::fs::write(
+        data.join("threshold.wasm"),
+        outpost::handlers::examples::THRESHOLD,
+    )?;
 
     // The stand-in upstream: a second embedded broker whose every received publish we count.
     let upstream_port = free_port()?;

@@ -540,7 +540,7 @@ impl Runtime {
     /// The concurrency of the handlers: running and waiting now, the most that ran at once
     /// since the runtime was made, overall and per module name (never above
     /// [`RuntimeConfig::max_concurrent`] and [`RuntimeConfig::max_concurrent_per_module`]).
-    pub fn concurrency(&self) -> Concurrency {
+    pub fn concurrency(&self) -> crate::metrics::Concurrency {
         let per_module = self
             .shared
             .module_slots
@@ -549,7 +549,7 @@ impl Runtime {
             .iter()
             .map(|(name, slots)| (name.clone(), slots.peak() as u64))
             .collect();
-        Concurrency {
+        crate::metrics::Concurrency {
             running: self.running_invocations() as u64,
             waiting: self.waiting_invocations() as u64,
             peak: self.shared.slots.peak() as u64,
@@ -612,19 +612,6 @@ impl Runtime {
             shared: Arc::clone(&self.shared),
         })
     }
-}
-
-/// How many handler invocations run at once: see [`Runtime::concurrency`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Concurrency {
-    /// Invocations running now.
-    pub running: u64,
-    /// Invocations waiting for a slot now.
-    pub waiting: u64,
-    /// The most invocations that ran at once.
-    pub peak: u64,
-    /// The most invocations of each module that ran at once.
-    pub module_peaks: std::collections::BTreeMap<String, u64>,
 }
 
 impl Shared {
@@ -1556,7 +1543,7 @@ impl Drop for Ticker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::examples;
+    use crate::handlers::examples;
     use std::collections::HashMap;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -1942,7 +1929,7 @@ mod tests {
     #[test]
     fn a_component_of_another_world_is_refused_naming_the_mismatch() {
         let (runtime, _) = runtime();
-        let wasm = std::fs::read(crate::examples::guest_path("otherworld")).unwrap();
+        let wasm = std::fs::read(crate::handlers::examples::guest_path("otherworld")).unwrap();
         let error = runtime.load("other", &wasm).unwrap_err();
         assert!(matches!(error, LoadError::WrongWorld { .. }), "{error:?}");
         assert!(

@@ -59,9 +59,9 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
+use crate::client::exchange as operator;
 use crate::config::{parse_broker_url, Endpoint};
 use crate::edge::LocalLink;
-use crate::operator;
 use crate::store::{DeadLetter, DeadLetterFilter, Store, StoreError};
 
 /// The client id of the control plane's in-process link to the broker.
@@ -576,7 +576,7 @@ fn base64(bytes: &[u8]) -> String {
 /// (`mqtt://HOST[:PORT]`, or `mqtts://HOST[:PORT]` with its TLS files) and returns its reply,
 /// whatever its `ok`.
 ///
-/// It connects ([`crate::operator`]: TCP or TLS, with the endpoint's login) with a fresh
+/// It connects ([`crate::client::exchange`]: TCP or TLS, with the endpoint's login) with a fresh
 /// client id, subscribes to a reply topic of its own (`outpost/<gateway_id>/replies/<random>`),
 /// waits for the SUBACK, publishes the request with QoS 1, `reply_to` set to that topic and an
 /// unguessable `nonce`, and waits for the reply that [`answers`] it (anything else on the reply

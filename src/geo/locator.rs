@@ -15,10 +15,12 @@
 //!   that event ([`LocateError`]), never a panic and never silently another location.
 //! - A device's geofence set changes only with a position from its own payload; each change
 //!   yields its exits, then its enters, each in name order ([`transitions`]).
-//! - [`LinkRegions::allows`] is the residency rule: a row may go on a link only if the link may
-//!   carry every one of its region tags.
+//! - Residency is applied by [`super::residency::LinkRegions::allows`]: a row may go on a link
+//!   only if the link may carry every one of its region tags.
 
 use std::collections::{BTreeSet, HashMap};
+
+use super::residency::LinkRegions;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -26,8 +28,8 @@ use serde_json::Value;
 
 use crate::config::{Config, ConfigError, LocationPointers};
 use crate::geo::{self, GeoError, GeoJsonOptions, Geography, Location, Placement};
-use crate::predicate::Distance;
-use crate::router::{RouteTable, TopicFilter};
+use crate::routing::predicate::Distance;
+use crate::routing::{RouteTable, TopicFilter};
 use crate::store::DevicePosition;
 
 /// The name of the link that publishes on the gateway's own broker (outputs of `local-only`
@@ -95,34 +97,6 @@ pub enum NoLocation {
     DeadLetter,
     /// They get this region's tag.
     Region(String),
-}
-
-/// The regions a link may carry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LinkRegions {
-    /// Any data (`"*"`).
-    Any,
-    /// Only data whose tags are all in this set (data without tags always).
-    Only(BTreeSet<String>),
-}
-
-impl LinkRegions {
-    /// From an upstream's `regions` list.
-    pub fn from_list(list: &[String]) -> LinkRegions {
-        if list.iter().any(|r| r == "*") {
-            LinkRegions::Any
-        } else {
-            LinkRegions::Only(list.iter().cloned().collect())
-        }
-    }
-
-    /// Whether a row with these tags may go on the link.
-    pub fn allows<'t>(&self, mut tags: impl Iterator<Item = &'t str>) -> bool {
-        match self {
-            LinkRegions::Any => true,
-            LinkRegions::Only(allowed) => tags.all(|t| allowed.contains(t)),
-        }
-    }
 }
 
 /// An event's location could not be read.
@@ -834,20 +808,6 @@ mod tests {
             let exact = GEODESIC.metres(a, b) <= limit;
             prop_assert_eq!(GEODESIC.within(a, b, limit), exact);
         }
-    }
-
-    #[test]
-    fn links_allow_only_their_regions() {
-        let eu = LinkRegions::from_list(&["eu".into()]);
-        assert!(eu.allows(["eu"].into_iter()));
-        assert!(eu.allows(std::iter::empty()));
-        assert!(!eu.allows(["eu", "us"].into_iter()));
-        assert!(!eu.allows(["us"].into_iter()));
-        let none = LinkRegions::from_list(&[]);
-        assert!(none.allows(std::iter::empty()));
-        assert!(!none.allows(["eu"].into_iter()));
-        let any = LinkRegions::from_list(&["*".into()]);
-        assert!(any.allows(["eu", "us"].into_iter()));
     }
 
     #[test]

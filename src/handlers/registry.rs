@@ -35,11 +35,11 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tracing::{error, info, warn};
 
-use crate::breaker::Breaker;
 use crate::config::ModuleConfig;
 use crate::event::now_ms;
+use crate::handlers::breaker::Breaker;
+use crate::handlers::runtime::{Handler, Runtime};
 use crate::metrics::Metrics;
-use crate::runtime::{Handler, Runtime};
 use crate::signing::{self, SignedCommand, SignedModule, VerifyingKey};
 use crate::store::{CommandRefused, Deployed, Store, StoredModule};
 

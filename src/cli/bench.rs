@@ -59,12 +59,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use outpost::breaker::QuarantinePolicy;
 use outpost::config::{
     BrokerConfig, Config, HandlerConfig, ModuleConfig, RouteConfig, UpstreamConfig,
 };
 use outpost::edge::{DevicePublish, Edge};
 use outpost::gateway::Gateway;
+use outpost::handlers::breaker::QuarantinePolicy;
 use outpost::metrics::Metrics;
 use outpost::store::{DeadLetterFilter, Store};
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, QoS};
@@ -2290,7 +2290,7 @@ mod tests {
 
     #[test]
     fn hostile_needs_a_readable_webassembly_file() {
-        let faulty = outpost::examples::guest_path("faulty");
+        let faulty = outpost::handlers::examples::guest_path("faulty");
         check_options(&options_with(Some(faulty.clone()))).expect("the built faulty guest");
 
         let dir = tempfile::tempdir().expect("temp dir");
@@ -2330,7 +2330,7 @@ mod tests {
 
     #[test]
     fn hostile_options_that_cannot_run_are_refused() {
-        let faulty = outpost::examples::guest_path("faulty");
+        let faulty = outpost::handlers::examples::guest_path("faulty");
         let mut unlimited = options_with(Some(faulty.clone()));
         unlimited.hostile_rate = 0;
         unlimited.hostile_pending = 0;
@@ -2346,7 +2346,7 @@ mod tests {
 
     #[test]
     fn gateway_config_adds_the_hostile_route_only_where_asked() {
-        let faulty = outpost::examples::guest_path("faulty");
+        let faulty = outpost::handlers::examples::guest_path("faulty");
         let options = options_with(Some(faulty.clone()));
         let dir = Path::new("/nonexistent");
         let config = gateway_config(dir, 1883, "mqtt://127.0.0.1:1".into(), &options, true);
