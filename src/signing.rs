@@ -1,13 +1,13 @@
 //! Module signing: what exactly is signed, how keys are kept on disk, and the signed-module
 //! envelope that deploys carry.
 //!
-//! Invariant 7 ("only signed code runs") rests on this module. A module is identified by a
-//! [`Manifest`]: its name, its version, the SHA-256 of its bytes and the time it was signed
-//! (which lets a gateway refuse a replayed older deploy: see [`Manifest::issued_ms`]). An
-//! Ed25519 signature is made over [`Manifest::signed_bytes`], a canonical byte string with a
+//! Invariant 7 of ARCHITECTURE.md ("only signed code runs") rests on this module. A module is
+//! identified by a [`Manifest`]: its name, its version, the SHA-256 of its bytes and the time it
+//! was signed (which lets a gateway refuse a replayed older deploy: see [`Manifest::issued_ms`]).
+//! An Ed25519 signature is made over [`Manifest::signed_bytes`], a canonical byte string with a
 //! domain-separation prefix and length-prefixed fields, so a signature for one (name, version,
-//! digest, time) can never be read as a
-//! signature for another, nor for anything that is not an outpost module manifest.
+//! digest, time) can never be read as a signature for another, nor for anything that is not an
+//! outpost module manifest.
 //!
 //! A [`SignedModule`] is the unit that is published for a deploy: a one-line JSON header (name,
 //! version, digest, issue time, size, key id, signature) followed by the raw module bytes (see

@@ -1,5 +1,6 @@
 //! Geography: locations, geofences, regions and the spatial index that says which of them
-//! contain a point (issue 5; invariant 4 of `DESIGN.md`, "data stays in its region").
+//! contain a point (issue 5; invariant 8 of `ARCHITECTURE.md`, "data stays in its
+//! jurisdiction").
 //!
 //! Pure: nothing here reads files, clocks or sockets. The caller hands over GeoJSON text and
 //! parsed payloads; this module validates them, builds an immutable [`Geography`] and answers

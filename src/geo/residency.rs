@@ -1,5 +1,5 @@
-//! Data residency: which region-tagged rows a link may carry (invariant 4, "data stays in its
-//! region").
+//! Data residency: which region-tagged rows a link may carry (invariant 8 of
+//! ARCHITECTURE.md, "data stays in its jurisdiction").
 //!
 //! A row carries the region tags its event was given by the locator; an upstream link carries
 //! the regions its configuration lists (`regions = ["eu"]`, or `"*"` for any). Pure: no I/O.

@@ -8,7 +8,7 @@
 //! instance with its own store, so nothing survives an invocation except what the handler
 //! wrote to the key-value store ([`KvBackend`]).
 //!
-//! Invariant 5 ("a handler cannot hurt the gateway") is kept here:
+//! Invariant 4 of ARCHITECTURE.md ("a handler cannot hurt the gateway") is kept here:
 //!
 //! - **time**: every invocation has a deadline, enforced by epoch interruption; running past
 //!   it is [`HandlerFailure::Timeout`];

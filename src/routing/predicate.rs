@@ -69,12 +69,12 @@
 //! - **Pointers** are RFC 6901 JSON pointers: `""` is the whole document, otherwise they start
 //!   with `/`; `~1` stands for `/` and `~0` for `~` in a key; an array is indexed by a decimal
 //!   index without leading zeros (`-`, past the end, is never present).
-//! - **`in` and `not_in` need a location.** An event whose location is unknown is neither in
-//!   nor not in anything, so both are false for it: a route "not in eu" must not take events
-//!   that might well be in the EU (invariant 4 is about keeping data in its region; an
-//!   unknown location is not evidence of being outside). Write `not = { in = "eu" }` to
-//!   include unknown locations deliberately. A name matches a geofence or a region of that
-//!   name; with a known location, `not_in = X` is exactly `not = { in = X }`.
+//! - **`in` and `not_in` need a location.** An event whose location is unknown is neither in nor
+//!   not in anything, so both are false for it: a route "not in eu" must not take events that might
+//!   well be in the EU (invariant 8 of ARCHITECTURE.md is about keeping data in its region; an
+//!   unknown location is not evidence of being outside). Write `not = { in = "eu" }` to include
+//!   unknown locations deliberately. A name matches a geofence or a region of that name; with a
+//!   known location, `not_in = X` is exactly `not = { in = X }`.
 //! - **`within_m`** holds when the location is known and the [`Distance`] to `of` is at most
 //!   `within_m` metres (inclusive). A distance function returning NaN makes it false.
 //! - `all` and `any` evaluate left to right and stop at the first deciding member.
