@@ -4,9 +4,13 @@
 
 #![allow(dead_code)]
 
+pub mod harness;
 #[macro_use]
 pub mod mqtt;
 pub mod pki;
+
+#[allow(unused_imports)]
+pub use harness::Harness;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -569,44 +573,57 @@ impl Subscriber {
         let mut options = MqttOptions::new(id, "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_clean_session(false);
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
         let received = Received::default();
         let sink = received.clone();
-        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
-        let mut subscribed_tx = Some(subscribed_tx);
-        client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .await
-            .expect("queue subscribe");
-        let driver = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        sink.0
-                            .lock()
-                            .unwrap()
-                            .push((p.topic.clone(), p.payload.to_vec()));
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(tx) = subscribed_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        tokio::time::timeout(PATIENCE, subscribed_rx)
-            .await
-            .expect("SUBACK in time")
-            .expect("subscriber alive");
+        let (client, driver) = subscribe_with(options, filter, move |p| {
+            sink.0
+                .lock()
+                .unwrap()
+                .push((p.topic.clone(), p.payload.to_vec()));
+        })
+        .await;
         Subscriber {
             received,
             client,
             driver,
         }
     }
+}
+
+/// Connects an MQTT 3.1.1 client with `options`, subscribes to `filter` with QoS 1 and waits
+/// for the SUBACK; every PUBLISH that arrives then goes to `on_publish`. The returned task
+/// drives the connection (reconnecting after an error); abort it to end the client.
+pub async fn subscribe_with(
+    options: MqttOptions,
+    filter: &str,
+    mut on_publish: impl FnMut(rumqttc::Publish) + Send + 'static,
+) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .expect("queue subscribe");
+    let driver = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => on_publish(p),
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(PATIENCE, subscribed_rx)
+        .await
+        .expect("SUBACK in time")
+        .expect("subscriber alive");
+    (client, driver)
 }
 
 impl Drop for Subscriber {
