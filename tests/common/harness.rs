@@ -31,7 +31,8 @@ pub const SUBSCRIBER_ID: &str = "test-sub";
 pub struct Harness {
     /// The `outpost` binary: `--data <dir>/gw-data`, its log in `<dir>/gateway.log`.
     pub gateway: Gateway,
-    /// What the first subscriber the builder made received (it stays empty without one).
+    /// What the first subscriber the builder made received (without one, reading it fails the
+    /// test).
     pub received: Received,
     subscribers: Vec<(String, Subscriber)>,
     /// The upstream Mosquitto. It always has a port and a directory (so that a gateway can be
@@ -183,7 +184,7 @@ impl HarnessBuilder {
         let received = subscribers
             .first()
             .map(|(_, subscriber)| subscriber.received.clone())
-            .unwrap_or_default();
+            .unwrap_or_else(Received::nobody);
         Harness {
             gateway,
             received,

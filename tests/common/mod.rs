@@ -545,18 +545,42 @@ impl Drop for Device {
 }
 
 /// What the upstream subscriber received, in arrival order.
-#[derive(Clone, Default)]
-pub struct Received(Arc<Mutex<Vec<Message>>>);
+#[derive(Clone)]
+pub struct Received(Option<Arc<Mutex<Vec<Message>>>>);
 
 /// A received message: topic and payload.
 pub type Message = (String, Vec<u8>);
 
+impl Default for Received {
+    fn default() -> Received {
+        Received(Some(Arc::default()))
+    }
+}
+
 impl Received {
+    /// What a [`Harness`] built without a subscriber has: reading it fails the test, so that
+    /// "nothing arrived" cannot pass for want of a subscriber.
+    pub fn nobody() -> Received {
+        Received(None)
+    }
+
+    fn messages(&self) -> std::sync::MutexGuard<'_, Vec<Message>> {
+        self.0
+            .as_ref()
+            .expect("nobody subscribed: ask the harness builder for a subscriber")
+            .lock()
+            .unwrap()
+    }
+
+    fn push(&self, message: Message) {
+        self.messages().push(message);
+    }
+
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
+        self.messages().len()
     }
     pub fn all(&self) -> Vec<Message> {
-        self.0.lock().unwrap().clone()
+        self.messages().clone()
     }
 }
 
@@ -576,10 +600,7 @@ impl Subscriber {
         let received = Received::default();
         let sink = received.clone();
         let (client, driver) = subscribe_with(options, filter, move |p| {
-            sink.0
-                .lock()
-                .unwrap()
-                .push((p.topic.clone(), p.payload.to_vec()));
+            sink.push((p.topic.clone(), p.payload.to_vec()));
         })
         .await;
         Subscriber {
