@@ -35,14 +35,7 @@ fn write_mosquitto_passwords(dir: &Path, user: &str, password: &str) {
 }
 
 fn wait_for_port(port: u16) {
-    let deadline = std::time::Instant::now() + common::PATIENCE;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nothing listens on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::net::wait_for_port(port, common::PATIENCE);
 }
 
 /// The gateway's configuration: one upstream `cloud` with `upstream` as the rest of its table,

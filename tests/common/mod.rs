@@ -7,7 +7,10 @@
 pub mod harness;
 #[macro_use]
 pub mod mqtt;
+pub mod net;
 pub mod pki;
+
+pub use net::free_port;
 
 #[allow(unused_imports)]
 pub use harness::Harness;
@@ -24,14 +27,6 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 /// Generous bound for anything that should happen "soon" on a slow shared machine.
 pub const PATIENCE: Duration = Duration::from_secs(90);
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
 
 /// Waits until `check` returns true, polling; panics with `what` after `PATIENCE`.
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
