@@ -18,6 +18,7 @@
 //!
 //! `cargo bench --bench device_tls`. Not a test: it never fails on a slow machine.
 
+mod common;
 #[path = "../tests/common/pki.rs"]
 mod pki;
 
@@ -25,6 +26,8 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
+
+use common::{env_number, free_port, median, percentile};
 
 use outpost::config::{BrokerTlsConfig, Config};
 use outpost::gateway::Gateway;
@@ -35,21 +38,6 @@ use tokio::net::TcpStream;
 
 const WINDOW: u64 = 100;
 const PAYLOAD_BYTES: usize = 100;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// An MQTT string or binary field.
 fn put(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -183,16 +171,6 @@ async fn connects(dial: &Dial, count: u64, run: &str) -> Vec<f64> {
         drop(stream);
     }
     times
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    values[values.len() / 2]
-}
-
-fn percentile(values: &mut [f64], p: f64) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    values[((values.len() - 1) as f64 * p).round() as usize]
 }
 
 fn client_config(dir: &Path) -> Arc<rustls::ClientConfig> {

@@ -22,8 +22,12 @@
 //! Every figure is per point (criterion's element throughput). Run: `cargo bench --bench geo`
 //! (under a minute once built). Figures are in `BENCHMARKS.md`.
 
+#[path = "../tests/common/natural_earth.rs"]
+mod natural_earth;
+
+use natural_earth::{data, EU};
+
 use std::hint::black_box;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use std::sync::Arc;
@@ -39,43 +43,7 @@ use outpost::routing::RouteTable;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
-/// The EU's member states present in Natural Earth 1:110m.
-const EU: [&str; 26] = [
-    "Austria",
-    "Belgium",
-    "Bulgaria",
-    "Croatia",
-    "Cyprus",
-    "Czechia",
-    "Denmark",
-    "Estonia",
-    "Finland",
-    "France",
-    "Germany",
-    "Greece",
-    "Hungary",
-    "Ireland",
-    "Italy",
-    "Latvia",
-    "Lithuania",
-    "Luxembourg",
-    "Netherlands",
-    "Poland",
-    "Portugal",
-    "Romania",
-    "Slovakia",
-    "Slovenia",
-    "Spain",
-    "Sweden",
-];
-
 const POINTS: usize = 1024;
-
-fn data(file: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(file)
-}
 
 fn countries() -> Geography {
     let text = std::fs::read(data("countries-110m.geojson")).expect("countries-110m.geojson");

@@ -13,6 +13,7 @@
 //! `cargo bench --bench uplink_tls` (needs Mosquitto: `apt-get install mosquitto`). Results
 //! are in BENCHMARKS.md, "TLS on the uplink". Not a test: it never fails on a slow machine.
 
+mod common;
 #[path = "../tests/common/pki.rs"]
 mod pki;
 
@@ -25,28 +26,7 @@ use outpost::config::{Config, MqttVersion, UpstreamConfig};
 use outpost::gateway::Gateway;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn env_number(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn wait_for_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
+use common::{env_number, free_port, median, wait_for_port};
 
 /// Mosquitto with a plain listener and a TLS listener requiring a client certificate.
 struct Upstream {
@@ -82,8 +62,8 @@ impl Upstream {
             .stderr(Stdio::null())
             .spawn()
             .expect("start mosquitto (apt-get install mosquitto)");
-        wait_for_port(plain);
-        wait_for_port(tls);
+        wait_for_port(plain, Duration::from_secs(30));
+        wait_for_port(tls, Duration::from_secs(30));
         Upstream { plain, tls, child }
     }
 }
@@ -228,11 +208,6 @@ async fn drain(
     gateway.shutdown().await;
     let rate = (messages - 1) as f64 / (last - first).as_secs_f64();
     (first - start, rate)
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    values[values.len() / 2]
 }
 
 fn main() {

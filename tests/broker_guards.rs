@@ -22,7 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::mqtt::frame as packet;
-use common::{eventually, write_config, Device, Gateway, Mosquitto, Subscriber};
+use common::{eventually, Device, Gateway, Harness, Mosquitto};
 
 const PATIENCE: Duration = Duration::from_secs(20);
 
@@ -289,16 +289,11 @@ fn forbidden_packets_close_only_their_connection(
     outcomes
 }
 
-fn gateway_config(dir: &std::path::Path, v5_port: u16, max_connections: usize) -> String {
-    write_config(
-        dir,
-        &format!(
-            "gateway_id = \"gw-guard\"\n[broker]\nlisten_v5 = [\"127.0.0.1:{v5_port}\"]\n\
-             max_connections = {max_connections}\n"
-        ),
+fn gateway_config(v5_port: u16, max_connections: usize) -> String {
+    format!(
+        "gateway_id = \"gw-guard\"\n[broker]\nlisten_v5 = [\"127.0.0.1:{v5_port}\"]\n\
+         max_connections = {max_connections}\n"
     )
-    .display()
-    .to_string()
 }
 
 #[test]
@@ -328,19 +323,15 @@ fn mosquitto_closes_the_same_forbidden_packets() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_packets_close_only_their_connection_and_leak_no_slot() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
     let v5_port = common::free_port();
     // Few slots: a leaked slot per hostile connection would show within the first rounds.
-    let config = gateway_config(dir.path(), v5_port, 3);
-    let mut gateway = Gateway::new(
-        dir.path(),
-        &["--config", &config, "--upstream", &upstream.url()],
-    );
-    gateway.start();
-    let port = gateway.port;
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .config(&gateway_config(v5_port, 3))
+        .upstream_arg()
+        .start()
+        .await;
+    let port = h.gateway.port;
 
     let outcomes = tokio::task::spawn_blocking(move || {
         forbidden_packets_close_only_their_connection(&[(V::V4, port), (V::V5, v5_port)], false)
@@ -376,41 +367,31 @@ async fn forbidden_packets_close_only_their_connection_and_leak_no_slot() {
         .await;
     device.wait_acked(1).await;
     eventually("the last publish upstream", || {
-        subscriber
-            .received
+        h.received
             .all()
             .iter()
             .any(|(t, _)| t == "telemetry/dev-final/t")
     })
     .await;
-    let topics: Vec<String> = subscriber
-        .received
-        .all()
-        .into_iter()
-        .map(|(t, _)| t)
-        .collect();
+    let topics: Vec<String> = h.received.all().into_iter().map(|(t, _)| t).collect();
     assert!(
         topics.iter().all(|t| !t.contains('+') && !t.contains('#')),
         "{topics:?}"
     );
     assert!(topics.iter().any(|t| t == "telemetry/good-1/t"));
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_limit_refuses_with_a_code_and_never_wedges_the_broker() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
     let v5_port = common::free_port();
-    let config = gateway_config(dir.path(), v5_port, 2);
-    let mut gateway = Gateway::new(
-        dir.path(),
-        &["--config", &config, "--upstream", &upstream.url()],
-    );
-    gateway.start();
-    let port = gateway.port;
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .config(&gateway_config(v5_port, 2))
+        .upstream_arg()
+        .start()
+        .await;
+    let port = h.gateway.port;
 
     tokio::task::spawn_blocking(move || {
         let (a, code) = Raw::connect(port, V::V4, "dev-a");
@@ -470,19 +451,14 @@ async fn the_connection_limit_refuses_with_a_code_and_never_wedges_the_broker() 
         .await;
     device.wait_acked(1).await;
     eventually("both publishes upstream", || {
-        let topics: Vec<String> = subscriber
-            .received
-            .all()
-            .into_iter()
-            .map(|(t, _)| t)
-            .collect();
+        let topics: Vec<String> = h.received.all().into_iter().map(|(t, _)| t).collect();
         topics.iter().any(|t| t == "telemetry/flaky/t")
             && topics.iter().any(|t| t == "telemetry/dev-final/t")
     })
     .await;
-    let refused = gateway_log_count(&gateway, "connection limit reached");
+    let refused = gateway_log_count(&h.gateway, "connection limit reached");
     assert!(refused >= 1, "the refusals are logged");
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
 
 fn gateway_log_count(gateway: &Gateway, needle: &str) -> usize {
@@ -491,17 +467,14 @@ fn gateway_log_count(gateway: &Gateway, needle: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateways_own_client_ids_are_refused_and_control_keeps_answering() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
     let v5_port = common::free_port();
-    let config = gateway_config(dir.path(), v5_port, 16);
-    let mut gateway = Gateway::new(
-        dir.path(),
-        &["--config", &config, "--upstream", &upstream.url()],
-    );
-    gateway.start();
-    let port = gateway.port;
+    let mut h = Harness::builder()
+        .upstream()
+        .config(&gateway_config(v5_port, 16))
+        .upstream_arg()
+        .start()
+        .await;
+    let port = h.gateway.port;
 
     tokio::task::spawn_blocking(move || {
         for id in [
@@ -548,7 +521,7 @@ async fn the_gateways_own_client_ids_are_refused_and_control_keeps_answering() {
     );
     let reply: serde_json::Value = serde_json::from_str(stdout.trim()).expect("JSON reply");
     assert!(reply.is_object(), "{reply}");
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
 
 /// A connection that never finishes its CONNECT (half a packet, then silence) is closed
@@ -556,24 +529,13 @@ async fn the_gateways_own_client_ids_are_refused_and_control_keeps_answering() {
 /// client is refused while the silent one holds it and gets in once it has been closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_never_finishes_connect_is_closed_and_gives_its_slot_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let config = write_config(
-        dir.path(),
-        "[broker]\nmax_connections = 1\nconnect_timeout_ms = 2000\n",
-    );
-    let mut gateway = Gateway::new(
-        dir.path(),
-        &[
-            "--config",
-            config.to_str().unwrap(),
-            "--upstream",
-            &upstream.url(),
-        ],
-    );
-    gateway.start();
-    let port = gateway.port;
+    let mut h = Harness::builder()
+        .upstream()
+        .config("[broker]\nmax_connections = 1\nconnect_timeout_ms = 2000\n")
+        .upstream_arg()
+        .start()
+        .await;
+    let port = h.gateway.port;
     tokio::task::spawn_blocking(move || {
         let connect = connect_packet(V::V5, "silent");
         // While it holds the one slot (it got it when it was accepted), others are refused.
@@ -610,7 +572,7 @@ async fn a_connection_that_never_finishes_connect_is_closed_and_gives_its_slot_b
     })
     .await
     .unwrap();
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
 
 /// How a broker answers CONNECTs of other protocol levels: the CONNACK code for MQTT at
@@ -650,13 +612,12 @@ fn protocol_levels(port: u16) -> (Vec<(u8, Option<u8>)>, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_protocol_levels_are_answered_as_mosquitto_answers_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
-    let mut gateway = Gateway::new(dir.path(), &["--upstream", &upstream.url()]);
-    gateway.start();
-    let (upstream_port, gateway_port) = (upstream.port, gateway.port);
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .upstream_arg()
+        .start()
+        .await;
+    let (upstream_port, gateway_port) = (h.upstream.port, h.gateway.port);
     let (mosquitto, outpost) = tokio::task::spawn_blocking(move || {
         (
             protocol_levels(upstream_port),
@@ -671,10 +632,9 @@ async fn other_protocol_levels_are_answered_as_mosquitto_answers_them() {
         "Mosquitto's answers"
     );
     assert_eq!(outpost, mosquitto, "outpost answers as Mosquitto does");
-    // One copy published on Mosquitto directly, one forwarded by the gateway.
+    // One copy published on Mosquitto directly, one forwarded by the h.gateway.
     eventually("the MQTT 3.1 publish upstream", || {
-        subscriber
-            .received
+        h.received
             .all()
             .iter()
             .filter(|(t, _)| t == "telemetry/legacy-31/t")
@@ -682,7 +642,7 @@ async fn other_protocol_levels_are_answered_as_mosquitto_answers_them() {
             >= 2
     })
     .await;
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
 
 /// A CONNECT of `level` with these connect flags, MQTT 5 properties, client id and bytes
@@ -860,12 +820,8 @@ fn connect_answers(port: u16) -> Vec<(&'static str, Option<u8>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connects_that_break_the_rules_are_answered_as_mosquitto_answers_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let mut gateway = Gateway::new(dir.path(), &["--upstream", &upstream.url()]);
-    gateway.start();
-    let (upstream_port, gateway_port) = (upstream.port, gateway.port);
+    let mut h = Harness::builder().upstream().upstream_arg().start().await;
+    let (upstream_port, gateway_port) = (h.upstream.port, h.gateway.port);
     let (mosquitto, outpost) = tokio::task::spawn_blocking(move || {
         (
             connect_answers(upstream_port),
@@ -887,5 +843,5 @@ async fn connects_that_break_the_rules_are_answered_as_mosquitto_answers_them() 
     let device = Device::connect(gateway_port, "after-the-bad-connects").await;
     device.publish("telemetry/after/t", "{}").await;
     device.wait_acked(1).await;
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }

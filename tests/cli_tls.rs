@@ -10,7 +10,7 @@ mod common;
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::pki::{write_file, write_leaf, Ca, Validity};
+use common::pki::listener_pki;
 use common::{write_config, Device, Gateway};
 
 const GATEWAY: &str = "gw-cli-tls";
@@ -22,18 +22,7 @@ const TIMEOUT_SECS: &str = "90";
 /// `ca.pem`, the gateway's `server.pem`/`server.key` (for localhost and 127.0.0.1), and the
 /// client certificates `alice` and `bob` of that CA, in `dir`.
 fn pki(dir: &Path) {
-    let ca = Ca::new("operator test ca");
-    write_file(&dir.join("ca.pem"), &ca.pem(), 0o644);
-    let server = ca.leaf(
-        "gateway",
-        &["localhost", "127.0.0.1"],
-        false,
-        Validity::Valid,
-    );
-    write_leaf(dir, "server", &server);
-    for name in ["alice", "bob"] {
-        write_leaf(dir, name, &ca.leaf(name, &[], true, Validity::Valid));
-    }
+    listener_pki(dir, "operator test ca");
 }
 
 /// A gateway with `broker` under `[broker]`, a TLS listener on the returned port with the

@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 
 use common::mqtt::{Client, Publish, Version};
-use common::{eventually, write_config, Device, Gateway, Mosquitto, Subscriber};
+use common::{eventually, write_config, Device, Harness, Received};
 use serde_json::Value;
 
 const GATEWAY_ID: &str = "gw-dl";
@@ -120,39 +120,32 @@ payload = "json"
     )
 }
 
-fn payloads(subscriber: &Subscriber) -> Vec<Vec<u8>> {
-    subscriber
-        .received
-        .all()
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect()
+fn payloads(received: &Received) -> Vec<Vec<u8>> {
+    received.all().into_iter().map(|(_, p)| p).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trapped_event_is_replayed_once_the_route_is_fixed() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
-    let file = write_config(dir.path(), &config(&upstream.url(), true, 2));
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .config_with(|url| config(url, true, 2))
+        .start()
+        .await;
 
-    let device = Device::connect(gateway.port, "dev-a").await;
+    let device = Device::connect(h.gateway.port, "dev-a").await;
     device.publish("telemetry/dev-a/x", "trap").await;
     device.publish("telemetry/dev-a/x", "ok").await;
     device.wait_acked(2).await;
     eventually("the good event upstream", || {
-        payloads(&subscriber).contains(&b"ok".to_vec())
+        payloads(&h.received).contains(&b"ok".to_vec())
     })
     .await;
     eventually("the trapped event dead-lettered", || {
-        gateway.dead_letters().get("trap") == Some(&1)
+        h.gateway.dead_letters().get("trap") == Some(&1)
     })
     .await;
 
-    let reply = cli(gateway.port, &["list", "--json"]).await.ok_json();
+    let reply = cli(h.gateway.port, &["list", "--json"]).await.ok_json();
     let listed = letters(&reply);
     assert_eq!(listed.len(), 1, "{reply}");
     assert_eq!(listed[0]["reason"], "trap");
@@ -167,61 +160,60 @@ async fn a_trapped_event_is_replayed_once_the_route_is_fixed() {
     assert_eq!(listed[0]["topic"], "telemetry/dev-a/x");
     assert_eq!(listed[0]["payload_bytes"], 4);
     assert!(
-        !payloads(&subscriber).contains(&b"trap".to_vec()),
+        !payloads(&h.received).contains(&b"trap".to_vec()),
         "the trapped event must not have gone upstream"
     );
 
     // "Fix the module": the same route, now without a handler.
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
-    write_config(dir.path(), &config(&upstream.url(), false, 2));
-    gateway.start();
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
+    write_config(&h.dir, &config(&h.upstream.url(), false, 2));
+    h.gateway.start();
     assert_eq!(
-        gateway.dead_letters().get("trap"),
+        h.gateway.dead_letters().get("trap"),
         Some(&1),
         "dead letters survive a restart"
     );
 
-    let reply = cli(gateway.port, &["replay", "--reason", "trap", "--json"])
+    let reply = cli(h.gateway.port, &["replay", "--reason", "trap", "--json"])
         .await
         .ok_json();
     assert_eq!(reply["replayed"], 1, "{reply}");
     eventually("the replayed event upstream", || {
-        payloads(&subscriber).contains(&b"trap".to_vec())
+        payloads(&h.received).contains(&b"trap".to_vec())
     })
     .await;
-    assert!(gateway.dead_letters().is_empty());
-    let reply = cli(gateway.port, &["list", "--json"]).await.ok_json();
+    assert!(h.gateway.dead_letters().is_empty());
+    let reply = cli(h.gateway.port, &["list", "--json"]).await.ok_json();
     assert!(letters(&reply).is_empty(), "{reply}");
-    let (topic, _) = subscriber
+    let (topic, _) = h
         .received
         .all()
         .into_iter()
         .find(|(_, p)| p == b"trap")
         .unwrap();
     assert_eq!(topic, "telemetry/dev-a/x");
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_show_and_purge_and_an_empty_filter_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let file = write_config(dir.path(), &config(&upstream.url(), true, 1));
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+    let mut h = Harness::builder()
+        .upstream()
+        .config_with(|url| config(url, true, 1))
+        .start()
+        .await;
 
-    let device = Device::connect(gateway.port, "dev-b").await;
+    let device = Device::connect(h.gateway.port, "dev-b").await;
     device.publish("telemetry/dev-b/x", "trap").await;
     device.publish("telemetry/dev-b/y", "error").await;
     device.publish("json/dev-b/z", vec![0xff, 0x00]).await;
     device.wait_acked(3).await;
     eventually("three dead letters", || {
-        gateway.dead_letters().values().sum::<u64>() == 3
+        h.gateway.dead_letters().values().sum::<u64>() == 3
     })
     .await;
 
-    let port = gateway.port;
+    let port = h.gateway.port;
     let all = letters(&cli(port, &["list", "--json"]).await.ok_json());
     assert_eq!(all.len(), 3);
     let ids: Vec<i64> = all.iter().map(|l| l["id"].as_i64().unwrap()).collect();
@@ -289,14 +281,14 @@ async fn list_show_and_purge_and_an_empty_filter_is_refused() {
         "{}",
         refused.stderr
     );
-    assert_eq!(gateway.dead_letters().values().sum::<u64>(), 3);
+    assert_eq!(h.gateway.dead_letters().values().sum::<u64>(), 3);
 
     let reply = cli(port, &["purge", "--id", &trap, "--json"])
         .await
         .ok_json();
     assert_eq!(reply["purged"], 1);
-    assert_eq!(gateway.dead_letters().get("trap"), None);
-    assert_eq!(gateway.dead_letters().values().sum::<u64>(), 2);
+    assert_eq!(h.gateway.dead_letters().get("trap"), None);
+    assert_eq!(h.gateway.dead_letters().values().sum::<u64>(), 2);
 
     let purged = cli(port, &["purge", "--route", "json-in"]).await;
     assert!(purged.success, "{}", purged.stderr);
@@ -304,32 +296,25 @@ async fn list_show_and_purge_and_an_empty_filter_is_refused() {
 
     let reply = cli(port, &["purge", "--all", "--json"]).await.ok_json();
     assert_eq!(reply["purged"], 1);
-    assert!(gateway.dead_letters().is_empty());
+    assert!(h.gateway.dead_letters().is_empty());
     let empty = cli(port, &["list"]).await;
     assert_eq!(empty.stdout.trim(), "no dead letters");
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_request_gets_an_error_and_the_gateway_keeps_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let mut gateway = Gateway::new(
-        dir.path(),
-        &[
-            "--gateway-id",
-            GATEWAY_ID,
-            "--upstream",
-            upstream.url().as_str(),
-        ],
-    );
-    gateway.start();
+    let mut h = Harness::builder()
+        .upstream()
+        .args(&["--gateway-id", GATEWAY_ID])
+        .upstream_arg()
+        .start()
+        .await;
 
     // The requester reads its own answers: replies go to the requester only.
     let results = format!("outpost/{GATEWAY_ID}/deadletters/result");
     let request_topic = format!("outpost/{GATEWAY_ID}/deadletters/list");
-    let mut requester = Client::clean(gateway.port, Version::V5, "requester");
+    let mut requester = Client::clean(h.gateway.port, Version::V5, "requester");
     requester.subscribe(&results, 1);
     let mut ask = |payload: &str| -> Value {
         requester.publish_done(&Publish::new(&request_topic, payload).qos(1));
@@ -354,7 +339,7 @@ async fn a_malformed_request_gets_an_error_and_the_gateway_keeps_serving() {
     assert_eq!(reply["nonce"], "n-1", "{reply}");
 
     // Another client subscribed to the same topic sees none of it.
-    let mut watcher = Client::clean(gateway.port, Version::V5, "watcher");
+    let mut watcher = Client::clean(h.gateway.port, Version::V5, "watcher");
     watcher.subscribe(&results, 1);
     let reply = ask(r#"{"limit": 5}"#);
     assert_eq!(reply["ok"], true, "{reply}");
@@ -363,13 +348,13 @@ async fn a_malformed_request_gets_an_error_and_the_gateway_keeps_serving() {
     let seen = watcher.receive_until("fence/w");
     assert!(seen.is_empty(), "{seen:?}");
 
-    assert!(gateway.is_running());
-    let reply = cli(gateway.port, &["list", "--json"]).await.ok_json();
+    assert!(h.gateway.is_running());
+    let reply = cli(h.gateway.port, &["list", "--json"]).await.ok_json();
     assert!(letters(&reply).is_empty(), "{reply}");
 
     // A gateway id nobody answers to: a clear timeout, not a hang.
     let output = tokio::task::spawn_blocking({
-        let port = gateway.port;
+        let port = h.gateway.port;
         move || {
             Command::new(env!("CARGO_BIN_EXE_outpost"))
                 .args(["deadletters", "list", "--gateway-id", "nobody"])
@@ -387,5 +372,5 @@ async fn a_malformed_request_gets_an_error_and_the_gateway_keeps_serving() {
         stderr.contains("no answer from gateway nobody at mqtt://127.0.0.1:"),
         "{stderr}"
     );
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }

@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{eventually, write_config, Device, Gateway, Mosquitto, Subscriber, PATIENCE};
+use common::{eventually, write_config, Device, Gateway, Harness, Mosquitto, Received, Subscriber};
 use outpost::signing::{self, CommandOp, SignedCommand, SignedModule, SigningKey};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -81,34 +81,14 @@ impl Operator {
         let mut options = MqttOptions::new(id, "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024);
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
         let messages = Arc::new(Mutex::new(Vec::new()));
         let sink = messages.clone();
-        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
-        let mut subscribed_tx = Some(subscribed_tx);
-        client.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
-        let driver = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        if let Ok(value) = serde_json::from_slice::<Value>(&p.payload) {
-                            sink.lock().unwrap().push((p.topic.clone(), value));
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(tx) = subscribed_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
+        let (client, driver) = common::subscribe_with(options, filter, move |p| {
+            if let Ok(value) = serde_json::from_slice::<Value>(&p.payload) {
+                sink.lock().unwrap().push((p.topic.clone(), value));
             }
-        });
-        tokio::time::timeout(PATIENCE, subscribed_rx)
-            .await
-            .expect("SUBACK in time")
-            .unwrap();
+        })
+        .await;
         Operator {
             client,
             messages,
@@ -219,19 +199,18 @@ fn reason(status: &Value) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_signed_components_of_the_handler_world_are_deployed() {
-    let dir = tempfile::tempdir().unwrap();
-    let (key, trusted) = keypair(dir.path(), "operator");
-    let (stranger, _) = keypair(dir.path(), "stranger");
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "cloud-sub", "gw-a/#").await;
-    let file = write_config(dir.path(), &config("gw-a", &upstream.url(), &trusted, ""));
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
-    let operator = Operator::connect(gateway.port, "operator", "outpost/gw-a/#").await;
+    let setup = Harness::builder();
+    let (key, trusted) = keypair(setup.dir(), "operator");
+    let (stranger, _) = keypair(setup.dir(), "stranger");
+    let mut h = setup
+        .subscriber_as("cloud-sub", "gw-a/#")
+        .config_with(|url| config("gw-a", url, &trusted, ""))
+        .start()
+        .await;
+    let operator = Operator::connect(h.gateway.port, "operator", "outpost/gw-a/#").await;
 
     // Events for a module that is declared but not deployed yet wait for it.
-    let device = Device::connect(gateway.port, "boiler").await;
+    let device = Device::connect(h.gateway.port, "boiler").await;
     for n in 0..5 {
         device
             .publish("sensors/boiler", format!(r#"{{"seq":{n},"temp_c":20}}"#))
@@ -308,11 +287,11 @@ async fn only_signed_components_of_the_handler_world_are_deployed() {
     assert!(reason(&status).contains("unknown verb"), "{status}");
 
     // None of that activated anything: the events still wait, none was lost or dead-lettered.
-    assert_eq!(subscriber.received.len(), 0);
+    assert_eq!(h.received.len(), 0);
     assert!(
-        gateway.dead_letters().is_empty(),
+        h.gateway.dead_letters().is_empty(),
         "{:?}",
-        gateway.dead_letters()
+        h.gateway.dead_letters()
     );
     let list = operator.request("gw-a", "list", b"{\"n\":1}").await;
     assert_eq!(list["ok"], true, "{list}");
@@ -329,10 +308,10 @@ async fn only_signed_components_of_the_handler_world_are_deployed() {
         signing::KeyId::of(&key.verifying_key()).to_string()
     );
     eventually("the waiting events, enriched, upstream", || {
-        subscriber.received.len() >= 5
+        h.received.len() >= 5
     })
     .await;
-    for (topic, payload) in subscriber.received.all() {
+    for (topic, payload) in h.received.all() {
         assert_eq!(topic, "gw-a/enriched/boiler");
         let value: Value = serde_json::from_slice(&payload).unwrap();
         assert_eq!(value["temp_f"].as_f64(), Some(68.0), "{value}");
@@ -346,16 +325,15 @@ async fn only_signed_components_of_the_handler_world_are_deployed() {
     assert_eq!(proc["source"], "deployed", "{list}");
     assert_eq!(proc["version"], "1.0.0", "{list}");
     assert_eq!(proc["quarantined"], false, "{list}");
-    assert!(gateway.dead_letters().is_empty());
-    assert!(gateway.is_running());
-    assert!(!gateway.log().contains("panicked"));
+    assert!(h.gateway.dead_letters().is_empty());
+    assert!(h.gateway.is_running());
+    assert!(!h.gateway.log().contains("panicked"));
 }
 
 /// Sequence numbers of the upstream arrivals, and which version made each (enrich adds
 /// `temp_f`; faulty echoes the payload).
-fn arrivals(subscriber: &Subscriber) -> Vec<(u64, bool)> {
-    subscriber
-        .received
+fn arrivals(received: &Received) -> Vec<(u64, bool)> {
+    received
         .all()
         .iter()
         .map(|(_, payload)| {
@@ -370,15 +348,14 @@ fn arrivals(subscriber: &Subscriber) -> Vec<(u64, bool)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_swap_under_load_loses_and_duplicates_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let (key, trusted) = keypair(dir.path(), "operator");
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "cloud-sub", "gw-b/#").await;
-    let file = write_config(dir.path(), &config("gw-b", &upstream.url(), &trusted, ""));
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
-    let operator = Operator::connect(gateway.port, "operator", "outpost/gw-b/#").await;
+    let setup = Harness::builder();
+    let (key, trusted) = keypair(setup.dir(), "operator");
+    let h = setup
+        .subscriber_as("cloud-sub", "gw-b/#")
+        .config_with(|url| config("gw-b", url, &trusted, ""))
+        .start()
+        .await;
+    let operator = Operator::connect(h.gateway.port, "operator", "outpost/gw-b/#").await;
 
     // Version 1 echoes (faulty's ordinary behaviour), version 2 enriches.
     let v1 = signed(&key, "proc", "1", &guest("faulty"));
@@ -389,7 +366,7 @@ async fn a_version_swap_under_load_loses_and_duplicates_nothing() {
     );
 
     // The device publishes until told to stop: through the deploy and for a while after it.
-    let device = Device::connect(gateway.port, "boiler").await;
+    let device = Device::connect(h.gateway.port, "boiler").await;
     let publisher = device.handle();
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let load = tokio::spawn(async move {
@@ -411,10 +388,7 @@ async fn a_version_swap_under_load_loses_and_duplicates_nothing() {
         }
         n
     });
-    eventually("some events through version 1", || {
-        subscriber.received.len() >= 300
-    })
-    .await;
+    eventually("some events through version 1", || h.received.len() >= 300).await;
     let status = operator.request("gw-b", "proc/deploy", &v2).await;
     assert_eq!(status["ok"], true, "{status}");
     assert_eq!(status["previous"], "1", "{status}");
@@ -423,14 +397,11 @@ async fn a_version_swap_under_load_loses_and_duplicates_nothing() {
     stop_tx.send(true).unwrap();
     let total = load.await.unwrap();
     device.wait_acked(total).await;
-    eventually("every event upstream", || {
-        subscriber.received.len() as u64 >= total
-    })
-    .await;
+    eventually("every event upstream", || h.received.len() as u64 >= total).await;
     // Let stragglers (duplicates) show up if there were any.
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let seen = arrivals(&subscriber);
+    let seen = arrivals(&h.received);
     assert_eq!(seen.len() as u64, total, "duplicates upstream");
     let mut count: HashMap<u64, u32> = HashMap::new();
     for (seq, _) in &seen {
@@ -492,10 +463,10 @@ async fn a_version_swap_under_load_loses_and_duplicates_nothing() {
         )
         .await;
     eventually("the event after the rollback", || {
-        subscriber.received.len() as u64 > total
+        h.received.len() as u64 > total
     })
     .await;
-    assert_eq!(arrivals(&subscriber).last(), Some(&(total, false)));
+    assert_eq!(arrivals(&h.received).last(), Some(&(total, false)));
 
     // Remove: the events wait again (counted nowhere as lost), and list shows it.
     let status = operator
@@ -515,7 +486,7 @@ async fn a_version_swap_under_load_loses_and_duplicates_nothing() {
     device.wait_acked(total + 2).await;
     let list = operator.request("gw-b", "list", b"{\"n\":2}").await;
     assert_eq!(list["modules"][0]["loaded"], false, "{list}");
-    assert!(gateway.dead_letters().is_empty());
+    assert!(h.gateway.dead_letters().is_empty());
     // The deploy of version 2 was signed before the remove: replayed, it is refused; signed
     // again, it is accepted.
     let replayed = operator.replay("gw-b", "proc/deploy", &v2).await;
@@ -527,24 +498,23 @@ async fn a_version_swap_under_load_loses_and_duplicates_nothing() {
     let status = operator.request("gw-b", "proc/deploy", &v2_again).await;
     assert_eq!(status["ok"], true, "{status}");
     eventually("the waiting event after the redeploy", || {
-        subscriber.received.len() as u64 > total + 1
+        h.received.len() as u64 > total + 1
     })
     .await;
-    assert_eq!(arrivals(&subscriber).last(), Some(&(total + 1, true)));
+    assert_eq!(arrivals(&h.received).last(), Some(&(total + 1, true)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploys_survive_a_restart_without_compiling_again() {
-    let dir = tempfile::tempdir().unwrap();
-    let (key, trusted) = keypair(dir.path(), "operator");
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "cloud-sub", "gw-c/#").await;
-    let file = write_config(dir.path(), &config("gw-c", &upstream.url(), &trusted, ""));
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+    let setup = Harness::builder();
+    let (key, trusted) = keypair(setup.dir(), "operator");
+    let mut h = setup
+        .subscriber_as("cloud-sub", "gw-c/#")
+        .config_with(|url| config("gw-c", url, &trusted, ""))
+        .start()
+        .await;
     {
-        let operator = Operator::connect(gateway.port, "operator", "outpost/gw-c/#").await;
+        let operator = Operator::connect(h.gateway.port, "operator", "outpost/gw-c/#").await;
         let deploy = signed(&key, "proc", "7", &guest("enrich"));
         assert_eq!(
             operator.request("gw-c", "proc/deploy", &deploy).await["ok"],
@@ -557,9 +527,9 @@ async fn deploys_survive_a_restart_without_compiling_again() {
         })
         .await;
     }
-    assert!(gateway.stop(), "clean stop");
-    gateway.start();
-    let operator = Operator::connect(gateway.port, "operator-2", "outpost/gw-c/#").await;
+    assert!(h.gateway.stop(), "clean stop");
+    h.gateway.start();
+    let operator = Operator::connect(h.gateway.port, "operator-2", "outpost/gw-c/#").await;
     eventually("metrics after the restart", || {
         operator.metrics("gw-c").is_some()
     })
@@ -570,13 +540,10 @@ async fn deploys_survive_a_restart_without_compiling_again() {
     let list = operator.request("gw-c", "list", b"{\"n\":3}").await;
     assert_eq!(list["modules"][0]["version"], "7", "{list}");
 
-    let device = Device::connect(gateway.port, "boiler").await;
+    let device = Device::connect(h.gateway.port, "boiler").await;
     device.publish("sensors/boiler", r#"{"temp_c":100}"#).await;
-    eventually("an enriched event upstream", || {
-        subscriber.received.len() == 1
-    })
-    .await;
-    let value: Value = serde_json::from_slice(&subscriber.received.all()[0].1).unwrap();
+    eventually("an enriched event upstream", || h.received.len() == 1).await;
+    let value: Value = serde_json::from_slice(&h.received.all()[0].1).unwrap();
     assert_eq!(value["temp_f"].as_f64(), Some(212.0));
     eventually("fuel counted as the module's cost", || {
         operator
@@ -687,19 +654,16 @@ async fn cli(args: &[&str]) -> (bool, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_pushes_lists_rolls_back_and_removes_on_a_real_gateway() {
-    let dir = tempfile::tempdir().unwrap();
-    let keys = dir.path().join("keys");
+    let setup = Harness::builder();
+    let keys = setup.dir().join("keys");
     let made = outpost(&["keygen", "--out", keys.to_str().unwrap(), "--name", "ops"]);
     assert!(made.status.success(), "{made:?}");
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let file = write_config(
-        dir.path(),
-        &config("gw-d", &upstream.url(), &keys.join("ops.pub"), ""),
-    );
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
-    let broker = format!("mqtt://127.0.0.1:{}", gateway.port);
+    let h = setup
+        .upstream()
+        .config_with(|url| config("gw-d", url, &keys.join("ops.pub"), ""))
+        .start()
+        .await;
+    let broker = format!("mqtt://127.0.0.1:{}", h.gateway.port);
     let key = keys.join("ops.key").display().to_string();
     let target = ["--broker", broker.as_str(), "--gateway", "gw-d"];
     let faulty = outpost::handlers::examples::guest_path("faulty")
@@ -748,7 +712,7 @@ async fn the_cli_pushes_lists_rolls_back_and_removes_on_a_real_gateway() {
     assert!(ok, "{text}");
 
     // A remove signed by a key the gateway does not trust is refused with the reason.
-    let other = dir.path().join("other");
+    let other = h.dir.join("other");
     assert!(
         outpost(&["keygen", "--out", other.to_str().unwrap(), "--name", "x"])
             .status
@@ -762,8 +726,8 @@ async fn the_cli_pushes_lists_rolls_back_and_removes_on_a_real_gateway() {
     assert!(text.contains("signature refused"), "{text}");
 
     // Version 1 (faulty, which echoes) is active again after the rollback.
-    let subscriber = Subscriber::connect(upstream.port, "cloud-sub", "gw-d/#").await;
-    let device = Device::connect(gateway.port, "boiler").await;
+    let subscriber = Subscriber::connect(h.upstream.port, "cloud-sub", "gw-d/#").await;
+    let device = Device::connect(h.gateway.port, "boiler").await;
     device
         .publish("sensors/boiler", r#"{"seq":1,"temp_c":1}"#)
         .await;
@@ -781,12 +745,13 @@ async fn the_cli_pushes_lists_rolls_back_and_removes_on_a_real_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quarantine_shows_in_the_module_list_and_the_metrics() {
-    let dir = tempfile::tempdir().unwrap();
-    let (_, trusted) = keypair(dir.path(), "operator");
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let text = format!(
-        r#"
+    let setup = Harness::builder();
+    let (_, trusted) = keypair(setup.dir(), "operator");
+    let h = setup
+        .upstream()
+        .config_with(|upstream| {
+            format!(
+                r#"
 gateway_id = "gw-q"
 
 [handlers]
@@ -812,19 +777,18 @@ handler = "faulty"
 [route.retry]
 max_attempts = 1
 "#,
-        trusted = trusted.display(),
-        upstream = upstream.url(),
-        faulty = outpost::handlers::examples::guest_path("faulty").display(),
-    );
-    let file = write_config(dir.path(), &text);
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
-    let operator = Operator::connect(gateway.port, "operator", "outpost/gw-q/#").await;
+                trusted = trusted.display(),
+                faulty = outpost::handlers::examples::guest_path("faulty").display(),
+            )
+        })
+        .start()
+        .await;
+    let operator = Operator::connect(h.gateway.port, "operator", "outpost/gw-q/#").await;
     let list = operator.request("gw-q", "list", b"{\"n\":1}").await;
     assert_eq!(list["modules"][0]["quarantined"], false, "{list}");
     assert_eq!(list["modules"][0]["source"], "config", "{list}");
 
-    let device = Device::connect(gateway.port, "d").await;
+    let device = Device::connect(h.gateway.port, "d").await;
     device.publish("sensors/a", "trap").await;
     device.publish("sensors/b", "trap").await;
     device.wait_acked(2).await;

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::mqtt::{subscribe_packet, Client, Connect, Packet, Publish, Version, WAIT};
-use common::pki::{tls_listener, write_file, write_leaf, Ca, Validity};
+use common::pki::{listener_pki, tls_listener, write_file, write_leaf, Ca, Validity};
 use common::{write_config, Gateway, Mosquitto};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -30,18 +30,7 @@ type Login<'a> = Option<(&'a str, Option<&'a str>)>;
 /// gateway's, for localhost and 127.0.0.1), and client certificates `alice`, `bob` and
 /// `nocn` (no subject CN) of that CA, and `stranger` of another CA.
 fn pki(dir: &Path) -> Ca {
-    let ca = Ca::new("device ca");
-    write_file(&dir.join("ca.pem"), &ca.pem(), 0o644);
-    let server = ca.leaf(
-        "gateway",
-        &["localhost", "127.0.0.1"],
-        false,
-        Validity::Valid,
-    );
-    write_leaf(dir, "server", &server);
-    for name in ["alice", "bob"] {
-        write_leaf(dir, name, &ca.leaf(name, &[], true, Validity::Valid));
-    }
+    let ca = listener_pki(dir, "device ca");
     write_leaf(dir, "nocn", &ca.leaf_without_cn());
     let other = Ca::new("another ca");
     write_leaf(

@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{eventually, write_config, Gateway, Mosquitto, Subscriber, PATIENCE};
+use common::{eventually, Gateway, Harness, Received, PATIENCE};
 use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
 
 /// A device that knows exactly which of its publishes were acknowledged: rumqttc reports the
@@ -95,16 +95,14 @@ impl Drop for CountingDevice {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_while_publishing_loses_nothing_acknowledged() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
-    upstream.stop();
-
-    let mut gateway = Gateway::new(dir.path(), &["--upstream", &upstream.url()]);
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .stop_upstream()
+        .upstream_arg()
+        .start()
+        .await;
     let devices: Vec<CountingDevice> = (0..4)
-        .map(|d| CountingDevice::start(gateway.port, &format!("dev-{d}"), 7_500))
+        .map(|d| CountingDevice::start(h.gateway.port, &format!("dev-{d}"), 7_500))
         .collect();
     let total_acked =
         |devices: &[CountingDevice]| devices.iter().map(|d| d.acked().len()).sum::<usize>();
@@ -114,7 +112,7 @@ async fn sigkill_while_publishing_loses_nothing_acknowledged() {
         total_acked(&devices) >= 20_000
     })
     .await;
-    gateway.kill();
+    h.gateway.kill();
     // Give the devices' event loops time to notice; no acknowledgement can arrive after this.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let acked: Vec<HashSet<u64>> = devices.iter().map(|d| d.acked()).collect();
@@ -122,11 +120,11 @@ async fn sigkill_while_publishing_loses_nothing_acknowledged() {
     let acked_total: usize = acked.iter().map(|a| a.len()).sum();
     eprintln!("acknowledged before SIGKILL: {acked_total} of 30000 published");
 
-    gateway.start();
-    upstream.start();
+    h.gateway.start();
+    h.upstream.start();
     eventually("every acknowledged publish upstream", || {
         let mut got: Vec<HashSet<u64>> = vec![HashSet::new(); 4];
-        for (topic, payload) in subscriber.received.all() {
+        for (topic, payload) in h.received.all() {
             let d: usize = topic
                 .split('/')
                 .nth(1)
@@ -139,9 +137,9 @@ async fn sigkill_while_publishing_loses_nothing_acknowledged() {
         acked.iter().zip(&got).all(|(a, g)| a.is_subset(g))
     })
     .await;
-    eventually("outbox drained", || gateway.outbox_depth() == 0).await;
-    let received = subscriber.received.len();
-    let unique: HashSet<(String, Vec<u8>)> = subscriber.received.all().into_iter().collect();
+    eventually("outbox drained", || h.gateway.outbox_depth() == 0).await;
+    let received = h.received.len();
+    let unique: HashSet<(String, Vec<u8>)> = h.received.all().into_iter().collect();
     eprintln!(
         "upstream received {received} messages, {} unique, {} duplicates",
         unique.len(),
@@ -217,8 +215,8 @@ impl EnrichedUpstream {
     /// Indexes the messages that arrived since the last call, checking that each is the
     /// handler's output for one reading: on `enriched/<device>`, with the device added and the
     /// temperature converted.
-    fn catch_up(&mut self, subscriber: &Subscriber) {
-        let all = subscriber.received.all();
+    fn catch_up(&mut self, received: &Received) {
+        let all = received.all();
         for (topic, payload) in &all[self.indexed..] {
             let envelope: serde_json::Value = serde_json::from_slice(payload).unwrap_or_else(|e| {
                 panic!(
@@ -355,12 +353,11 @@ async fn sigkill_in_a_handler_route_loses_nothing_acknowledged() {
     // devices are still publishing (and the gateway still working) when they come.
     const READINGS: u64 = 15_000;
     const KILL_AFTER_ACKS: usize = 10_000;
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "enriched/#").await;
-    let file = write_config(dir.path(), &enrich_route_config(&upstream.url()));
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
+    let mut h = Harness::builder()
+        .subscriber("enriched/#")
+        .config_with(enrich_route_config)
+        .build()
+        .await;
     let start_devices = |port: u16, phase: &str| -> Vec<(String, CountingDevice)> {
         (0..DEVICES)
             .map(|d| {
@@ -377,14 +374,14 @@ async fn sigkill_in_a_handler_route_loses_nothing_acknowledged() {
     let mut acked: Vec<(String, HashSet<u64>)> = Vec::new();
 
     // Upstream up: killed while devices publish, with readings in the journal and in the lane
-    // queue and outputs in the outbox, and outputs already flowing upstream.
-    gateway.start();
-    let devices = start_devices(gateway.port, "up");
+    // queue and outputs in the outbox, and outputs already flowing h.upstream.
+    h.gateway.start();
+    let devices = start_devices(h.gateway.port, "up");
     let (seen, left) = kill_when(
-        &mut gateway,
+        &mut h.gateway,
         devices,
         "a backlog in the journal, the lane queue and the outbox (upstream up)",
-        |devices| total_acked(devices) >= KILL_AFTER_ACKS && subscriber.received.len() >= 1,
+        |devices| total_acked(devices) >= KILL_AFTER_ACKS && h.received.len() >= 1,
         |b| b.journal > 0 && b.lane_queue > 0 && b.outbox > 0,
     )
     .await;
@@ -392,17 +389,17 @@ async fn sigkill_in_a_handler_route_loses_nothing_acknowledged() {
         "upstream up: {} of {} readings acknowledged before SIGKILL, which left {left:?}; {} delivered so far",
         seen.iter().map(|(_, a)| a.len()).sum::<usize>(),
         DEVICES as u64 * READINGS,
-        subscriber.received.len()
+        h.received.len()
     );
     acked.extend(seen);
 
     // Upstream down: the restarted gateway takes over the first kill's leftovers and new
     // readings, and its outputs pile up in the outbox until it is killed again.
-    upstream.stop();
-    gateway.start();
-    let devices = start_devices(gateway.port, "down");
+    h.upstream.stop();
+    h.gateway.start();
+    let devices = start_devices(h.gateway.port, "down");
     let (seen, left) = kill_when(
-        &mut gateway,
+        &mut h.gateway,
         devices,
         "a backlog in the journal, the lane queue and the outbox (upstream down)",
         |devices| total_acked(devices) >= KILL_AFTER_ACKS,
@@ -416,8 +413,8 @@ async fn sigkill_in_a_handler_route_loses_nothing_acknowledged() {
     );
     acked.extend(seen);
 
-    upstream.start();
-    gateway.start();
+    h.upstream.start();
+    h.gateway.start();
     let acked_total: usize = acked.iter().map(|(_, a)| a.len()).sum();
     let missing = |delivered: &EnrichedUpstream| -> Vec<Reading> {
         let mut missing: Vec<Reading> = acked
@@ -430,7 +427,7 @@ async fn sigkill_in_a_handler_route_loses_nothing_acknowledged() {
     };
     let deadline = Instant::now() + PATIENCE;
     loop {
-        delivered.catch_up(&subscriber);
+        delivered.catch_up(&h.received);
         let missing = missing(&delivered);
         if missing.is_empty() {
             break;
@@ -441,19 +438,19 @@ async fn sigkill_in_a_handler_route_loses_nothing_acknowledged() {
              gateway backlog {:?}, dead letters {:?}",
             missing.len(),
             &missing[..missing.len().min(10)],
-            Backlog::of(&gateway),
-            gateway.dead_letters()
+            Backlog::of(&h.gateway),
+            h.gateway.dead_letters()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     eventually("outbox and lane queue drained", || {
-        let backlog = Backlog::of(&gateway);
+        let backlog = Backlog::of(&h.gateway);
         backlog.outbox == 0 && backlog.lane_queue == 0 && backlog.journal == 0
     })
     .await;
-    delivered.catch_up(&subscriber);
+    delivered.catch_up(&h.received);
 
-    assert_eq!(gateway.dead_letters(), HashMap::new(), "no event failed");
+    assert_eq!(h.gateway.dead_letters(), HashMap::new(), "no event failed");
     let mut resent = 0;
     for ((device, seq), copies) in &delivered.copies {
         assert!(
@@ -486,23 +483,22 @@ async fn sigkill_in_a_handler_route_loses_nothing_acknowledged() {
     );
     eprintln!(
         "upstream received {} messages: {} distinct readings ({acked_total} acknowledged), {resent} duplicates (same id, sent again)",
-        subscriber.received.len(),
+        h.received.len(),
         delivered.copies.len()
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_alive_zero_is_accepted() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
-    let mut gateway = Gateway::new(dir.path(), &["--upstream", &upstream.url()]);
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .upstream_arg()
+        .start()
+        .await;
 
     // A raw MQTT 3.1.1 CONNECT with keep-alive 0, then a QoS 1 publish, over a plain socket.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", gateway.port))
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", h.gateway.port))
         .await
         .unwrap();
     let mut connect = bytes::BytesMut::new();
@@ -526,6 +522,6 @@ async fn keep_alive_zero_is_accepted() {
     let mut puback = [0u8; 4];
     socket.read_exact(&mut puback).await.unwrap();
     assert_eq!(puback, [0x40, 0x02, 0x00, 0x07], "PUBACK for packet 7");
-    eventually("the publish upstream", || subscriber.received.len() == 1).await;
-    assert!(gateway.is_running());
+    eventually("the publish upstream", || h.received.len() == 1).await;
+    assert!(h.gateway.is_running());
 }

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually, write_config, Device, Gateway, Mosquitto, Subscriber};
+use common::{eventually, Device, Harness, Subscriber};
 use rumqttc::QoS;
 use std::collections::{HashMap, HashSet};
 
@@ -32,14 +32,13 @@ fn assert_complete_in_order(received: &[(String, Vec<u8>)], devices: usize, per_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwards_qos1_json_unchanged() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
-    let mut gateway = Gateway::new(dir.path(), &["--upstream", &upstream.url()]);
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber("#")
+        .upstream_arg()
+        .start()
+        .await;
 
-    let device = Device::connect(gateway.port, "sensor-1").await;
+    let device = Device::connect(h.gateway.port, "sensor-1").await;
     let mut sent = Vec::new();
     for i in 1..=20u64 {
         let payload = format!(r#"{{"seq":{i},"temp_c":{}.5,"note":"ünïcode ✓"}}"#, 20 + i);
@@ -51,33 +50,31 @@ async fn forwards_qos1_json_unchanged() {
     // Not forwarded: outside the default route's filter.
     device.publish("other/sensor-1", "ignored").await;
     device.wait_acked(21).await;
-    eventually("20 messages upstream", || subscriber.received.len() >= 20).await;
+    eventually("20 messages upstream", || h.received.len() >= 20).await;
     // Give a wrongly forwarded message the chance to show up before asserting equality.
-    eventually("outbox drained", || gateway.outbox_depth() == 0).await;
-    assert_eq!(subscriber.received.all(), sent);
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    eventually("outbox drained", || h.gateway.outbox_depth() == 0).await;
+    assert_eq!(h.received.all(), sent);
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 /// An upstream outage of 100,000 messages from 10 devices, then recovery: every message is
 /// delivered, in order per device.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_outage_of_100k_messages_then_all_delivered_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
     // The subscriber's persistent session keeps collecting across the upstream's restart.
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
-    upstream.stop();
-
-    let mut gateway = Gateway::new(dir.path(), &["--upstream", &upstream.url()]);
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .stop_upstream()
+        .upstream_arg()
+        .start()
+        .await;
     let devices = 10;
     let per_device = 10_000u64;
     let total = devices as u64 * per_device;
     let mut clients = Vec::new();
     let mut publishers = Vec::new();
     for d in 0..devices {
-        let device = Device::connect(gateway.port, &format!("dev-{d}")).await;
+        let device = Device::connect(h.gateway.port, &format!("dev-{d}")).await;
         let handle = device.handle();
         publishers.push(tokio::spawn(async move {
             for seq in 1..=per_device {
@@ -101,19 +98,19 @@ async fn upstream_outage_of_100k_messages_then_all_delivered_in_order() {
         client.wait_acked(per_device).await;
     }
     eventually("100,000 rows queued while the upstream is down", || {
-        gateway.outbox_depth() == total
+        h.gateway.outbox_depth() == total
     })
     .await;
-    assert_eq!(subscriber.received.len(), 0);
+    assert_eq!(h.received.len(), 0);
 
-    upstream.start();
-    eventually("all 100,000 delivered", || gateway.outbox_depth() == 0).await;
+    h.upstream.start();
+    eventually("all 100,000 delivered", || h.gateway.outbox_depth() == 0).await;
     eventually("subscriber got 100,000", || {
-        subscriber.received.len() >= total as usize
+        h.received.len() >= total as usize
     })
     .await;
-    assert_complete_in_order(&subscriber.received.all(), devices, per_device);
-    assert!(gateway.is_running());
+    assert_complete_in_order(&h.received.all(), devices, per_device);
+    assert!(h.gateway.is_running());
 }
 
 /// The uplink's byte budget (`inflight_bytes`) holds rows back until earlier ones are
@@ -123,21 +120,17 @@ async fn upstream_outage_of_100k_messages_then_all_delivered_in_order() {
 /// nor reorder it.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_small_byte_window_delivers_rows_of_any_size_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
-    upstream.stop();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "[[upstream]]\nname = \"cloud\"\nurl = \"{}\"\ninflight = 1000\ninflight_bytes = 1024\n",
-            upstream.url()
-        ),
-    );
-    let mut gateway = Gateway::new(dir.path(), &["--config", config.to_str().unwrap()]);
-    gateway.start();
-    let device = Device::connect(gateway.port, "dev-w").await;
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .stop_upstream()
+        .config_with(|url| {
+            format!(
+                "[[upstream]]\nname = \"cloud\"\nurl = \"{url}\"\ninflight = 1000\ninflight_bytes = 1024\n"
+            )
+        })
+        .start()
+        .await;
+    let device = Device::connect(h.gateway.port, "dev-w").await;
     let total = 200u64;
     for seq in 1..=total {
         // Mostly 400 bytes (two fit the budget, three do not); every 50th is 5,000 bytes,
@@ -147,55 +140,48 @@ async fn a_small_byte_window_delivers_rows_of_any_size_in_order() {
         device.publish("telemetry/dev-w/env", payload).await;
     }
     device.wait_acked(total).await;
-    eventually("200 rows queued", || gateway.outbox_depth() == total).await;
+    eventually("200 rows queued", || h.gateway.outbox_depth() == total).await;
 
-    upstream.start();
-    eventually("outbox drained", || gateway.outbox_depth() == 0).await;
-    eventually("subscriber got 200", || {
-        subscriber.received.len() >= total as usize
-    })
-    .await;
-    assert_complete_in_order(&subscriber.received.all(), 1, total);
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    h.upstream.start();
+    eventually("outbox drained", || h.gateway.outbox_depth() == 0).await;
+    eventually("subscriber got 200", || h.received.len() >= total as usize).await;
+    assert_complete_in_order(&h.received.all(), 1, total);
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_events_survive_a_gateway_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
-    upstream.stop();
-
-    let mut gateway = Gateway::new(
-        dir.path(),
-        &["--upstream", &upstream.url(), "--gateway-id", "gw-restart"],
-    );
-    gateway.start();
-    let device = Device::connect(gateway.port, "dev-r").await;
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .stop_upstream()
+        .upstream_arg()
+        .args(&["--gateway-id", "gw-restart"])
+        .start()
+        .await;
+    let device = Device::connect(h.gateway.port, "dev-r").await;
     for seq in 1..=300u64 {
         device
             .publish("telemetry/dev-r/env", format!(r#"{{"seq":{seq}}}"#))
             .await;
     }
     device.wait_acked(300).await;
-    eventually("300 rows queued", || gateway.outbox_depth() == 300).await;
+    eventually("300 rows queued", || h.gateway.outbox_depth() == 300).await;
     drop(device);
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
     assert_eq!(
-        gateway.outbox_depth(),
+        h.gateway.outbox_depth(),
         300,
         "queue kept on disk across the stop"
     );
 
-    gateway.start();
-    upstream.start();
+    h.gateway.start();
+    h.upstream.start();
     eventually("outbox drained after restart", || {
-        gateway.outbox_depth() == 0
+        h.gateway.outbox_depth() == 0
     })
     .await;
-    eventually("subscriber got 300", || subscriber.received.len() >= 300).await;
-    assert_complete_in_order(&subscriber.received.all(), 1, 300);
+    eventually("subscriber got 300", || h.received.len() >= 300).await;
+    assert_complete_in_order(&h.received.all(), 1, 300);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,25 +189,15 @@ async fn listen_v5_still_works_for_both_versions() {
     use rumqttc::v5::mqttbytes::v5::Packet;
     use rumqttc::v5::{mqttbytes::QoS, AsyncClient, Event, MqttOptions};
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
     let v5_port = common::free_port();
-    let file = common::write_config(
-        dir.path(),
-        &format!("[broker]\nlisten_v5 = [\"127.0.0.1:{v5_port}\"]\n"),
-    );
-    let mut gateway = Gateway::new(
-        dir.path(),
-        &[
-            "--config",
-            file.to_str().unwrap(),
-            "--upstream",
-            &upstream.url(),
-        ],
-    );
-    gateway.start();
+    let h = Harness::builder()
+        .subscriber("#")
+        .config(&format!(
+            "[broker]\nlisten_v5 = [\"127.0.0.1:{v5_port}\"]\n"
+        ))
+        .upstream_arg()
+        .start()
+        .await;
 
     let (client, mut eventloop) =
         AsyncClient::new(MqttOptions::new("v5-device", "127.0.0.1", v5_port), 16);
@@ -243,19 +219,16 @@ async fn listen_v5_still_works_for_both_versions() {
     })
     .await;
     assert!(acked.is_ok(), "no PUBACK on the MQTT 5 listener");
-    eventually("the v5 publish upstream", || subscriber.received.len() >= 1).await;
+    eventually("the v5 publish upstream", || h.received.len() >= 1).await;
     // `listen_v5` is served like `listen`: a 3.1.1 device may use it too.
     let device = Device::connect(v5_port, "v4-device").await;
     device
         .publish("telemetry/v4-device/env", r#"{"seq":1}"#)
         .await;
     device.wait_acked(1).await;
-    eventually("the 3.1.1 publish upstream", || {
-        subscriber.received.len() >= 2
-    })
-    .await;
+    eventually("the 3.1.1 publish upstream", || h.received.len() >= 2).await;
     assert_eq!(
-        subscriber.received.all(),
+        h.received.all(),
         vec![
             (
                 "telemetry/v5-device/env".to_string(),
@@ -278,15 +251,14 @@ async fn one_listener_serves_3_1_1_and_5() {
     use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
     use rumqttc::v5::{mqttbytes::QoS as QoS5, AsyncClient as Client5, Event as Event5};
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let upstream_subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
-    let mut gateway = Gateway::new(dir.path(), &["--upstream", &upstream.url()]);
-    gateway.start();
+    let h = Harness::builder()
+        .subscriber("#")
+        .upstream_arg()
+        .start()
+        .await;
 
-    let local_v4 = Subscriber::connect(gateway.port, "local-v4", "telemetry/#").await;
-    let options = rumqttc::v5::MqttOptions::new("local-v5", "127.0.0.1", gateway.port);
+    let local_v4 = Subscriber::connect(h.gateway.port, "local-v4", "telemetry/#").await;
+    let options = rumqttc::v5::MqttOptions::new("local-v5", "127.0.0.1", h.gateway.port);
     let (client5, mut eventloop5) = Client5::new(options, 16);
     client5
         .subscribe("telemetry/#", QoS5::AtLeastOnce)
@@ -318,10 +290,10 @@ async fn one_listener_serves_3_1_1_and_5() {
         .expect("SUBACK for the MQTT 5 subscriber on the shared listener")
         .unwrap();
 
-    let device = Device::connect(gateway.port, "dev-v4").await;
+    let device = Device::connect(h.gateway.port, "dev-v4").await;
     device.publish("telemetry/dev-v4/env", r#"{"v":4}"#).await;
     device.wait_acked(1).await;
-    let port = gateway.port.to_string();
+    let port = h.gateway.port.to_string();
     let status = tokio::task::spawn_blocking(move || {
         std::process::Command::new("mosquitto_pub")
             .args(["-V", "5", "-h", "127.0.0.1", "-p", &port, "-i", "dev-v5"])
@@ -342,10 +314,7 @@ async fn one_listener_serves_3_1_1_and_5() {
         v.sort();
         v
     };
-    eventually("both publishes upstream", || {
-        upstream_subscriber.received.len() >= 2
-    })
-    .await;
+    eventually("both publishes upstream", || h.received.len() >= 2).await;
     eventually("both publishes at the local 3.1.1 subscriber", || {
         local_v4.received.len() >= 2
     })
@@ -354,7 +323,7 @@ async fn one_listener_serves_3_1_1_and_5() {
         received_v5.lock().unwrap().len() >= 2
     })
     .await;
-    assert_eq!(sorted(upstream_subscriber.received.all()), expected);
+    assert_eq!(sorted(h.received.all()), expected);
     assert_eq!(sorted(local_v4.received.all()), expected);
     assert_eq!(sorted(received_v5.lock().unwrap().clone()), expected);
     driver.abort();

@@ -4,46 +4,13 @@
 //! indexed lookup must agree with testing every country for random points and for points next
 //! to the countries' vertices.
 
-use std::path::PathBuf;
+#[path = "common/natural_earth.rs"]
+mod natural_earth;
+
+use natural_earth::{data, EU};
 
 use outpost::geo::{Fence, GeoError, GeoJsonOptions, Geography, Location};
 use proptest::prelude::*;
-
-/// The EU's member states as named in Natural Earth 1:110m (Malta is too small to be in it).
-const EU: [&str; 26] = [
-    "Austria",
-    "Belgium",
-    "Bulgaria",
-    "Croatia",
-    "Cyprus",
-    "Czechia",
-    "Denmark",
-    "Estonia",
-    "Finland",
-    "France",
-    "Germany",
-    "Greece",
-    "Hungary",
-    "Ireland",
-    "Italy",
-    "Latvia",
-    "Lithuania",
-    "Luxembourg",
-    "Netherlands",
-    "Poland",
-    "Portugal",
-    "Romania",
-    "Slovakia",
-    "Slovenia",
-    "Spain",
-    "Sweden",
-];
-
-fn data(file: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(file)
-}
 
 fn countries_text() -> String {
     std::fs::read_to_string(data("countries-110m.geojson")).expect("countries-110m.geojson")

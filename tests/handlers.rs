@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{eventually, write_config, Device, Gateway, Mosquitto, Subscriber};
+use common::{eventually, Device, Harness, Subscriber};
 
 fn config(upstream: &str, module: &str, path: &std::path::Path, topic: &str) -> String {
     format!(
@@ -35,58 +35,46 @@ topic = "{topic}"
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrich_example_converts_units_and_adds_the_device() {
-    let dir = tempfile::tempdir().unwrap();
-    let wasm = dir.path().join("enrich.wasm");
+    let setup = Harness::builder();
+    let wasm = setup.dir().join("enrich.wasm");
     std::fs::write(&wasm, outpost::handlers::examples::ENRICH).unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
-    let file = write_config(
-        dir.path(),
-        &config(&upstream.url(), "enrich", &wasm, "{gateway}/{output}"),
-    );
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+    let h = setup
+        .subscriber("#")
+        .config_with(|url| config(url, "enrich", &wasm, "{gateway}/{output}"))
+        .start()
+        .await;
 
-    let device = Device::connect(gateway.port, "boiler").await;
+    let device = Device::connect(h.gateway.port, "boiler").await;
     device
         .publish("telemetry/boiler/env", r#"{"temp_c":100}"#)
         .await;
     device.publish("telemetry/boiler/env", "not json").await;
     device.wait_acked(2).await;
-    eventually("one enriched reading upstream", || {
-        subscriber.received.len() >= 1
-    })
-    .await;
+    eventually("one enriched reading upstream", || h.received.len() >= 1).await;
     eventually("one dead letter", || {
-        gateway.dead_letters().values().sum::<u64>() == 1
+        h.gateway.dead_letters().values().sum::<u64>() == 1
     })
     .await;
 
-    let (topic, payload) = subscriber.received.all()[0].clone();
+    let (topic, payload) = h.received.all()[0].clone();
     assert_eq!(topic, "gw-test/enriched/boiler");
     let value: serde_json::Value = serde_json::from_slice(&payload).unwrap();
     assert_eq!(value["device"], "boiler");
     assert_eq!(value["temp_f"].as_f64(), Some(212.0));
-    assert_eq!(gateway.dead_letters().get("handler-error"), Some(&1));
-    assert_eq!(subscriber.received.len(), 1);
+    assert_eq!(h.gateway.dead_letters().get("handler-error"), Some(&1));
+    assert_eq!(h.received.len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_handler_costs_only_the_failing_events() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
     let faulty = outpost::handlers::examples::guest_path("faulty");
-    let file = write_config(
-        dir.path(),
-        &config(&upstream.url(), "faulty", &faulty, "{output}"),
-    );
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber("#")
+        .config_with(|url| config(url, "faulty", &faulty, "{output}"))
+        .start()
+        .await;
 
-    let device = Device::connect(gateway.port, "dev-f").await;
+    let device = Device::connect(h.gateway.port, "dev-f").await;
     let payloads = [
         "ok-1", "trap", "ok-2", "error", "ok-3", "loop", "ok-4", "grow", "ok-5",
     ];
@@ -95,25 +83,17 @@ async fn failing_handler_costs_only_the_failing_events() {
     }
     device.wait_acked(payloads.len() as u64).await;
     eventually("four dead letters", || {
-        gateway.dead_letters().values().sum::<u64>() == 4
+        h.gateway.dead_letters().values().sum::<u64>() == 4
     })
     .await;
-    eventually("five good outputs upstream", || {
-        subscriber.received.len() >= 5
-    })
-    .await;
+    eventually("five good outputs upstream", || h.received.len() >= 5).await;
 
-    let letters = gateway.dead_letters();
+    let letters = h.gateway.dead_letters();
     assert_eq!(letters.get("trap"), Some(&1), "{letters:?}");
     assert_eq!(letters.get("handler-error"), Some(&1), "{letters:?}");
     assert_eq!(letters.get("timeout"), Some(&1), "{letters:?}");
     assert_eq!(letters.get("out-of-memory"), Some(&1), "{letters:?}");
-    let good: Vec<Vec<u8>> = subscriber
-        .received
-        .all()
-        .into_iter()
-        .map(|(_, p)| p)
-        .collect();
+    let good: Vec<Vec<u8>> = h.received.all().into_iter().map(|(_, p)| p).collect();
     let expected: Vec<Vec<u8>> = ["ok-1", "ok-2", "ok-3", "ok-4", "ok-5"]
         .iter()
         .map(|s| s.as_bytes().to_vec())
@@ -122,8 +102,8 @@ async fn failing_handler_costs_only_the_failing_events() {
 
     // Still serving after all that.
     device.publish("telemetry/dev-f/x", "ok-6").await;
-    eventually("sixth good output", || subscriber.received.len() >= 6).await;
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    eventually("sixth good output", || h.received.len() >= 6).await;
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 /// Configuration for the circuit-breaker tests: module `faulty` on `telemetry/guarded/#`, one
@@ -167,70 +147,61 @@ filter = "telemetry/plain/#"
 /// events become dead letters `quarantined` without running it, while other routes flow on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_module_that_keeps_failing_is_quarantined() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
     // A cool-down far longer than the test: the quarantine cannot end during it.
-    let file = write_config(
-        dir.path(),
-        &breaker_config(&upstream.url(), 600_000, "dead-letter"),
-    );
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber("#")
+        .config_with(|url| breaker_config(url, 600_000, "dead-letter"))
+        .start()
+        .await;
 
-    let device = Device::connect(gateway.port, "dev-b").await;
+    let device = Device::connect(h.gateway.port, "dev-b").await;
     device.publish("telemetry/guarded/x", "trap").await;
     device.publish("telemetry/guarded/x", "error").await;
     device.wait_acked(2).await;
     eventually("two failures dead-lettered", || {
-        let l = gateway.dead_letters();
+        let l = h.gateway.dead_letters();
         l.get("trap") == Some(&1) && l.get("handler-error") == Some(&1)
     })
     .await;
     eventually("the quarantine logged", || {
-        gateway.log().contains("module quarantined")
+        h.gateway.log().contains("module quarantined")
     })
     .await;
     device.publish("telemetry/guarded/x", "ok-1").await;
     device.publish("telemetry/plain/x", "plain-1").await;
     device.wait_acked(4).await;
     eventually("the guarded event dead-lettered as quarantined", || {
-        gateway.dead_letters().get("quarantined") == Some(&1)
+        h.gateway.dead_letters().get("quarantined") == Some(&1)
     })
     .await;
     eventually("the plain route still delivers", || {
-        subscriber
-            .received
+        h.received
             .all()
             .iter()
             .any(|(_, p)| p.as_slice() == b"plain-1")
     })
     .await;
     assert!(
-        !subscriber
-            .received
+        !h.received
             .all()
             .iter()
             .any(|(_, p)| p.as_slice() == b"ok-1"),
         "a quarantined module's event was processed"
     );
-    assert!(gateway.is_running());
+    assert!(h.gateway.is_running());
 }
 
 /// With `on_quarantine = "wait"`, events that arrive during the quarantine wait durably; after
 /// the cool-down one of them probes the module, which works again, and they are delivered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quarantined_events_wait_and_flow_after_the_cooldown() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
-    let file = write_config(dir.path(), &breaker_config(&upstream.url(), 1_000, "wait"));
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+    let h = Harness::builder()
+        .subscriber("#")
+        .config_with(|url| breaker_config(url, 1_000, "wait"))
+        .start()
+        .await;
 
-    let device = Device::connect(gateway.port, "dev-w").await;
+    let device = Device::connect(h.gateway.port, "dev-w").await;
     // Published in one go, so they are processed in this order: the two failures trip the
     // breaker before the good events are looked at.
     for p in ["trap", "error", "ok-1", "ok-2"] {
@@ -238,17 +209,17 @@ async fn quarantined_events_wait_and_flow_after_the_cooldown() {
     }
     device.wait_acked(4).await;
     eventually("both good events delivered", || {
-        let got = subscriber.received.all();
+        let got = h.received.all();
         ["ok-1", "ok-2"]
             .iter()
             .all(|ok| got.iter().any(|(_, p)| p.as_slice() == ok.as_bytes()))
     })
     .await;
-    let log = gateway.log();
+    let log = h.gateway.log();
     assert!(log.contains("module quarantined"), "{log}");
     // Only a successful probe closes the breaker: so the good events did wait for it.
     assert!(log.contains("module out of quarantine"), "{log}");
-    let letters = gateway.dead_letters();
+    let letters = h.gateway.dead_letters();
     assert_eq!(letters.get("quarantined"), None, "{letters:?}");
     assert_eq!(letters.values().sum::<u64>(), 2, "{letters:?}");
 }
@@ -257,12 +228,11 @@ async fn quarantined_events_wait_and_flow_after_the_cooldown() {
 /// concurrently: every event still arrives exactly once, in order per topic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_batches_keep_every_event_and_the_order_per_topic() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
-    let text = format!(
-        r#"
+    let h = Harness::builder()
+        .subscriber("#")
+        .config_with(|upstream| {
+            format!(
+                r#"
 gateway_id = "gw-conc"
 
 [handlers]
@@ -283,17 +253,16 @@ name = "echo"
 filter = "telemetry/#"
 handler = "echo"
 "#,
-        upstream = upstream.url(),
-        faulty = outpost::handlers::examples::guest_path("faulty").display(),
-    );
-    let file = write_config(dir.path(), &text);
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+                faulty = outpost::handlers::examples::guest_path("faulty").display(),
+            )
+        })
+        .start()
+        .await;
     const DEVICES: usize = 10;
     const EACH: usize = 60;
     let mut devices = Vec::new();
     for d in 0..DEVICES {
-        devices.push(Device::connect(gateway.port, &format!("dev-{d}")).await);
+        devices.push(Device::connect(h.gateway.port, &format!("dev-{d}")).await);
     }
     for n in 0..EACH {
         for (d, device) in devices.iter().enumerate() {
@@ -306,11 +275,11 @@ handler = "echo"
         device.wait_acked(EACH as u64).await;
     }
     eventually("every event upstream", || {
-        subscriber.received.len() >= DEVICES * EACH
+        h.received.len() >= DEVICES * EACH
     })
     .await;
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let all = subscriber.received.all();
+    let all = h.received.all();
     assert_eq!(all.len(), DEVICES * EACH, "duplicates");
     let mut per_topic: std::collections::HashMap<String, Vec<usize>> = Default::default();
     for (topic, payload) in all {
@@ -328,14 +297,14 @@ handler = "echo"
 /// without a cap of its own runs several of its topics at once (up to the module's four).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_caps_its_own_concurrency_and_the_metrics_show_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
     let faulty = outpost::handlers::examples::guest_path("faulty");
     // Two names for the same module, so that each route's concurrency has its own figure;
     // every event loops until the deadline, so invocations overlap whenever they may.
-    let text = format!(
-        r#"
+    let mut h = Harness::builder()
+        .upstream()
+        .config_with(|upstream| {
+            format!(
+                r#"
 gateway_id = "gw-caps"
 
 [handlers]
@@ -374,15 +343,15 @@ on_quarantine = "dead-letter"
 [route.retry]
 max_attempts = 1
 "#,
-        upstream = upstream.url(),
-        faulty = faulty.display(),
-    );
-    let file = write_config(dir.path(), &text);
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
-    let metrics = Subscriber::connect(gateway.port, "metrics-sub", "outpost/gw-caps/metrics").await;
+                faulty = faulty.display(),
+            )
+        })
+        .start()
+        .await;
+    let metrics =
+        Subscriber::connect(h.gateway.port, "metrics-sub", "outpost/gw-caps/metrics").await;
     const TOPICS: usize = 8;
-    let device = Device::connect(gateway.port, "looper").await;
+    let device = Device::connect(h.gateway.port, "looper").await;
     for route in ["narrow", "wide"] {
         for t in 0..TOPICS {
             device.publish(&format!("{route}/t{t}"), "loop").await;
@@ -390,7 +359,7 @@ max_attempts = 1
     }
     device.wait_acked(2 * TOPICS as u64).await;
     eventually("every looping event dead-lettered", || {
-        gateway.dead_letters().get("timeout") == Some(&(2 * TOPICS as u64))
+        h.gateway.dead_letters().get("timeout") == Some(&(2 * TOPICS as u64))
     })
     .await;
     // The newest snapshot published after the last invocation ended.
@@ -419,5 +388,5 @@ max_attempts = 1
             "{module} ran {ran} µs for {TOPICS} loops of 300 ms"
         );
     }
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }

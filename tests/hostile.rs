@@ -10,7 +10,7 @@ mod common;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use common::{write_config, Device, Gateway, Mosquitto, Subscriber};
+use common::{Device, Gateway, Harness};
 
 /// Everything below must be done within this (the test's own bound, two minutes, generous for a slow shared machine).
 const BOUND: Duration = Duration::from_secs(120);
@@ -131,16 +131,14 @@ fn dead_letters(gateway: &Gateway) -> Vec<(String, String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_modules_cost_only_their_own_events() {
     let deadline = Instant::now() + BOUND;
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "#").await;
-    let file = write_config(dir.path(), &config(&upstream.url()));
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber("#")
+        .config_with(config)
+        .start()
+        .await;
 
-    let sensor = Device::connect(gateway.port, "sensor").await;
-    let attacker = Device::connect(gateway.port, "attacker").await;
+    let sensor = Device::connect(h.gateway.port, "sensor").await;
+    let attacker = Device::connect(h.gateway.port, "attacker").await;
     // Telemetry before, between and after the hostile events, and echoes among them.
     let per_gap = TELEMETRY / (HOSTILE.len() + 1);
     let mut seq = 0;
@@ -169,19 +167,18 @@ async fn hostile_modules_cost_only_their_own_events() {
 
     // Every hostile event ends as a dead letter; everything else is delivered.
     until(deadline, "a dead letter for every hostile event", || {
-        gateway.dead_letters().values().sum::<u64>() >= HOSTILE.len() as u64
+        h.gateway.dead_letters().values().sum::<u64>() >= HOSTILE.len() as u64
     })
     .await;
     let delivered = |payload: &str| {
-        subscriber
-            .received
+        h.received
             .all()
             .iter()
             .filter(|(_, p)| p.as_slice() == payload.as_bytes())
             .count()
     };
     until(deadline, "all telemetry and echoes upstream", || {
-        let got = subscriber.received.all();
+        let got = h.received.all();
         let telemetry = got
             .iter()
             .filter(|(topic, _)| topic == "telemetry/sensor/env")
@@ -197,12 +194,12 @@ async fn hostile_modules_cost_only_their_own_events() {
     })
     .await;
     until(deadline, "the outbox drained", || {
-        gateway.outbox_depth() == 0
+        h.gateway.outbox_depth() == 0
     })
     .await;
 
     // Each hostile event failed for its own reason, and nothing else failed.
-    let letters = dead_letters(&gateway);
+    let letters = dead_letters(&h.gateway);
     assert_eq!(letters.len(), HOSTILE.len(), "{letters:#?}");
     for (payload, reason, detail) in HOSTILE {
         let found: Vec<_> = letters.iter().filter(|(p, _, _)| p == payload).collect();
@@ -214,7 +211,7 @@ async fn hostile_modules_cost_only_their_own_events() {
 
     // Telemetry: every sequence number exactly once, on its own topic, unchanged.
     let mut seen: HashMap<String, usize> = HashMap::new();
-    for (topic, payload) in subscriber.received.all() {
+    for (topic, payload) in h.received.all() {
         if topic == "telemetry/sensor/env" {
             *seen
                 .entry(String::from_utf8_lossy(&payload).into_owned())
@@ -226,7 +223,7 @@ async fn hostile_modules_cost_only_their_own_events() {
     }
     assert_eq!(seen.len(), TELEMETRY, "unexpected telemetry payloads");
     // The hostile route delivered exactly its echoes, nothing of the hostile events.
-    let mut hostile: Vec<Vec<u8>> = subscriber
+    let mut hostile: Vec<Vec<u8>> = h
         .received
         .all()
         .into_iter()
@@ -239,8 +236,8 @@ async fn hostile_modules_cost_only_their_own_events() {
     expected.sort();
     assert_eq!(hostile, expected);
 
-    assert!(gateway.is_running(), "the gateway died");
-    let log = gateway.log();
+    assert!(h.gateway.is_running(), "the gateway died");
+    let log = h.gateway.log();
     // The guest's own panic ("requested trap") is quoted in its dead letter's log line; any
     // other panic is the gateway's.
     let panics: Vec<&str> = log
@@ -251,19 +248,18 @@ async fn hostile_modules_cost_only_their_own_events() {
     // The 8 MiB log line was cut.
     assert!(log.len() < 4 * 1024 * 1024, "{} bytes of log", log.len());
     assert!(Instant::now() < deadline, "the test took too long");
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 /// A route's own limits, tighter than the gateway's: its events fail at that route's caps
 /// while another route on the same module keeps the gateway-wide ones.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_can_tighten_the_limits_of_its_invocations() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "cloud-sub", "#").await;
-    let text = format!(
-        r#"
+    let h = Harness::builder()
+        .subscriber_as("cloud-sub", "#")
+        .config_with(|upstream| {
+            format!(
+                r#"
 gateway_id = "gw-limits"
 
 [handlers]
@@ -295,13 +291,12 @@ handler = "faulty"
 [route.retry]
 max_attempts = 1
 "#,
-        upstream = upstream.url(),
-        path = outpost::handlers::examples::guest_path("faulty").display()
-    );
-    let file = write_config(dir.path(), &text);
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
-    let device = Device::connect(gateway.port, "d").await;
+                path = outpost::handlers::examples::guest_path("faulty").display()
+            )
+        })
+        .start()
+        .await;
+    let device = Device::connect(h.gateway.port, "d").await;
     // Three outputs: over the strict route's cap of 2, within the gateway's 10 000.
     device.publish("strict/d", "many-outputs:3").await;
     device.publish("relaxed/d", "many-outputs:3").await;
@@ -311,20 +306,20 @@ max_attempts = 1
     device.wait_acked(4).await;
     let deadline = Instant::now() + BOUND;
     until(deadline, "three dead letters", || {
-        gateway.dead_letters().values().sum::<u64>() >= 3
+        h.gateway.dead_letters().values().sum::<u64>() >= 3
     })
     .await;
     until(deadline, "the relaxed route's three outputs", || {
-        subscriber.received.len() >= 3
+        h.received.len() >= 3
     })
     .await;
-    let letters = dead_letters(&gateway);
+    let letters = dead_letters(&h.gateway);
     assert_eq!(letters.len(), 3, "{letters:#?}");
     assert_eq!(letters[0].1, "output-limit", "{letters:#?}");
     assert!(letters[0].2.contains("at most 2 allowed"), "{letters:#?}");
     assert_eq!(letters[1].1, "timeout", "{letters:#?}");
     assert_eq!(letters[2].1, "out-of-memory", "{letters:#?}");
-    assert_eq!(subscriber.received.len(), 3);
+    assert_eq!(h.received.len(), 3);
 }
 
 /// A module stuck in a loop until its (long) deadline holds only its own lane: passthrough
@@ -332,12 +327,11 @@ max_attempts = 1
 /// `timeout` dead letter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_module_does_not_hold_up_other_routes() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "cloud-sub", "#").await;
-    let text = format!(
-        r#"
+    let mut h = Harness::builder()
+        .subscriber_as("cloud-sub", "#")
+        .config_with(|upstream| {
+            format!(
+                r#"
 gateway_id = "gw-lanes"
 
 [handlers]
@@ -373,14 +367,13 @@ handler = "enrich"
 name = "telemetry"
 filter = "telemetry/#"
 "#,
-        upstream = upstream.url(),
-        faulty = outpost::handlers::examples::guest_path("faulty").display(),
-        enrich = outpost::handlers::examples::guest_path("enrich").display(),
-    );
-    let file = write_config(dir.path(), &text);
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
-    let device = Device::connect(gateway.port, "d").await;
+                faulty = outpost::handlers::examples::guest_path("faulty").display(),
+                enrich = outpost::handlers::examples::guest_path("enrich").display(),
+            )
+        })
+        .start()
+        .await;
+    let device = Device::connect(h.gateway.port, "d").await;
     device.publish("stuck/d", "loop").await;
     device.wait_acked(1).await;
     for n in 0..200 {
@@ -392,27 +385,22 @@ filter = "telemetry/#"
     until(
         deadline,
         "telemetry and the other module's output upstream",
-        || subscriber.received.len() >= 201,
+        || h.received.len() >= 201,
     )
     .await;
     // All of that went through while the loop still held its lane: its 15 s deadline has not
     // passed, so its dead letter is not there yet.
     assert!(
-        gateway.dead_letters().is_empty(),
+        h.gateway.dead_letters().is_empty(),
         "the loop ended before the other routes were served: {:?}",
-        gateway.dead_letters()
+        h.gateway.dead_letters()
     );
-    let topics: Vec<String> = subscriber
-        .received
-        .all()
-        .into_iter()
-        .map(|(t, _)| t)
-        .collect();
+    let topics: Vec<String> = h.received.all().into_iter().map(|(t, _)| t).collect();
     assert_eq!(topics.iter().filter(|t| *t == "telemetry/d").count(), 200);
     assert!(topics.iter().any(|t| t == "enriched/d"), "{topics:?}");
     until(deadline, "the loop's timeout dead letter", || {
-        gateway.dead_letters().get("timeout") == Some(&1)
+        h.gateway.dead_letters().get("timeout") == Some(&1)
     })
     .await;
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }

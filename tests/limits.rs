@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rumqttc::QoS;
 
-use common::{eventually, write_config, Device, Gateway, Mosquitto, Subscriber};
+use common::{eventually, Device, Harness};
 
 fn seqs(received: &[(String, Vec<u8>)]) -> Vec<u64> {
     received
@@ -45,28 +45,16 @@ async fn publish_numbered(device: &Device, topic: &str, count: u64, pad: usize) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_outbox_under_reject_new_stops_acknowledging_then_resumes() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
-    upstream.stop();
-    let file = write_config(
-        dir.path(),
-        "[store]\noutbox_max_rows = 50\njournal_max_rows = 100\noutbox_policy = \"reject-new\"\n",
-    );
-    let mut gateway = Gateway::new(
-        dir.path(),
-        &[
-            "--config",
-            file.to_str().unwrap(),
-            "--upstream",
-            &upstream.url(),
-        ],
-    );
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .stop_upstream()
+        .config("[store]\noutbox_max_rows = 50\njournal_max_rows = 100\noutbox_policy = \"reject-new\"\n")
+        .upstream_arg()
+        .start()
+        .await;
 
     // rumqttc queues what it cannot send yet, so publishing never blocks this test.
-    let device = Device::connect(gateway.port, "dev-cap").await;
+    let device = Device::connect(h.gateway.port, "dev-cap").await;
     publish_numbered(&device, "telemetry/dev-cap/env", 400, 0).await;
     let stalled = settled_acks(&device).await;
     assert!(
@@ -77,83 +65,63 @@ async fn full_outbox_under_reject_new_stops_acknowledging_then_resumes() {
         stalled >= 150,
         "only {stalled} acknowledged; the caps allow 150"
     );
-    assert_eq!(gateway.outbox_depth(), 50);
-    assert!(gateway.is_running());
-    assert!(gateway.log().contains("journal full"), "{}", gateway.log());
+    assert_eq!(h.gateway.outbox_depth(), 50);
+    assert!(h.gateway.is_running());
+    assert!(
+        h.gateway.log().contains("journal full"),
+        "{}",
+        h.gateway.log()
+    );
 
-    upstream.start();
+    h.upstream.start();
     device.wait_acked(400).await;
-    eventually("all 400 upstream", || subscriber.received.len() >= 400).await;
-    let mut got = seqs(&subscriber.received.all());
+    eventually("all 400 upstream", || h.received.len() >= 400).await;
+    let mut got = seqs(&h.received.all());
     got.dedup();
     assert_eq!(
         got,
         (1..=400).collect::<Vec<u64>>(),
         "complete and in order"
     );
-    assert!(gateway.dead_letters().is_empty());
+    assert!(h.gateway.dead_letters().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_outbox_under_drop_oldest_evicts_to_dead_letters() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
-    upstream.stop();
-    let file = write_config(
-        dir.path(),
-        "[store]\noutbox_max_rows = 50\noutbox_policy = \"drop-oldest\"\n",
-    );
-    let mut gateway = Gateway::new(
-        dir.path(),
-        &[
-            "--config",
-            file.to_str().unwrap(),
-            "--upstream",
-            &upstream.url(),
-        ],
-    );
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .stop_upstream()
+        .config("[store]\noutbox_max_rows = 50\noutbox_policy = \"drop-oldest\"\n")
+        .upstream_arg()
+        .start()
+        .await;
 
-    let device = Device::connect(gateway.port, "dev-drop").await;
+    let device = Device::connect(h.gateway.port, "dev-drop").await;
     publish_numbered(&device, "telemetry/dev-drop/env", 200, 0).await;
     device.wait_acked(200).await;
     eventually("150 evicted", || {
-        gateway.dead_letters().get("evicted").copied() == Some(150)
+        h.gateway.dead_letters().get("evicted").copied() == Some(150)
     })
     .await;
-    assert_eq!(gateway.outbox_depth(), 50);
+    assert_eq!(h.gateway.outbox_depth(), 50);
 
-    upstream.start();
-    eventually("the newest 50 upstream", || subscriber.received.len() >= 50).await;
-    eventually("outbox drained", || gateway.outbox_depth() == 0).await;
-    assert_eq!(
-        seqs(&subscriber.received.all()),
-        (151..=200).collect::<Vec<u64>>()
-    );
+    h.upstream.start();
+    eventually("the newest 50 upstream", || h.received.len() >= 50).await;
+    eventually("outbox drained", || h.gateway.outbox_depth() == 0).await;
+    assert_eq!(seqs(&h.received.all()), (151..=200).collect::<Vec<u64>>());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_database_is_backpressure_not_loss() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
-    upstream.stop();
-    let file = write_config(dir.path(), "[store]\nmax_db_mib = 1\n");
-    let mut gateway = Gateway::new(
-        dir.path(),
-        &[
-            "--config",
-            file.to_str().unwrap(),
-            "--upstream",
-            &upstream.url(),
-        ],
-    );
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .stop_upstream()
+        .config("[store]\nmax_db_mib = 1\n")
+        .upstream_arg()
+        .start()
+        .await;
 
-    let device = Device::connect(gateway.port, "dev-full").await;
+    let device = Device::connect(h.gateway.port, "dev-full").await;
     let count = 2000;
     // The device's window fills while the disk is full, so publish from another task.
     let handle = device.handle();
@@ -172,24 +140,21 @@ async fn full_database_is_backpressure_not_loss() {
         stalled < count,
         "all acknowledged although the database is capped at 1 MiB"
     );
-    assert!(gateway.is_running());
-    let log = gateway.log();
+    assert!(h.gateway.is_running());
+    let log = h.gateway.log();
     assert!(
         log.contains("store.max_db_mib"),
         "no clear error in the log: {log}"
     );
 
-    upstream.start();
+    h.upstream.start();
     tokio::time::timeout(common::PATIENCE, publisher)
         .await
         .expect("the device could publish everything once the upstream drained the outbox")
         .expect("publisher");
     device.wait_acked(count).await;
-    eventually("all upstream", || {
-        subscriber.received.len() >= count as usize
-    })
-    .await;
-    let mut got = seqs(&subscriber.received.all());
+    eventually("all upstream", || h.received.len() >= count as usize).await;
+    let mut got = seqs(&h.received.all());
     got.dedup();
     assert_eq!(
         got,
@@ -197,57 +162,42 @@ async fn full_database_is_backpressure_not_loss() {
         "complete and in order"
     );
     // The database is intact: the gateway restarts on it.
-    assert!(gateway.stop());
-    gateway.start();
-    assert!(gateway.is_running());
+    assert!(h.gateway.stop());
+    h.gateway.start();
+    assert!(h.gateway.is_running());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversized_payloads_are_counted_not_fatal() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
-    let file = write_config(
-        dir.path(),
-        "[broker]\nmax_payload_bytes = 1024\n[[route]]\nname = \"json\"\nfilter = \"telemetry/#\"\npayload = \"json\"\n",
-    );
-    let mut gateway = Gateway::new(
-        dir.path(),
-        &[
-            "--config",
-            file.to_str().unwrap(),
-            "--upstream",
-            &upstream.url(),
-        ],
-    );
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .config("[broker]\nmax_payload_bytes = 1024\n[[route]]\nname = \"json\"\nfilter = \"telemetry/#\"\npayload = \"json\"\n")
+        .upstream_arg()
+        .start()
+        .await;
 
-    let good = Device::connect(gateway.port, "good").await;
+    let good = Device::connect(h.gateway.port, "good").await;
     good.publish("telemetry/good/env", r#"{"seq":1}"#).await;
     good.publish("telemetry/good/env", "{not json").await;
     good.publish("telemetry/good/env", r#"{"seq":2}"#).await;
     good.wait_acked(3).await;
     eventually("one malformed dead letter", || {
-        gateway.dead_letters().get("malformed").copied() == Some(1)
+        h.gateway.dead_letters().get("malformed").copied() == Some(1)
     })
     .await;
 
-    let big = Device::connect(gateway.port, "big").await;
+    let big = Device::connect(h.gateway.port, "big").await;
     big.publish("telemetry/big/env", vec![b'x'; 4096]).await;
     eventually("the oversized publish is rejected", || {
-        gateway.log().contains("exceeds the limit")
+        h.gateway.log().contains("exceeds the limit")
     })
     .await;
     assert_eq!(big.acked(), 0);
 
     good.publish("telemetry/good/env", r#"{"seq":3}"#).await;
-    eventually("three good readings upstream", || {
-        subscriber.received.len() >= 3
-    })
-    .await;
-    assert_eq!(seqs(&subscriber.received.all()), vec![1, 2, 3]);
-    assert!(gateway.is_running());
+    eventually("three good readings upstream", || h.received.len() >= 3).await;
+    assert_eq!(seqs(&h.received.all()), vec![1, 2, 3]);
+    assert!(h.gateway.is_running());
 }
 
 /// Outputs whose route's time to live passes while the upstream is down are never sent: they
@@ -255,48 +205,35 @@ async fn malformed_and_oversized_payloads_are_counted_not_fatal() {
 /// (an operator's decision, so without the TTL) delivers them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_outputs_become_dead_letters_and_replay_delivers_them() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "test-sub", "telemetry/#").await;
-    upstream.stop();
-    let file = write_config(
-        dir.path(),
-        "gateway_id = \"gw-ttl\"\n\
-         [[route]]\nname = \"expiring\"\nfilter = \"telemetry/expiring/#\"\nttl_secs = 1\n\
-         [[route]]\nname = \"lasting\"\nfilter = \"telemetry/lasting/#\"\n",
-    );
-    let mut gateway = Gateway::new(
-        dir.path(),
-        &[
-            "--config",
-            file.to_str().unwrap(),
-            "--upstream",
-            &upstream.url(),
-        ],
-    );
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .stop_upstream()
+        .config(
+            "gateway_id = \"gw-ttl\"\n\
+             [[route]]\nname = \"expiring\"\nfilter = \"telemetry/expiring/#\"\nttl_secs = 1\n\
+             [[route]]\nname = \"lasting\"\nfilter = \"telemetry/lasting/#\"\n",
+        )
+        .upstream_arg()
+        .start()
+        .await;
 
-    let device = Device::connect(gateway.port, "dev-ttl").await;
+    let device = Device::connect(h.gateway.port, "dev-ttl").await;
     publish_numbered(&device, "telemetry/expiring/env", 5, 0).await;
     publish_numbered(&device, "telemetry/lasting/env", 5, 0).await;
     device.wait_acked(10).await;
-    eventually("10 rows queued", || gateway.outbox_depth() == 10).await;
+    eventually("10 rows queued", || h.gateway.outbox_depth() == 10).await;
     // The acknowledgements came after the events were received: 1.5 s from here is past the
     // 1 s time to live of every expiring row, however slow this machine is.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    upstream.start();
-    eventually("the lasting outputs delivered", || {
-        subscriber.received.len() >= 5
-    })
-    .await;
+    h.upstream.start();
+    eventually("the lasting outputs delivered", || h.received.len() >= 5).await;
     eventually("5 expired dead letters", || {
-        gateway.dead_letters().get("expired").copied() == Some(5)
+        h.gateway.dead_letters().get("expired").copied() == Some(5)
     })
     .await;
-    eventually("outbox empty", || gateway.outbox_depth() == 0).await;
-    let received = subscriber.received.all();
+    eventually("outbox empty", || h.gateway.outbox_depth() == 0).await;
+    let received = h.received.all();
     assert!(
         received.iter().all(|(t, _)| t == "telemetry/lasting/env"),
         "an expired output was sent: {:?}",
@@ -311,7 +248,7 @@ async fn expired_outputs_become_dead_letters_and_replay_delivers_them() {
             "--reason",
             "expired",
             "--broker",
-            &format!("mqtt://127.0.0.1:{}", gateway.port),
+            &format!("mqtt://127.0.0.1:{}", h.gateway.port),
             "--gateway-id",
             "gw-ttl",
             "--timeout-secs",
@@ -324,16 +261,13 @@ async fn expired_outputs_become_dead_letters_and_replay_delivers_them() {
         "{}",
         String::from_utf8_lossy(&replay.stderr)
     );
-    eventually("the replayed outputs delivered", || {
-        subscriber.received.len() >= 10
-    })
-    .await;
-    let expiring: Vec<(String, Vec<u8>)> = subscriber
+    eventually("the replayed outputs delivered", || h.received.len() >= 10).await;
+    let expiring: Vec<(String, Vec<u8>)> = h
         .received
         .all()
         .into_iter()
         .filter(|(t, _)| t == "telemetry/expiring/env")
         .collect();
     assert_eq!(seqs(&expiring), (1..=5).collect::<Vec<u64>>());
-    assert!(gateway.dead_letters().is_empty());
+    assert!(h.gateway.dead_letters().is_empty());
 }

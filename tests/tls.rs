@@ -35,14 +35,19 @@ fn write_mosquitto_passwords(dir: &Path, user: &str, password: &str) {
 }
 
 fn wait_for_port(port: u16) {
-    let deadline = std::time::Instant::now() + common::PATIENCE;
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "nothing listens on {port}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::net::wait_for_port(port, common::PATIENCE);
+}
+
+/// Mosquitto in `dir` with a TLS listener on a free port (the files of `dir`, see
+/// [`tls_listener`]), started, and a subscriber `sub` on `telemetry/#` on its plain port; and
+/// the TLS port.
+async fn tls_upstream(dir: &Path, require_certificate: bool) -> (Mosquitto, u16, Subscriber) {
+    let port = common::free_port();
+    let mut mosquitto = Mosquitto::with_config(dir, &tls_listener(port, dir, require_certificate));
+    mosquitto.start();
+    wait_for_port(port);
+    let subscriber = Subscriber::connect(mosquitto.port, "sub", "telemetry/#").await;
+    (mosquitto, port, subscriber)
 }
 
 /// The gateway's configuration: one upstream `cloud` with `upstream` as the rest of its table,
@@ -238,11 +243,7 @@ async fn unknown_ca_waits_then_delivers_when_the_cafile_is_fixed_on_disk() {
         &ca.leaf("upstream", &["localhost"], false, Validity::Valid),
     );
     write_leaf(dir, "client", &ca.leaf("gw", &[], true, Validity::Valid));
-    let port = common::free_port();
-    let mut mosquitto = Mosquitto::with_config(dir, &tls_listener(port, dir, true));
-    mosquitto.start();
-    wait_for_port(port);
-    let subscriber = Subscriber::connect(mosquitto.port, "sub", "telemetry/#").await;
+    let (_mosquitto, port, subscriber) = tls_upstream(dir, true).await;
 
     // The gateway trusts the wrong CA.
     write_file(&dir.join("gateway-ca.pem"), &other.pem(), 0o644);
@@ -297,11 +298,7 @@ async fn refused_client_certificate_waits_then_delivers_after_sighup_with_a_good
         "server",
         &ca.leaf("upstream", &["127.0.0.1"], false, Validity::Valid),
     );
-    let port = common::free_port();
-    let mut mosquitto = Mosquitto::with_config(dir, &tls_listener(port, dir, true));
-    mosquitto.start();
-    wait_for_port(port);
-    let subscriber = Subscriber::connect(mosquitto.port, "sub", "telemetry/#").await;
+    let (_mosquitto, port, subscriber) = tls_upstream(dir, true).await;
 
     write_leaf(dir, "client", &rogue.leaf("gw", &[], true, Validity::Valid));
     let mut gw = gateway(
@@ -368,11 +365,7 @@ async fn refused_password_waits_then_delivers_when_the_password_file_is_fixed() 
         &ca.leaf("upstream", &["localhost"], false, Validity::Valid),
     );
     write_mosquitto_passwords(dir, "gateway", "right");
-    let port = common::free_port();
-    let mut mosquitto = Mosquitto::with_config(dir, &tls_listener(port, dir, false));
-    mosquitto.start();
-    wait_for_port(port);
-    let subscriber = Subscriber::connect(mosquitto.port, "sub", "telemetry/#").await;
+    let (_mosquitto, port, subscriber) = tls_upstream(dir, false).await;
 
     write_file(&dir.join("password"), "wrong\n", 0o600);
     let mut gw = gateway(
@@ -414,11 +407,7 @@ async fn expired_and_not_yet_valid_server_certificates_wait_then_deliver_once_re
         &ca.leaf("upstream", &["localhost"], false, Validity::Expired),
     );
     write_leaf(dir, "client", &ca.leaf("gw", &[], true, Validity::Valid));
-    let port = common::free_port();
-    let mut mosquitto = Mosquitto::with_config(dir, &tls_listener(port, dir, true));
-    mosquitto.start();
-    wait_for_port(port);
-    let subscriber = Subscriber::connect(mosquitto.port, "sub", "telemetry/#").await;
+    let (mut mosquitto, port, subscriber) = tls_upstream(dir, true).await;
 
     let mut gw = gateway(
         dir,
@@ -480,11 +469,7 @@ async fn wrong_host_name_waits_then_delivers_once_the_certificate_names_the_host
         &ca.leaf("upstream", &["broker.example.com"], false, Validity::Valid),
     );
     write_leaf(dir, "client", &ca.leaf("gw", &[], true, Validity::Valid));
-    let port = common::free_port();
-    let mut mosquitto = Mosquitto::with_config(dir, &tls_listener(port, dir, true));
-    mosquitto.start();
-    wait_for_port(port);
-    let subscriber = Subscriber::connect(mosquitto.port, "sub", "telemetry/#").await;
+    let (mut mosquitto, port, subscriber) = tls_upstream(dir, true).await;
 
     // By IP address: the certificate has no IP SAN for it.
     let mut gw = gateway(
@@ -695,11 +680,7 @@ async fn certificate_rotation_under_load_loses_nothing() {
         "client",
         &old_ca.leaf("gw", &[], true, Validity::Valid),
     );
-    let port = common::free_port();
-    let mut mosquitto = Mosquitto::with_config(dir, &tls_listener(port, dir, true));
-    mosquitto.start();
-    wait_for_port(port);
-    let subscriber = Subscriber::connect(mosquitto.port, "sub", "telemetry/#").await;
+    let (mut mosquitto, port, subscriber) = tls_upstream(dir, true).await;
 
     let mut gw = gateway(
         dir,

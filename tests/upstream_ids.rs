@@ -6,11 +6,10 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{eventually, Device, Gateway, Message, Mosquitto, Subscriber, PATIENCE};
+use common::{eventually, Device, Harness, Message, PATIENCE};
 
 /// Not JSON, not UTF-8.
 const BINARY: &[u8] = &[0x00, 0xff, 0xfe, 0x80, b'h', b'i', 0x01];
@@ -21,22 +20,12 @@ const TEXT: &[u8] = b"not json {";
 /// `TEXT` in standard base64 (from coreutils' `base64`).
 const TEXT_BASE64: &str = "bm90IGpzb24gew==";
 
-/// A gateway whose only upstream is `upstream`, with `extra` added to its `[[upstream]]` table.
-fn gateway_with_upstream(
-    dir: &Path,
-    gateway_id: &str,
-    upstream: &Mosquitto,
-    extra: &str,
-) -> Gateway {
-    let config: PathBuf = common::write_config(
-        dir,
-        &format!(
-            "gateway_id = \"{gateway_id}\"\n\n[[upstream]]\nname = \"cloud\"\nurl = \"{}\"\n{extra}\n",
-            upstream.url()
-        ),
-    );
-    let config = config.display().to_string();
-    Gateway::new(dir, &["--config", &config])
+/// The configuration of a gateway whose only upstream is at `url`, with `extra` added to its
+/// `[[upstream]]` table.
+fn upstream_config(gateway_id: &str, url: &str, extra: &str) -> String {
+    format!(
+        "gateway_id = \"{gateway_id}\"\n\n[[upstream]]\nname = \"cloud\"\nurl = \"{url}\"\n{extra}\n"
+    )
 }
 
 /// A message received by the MQTT 5 subscriber.
@@ -127,43 +116,18 @@ struct LargeSubscriber {
 
 impl LargeSubscriber {
     async fn connect(port: u16, id: &str, filter: &str) -> LargeSubscriber {
-        use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-
-        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        let mut options = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
         options
             .set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
-        client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .await
-            .expect("queue subscribe");
         let received = Arc::new(Mutex::new(Vec::new()));
         let sink = received.clone();
-        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
-        let mut subscribed_tx = Some(subscribed_tx);
-        let driver = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        sink.lock()
-                            .unwrap()
-                            .push((p.topic.clone(), p.payload.to_vec()));
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(tx) = subscribed_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        tokio::time::timeout(PATIENCE, subscribed_rx)
-            .await
-            .expect("SUBACK in time")
-            .expect("subscriber alive");
+        let (client, driver) = common::subscribe_with(options, filter, move |p| {
+            sink.lock()
+                .unwrap()
+                .push((p.topic.clone(), p.payload.to_vec()));
+        })
+        .await;
         LargeSubscriber {
             received,
             _client: client,
@@ -225,14 +189,15 @@ fn assert_ids(ids: &[String], gateway_id: &str, expected: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_upstream_gets_the_message_id_as_a_user_property() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = V5Subscriber::connect(upstream.port, "v5-sub", "#").await;
-    let mut gateway = gateway_with_upstream(dir.path(), "gw-five", &upstream, "protocol = \"5\"");
-    gateway.start();
+    let mut h = Harness::builder()
+        .upstream()
+        .config_with(|url| upstream_config("gw-five", url, "protocol = \"5\""))
+        .build()
+        .await;
+    let subscriber = V5Subscriber::connect(h.upstream.port, "v5-sub", "#").await;
+    h.gateway.start();
 
-    let device = Device::connect(gateway.port, "sensor-5").await;
+    let device = Device::connect(h.gateway.port, "sensor-5").await;
     let mut sent: Vec<(String, Vec<u8>)> = Vec::new();
     for i in 1..=10u64 {
         let payload = format!(r#"{{"seq":{i},"temp_c":{}.5}}"#, 20 + i);
@@ -247,7 +212,7 @@ async fn mqtt5_upstream_gets_the_message_id_as_a_user_property() {
     device.publish("other/sensor-5", "ignored").await;
     device.wait_acked(12).await;
     eventually("11 messages upstream", || subscriber.all().len() >= 11).await;
-    eventually("outbox drained", || gateway.outbox_depth() == 0).await;
+    eventually("outbox drained", || h.gateway.outbox_depth() == 0).await;
 
     let received = subscriber.all();
     let got: Vec<(String, Vec<u8>)> = received
@@ -273,19 +238,18 @@ async fn mqtt5_upstream_gets_the_message_id_as_a_user_property() {
         ids.push(values[0].clone());
     }
     assert_ids(&ids, "gw-five", 11);
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt311_envelope_carries_id_topic_and_payload() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "env-sub", "#").await;
-    let mut gateway = gateway_with_upstream(dir.path(), "gw-env", &upstream, "envelope = true");
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber_as("env-sub", "#")
+        .config_with(|url| upstream_config("gw-env", url, "envelope = true"))
+        .start()
+        .await;
 
-    let device = Device::connect(gateway.port, "sensor-e").await;
+    let device = Device::connect(h.gateway.port, "sensor-e").await;
     let mut sent: Vec<(String, Vec<u8>)> = Vec::new();
     for i in 1..=3u64 {
         let payload = format!(r#"{{"seq":{i},"note":"ünïcode ✓","nested":{{"a":[1,2.5,null]}}}}"#);
@@ -299,10 +263,10 @@ async fn mqtt311_envelope_carries_id_topic_and_payload() {
     }
     device.publish("other/sensor-e", "ignored").await;
     device.wait_acked(sent.len() as u64 + 1).await;
-    eventually("6 envelopes upstream", || subscriber.received.len() >= 6).await;
-    eventually("outbox drained", || gateway.outbox_depth() == 0).await;
+    eventually("6 envelopes upstream", || h.received.len() >= 6).await;
+    eventually("outbox drained", || h.gateway.outbox_depth() == 0).await;
 
-    let received = subscriber.received.all();
+    let received = h.received.all();
     assert_eq!(received.len(), sent.len(), "received: {received:?}");
     let mut ids = Vec::new();
     for ((topic, payload), (got_topic, envelope)) in sent.iter().zip(&received) {
@@ -346,23 +310,24 @@ async fn mqtt311_envelope_carries_id_topic_and_payload() {
         }
     }
     assert_ids(&ids, "gw-env", sent.len());
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 /// A payload whose envelope is larger than rumqttc's default 10 KiB packet limit still goes out
 /// (the upstream decides what is too large, not the client's default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt311_envelope_of_a_large_binary_payload_is_delivered() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = LargeSubscriber::connect(upstream.port, "large-sub", "#").await;
-    let mut gateway = gateway_with_upstream(dir.path(), "gw-large", &upstream, "envelope = true");
-    gateway.start();
+    let mut h = Harness::builder()
+        .upstream()
+        .config_with(|url| upstream_config("gw-large", url, "envelope = true"))
+        .build()
+        .await;
+    let subscriber = LargeSubscriber::connect(h.upstream.port, "large-sub", "#").await;
+    h.gateway.start();
 
     // 9,000 bytes fit the device's 10 KiB packets; their base64 (12,000 characters) does not.
     let payload: Vec<u8> = (0..9000u32).map(|i| (i * 7 % 256) as u8).collect();
-    let device = Device::connect(gateway.port, "sensor-l").await;
+    let device = Device::connect(h.gateway.port, "sensor-l").await;
     device
         .publish("telemetry/sensor-l/blob", payload.clone())
         .await;
@@ -371,7 +336,7 @@ async fn mqtt311_envelope_of_a_large_binary_payload_is_delivered() {
         .await;
     device.wait_acked(2).await;
     eventually("both messages upstream", || subscriber.all().len() >= 2).await;
-    eventually("outbox drained", || gateway.outbox_depth() == 0).await;
+    eventually("outbox drained", || h.gateway.outbox_depth() == 0).await;
 
     let received = subscriber.all();
     assert_eq!(received.len(), 2);
@@ -384,7 +349,7 @@ async fn mqtt311_envelope_of_a_large_binary_payload_is_delivered() {
         small["payload"]["seq"], 2,
         "and the link keeps going in order"
     );
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 /// An MQTT 5 upstream that refuses a row (here: Mosquitto's ACL denies its topic, PUBACK reason
@@ -394,12 +359,14 @@ async fn mqtt311_envelope_of_a_large_binary_payload_is_delivered() {
 /// the rows behind it are delivered; nothing around it is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_refused_row_is_retried_then_dead_lettered() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
+    let mut h = Harness::builder()
+        .config_with(|url| upstream_config("gw-refused", url, "protocol = \"5\"\nmax_refusals = 3"))
+        .build()
+        .await;
     // common::Mosquitto keeps its configuration in `<dir>/mosquitto-<port>/mosquitto.conf`;
     // add an ACL that lets anyone use `telemetry/+/env` and nothing else, and a log file
     // (written through, unlike its stdout) to count connections in.
-    let conf_dir = dir.path().join(format!("mosquitto-{}", upstream.port));
+    let conf_dir = h.upstream.dir.clone();
     let acl = conf_dir.join("acl");
     let events = conf_dir.join("events.log");
     std::fs::write(&acl, "topic readwrite telemetry/+/env\n").unwrap();
@@ -414,22 +381,16 @@ async fn mqtt5_refused_row_is_retried_then_dead_lettered() {
     );
     std::io::Write::write_all(&mut conf, extra.as_bytes()).unwrap();
     drop(conf);
-    upstream.start();
-    let subscriber = V5Subscriber::connect(upstream.port, "v5-sub", "telemetry/+/env").await;
-    let mut gateway = gateway_with_upstream(
-        dir.path(),
-        "gw-refused",
-        &upstream,
-        "protocol = \"5\"\nmax_refusals = 3",
-    );
-    gateway.start();
+    h.upstream.start();
+    let subscriber = V5Subscriber::connect(h.upstream.port, "v5-sub", "telemetry/+/env").await;
+    h.gateway.start();
 
     let sent: [(&str, &[u8]); 3] = [
         ("telemetry/sensor-r/env", br#"{"seq":1}"#),
         ("telemetry/sensor-r/secret", br#"{"seq":2}"#),
         ("telemetry/sensor-r/env", br#"{"seq":3}"#),
     ];
-    let device = Device::connect(gateway.port, "sensor-r").await;
+    let device = Device::connect(h.gateway.port, "sensor-r").await;
     for (topic, payload) in sent {
         device.publish(topic, payload).await;
     }
@@ -447,12 +408,12 @@ async fn mqtt5_refused_row_is_retried_then_dead_lettered() {
     // Mosquitto may reset the connection before its refusing PUBACK is read while later rows
     // are unread; the next connection offers the refused row alone and sees the refusal.
     eventually("the refusal logged", || {
-        gateway.log().contains("upstream refused an output")
+        h.gateway.log().contains("upstream refused an output")
     })
     .await;
 
     eventually("the refused row dead-lettered as rejected", || {
-        gateway.dead_letters().get("rejected").copied() == Some(1)
+        h.gateway.dead_letters().get("rejected").copied() == Some(1)
     })
     .await;
     eventually("the row behind the refused one upstream", || {
@@ -465,7 +426,7 @@ async fn mqtt5_refused_row_is_retried_then_dead_lettered() {
         connections()
     );
     let conn = rusqlite::Connection::open_with_flags(
-        gateway.data.join("outpost.db"),
+        h.gateway.data.join("outpost.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
     )
     .unwrap();
@@ -493,7 +454,7 @@ async fn mqtt5_refused_row_is_retried_then_dead_lettered() {
             .any(|m| m.topic.ends_with("/secret")),
         "the refused row never reached a subscriber"
     );
-    let log = gateway.log();
+    let log = h.gateway.log();
     let warnings = log
         .lines()
         .filter(|l| l.contains("WARN") && l.contains("outpost::uplink"))
@@ -503,5 +464,5 @@ async fn mqtt5_refused_row_is_retried_then_dead_lettered() {
         "{warnings} warnings for {} connections: one when refused, one when dead-lettered, at most one outage",
         connections()
     );
-    assert!(gateway.is_running());
+    assert!(h.gateway.is_running());
 }

@@ -4,9 +4,16 @@
 
 #![allow(dead_code)]
 
+pub mod harness;
 #[macro_use]
 pub mod mqtt;
+pub mod net;
 pub mod pki;
+
+pub use net::free_port;
+
+#[allow(unused_imports)]
+pub use harness::Harness;
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -20,14 +27,6 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 /// Generous bound for anything that should happen "soon" on a slow shared machine.
 pub const PATIENCE: Duration = Duration::from_secs(90);
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind an ephemeral port")
-        .local_addr()
-        .expect("local addr")
-        .port()
-}
 
 /// Waits until `check` returns true, polling; panics with `what` after `PATIENCE`.
 pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
@@ -541,18 +540,42 @@ impl Drop for Device {
 }
 
 /// What the upstream subscriber received, in arrival order.
-#[derive(Clone, Default)]
-pub struct Received(Arc<Mutex<Vec<Message>>>);
+#[derive(Clone)]
+pub struct Received(Option<Arc<Mutex<Vec<Message>>>>);
 
 /// A received message: topic and payload.
 pub type Message = (String, Vec<u8>);
 
+impl Default for Received {
+    fn default() -> Received {
+        Received(Some(Arc::default()))
+    }
+}
+
 impl Received {
+    /// What a [`Harness`] built without a subscriber has: reading it fails the test, so that
+    /// "nothing arrived" cannot pass for want of a subscriber.
+    pub fn nobody() -> Received {
+        Received(None)
+    }
+
+    fn messages(&self) -> std::sync::MutexGuard<'_, Vec<Message>> {
+        self.0
+            .as_ref()
+            .expect("nobody subscribed: ask the harness builder for a subscriber")
+            .lock()
+            .unwrap()
+    }
+
+    fn push(&self, message: Message) {
+        self.messages().push(message);
+    }
+
     pub fn len(&self) -> usize {
-        self.0.lock().unwrap().len()
+        self.messages().len()
     }
     pub fn all(&self) -> Vec<Message> {
-        self.0.lock().unwrap().clone()
+        self.messages().clone()
     }
 }
 
@@ -569,44 +592,54 @@ impl Subscriber {
         let mut options = MqttOptions::new(id, "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(30));
         options.set_clean_session(false);
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
         let received = Received::default();
         let sink = received.clone();
-        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
-        let mut subscribed_tx = Some(subscribed_tx);
-        client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .await
-            .expect("queue subscribe");
-        let driver = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        sink.0
-                            .lock()
-                            .unwrap()
-                            .push((p.topic.clone(), p.payload.to_vec()));
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(tx) = subscribed_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        tokio::time::timeout(PATIENCE, subscribed_rx)
-            .await
-            .expect("SUBACK in time")
-            .expect("subscriber alive");
+        let (client, driver) = subscribe_with(options, filter, move |p| {
+            sink.push((p.topic.clone(), p.payload.to_vec()));
+        })
+        .await;
         Subscriber {
             received,
             client,
             driver,
         }
     }
+}
+
+/// Connects an MQTT 3.1.1 client with `options`, subscribes to `filter` with QoS 1 and waits
+/// for the SUBACK; every PUBLISH that arrives then goes to `on_publish`. The returned task
+/// drives the connection (reconnecting after an error); abort it to end the client.
+pub async fn subscribe_with(
+    options: MqttOptions,
+    filter: &str,
+    mut on_publish: impl FnMut(rumqttc::Publish) + Send + 'static,
+) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+    let (client, mut eventloop) = AsyncClient::new(options, 64);
+    let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    client
+        .subscribe(filter, QoS::AtLeastOnce)
+        .await
+        .expect("queue subscribe");
+    let driver = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::Publish(p))) => on_publish(p),
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(PATIENCE, subscribed_rx)
+        .await
+        .expect("SUBACK in time")
+        .expect("subscriber alive");
+    (client, driver)
 }
 
 impl Drop for Subscriber {

@@ -187,6 +187,25 @@ pub fn write_leaf(dir: &Path, name: &str, leaf: &Leaf) {
     write_file(&dir.join(format!("{name}.key")), &leaf.key, 0o600);
 }
 
+/// For the tests of the gateway's TLS listener: a CA `ca_name` as `ca.pem` in `dir`, the
+/// gateway's server certificate for localhost and 127.0.0.1 as `server.pem`/`server.key`, and
+/// client certificates `alice` and `bob` (their CNs) of that CA. Returns the CA.
+pub fn listener_pki(dir: &Path, ca_name: &str) -> Ca {
+    let ca = Ca::new(ca_name);
+    write_file(&dir.join("ca.pem"), &ca.pem(), 0o644);
+    let server = ca.leaf(
+        "gateway",
+        &["localhost", "127.0.0.1"],
+        false,
+        Validity::Valid,
+    );
+    write_leaf(dir, "server", &server);
+    for name in ["alice", "bob"] {
+        write_leaf(dir, name, &ca.leaf(name, &[], true, Validity::Valid));
+    }
+    ca
+}
+
 // ---------------------------------------------------------------------------------------------
 // Peers
 
