@@ -34,7 +34,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{
-    eventually, free_port, write_config, Device, Gateway, Mosquitto, Subscriber, PATIENCE,
+    eventually, free_port, write_config, Device, Gateway, Harness, Received, Subscriber, PATIENCE,
 };
 use serde_json::Value;
 
@@ -126,9 +126,8 @@ fn json(payload: &[u8]) -> Value {
 
 /// (device, seq) of every message a subscriber received, in arrival order; the device is topic
 /// level `level`.
-fn arrivals(subscriber: &Subscriber, level: usize) -> Vec<(String, u64)> {
-    subscriber
-        .received
+fn arrivals(received: &Received, level: usize) -> Vec<(String, u64)> {
+    received
         .all()
         .into_iter()
         .map(|(topic, payload)| {
@@ -147,8 +146,8 @@ fn arrivals(subscriber: &Subscriber, level: usize) -> Vec<(String, u64)> {
 
 /// The distinct sequence numbers a subscriber received from `device` (duplicates of
 /// at-least-once delivery count once).
-fn seqs(subscriber: &Subscriber, level: usize, device: &str) -> BTreeSet<u64> {
-    arrivals(subscriber, level)
+fn seqs(received: &Received, level: usize, device: &str) -> BTreeSet<u64> {
+    arrivals(received, level)
         .into_iter()
         .filter(|(d, _)| d == device)
         .map(|(_, s)| s)
@@ -181,17 +180,16 @@ async fn publish_all(device: &Device, topic: &str, payloads: Vec<String>, acked_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn residency_two_upstreams() {
     const N: u64 = 50;
-    let dir = tempfile::tempdir().unwrap();
-    let mut eu = Mosquitto::new(dir.path());
-    eu.start();
-    let mut us = Mosquitto::new(dir.path());
-    us.start();
+    // The EU broker is the harness's upstream, the US one its second.
+    let setup = Harness::builder().second_upstream();
+    let us_url = setup.second_upstream_url();
     // Persistent sessions: the EU subscriber keeps collecting across its broker's restart.
-    let eu_sub = Subscriber::connect(eu.port, "eu-sub", "#").await;
-    let us_sub = Subscriber::connect(us.port, "us-sub", "#").await;
-
-    let config = format!(
-        r#"gateway_id = "gw1"
+    let mut h = setup
+        .subscriber_as("eu-sub", "#")
+        .second_subscriber_as("us-sub", "#")
+        .config_with(|eu_url| {
+            format!(
+                r#"gateway_id = "gw1"
 {geography}
 {eu_link}
 {us_link}
@@ -207,15 +205,19 @@ filter = "telemetry/#"
 when = {{ in = "us" }}
 upstream = "us-cloud"
 "#,
-        geography = countries_and_regions(),
-        eu_link = upstream("eu-cloud", &eu.url(), Some(&["eu"])),
-        us_link = upstream("us-cloud", &us.url(), Some(&["us"])),
+                geography = countries_and_regions(),
+                eu_link = upstream("eu-cloud", eu_url, Some(&["eu"])),
+                us_link = upstream("us-cloud", &us_url, Some(&["us"])),
+            )
+        })
+        .start()
+        .await;
+    let (eu_sub, us_sub) = (
+        h.received_by("eu-sub").clone(),
+        h.received_by("us-sub").clone(),
     );
-    let file = write_config(dir.path(), &config);
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
-    let berlin = Device::connect(gateway.port, "berlin").await;
-    let chicago = Device::connect(gateway.port, "chicago").await;
+    let berlin = Device::connect(h.gateway.port, "berlin").await;
+    let chicago = Device::connect(h.gateway.port, "chicago").await;
 
     // Both links up.
     publish_all(
@@ -240,12 +242,12 @@ upstream = "us-cloud"
         seqs(&us_sub, 1, "chicago") == range(1, N)
     })
     .await;
-    settled(&gateway).await;
+    settled(&h.gateway).await;
     assert!(seqs(&us_sub, 1, "berlin").is_empty(), "Berlin data on us");
     assert!(seqs(&eu_sub, 1, "chicago").is_empty(), "Chicago data on eu");
 
     // The EU broker goes away: Chicago's events still flow, Berlin's wait for their own link.
-    eu.stop();
+    h.upstream.stop();
     publish_all(
         &berlin,
         "telemetry/berlin/env",
@@ -264,41 +266,41 @@ upstream = "us-cloud"
         seqs(&us_sub, 1, "chicago") == range(1, 2 * N)
     })
     .await;
-    eventually("journal empty", || gateway.journal_depth() == 0).await;
+    eventually("journal empty", || h.gateway.journal_depth() == 0).await;
     eventually("Berlin's N waiting for eu-cloud", || {
-        gateway.outbox_depth_of("eu-cloud") >= N
+        h.gateway.outbox_depth_of("eu-cloud") >= N
     })
     .await;
     eventually("nothing waiting for us-cloud", || {
-        gateway.outbox_depth_of("us-cloud") == 0
+        h.gateway.outbox_depth_of("us-cloud") == 0
     })
     .await;
-    assert_eq!(gateway.outbox_depth_of("eu-cloud"), N);
+    assert_eq!(h.gateway.outbox_depth_of("eu-cloud"), N);
     assert!(
         seqs(&us_sub, 1, "berlin").is_empty(),
         "Berlin data went to us while eu was down"
     );
 
     // The EU broker is back: Berlin's waiting events arrive there.
-    eu.start();
+    h.upstream.start();
     eventually("Berlin 1..2N on eu", || {
         seqs(&eu_sub, 1, "berlin") == range(1, 2 * N)
     })
     .await;
-    settled(&gateway).await;
+    settled(&h.gateway).await;
     assert!(seqs(&us_sub, 1, "berlin").is_empty(), "Berlin data on us");
     assert!(seqs(&eu_sub, 1, "chicago").is_empty(), "Chicago data on eu");
-    let devices_on = |sub: &Subscriber| -> BTreeSet<String> {
+    let devices_on = |sub: &Received| -> BTreeSet<String> {
         arrivals(sub, 1).into_iter().map(|(d, _)| d).collect()
     };
     assert_eq!(devices_on(&eu_sub), BTreeSet::from(["berlin".to_string()]));
     assert_eq!(devices_on(&us_sub), BTreeSet::from(["chicago".to_string()]));
     assert!(
-        gateway.dead_letters().is_empty(),
+        h.gateway.dead_letters().is_empty(),
         "{:?}",
-        gateway.dead_letters()
+        h.gateway.dead_letters()
     );
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 /// A route without a condition to the US link: EU data is refused (`residency` dead letters)
@@ -307,12 +309,11 @@ upstream = "us-cloud"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn residency_refuses_a_wrong_link() {
     const N: u64 = 20;
-    let dir = tempfile::tempdir().unwrap();
-    let mut us = Mosquitto::new(dir.path());
-    us.start();
-    let us_sub = Subscriber::connect(us.port, "us-sub", "#").await;
-    let config = format!(
-        r#"gateway_id = "gw1"
+    let mut h = Harness::builder()
+        .subscriber_as("us-sub", "#")
+        .config_with(|us_url| {
+            format!(
+                r#"gateway_id = "gw1"
 
 [geography]
 no_location = "dead-letter"
@@ -323,17 +324,17 @@ name = "everything"
 filter = "telemetry/#"
 upstream = "us-cloud"
 "#,
-        geography = countries_and_regions(),
-        us_link = upstream("us-cloud", &us.url(), Some(&["us"])),
-    );
-    let file = write_config(dir.path(), &config);
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+                geography = countries_and_regions(),
+                us_link = upstream("us-cloud", us_url, Some(&["us"])),
+            )
+        })
+        .start()
+        .await;
 
     // One device at a time, each acknowledged before the next starts: journal order is this order.
-    let ghost = Device::connect(gateway.port, "ghost").await;
+    let ghost = Device::connect(h.gateway.port, "ghost").await;
     publish_all(&ghost, "telemetry/ghost/env", vec![unlocated(1)], 0).await;
-    let berlin = Device::connect(gateway.port, "berlin").await;
+    let berlin = Device::connect(h.gateway.port, "berlin").await;
     publish_all(
         &berlin,
         "telemetry/berlin/env",
@@ -341,7 +342,7 @@ upstream = "us-cloud"
         0,
     )
     .await;
-    let chicago = Device::connect(gateway.port, "chicago").await;
+    let chicago = Device::connect(h.gateway.port, "chicago").await;
     publish_all(
         &chicago,
         "telemetry/chicago/env",
@@ -351,26 +352,29 @@ upstream = "us-cloud"
     .await;
 
     eventually("Chicago 1..N upstream", || {
-        seqs(&us_sub, 1, "chicago") == range(1, N)
+        seqs(&h.received, 1, "chicago") == range(1, N)
     })
     .await;
     eventually("N residency dead letters", || {
-        gateway.dead_letters().get("residency") == Some(&N)
+        h.gateway.dead_letters().get("residency") == Some(&N)
     })
     .await;
     eventually("1 no-location dead letter", || {
-        gateway.dead_letters().get("no-location") == Some(&1)
+        h.gateway.dead_letters().get("no-location") == Some(&1)
     })
     .await;
-    settled(&gateway).await;
+    settled(&h.gateway).await;
 
-    let devices: BTreeSet<String> = arrivals(&us_sub, 1).into_iter().map(|(d, _)| d).collect();
+    let devices: BTreeSet<String> = arrivals(&h.received, 1)
+        .into_iter()
+        .map(|(d, _)| d)
+        .collect();
     assert_eq!(
         devices,
         BTreeSet::from(["chicago".to_string()]),
         "only Chicago's data may reach the us link"
     );
-    let letters = gateway.dead_letter_rows();
+    let letters = h.gateway.dead_letter_rows();
     assert_eq!(letters.len() as u64, N + 1, "{letters:?}");
     for letter in &letters {
         assert_eq!(letter.route, "everything", "{letter:?}");
@@ -393,7 +397,7 @@ upstream = "us-cloud"
         range(1, N),
         "every Berlin event is a residency dead letter"
     );
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 /// With the default `no_location = "local-only"`, an event that has no location is published on
@@ -401,12 +405,11 @@ upstream = "us-cloud"
 /// while a located event of the same route goes upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_location_local_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cloud = Mosquitto::new(dir.path());
-    cloud.start();
-    let cloud_sub = Subscriber::connect(cloud.port, "cloud-sub", "#").await;
-    let config = format!(
-        r#"gateway_id = "gw1"
+    let mut h = Harness::builder()
+        .subscriber_as("cloud-sub", "#")
+        .config_with(|url| {
+            format!(
+                r#"gateway_id = "gw1"
 {geography}
 {link}
 [[route]]
@@ -414,24 +417,23 @@ name = "out"
 filter = "telemetry/#"
 topic = "out/{{device}}"
 "#,
-        geography = countries_and_regions(),
-        link = upstream("cloud", &cloud.url(), Some(&["*"])),
-    );
-    let file = write_config(dir.path(), &config);
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+                geography = countries_and_regions(),
+                link = upstream("cloud", url, Some(&["*"])),
+            )
+        })
+        .start()
+        .await;
     // On the gateway's own broker, on the route's output topics (not the device topics, which
     // local subscribers get anyway).
-    let local_sub = Subscriber::connect(gateway.port, "local-sub", "out/#").await;
+    let local_sub = Subscriber::connect(h.gateway.port, "local-sub", "out/#").await;
 
-    let ghost = Device::connect(gateway.port, "ghost").await;
+    let ghost = Device::connect(h.gateway.port, "ghost").await;
     publish_all(&ghost, "telemetry/ghost/env", vec![unlocated(1)], 0).await;
-    let berlin = Device::connect(gateway.port, "berlin").await;
+    let berlin = Device::connect(h.gateway.port, "berlin").await;
     publish_all(&berlin, "telemetry/berlin/env", vec![located(1, BERLIN)], 0).await;
 
     eventually("the located event upstream", || {
-        cloud_sub
-            .received
+        h.received
             .all()
             .contains(&("out/berlin".to_string(), located(1, BERLIN).into_bytes()))
     })
@@ -443,26 +445,21 @@ topic = "out/{{device}}"
             .contains(&("out/ghost".to_string(), unlocated(1).into_bytes()))
     })
     .await;
-    settled(&gateway).await;
+    settled(&h.gateway).await;
     // The unlocated event came first: on the link it would have been delivered before the
     // located one, which has arrived.
-    let upstream_topics: BTreeSet<String> = cloud_sub
-        .received
-        .all()
-        .into_iter()
-        .map(|(t, _)| t)
-        .collect();
+    let upstream_topics: BTreeSet<String> = h.received.all().into_iter().map(|(t, _)| t).collect();
     assert_eq!(
         upstream_topics,
         BTreeSet::from(["out/berlin".to_string()]),
         "an event without a location went upstream"
     );
     assert!(
-        gateway.dead_letters().is_empty(),
+        h.gateway.dead_letters().is_empty(),
         "{:?}",
-        gateway.dead_letters()
+        h.gateway.dead_letters()
     );
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 /// One point of a device's track, and its sequence number.
@@ -479,12 +476,12 @@ struct Transition {
     at: (f64, f64),
 }
 
-fn transitions(subscriber: &Subscriber) -> Vec<Transition> {
+fn transitions(received: &Received) -> Vec<Transition> {
     // A byte-identical message is a redelivery (at least once), not a second transition: a
     // transition emitted again would differ in `at_ms`, or in position.
     let mut seen = Vec::new();
     let mut out = Vec::new();
-    for (topic, payload) in subscriber.received.all() {
+    for (topic, payload) in received.all() {
         if seen.contains(&payload) {
             continue;
         }
@@ -510,15 +507,13 @@ fn transitions(subscriber: &Subscriber) -> Vec<Transition> {
 /// survives the restart, and a bad position changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enter_exit_track_across_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cloud = Mosquitto::new(dir.path());
-    cloud.start();
-    let telemetry_sub = Subscriber::connect(cloud.port, "telemetry-sub", "telemetry/#").await;
-    let transitions_sub =
-        Subscriber::connect(cloud.port, "transitions-sub", "outpost/gw1/geofence/#").await;
     // The yard at (52.0, 13.0) and the depot 2 km north, 300 m each.
-    let config = format!(
-        r#"gateway_id = "gw1"
+    let mut h = Harness::builder()
+        .subscriber_as("telemetry-sub", "telemetry/#")
+        .subscriber_as("transitions-sub", "outpost/gw1/geofence/#")
+        .config_with(|url| {
+            format!(
+                r#"gateway_id = "gw1"
 
 [geography]
 transitions_topic = "outpost/{{gateway}}/geofence/{{device}}"
@@ -544,11 +539,13 @@ filter = "outpost/gw1/geofence/#"
 device_segment = 3
 upstream = "cloud"
 "#,
-        link = upstream("cloud", &cloud.url(), None),
-    );
-    let file = write_config(dir.path(), &config);
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+                link = upstream("cloud", url, None),
+            )
+        })
+        .start()
+        .await;
+    let telemetry_sub = h.received_by("telemetry-sub").clone();
+    let transitions_sub = h.received_by("transitions-sub").clone();
 
     let outside_1 = (52.009, 13.0); // 1 km from both
     let yard_1 = (52.0005, 13.0); // 56 m from the yard's centre
@@ -560,7 +557,7 @@ upstream = "cloud"
     let yard_3 = (52.0001, 13.0001);
     const TOPIC: &str = "telemetry/truck1/env";
 
-    let device = Device::connect(gateway.port, "truck1").await;
+    let device = Device::connect(h.gateway.port, "truck1").await;
     let before_restart = [
         Fix {
             seq: 1,
@@ -601,15 +598,15 @@ upstream = "cloud"
     })
     .await;
     eventually("the bad position dead-lettered", || {
-        gateway.dead_letters().get("bad-location") == Some(&1)
+        h.gateway.dead_letters().get("bad-location") == Some(&1)
     })
     .await;
-    settled(&gateway).await;
+    settled(&h.gateway).await;
     drop(device);
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 
-    gateway.start();
-    let device = Device::connect(gateway.port, "truck1").await;
+    h.gateway.start();
+    let device = Device::connect(h.gateway.port, "truck1").await;
     let after_restart = [
         Fix {
             seq: 7,
@@ -630,7 +627,7 @@ upstream = "cloud"
     })
     .await;
     eventually("5 transitions", || transitions(&transitions_sub).len() >= 5).await;
-    settled(&gateway).await;
+    settled(&h.gateway).await;
 
     let t = |transition: &str, fence: &str, at: (f64, f64)| Transition {
         transition: transition.to_string(),
@@ -647,27 +644,26 @@ upstream = "cloud"
             t("enter", "yard", yard_3),
         ]
     );
-    let letters = gateway.dead_letter_rows();
+    let letters = h.gateway.dead_letter_rows();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].reason, "bad-location");
     assert_eq!(letters[0].route, "telemetry");
     assert_eq!(json(&letters[0].payload)["seq"], 3);
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 /// Events without coordinates are placed at the device's last reported position (remembered
 /// across a restart), else at its configured position, else at the gateway's.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_registry_and_gateway_position() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cloud = Mosquitto::new(dir.path());
-    cloud.start();
-    let eu_sub = Subscriber::connect(cloud.port, "eu-sub", "eu/#").await;
-    let us_sub = Subscriber::connect(cloud.port, "us-sub", "us/#").await;
     // Two links (to one broker, as two clients) and a route per region, each with its own
     // output prefix: where an event went tells where the gateway placed it.
-    let config = format!(
-        r#"gateway_id = "gw1"
+    let mut h = Harness::builder()
+        .subscriber_as("eu-sub", "eu/#")
+        .subscriber_as("us-sub", "us/#")
+        .config_with(|url| {
+            format!(
+                r#"gateway_id = "gw1"
 
 [geography]
 gateway_position = [{chicago_lat}, {chicago_lon}]
@@ -691,20 +687,22 @@ when = {{ in = "us" }}
 topic = "us/{{topic}}"
 upstream = "us-cloud"
 "#,
-        chicago_lat = CHICAGO.0,
-        chicago_lon = CHICAGO.1,
-        paris_lat = PARIS.0,
-        paris_lon = PARIS.1,
-        geography = countries_and_regions(),
-        eu_link = upstream("eu-cloud", &cloud.url(), Some(&["eu"])),
-        us_link = upstream("us-cloud", &cloud.url(), Some(&["us"])),
-    );
-    let file = write_config(dir.path(), &config);
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+                chicago_lat = CHICAGO.0,
+                chicago_lon = CHICAGO.1,
+                paris_lat = PARIS.0,
+                paris_lon = PARIS.1,
+                geography = countries_and_regions(),
+                eu_link = upstream("eu-cloud", url, Some(&["eu"])),
+                us_link = upstream("us-cloud", url, Some(&["us"])),
+            )
+        })
+        .start()
+        .await;
+    let eu_sub = h.received_by("eu-sub").clone();
+    let us_sub = h.received_by("us-sub").clone();
 
     // The mover reports a position now and then; every event without one is where it last was.
-    let mover = Device::connect(gateway.port, "mover").await;
+    let mover = Device::connect(h.gateway.port, "mover").await;
     let track = [
         located(1, BERLIN),
         unlocated(2),
@@ -717,9 +715,9 @@ upstream = "us-cloud"
         mover.publish("telemetry/mover/env", payload).await;
         mover.wait_acked(n as u64 + 1).await;
     }
-    let pump = Device::connect(gateway.port, "pump-1").await;
+    let pump = Device::connect(h.gateway.port, "pump-1").await;
     publish_all(&pump, "telemetry/pump-1/env", vec![unlocated(1)], 0).await;
-    let stranger = Device::connect(gateway.port, "stranger").await;
+    let stranger = Device::connect(h.gateway.port, "stranger").await;
     publish_all(&stranger, "telemetry/stranger/env", vec![unlocated(1)], 0).await;
 
     eventually("mover 1, 2, 5, 6 on eu", || {
@@ -738,15 +736,15 @@ upstream = "us-cloud"
         seqs(&us_sub, 2, "stranger") == BTreeSet::from([1])
     })
     .await;
-    settled(&gateway).await;
+    settled(&h.gateway).await;
 
     // The registry is durable: after a restart the mover is still in Munich (without it, its
     // events would be placed at the gateway, in Chicago).
     drop((mover, pump, stranger));
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
-    gateway.start();
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
+    h.gateway.start();
     for (id, seq) in [("mover", 7), ("pump-1", 2), ("stranger", 2)] {
-        let device = Device::connect(gateway.port, id).await;
+        let device = Device::connect(h.gateway.port, id).await;
         publish_all(
             &device,
             &format!("telemetry/{id}/env"),
@@ -761,10 +759,10 @@ upstream = "us-cloud"
         seqs(&us_sub, 2, "stranger").contains(&2)
     })
     .await;
-    settled(&gateway).await;
+    settled(&h.gateway).await;
 
     let set =
-        |sub: &Subscriber| -> BTreeSet<(String, u64)> { arrivals(sub, 2).into_iter().collect() };
+        |sub: &Received| -> BTreeSet<(String, u64)> { arrivals(sub, 2).into_iter().collect() };
     let expected = |items: &[(&str, u64)]| -> BTreeSet<(String, u64)> {
         items.iter().map(|(d, s)| (d.to_string(), *s)).collect()
     };
@@ -784,15 +782,15 @@ upstream = "us-cloud"
         set(&us_sub),
         expected(&[("mover", 3), ("mover", 4), ("stranger", 1), ("stranger", 2)])
     );
-    for (topic, _) in eu_sub.received.all() {
+    for (topic, _) in eu_sub.all() {
         assert!(topic.starts_with("eu/telemetry/"), "{topic}");
     }
     assert!(
-        gateway.dead_letters().is_empty(),
+        h.gateway.dead_letters().is_empty(),
         "{:?}",
-        gateway.dead_letters()
+        h.gateway.dead_letters()
     );
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
 
 /// What a run of the binary printed (stdout and stderr together) and whether it succeeded.
@@ -1068,14 +1066,14 @@ fn bad_geography_config_is_refused_blocking() {
 /// the `enrich` example copies them into its output.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handlers_see_location_and_regions() {
-    let dir = tempfile::tempdir().unwrap();
-    let wasm = dir.path().join("enrich.wasm");
+    let setup = Harness::builder();
+    let wasm = setup.dir().join("enrich.wasm");
     std::fs::write(&wasm, outpost::handlers::examples::ENRICH).unwrap();
-    let mut cloud = Mosquitto::new(dir.path());
-    cloud.start();
-    let cloud_sub = Subscriber::connect(cloud.port, "cloud-sub", "#").await;
-    let config = format!(
-        r#"gateway_id = "gw1"
+    let mut h = setup
+        .subscriber_as("cloud-sub", "#")
+        .config_with(|url| {
+            format!(
+                r#"gateway_id = "gw1"
 {geography}
 {link}
 [[module]]
@@ -1087,17 +1085,17 @@ name = "enrich"
 filter = "telemetry/#"
 handler = "enrich"
 "#,
-        geography = countries_and_regions(),
-        link = upstream("cloud", &cloud.url(), Some(&["*"])),
-        wasm = wasm.display(),
-    );
-    let file = write_config(dir.path(), &config);
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
-    gateway.start();
+                geography = countries_and_regions(),
+                link = upstream("cloud", url, Some(&["*"])),
+                wasm = wasm.display(),
+            )
+        })
+        .start()
+        .await;
 
-    let berlin = Device::connect(gateway.port, "berlin").await;
+    let berlin = Device::connect(h.gateway.port, "berlin").await;
     publish_all(&berlin, "telemetry/berlin/env", vec![located(1, BERLIN)], 0).await;
-    let chicago = Device::connect(gateway.port, "chicago").await;
+    let chicago = Device::connect(h.gateway.port, "chicago").await;
     publish_all(
         &chicago,
         "telemetry/chicago/env",
@@ -1108,8 +1106,8 @@ handler = "enrich"
     // No coordinates: the device's last known position (Berlin) is the event's.
     publish_all(&berlin, "telemetry/berlin/env", vec![unlocated(2)], 1).await;
 
-    eventually("three enriched outputs", || cloud_sub.received.len() >= 3).await;
-    let outputs: Vec<Value> = cloud_sub
+    eventually("three enriched outputs", || h.received.len() >= 3).await;
+    let outputs: Vec<Value> = h
         .received
         .all()
         .iter()
@@ -1135,5 +1133,5 @@ handler = "enrich"
             "{output}"
         );
     }
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }

@@ -15,7 +15,24 @@
 //! ```
 //!
 //! The harness owns every peer; they are stopped when it is dropped (the gateway first, the
-//! upstream last, then the directory is removed).
+//! upstreams last, then the directory is removed).
+//!
+//! A test that needs two brokers (one per region, say) asks for a second upstream and puts
+//! subscribers on either:
+//!
+//! ```ignore
+//! let setup = Harness::builder().second_upstream();
+//! let us_url = setup.second_upstream_url();
+//! let h = setup
+//!     .subscriber_as("eu-sub", "#")           // on `h.upstream`
+//!     .second_subscriber_as("us-sub", "#")    // on `h.second_upstream()`
+//!     .config_with(|eu_url| config(eu_url, &us_url))
+//!     .start()
+//!     .await;
+//! ```
+//!
+//! A test without a runtime (a `#[test]` that drives raw sockets) uses
+//! [`HarnessBuilder::start_blocking`]: the same set-up, without subscribers.
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +52,7 @@ pub struct Harness {
     /// test).
     pub received: Received,
     subscribers: Vec<(String, Subscriber)>,
+    second_upstream: Option<Mosquitto>,
     /// The upstream Mosquitto. It always has a port and a directory (so that a gateway can be
     /// pointed at an upstream that is down from the start); it runs only if the builder
     /// started it ([`HarnessBuilder::upstream`] or [`HarnessBuilder::subscriber`]).
@@ -54,6 +72,7 @@ impl Harness {
         HarnessBuilder {
             upstream,
             start_upstream: false,
+            second_upstream: None,
             subscribers: Vec::new(),
             stop_upstream: false,
             config: None,
@@ -70,13 +89,28 @@ impl Harness {
             .map(|(_, subscriber)| &subscriber.received)
             .unwrap_or_else(|| panic!("no subscriber {id}"))
     }
+
+    /// The second upstream ([`HarnessBuilder::second_upstream`]); it runs from the start.
+    pub fn second_upstream(&mut self) -> &mut Mosquitto {
+        self.second_upstream
+            .as_mut()
+            .expect("no second upstream: ask the harness builder for one")
+    }
+}
+
+/// Which upstream a subscriber of the builder is on.
+#[derive(Clone, Copy, PartialEq)]
+enum On {
+    Upstream,
+    Second,
 }
 
 /// What [`Harness::builder`] makes, step by step; [`HarnessBuilder::start`] makes it.
 pub struct HarnessBuilder {
     upstream: Mosquitto,
     start_upstream: bool,
-    subscribers: Vec<(String, String)>,
+    second_upstream: Option<Mosquitto>,
+    subscribers: Vec<(On, String, String)>,
     stop_upstream: bool,
     config: Option<PathBuf>,
     /// The arguments of `outpost run` after `--listen` and `--data`, in the order asked for.
@@ -117,7 +151,33 @@ impl HarnessBuilder {
     /// Like [`HarnessBuilder::subscriber`], with this client id.
     pub fn subscriber_as(mut self, id: &str, filter: &str) -> Self {
         self.start_upstream = true;
-        self.subscribers.push((id.to_string(), filter.to_string()));
+        self.subscribers
+            .push((On::Upstream, id.to_string(), filter.to_string()));
+        self
+    }
+
+    /// A second upstream Mosquitto in the directory, started before the gateway (and before
+    /// any subscriber) and running until the harness is dropped.
+    pub fn second_upstream(mut self) -> Self {
+        if self.second_upstream.is_none() {
+            self.second_upstream = Some(Mosquitto::new(self.tmp.path()));
+        }
+        self
+    }
+
+    /// The second upstream's URL, known before it starts.
+    pub fn second_upstream_url(&self) -> String {
+        self.second_upstream
+            .as_ref()
+            .expect("no second upstream: call second_upstream first")
+            .url()
+    }
+
+    /// Like [`HarnessBuilder::subscriber_as`], on the second upstream (which it asks for).
+    pub fn second_subscriber_as(mut self, id: &str, filter: &str) -> Self {
+        self = self.second_upstream();
+        self.subscribers
+            .push((On::Second, id.to_string(), filter.to_string()));
         self
     }
 
@@ -168,14 +228,44 @@ impl HarnessBuilder {
 
     /// Like [`HarnessBuilder::start`], but leaves the gateway to the test to start.
     pub async fn build(mut self) -> Harness {
+        self.start_upstreams();
+        let mut subscribers = Vec::new();
+        for (on, id, filter) in &self.subscribers {
+            let port = match on {
+                On::Upstream => self.upstream.port,
+                On::Second => self.second_upstream.as_ref().expect("second upstream").port,
+            };
+            let subscriber = Subscriber::connect(port, id, filter).await;
+            subscribers.push((id.clone(), subscriber));
+        }
+        self.assemble(subscribers)
+    }
+
+    /// [`HarnessBuilder::start`] for a test without a runtime (a plain `#[test]`): the same
+    /// set-up, but subscribers (which need a runtime) cannot be asked for.
+    pub fn start_blocking(mut self) -> Harness {
+        assert!(
+            self.subscribers.is_empty(),
+            "subscribers need a runtime: use start().await"
+        );
+        self.start_upstreams();
+        let mut harness = self.assemble(Vec::new());
+        harness.gateway.start();
+        harness
+    }
+
+    fn start_upstreams(&mut self) {
         if self.start_upstream {
             self.upstream.start();
         }
-        let mut subscribers = Vec::new();
-        for (id, filter) in &self.subscribers {
-            let subscriber = Subscriber::connect(self.upstream.port, id, filter).await;
-            subscribers.push((id.clone(), subscriber));
+        if let Some(second) = self.second_upstream.as_mut() {
+            second.start();
         }
+    }
+
+    /// The harness once the upstreams run and the subscribers have subscribed: stops the
+    /// upstream if asked, and makes the gateway (not started).
+    fn assemble(mut self, subscribers: Vec<(String, Subscriber)>) -> Harness {
         if self.stop_upstream {
             self.upstream.stop();
         }
@@ -189,6 +279,7 @@ impl HarnessBuilder {
             gateway,
             received,
             subscribers,
+            second_upstream: self.second_upstream,
             upstream: self.upstream,
             config: self.config,
             dir: self.tmp.path().to_path_buf(),
