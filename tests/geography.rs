@@ -29,6 +29,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -175,6 +176,24 @@ async fn publish_all(device: &Device, topic: &str, payloads: Vec<String>, acked_
     device.wait_acked(acked_before + n).await;
 }
 
+/// [`publish_all`] of `seqs`, each located at `at`, on `telemetry/<name>/env`.
+async fn publish_located(
+    device: &Device,
+    name: &str,
+    seqs: RangeInclusive<u64>,
+    at: (f64, f64),
+    acked_before: u64,
+) {
+    let payloads = seqs.map(|s| located(s, at)).collect();
+    publish_all(
+        device,
+        &format!("telemetry/{name}/env"),
+        payloads,
+        acked_before,
+    )
+    .await;
+}
+
 /// Two upstreams, one per region: each city's events go to its own region's broker only,
 /// before, during and after an outage of the EU broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,20 +239,8 @@ upstream = "us-cloud"
     let chicago = Device::connect(h.gateway.port, "chicago").await;
 
     // Both links up.
-    publish_all(
-        &berlin,
-        "telemetry/berlin/env",
-        (1..=N).map(|s| located(s, BERLIN)).collect(),
-        0,
-    )
-    .await;
-    publish_all(
-        &chicago,
-        "telemetry/chicago/env",
-        (1..=N).map(|s| located(s, CHICAGO)).collect(),
-        0,
-    )
-    .await;
+    publish_located(&berlin, "berlin", 1..=N, BERLIN, 0).await;
+    publish_located(&chicago, "chicago", 1..=N, CHICAGO, 0).await;
     eventually("Berlin 1..N on eu", || {
         seqs(&eu_sub, 1, "berlin") == range(1, N)
     })
@@ -248,20 +255,8 @@ upstream = "us-cloud"
 
     // The EU broker goes away: Chicago's events still flow, Berlin's wait for their own link.
     h.upstream.stop();
-    publish_all(
-        &berlin,
-        "telemetry/berlin/env",
-        (N + 1..=2 * N).map(|s| located(s, BERLIN)).collect(),
-        N,
-    )
-    .await;
-    publish_all(
-        &chicago,
-        "telemetry/chicago/env",
-        (N + 1..=2 * N).map(|s| located(s, CHICAGO)).collect(),
-        N,
-    )
-    .await;
+    publish_located(&berlin, "berlin", N + 1..=2 * N, BERLIN, N).await;
+    publish_located(&chicago, "chicago", N + 1..=2 * N, CHICAGO, N).await;
     eventually("Chicago 1..2N on us", || {
         seqs(&us_sub, 1, "chicago") == range(1, 2 * N)
     })
@@ -335,21 +330,9 @@ upstream = "us-cloud"
     let ghost = Device::connect(h.gateway.port, "ghost").await;
     publish_all(&ghost, "telemetry/ghost/env", vec![unlocated(1)], 0).await;
     let berlin = Device::connect(h.gateway.port, "berlin").await;
-    publish_all(
-        &berlin,
-        "telemetry/berlin/env",
-        (1..=N).map(|s| located(s, BERLIN)).collect(),
-        0,
-    )
-    .await;
+    publish_located(&berlin, "berlin", 1..=N, BERLIN, 0).await;
     let chicago = Device::connect(h.gateway.port, "chicago").await;
-    publish_all(
-        &chicago,
-        "telemetry/chicago/env",
-        (1..=N).map(|s| located(s, CHICAGO)).collect(),
-        0,
-    )
-    .await;
+    publish_located(&chicago, "chicago", 1..=N, CHICAGO, 0).await;
 
     eventually("Chicago 1..N upstream", || {
         seqs(&h.received, 1, "chicago") == range(1, N)
