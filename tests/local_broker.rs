@@ -11,7 +11,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::mqtt::{Client, Connect, Packet, Publish, Version, PUBCOMP, PUBREC, PUBREL};
-use common::{eventually, Device, Gateway};
+use common::{eventually, Device, Harness};
 
 /// A `mosquitto_sub` whose lines go to a file; killed when dropped.
 struct Sub {
@@ -33,6 +33,13 @@ impl Sub {
             .spawn()
             .expect("mosquitto_sub runs");
         Sub { child, out }
+    }
+
+    /// [`Sub::start`], then [`Sub::wait_ready`].
+    async fn ready(dir: &Path, port: u16, name: &str, format: &str, args: &[&str]) -> Sub {
+        let sub = Sub::start(dir, port, name, format, args);
+        sub.wait_ready(port, name).await;
+        sub
     }
 
     fn lines(&self) -> Vec<String> {
@@ -94,22 +101,20 @@ fn publish(port: u16, args: &[&str]) {
 /// Maximum QoS granted by the Server". rumqttd 0.20 delivered QoS 0 and 1 as QoS 2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivered_qos_is_the_lower_of_publish_and_subscription() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = Gateway::new(dir.path(), &[]);
-    gateway.start();
-    let port = gateway.port;
+    let mut h = Harness::builder().start().await;
+    let port = h.gateway.port;
     for version in ["5", "311"] {
         let q2_name = format!("q2v{version}");
         let q0_name = format!("q0v{version}");
         let q2 = Sub::start(
-            dir.path(),
+            &h.dir,
             port,
             &q2_name,
             "%q %t",
             &["-V", version, "-q", "2", "-t", "qos/#"],
         );
         let q0 = Sub::start(
-            dir.path(),
+            &h.dir,
             port,
             &q0_name,
             "%q %t",
@@ -151,7 +156,7 @@ async fn delivered_qos_is_the_lower_of_publish_and_subscription() {
             "v{version}"
         );
     }
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
 
 /// MQTT 5 §3.1.2.4, §3.1.2.11.2 and 3.1.1 §3.1.2.4: a client with a kept session (Clean Start
@@ -159,10 +164,8 @@ async fn delivered_qos_is_the_lower_of_publish_and_subscription() {
 /// 1/2 messages published while it was away. rumqttd 0.20 delivered none of them on MQTT 5.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_session_gets_what_was_published_while_it_was_away() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = Gateway::new(dir.path(), &[]);
-    gateway.start();
-    let port = gateway.port;
+    let mut h = Harness::builder().start().await;
+    let port = h.gateway.port;
     for (version, keep) in [("5", &["-x", "600"][..]), ("311", &[][..])] {
         let id = format!("historian-v{version}");
         let topic = format!("plant{version}/#");
@@ -171,8 +174,7 @@ async fn a_kept_session_gets_what_was_published_while_it_was_away() {
         ];
         args.extend_from_slice(keep);
         // Connect, subscribe, and leave (after the readiness message).
-        let mut first = Sub::start(dir.path(), port, &id, "%t %p", &args);
-        first.wait_ready(port, &id).await;
+        let mut first = Sub::ready(&h.dir, port, &id, "%t %p", &args).await;
         first.wait_exit().await;
         for n in 1..=3 {
             publish(
@@ -207,7 +209,7 @@ async fn a_kept_session_gets_what_was_published_while_it_was_away() {
             "-V", version, "-c", "-i", &id, "-q", "1", "-t", &topic, "-C", "3",
         ];
         args.extend_from_slice(keep);
-        let mut back = Sub::start(dir.path(), port, &format!("{id}-back"), "%t %p", &args);
+        let mut back = Sub::start(&h.dir, port, &format!("{id}-back"), "%t %p", &args);
         back.wait_exit().await;
         assert_eq!(
             back.messages(),
@@ -215,7 +217,7 @@ async fn a_kept_session_gets_what_was_published_while_it_was_away() {
             "v{version}: what was queued while the client was away"
         );
     }
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
 
 /// 3.1.1 §3.3.1.3, MQTT 5 §3.3.1.3: a new subscription gets every matching retained message,
@@ -225,10 +227,8 @@ async fn a_kept_session_gets_what_was_published_while_it_was_away() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_subscriber_gets_every_retained_message() {
     const RETAINED: u64 = 2_000;
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = Gateway::new(dir.path(), &[]);
-    gateway.start();
-    let device = Device::connect(gateway.port, "retainer").await;
+    let mut h = Harness::builder().start().await;
+    let device = Device::connect(h.gateway.port, "retainer").await;
     for n in 0..RETAINED {
         device
             .handle()
@@ -243,11 +243,11 @@ async fn a_new_subscriber_gets_every_retained_message() {
     }
     device.wait_acked(RETAINED).await;
     // Cleared by an empty payload: not sent.
-    publish(gateway.port, &["-t", "state/0", "-r", "-n", "-q", "1"]);
+    publish(h.gateway.port, &["-t", "state/0", "-r", "-n", "-q", "1"]);
     let count = (RETAINED - 1).to_string();
     let mut sub = Sub::start(
-        dir.path(),
-        gateway.port,
+        &h.dir,
+        h.gateway.port,
         "late",
         "%r %t %p",
         &["-q", "1", "-t", "state/#", "-C", &count],
@@ -270,7 +270,7 @@ async fn a_new_subscriber_gets_every_retained_message() {
         "each retained topic once"
     );
     assert!(!topics.contains(&"state/0"), "the cleared topic");
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
 
 /// MQTT 5 §3.3.4: overlapping subscriptions of one client give one copy of a publish (at the
@@ -278,20 +278,18 @@ async fn a_new_subscriber_gets_every_retained_message() {
 /// filter (1,024 filters turned a 100 KB publish into 105 MB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlapping_subscriptions_deliver_one_copy() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = Gateway::new(dir.path(), &[]);
-    gateway.start();
-    let port = gateway.port;
-    let sub = Sub::start(
-        dir.path(),
+    let mut h = Harness::builder().start().await;
+    let port = h.gateway.port;
+    let sub = Sub::ready(
+        &h.dir,
         port,
         "overlap",
         "%q %t",
         &[
             "-V", "5", "-q", "1", "-t", "o/#", "-t", "o/+", "-t", "+/x", "-t", "o/x",
         ],
-    );
-    sub.wait_ready(port, "overlap").await;
+    )
+    .await;
     publish(port, &["-V", "5", "-q", "1", "-t", "o/x", "-m", "once"]);
     publish(port, &["-V", "5", "-q", "1", "-t", "o/end", "-m", "end"]);
     eventually("the end marker", || {
@@ -299,7 +297,7 @@ async fn overlapping_subscriptions_deliver_one_copy() {
     })
     .await;
     assert_eq!(sub.messages(), ["1 o/x", "1 o/end"]);
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
 
 /// MQTT 5 §3.3.2.3: user properties (in order), content type, response topic and correlation
@@ -307,18 +305,16 @@ async fn overlapping_subscriptions_deliver_one_copy() {
 /// it). rumqttd 0.20 dropped them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt5_properties_reach_subscribers_unchanged() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = Gateway::new(dir.path(), &[]);
-    gateway.start();
-    let port = gateway.port;
-    let sub = Sub::start(
-        dir.path(),
+    let mut h = Harness::builder().start().await;
+    let port = h.gateway.port;
+    let sub = Sub::ready(
+        &h.dir,
         port,
         "props",
         "%P|%C|%R|%t|%p",
         &["-V", "5", "-q", "1", "-t", "p/#"],
-    );
-    sub.wait_ready(port, "props").await;
+    )
+    .await;
     publish(
         port,
         &[
@@ -356,7 +352,7 @@ async fn mqtt5_properties_reach_subscribers_unchanged() {
     );
     eventually("the publish", || !sub.messages().is_empty()).await;
     assert_eq!(sub.messages(), ["z:1 a:2|text/plain|reply/here|p/a|x"]);
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
 
 /// A v5 CONNECT with `client_id` as raw bytes.
@@ -390,10 +386,8 @@ fn read_to_close(stream: &mut std::net::TcpStream) -> Vec<u8> {
 /// CONNACK. With MQTT 5 and an empty client id, the broker assigns one (§3.2.2.3.7).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_closes_the_old_connection_with_0x8e() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = Gateway::new(dir.path(), &[]);
-    gateway.start();
-    let address = ("127.0.0.1", gateway.port);
+    let mut h = Harness::builder().start().await;
+    let address = ("127.0.0.1", h.gateway.port);
     let mut first = std::net::TcpStream::connect(address).unwrap();
     first.write_all(&connect_v5("panel-1")).unwrap();
     let mut connack = [0u8; 2];
@@ -431,7 +425,7 @@ async fn a_takeover_closes_the_old_connection_with_0x8e() {
     assert_eq!(body[3], 0x12, "Assigned Client Identifier: {body:?}");
     let len = usize::from(u16::from_be_bytes([body[4], body[5]]));
     assert!(len > 0, "a non-empty assigned id");
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
 
 /// Issue 13, "durable local state" (MQTT 5 §4.1 and 3.1.1 §4.1, the session state a server
@@ -440,17 +434,14 @@ async fn a_takeover_closes_the_old_connection_with_0x8e() {
 /// cleared retained message stays cleared. Before `broker.sqlite`, all of it was in memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kept_sessions_and_retained_messages_survive_kill_9() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = Gateway::new(dir.path(), &[]);
-    gateway.start();
-    let port = gateway.port;
+    let mut h = Harness::builder().start().await;
+    let port = h.gateway.port;
     let sub_args = |count: &'static str| -> Vec<&'static str> {
         vec![
             "-V", "5", "-c", "-x", "600", "-i", "hmi", "-q", "1", "-t", "cell/#", "-C", count,
         ]
     };
-    let mut first = Sub::start(dir.path(), port, "hmi", "%t %p", &sub_args("1"));
-    first.wait_ready(port, "hmi").await;
+    let mut first = Sub::ready(&h.dir, port, "hmi", "%t %p", &sub_args("1")).await;
     first.wait_exit().await;
     for n in 1..=3 {
         publish(
@@ -463,24 +454,24 @@ async fn kept_sessions_and_retained_messages_survive_kill_9() {
     }
     // Every publish above was acknowledged (mosquitto_pub waits for its PUBACK): no clean
     // shutdown follows.
-    gateway.kill();
-    gateway.start();
-    let port = gateway.port;
-    let mut back = Sub::start(dir.path(), port, "hmi-back", "%t %p", &sub_args("3"));
+    h.gateway.kill();
+    h.gateway.start();
+    let port = h.gateway.port;
+    let mut back = Sub::start(&h.dir, port, "hmi-back", "%t %p", &sub_args("3"));
     back.wait_exit().await;
     assert_eq!(
         back.messages(),
         ["cell/1 1", "cell/2 2", "cell/3 3"],
         "what was queued for the kept session before the kill"
     );
-    let mut retained = Sub::start(
-        dir.path(),
+    let mut retained = Sub::ready(
+        &h.dir,
         port,
         "status",
         "%r %t %p",
         &["-t", "status/#", "-W", "3"],
-    );
-    retained.wait_ready(port, "status").await;
+    )
+    .await;
     eventually("the retained message", || {
         retained.messages().iter().any(|l| l == "1 status/a up")
     })
@@ -491,7 +482,7 @@ async fn kept_sessions_and_retained_messages_survive_kill_9() {
         ["1 status/a up"],
         "status/b was cleared before the kill"
     );
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
 
 /// Issue 13, "QoS 2 exactly once in both directions" and "inflight QoS 1/2 state" across a
@@ -507,15 +498,13 @@ async fn kept_sessions_and_retained_messages_survive_kill_9() {
 /// runs against the gateway only.
 #[test]
 fn inflight_state_survives_kill_9() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = Gateway::new(dir.path(), &[]);
-    gateway.start();
+    let mut h = Harness::builder().start_blocking();
     let kept = |id: &str| Connect::new(Version::V5, id).persistent();
-    let (mut hmi, _) = Client::connect(gateway.port, &kept("hmi"));
+    let (mut hmi, _) = Client::connect(h.gateway.port, &kept("hmi"));
     hmi.subscribe("cell/#", 2);
-    let (mut historian, _) = Client::connect(gateway.port, &kept("historian"));
+    let (mut historian, _) = Client::connect(h.gateway.port, &kept("historian"));
     historian.subscribe("line/#", 1);
-    let (mut plc, _) = Client::connect(gateway.port, &kept("plc"));
+    let (mut plc, _) = Client::connect(h.gateway.port, &kept("plc"));
 
     let two = Publish::new("cell/a", "two").qos(2).id(7);
     plc.publish(&two);
@@ -538,7 +527,7 @@ fn inflight_state_survives_kill_9() {
     let unacked = historian.expect_publish();
     assert_eq!((unacked.qos, unacked.dup), (1, false));
     // A QoS 1 delivery goes out before its packet id is stored: wait until it is.
-    let state = rusqlite::Connection::open(gateway.data.join("broker.sqlite")).unwrap();
+    let state = rusqlite::Connection::open(h.gateway.data.join("broker.sqlite")).unwrap();
     let stored = || -> Option<i64> {
         state
             .query_row(
@@ -556,9 +545,9 @@ fn inflight_state_survives_kill_9() {
     }
     drop(state);
 
-    gateway.kill();
-    gateway.start();
-    let port = gateway.port;
+    h.gateway.kill();
+    h.gateway.start();
+    let port = h.gateway.port;
 
     let (mut plc, connack) = Client::connect(port, &kept("plc"));
     assert!(connack.session_present);
@@ -596,7 +585,7 @@ fn inflight_state_survives_kill_9() {
         "resent with DUP and its packet id"
     );
     historian.ack(&again);
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
 
 /// A client driven by rumqttc's MQTT 5 event loop; every incoming PUBLISH and CONNACK goes to
@@ -677,10 +666,8 @@ impl Drop for RumqttcV5 {
 async fn a_rumqttc_mqtt5_client_gets_the_lower_qos_its_properties_and_its_kept_session() {
     use rumqttc::v5::mqttbytes::v5::PublishProperties;
     use rumqttc::v5::mqttbytes::QoS;
-    let dir = tempfile::tempdir().unwrap();
-    let mut gateway = Gateway::new(dir.path(), &[]);
-    gateway.start();
-    let mut historian = RumqttcV5::kept(gateway.port, "historian-v5");
+    let mut h = Harness::builder().start().await;
+    let mut historian = RumqttcV5::kept(h.gateway.port, "historian-v5");
     assert!(!historian.session_present().await, "a new session");
     historian
         .client
@@ -690,7 +677,7 @@ async fn a_rumqttc_mqtt5_client_gets_the_lower_qos_its_properties_and_its_kept_s
     historian
         .next(|incoming| matches!(incoming, rumqttc::v5::Incoming::SubAck(_)).then_some(()))
         .await;
-    let mut line = RumqttcV5::kept(gateway.port, "line-v5");
+    let mut line = RumqttcV5::kept(h.gateway.port, "line-v5");
     line.session_present().await;
     let properties = PublishProperties {
         payload_format_indicator: Some(1),
@@ -726,12 +713,12 @@ async fn a_rumqttc_mqtt5_client_gets_the_lower_qos_its_properties_and_its_kept_s
         .unwrap();
     line.next(|incoming| matches!(incoming, rumqttc::v5::Incoming::PubAck(_)).then_some(()))
         .await;
-    let mut historian = RumqttcV5::kept(gateway.port, "historian-v5");
+    let mut historian = RumqttcV5::kept(h.gateway.port, "historian-v5");
     assert!(historian.session_present().await, "its session was kept");
     let queued = historian.publish().await;
     assert_eq!(
         (&queued.topic[..], &queued.payload[..]),
         (&b"plant/press"[..], &b"while away"[..])
     );
-    assert!(gateway.stop(), "clean exit");
+    assert!(h.gateway.stop(), "clean exit");
 }
