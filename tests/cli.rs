@@ -5,17 +5,7 @@ mod common;
 
 use std::process::{Command, Output};
 
-fn outpost(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run outpost")
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use common::{outpost, stderr, Harness};
 
 #[test]
 fn default_config_is_printed_and_passes_its_own_check() {
@@ -361,9 +351,9 @@ async fn module_client_matches_statuses_to_its_requests() {
     use outpost::client::modules::{self as deploy_client, Request, Target};
     use outpost::signing::{CommandOp, SignedCommand, SignedModule, SigningKey};
     use std::time::Duration;
-    let dir = tempfile::tempdir().unwrap();
-    let mut broker = common::Mosquitto::new(dir.path());
-    broker.start();
+    // The broker only: fake_gateway plays the gateways' side.
+    let h = Harness::builder().upstream().build().await;
+    let broker = &h.upstream;
     let _a = fake_gateway(broker.port, "a", true).await;
     let _b = fake_gateway(broker.port, "b", false).await;
     let key = SigningKey::from_bytes(&[7; 32]);
@@ -421,9 +411,9 @@ async fn module_client_matches_statuses_to_its_requests() {
 async fn a_retained_fleet_deploy_stays_on_the_broker_for_later_gateways() {
     use outpost::client::modules::{self as deploy_client, Request, Target};
     use outpost::signing::{SignedModule, SigningKey};
-    let dir = tempfile::tempdir().unwrap();
-    let mut broker = common::Mosquitto::new(dir.path());
-    broker.start();
+    // The broker only: fake_gateway plays the gateways' side.
+    let h = Harness::builder().upstream().build().await;
+    let broker = &h.upstream;
     let _a = fake_gateway(broker.port, "a", true).await;
     let key = SigningKey::from_bytes(&[9; 32]);
     let module = SignedModule::sign(&key, "celsius", "2.0.0", 1, b"\0asm".to_vec()).unwrap();

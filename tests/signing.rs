@@ -3,24 +3,12 @@
 //! an untrusted key, a tampered module, another name or version, and a configuration's missing
 //! trusted key; `keygen` never overwrites.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
-fn outpost(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run outpost")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
+use common::{outpost, stderr, stdout};
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 temp path")
@@ -39,6 +27,13 @@ fn assert_refused(out: &Output, expected: &str) {
         1,
         "{err}"
     );
+}
+
+/// `outpost module verify MODULE --trust TRUST EXTRA...`.
+fn verify(module: &Path, trust: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["module", "verify", s(module), "--trust", s(trust)];
+    args.extend_from_slice(extra);
+    outpost(&args)
 }
 
 /// Runs `keygen` into `dir` and returns (secret, public, key id).
@@ -118,7 +113,7 @@ fn keygen_sign_verify_round_trip() {
     let signed = dir.path().join("handler.wasm.signed");
     assert!(signed.is_file(), "default output FILE.signed");
 
-    let out = outpost(&["module", "verify", s(&signed), "--trust", s(&public)]);
+    let out = verify(&signed, &public, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let printed = stdout(&out);
     assert!(printed.contains("verified"), "{printed}");
@@ -148,37 +143,15 @@ fn keygen_sign_verify_round_trip() {
     assert!(issued.contains('T') && issued.contains("Z ("), "{issued:?}");
 
     // The expected name and version, given, must match.
-    let out = outpost(&[
-        "module",
-        "verify",
-        s(&signed),
-        "--trust",
-        s(&public),
-        "--name",
-        "enrich",
-        "--version",
-        "1.2.0",
-    ]);
+    let out = verify(
+        &signed,
+        &public,
+        &["--name", "enrich", "--version", "1.2.0"],
+    );
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = outpost(&[
-        "module",
-        "verify",
-        s(&signed),
-        "--trust",
-        s(&public),
-        "--name",
-        "threshold",
-    ]);
+    let out = verify(&signed, &public, &["--name", "threshold"]);
     assert_refused(&out, "signed as \"enrich\", not \"threshold\"");
-    let out = outpost(&[
-        "module",
-        "verify",
-        s(&signed),
-        "--trust",
-        s(&public),
-        "--version",
-        "1.3.0",
-    ]);
+    let out = verify(&signed, &public, &["--version", "1.3.0"]);
     assert_refused(&out, "version \"1.2.0\", not \"1.3.0\"");
 
     // --out, and the same module signed twice verifies the same way.
@@ -186,7 +159,7 @@ fn keygen_sign_verify_round_trip() {
     std::fs::create_dir(dir.path().join("out")).unwrap();
     let out = sign(&file, &secret, "enrich", "1.2.0", Some(&other));
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = outpost(&["module", "verify", s(&other), "--trust", s(&public)]);
+    let out = verify(&other, &public, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
@@ -199,7 +172,7 @@ fn verify_refuses_an_untrusted_key() {
     let file = module(dir.path());
     assert!(sign(&file, &secret, "enrich", "1", None).status.success());
     let signed = dir.path().join("handler.wasm.signed");
-    let out = outpost(&["module", "verify", s(&signed), "--trust", s(&trusted)]);
+    let out = verify(&signed, &trusted, &[]);
     assert_refused(&out, "not trusted");
     let err = stderr(&out);
     assert!(
@@ -223,12 +196,12 @@ fn verify_refuses_a_tampered_module() {
     bytes[i] ^= 0x01;
     let tampered = dir.path().join("tampered.signed");
     std::fs::write(&tampered, &bytes).unwrap();
-    let out = outpost(&["module", "verify", s(&tampered), "--trust", s(&public)]);
+    let out = verify(&tampered, &public, &[]);
     assert_refused(&out, "module bytes were modified");
 
     // Truncated.
     std::fs::write(&tampered, &original[..original.len() - 10]).unwrap();
-    let out = outpost(&["module", "verify", s(&tampered), "--trust", s(&public)]);
+    let out = verify(&tampered, &public, &[]);
     assert_refused(&out, "truncated");
 
     // Renamed in the header: the signature does not cover "threshold".
@@ -241,11 +214,11 @@ fn verify_refuses_a_tampered_module() {
     renamed.extend_from_slice(b"\"enrich2\"");
     renamed.extend_from_slice(&text[at + 8..]);
     std::fs::write(&tampered, &renamed).unwrap();
-    let out = outpost(&["module", "verify", s(&tampered), "--trust", s(&public)]);
+    let out = verify(&tampered, &public, &[]);
     assert_refused(&out, "is not valid for module \"enrich2\"");
 
     // Not a signed module at all.
-    let out = outpost(&["module", "verify", s(&file), "--trust", s(&public)]);
+    let out = verify(&file, &public, &[]);
     assert_refused(&out, "not a signed outpost module");
 }
 

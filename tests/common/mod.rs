@@ -663,6 +663,26 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
     path
 }
 
+/// Runs `outpost <args>` to its end with `RUST_LOG=warn` (only warnings and errors logged,
+/// so that a command's own lines are all there is besides them).
+pub fn outpost(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run outpost")
+}
+
+/// What a command printed on its standard output.
+pub fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// What a command printed on its standard error.
+pub fn stderr(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// `outpost passwd FILE USER` with `password` on its standard input.
 pub fn outpost_passwd(file: &Path, user: &str, password: &str) -> std::process::Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_outpost"))
