@@ -346,18 +346,35 @@ async fn fake_gateway(port: u16, gateway: &'static str, ok: bool) -> rumqttc::As
     client
 }
 
+/// A broker (the harness's upstream; no gateway runs) with [`fake_gateway`] `a` answering
+/// every request with success.
+async fn broker_with_gateway_a() -> (Harness, rumqttc::AsyncClient) {
+    let h = Harness::builder().upstream().build().await;
+    let a = fake_gateway(h.upstream.port, "a", true).await;
+    (h, a)
+}
+
+/// The module `celsius` (the bytes `\0asm`) at `version`, signed by the key made from `seed`.
+fn celsius(
+    seed: u8,
+    version: &str,
+) -> (outpost::signing::SigningKey, outpost::signing::SignedModule) {
+    let key = outpost::signing::SigningKey::from_bytes(&[seed; 32]);
+    let module =
+        outpost::signing::SignedModule::sign(&key, "celsius", version, 1, b"\0asm".to_vec())
+            .unwrap();
+    (key, module)
+}
+
 #[tokio::test]
 async fn module_client_matches_statuses_to_its_requests() {
     use outpost::client::modules::{self as deploy_client, Request, Target};
-    use outpost::signing::{CommandOp, SignedCommand, SignedModule, SigningKey};
+    use outpost::signing::{CommandOp, SignedCommand};
     use std::time::Duration;
-    // The broker only: fake_gateway plays the gateways' side.
-    let h = Harness::builder().upstream().build().await;
+    let (h, _a) = broker_with_gateway_a().await;
     let broker = &h.upstream;
-    let _a = fake_gateway(broker.port, "a", true).await;
     let _b = fake_gateway(broker.port, "b", false).await;
-    let key = SigningKey::from_bytes(&[7; 32]);
-    let module = SignedModule::sign(&key, "celsius", "1.0.0", 1, b"\0asm".to_vec()).unwrap();
+    let (key, module) = celsius(7, "1.0.0");
     let wait = Duration::from_secs(10);
 
     let gateway = Target::gateway("a").unwrap();
@@ -410,13 +427,9 @@ async fn module_client_matches_statuses_to_its_requests() {
 #[tokio::test]
 async fn a_retained_fleet_deploy_stays_on_the_broker_for_later_gateways() {
     use outpost::client::modules::{self as deploy_client, Request, Target};
-    use outpost::signing::{SignedModule, SigningKey};
-    // The broker only: fake_gateway plays the gateways' side.
-    let h = Harness::builder().upstream().build().await;
+    let (h, _a) = broker_with_gateway_a().await;
     let broker = &h.upstream;
-    let _a = fake_gateway(broker.port, "a", true).await;
-    let key = SigningKey::from_bytes(&[9; 32]);
-    let module = SignedModule::sign(&key, "celsius", "2.0.0", 1, b"\0asm".to_vec()).unwrap();
+    let (_, module) = celsius(9, "2.0.0");
     let fleet = Target::fleet(deploy_client::DEFAULT_FLEET_PREFIX, "north").unwrap();
     let request = Request::deploy_module(fleet, &module).retained().unwrap();
     // Returns once gateway a answered (it was subscribed already).
