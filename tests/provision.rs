@@ -43,6 +43,40 @@ fn provision(root: &Path) -> Output {
         .expect("run outpost-provision")
 }
 
+/// Runs the script on `root`, which must succeed.
+fn provisioned(root: &Path) {
+    let out = provision(root);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Asserts that the board's `/etc/outpost/outpost.toml` has each of `lines`.
+fn assert_config_has(root: &Path, lines: &[&str]) {
+    let config = read(root, "etc/outpost/outpost.toml");
+    for line in lines {
+        assert!(config.contains(line), "{line} not in:\n{config}");
+    }
+}
+
+/// Asserts that the board's `/etc/outpost/outpost.toml` passes `outpost config check`.
+fn assert_config_checks(root: &Path) {
+    let check = Command::new(env!("CARGO_BIN_EXE_outpost"))
+        .args(["config", "check"])
+        .arg(root.join("etc/outpost/outpost.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+}
+
 fn read(root: &Path, path: &str) -> String {
     std::fs::read_to_string(root.join(path)).unwrap_or_default()
 }
@@ -77,24 +111,18 @@ fn a_provision_file_becomes_a_checked_configuration() {
         ("keys/ops.pub", &key),
         ("tls/ca.pem", "-----BEGIN CERTIFICATE-----\n"),
     ]);
-    let out = provision(root.path());
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    provisioned(root.path());
+    assert_config_has(
+        root.path(),
+        &[
+            "gateway_id = \"truck-17\"",
+            "url = \"mqtt://broker.example:8883\"",
+            "listen = [\"0.0.0.0:1883\"]",
+            "password_file = \"passwords\"",
+            "groups = [\"trucks\", \"eu\"]",
+            "trusted_keys = [\"keys/ops.pub\"]",
+        ],
     );
-    let config = read(root.path(), "etc/outpost/outpost.toml");
-    for line in [
-        "gateway_id = \"truck-17\"",
-        "url = \"mqtt://broker.example:8883\"",
-        "listen = [\"0.0.0.0:1883\"]",
-        "password_file = \"passwords\"",
-        "groups = [\"trucks\", \"eu\"]",
-        "trusted_keys = [\"keys/ops.pub\"]",
-    ] {
-        assert!(config.contains(line), "{line} not in:\n{config}");
-    }
     assert_eq!(read(root.path(), "etc/outpost/keys/ops.pub"), key);
     assert!(root.path().join("etc/outpost/tls/ca.pem").exists());
     // The device logins: copied, readable by their owner only.
@@ -114,16 +142,7 @@ fn a_provision_file_becomes_a_checked_configuration() {
         .join("boot/firmware/outpost/provision.env.done")
         .exists());
     // The result passes the gateway's own check, keys included.
-    let check = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["config", "check"])
-        .arg(root.path().join("etc/outpost/outpost.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}",
-        String::from_utf8_lossy(&check.stderr)
-    );
+    assert_config_checks(root.path());
     // Nothing left to do on the next boot.
     let again = provision(root.path());
     assert!(again.status.success());
@@ -147,25 +166,19 @@ fn tls_files_on_the_boot_partition_configure_the_uplink() {
         ("tls/client.key", &client.key),
         ("tls/password", "s3cret\n"),
     ]);
-    let out = provision(root.path());
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    provisioned(root.path());
+    assert_config_has(
+        root.path(),
+        &[
+            "url = \"mqtts://iot.example.com:443\"",
+            "cafile = \"tls/ca.pem\"",
+            "certfile = \"tls/client.pem\"",
+            "keyfile = \"tls/client.key\"",
+            "username = \"truck-17\"",
+            "password_file = \"tls/password\"",
+            "alpn = [\"x-amzn-mqtt-ca\"]",
+        ],
     );
-    let config = read(root.path(), "etc/outpost/outpost.toml");
-    for line in [
-        "url = \"mqtts://iot.example.com:443\"",
-        "cafile = \"tls/ca.pem\"",
-        "certfile = \"tls/client.pem\"",
-        "keyfile = \"tls/client.key\"",
-        "username = \"truck-17\"",
-        "password_file = \"tls/password\"",
-        "alpn = [\"x-amzn-mqtt-ca\"]",
-    ] {
-        assert!(config.contains(line), "{line} not in:\n{config}");
-    }
     let mode = |name: &str| {
         std::fs::metadata(root.path().join("etc/outpost/tls").join(name))
             .unwrap()
@@ -177,17 +190,7 @@ fn tls_files_on_the_boot_partition_configure_the_uplink() {
     assert_eq!(mode("password"), 0o600);
     assert_eq!(mode("client.pem"), 0o644);
     assert_eq!(mode("ca.pem"), 0o644);
-    let check = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["config", "check"])
-        .arg(root.path().join("etc/outpost/outpost.toml"))
-        .output()
-        .unwrap();
-    assert!(
-        check.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&check.stdout),
-        String::from_utf8_lossy(&check.stderr)
-    );
+    assert_config_checks(root.path());
 
     // A client certificate without its key is refused, and so is a password without a user.
     for (env, files, reason) in [
@@ -264,12 +267,7 @@ fn allow_anonymous_is_written_when_asked_for() {
         "provision.env",
         "GATEWAY_ID=t17\nUPSTREAM_URL=mqtt://b:1883\nLISTEN=0.0.0.0:1883\nALLOW_ANONYMOUS=true\n",
     )]);
-    let out = provision(root.path());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    provisioned(root.path());
     let config = read(root.path(), "etc/outpost/outpost.toml");
     assert!(
         config.contains("listen = [\"0.0.0.0:1883\"]\nallow_anonymous = true\n"),
