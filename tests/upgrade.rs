@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{eventually, Gateway, Mosquitto, Subscriber};
+use common::{eventually, Harness, Subscriber};
 
 /// Copies a directory's files (the fixture has no subdirectories).
 fn copy_files(from: &Path, to: &Path) {
@@ -31,36 +31,25 @@ fn payloads_on(received: &[(String, Vec<u8>)], topic: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_written_by_the_previous_version_opens_and_drains() {
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/upgrade");
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "upgrade-sub", "#").await;
-
     let passthrough = outpost::handlers::examples::guest_path("passthrough");
     let template = std::fs::read_to_string(fixture.join("outpost.toml")).expect("template");
     let config = template
         .replace("@LATER@", &format!("path = \"{}\"", passthrough.display()))
         .replace("@SLOW@", &passthrough.display().to_string());
-    let config_path = dir.path().join("outpost.toml");
-    std::fs::write(&config_path, config).expect("write the config");
-
-    let mut gateway = Gateway::new(
-        dir.path(),
-        &[
-            "--config",
-            config_path.to_str().unwrap(),
-            "--upstream",
-            &upstream.url(),
-        ],
-    );
-    copy_files(&fixture.join("data"), &gateway.data);
-    gateway.start();
+    let mut h = Harness::builder()
+        .subscriber_as("upgrade-sub", "#")
+        .config(&config)
+        .upstream_arg()
+        .build()
+        .await;
+    copy_files(&fixture.join("data"), &h.gateway.data);
+    h.gateway.start();
 
     // Everything the old version had queued reaches the upstream: the outbox rows, the held
     // events now that their module has a file, and the lane queue of the running module.
-    eventually("12 messages upstream", || subscriber.received.len() >= 12).await;
-    eventually("outbox drained", || gateway.outbox_depth() == 0).await;
-    let received = subscriber.received.all();
+    eventually("12 messages upstream", || h.received.len() >= 12).await;
+    eventually("outbox drained", || h.gateway.outbox_depth() == 0).await;
+    let received = h.received.all();
     assert_eq!(
         payloads_on(&received, "plain/d1/env"),
         ["p-1", "p-2", "p-3", "p-4", "p-5"]
@@ -76,7 +65,8 @@ async fn a_database_written_by_the_previous_version_opens_and_drains() {
     assert_eq!(received.len(), 12, "nothing else upstream: {received:?}");
 
     // The dead letters are still there, with their reason, route and payload.
-    let dead: Vec<(String, String, String, Vec<u8>)> = gateway
+    let dead: Vec<(String, String, String, Vec<u8>)> = h
+        .gateway
         .dead_letter_rows()
         .into_iter()
         .map(|d| (d.route, d.reason, d.topic, d.payload))
@@ -101,17 +91,17 @@ async fn a_database_written_by_the_previous_version_opens_and_drains() {
 
     // The broker's kept session gets the message queued for it, and the retained message is
     // still retained.
-    let keeper = Subscriber::connect(gateway.port, "keeper", "local/#").await;
+    let keeper = Subscriber::connect(h.gateway.port, "keeper", "local/#").await;
     eventually("the kept session's message", || keeper.received.len() >= 1).await;
     assert_eq!(
         keeper.received.all(),
         [("local/x".to_string(), b"kept-1".to_vec())]
     );
-    let late = Subscriber::connect(gateway.port, "late", "retained/#").await;
+    let late = Subscriber::connect(h.gateway.port, "late", "retained/#").await;
     eventually("the retained message", || late.received.len() >= 1).await;
     assert_eq!(
         late.received.all(),
         [("retained/x".to_string(), b"r-1".to_vec())]
     );
-    assert!(gateway.stop(), "gateway exits 0 on SIGTERM");
+    assert!(h.gateway.stop(), "gateway exits 0 on SIGTERM");
 }
