@@ -248,9 +248,6 @@ async fn listen_v5_still_works_for_both_versions() {
 /// a 3.1.1 and an MQTT 5 subscriber on that port and the upstream each get both publishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_listener_serves_3_1_1_and_5() {
-    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
-    use rumqttc::v5::{mqttbytes::QoS as QoS5, AsyncClient as Client5, Event as Event5};
-
     let h = Harness::builder()
         .subscriber("#")
         .upstream_arg()
@@ -259,36 +256,13 @@ async fn one_listener_serves_3_1_1_and_5() {
 
     let local_v4 = Subscriber::connect(h.gateway.port, "local-v4", "telemetry/#").await;
     let options = rumqttc::v5::MqttOptions::new("local-v5", "127.0.0.1", h.gateway.port);
-    let (client5, mut eventloop5) = Client5::new(options, 16);
-    client5
-        .subscribe("telemetry/#", QoS5::AtLeastOnce)
-        .await
-        .unwrap();
-    let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
     let received_v5 = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let sink = received_v5.clone();
-    let driver = tokio::spawn(async move {
-        let mut subscribed_tx = Some(subscribed_tx);
-        loop {
-            match eventloop5.poll().await {
-                Ok(Event5::Incoming(Packet5::SubAck(_))) => {
-                    if let Some(tx) = subscribed_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(Event5::Incoming(Packet5::Publish(p))) => {
-                    let topic = String::from_utf8_lossy(&p.topic).to_string();
-                    sink.lock().unwrap().push((topic, p.payload.to_vec()));
-                }
-                Ok(_) => {}
-                Err(e) => panic!("the MQTT 5 subscriber lost its connection: {e}"),
-            }
-        }
-    });
-    tokio::time::timeout(common::PATIENCE, subscribed_rx)
-        .await
-        .expect("SUBACK for the MQTT 5 subscriber on the shared listener")
-        .unwrap();
+    let (_client5, driver) = common::subscribe_v5_with(options, "telemetry/#", move |p| {
+        let topic = String::from_utf8_lossy(&p.topic).to_string();
+        sink.lock().unwrap().push((topic, p.payload.to_vec()));
+    })
+    .await;
 
     let device = Device::connect(h.gateway.port, "dev-v4").await;
     device.publish("telemetry/dev-v4/env", r#"{"v":4}"#).await;

@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{eventually, Device, Harness, Message, PATIENCE};
+use common::{eventually, Device, Harness, Message};
 
 /// Not JSON, not UTF-8.
 const BINARY: &[u8] = &[0x00, 0xff, 0xfe, 0x80, b'h', b'i', 0x01];
@@ -46,48 +46,21 @@ struct V5Subscriber {
 
 impl V5Subscriber {
     async fn connect(port: u16, id: &str, filter: &str) -> V5Subscriber {
-        use rumqttc::v5::mqttbytes::v5::Packet;
-        use rumqttc::v5::mqttbytes::QoS;
-        use rumqttc::v5::{AsyncClient, Event, MqttOptions};
-
-        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        let mut options = rumqttc::v5::MqttOptions::new(id, "127.0.0.1", port);
         options.set_keep_alive(Duration::from_secs(30));
-        let (client, mut eventloop) = AsyncClient::new(options, 64);
-        client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .await
-            .expect("queue subscribe");
         let received = Arc::new(Mutex::new(Vec::new()));
         let sink = received.clone();
-        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
-        let mut subscribed_tx = Some(subscribed_tx);
-        let driver = tokio::spawn(async move {
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::Publish(p))) => {
-                        sink.lock().unwrap().push(V5Message {
-                            topic: String::from_utf8_lossy(&p.topic).into_owned(),
-                            payload: p.payload.to_vec(),
-                            user_properties: p
-                                .properties
-                                .map(|props| props.user_properties)
-                                .unwrap_or_default(),
-                        });
-                    }
-                    Ok(Event::Incoming(Packet::SubAck(_))) => {
-                        if let Some(tx) = subscribed_tx.take() {
-                            let _ = tx.send(());
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        });
-        tokio::time::timeout(PATIENCE, subscribed_rx)
-            .await
-            .expect("SUBACK in time")
-            .expect("subscriber alive");
+        let (client, driver) = common::subscribe_v5_with(options, filter, move |p| {
+            sink.lock().unwrap().push(V5Message {
+                topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                payload: p.payload.to_vec(),
+                user_properties: p
+                    .properties
+                    .map(|props| props.user_properties)
+                    .unwrap_or_default(),
+            });
+        })
+        .await;
         V5Subscriber {
             received,
             _client: client,

@@ -642,6 +642,50 @@ pub async fn subscribe_with(
     (client, driver)
 }
 
+/// [`subscribe_with`] for an MQTT 5 client (rumqttc's v5 client): subscribes to `filter`
+/// with QoS 1 and waits for the SUBACK; every PUBLISH that arrives then goes to `on_publish`,
+/// with its properties. A connection error is printed (the test's output says why a later
+/// wait timed out) and the client reconnects.
+pub async fn subscribe_v5_with(
+    options: rumqttc::v5::MqttOptions,
+    filter: &str,
+    mut on_publish: impl FnMut(rumqttc::v5::mqttbytes::v5::Publish) + Send + 'static,
+) -> (rumqttc::v5::AsyncClient, tokio::task::JoinHandle<()>) {
+    use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
+    use rumqttc::v5::Event as Event5;
+
+    let id = options.client_id();
+    let (client, mut eventloop) = rumqttc::v5::AsyncClient::new(options, 64);
+    let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+    let mut subscribed_tx = Some(subscribed_tx);
+    client
+        .subscribe(filter, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .expect("queue subscribe");
+    let driver = tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event5::Incoming(Packet5::Publish(p))) => on_publish(p),
+                Ok(Event5::Incoming(Packet5::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("MQTT 5 subscriber {id}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    });
+    tokio::time::timeout(PATIENCE, subscribed_rx)
+        .await
+        .expect("SUBACK in time")
+        .expect("subscriber alive");
+    (client, driver)
+}
+
 impl Drop for Subscriber {
     fn drop(&mut self) {
         self.driver.abort();
