@@ -38,16 +38,43 @@ fn wait_for_port(port: u16) {
     common::net::wait_for_port(port, common::PATIENCE);
 }
 
+/// Mosquitto in `dir` with `listeners` added to its configuration, started, once each of
+/// `tls_ports` listens too; and a subscriber `sub` on `telemetry/#` on its plain port.
+async fn upstream_with(dir: &Path, listeners: &str, tls_ports: &[u16]) -> (Mosquitto, Subscriber) {
+    let mut mosquitto = Mosquitto::with_config(dir, listeners);
+    mosquitto.start();
+    for &port in tls_ports {
+        wait_for_port(port);
+    }
+    let subscriber = Subscriber::connect(mosquitto.port, "sub", "telemetry/#").await;
+    (mosquitto, subscriber)
+}
+
 /// Mosquitto in `dir` with a TLS listener on a free port (the files of `dir`, see
 /// [`tls_listener`]), started, and a subscriber `sub` on `telemetry/#` on its plain port; and
 /// the TLS port.
 async fn tls_upstream(dir: &Path, require_certificate: bool) -> (Mosquitto, u16, Subscriber) {
     let port = common::free_port();
-    let mut mosquitto = Mosquitto::with_config(dir, &tls_listener(port, dir, require_certificate));
-    mosquitto.start();
-    wait_for_port(port);
-    let subscriber = Subscriber::connect(mosquitto.port, "sub", "telemetry/#").await;
+    let listener = tls_listener(port, dir, require_certificate);
+    let (mosquitto, subscriber) = upstream_with(dir, &listener, &[port]).await;
     (mosquitto, port, subscriber)
+}
+
+/// The CA `upstream ca` in `dir/ca.pem`, and the server's certificate from it for `hosts`,
+/// valid as `validity` says, in `dir/server.pem` and `dir/server.key` (see [`tls_listener`]).
+fn upstream_pki(dir: &Path, hosts: &[&str], validity: Validity) -> Ca {
+    let ca = Ca::new("upstream ca");
+    write_file(&dir.join("ca.pem"), &ca.pem(), 0o644);
+    write_leaf(dir, "server", &ca.leaf("upstream", hosts, false, validity));
+    ca
+}
+
+/// The upstream's operator replaces its server certificate: Mosquitto is stopped, the new one
+/// written, and Mosquitto started again.
+fn renew_server_certificate(mosquitto: &mut Mosquitto, dir: &Path, leaf: &Leaf) {
+    mosquitto.stop();
+    write_leaf(dir, "server", leaf);
+    mosquitto.start();
 }
 
 /// The gateway's configuration: one upstream `cloud` with `upstream` as the rest of its table,
@@ -62,6 +89,14 @@ fn gateway(dir: &Path, id: &str, upstream: &str) -> Gateway {
     );
     let config = config.display().to_string();
     Gateway::new(dir, &["--config", &config])
+}
+
+/// [`gateway`] `gw` in `dir`, started, and a reader of its metrics.
+async fn tls_gateway(dir: &Path, upstream: &str) -> (Gateway, Metrics) {
+    let mut gw = gateway(dir, "gw", upstream);
+    gw.start();
+    let metrics = Metrics::connect(&gw).await;
+    (gw, metrics)
 }
 
 /// The gateway's published metrics, newest last.
@@ -132,6 +167,16 @@ fn assert_complete_in_order(got: &[u64], range: std::ops::Range<u64>) {
     assert_eq!(firsts, expected, "complete and in order");
 }
 
+/// Waits until `n` readings of device `d1` are upstream, and checks that `0..n` arrived
+/// complete and in order.
+async fn delivered_in_order(received: &common::Received, n: u64) {
+    eventually(&format!("{n} messages upstream"), || {
+        received.len() >= n as usize
+    })
+    .await;
+    assert_complete_in_order(&seqs(received, "d1"), 0..n);
+}
+
 /// Waits until the outbox holds `n` rows: what was acknowledged waits for the upstream.
 async fn wait_queued(gateway: &Gateway, n: u64) {
     eventually(&format!("{n} rows queued in the outbox"), || {
@@ -164,18 +209,13 @@ async fn mutual_tls_and_passwords_deliver_on_both_protocols() {
     );
     write_mosquitto_passwords(&pki, "gateway", "s3cret pass");
     let (mtls_port, password_port) = (common::free_port(), common::free_port());
-    let mut mosquitto = Mosquitto::with_config(
-        tmp.path(),
-        &format!(
-            "{}{}",
-            tls_listener(mtls_port, &pki, true),
-            tls_listener(password_port, &pki, false)
-        ),
+    let listeners = format!(
+        "{}{}",
+        tls_listener(mtls_port, &pki, true),
+        tls_listener(password_port, &pki, false)
     );
-    mosquitto.start();
-    wait_for_port(mtls_port);
-    wait_for_port(password_port);
-    let subscriber = Subscriber::connect(mosquitto.port, "sub", "telemetry/#").await;
+    let (mut mosquitto, subscriber) =
+        upstream_with(tmp.path(), &listeners, &[mtls_port, password_port]).await;
 
     let cases = [
         ("mtls-v311", "localhost", mtls_port, "3.1.1"),
@@ -233,29 +273,21 @@ async fn mutual_tls_and_passwords_deliver_on_both_protocols() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_ca_waits_then_delivers_when_the_cafile_is_fixed_on_disk() {
     let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new("upstream ca");
     let other = Ca::new("some other ca");
     let dir = tmp.path();
-    write_file(&dir.join("ca.pem"), &ca.pem(), 0o644);
-    write_leaf(
-        dir,
-        "server",
-        &ca.leaf("upstream", &["localhost"], false, Validity::Valid),
-    );
+    let ca = upstream_pki(dir, &["localhost"], Validity::Valid);
     write_leaf(dir, "client", &ca.leaf("gw", &[], true, Validity::Valid));
     let (_mosquitto, port, subscriber) = tls_upstream(dir, true).await;
 
     // The gateway trusts the wrong CA.
     write_file(&dir.join("gateway-ca.pem"), &other.pem(), 0o644);
-    let mut gw = gateway(
+    let (mut gw, metrics) = tls_gateway(
         dir,
-        "gw",
         &format!(
             "url = \"mqtts://localhost:{port}\"\ncafile = \"gateway-ca.pem\"\ncertfile = \"client.pem\"\nkeyfile = \"client.key\"\n"
         ),
-    );
-    gw.start();
-    let metrics = Metrics::connect(&gw).await;
+    )
+    .await;
     let _device = publish(&gw, "d1", 0, 50).await;
     let link = metrics.wait_for_cause("tls-unknown-ca").await;
     assert!(
@@ -276,8 +308,7 @@ async fn unknown_ca_waits_then_delivers_when_the_cafile_is_fixed_on_disk() {
 
     // The operator puts the right CA in place; the gateway sees it on disk.
     write_file(&dir.join("gateway-ca.pem"), &ca.pem(), 0o644);
-    eventually("50 messages upstream", || subscriber.received.len() >= 50).await;
-    assert_complete_in_order(&seqs(&subscriber.received, "d1"), 0..50);
+    delivered_in_order(&subscriber.received, 50).await;
     assert!(
         gw.log().contains("credential files reloaded"),
         "{}",
@@ -289,27 +320,19 @@ async fn unknown_ca_waits_then_delivers_when_the_cafile_is_fixed_on_disk() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_client_certificate_waits_then_delivers_after_sighup_with_a_good_one() {
     let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new("upstream ca");
     let rogue = Ca::new("a ca the upstream does not trust");
     let dir = tmp.path();
-    write_file(&dir.join("ca.pem"), &ca.pem(), 0o644);
-    write_leaf(
-        dir,
-        "server",
-        &ca.leaf("upstream", &["127.0.0.1"], false, Validity::Valid),
-    );
+    let ca = upstream_pki(dir, &["127.0.0.1"], Validity::Valid);
     let (_mosquitto, port, subscriber) = tls_upstream(dir, true).await;
 
     write_leaf(dir, "client", &rogue.leaf("gw", &[], true, Validity::Valid));
-    let mut gw = gateway(
+    let (gw, metrics) = tls_gateway(
         dir,
-        "gw",
         &format!(
             "url = \"mqtts://127.0.0.1:{port}\"\ncafile = \"ca.pem\"\ncertfile = \"client.pem\"\nkeyfile = \"client.key\"\nprotocol = \"5\"\n"
         ),
-    );
-    gw.start();
-    let metrics = Metrics::connect(&gw).await;
+    )
+    .await;
     let _device = publish(&gw, "d1", 0, 40).await;
     let link = metrics
         .wait_for_cause("tls-client-certificate-refused")
@@ -345,8 +368,7 @@ async fn refused_client_certificate_waits_then_delivers_after_sighup_with_a_good
     assert!(gw.log().contains("keeps the ones it has"), "{}", gw.log());
     write_file(&dir.join("client.pem"), &good.cert, 0o644);
     gw.reload();
-    eventually("40 messages upstream", || subscriber.received.len() >= 40).await;
-    assert_complete_in_order(&seqs(&subscriber.received, "d1"), 0..40);
+    delivered_in_order(&subscriber.received, 40).await;
     eventually("the reload is counted", || {
         metrics.link()["credential_reloads"].as_u64() >= Some(1)
     })
@@ -356,27 +378,19 @@ async fn refused_client_certificate_waits_then_delivers_after_sighup_with_a_good
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_password_waits_then_delivers_when_the_password_file_is_fixed() {
     let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new("upstream ca");
     let dir = tmp.path();
-    write_file(&dir.join("ca.pem"), &ca.pem(), 0o644);
-    write_leaf(
-        dir,
-        "server",
-        &ca.leaf("upstream", &["localhost"], false, Validity::Valid),
-    );
+    upstream_pki(dir, &["localhost"], Validity::Valid);
     write_mosquitto_passwords(dir, "gateway", "right");
     let (_mosquitto, port, subscriber) = tls_upstream(dir, false).await;
 
     write_file(&dir.join("password"), "wrong\n", 0o600);
-    let mut gw = gateway(
+    let (gw, metrics) = tls_gateway(
         dir,
-        "gw",
         &format!(
             "url = \"mqtts://localhost:{port}\"\ncafile = \"ca.pem\"\nusername = \"gateway\"\npassword_file = \"password\"\n"
         ),
-    );
-    gw.start();
-    let metrics = Metrics::connect(&gw).await;
+    )
+    .await;
     let _device = publish(&gw, "d1", 0, 30).await;
     // Mosquitto 2.0 answers a wrong password with "not authorised" (0x05), not with "bad
     // user name or password" (0x04); both name the credentials to check.
@@ -391,33 +405,24 @@ async fn refused_password_waits_then_delivers_when_the_password_file_is_fixed() 
     wait_queued(&gw, 30).await;
 
     write_file(&dir.join("password"), "right\n", 0o600);
-    eventually("30 messages upstream", || subscriber.received.len() >= 30).await;
-    assert_complete_in_order(&seqs(&subscriber.received, "d1"), 0..30);
+    delivered_in_order(&subscriber.received, 30).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_and_not_yet_valid_server_certificates_wait_then_deliver_once_renewed() {
     let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new("upstream ca");
     let dir = tmp.path();
-    write_file(&dir.join("ca.pem"), &ca.pem(), 0o644);
-    write_leaf(
-        dir,
-        "server",
-        &ca.leaf("upstream", &["localhost"], false, Validity::Expired),
-    );
+    let ca = upstream_pki(dir, &["localhost"], Validity::Expired);
     write_leaf(dir, "client", &ca.leaf("gw", &[], true, Validity::Valid));
     let (mut mosquitto, port, subscriber) = tls_upstream(dir, true).await;
 
-    let mut gw = gateway(
+    let (gw, metrics) = tls_gateway(
         dir,
-        "gw",
         &format!(
             "url = \"mqtts://localhost:{port}\"\ncafile = \"ca.pem\"\ncertfile = \"client.pem\"\nkeyfile = \"client.key\"\nprotocol = \"5\"\n"
         ),
-    );
-    gw.start();
-    let metrics = Metrics::connect(&gw).await;
+    )
+    .await;
     let _device = publish(&gw, "d1", 0, 20).await;
     let link = metrics.wait_for_cause("tls-expired").await;
     assert!(
@@ -426,13 +431,11 @@ async fn expired_and_not_yet_valid_server_certificates_wait_then_deliver_once_re
     );
 
     // The upstream's operator renews it, too early.
-    mosquitto.stop();
-    write_leaf(
+    renew_server_certificate(
+        &mut mosquitto,
         dir,
-        "server",
         &ca.leaf("upstream", &["localhost"], false, Validity::NotYetValid),
     );
-    mosquitto.start();
     let link = metrics.wait_for_cause("tls-not-yet-valid").await;
     assert!(
         link["last_error"]
@@ -446,41 +449,30 @@ async fn expired_and_not_yet_valid_server_certificates_wait_then_deliver_once_re
     assert!(failures["tls-expired"].as_u64() >= Some(1), "{link}");
 
     // And then properly: the gateway, never restarted, delivers.
-    mosquitto.stop();
-    write_leaf(
+    renew_server_certificate(
+        &mut mosquitto,
         dir,
-        "server",
         &ca.leaf("upstream", &["localhost"], false, Validity::Valid),
     );
-    mosquitto.start();
-    eventually("20 messages upstream", || subscriber.received.len() >= 20).await;
-    assert_complete_in_order(&seqs(&subscriber.received, "d1"), 0..20);
+    delivered_in_order(&subscriber.received, 20).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_host_name_waits_then_delivers_once_the_certificate_names_the_host() {
     let tmp = tempfile::tempdir().unwrap();
-    let ca = Ca::new("upstream ca");
     let dir = tmp.path();
-    write_file(&dir.join("ca.pem"), &ca.pem(), 0o644);
-    write_leaf(
-        dir,
-        "server",
-        &ca.leaf("upstream", &["broker.example.com"], false, Validity::Valid),
-    );
+    let ca = upstream_pki(dir, &["broker.example.com"], Validity::Valid);
     write_leaf(dir, "client", &ca.leaf("gw", &[], true, Validity::Valid));
     let (mut mosquitto, port, subscriber) = tls_upstream(dir, true).await;
 
     // By IP address: the certificate has no IP SAN for it.
-    let mut gw = gateway(
+    let (gw, metrics) = tls_gateway(
         dir,
-        "gw",
         &format!(
             "url = \"mqtts://127.0.0.1:{port}\"\ncafile = \"ca.pem\"\ncertfile = \"client.pem\"\nkeyfile = \"client.key\"\n"
         ),
-    );
-    gw.start();
-    let metrics = Metrics::connect(&gw).await;
+    )
+    .await;
     let _device = publish(&gw, "d1", 0, 20).await;
     let link = metrics.wait_for_cause("tls-wrong-host").await;
     let said = link["last_error"].as_str().unwrap().to_string();
@@ -490,10 +482,9 @@ async fn wrong_host_name_waits_then_delivers_once_the_certificate_names_the_host
     );
     wait_queued(&gw, 20).await;
 
-    mosquitto.stop();
-    write_leaf(
+    renew_server_certificate(
+        &mut mosquitto,
         dir,
-        "server",
         &ca.leaf(
             "upstream",
             &["broker.example.com", "127.0.0.1"],
@@ -501,9 +492,7 @@ async fn wrong_host_name_waits_then_delivers_once_the_certificate_names_the_host
             Validity::Valid,
         ),
     );
-    mosquitto.start();
-    eventually("20 messages upstream", || subscriber.received.len() >= 20).await;
-    assert_complete_in_order(&seqs(&subscriber.received, "d1"), 0..20);
+    delivered_in_order(&subscriber.received, 20).await;
 }
 
 /// A TLS front for Mosquitto's plain listener that, like AWS IoT Core on port 443, accepts
@@ -588,23 +577,19 @@ async fn alpn_is_offered_and_no_common_protocol_waits_then_delivers_once_accepte
     let ca = Ca::new("upstream ca");
     let dir = tmp.path();
     write_file(&dir.join("ca.pem"), &ca.pem(), 0o644);
-    let mut mosquitto = Mosquitto::new(dir);
-    mosquitto.start();
-    let subscriber = Subscriber::connect(mosquitto.port, "sub", "telemetry/#").await;
+    let (mosquitto, subscriber) = upstream_with(dir, "", &[]).await;
     let server = ca.leaf("iot", &["localhost"], false, Validity::Valid);
     // AWS IoT Core's protocol for certificates on port 443; the gateway offers "mqtt".
     let front = AlpnFront::start(&server, mosquitto.port, &["x-amzn-mqtt-ca"]).await;
 
-    let mut gw = gateway(
+    let (gw, metrics) = tls_gateway(
         dir,
-        "gw",
         &format!(
             "url = \"mqtts://localhost:{}\"\ncafile = \"ca.pem\"\nalpn = [\"mqtt\"]\n",
             front.port
         ),
-    );
-    gw.start();
-    let metrics = Metrics::connect(&gw).await;
+    )
+    .await;
     let _device = publish(&gw, "d1", 0, 25).await;
     let link = metrics.wait_for_cause("tls-no-common-alpn").await;
     assert!(
@@ -616,8 +601,7 @@ async fn alpn_is_offered_and_no_common_protocol_waits_then_delivers_once_accepte
 
     // The upstream starts accepting "mqtt" too.
     front.accepted.lock().unwrap().push(b"mqtt".to_vec());
-    eventually("25 messages upstream", || subscriber.received.len() >= 25).await;
-    assert_complete_in_order(&seqs(&subscriber.received, "d1"), 0..25);
+    delivered_in_order(&subscriber.received, 25).await;
     assert_eq!(
         front.negotiated.lock().unwrap().last().map(String::as_str),
         Some("mqtt")
@@ -682,15 +666,13 @@ async fn certificate_rotation_under_load_loses_nothing() {
     );
     let (mut mosquitto, port, subscriber) = tls_upstream(dir, true).await;
 
-    let mut gw = gateway(
+    let (gw, metrics) = tls_gateway(
         dir,
-        "gw",
         &format!(
             "url = \"mqtts://localhost:{port}\"\ncafile = \"server-ca.pem\"\ncertfile = \"client.pem\"\nkeyfile = \"client.key\"\nprotocol = \"5\"\ninflight = 20\n"
         ),
-    );
-    gw.start();
-    let metrics = Metrics::connect(&gw).await;
+    )
+    .await;
 
     // Readings flow until the rotation is over (at most MAX of them, paced so that the
     // rotation happens while they flow).
