@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{eventually, write_config, Device, Gateway, Harness, Mosquitto, Received, Subscriber};
+use common::{eventually, Device, Harness, Received, Subscriber};
 use outpost::signing::{self, CommandOp, SignedCommand, SignedModule, SigningKey};
 use rumqttc::{AsyncClient, MqttOptions, QoS};
 use serde_json::Value;
@@ -555,26 +555,26 @@ async fn deploys_survive_a_restart_without_compiling_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_deploy_through_the_upstream_reaches_two_gateways() {
-    let dir = tempfile::tempdir().unwrap();
-    let (key, trusted) = keypair(dir.path(), "operator");
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "cloud-sub", "+/enriched/#").await;
-    let cloud =
-        Operator::connect(upstream.port, "cloud-operator", "outpost/+/modules/status").await;
-
-    let mut gateways = Vec::new();
-    for name in ["truck-1", "truck-2"] {
-        let gw_dir = dir.path().join(name);
-        std::fs::create_dir_all(&gw_dir).unwrap();
-        let file = write_config(
-            &gw_dir,
-            &config(name, &upstream.url(), &trusted, "groups = [\"trucks\"]"),
-        );
-        let mut gateway = Gateway::new(&gw_dir, &["--config", file.to_str().unwrap()]);
-        gateway.start();
-        gateways.push(gateway);
-    }
+    let setup = Harness::builder();
+    let (key, trusted) = keypair(setup.dir(), "operator");
+    let trucks =
+        |name: &str, upstream: &str| config(name, upstream, &trusted, "groups = [\"trucks\"]");
+    // truck-1 is the harness's gateway, truck-2 another one on the same upstream.
+    let mut h = setup
+        .subscriber_as("cloud-sub", "+/enriched/#")
+        .config_with(|url| trucks("truck-1", url))
+        .build()
+        .await;
+    let cloud = Operator::connect(
+        h.upstream.port,
+        "cloud-operator",
+        "outpost/+/modules/status",
+    )
+    .await;
+    let mut truck_2 = h.another_gateway("truck-2", &trucks("truck-2", &h.upstream.url()));
+    h.gateway.start();
+    truck_2.start();
+    let gateways = [&h.gateway, &truck_2];
     // Deploys published before a gateway subscribed are missed unless retained: publish it
     // retained, as `outpost module push --fleet --retain` does.
     let deploy = signed(&key, "proc", "fleet-1", &guest("enrich"));
@@ -599,10 +599,10 @@ async fn a_fleet_deploy_through_the_upstream_reaches_two_gateways() {
         device.wait_acked(1).await;
     }
     eventually("an enriched event from each gateway", || {
-        subscriber.received.len() == 2
+        h.received.len() == 2
     })
     .await;
-    let mut topics: Vec<String> = subscriber
+    let mut topics: Vec<String> = h
         .received
         .all()
         .into_iter()
@@ -612,7 +612,7 @@ async fn a_fleet_deploy_through_the_upstream_reaches_two_gateways() {
     assert_eq!(topics, ["truck-1/enriched/x", "truck-2/enriched/x"]);
 
     // A fleet deploy that does not verify is refused by both, with the reason, upstream.
-    let (stranger, _) = keypair(dir.path(), "stranger");
+    let (stranger, _) = keypair(&h.dir, "stranger");
     let bad = signed(&stranger, "proc", "evil", &guest("faulty"));
     cloud
         .publish("outpost/fleet/trucks/modules/proc/deploy", &bad, false)

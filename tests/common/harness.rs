@@ -90,6 +90,16 @@ impl Harness {
             .unwrap_or_else(|| panic!("no subscriber {id}"))
     }
 
+    /// Another gateway next to [`Harness::gateway`] (a fleet of them on one upstream): `outpost
+    /// run --config <dir>/<name>/outpost.toml` with `config` as that file, its data and its log
+    /// in `<dir>/<name>`; not started, and stopped when dropped.
+    pub fn another_gateway(&self, name: &str, config: &str) -> Gateway {
+        let dir = self.dir.join(name);
+        std::fs::create_dir_all(&dir).expect("the other gateway's directory");
+        let file = write_config(&dir, config);
+        Gateway::new(&dir, &["--config", file.to_str().expect("UTF-8 path")])
+    }
+
     /// The second upstream ([`HarnessBuilder::second_upstream`]); it runs from the start.
     pub fn second_upstream(&mut self) -> &mut Mosquitto {
         self.second_upstream
