@@ -13,7 +13,7 @@ mod common;
 use std::time::Duration;
 
 use common::mqtt::{Client, Publish, Version};
-use common::{write_config, Gateway};
+use common::Harness;
 
 /// The service unit's memory limit (`MemoryMax=256M` in packaging/debian/outpost.service).
 const MEMORY_MAX_MIB: f64 = 256.0;
@@ -24,20 +24,13 @@ const PATIENCE: Duration = Duration::from_secs(120);
 
 const GATEWAY: &str = "gw-flood";
 
-fn config(dir: &std::path::Path, broker: &str) -> std::path::PathBuf {
-    write_config(
-        dir,
-        &format!(
+/// The gateway alone (no upstream), its `[broker]` table `broker`, metrics every 200 ms.
+fn start(broker: &str) -> Harness {
+    Harness::builder()
+        .config(&format!(
             "gateway_id = \"{GATEWAY}\"\n\n[broker]\n{broker}\n\n[handlers]\nmetrics_interval_ms = 200\n"
-        ),
-    )
-}
-
-fn start(dir: &std::path::Path, broker: &str) -> Gateway {
-    let config = config(dir, broker);
-    let mut gateway = Gateway::new(dir, &["--config", config.to_str().expect("utf-8 path")]);
-    gateway.start();
-    gateway
+        ))
+        .start_blocking()
 }
 
 /// A clean-session client that waits as long as a flood may take.
@@ -107,8 +100,8 @@ fn counter(m: &serde_json::Value, name: &str) -> u64 {
 /// a device is backpressure, not loss).
 #[test]
 fn a_qos0_flood_of_large_payloads_stays_under_the_memory_limit() {
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = start(dir.path(), "");
+    let h = start("");
+    let gateway = &h.gateway;
     let mut flooder = client(gateway.port, Version::V4, "flooder");
     const FLOOD: u64 = 1500;
     let flood = publish(Version::V4, "flood/x", 0, 0, &[b'x'; 200_000]);
@@ -135,8 +128,8 @@ fn a_qos0_flood_of_large_payloads_stays_under_the_memory_limit() {
 /// subscribe meanwhile.
 #[test]
 fn fifty_thousand_subscriptions_from_one_client_get_the_quota_and_are_freed() {
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = start(dir.path(), "");
+    let h = start("");
+    let gateway = &h.gateway;
     let mut metrics = Metrics::subscribe(gateway.port);
     // The gateway's own (its control planes') and the metrics reader's.
     let base = counter(&metrics.settled(), "broker_subscriptions");
@@ -180,8 +173,8 @@ fn fifty_thousand_subscriptions_from_one_client_get_the_quota_and_are_freed() {
 /// delivered, just not retained), and a new subscriber then gets every one it kept.
 #[test]
 fn a_retained_flood_is_bounded_and_a_new_subscriber_gets_every_kept_one() {
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = start(dir.path(), "");
+    let h = start("");
+    let gateway = &h.gateway;
     let mut device = client(gateway.port, Version::V5, "retainer");
     let payload = vec![b'r'; 100_000];
     const RETAINED: u16 = 2000;
@@ -243,8 +236,8 @@ fn a_retained_flood_is_bounded_and_a_new_subscriber_gets_every_kept_one() {
 /// subscriber that reads still gets its messages.
 #[test]
 fn subscribers_that_stop_reading_hold_no_more_than_the_total_bound() {
-    let dir = tempfile::tempdir().unwrap();
-    let gateway = start(dir.path(), "");
+    let h = start("");
+    let gateway = &h.gateway;
     const STALLED: usize = 40;
     let stalled: Vec<Client> = (0..STALLED)
         .map(|i| {
