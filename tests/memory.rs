@@ -24,7 +24,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{write_config, Device, Gateway, Mosquitto, Subscriber, PATIENCE};
+use common::{Device, Harness, PATIENCE};
 
 /// A 512 MiB board without swap.
 const BOARD_BYTES: u64 = 512 * 1024 * 1024;
@@ -237,24 +237,24 @@ fn prlimit_installed() -> bool {
 /// idle (modules loaded, before any traffic) and after the traffic.
 async fn twenty_modules_under(limit: u64) -> (Memory, Memory) {
     let _serial = RLIMIT.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let subscriber = Subscriber::connect(upstream.port, "memory-sub", "out/#").await;
-    let file = write_config(dir.path(), &config(&upstream.url()));
-    let mut gateway = Gateway::new(dir.path(), &["--config", file.to_str().unwrap()]);
+    // Built first; the gateway starts under the lowered limit.
+    let mut h = Harness::builder()
+        .subscriber_as("memory-sub", "out/#")
+        .config_with(config)
+        .build()
+        .await;
     let started = Instant::now();
     {
         let _limit = AddressSpaceLimit::lower_to(limit);
-        gateway.start();
+        h.gateway.start();
     }
-    let pid = gateway_pid(&gateway.data);
+    let pid = gateway_pid(&h.gateway.data);
     assert_eq!(
         address_space_limit(&pid.to_string()),
         limit.to_string(),
         "the gateway runs under the limit"
     );
-    let log = gateway.log();
+    let log = h.gateway.log();
     assert_eq!(
         log.matches("handler loaded").count(),
         MODULES,
@@ -268,7 +268,7 @@ async fn twenty_modules_under(limit: u64) -> (Memory, Memory) {
     let idle = Memory::of(pid);
     eprintln!("{MODULES} modules loaded, idle: {idle}");
 
-    let device = Device::connect(gateway.port, "memory-dev").await;
+    let device = Device::connect(h.gateway.port, "memory-dev").await;
     for k in 0..EVENTS_PER_ROUTE {
         for i in 0..MODULES {
             device
@@ -279,17 +279,20 @@ async fn twenty_modules_under(limit: u64) -> (Memory, Memory) {
     let expected = MODULES * EVENTS_PER_ROUTE;
     device.wait_acked(expected as u64).await;
     let deadline = Instant::now() + PATIENCE;
-    while subscriber.received.len() < expected {
-        let letters = gateway.dead_letters();
+    while h.received.len() < expected {
+        let letters = h.gateway.dead_letters();
         assert!(
             letters.is_empty(),
             "handlers failed under --as={limit}: dead letters {letters:?}"
         );
-        assert!(gateway.is_running(), "the gateway died under --as={limit}");
+        assert!(
+            h.gateway.is_running(),
+            "the gateway died under --as={limit}"
+        );
         assert!(
             Instant::now() < deadline,
             "only {} of {expected} outputs arrived under --as={limit}",
-            subscriber.received.len()
+            h.received.len()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -299,7 +302,7 @@ async fn twenty_modules_under(limit: u64) -> (Memory, Memory) {
         started.elapsed().as_secs_f64()
     );
 
-    let received = subscriber.received.all();
+    let received = h.received.all();
     for i in 0..MODULES {
         for k in 0..EVENTS_PER_ROUTE {
             assert!(
@@ -311,8 +314,8 @@ async fn twenty_modules_under(limit: u64) -> (Memory, Memory) {
             );
         }
     }
-    assert!(gateway.dead_letters().is_empty());
-    assert!(gateway.stop(), "the gateway exits 0 on SIGTERM");
+    assert!(h.gateway.dead_letters().is_empty());
+    assert!(h.gateway.stop(), "the gateway exits 0 on SIGTERM");
     (idle, after)
 }
 
