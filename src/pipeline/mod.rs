@@ -121,9 +121,6 @@ pub struct Pipeline {
     pub locator: Arc<Locator>,
 }
 
-/// The reason of a retry row that is an event queued for its handler lane, not a failure.
-const QUEUED: &str = "queued";
-
 /// How often events of a declared but undeployed module look again for their handler.
 const NOT_DEPLOYED_RECHECK: Duration = Duration::from_secs(2);
 
@@ -648,7 +645,7 @@ impl Pipeline {
                     received_ms: p.event.received_ms,
                     attempts: p.attempts,
                     next_attempt_ms: now,
-                    reason: QUEUED.to_string(),
+                    reason: crate::store::RetryReason::Queued,
                     detail: String::new(),
                 });
             }
@@ -897,7 +894,7 @@ impl Pipeline {
                     attempts: p.attempts,
                     // At least a moment later, so a probe's own retry does not spin.
                     next_attempt_ms: now_ms() + (left.as_millis() as u64).max(100),
-                    reason: reason.to_string(),
+                    reason: reason.into(),
                     detail: detail.clone(),
                     geo: p.geo(),
                 }),
@@ -932,7 +929,7 @@ impl Pipeline {
                 received_ms: p.event.received_ms,
                 attempts,
                 next_attempt_ms: now_ms() + delay.as_millis() as u64,
-                reason: failure.reason().to_string(),
+                reason: failure.reason().into(),
                 detail: failure.to_string(),
                 geo: p.geo(),
             });
@@ -968,7 +965,7 @@ impl Pipeline {
                 .map(|h| h.version().to_string()),
             link: None,
             msg_id: None,
-            reason: reason.to_string(),
+            reason: reason.into(),
             detail,
             attempts: p.attempts,
             topic: p.event.topic.clone(),
