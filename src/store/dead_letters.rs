@@ -143,17 +143,32 @@ impl DeadLetterReason {
     }
 }
 
-impl std::fmt::Display for DeadLetterReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
+/// The string form of a stored reason type (`as_str` and `parse`) as `Display`, `From<&str>`
+/// and the SQL value written.
+macro_rules! string_form {
+    ($t:ty) => {
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl From<&str> for $t {
+            fn from(s: &str) -> Self {
+                <$t>::parse(s)
+            }
+        }
+
+        impl rusqlite::ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(rusqlite::types::ToSqlOutput::from(self.as_str()))
+            }
+        }
+    };
 }
 
-impl From<&str> for DeadLetterReason {
-    fn from(s: &str) -> Self {
-        DeadLetterReason::parse(s)
-    }
-}
+string_form!(DeadLetterReason);
+string_form!(RetryReason);
 
 impl PartialEq<str> for DeadLetterReason {
     fn eq(&self, other: &str) -> bool {
@@ -170,12 +185,6 @@ impl PartialEq<&str> for DeadLetterReason {
 impl Serialize for DeadLetterReason {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(self.as_str())
-    }
-}
-
-impl rusqlite::ToSql for DeadLetterReason {
-    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        Ok(rusqlite::types::ToSqlOutput::from(self.as_str()))
     }
 }
 
@@ -214,24 +223,6 @@ impl RetryReason {
             "replay" => RetryReason::Replay,
             other => RetryReason::Failed(DeadLetterReason::parse(other)),
         }
-    }
-}
-
-impl std::fmt::Display for RetryReason {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl From<&str> for RetryReason {
-    fn from(s: &str) -> Self {
-        RetryReason::parse(s)
-    }
-}
-
-impl rusqlite::ToSql for RetryReason {
-    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        Ok(rusqlite::types::ToSqlOutput::from(self.as_str()))
     }
 }
 
