@@ -26,7 +26,7 @@ use crate::handlers::registry::Registry;
 use crate::handlers::runtime::{Runtime, RuntimeConfig};
 use crate::journal::{Journal, JournalThread};
 use crate::metrics::Metrics;
-use crate::pipeline::{Pipeline, RoutePolicy};
+use crate::pipeline::{Pipeline, PipelineParts, RoutePolicy};
 use crate::store::Store;
 use crate::uplink::{Uplink, UplinkControl};
 
@@ -244,7 +244,7 @@ impl Gateway {
                 (r.name.clone(), policy)
             })
             .collect();
-        let pipeline = Pipeline {
+        let pipeline = Pipeline::new(PipelineParts {
             routes,
             policies,
             registry,
@@ -256,7 +256,7 @@ impl Gateway {
             max_concurrent_per_module: config.handlers.max_concurrent_per_module,
             breaker,
             locator,
-        };
+        });
         let pipeline = tokio::spawn(pipeline.run(committed.clone(), finish_rx));
 
         let mut edge = match Edge::start_durable(

@@ -829,7 +829,9 @@ fn dead_letters_by_reason(store: &Store, route: &str) -> anyhow::Result<BTreeMap
     };
     let mut by_reason = BTreeMap::new();
     for letter in store.dead_letters(&filter, usize::MAX)? {
-        *by_reason.entry(letter.letter.reason).or_insert(0) += 1;
+        *by_reason
+            .entry(letter.letter.reason.to_string())
+            .or_insert(0) += 1;
     }
     Ok(by_reason)
 }

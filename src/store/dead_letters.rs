@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use rusqlite::types::Value;
 use rusqlite::{params, params_from_iter, Transaction, TransactionBehavior};
-use serde::Serialize;
+use serde::{Serialize, Serializer};
 
 use super::{Store, StoreError};
 
@@ -38,6 +38,194 @@ impl Stage {
     }
 }
 
+/// Why something became a dead letter: the contract between the stages that give up on data,
+/// the database and the operators' control topics.
+///
+/// Its string form ([`DeadLetterReason::as_str`], also `Display` and the JSON form) is what
+/// the `reason` column stores and what a control request's `"reason"` filters on; a variant's
+/// string never changes. Reading never fails: a string this build does not know (written by
+/// another version of outpost) is kept as [`DeadLetterReason::Other`], and written back
+/// unchanged, so no row is lost or altered by a version that does not understand it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DeadLetterReason {
+    /// The event's route was removed from the configuration while it waited (`no-route`).
+    NoRoute,
+    /// The event's coordinates are present but invalid (`bad-location`).
+    BadLocation,
+    /// The event has no location and `geography.no_location` is `dead-letter` (`no-location`).
+    NoLocation,
+    /// The payload is not JSON on a route that requires JSON (`malformed`).
+    Malformed,
+    /// The output topic cannot be rendered (`bad-output-topic`).
+    BadOutputTopic,
+    /// The row's region tags may not go on its link (`residency`).
+    Residency,
+    /// The route's module is quarantined and the route dead-letters meanwhile (`quarantined`).
+    Quarantined,
+    /// The route's module is not deployed and the route dead-letters meanwhile
+    /// (`not-deployed`).
+    NotDeployed,
+    /// The handler trapped (`trap`).
+    Trap,
+    /// The handler ran past its deadline (`timeout`).
+    Timeout,
+    /// The handler needed more memory than allowed (`out-of-memory`).
+    OutOfMemory,
+    /// The handler returned an error (`handler-error`).
+    HandlerError,
+    /// The handler returned too many outputs or bytes (`output-limit`).
+    OutputLimit,
+    /// The gateway failed while serving the handler (`host-error`).
+    HostError,
+    /// An output's time to live passed before delivery (`expired`).
+    Expired,
+    /// The upstream refused an output for good (`rejected`).
+    Rejected,
+    /// An output was pushed out of a full outbox (`evicted`, policy `drop-oldest`).
+    Evicted,
+    /// A reason this build does not know, as stored.
+    Other(String),
+}
+
+impl DeadLetterReason {
+    /// Every reason this build knows (all but [`DeadLetterReason::Other`]).
+    pub const KNOWN: [DeadLetterReason; 17] = [
+        DeadLetterReason::NoRoute,
+        DeadLetterReason::BadLocation,
+        DeadLetterReason::NoLocation,
+        DeadLetterReason::Malformed,
+        DeadLetterReason::BadOutputTopic,
+        DeadLetterReason::Residency,
+        DeadLetterReason::Quarantined,
+        DeadLetterReason::NotDeployed,
+        DeadLetterReason::Trap,
+        DeadLetterReason::Timeout,
+        DeadLetterReason::OutOfMemory,
+        DeadLetterReason::HandlerError,
+        DeadLetterReason::OutputLimit,
+        DeadLetterReason::HostError,
+        DeadLetterReason::Expired,
+        DeadLetterReason::Rejected,
+        DeadLetterReason::Evicted,
+    ];
+
+    /// The stored and published form: the same string for a variant in every version.
+    pub fn as_str(&self) -> &str {
+        match self {
+            DeadLetterReason::NoRoute => "no-route",
+            DeadLetterReason::BadLocation => "bad-location",
+            DeadLetterReason::NoLocation => "no-location",
+            DeadLetterReason::Malformed => "malformed",
+            DeadLetterReason::BadOutputTopic => "bad-output-topic",
+            DeadLetterReason::Residency => "residency",
+            DeadLetterReason::Quarantined => "quarantined",
+            DeadLetterReason::NotDeployed => "not-deployed",
+            DeadLetterReason::Trap => "trap",
+            DeadLetterReason::Timeout => "timeout",
+            DeadLetterReason::OutOfMemory => "out-of-memory",
+            DeadLetterReason::HandlerError => "handler-error",
+            DeadLetterReason::OutputLimit => "output-limit",
+            DeadLetterReason::HostError => "host-error",
+            DeadLetterReason::Expired => "expired",
+            DeadLetterReason::Rejected => "rejected",
+            DeadLetterReason::Evicted => "evicted",
+            DeadLetterReason::Other(s) => s,
+        }
+    }
+
+    /// The reason stored as `s`; never fails (an unknown string is kept as
+    /// [`DeadLetterReason::Other`]), and `parse(s).as_str() == s` for every `s`.
+    pub fn parse(s: &str) -> DeadLetterReason {
+        DeadLetterReason::KNOWN
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .unwrap_or_else(|| DeadLetterReason::Other(s.to_string()))
+    }
+}
+
+/// The string form of a stored reason type (`as_str` and `parse`) as `Display`, `From<&str>`
+/// and the SQL value written.
+macro_rules! string_form {
+    ($t:ty) => {
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl From<&str> for $t {
+            fn from(s: &str) -> Self {
+                <$t>::parse(s)
+            }
+        }
+
+        impl rusqlite::ToSql for $t {
+            fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+                Ok(rusqlite::types::ToSqlOutput::from(self.as_str()))
+            }
+        }
+    };
+}
+
+string_form!(DeadLetterReason);
+string_form!(RetryReason);
+
+impl PartialEq<str> for DeadLetterReason {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for DeadLetterReason {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl Serialize for DeadLetterReason {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+/// Why a retry row waits. The retries table holds both kinds of waiting events: work queued
+/// for a handler lane ([`RetryReason::Queued`]) and events whose last attempt failed; a lane
+/// takes both alike, in order of due time.
+///
+/// Stored in the `reason` column as [`RetryReason::as_str`]: `queued`, `replay`, or the
+/// failure's [`DeadLetterReason`] string, exactly as older versions wrote them, so a database
+/// left by any version drains. Reading never fails (see [`DeadLetterReason::parse`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RetryReason {
+    /// An event queued for its handler lane: new work, not a failure (`queued`).
+    Queued,
+    /// A dead letter an operator replayed (`replay`).
+    Replay,
+    /// The last attempt failed, or could not be made, for this reason: the dead letter's
+    /// reason if the attempts run out.
+    Failed(DeadLetterReason),
+}
+
+impl RetryReason {
+    /// The stored form.
+    pub fn as_str(&self) -> &str {
+        match self {
+            RetryReason::Queued => "queued",
+            RetryReason::Replay => "replay",
+            RetryReason::Failed(reason) => reason.as_str(),
+        }
+    }
+
+    /// The reason stored as `s`; never fails, and `parse(s).as_str() == s` for every `s`.
+    pub fn parse(s: &str) -> RetryReason {
+        match s {
+            "queued" => RetryReason::Queued,
+            "replay" => RetryReason::Replay,
+            other => RetryReason::Failed(DeadLetterReason::parse(other)),
+        }
+    }
+}
+
 /// Something given up on, to keep for inspection and replay.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NewDeadLetter {
@@ -55,8 +243,8 @@ pub struct NewDeadLetter {
     pub link: Option<String>,
     /// For outputs: its message id.
     pub msg_id: Option<String>,
-    /// A short machine-readable reason (`trap`, `timeout`, `handler-error`, `expired`, ...).
-    pub reason: String,
+    /// Why it was given up on.
+    pub reason: DeadLetterReason,
     /// The human-readable detail.
     pub detail: String,
     /// How many handler attempts were made.
@@ -146,8 +334,8 @@ pub struct NewRetry {
     pub attempts: u32,
     /// Not before this time (ms since the Unix epoch).
     pub next_attempt_ms: u64,
-    /// Why the last attempt failed (`replay` for a replayed dead letter).
-    pub reason: String,
+    /// Why it waits: queued for its lane, replayed, or the last attempt's failure.
+    pub reason: RetryReason,
     /// Detail of the last failure.
     pub detail: String,
     /// The event's geography in its stored form ([`crate::event::Geo::encode`]).
@@ -177,7 +365,7 @@ fn read_dead_letter(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
             module: r.get(5)?,
             link: r.get(6)?,
             msg_id: r.get(7)?,
-            reason: r.get(8)?,
+            reason: DeadLetterReason::parse(&r.get::<_, String>(8)?),
             detail: r.get(9)?,
             attempts: r.get(10)?,
             topic: r.get(11)?,
@@ -275,7 +463,7 @@ impl Store {
                             received_ms: l.received_ms,
                             attempts: 0,
                             next_attempt_ms: now,
-                            reason: "replay".into(),
+                            reason: RetryReason::Replay,
                             detail: format!("replay of dead letter {}", dead.id),
                             geo: l.geo.clone(),
                         },
@@ -369,7 +557,7 @@ impl Store {
                         received_ms: r.get::<_, i64>(7)? as u64,
                         attempts: r.get(8)?,
                         next_attempt_ms: r.get::<_, i64>(9)? as u64,
-                        reason: r.get(10)?,
+                        reason: RetryReason::parse(&r.get::<_, String>(10)?),
                         detail: r.get(11)?,
                         geo: r.get(12)?,
                     },

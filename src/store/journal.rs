@@ -143,15 +143,12 @@ impl Store {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<JournalRow>, StoreError> {
-        let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT id, topic, payload, client_id, received_ms FROM journal WHERE id > ?1
-                 ORDER BY id LIMIT ?2",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![after, limit as i64], |r| {
+        self.read_bounded(
+            "SELECT id, topic, payload, client_id, received_ms FROM journal WHERE id > ?1
+             ORDER BY id LIMIT ?2",
+            params![after, limit as i64],
+            max_bytes,
+            |r| {
                 Ok(JournalRow {
                     id: r.get(0)?,
                     topic: r.get(1)?,
@@ -159,19 +156,9 @@ impl Store {
                     client_id: r.get(3)?,
                     received_ms: r.get::<_, i64>(4)? as u64,
                 })
-            })
-            .map_err(|e| self.err(e))?;
-        let mut batch = Vec::new();
-        let mut bytes = 0usize;
-        for row in rows {
-            let row = row.map_err(|e| self.err(e))?;
-            bytes += row.payload.len();
-            batch.push(row);
-            if bytes >= max_bytes {
-                break;
-            }
-        }
-        Ok(batch)
+            },
+            |row| row.payload.len(),
+        )
     }
 }
 

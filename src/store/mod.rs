@@ -34,7 +34,8 @@ use rusqlite::{Connection, Transaction, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
 pub use dead_letters::{
-    DeadLetter, DeadLetterFilter, NewDeadLetter, NewRetry, RetryRow, RouteSet, Stage,
+    DeadLetter, DeadLetterFilter, DeadLetterReason, NewDeadLetter, NewRetry, RetryReason, RetryRow,
+    RouteSet, Stage,
 };
 pub use devices::DevicePosition;
 pub use journal::{JournalRow, JournalWriter, NewJournalEntry};
@@ -489,6 +490,34 @@ impl Store {
             return Ok((0, 0));
         }
         dead_letters::evict_oldest(tx, over_rows.max(0), over_bytes.max(0))
+    }
+
+    /// Reads the rows `sql` selects with `params` on the read connection, in order, and stops
+    /// once the payload bytes read (`payload_len` of each row) reach `max_bytes`; at least one
+    /// row is returned when there is one, so a batch of large rows stays small in memory
+    /// without ever stalling.
+    pub(super) fn read_bounded<T>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        max_bytes: usize,
+        read: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+        payload_len: impl Fn(&T) -> usize,
+    ) -> Result<Vec<T>, StoreError> {
+        let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
+        let mut stmt = conn.prepare_cached(sql).map_err(|e| self.err(e))?;
+        let rows = stmt.query_map(params, read).map_err(|e| self.err(e))?;
+        let mut batch = Vec::new();
+        let mut bytes = 0usize;
+        for row in rows {
+            let row = row.map_err(|e| self.err(e))?;
+            bytes += payload_len(&row);
+            batch.push(row);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(batch)
     }
 
     /// How many more outbox rows fit before the cap (never negative).

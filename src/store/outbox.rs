@@ -2,7 +2,7 @@
 
 use rusqlite::{params, Transaction, TransactionBehavior};
 
-use super::dead_letters::{self, NewDeadLetter, Stage};
+use super::dead_letters::{self, DeadLetterReason, NewDeadLetter, Stage};
 use super::{Delta, Store, StoreError};
 
 /// An output to queue for an upstream link.
@@ -120,15 +120,12 @@ impl Store {
         limit: usize,
         max_bytes: usize,
     ) -> Result<Vec<OutboxRow>, StoreError> {
-        let conn = self.reader.lock().map_err(|_| StoreError::Poisoned)?;
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT id, msg_id, topic, payload, expires_ms, regions FROM outbox
-                 WHERE link = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![link, after, limit as i64], |r| {
+        self.read_bounded(
+            "SELECT id, msg_id, topic, payload, expires_ms, regions FROM outbox
+             WHERE link = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            params![link, after, limit as i64],
+            max_bytes,
+            |r| {
                 Ok(OutboxRow {
                     id: r.get(0)?,
                     msg_id: r.get(1)?,
@@ -137,19 +134,9 @@ impl Store {
                     expires_ms: r.get::<_, i64>(4)? as u64,
                     regions: r.get(5)?,
                 })
-            })
-            .map_err(|e| self.err(e))?;
-        let mut batch = Vec::new();
-        let mut bytes = 0usize;
-        for row in rows {
-            let row = row.map_err(|e| self.err(e))?;
-            bytes += row.payload.len();
-            batch.push(row);
-            if bytes >= max_bytes {
-                break;
-            }
-        }
-        Ok(batch)
+            },
+            |row| row.payload.len(),
+        )
     }
 
     /// Removes delivered rows. Rows that are already gone (expired or evicted meanwhile) are
@@ -217,25 +204,29 @@ impl Store {
     /// Moves rows whose time to live has passed to the dead letters (reason `expired`), in one
     /// transaction that also keeps the dead letters within their cap.
     pub fn expire_outbox(&self, ids: &[i64]) -> Result<Moved, StoreError> {
-        self.outbox_to_dead_letters(ids, "expired", "time to live passed before delivery")
+        self.outbox_to_dead_letters(
+            ids,
+            DeadLetterReason::Expired,
+            "time to live passed before delivery",
+        )
     }
 
     /// Moves a row the upstream refused for good to the dead letters (reason `rejected`, with
     /// the upstream's `detail`), keeping the dead letters within their cap.
     pub fn reject_outbox(&self, id: i64, detail: &str) -> Result<Moved, StoreError> {
-        self.outbox_to_dead_letters(&[id], "rejected", detail)
+        self.outbox_to_dead_letters(&[id], DeadLetterReason::Rejected, detail)
     }
 
     /// Moves rows whose region tags their link may not carry to the dead letters (reason
     /// `residency`), keeping the dead letters within their cap.
     pub fn refuse_outbox(&self, ids: &[i64], detail: &str) -> Result<Moved, StoreError> {
-        self.outbox_to_dead_letters(ids, "residency", detail)
+        self.outbox_to_dead_letters(ids, DeadLetterReason::Residency, detail)
     }
 
     fn outbox_to_dead_letters(
         &self,
         ids: &[i64],
-        reason: &str,
+        reason: DeadLetterReason,
         detail: &str,
     ) -> Result<Moved, StoreError> {
         if ids.is_empty() {
@@ -247,7 +238,7 @@ impl Store {
             .map_err(|e| self.err(e))?;
         let mut delta = Delta::default();
         for id in ids {
-            if let Some(letter) = take(&tx, *id, reason, detail).map_err(|e| self.err(e))? {
+            if let Some(letter) = take(&tx, *id, &reason, detail).map_err(|e| self.err(e))? {
                 dead_letters::insert(&tx, &letter).map_err(|e| self.err(e))?;
                 delta.outbox_rows -= 1;
                 delta.outbox_bytes -= letter.payload.len() as i64;
@@ -313,11 +304,14 @@ pub(super) fn insert_all(tx: &Transaction<'_>, rows: &[NewOutboxRow]) -> rusqlit
     )
 }
 
+/// The detail of outputs evicted from a full outbox.
+const EVICTED_DETAIL: &str = "outbox full (policy drop-oldest)";
+
 /// Deletes one outbox row and returns it as a dead letter with `reason`.
 fn take(
     tx: &Transaction<'_>,
     id: i64,
-    reason: &str,
+    reason: &DeadLetterReason,
     detail: &str,
 ) -> rusqlite::Result<Option<NewDeadLetter>> {
     let mut stmt = tx.prepare_cached(
@@ -328,45 +322,43 @@ fn take(
     let Some(r) = rows.next()? else {
         return Ok(None);
     };
-    Ok(Some(NewDeadLetter {
-        stage: Stage::Output,
-        event_id: 0,
+    let row = NewOutboxRow {
+        link: r.get(0)?,
+        msg_id: r.get(1)?,
         route: r.get(2)?,
-        module: None,
-        module_version: None,
-        link: Some(r.get(0)?),
-        msg_id: Some(r.get(1)?),
-        reason: reason.to_string(),
-        detail: detail.to_string(),
-        attempts: 0,
         topic: r.get(3)?,
-        device: String::new(),
-        client_id: String::new(),
         payload: r.get(4)?,
         received_ms: r.get::<_, i64>(5)? as u64,
-        geo: tags_geo(&r.get::<_, String>(6)?),
-    }))
+        expires_ms: 0,
+        regions: r.get(6)?,
+    };
+    Ok(Some(output_letter(row, reason.clone(), detail)))
 }
 
 /// The dead letter for an output evicted before it was ever queued.
 pub(super) fn evicted_letter(o: &NewOutboxRow) -> NewDeadLetter {
+    output_letter(o.clone(), DeadLetterReason::Evicted, EVICTED_DETAIL)
+}
+
+/// An output given up on, as a dead letter that a replay queues for the same link again.
+fn output_letter(o: NewOutboxRow, reason: DeadLetterReason, detail: &str) -> NewDeadLetter {
     NewDeadLetter {
         stage: Stage::Output,
         event_id: 0,
-        route: o.route.clone(),
+        geo: tags_geo(&o.regions),
+        route: o.route,
         module: None,
         module_version: None,
-        link: Some(o.link.clone()),
-        msg_id: Some(o.msg_id.clone()),
-        reason: "evicted".to_string(),
-        detail: "outbox full (policy drop-oldest)".to_string(),
+        link: Some(o.link),
+        msg_id: Some(o.msg_id),
+        reason,
+        detail: detail.to_string(),
         attempts: 0,
-        topic: o.topic.clone(),
+        topic: o.topic,
         device: String::new(),
         client_id: String::new(),
-        payload: o.payload.clone(),
+        payload: o.payload,
         received_ms: o.received_ms,
-        geo: tags_geo(&o.regions),
     }
 }
 
@@ -400,7 +392,7 @@ pub(super) fn evict_oldest(
         if freed_rows >= rows && freed_bytes >= bytes {
             break;
         }
-        if let Some(letter) = take(tx, id, "evicted", "outbox full (policy drop-oldest)")? {
+        if let Some(letter) = take(tx, id, &DeadLetterReason::Evicted, EVICTED_DETAIL)? {
             freed_rows += 1;
             freed_bytes += letter.payload.len() as i64;
             letters.push(letter);

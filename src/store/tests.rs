@@ -391,7 +391,7 @@ fn dead_letter_cap_evicts_the_oldest_and_counts() {
         .dead_letters(&DeadLetterFilter::default(), 10)
         .unwrap()
         .into_iter()
-        .map(|d| d.letter.reason)
+        .map(|d| d.letter.reason.to_string())
         .collect();
     assert_eq!(kept, vec!["r4", "r3", "r2"]);
     assert_eq!(store.dead_letter_count(), 3);
@@ -790,4 +790,140 @@ fn the_retry_total_follows_commits_and_survives_a_reopen() {
     drop(store);
     let store = Store::open(dir.path()).unwrap();
     assert_eq!(store.retry_count().unwrap(), 1);
+}
+
+#[test]
+fn dead_letter_reasons_keep_the_strings_the_database_and_clients_use() {
+    // The contract: these strings are stored and filtered on by the control topics.
+    let strings: Vec<&str> = DeadLetterReason::KNOWN.iter().map(|r| r.as_str()).collect();
+    assert_eq!(
+        strings,
+        [
+            "no-route",
+            "bad-location",
+            "no-location",
+            "malformed",
+            "bad-output-topic",
+            "residency",
+            "quarantined",
+            "not-deployed",
+            "trap",
+            "timeout",
+            "out-of-memory",
+            "handler-error",
+            "output-limit",
+            "host-error",
+            "expired",
+            "rejected",
+            "evicted",
+        ]
+    );
+    for reason in DeadLetterReason::KNOWN {
+        assert_eq!(DeadLetterReason::parse(reason.as_str()), reason);
+        assert_eq!(reason.to_string(), reason.as_str());
+        assert_eq!(
+            serde_json::to_string(&reason).unwrap(),
+            format!("\"{}\"", reason.as_str())
+        );
+    }
+    let other = DeadLetterReason::parse("from-a-newer-version");
+    assert_eq!(
+        other,
+        DeadLetterReason::Other("from-a-newer-version".into())
+    );
+    assert_eq!(other.as_str(), "from-a-newer-version");
+    assert_eq!(RetryReason::parse("queued"), RetryReason::Queued);
+    assert_eq!(RetryReason::parse("replay"), RetryReason::Replay);
+    assert_eq!(
+        RetryReason::parse("timeout"),
+        RetryReason::Failed(DeadLetterReason::Timeout)
+    );
+    for s in ["queued", "replay", "trap", "", "something-new"] {
+        assert_eq!(RetryReason::parse(s).as_str(), s);
+    }
+}
+
+#[test]
+fn rows_with_reasons_this_build_does_not_know_are_read_filtered_and_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    {
+        // Rows as another version of outpost might have written them.
+        let conn = Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute(
+            "INSERT INTO dead_letters (stage, event_id, route, module, link, msg_id, reason,
+                 detail, attempts, topic, device, client_id, payload, received_ms, created_ms)
+             VALUES ('event', 7, 'r', 'm', NULL, NULL, 'from-the-future', 'd', 2, 't', 'dev',
+                 'c', x'01', 1, 2)",
+            [],
+        )
+        .unwrap();
+        for reason in ["queued", "brand-new"] {
+            conn.execute(
+                "INSERT INTO retries (event_id, route, topic, device, client_id, payload,
+                     received_ms, attempts, next_attempt_ms, reason, detail)
+                 VALUES (1, 'r', 't', 'd', 'c', x'01', 1, 0, 0, ?1, '')",
+                [reason],
+            )
+            .unwrap();
+        }
+    }
+    let filter = DeadLetterFilter {
+        reason: Some("from-the-future".into()),
+        ..DeadLetterFilter::default()
+    };
+    let dead = store.dead_letters(&filter, 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].letter.reason, "from-the-future");
+    // Written back (here: by the cap's bookkeeping and a replay) as it was read.
+    let due = store.due_retries(10, 10).unwrap();
+    let reasons: Vec<RetryReason> = due.iter().map(|r| r.retry.reason.clone()).collect();
+    assert_eq!(
+        reasons,
+        [
+            RetryReason::Queued,
+            RetryReason::Failed(DeadLetterReason::Other("brand-new".into()))
+        ]
+    );
+    let mut again = dead[0].letter.clone();
+    again.event_id = 8;
+    store
+        .commit(&Batch {
+            dead: vec![again],
+            ..Batch::default()
+        })
+        .unwrap();
+    assert_eq!(store.dead_letters(&filter, 10).unwrap().len(), 2);
+    assert_eq!(store.replay_dead_letters(&filter).unwrap(), 2);
+}
+
+#[test]
+fn batch_reads_stop_at_the_byte_budget_but_never_before_one_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let big = |link: &str, n: u8| NewOutboxRow {
+        payload: vec![n; 100],
+        ..row(link, n)
+    };
+    store
+        .commit(&outputs((1..=4).map(|n| big("up", n)).collect()))
+        .unwrap();
+    let mut writer = store.journal_writer().unwrap();
+    let entries: Vec<NewJournalEntry> = (1..=4)
+        .map(|n| NewJournalEntry {
+            payload: bytes::Bytes::from(vec![n; 100]),
+            ..entry(n)
+        })
+        .collect();
+    writer.append(&entries).unwrap();
+    for (budget, rows) in [(1, 1), (100, 1), (101, 2), (250, 3), (usize::MAX, 4)] {
+        assert_eq!(store.outbox_batch("up", 0, 10, budget).unwrap().len(), rows);
+        assert_eq!(store.journal_batch(0, 10, budget).unwrap().len(), rows);
+    }
+    assert_eq!(store.outbox_batch("up", 0, 2, usize::MAX).unwrap().len(), 2);
+    assert_eq!(store.journal_batch(0, 3, usize::MAX).unwrap().len(), 3);
+    assert!(store
+        .outbox_batch("elsewhere", 0, 10, 1)
+        .unwrap()
+        .is_empty());
 }
