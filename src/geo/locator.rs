@@ -1,8 +1,9 @@
 //! Where an event happened, and what follows from it: the location sources (payload, device
 //! registry, gateway position), region tags and residency, and enter/exit transitions.
 //!
-//! [`GeoPlan`] is the validated geography of a configuration (built once, at start-up, by
-//! [`GeoPlan::from_config`], which is the only part that reads files). [`Locator`] adds the
+//! [`GeoPlan`] is the validated geography of a configuration (built once, when the
+//! configuration is planned ([`crate::plan`]), by [`GeoPlan::from_config`], which is the only
+//! part that reads files). [`Locator`] adds the
 //! state that changes while the gateway runs: each device's last known position and the
 //! geofences it is in (loaded from and saved to the store by the pipeline), and the latest GPS
 //! fix of the gateway itself.
@@ -838,8 +839,7 @@ mod tests {
         std::fs::write(&file, geojson).expect("write");
         let text = toml.replace("{FILE}", &file.display().to_string());
         let config = Config::from_toml(&text, Path::new("test.toml")).map_err(|e| e.to_string())?;
-        config
-            .validate()
+        crate::plan::compile(&config)
             .map(|_| config.clone())
             .map_err(|e| e.to_string())
     }
@@ -1013,7 +1013,7 @@ mod tests {
         let warnings = |route: &str| {
             let text = with_route(route).replace("{FILE}", &file.display().to_string());
             let config = Config::from_toml(&text, Path::new("t.toml")).expect("parses");
-            let validated = config.validate().expect("valid");
+            let validated = crate::plan::compile(&config).expect("valid");
             validated.geo.warnings(&validated.routes)
         };
         let w = warnings("upstream = \"west-cloud\"");
@@ -1032,7 +1032,7 @@ mod tests {
     fn the_worked_example_is_valid_without_warnings() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/geography.toml");
         let config = Config::load(&path).expect("loads");
-        let validated = config.validate().expect("valid");
+        let validated = crate::plan::compile(&config).expect("valid");
         assert_eq!(validated.geo.geography.fences().len(), 178);
         assert!(validated.geo.residency);
         assert!(validated.geo.warnings(&validated.routes).is_empty());
@@ -1045,7 +1045,7 @@ mod tests {
         std::fs::write(&file, SQUARES).expect("write");
         let text = toml.replace("{FILE}", &file.display().to_string());
         let config = Config::from_toml(&text, Path::new("t.toml")).expect("parses");
-        let validated = config.validate().expect("valid");
+        let validated = crate::plan::compile(&config).expect("valid");
         let locator = Locator::new(Arc::new(validated.geo), "gw", registry);
         (locator, validated.routes)
     }
