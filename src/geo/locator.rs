@@ -199,65 +199,8 @@ impl GeoPlan {
     /// and no route requires a region its link may not carry. Errors name the key.
     pub fn from_config(config: &Config, routes: &RouteTable) -> Result<GeoPlan, ConfigError> {
         let g = &config.geography;
-        let mut builder = Geography::builder();
-        for (i, fence) in config.geofences.iter().enumerate() {
-            let key = format!("geofence[{i}]");
-            match (&fence.file, fence.center, fence.radius_m) {
-                (Some(file), None, None) => {
-                    let bytes = read_file(file).map_err(|m| invalid(format!("{key}.file"), m))?;
-                    let mut options = GeoJsonOptions::default();
-                    if let Some(p) = &fence.name_property {
-                        options.name_property = p.clone();
-                    }
-                    options.only = fence.only.clone();
-                    options.geometry_name = fence.name.clone();
-                    builder.add_geojson(&bytes, &options).map_err(|e| {
-                        invalid(format!("{key}.file"), format!("{}: {e}", file.display()))
-                    })?;
-                }
-                (None, Some(center), Some(radius)) => {
-                    let Some(name) = &fence.name else {
-                        return Err(invalid(format!("{key}.name"), "a circle needs a name"));
-                    };
-                    if fence.name_property.is_some() || fence.only.is_some() {
-                        return Err(invalid(
-                            key,
-                            "name_property and only apply to a file, not to a circle",
-                        ));
-                    }
-                    let centre = position(&format!("{key}.center"), center)?;
-                    builder
-                        .add_circle(name.clone(), centre, radius)
-                        .map_err(|e| invalid(key, e.to_string()))?;
-                }
-                _ => {
-                    return Err(invalid(
-                        key,
-                        "give `file` (GeoJSON), or `name`, `center` = [lat, lon] and `radius_m`",
-                    ))
-                }
-            }
-        }
-        for (i, region) in config.regions.iter().enumerate() {
-            let key = format!("region[{i}]");
-            if !valid_region_name(&region.name) {
-                return Err(invalid(
-                    format!("{key}.name"),
-                    format!(
-                        "{:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
-                        region.name
-                    ),
-                ));
-            }
-            builder
-                .add_region(region.name.clone(), region.fences.iter().cloned())
-                .map_err(|e| invalid(key, e.to_string()))?;
-        }
-        let geography = builder
-            .build()
-            .map_err(|e| invalid("geofence", e.to_string()))?;
+        let geography = geography_of(config)?;
         let residency = !config.regions.is_empty();
-
         let default_pointers =
             Pointers::from_config(&g.location).map_err(|m| invalid("geography.location", m))?;
         let mut route_pointers = Vec::with_capacity(config.routes.len());
@@ -268,7 +211,6 @@ impl GeoPlan {
                 None => default_pointers.clone(),
             });
         }
-
         let no_location = match g.no_location.as_str() {
             "local-only" => NoLocation::LocalOnly,
             "dead-letter" => NoLocation::DeadLetter,
@@ -296,79 +238,9 @@ impl GeoPlan {
         if let Some(t) = &g.transitions_topic {
             check_transitions_topic(t).map_err(|m| invalid("geography.transitions_topic", m))?;
         }
-        let mut static_devices = HashMap::new();
-        for (i, d) in config.devices.iter().enumerate() {
-            if d.id.is_empty() {
-                return Err(invalid(format!("device[{i}].id"), "must not be empty"));
-            }
-            let at = position(&format!("device[{i}].position"), d.position)?;
-            if static_devices.insert(d.id.clone(), at).is_some() {
-                return Err(invalid(
-                    format!("device[{i}].id"),
-                    format!("{:?} is configured twice", d.id),
-                ));
-            }
-        }
-
-        let mut links = HashMap::new();
-        for u in &config.upstreams {
-            for r in &u.regions {
-                if r != "*" && geography.region(r).is_none() {
-                    return Err(invalid(
-                        format!("upstream {:?}.regions", u.name),
-                        format!("no [[region]] named {r:?}"),
-                    ));
-                }
-            }
-            links.insert(u.name.clone(), LinkRegions::from_list(&u.regions));
-        }
-        links.insert(LOCAL_LINK.to_string(), LinkRegions::Any);
-
-        for route in routes.routes() {
-            let Some(when) = &route.when else { continue };
-            for name in when.names() {
-                if geography.fence(name).is_none() && geography.region(name).is_none() {
-                    return Err(invalid(
-                        format!("route {:?}.when", route.name),
-                        format!("no geofence or region named {name:?}"),
-                    ));
-                }
-            }
-            if !residency {
-                continue;
-            }
-            let Some(alternatives) = when.required_memberships() else {
-                continue;
-            };
-            let link = links
-                .get(&route.upstream)
-                .cloned()
-                .unwrap_or(LinkRegions::Any);
-            let carried = alternatives.iter().any(|names| {
-                let tags = implied_regions(&geography, names);
-                link.allows(tags.iter().map(String::as_str))
-            });
-            if !carried {
-                let needed: Vec<String> = alternatives
-                    .iter()
-                    .map(|names| {
-                        implied_regions(&geography, names)
-                            .into_iter()
-                            .collect::<Vec<_>>()
-                            .join(" + ")
-                    })
-                    .collect();
-                return Err(invalid(
-                    format!("route {:?}.upstream", route.name),
-                    format!(
-                        "the route only takes events in region {}, which upstream {:?} may not carry (see its `regions`)",
-                        needed.join(" or "),
-                        route.upstream
-                    ),
-                ));
-            }
-        }
-
+        let static_devices = static_devices(config)?;
+        let links = links_of(config, &geography)?;
+        check_route_geography(routes, &geography, &links, residency)?;
         let active = !config.geofences.is_empty()
             || residency
             || !config.devices.is_empty()
@@ -437,6 +309,161 @@ impl GeoPlan {
     pub fn link(&self, name: &str) -> LinkRegions {
         self.links.get(name).cloned().unwrap_or(LinkRegions::Any)
     }
+}
+
+/// The geofences (read from their files, or circles) and the regions made of them.
+fn geography_of(config: &Config) -> Result<Geography, ConfigError> {
+    let mut builder = Geography::builder();
+    for (i, fence) in config.geofences.iter().enumerate() {
+        let key = format!("geofence[{i}]");
+        match (&fence.file, fence.center, fence.radius_m) {
+            (Some(file), None, None) => {
+                let bytes = read_file(file).map_err(|m| invalid(format!("{key}.file"), m))?;
+                let mut options = GeoJsonOptions::default();
+                if let Some(p) = &fence.name_property {
+                    options.name_property = p.clone();
+                }
+                options.only = fence.only.clone();
+                options.geometry_name = fence.name.clone();
+                builder.add_geojson(&bytes, &options).map_err(|e| {
+                    invalid(format!("{key}.file"), format!("{}: {e}", file.display()))
+                })?;
+            }
+            (None, Some(center), Some(radius)) => {
+                let Some(name) = &fence.name else {
+                    return Err(invalid(format!("{key}.name"), "a circle needs a name"));
+                };
+                if fence.name_property.is_some() || fence.only.is_some() {
+                    return Err(invalid(
+                        key,
+                        "name_property and only apply to a file, not to a circle",
+                    ));
+                }
+                let centre = position(&format!("{key}.center"), center)?;
+                builder
+                    .add_circle(name.clone(), centre, radius)
+                    .map_err(|e| invalid(key, e.to_string()))?;
+            }
+            _ => {
+                return Err(invalid(
+                    key,
+                    "give `file` (GeoJSON), or `name`, `center` = [lat, lon] and `radius_m`",
+                ))
+            }
+        }
+    }
+    for (i, region) in config.regions.iter().enumerate() {
+        let key = format!("region[{i}]");
+        if !valid_region_name(&region.name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!(
+                    "{:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
+                    region.name
+                ),
+            ));
+        }
+        builder
+            .add_region(region.name.clone(), region.fences.iter().cloned())
+            .map_err(|e| invalid(key, e.to_string()))?;
+    }
+    builder
+        .build()
+        .map_err(|e| invalid("geofence", e.to_string()))
+}
+
+/// The configured device positions, by device id.
+fn static_devices(config: &Config) -> Result<HashMap<String, Location>, ConfigError> {
+    let mut static_devices = HashMap::new();
+    for (i, d) in config.devices.iter().enumerate() {
+        if d.id.is_empty() {
+            return Err(invalid(format!("device[{i}].id"), "must not be empty"));
+        }
+        let at = position(&format!("device[{i}].position"), d.position)?;
+        if static_devices.insert(d.id.clone(), at).is_some() {
+            return Err(invalid(
+                format!("device[{i}].id"),
+                format!("{:?} is configured twice", d.id),
+            ));
+        }
+    }
+    Ok(static_devices)
+}
+
+/// The regions each upstream may carry (every region exists), and the local link's: any.
+fn links_of(
+    config: &Config,
+    geography: &Geography,
+) -> Result<HashMap<String, LinkRegions>, ConfigError> {
+    let mut links = HashMap::new();
+    for u in &config.upstreams {
+        for r in &u.regions {
+            if r != "*" && geography.region(r).is_none() {
+                return Err(invalid(
+                    format!("upstream {:?}.regions", u.name),
+                    format!("no [[region]] named {r:?}"),
+                ));
+            }
+        }
+        links.insert(u.name.clone(), LinkRegions::from_list(&u.regions));
+    }
+    links.insert(LOCAL_LINK.to_string(), LinkRegions::Any);
+    Ok(links)
+}
+
+/// Every name a route's `when` uses is a geofence or a region, and, with `residency`, no
+/// route requires a region its link may not carry.
+fn check_route_geography(
+    routes: &RouteTable,
+    geography: &Geography,
+    links: &HashMap<String, LinkRegions>,
+    residency: bool,
+) -> Result<(), ConfigError> {
+    for route in routes.routes() {
+        let Some(when) = &route.when else { continue };
+        for name in when.names() {
+            if geography.fence(name).is_none() && geography.region(name).is_none() {
+                return Err(invalid(
+                    format!("route {:?}.when", route.name),
+                    format!("no geofence or region named {name:?}"),
+                ));
+            }
+        }
+        if !residency {
+            continue;
+        }
+        let Some(alternatives) = when.required_memberships() else {
+            continue;
+        };
+        let link = links
+            .get(&route.upstream)
+            .cloned()
+            .unwrap_or(LinkRegions::Any);
+        let carried = alternatives.iter().any(|names| {
+            let tags = implied_regions(geography, names);
+            link.allows(tags.iter().map(String::as_str))
+        });
+        if !carried {
+            let needed: Vec<String> = alternatives
+                .iter()
+                .map(|names| {
+                    implied_regions(geography, names)
+                        .into_iter()
+                        .collect::<Vec<_>>()
+                        .join(" + ")
+                })
+                .collect();
+            return Err(invalid(
+                format!("route {:?}.upstream", route.name),
+                format!(
+                    "the route only takes events in region {}, which upstream {:?} may not carry (see its `regions`)",
+                    needed.join(" or "),
+                    route.upstream
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The region tags an event inside all of `names` (fences or regions) certainly has.
