@@ -270,7 +270,7 @@ regions = ["*"]
 
 fn locator_for(toml: &str) -> (Locator, RouteTable) {
     let config = Config::from_toml(toml, std::path::Path::new("bench.toml")).expect("config");
-    let validated = config.validate().expect("valid");
+    let validated = outpost::plan::compile(&config).expect("valid");
     let locator = Locator::new(Arc::new(validated.geo), "bench", Vec::new());
     (locator, validated.routes)
 }

@@ -1,13 +1,15 @@
 //! The gateway's one typed configuration: TOML on disk, defaults for every field, and
-//! validation that names the offending key.
+//! the checks of its own fields, which name the offending key.
 //!
-//! Loading never panics: a file that cannot be read, parsed or validated gives a
+//! Loading never panics: a file that cannot be read, parsed or checked gives a
 //! [`ConfigError`] whose message names the key (for example
 //! `route "alerts".upstream: no upstream named "clowd"`).
 //!
 //! This module does not open sockets or files other than the configuration file itself and the
-//! trusted public keys it lists (`deploy.trusted_keys`, read and parsed by [`Config::validate`]);
-//! the module paths it lists are checked for existence by [`Config::validate`], not loaded.
+//! trusted public keys it lists (`deploy.trusted_keys`, read and parsed by [`Config::check`]);
+//! the module paths it lists are checked for existence by [`Config::check`], not loaded. It
+//! does not compile the route table, read geofences or load credentials: turning a checked
+//! configuration into what the gateway runs is [`crate::plan`]'s.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -18,7 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::handlers::breaker::QuarantinePolicy;
-use crate::routing::{RouteSpec, RouteTable};
+use crate::routing::RouteSpec;
 
 /// The documented default configuration, as printed by `outpost config default`.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("default_config.toml");
@@ -477,7 +479,7 @@ pub struct BrokerConfig {
 }
 
 /// TLS listeners for devices (`[broker.tls]`), with Mosquitto's listener options of the same
-/// names. File paths are relative to the configuration file. [`Config::validate`] guarantees:
+/// names. File paths are relative to the configuration file. [`Config::check`] guarantees:
 /// at least one address; `crlfile` and `require_certificate` only with `cafile`;
 /// `use_identity_as_username` only with `require_certificate`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -999,7 +1001,7 @@ impl Config {
     }
 
     /// Reads and parses a file, and makes relative module paths and trusted key paths relative
-    /// to its directory. Does not validate; call [`Config::validate`].
+    /// to its directory. Does not check; call [`Config::check`], or build a [`crate::plan::Plan`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = crate::files::read_regular_text(path, MAX_CONFIG_BYTES).map_err(|error| {
             ConfigError::Read {
@@ -1153,10 +1155,56 @@ impl Config {
             .collect()
     }
 
-    /// Checks every value and cross-reference, compiles the route table and reads the
-    /// geofence files. Module files must exist; their contents are checked when the runtime
-    /// loads them.
-    pub fn validate(&self) -> Result<Validated, ConfigError> {
+    /// Checks every value and every cross-reference between the configuration's own fields,
+    /// in a fixed order, and names the key of the first that is wrong: the broker, handler,
+    /// upstream, module, deploy, store and route settings, that module files exist (their
+    /// contents are checked when the runtime loads them), that the trusted keys read and
+    /// differ, and that every route's handler and upstream are configured. It does not
+    /// compile the route table or read the geofences: [`crate::plan`] does, after this.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.check_identity()?;
+        self.broker.check()?;
+        self.handlers.check()?;
+        let upstream_names = self.check_upstreams()?;
+        let module_names = self.check_modules()?;
+        self.check_deploy()?;
+        if self.handlers.max_concurrent_per_module == 0 {
+            return Err(invalid(
+                "handlers.max_concurrent_per_module",
+                "must be at least 1",
+            ));
+        }
+        self.store.check()?;
+        for r in &self.routes {
+            r.check(&self.handlers)?;
+        }
+        if self.routes.is_empty() {
+            return Err(invalid(
+                "route",
+                "no routes are configured, so nothing would ever be forwarded",
+            ));
+        }
+        for spec in &self.route_specs()? {
+            if let Some(handler) = &spec.handler {
+                if !module_names.contains(handler.as_str()) {
+                    return Err(invalid(
+                        format!("route {:?}.handler", spec.name),
+                        format!("no [[module]] named {handler:?}"),
+                    ));
+                }
+            }
+            if !upstream_names.contains(spec.upstream.as_str()) {
+                return Err(invalid(
+                    format!("route {:?}.upstream", spec.name),
+                    format!("no [[upstream]] named {:?}", spec.upstream),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `gateway_id` and `data_dir`.
+    fn check_identity(&self) -> Result<(), ConfigError> {
         if self.gateway_id.is_empty()
             || !self
                 .gateway_id
@@ -1174,248 +1222,41 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
-        let b = &self.broker;
-        let tls_listen = b.tls.iter().flat_map(|tls| &tls.listen);
-        if b.listen.is_empty() && b.listen_v5.is_empty() && tls_listen.clone().next().is_none() {
-            return Err(invalid(
-                "broker.listen",
-                "at least one listener (broker.listen, broker.listen_v5 or broker.tls.listen) \
-                 is required",
-            ));
-        }
-        let mut seen_addrs = HashSet::new();
-        for addr in b.listen.iter().chain(&b.listen_v5).chain(tls_listen) {
-            if addr.port() != 0 && !seen_addrs.insert(*addr) {
-                return Err(invalid("broker.listen", format!("{addr} is listed twice")));
-            }
-        }
-        if let Some(tls) = &b.tls {
-            validate_broker_tls(tls)?;
-        }
-        if b.max_payload_bytes == 0 || b.max_payload_bytes > 256 * 1024 * 1024 {
-            return Err(invalid(
-                "broker.max_payload_bytes",
-                "must be between 1 and 268435456",
-            ));
-        }
-        if b.max_unjournaled_bytes < 64 * 1024 {
-            return Err(invalid(
-                "broker.max_unjournaled_bytes",
-                "must be at least 65536 (64 KiB)",
-            ));
-        }
-        if b.connect_timeout_ms < 100 {
-            return Err(invalid(
-                "broker.connect_timeout_ms",
-                "must be at least 100 (a device needs time to send its CONNECT)",
-            ));
-        }
-        if b.max_connections == 0 {
-            return Err(invalid("broker.max_connections", "must be at least 1"));
-        }
-        for (key, value) in [
-            ("broker.max_queued_messages", b.max_queued_messages),
-            ("broker.max_queued_bytes", b.max_queued_bytes),
-            ("broker.max_queued_bytes_total", b.max_queued_bytes_total),
-            (
-                "broker.max_subscriptions_per_client",
-                b.max_subscriptions_per_client,
-            ),
-            ("broker.max_subscriptions", b.max_subscriptions),
-            ("broker.max_subscription_bytes", b.max_subscription_bytes),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be at least 1"));
-            }
-        }
-        if b.max_inflight == 0 || b.max_inflight > u16::MAX as usize {
-            return Err(invalid(
-                "broker.max_inflight",
-                "must be between 1 and 65535",
-            ));
-        }
-        if let Some(bad) = b.admins.iter().find(|name| name.is_empty()) {
-            return Err(invalid(
-                "broker.admins",
-                format!("{bad:?}: an admin is a username, which cannot be empty"),
-            ));
-        }
-        // A TLS listener that takes the username from a verified client certificate
-        // authenticates its devices by itself.
-        let certificates_authenticate = b.tls.as_ref().is_some_and(BrokerTlsConfig::authenticates);
-        if b.password_file.is_none()
-            && b.allow_anonymous == Some(false)
-            && !certificates_authenticate
-        {
-            return Err(invalid(
-                "broker.allow_anonymous",
-                "is false but there is no broker.password_file: no device could connect",
-            ));
-        }
-        if b.password_file.is_none() && b.allow_anonymous.is_none() {
-            // Anyone who can reach a listener off loopback could read and write everything:
-            // only when the operator says so.
-            let unauthenticated_tls = b
-                .tls
-                .iter()
-                .filter(|tls| !tls.authenticates())
-                .flat_map(|tls| &tls.listen);
-            if let Some(open) = b
-                .listen
-                .iter()
-                .chain(&b.listen_v5)
-                .chain(unauthenticated_tls)
-                .find(|addr| !addr.ip().is_loopback())
-            {
-                let certificates = if b.tls.as_ref().is_some_and(|t| t.listen.contains(open)) {
-                    " (or, for this TLS listener, require_certificate and \
-                     use_identity_as_username under [broker.tls])"
-                } else {
-                    ""
-                };
-                return Err(invalid(
-                    "broker.allow_anonymous",
-                    format!(
-                        "the listener {open} accepts devices from the network, and there is no \
-                         broker.password_file: set one (see `outpost passwd`){certificates}, or \
-                         write allow_anonymous = true under [broker] to let anyone connect"
-                    ),
-                ));
-            }
-        }
-        let h = &self.handlers;
-        if h.deadline_ms == 0 || h.deadline_ms > 600_000 {
-            return Err(invalid(
-                "handlers.deadline_ms",
-                "must be between 1 and 600000",
-            ));
-        }
-        if h.memory_limit_mib == 0 || h.memory_limit_mib > 4096 {
-            return Err(invalid(
-                "handlers.memory_limit_mib",
-                "must be between 1 and 4096",
-            ));
-        }
-        if h.max_batch == 0 || h.max_batch > 10_000 {
-            return Err(invalid("handlers.max_batch", "must be between 1 and 10000"));
-        }
-        if h.breaker_failures == 0 {
-            return Err(invalid("handlers.breaker_failures", "must be at least 1"));
-        }
-        if h.breaker_cooldown_ms == 0 || h.breaker_cooldown_ms > 86_400_000 {
-            return Err(invalid(
-                "handlers.breaker_cooldown_ms",
-                "must be between 1 and 86400000 (one day)",
-            ));
-        }
+        Ok(())
+    }
 
-        let mut upstream_names = HashSet::new();
+    /// Every `[[upstream]]`, and that their names differ; returns the names.
+    fn check_upstreams(&self) -> Result<HashSet<&str>, ConfigError> {
+        let mut names = HashSet::new();
         for u in &self.upstreams {
-            let key = |field: &str| format!("upstream {:?}.{field}", u.name);
             if u.name.is_empty() {
                 return Err(invalid("upstream.name", "must not be empty"));
             }
             if u.name.starts_with('$') {
-                return Err(invalid(key("name"), "must not start with '$' (reserved)"));
-            }
-            if !upstream_names.insert(u.name.as_str()) {
-                return Err(invalid(key("name"), "is used by two upstreams"));
-            }
-            let address = parse_broker_url(&u.url).map_err(|m| invalid(key("url"), m))?;
-            if !address.tls {
-                for (field, set) in [
-                    ("cafile", u.cafile.is_some()),
-                    ("certfile", u.certfile.is_some()),
-                    ("keyfile", u.keyfile.is_some()),
-                    ("alpn", !u.alpn.is_empty()),
-                ] {
-                    if set {
-                        return Err(invalid(
-                            key(field),
-                            "only for TLS upstreams: use an mqtts:// url",
-                        ));
-                    }
-                }
-            }
-            match (&u.certfile, &u.keyfile) {
-                (Some(_), None) => {
-                    return Err(invalid(
-                        key("keyfile"),
-                        "required with certfile (the client certificate's private key)",
-                    ))
-                }
-                (None, Some(_)) => {
-                    return Err(invalid(
-                        key("certfile"),
-                        "required with keyfile (the certificate of that private key)",
-                    ))
-                }
-                _ => {}
-            }
-            for (i, protocol) in u.alpn.iter().enumerate() {
-                if protocol.is_empty() || protocol.len() > 255 {
-                    return Err(invalid(
-                        format!("upstream {:?}.alpn[{i}]", u.name),
-                        "must be 1 to 255 bytes",
-                    ));
-                }
-            }
-            if u.password.is_some() && u.password_file.is_some() {
                 return Err(invalid(
-                    key("password_file"),
-                    "set password or password_file, not both",
+                    format!("upstream {:?}.name", u.name),
+                    "must not start with '$' (reserved)",
                 ));
             }
-            if u.username.is_none() && (u.password.is_some() || u.password_file.is_some()) {
+            if !names.insert(u.name.as_str()) {
                 return Err(invalid(
-                    key("username"),
-                    "required with a password (MQTT sends a password only with a user name)",
+                    format!("upstream {:?}.name", u.name),
+                    "is used by two upstreams",
                 ));
             }
-            if u.username.as_ref().is_some_and(|n| n.is_empty()) {
-                return Err(invalid(key("username"), "must not be empty"));
-            }
-            if u.connect_timeout_secs == 0 || u.connect_timeout_secs > 600 {
-                return Err(invalid(
-                    key("connect_timeout_secs"),
-                    "must be between 1 and 600",
-                ));
-            }
-            if u.keep_alive_secs < 5 || u.keep_alive_secs > 65_535 {
-                return Err(invalid(
-                    key("keep_alive_secs"),
-                    "must be between 5 and 65535",
-                ));
-            }
-            if u.envelope && u.protocol == MqttVersion::V5 {
-                return Err(invalid(
-                    key("envelope"),
-                    "only for protocol \"3.1.1\": MQTT 5 upstreams get the message id as a user property",
-                ));
-            }
-            if u.inflight == 0 {
-                return Err(invalid(key("inflight"), "must be at least 1"));
-            }
-            if u.inflight_bytes < 1024 {
-                return Err(invalid(key("inflight_bytes"), "must be at least 1024"));
-            }
-            if u.max_refusals == 0 {
-                return Err(invalid(key("max_refusals"), "must be at least 1"));
-            }
-            if u.reconnect_min_ms == 0 || u.reconnect_min_ms > u.reconnect_max_ms {
-                return Err(invalid(
-                    key("reconnect_min_ms"),
-                    "must be at least 1 and not more than reconnect_max_ms",
-                ));
-            }
+            u.check()?;
         }
+        Ok(names)
+    }
 
-        let mut module_names = HashSet::new();
+    /// Every `[[module]]`: names that differ, and files that exist; returns the names.
+    fn check_modules(&self) -> Result<HashSet<&str>, ConfigError> {
+        let mut names = HashSet::new();
         for m in &self.modules {
             if m.name.is_empty() {
                 return Err(invalid("module.name", "must not be empty"));
             }
-            if !module_names.insert(m.name.as_str()) {
+            if !names.insert(m.name.as_str()) {
                 return Err(invalid(
                     format!("module {:?}.name", m.name),
                     "is used by two modules",
@@ -1430,7 +1271,11 @@ impl Config {
                 }
             }
         }
+        Ok(names)
+    }
 
+    /// `[deploy]`, reading the trusted keys.
+    fn check_deploy(&self) -> Result<(), ConfigError> {
         let d = &self.deploy;
         if d.max_module_bytes == 0 || d.max_module_bytes > MAX_MODULE_BYTES_LIMIT {
             return Err(invalid(
@@ -1451,7 +1296,6 @@ impl Config {
                 ));
             }
         }
-
         for (i, group) in d.groups.iter().enumerate() {
             if group.is_empty() || group.contains(['+', '#', '/', '\0']) {
                 return Err(invalid(
@@ -1469,130 +1313,401 @@ impl Config {
                 "must be topic levels without wildcards or a trailing '/'",
             ));
         }
-        if self.handlers.max_concurrent_per_module == 0 {
+        Ok(())
+    }
+}
+
+impl BrokerConfig {
+    /// `[broker]`: the listeners, the limits, and who may log in.
+    fn check(&self) -> Result<(), ConfigError> {
+        self.check_listeners()?;
+        self.check_limits()?;
+        if let Some(bad) = self.admins.iter().find(|name| name.is_empty()) {
             return Err(invalid(
-                "handlers.max_concurrent_per_module",
-                "must be at least 1",
+                "broker.admins",
+                format!("{bad:?}: an admin is a username, which cannot be empty"),
             ));
         }
+        self.check_logins()
+    }
 
-        let st = &self.store;
+    /// At least one listener, none listed twice, and `[broker.tls]`'s own rules.
+    fn check_listeners(&self) -> Result<(), ConfigError> {
+        let tls_listen = self.tls.iter().flat_map(|tls| &tls.listen);
+        if self.listen.is_empty()
+            && self.listen_v5.is_empty()
+            && tls_listen.clone().next().is_none()
+        {
+            return Err(invalid(
+                "broker.listen",
+                "at least one listener (broker.listen, broker.listen_v5 or broker.tls.listen) \
+                 is required",
+            ));
+        }
+        let mut seen_addrs = HashSet::new();
+        for addr in self.listen.iter().chain(&self.listen_v5).chain(tls_listen) {
+            if addr.port() != 0 && !seen_addrs.insert(*addr) {
+                return Err(invalid("broker.listen", format!("{addr} is listed twice")));
+            }
+        }
+        if let Some(tls) = &self.tls {
+            validate_broker_tls(tls)?;
+        }
+        Ok(())
+    }
+
+    /// The sizes, counts and timeouts.
+    fn check_limits(&self) -> Result<(), ConfigError> {
+        if self.max_payload_bytes == 0 || self.max_payload_bytes > 256 * 1024 * 1024 {
+            return Err(invalid(
+                "broker.max_payload_bytes",
+                "must be between 1 and 268435456",
+            ));
+        }
+        if self.max_unjournaled_bytes < 64 * 1024 {
+            return Err(invalid(
+                "broker.max_unjournaled_bytes",
+                "must be at least 65536 (64 KiB)",
+            ));
+        }
+        if self.connect_timeout_ms < 100 {
+            return Err(invalid(
+                "broker.connect_timeout_ms",
+                "must be at least 100 (a device needs time to send its CONNECT)",
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("broker.max_connections", "must be at least 1"));
+        }
         for (key, value) in [
-            ("store.journal_max_rows", st.journal_max_rows),
-            ("store.outbox_max_rows", st.outbox_max_rows),
-            ("store.outbox_max_mib", st.outbox_max_mib),
-            ("store.dead_letters_max_rows", st.dead_letters_max_rows),
-            ("store.dead_letters_max_mib", st.dead_letters_max_mib),
+            ("broker.max_queued_messages", self.max_queued_messages),
+            ("broker.max_queued_bytes", self.max_queued_bytes),
+            ("broker.max_queued_bytes_total", self.max_queued_bytes_total),
+            (
+                "broker.max_subscriptions_per_client",
+                self.max_subscriptions_per_client,
+            ),
+            ("broker.max_subscriptions", self.max_subscriptions),
+            ("broker.max_subscription_bytes", self.max_subscription_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if self.max_inflight == 0 || self.max_inflight > u16::MAX as usize {
+            return Err(invalid(
+                "broker.max_inflight",
+                "must be between 1 and 65535",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Some device can log in, and no listener off loopback is open to anyone unless the
+    /// operator said so.
+    fn check_logins(&self) -> Result<(), ConfigError> {
+        // A TLS listener that takes the username from a verified client certificate
+        // authenticates its devices by itself.
+        let certificates_authenticate = self
+            .tls
+            .as_ref()
+            .is_some_and(BrokerTlsConfig::authenticates);
+        if self.password_file.is_none()
+            && self.allow_anonymous == Some(false)
+            && !certificates_authenticate
+        {
+            return Err(invalid(
+                "broker.allow_anonymous",
+                "is false but there is no broker.password_file: no device could connect",
+            ));
+        }
+        if self.password_file.is_some() || self.allow_anonymous.is_some() {
+            return Ok(());
+        }
+        // Anyone who can reach a listener off loopback could read and write everything:
+        // only when the operator says so.
+        let unauthenticated_tls = self
+            .tls
+            .iter()
+            .filter(|tls| !tls.authenticates())
+            .flat_map(|tls| &tls.listen);
+        let Some(open) = self
+            .listen
+            .iter()
+            .chain(&self.listen_v5)
+            .chain(unauthenticated_tls)
+            .find(|addr| !addr.ip().is_loopback())
+        else {
+            return Ok(());
+        };
+        let certificates = if self.tls.as_ref().is_some_and(|t| t.listen.contains(open)) {
+            " (or, for this TLS listener, require_certificate and \
+             use_identity_as_username under [broker.tls])"
+        } else {
+            ""
+        };
+        Err(invalid(
+            "broker.allow_anonymous",
+            format!(
+                "the listener {open} accepts devices from the network, and there is no \
+                 broker.password_file: set one (see `outpost passwd`){certificates}, or \
+                 write allow_anonymous = true under [broker] to let anyone connect"
+            ),
+        ))
+    }
+}
+
+impl HandlerConfig {
+    /// `[handlers]`, but `max_concurrent_per_module` (checked after `[deploy]`).
+    fn check(&self) -> Result<(), ConfigError> {
+        if self.deadline_ms == 0 || self.deadline_ms > 600_000 {
+            return Err(invalid(
+                "handlers.deadline_ms",
+                "must be between 1 and 600000",
+            ));
+        }
+        if self.memory_limit_mib == 0 || self.memory_limit_mib > 4096 {
+            return Err(invalid(
+                "handlers.memory_limit_mib",
+                "must be between 1 and 4096",
+            ));
+        }
+        if self.max_batch == 0 || self.max_batch > 10_000 {
+            return Err(invalid("handlers.max_batch", "must be between 1 and 10000"));
+        }
+        if self.breaker_failures == 0 {
+            return Err(invalid("handlers.breaker_failures", "must be at least 1"));
+        }
+        if self.breaker_cooldown_ms == 0 || self.breaker_cooldown_ms > 86_400_000 {
+            return Err(invalid(
+                "handlers.breaker_cooldown_ms",
+                "must be between 1 and 86400000 (one day)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl UpstreamConfig {
+    /// The key `upstream "<name>".<field>`.
+    fn key(&self, field: &str) -> String {
+        format!("upstream {:?}.{field}", self.name)
+    }
+
+    /// One `[[upstream]]`'s own settings (its name is checked with the others').
+    fn check(&self) -> Result<(), ConfigError> {
+        let address = parse_broker_url(&self.url).map_err(|m| invalid(self.key("url"), m))?;
+        self.check_tls(address.tls)?;
+        self.check_login()?;
+        self.check_session()
+    }
+
+    /// The TLS files and ALPN names: only for TLS, and a certificate with its key.
+    fn check_tls(&self, tls: bool) -> Result<(), ConfigError> {
+        if !tls {
+            for (field, set) in [
+                ("cafile", self.cafile.is_some()),
+                ("certfile", self.certfile.is_some()),
+                ("keyfile", self.keyfile.is_some()),
+                ("alpn", !self.alpn.is_empty()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        self.key(field),
+                        "only for TLS upstreams: use an mqtts:// url",
+                    ));
+                }
+            }
+        }
+        match (&self.certfile, &self.keyfile) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    self.key("keyfile"),
+                    "required with certfile (the client certificate's private key)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    self.key("certfile"),
+                    "required with keyfile (the certificate of that private key)",
+                ))
+            }
+            _ => {}
+        }
+        for (i, protocol) in self.alpn.iter().enumerate() {
+            if protocol.is_empty() || protocol.len() > 255 {
+                return Err(invalid(
+                    format!("upstream {:?}.alpn[{i}]", self.name),
+                    "must be 1 to 255 bytes",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The user name and password.
+    fn check_login(&self) -> Result<(), ConfigError> {
+        if self.password.is_some() && self.password_file.is_some() {
+            return Err(invalid(
+                self.key("password_file"),
+                "set password or password_file, not both",
+            ));
+        }
+        if self.username.is_none() && (self.password.is_some() || self.password_file.is_some()) {
+            return Err(invalid(
+                self.key("username"),
+                "required with a password (MQTT sends a password only with a user name)",
+            ));
+        }
+        if self.username.as_ref().is_some_and(|n| n.is_empty()) {
+            return Err(invalid(self.key("username"), "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// The timeouts, the envelope, the window and the reconnection backoff.
+    fn check_session(&self) -> Result<(), ConfigError> {
+        if self.connect_timeout_secs == 0 || self.connect_timeout_secs > 600 {
+            return Err(invalid(
+                self.key("connect_timeout_secs"),
+                "must be between 1 and 600",
+            ));
+        }
+        if self.keep_alive_secs < 5 || self.keep_alive_secs > 65_535 {
+            return Err(invalid(
+                self.key("keep_alive_secs"),
+                "must be between 5 and 65535",
+            ));
+        }
+        if self.envelope && self.protocol == MqttVersion::V5 {
+            return Err(invalid(
+                self.key("envelope"),
+                "only for protocol \"3.1.1\": MQTT 5 upstreams get the message id as a user property",
+            ));
+        }
+        if self.inflight == 0 {
+            return Err(invalid(self.key("inflight"), "must be at least 1"));
+        }
+        if self.inflight_bytes < 1024 {
+            return Err(invalid(self.key("inflight_bytes"), "must be at least 1024"));
+        }
+        if self.max_refusals == 0 {
+            return Err(invalid(self.key("max_refusals"), "must be at least 1"));
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_min_ms > self.reconnect_max_ms {
+            return Err(invalid(
+                self.key("reconnect_min_ms"),
+                "must be at least 1 and not more than reconnect_max_ms",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl StoreConfig {
+    /// `[store]`: every cap at least 1 (`max_db_mib`: or 0, no cap).
+    fn check(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("store.journal_max_rows", self.journal_max_rows),
+            ("store.outbox_max_rows", self.outbox_max_rows),
+            ("store.outbox_max_mib", self.outbox_max_mib),
+            ("store.dead_letters_max_rows", self.dead_letters_max_rows),
+            ("store.dead_letters_max_mib", self.dead_letters_max_mib),
         ] {
             if value < 1 {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
-        if st.max_db_mib != 0 && st.max_db_mib < 1 {
+        if self.max_db_mib != 0 && self.max_db_mib < 1 {
             return Err(invalid(
                 "store.max_db_mib",
                 "must be 0 (no cap) or at least 1",
             ));
         }
-        for r in &self.routes {
-            let key = |field: &str| format!("route {:?}.{field}", r.name);
-            if r.retry.max_attempts == 0 || r.retry.max_attempts > 1000 {
-                return Err(invalid(
-                    key("retry.max_attempts"),
-                    "must be between 1 and 1000",
-                ));
-            }
-            if r.retry.backoff_ms == 0 || r.retry.backoff_ms > r.retry.backoff_max_ms {
-                return Err(invalid(
-                    key("retry.backoff_ms"),
-                    "must be at least 1 and not more than retry.backoff_max_ms",
-                ));
-            }
-            for (name, set) in [
-                ("memory_limit_mib", r.memory_limit_mib.is_some()),
-                ("max_outputs", r.max_outputs.is_some()),
-                ("max_output_bytes", r.max_output_bytes.is_some()),
-                ("max_concurrent", r.max_concurrent.is_some()),
-            ] {
-                if set && r.handler.is_none() {
-                    return Err(invalid(key(name), "only applies to a route with a handler"));
-                }
-            }
-            if let Some(m) = r.memory_limit_mib {
-                if m == 0 || m > self.handlers.memory_limit_mib {
-                    return Err(invalid(
-                        key("memory_limit_mib"),
-                        format!(
-                            "must be between 1 and handlers.memory_limit_mib ({})",
-                            self.handlers.memory_limit_mib
-                        ),
-                    ));
-                }
-            }
-            if let Some(n) = r.max_concurrent {
-                if n == 0 || n > self.handlers.max_concurrent_per_module {
-                    return Err(invalid(
-                        key("max_concurrent"),
-                        format!(
-                            "must be between 1 and handlers.max_concurrent_per_module ({})",
-                            self.handlers.max_concurrent_per_module
-                        ),
-                    ));
-                }
-            }
-            if let Some(d) = r.deadline_ms {
-                if d == 0 || d > 600_000 {
-                    return Err(invalid(key("deadline_ms"), "must be between 1 and 600000"));
-                }
-                if r.handler.is_none() {
-                    return Err(invalid(
-                        key("deadline_ms"),
-                        "only applies to a route with a handler",
-                    ));
-                }
-            }
-        }
-        if self.routes.is_empty() {
-            return Err(invalid(
-                "route",
-                "no routes are configured, so nothing would ever be forwarded",
-            ));
-        }
-        let specs = self.route_specs()?;
-        for spec in &specs {
-            if let Some(handler) = &spec.handler {
-                if !module_names.contains(handler.as_str()) {
-                    return Err(invalid(
-                        format!("route {:?}.handler", spec.name),
-                        format!("no [[module]] named {handler:?}"),
-                    ));
-                }
-            }
-            if !upstream_names.contains(spec.upstream.as_str()) {
-                return Err(invalid(
-                    format!("route {:?}.upstream", spec.name),
-                    format!("no [[upstream]] named {:?}", spec.upstream),
-                ));
-            }
-        }
-        let routes = RouteTable::compile(&specs).map_err(|e| invalid("route", e.to_string()))?;
-        let geo = crate::geo::locator::GeoPlan::from_config(self, &routes)?;
-        Ok(Validated { routes, geo })
+        Ok(())
     }
 }
 
-/// A validated configuration's compiled parts.
-#[derive(Debug)]
-pub struct Validated {
-    /// The route table.
-    pub routes: RouteTable,
-    /// The geography: geofences, regions, location sources, residency.
-    pub geo: crate::geo::locator::GeoPlan,
+impl RouteConfig {
+    /// One `[[route]]`'s retries and handler limits, within `handlers`' (its references to
+    /// modules and upstreams are checked with the others').
+    fn check(&self, handlers: &HandlerConfig) -> Result<(), ConfigError> {
+        let key = |field: &str| format!("route {:?}.{field}", self.name);
+        if self.retry.max_attempts == 0 || self.retry.max_attempts > 1000 {
+            return Err(invalid(
+                key("retry.max_attempts"),
+                "must be between 1 and 1000",
+            ));
+        }
+        if self.retry.backoff_ms == 0 || self.retry.backoff_ms > self.retry.backoff_max_ms {
+            return Err(invalid(
+                key("retry.backoff_ms"),
+                "must be at least 1 and not more than retry.backoff_max_ms",
+            ));
+        }
+        for (name, set) in [
+            ("memory_limit_mib", self.memory_limit_mib.is_some()),
+            ("max_outputs", self.max_outputs.is_some()),
+            ("max_output_bytes", self.max_output_bytes.is_some()),
+            ("max_concurrent", self.max_concurrent.is_some()),
+        ] {
+            if set && self.handler.is_none() {
+                return Err(invalid(key(name), "only applies to a route with a handler"));
+            }
+        }
+        if let Some(m) = self.memory_limit_mib {
+            if m == 0 || m > handlers.memory_limit_mib {
+                return Err(invalid(
+                    key("memory_limit_mib"),
+                    format!(
+                        "must be between 1 and handlers.memory_limit_mib ({})",
+                        handlers.memory_limit_mib
+                    ),
+                ));
+            }
+        }
+        if let Some(n) = self.max_concurrent {
+            if n == 0 || n > handlers.max_concurrent_per_module {
+                return Err(invalid(
+                    key("max_concurrent"),
+                    format!(
+                        "must be between 1 and handlers.max_concurrent_per_module ({})",
+                        handlers.max_concurrent_per_module
+                    ),
+                ));
+            }
+        }
+        if let Some(d) = self.deadline_ms {
+            if d == 0 || d > 600_000 {
+                return Err(invalid(key("deadline_ms"), "must be between 1 and 600000"));
+            }
+            if self.handler.is_none() {
+                return Err(invalid(
+                    key("deadline_ms"),
+                    "only applies to a route with a handler",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What these tests ask of a configuration: the whole validation before the gateway
+    /// uses it, its own checks ([`Config::check`]) and then the route table and the
+    /// geography ([`crate::plan::compile`]).
+    trait Validate {
+        fn validate(&self) -> Result<(), ConfigError>;
+    }
+
+    impl Validate for Config {
+        fn validate(&self) -> Result<(), ConfigError> {
+            crate::plan::compile(self).map(drop)
+        }
+    }
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::from_toml(text, Path::new("test.toml"))

@@ -31,7 +31,11 @@
 //!
 //! - [`control`]: the control topics on the gateway's broker (dead letters, modules, metrics).
 //! - [`client`]: the operator's side of those topics (`outpost deadletters`, `outpost module`).
-//! - [`gateway`]: builds the stages from a validated [`config`] and owns their lifecycle.
+//! - [`config`]: the typed configuration, its defaults and the checks of its own fields.
+//! - [`plan`]: turns a configuration into what the gateway runs (route table, geography,
+//!   policies, runtime settings, links, files read), or the first error in it.
+//! - [`gateway`]: starts the stages of a [`plan`] in path order, stops them in reverse, and
+//!   owns their lifecycle; [`shutdown`] is the signal that tells a stage's tasks to stop.
 //! - [`metrics`], [`event`], [`signing`], [`files`], [`notify`]: shared vocabulary and support.
 //!
 //! The binary's operator tools (`outpost bench`, `outpost demo`) live in `src/cli/`, outside
@@ -50,6 +54,8 @@ pub mod client;
 pub mod config;
 pub mod control;
 pub mod gateway;
+pub mod plan;
+pub mod shutdown;
 
 pub mod event;
 pub mod files;

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use outpost::config::{Config, Overrides, DEFAULT_CONFIG_TOML};
 use outpost::gateway::Gateway;
+use outpost::plan::Plan;
 use tracing_subscriber::EnvFilter;
 
 mod cli;
@@ -604,88 +605,20 @@ fn load(file: Option<&std::path::Path>) -> anyhow::Result<Config> {
 }
 
 fn check(file: &std::path::Path) -> anyhow::Result<()> {
-    let config = load(Some(file))?;
-    let validated = config.validate()?;
-    // The uplinks' certificates, keys, CA and password files: read and checked as the gateway
-    // will at start; an expiring certificate is a warning.
-    let mut warnings = validated.geo.warnings(&validated.routes);
-    for upstream in &config.upstreams {
-        let credentials = outpost::uplink::credentials::load(upstream)?;
-        warnings.extend(credentials.warnings(std::time::SystemTime::now()));
-        if credentials.tls.is_none() && credentials.login.is_some() {
-            warnings.push(format!(
-                "upstream {:?}: the password goes to {} in the clear; use an mqtts:// url",
-                upstream.name, upstream.url
-            ));
-        }
-    }
-    // The broker's password file: read and checked as at start; entries it cannot use are
-    // warnings with their line.
-    if let Some(path) = &config.broker.password_file {
-        let passwords = outpost::edge::auth::load_password_file(path)?;
-        for skipped in passwords.skipped() {
-            warnings.push(format!(
-                "{} line {}: the entry of {:?} cannot be used ({}); that user is refused",
-                path.display(),
-                skipped.line,
-                skipped.username,
-                skipped.reason
-            ));
-        }
-        if passwords.users() == 0 {
-            warnings.push(format!(
-                "{}: no usable entry; every client with a username is refused",
-                path.display()
-            ));
-        }
-    }
-    // The control topics are open to every device that can connect, unless access control
-    // is configured: worth a word when devices connect from the network.
-    let network_listener = config
-        .broker
-        .listen
-        .iter()
-        .chain(&config.broker.listen_v5)
-        .chain(config.broker.tls.iter().flat_map(|tls| &tls.listen))
-        .find(|addr| !addr.ip().is_loopback());
-    if let (Some(addr), None, true) = (
-        network_listener,
-        &config.broker.acl_file,
-        config.broker.admins.is_empty(),
-    ) {
-        warnings.push(format!(
-            "the listener {addr} accepts devices from the network and there is neither \
-             broker.admins nor broker.acl_file: any device that connects may list, replay \
-             and purge dead letters and read the metrics"
-        ));
-    }
-    // The ACL: a line it cannot parse is an error with its number, as at start.
-    if let Some(path) = &config.broker.acl_file {
-        let acl = outpost::edge::auth::load_acl_file(path)?;
-        if acl.rules() == 0 {
-            warnings.push(format!(
-                "{}: no rules; every device publish, subscription and delivery is refused",
-                path.display()
-            ));
-        }
-    }
-    // The device listeners' TLS files: read and checked as at start (a missing or unreadable
-    // certificate, key, CA or CRL file, a key others can read fails); expiring certificates
-    // and stale revocation lists are warnings.
-    if let Some(tls) = &config.broker.tls {
-        let files = outpost::edge::tls::load(tls)?;
-        warnings.extend(files.warnings(std::time::SystemTime::now()));
-    }
+    // Checked, compiled and every file read as the gateway will at start (the uplinks'
+    // credentials, the broker's password, ACL and TLS files); what would not stop a start is
+    // a warning.
+    let plan = Plan::new(load(Some(file))?)?;
     println!(
         "{}: ok ({} route(s), {} module(s), {} upstream(s), {} geofence(s), {} region(s))",
         file.display(),
-        validated.routes.routes().len(),
-        config.modules.len(),
-        config.upstreams.len(),
-        validated.geo.geography.fences().len(),
-        validated.geo.geography.regions().len(),
+        plan.routes.routes().len(),
+        plan.config.modules.len(),
+        plan.config.upstreams.len(),
+        plan.geo.geography.fences().len(),
+        plan.geo.geography.regions().len(),
     );
-    for warning in warnings {
+    for warning in plan.warnings(std::time::SystemTime::now()) {
         println!("warning: {warning}");
     }
     Ok(())
@@ -694,13 +627,13 @@ fn check(file: &std::path::Path) -> anyhow::Result<()> {
 fn run(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
     let mut config = load(file.as_deref())?;
     config.apply(&overrides);
-    config.validate()?;
+    let plan = Plan::new(config)?;
     tokio_runtime()?.block_on(async move {
         use tokio::signal::unix::{signal, SignalKind};
         // Before the start, so that neither signal kills a gateway that is still starting.
         let mut terminate = signal(SignalKind::terminate())?;
         let mut hangup = signal(SignalKind::hangup())?;
-        let gateway = Gateway::start(config).await?;
+        let gateway = Gateway::start_planned(plan).await?;
         // Under systemd (Type=notify): ready once devices are served.
         if let Err(e) = outpost::notify::notify("READY=1") {
             tracing::warn!(error = %e, "cannot tell systemd the gateway is ready");

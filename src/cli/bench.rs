@@ -2352,7 +2352,7 @@ mod tests {
         let options = options_with(Some(faulty.clone()));
         let dir = Path::new("/nonexistent");
         let config = gateway_config(dir, 1883, "mqtt://127.0.0.1:1".into(), &options, true);
-        config.validate().expect("a valid configuration");
+        outpost::plan::compile(&config).expect("a valid configuration");
         assert_eq!(config.routes.len(), 2);
         let route = &config.routes[1];
         assert_eq!(route.filter, HOSTILE_FILTER);

@@ -309,7 +309,7 @@ impl Edge {
         admins: &[String],
         acl: Option<(std::path::PathBuf, acl::Acl)>,
         reloads: tokio::sync::watch::Receiver<u64>,
-        shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: crate::shutdown::Shutdown,
     ) {
         let Some((path, acl)) = acl else {
             self.broker
@@ -325,7 +325,7 @@ impl Edge {
             "ACL file",
             vec![path.clone()],
             reloads,
-            shutdown,
+            shutdown.into_transitional_receiver(),
             move || auth::load_acl_file(&path),
             move |acl| {
                 info!(file = %shown.display(), rules = acl.rules(), "ACL file read again");

@@ -1,8 +1,9 @@
 //! Where an event happened, and what follows from it: the location sources (payload, device
 //! registry, gateway position), region tags and residency, and enter/exit transitions.
 //!
-//! [`GeoPlan`] is the validated geography of a configuration (built once, at start-up, by
-//! [`GeoPlan::from_config`], which is the only part that reads files). [`Locator`] adds the
+//! [`GeoPlan`] is the validated geography of a configuration (built once, when the
+//! configuration is planned ([`crate::plan`]), by [`GeoPlan::from_config`], which is the only
+//! part that reads files). [`Locator`] adds the
 //! state that changes while the gateway runs: each device's last known position and the
 //! geofences it is in (loaded from and saved to the store by the pipeline), and the latest GPS
 //! fix of the gateway itself.
@@ -198,65 +199,8 @@ impl GeoPlan {
     /// and no route requires a region its link may not carry. Errors name the key.
     pub fn from_config(config: &Config, routes: &RouteTable) -> Result<GeoPlan, ConfigError> {
         let g = &config.geography;
-        let mut builder = Geography::builder();
-        for (i, fence) in config.geofences.iter().enumerate() {
-            let key = format!("geofence[{i}]");
-            match (&fence.file, fence.center, fence.radius_m) {
-                (Some(file), None, None) => {
-                    let bytes = read_file(file).map_err(|m| invalid(format!("{key}.file"), m))?;
-                    let mut options = GeoJsonOptions::default();
-                    if let Some(p) = &fence.name_property {
-                        options.name_property = p.clone();
-                    }
-                    options.only = fence.only.clone();
-                    options.geometry_name = fence.name.clone();
-                    builder.add_geojson(&bytes, &options).map_err(|e| {
-                        invalid(format!("{key}.file"), format!("{}: {e}", file.display()))
-                    })?;
-                }
-                (None, Some(center), Some(radius)) => {
-                    let Some(name) = &fence.name else {
-                        return Err(invalid(format!("{key}.name"), "a circle needs a name"));
-                    };
-                    if fence.name_property.is_some() || fence.only.is_some() {
-                        return Err(invalid(
-                            key,
-                            "name_property and only apply to a file, not to a circle",
-                        ));
-                    }
-                    let centre = position(&format!("{key}.center"), center)?;
-                    builder
-                        .add_circle(name.clone(), centre, radius)
-                        .map_err(|e| invalid(key, e.to_string()))?;
-                }
-                _ => {
-                    return Err(invalid(
-                        key,
-                        "give `file` (GeoJSON), or `name`, `center` = [lat, lon] and `radius_m`",
-                    ))
-                }
-            }
-        }
-        for (i, region) in config.regions.iter().enumerate() {
-            let key = format!("region[{i}]");
-            if !valid_region_name(&region.name) {
-                return Err(invalid(
-                    format!("{key}.name"),
-                    format!(
-                        "{:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
-                        region.name
-                    ),
-                ));
-            }
-            builder
-                .add_region(region.name.clone(), region.fences.iter().cloned())
-                .map_err(|e| invalid(key, e.to_string()))?;
-        }
-        let geography = builder
-            .build()
-            .map_err(|e| invalid("geofence", e.to_string()))?;
+        let geography = geography_of(config)?;
         let residency = !config.regions.is_empty();
-
         let default_pointers =
             Pointers::from_config(&g.location).map_err(|m| invalid("geography.location", m))?;
         let mut route_pointers = Vec::with_capacity(config.routes.len());
@@ -267,7 +211,6 @@ impl GeoPlan {
                 None => default_pointers.clone(),
             });
         }
-
         let no_location = match g.no_location.as_str() {
             "local-only" => NoLocation::LocalOnly,
             "dead-letter" => NoLocation::DeadLetter,
@@ -295,79 +238,9 @@ impl GeoPlan {
         if let Some(t) = &g.transitions_topic {
             check_transitions_topic(t).map_err(|m| invalid("geography.transitions_topic", m))?;
         }
-        let mut static_devices = HashMap::new();
-        for (i, d) in config.devices.iter().enumerate() {
-            if d.id.is_empty() {
-                return Err(invalid(format!("device[{i}].id"), "must not be empty"));
-            }
-            let at = position(&format!("device[{i}].position"), d.position)?;
-            if static_devices.insert(d.id.clone(), at).is_some() {
-                return Err(invalid(
-                    format!("device[{i}].id"),
-                    format!("{:?} is configured twice", d.id),
-                ));
-            }
-        }
-
-        let mut links = HashMap::new();
-        for u in &config.upstreams {
-            for r in &u.regions {
-                if r != "*" && geography.region(r).is_none() {
-                    return Err(invalid(
-                        format!("upstream {:?}.regions", u.name),
-                        format!("no [[region]] named {r:?}"),
-                    ));
-                }
-            }
-            links.insert(u.name.clone(), LinkRegions::from_list(&u.regions));
-        }
-        links.insert(LOCAL_LINK.to_string(), LinkRegions::Any);
-
-        for route in routes.routes() {
-            let Some(when) = &route.when else { continue };
-            for name in when.names() {
-                if geography.fence(name).is_none() && geography.region(name).is_none() {
-                    return Err(invalid(
-                        format!("route {:?}.when", route.name),
-                        format!("no geofence or region named {name:?}"),
-                    ));
-                }
-            }
-            if !residency {
-                continue;
-            }
-            let Some(alternatives) = when.required_memberships() else {
-                continue;
-            };
-            let link = links
-                .get(&route.upstream)
-                .cloned()
-                .unwrap_or(LinkRegions::Any);
-            let carried = alternatives.iter().any(|names| {
-                let tags = implied_regions(&geography, names);
-                link.allows(tags.iter().map(String::as_str))
-            });
-            if !carried {
-                let needed: Vec<String> = alternatives
-                    .iter()
-                    .map(|names| {
-                        implied_regions(&geography, names)
-                            .into_iter()
-                            .collect::<Vec<_>>()
-                            .join(" + ")
-                    })
-                    .collect();
-                return Err(invalid(
-                    format!("route {:?}.upstream", route.name),
-                    format!(
-                        "the route only takes events in region {}, which upstream {:?} may not carry (see its `regions`)",
-                        needed.join(" or "),
-                        route.upstream
-                    ),
-                ));
-            }
-        }
-
+        let static_devices = static_devices(config)?;
+        let links = links_of(config, &geography)?;
+        check_route_geography(routes, &geography, &links, residency)?;
         let active = !config.geofences.is_empty()
             || residency
             || !config.devices.is_empty()
@@ -436,6 +309,161 @@ impl GeoPlan {
     pub fn link(&self, name: &str) -> LinkRegions {
         self.links.get(name).cloned().unwrap_or(LinkRegions::Any)
     }
+}
+
+/// The geofences (read from their files, or circles) and the regions made of them.
+fn geography_of(config: &Config) -> Result<Geography, ConfigError> {
+    let mut builder = Geography::builder();
+    for (i, fence) in config.geofences.iter().enumerate() {
+        let key = format!("geofence[{i}]");
+        match (&fence.file, fence.center, fence.radius_m) {
+            (Some(file), None, None) => {
+                let bytes = read_file(file).map_err(|m| invalid(format!("{key}.file"), m))?;
+                let mut options = GeoJsonOptions::default();
+                if let Some(p) = &fence.name_property {
+                    options.name_property = p.clone();
+                }
+                options.only = fence.only.clone();
+                options.geometry_name = fence.name.clone();
+                builder.add_geojson(&bytes, &options).map_err(|e| {
+                    invalid(format!("{key}.file"), format!("{}: {e}", file.display()))
+                })?;
+            }
+            (None, Some(center), Some(radius)) => {
+                let Some(name) = &fence.name else {
+                    return Err(invalid(format!("{key}.name"), "a circle needs a name"));
+                };
+                if fence.name_property.is_some() || fence.only.is_some() {
+                    return Err(invalid(
+                        key,
+                        "name_property and only apply to a file, not to a circle",
+                    ));
+                }
+                let centre = position(&format!("{key}.center"), center)?;
+                builder
+                    .add_circle(name.clone(), centre, radius)
+                    .map_err(|e| invalid(key, e.to_string()))?;
+            }
+            _ => {
+                return Err(invalid(
+                    key,
+                    "give `file` (GeoJSON), or `name`, `center` = [lat, lon] and `radius_m`",
+                ))
+            }
+        }
+    }
+    for (i, region) in config.regions.iter().enumerate() {
+        let key = format!("region[{i}]");
+        if !valid_region_name(&region.name) {
+            return Err(invalid(
+                format!("{key}.name"),
+                format!(
+                    "{:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
+                    region.name
+                ),
+            ));
+        }
+        builder
+            .add_region(region.name.clone(), region.fences.iter().cloned())
+            .map_err(|e| invalid(key, e.to_string()))?;
+    }
+    builder
+        .build()
+        .map_err(|e| invalid("geofence", e.to_string()))
+}
+
+/// The configured device positions, by device id.
+fn static_devices(config: &Config) -> Result<HashMap<String, Location>, ConfigError> {
+    let mut static_devices = HashMap::new();
+    for (i, d) in config.devices.iter().enumerate() {
+        if d.id.is_empty() {
+            return Err(invalid(format!("device[{i}].id"), "must not be empty"));
+        }
+        let at = position(&format!("device[{i}].position"), d.position)?;
+        if static_devices.insert(d.id.clone(), at).is_some() {
+            return Err(invalid(
+                format!("device[{i}].id"),
+                format!("{:?} is configured twice", d.id),
+            ));
+        }
+    }
+    Ok(static_devices)
+}
+
+/// The regions each upstream may carry (every region exists), and the local link's: any.
+fn links_of(
+    config: &Config,
+    geography: &Geography,
+) -> Result<HashMap<String, LinkRegions>, ConfigError> {
+    let mut links = HashMap::new();
+    for u in &config.upstreams {
+        for r in &u.regions {
+            if r != "*" && geography.region(r).is_none() {
+                return Err(invalid(
+                    format!("upstream {:?}.regions", u.name),
+                    format!("no [[region]] named {r:?}"),
+                ));
+            }
+        }
+        links.insert(u.name.clone(), LinkRegions::from_list(&u.regions));
+    }
+    links.insert(LOCAL_LINK.to_string(), LinkRegions::Any);
+    Ok(links)
+}
+
+/// Every name a route's `when` uses is a geofence or a region, and, with `residency`, no
+/// route requires a region its link may not carry.
+fn check_route_geography(
+    routes: &RouteTable,
+    geography: &Geography,
+    links: &HashMap<String, LinkRegions>,
+    residency: bool,
+) -> Result<(), ConfigError> {
+    for route in routes.routes() {
+        let Some(when) = &route.when else { continue };
+        for name in when.names() {
+            if geography.fence(name).is_none() && geography.region(name).is_none() {
+                return Err(invalid(
+                    format!("route {:?}.when", route.name),
+                    format!("no geofence or region named {name:?}"),
+                ));
+            }
+        }
+        if !residency {
+            continue;
+        }
+        let Some(alternatives) = when.required_memberships() else {
+            continue;
+        };
+        let link = links
+            .get(&route.upstream)
+            .cloned()
+            .unwrap_or(LinkRegions::Any);
+        let carried = alternatives.iter().any(|names| {
+            let tags = implied_regions(geography, names);
+            link.allows(tags.iter().map(String::as_str))
+        });
+        if !carried {
+            let needed: Vec<String> = alternatives
+                .iter()
+                .map(|names| {
+                    implied_regions(geography, names)
+                        .into_iter()
+                        .collect::<Vec<_>>()
+                        .join(" + ")
+                })
+                .collect();
+            return Err(invalid(
+                format!("route {:?}.upstream", route.name),
+                format!(
+                    "the route only takes events in region {}, which upstream {:?} may not carry (see its `regions`)",
+                    needed.join(" or "),
+                    route.upstream
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The region tags an event inside all of `names` (fences or regions) certainly has.
@@ -838,8 +866,7 @@ mod tests {
         std::fs::write(&file, geojson).expect("write");
         let text = toml.replace("{FILE}", &file.display().to_string());
         let config = Config::from_toml(&text, Path::new("test.toml")).map_err(|e| e.to_string())?;
-        config
-            .validate()
+        crate::plan::compile(&config)
             .map(|_| config.clone())
             .map_err(|e| e.to_string())
     }
@@ -1013,7 +1040,7 @@ mod tests {
         let warnings = |route: &str| {
             let text = with_route(route).replace("{FILE}", &file.display().to_string());
             let config = Config::from_toml(&text, Path::new("t.toml")).expect("parses");
-            let validated = config.validate().expect("valid");
+            let validated = crate::plan::compile(&config).expect("valid");
             validated.geo.warnings(&validated.routes)
         };
         let w = warnings("upstream = \"west-cloud\"");
@@ -1032,7 +1059,7 @@ mod tests {
     fn the_worked_example_is_valid_without_warnings() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("demo/geography.toml");
         let config = Config::load(&path).expect("loads");
-        let validated = config.validate().expect("valid");
+        let validated = crate::plan::compile(&config).expect("valid");
         assert_eq!(validated.geo.geography.fences().len(), 178);
         assert!(validated.geo.residency);
         assert!(validated.geo.warnings(&validated.routes).is_empty());
@@ -1045,7 +1072,7 @@ mod tests {
         std::fs::write(&file, SQUARES).expect("write");
         let text = toml.replace("{FILE}", &file.display().to_string());
         let config = Config::from_toml(&text, Path::new("t.toml")).expect("parses");
-        let validated = config.validate().expect("valid");
+        let validated = crate::plan::compile(&config).expect("valid");
         let locator = Locator::new(Arc::new(validated.geo), "gw", registry);
         (locator, validated.routes)
     }

@@ -76,6 +76,7 @@ use window::Window;
 
 use crate::config::{parse_broker_url, BrokerAddress, MqttVersion, UpstreamConfig};
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 use crate::store::{Delivered, OutboxRow, Store};
 
 /// The MQTT 5 user property that carries an output's stable message id.
@@ -268,9 +269,9 @@ impl Uplink {
             .unwrap_or_else(|| format!("outpost-{}-{}", self.gateway_id, self.config.name))
     }
 
-    /// Runs until `shutdown` becomes true. Never returns an error: every failure is logged,
-    /// counted and retried after a backoff.
-    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown`. Never returns an error: every failure is logged, counted and
+    /// retried after a backoff.
+    pub async fn run(self, mut shutdown: Shutdown) {
         let name = self.config.name.clone();
         let address = match parse_broker_url(&self.config.url) {
             Ok(a) => a,
@@ -305,7 +306,7 @@ impl Uplink {
         // row the upstream will not take does not drag the rows behind it along every time.
         let mut careful = 0usize;
         loop {
-            if *shutdown.borrow() {
+            if shutdown.is_shutdown() {
                 break;
             }
             let end = self
@@ -400,7 +401,7 @@ impl Uplink {
             backoff = (backoff * 2).min(max);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.changed() => {}
+                _ = shutdown.recv() => {}
                 // New files: try them now rather than at the end of the backoff.
                 changed = credentials.changed(), if credentials.has_changed().is_ok() => {
                     if changed.is_ok() {
@@ -445,7 +446,7 @@ impl Uplink {
         &self,
         address: &BrokerAddress,
         delete_tx: &mpsc::UnboundedSender<DeleteRequest>,
-        shutdown: &mut watch::Receiver<bool>,
+        shutdown: &mut Shutdown,
         credentials: &mut watch::Receiver<Arc<Credentials>>,
         careful: usize,
     ) -> SessionEnd {
@@ -474,7 +475,7 @@ impl Uplink {
                     Some(_) => continue,
                     None => return SessionEnd::Lost { progress: Progress::NotConnected, failure: LinkFailure::Io("the connection task ended".into()), unanswered: 0 },
                 },
-                _ = shutdown.changed() => return SessionEnd::Shutdown,
+                _ = shutdown.recv() => return SessionEnd::Shutdown,
                 // Files rotated while connecting: start over with them.
                 changed = credentials.changed(), if credentials.has_changed().is_ok() => {
                     if changed.is_ok() {
@@ -645,7 +646,7 @@ impl Uplink {
                     disconnect(&client, &mut connection, ended).await;
                     return SessionEnd::Rotated { unanswered: window.rows() };
                 }
-                _ = shutdown.changed() => {
+                _ = shutdown.recv() => {
                     disconnect(&client, &mut connection, ended).await;
                     return SessionEnd::Shutdown;
                 }

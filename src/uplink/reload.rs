@@ -24,16 +24,17 @@ use super::credentials::{self, Credentials};
 use crate::config::UpstreamConfig;
 use crate::files::Rereads;
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 
 /// Starts watching `config`'s credential files; `initial` is what the uplink starts with.
-/// `reloads` counts reload requests (a new value is one request). The task ends when `shutdown`
-/// becomes true. The returned receiver always holds the credentials to use.
+/// `reloads` counts reload requests (a new value is one request). The task ends at `shutdown`.
+/// The returned receiver always holds the credentials to use.
 pub fn watch(
     config: UpstreamConfig,
     initial: Credentials,
     reloads: watch::Receiver<u64>,
     metrics: Arc<Metrics>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: Shutdown,
 ) -> (
     watch::Receiver<Arc<Credentials>>,
     tokio::task::JoinHandle<()>,
@@ -43,7 +44,7 @@ pub fn watch(
         let name = config.name.clone();
         let paths = credentials::files(&config);
         let has_files = !paths.is_empty();
-        let mut rereads = Rereads::new(paths, reloads, shutdown);
+        let mut rereads = Rereads::new(paths, reloads, shutdown.into_transitional_receiver());
         while let Some(requested) = rereads.next().await {
             if !has_files {
                 if requested {

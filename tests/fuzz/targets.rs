@@ -863,7 +863,7 @@ impl ConfigFixture {
                 *file = self.confine(file);
             }
         }
-        match config.validate() {
+        match outpost::plan::compile(&config) {
             Err(e) => {
                 // The key, and the first words of what is wrong with it.
                 let message = e.to_string();
