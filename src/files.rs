@@ -159,16 +159,16 @@ pub struct Rereads {
     seen: Vec<Stamp>,
     checks: tokio::time::Interval,
     reloads: tokio::sync::watch::Receiver<u64>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: crate::shutdown::Shutdown,
 }
 
 impl Rereads {
     /// Watches `paths` as they are now; requests are new values of `reloads`; ends when
-    /// `shutdown` changes. Must be called inside a tokio runtime.
+    /// `shutdown` fires. Must be called inside a tokio runtime.
     pub fn new(
         paths: Vec<std::path::PathBuf>,
         mut reloads: tokio::sync::watch::Receiver<u64>,
-        shutdown: tokio::sync::watch::Receiver<bool>,
+        shutdown: crate::shutdown::Shutdown,
     ) -> Rereads {
         let mut checks = tokio::time::interval(FILE_CHECK_INTERVAL);
         checks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -193,7 +193,7 @@ impl Rereads {
                     changed.ok()?;
                     true
                 }
-                _ = self.shutdown.changed() => return None,
+                _ = self.shutdown.recv() => return None,
             };
             if !requested {
                 if self.paths.is_empty() || stamps(&self.paths) == self.seen {
@@ -216,7 +216,7 @@ pub fn keep_reading<T, E, L>(
     what: &'static str,
     paths: Vec<std::path::PathBuf>,
     reloads: tokio::sync::watch::Receiver<u64>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: crate::shutdown::Shutdown,
     load: L,
     mut take: impl FnMut(T) -> bool + Send + 'static,
 ) -> tokio::task::JoinHandle<()>

@@ -331,7 +331,7 @@ impl Stages {
             breaker: core.breaker.clone(),
             locator: core.locator.clone(),
         });
-        let finish_rx = finish.subscribe().into_transitional_receiver();
+        let finish_rx = finish.subscribe();
         let task = tokio::spawn(pipeline.run(committed.clone(), finish_rx));
         self.pipeline = Some(PipelineStage { finish, task });
     }
@@ -448,7 +448,7 @@ impl Links {
                 path,
                 file,
                 reloads.subscribe(),
-                self.stop.subscribe().into_transitional_receiver(),
+                self.stop.subscribe(),
             );
             self.tasks.push(watcher);
             passwords
@@ -458,7 +458,7 @@ impl Links {
                 tls.clone(),
                 files,
                 reloads.subscribe(),
-                self.stop.subscribe().into_transitional_receiver(),
+                self.stop.subscribe(),
             );
             self.tasks.push(watcher);
             // The handshake gets the CONNECT's deadline, and the CONNECT its own after it.

@@ -66,14 +66,6 @@ impl Shutdown {
         // An error means the trigger is gone, which is a shutdown too.
         let _ = self.rx.wait_for(|stop| *stop).await;
     }
-
-    /// **Transitional** (issue 15): the bare `watch::Receiver<bool>` behind this signal, for
-    /// the code that still takes one (the pipeline, [`crate::files::Rereads`] and
-    /// [`crate::files::keep_reading`]). It becomes `true` when the trigger fires and closes
-    /// when the trigger is dropped. Remove once those take a [`Shutdown`].
-    pub fn into_transitional_receiver(self) -> watch::Receiver<bool> {
-        self.rx
-    }
 }
 
 #[cfg(test)]
@@ -136,17 +128,5 @@ mod tests {
             .await
             .expect("woken")
             .expect("not panicked");
-    }
-
-    #[tokio::test]
-    async fn the_transitional_receiver_follows_the_trigger() {
-        let trigger = Trigger::new();
-        let mut rx = trigger.subscribe().into_transitional_receiver();
-        assert!(!*rx.borrow());
-        trigger.fire();
-        rx.changed().await.expect("changed");
-        assert!(*rx.borrow());
-        drop(trigger);
-        assert!(rx.changed().await.is_err());
     }
 }

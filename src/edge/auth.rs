@@ -243,12 +243,12 @@ impl Authenticator {
 
 /// Serves `initial` (read from `path` by [`load_password_file`]) and reads the file again when
 /// `reloads` changes (a `SIGHUP`) or the file changes on disk; the task ends when `shutdown`
-/// becomes true or the gateway is gone. The receiver always holds the file to check against.
+/// fires or the gateway is gone. The receiver always holds the file to check against.
 pub fn watch_password_file(
     path: PathBuf,
     initial: PasswordFile,
     reloads: watch::Receiver<u64>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: crate::shutdown::Shutdown,
 ) -> (
     watch::Receiver<Arc<PasswordFile>>,
     tokio::task::JoinHandle<()>,

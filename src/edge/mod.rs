@@ -325,7 +325,7 @@ impl Edge {
             "ACL file",
             vec![path.clone()],
             reloads,
-            shutdown.into_transitional_receiver(),
+            shutdown,
             move || auth::load_acl_file(&path),
             move |acl| {
                 info!(file = %shown.display(), rules = acl.rules(), "ACL file read again");

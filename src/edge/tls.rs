@@ -386,12 +386,12 @@ fn report(files: &ServerFiles) {
 
 /// Serves `initial` (read by [`load`] from `config`'s files) and reads the files again when
 /// `reloads` changes (a `SIGHUP`) or one of them changes on disk; the task ends when
-/// `shutdown` changes or the gateway is gone. The receiver always holds the set to serve.
+/// `shutdown` fires or the gateway is gone. The receiver always holds the set to serve.
 pub fn watch_tls_files(
     config: BrokerTlsConfig,
     initial: ServerFiles,
     reloads: watch::Receiver<u64>,
-    shutdown: watch::Receiver<bool>,
+    shutdown: crate::shutdown::Shutdown,
 ) -> (
     watch::Receiver<Arc<ServerFiles>>,
     tokio::task::JoinHandle<()>,
@@ -851,7 +851,8 @@ mod tests {
         let mut config = server_config(dir.path(), &ca);
         config.crlfile = Some(write(dir.path(), "ca.crl", &ca.crl(&[], 30), 0o644));
         let (reload_tx, reload_rx) = watch::channel(0u64);
-        let (_stop_tx, stop_rx) = watch::channel(false);
+        let stop = crate::shutdown::Trigger::new();
+        let stop_rx = stop.subscribe();
         let (mut files, task) =
             watch_tls_files(config.clone(), load(&config).unwrap(), reload_rx, stop_rx);
         let tls = DeviceTls::new(&config, files.clone(), Duration::from_secs(10));

@@ -17,11 +17,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tracing::{debug, error};
 
 use crate::event::now_ms;
 use crate::handlers::runtime::HandlerFailure;
+use crate::shutdown::Shutdown;
 use crate::store::{Batch, RetryRow, RouteSet};
 
 use super::decide::screen;
@@ -40,11 +41,11 @@ impl Pipeline {
         module: String,
         routes: Vec<String>,
         kick: Arc<Notify>,
-        mut finish: watch::Receiver<bool>,
+        mut finish: Shutdown,
     ) {
         let set = RouteSet::Only(routes);
         loop {
-            if *finish.borrow() {
+            if finish.is_shutdown() {
                 debug!(%module, "handler lane finished");
                 return;
             }
@@ -56,7 +57,7 @@ impl Pipeline {
             let wait = self.idle_wait(&set).await;
             tokio::select! {
                 _ = kick.notified() => {}
-                _ = finish.changed() => {}
+                _ = finish.recv() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
         }

@@ -53,7 +53,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tracing::{debug, error, warn};
 
 use crate::config::{PayloadFormat, RetryConfig};
@@ -62,6 +62,7 @@ use crate::handlers::breaker::{Breaker, QuarantinePolicy};
 use crate::handlers::registry::Registry;
 use crate::metrics::Metrics;
 use crate::routing::RouteTable;
+use crate::shutdown::Shutdown;
 use crate::store::{Batch, JournalRow, OutboxPolicy, RetryReason, RouteSet, Store};
 
 use emit::Site;
@@ -187,7 +188,7 @@ impl Pipeline {
     }
 
     /// Processes the journal and due retries: first what a previous run left, then each new
-    /// commit (`committed` is notified after every journal commit). Once `finish` is true, it
+    /// commit (`committed` is notified after every journal commit). Once `finish` fires, it
     /// processes what is left in the journal and returns (retries not yet due, and events
     /// queued for a handler lane, stay stored for the next start).
     ///
@@ -196,7 +197,7 @@ impl Pipeline {
     /// its journal transaction, and the module's lane invokes the handler and commits the
     /// outputs. A module that runs to its deadline therefore delays only its own lane;
     /// passthrough routes and the other modules go on at their own pace.
-    pub async fn run(self, committed: Arc<Notify>, finish: watch::Receiver<bool>) {
+    pub async fn run(self, committed: Arc<Notify>, finish: Shutdown) {
         let this = Arc::new(self);
         let mut modules: HashMap<String, Vec<String>> = HashMap::new();
         for route in this.routes.routes() {
@@ -230,7 +231,7 @@ impl Pipeline {
     async fn main_loop(
         self: &Arc<Self>,
         committed: Arc<Notify>,
-        mut finish: watch::Receiver<bool>,
+        mut finish: Shutdown,
         kicks: HashMap<String, Arc<Notify>>,
         lane_routes: Vec<String>,
     ) {
@@ -250,7 +251,7 @@ impl Pipeline {
                 continue;
             };
             let Some(newest) = rows.last().map(|r| r.id) else {
-                if *finish.borrow() {
+                if finish.is_shutdown() {
                     debug!("pipeline finished: journal drained");
                     return;
                 }
@@ -259,7 +260,7 @@ impl Pipeline {
                     // Journal commits and dead-letter replays (which may have queued events
                     // for a lane) end up here.
                     _ = committed.notified() => kicks.values().for_each(|kick| kick.notify_one()),
-                    _ = finish.changed() => {}
+                    _ = finish.recv() => {}
                     _ = tokio::time::sleep(wait) => {}
                 }
                 continue;
@@ -276,7 +277,7 @@ impl Pipeline {
     /// How many journal rows the next batch may take. Under reject-new, no more than the
     /// outbox has room for, so that what fits is queued and only the rest waits in the
     /// journal; with no room, it waits a moment (and says to stop if `finish` came meanwhile).
-    async fn journal_room(&self, has_lanes: bool, finish: &mut watch::Receiver<bool>) -> Room {
+    async fn journal_room(&self, has_lanes: bool, finish: &mut Shutdown) -> Room {
         let limit = (self.max_batch * 4).max(2048);
         if self.store.limits().outbox_policy != OutboxPolicy::RejectNew {
             return Room::Take(limit);
@@ -293,13 +294,18 @@ impl Pipeline {
         Metrics::add(&self.metrics.outbox_full_waits, 1);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-            _ = finish.changed() => {}
+            _ = finish.recv() => {}
         }
-        if *finish.borrow() && self.store.journal_depth() > 0 {
-            warn!(
-                left = self.store.journal_depth(),
-                "stopping with the outbox full; the journal keeps the rest for the next start"
-            );
+        // Finishing with the outbox full: nothing more can move now, so stop (an empty journal
+        // too: waiting for room would wait for the uplinks, which stop after the pipeline).
+        if finish.is_shutdown() {
+            let left = self.store.journal_depth();
+            if left > 0 {
+                warn!(
+                    left,
+                    "stopping with the outbox full; the journal keeps the rest for the next start"
+                );
+            }
             return Room::Stop;
         }
         Room::Full

@@ -44,7 +44,7 @@ pub fn watch(
         let name = config.name.clone();
         let paths = credentials::files(&config);
         let has_files = !paths.is_empty();
-        let mut rereads = Rereads::new(paths, reloads, shutdown.into_transitional_receiver());
+        let mut rereads = Rereads::new(paths, reloads, shutdown);
         while let Some(requested) = rereads.next().await {
             if !has_files {
                 if requested {
