@@ -32,7 +32,8 @@
 //! ```
 //!
 //! A test without a runtime (a `#[test]` that drives raw sockets) uses
-//! [`HarnessBuilder::start_blocking`]: the same set-up, without subscribers.
+//! [`HarnessBuilder::start_blocking`] (or [`HarnessBuilder::build_blocking`]): the same
+//! set-up, without subscribers.
 
 use std::path::{Path, PathBuf};
 
@@ -253,15 +254,20 @@ impl HarnessBuilder {
 
     /// [`HarnessBuilder::start`] for a test without a runtime (a plain `#[test]`): the same
     /// set-up, but subscribers (which need a runtime) cannot be asked for.
-    pub fn start_blocking(mut self) -> Harness {
-        assert!(
-            self.subscribers.is_empty(),
-            "subscribers need a runtime: use start().await"
-        );
-        self.start_upstreams();
-        let mut harness = self.assemble(Vec::new());
+    pub fn start_blocking(self) -> Harness {
+        let mut harness = self.build_blocking();
         harness.gateway.start();
         harness
+    }
+
+    /// Like [`HarnessBuilder::start_blocking`], but leaves the gateway to the test to start.
+    pub fn build_blocking(mut self) -> Harness {
+        assert!(
+            self.subscribers.is_empty(),
+            "subscribers need a runtime: use start().await or build().await"
+        );
+        self.start_upstreams();
+        self.assemble(Vec::new())
     }
 
     fn start_upstreams(&mut self) {
