@@ -78,6 +78,7 @@ impl Harness {
             stop_upstream: false,
             config: None,
             args: Vec::new(),
+            program: None,
             tmp,
         }
     }
@@ -126,6 +127,8 @@ pub struct HarnessBuilder {
     config: Option<PathBuf>,
     /// The arguments of `outpost run` after `--listen` and `--data`, in the order asked for.
     args: Vec<String>,
+    /// What runs the gateway instead of the test's own binary ([`HarnessBuilder::program`]).
+    program: Option<Vec<String>>,
     tmp: TempDir,
 }
 
@@ -230,6 +233,14 @@ impl HarnessBuilder {
         self
     }
 
+    /// Runs the gateway as `program` (the command before `run`: an emulator and its options,
+    /// then a cross-built `outpost`) instead of the test's own binary; see
+    /// [`Gateway::with_program`].
+    pub fn program(mut self, program: &[String]) -> Self {
+        self.program = Some(program.to_vec());
+        self
+    }
+
     /// Starts the upstream and the subscribers as asked, and the gateway.
     pub async fn start(self) -> Harness {
         let mut harness = self.build().await;
@@ -286,7 +297,10 @@ impl HarnessBuilder {
             self.upstream.stop();
         }
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let gateway = Gateway::new(self.tmp.path(), &args);
+        let gateway = match &self.program {
+            Some(program) => Gateway::with_program(self.tmp.path(), program, &args),
+            None => Gateway::new(self.tmp.path(), &args),
+        };
         let received = subscribers
             .first()
             .map(|(_, subscriber)| subscriber.received.clone())
