@@ -108,10 +108,11 @@ fn smoke(board: &Board) {
         .build()
         .expect("runtime");
     runtime.block_on(async {
-        let dir = tempfile::tempdir().unwrap();
-        let wasm = dir.path().join("enrich.wasm");
+        let setup = Harness::builder();
+        let dir = setup.dir().to_path_buf();
+        let wasm = dir.join("enrich.wasm");
         std::fs::write(&wasm, outpost::handlers::examples::ENRICH).unwrap();
-        let pki = dir.path().join("pki");
+        let pki = dir.join("pki");
         std::fs::create_dir_all(&pki).unwrap();
         let ca = pki::Ca::new("board test ca");
         pki::write_file(&pki.join("ca.pem"), &ca.pem(), 0o644);
@@ -120,10 +121,6 @@ fn smoke(board: &Board) {
         let client = ca.leaf("board", &[], true, pki::Validity::Valid);
         pki::write_leaf(&pki, "client", &client);
         let tls_port = free_port();
-        let mut upstream =
-            Mosquitto::with_config(dir.path(), &pki::tls_listener(tls_port, &pki, true));
-        upstream.start();
-        let subscriber = Subscriber::connect(upstream.port, "board-sub", "#").await;
         let config = format!(
             r#"gateway_id = "board"
 
@@ -146,16 +143,16 @@ handler = "enrich"
             pki = pki.display(),
             wasm = wasm.display(),
         );
-        let file = write_config(dir.path(), &config);
-        let mut gateway = Gateway::with_program(
-            dir.path(),
-            &board.program(),
-            &["--config", file.to_str().unwrap()],
-        );
-        gateway.start();
+        let mut h = setup
+            .upstream_config(&pki::tls_listener(tls_port, &pki, true))
+            .subscriber_as("board-sub", "#")
+            .config(&config)
+            .program(&board.program())
+            .start()
+            .await;
 
         const READINGS: u64 = 20;
-        let device = Device::connect(gateway.port, "sensor").await;
+        let device = Device::connect(h.gateway.port, "sensor").await;
         for n in 0..READINGS {
             device
                 .publish(
@@ -166,10 +163,10 @@ handler = "enrich"
         }
         device.wait_acked(READINGS).await;
         eventually("every enriched reading upstream", || {
-            subscriber.received.len() as u64 >= READINGS
+            h.received.len() as u64 >= READINGS
         })
         .await;
-        let mut seen: Vec<u64> = subscriber
+        let mut seen: Vec<u64> = h
             .received
             .all()
             .iter()
@@ -187,14 +184,14 @@ handler = "enrich"
         seen.dedup();
         assert_eq!(seen, (0..READINGS).collect::<Vec<_>>());
         assert!(
-            gateway.log().contains("tls=true"),
+            h.gateway.log().contains("tls=true"),
             "delivered over TLS:\n{}",
-            gateway.log()
+            h.gateway.log()
         );
         assert!(
-            gateway.stop(),
+            h.gateway.stop(),
             "the emulated gateway exits 0 on SIGTERM:\n{}",
-            gateway.log()
+            h.gateway.log()
         );
     });
 }

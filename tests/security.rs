@@ -8,8 +8,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::harness::HarnessBuilder;
 use common::mqtt::{Client, Connect, Packet, Publish, Version};
-use common::{write_config, Gateway, Mosquitto};
+use common::{outpost_in_test_env, write_config, Harness};
 
 const GATEWAY: &str = "gw-sec";
 
@@ -37,17 +38,14 @@ fn set_password(file: &Path, user: &str, password: &str) {
     );
 }
 
-/// A gateway whose broker takes `broker` (TOML lines under `[broker]`), metrics every 200 ms.
-fn gateway(dir: &Path, broker: &str) -> Gateway {
-    let config = write_config(
-        dir,
-        &format!(
+/// `setup` with its gateway started, the gateway's broker taking `broker` (TOML lines under
+/// `[broker]`), metrics every 200 ms.
+fn gateway(setup: HarnessBuilder, broker: &str) -> Harness {
+    setup
+        .config(&format!(
             "gateway_id = \"{GATEWAY}\"\n\n[broker]\n{broker}\n\n[handlers]\nmetrics_interval_ms = 200\n"
-        ),
-    );
-    let mut gateway = Gateway::new(dir, &["--config", config.to_str().unwrap()]);
-    gateway.start();
-    gateway
+        ))
+        .start_blocking()
 }
 
 /// A username and, when given, a password.
@@ -100,21 +98,21 @@ fn refused(version: Version) -> u8 {
 
 #[test]
 fn logins_are_checked_as_mosquitto_checks_them_on_both_versions() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = password_file(dir.path());
-    let gateway = gateway(
-        dir.path(),
-        &format!("password_file = {:?}", file.display().to_string()),
-    );
+    let setup = Harness::builder();
+    let file = password_file(setup.dir());
+    // The harness's upstream, which the gateway does not use, is the Mosquitto to compare
+    // with: a listener of its own with the same password file.
     let mosquitto_port = common::free_port();
-    let mut mosquitto = Mosquitto::with_config(
-        dir.path(),
-        &format!(
+    let setup = setup
+        .upstream_config(&format!(
             "listener {mosquitto_port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
             file.display()
-        ),
+        ))
+        .upstream();
+    let h = gateway(
+        setup,
+        &format!("password_file = {:?}", file.display().to_string()),
     );
-    mosquitto.start();
 
     let mut refusals = 0;
     for version in Version::BOTH {
@@ -126,7 +124,7 @@ fn logins_are_checked_as_mosquitto_checks_them_on_both_versions() {
                 "Mosquitto, {case}, {version:?}: the expectation itself"
             );
             assert_eq!(
-                connack(gateway.port, version, login),
+                connack(h.gateway.port, version, login),
                 expected,
                 "outpost, {case}, {version:?}"
             );
@@ -136,7 +134,7 @@ fn logins_are_checked_as_mosquitto_checks_them_on_both_versions() {
 
     // Counted: the metrics reader logs in itself.
     let mut reader = Client::connect(
-        gateway.port,
+        h.gateway.port,
         &Connect::new(Version::V4, "metrics-reader").login("bob", Some("pw-bob")),
     )
     .0;
@@ -154,24 +152,25 @@ fn logins_are_checked_as_mosquitto_checks_them_on_both_versions() {
 
 #[test]
 fn anonymous_clients_next_to_a_password_file_only_when_allowed() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = password_file(dir.path());
-    let gateway = gateway(
-        dir.path(),
+    let setup = Harness::builder();
+    let file = password_file(setup.dir());
+    let h = gateway(
+        setup,
         &format!(
             "password_file = {:?}\nallow_anonymous = true",
             file.display().to_string()
         ),
     );
+    let port = h.gateway.port;
     for version in Version::BOTH {
-        assert_eq!(connack(gateway.port, version, None), Some(0), "{version:?}");
+        assert_eq!(connack(port, version, None), Some(0), "{version:?}");
         assert_eq!(
-            connack(gateway.port, version, Some(("alice", Some("wrong")))),
+            connack(port, version, Some(("alice", Some("wrong")))),
             Some(refused(version)),
             "a wrong password is still refused ({version:?})"
         );
         assert_eq!(
-            connack(gateway.port, version, Some(("alice", Some("pw-alice")))),
+            connack(port, version, Some(("alice", Some("pw-alice")))),
             Some(0)
         );
     }
@@ -179,26 +178,26 @@ fn anonymous_clients_next_to_a_password_file_only_when_allowed() {
 
 #[test]
 fn the_password_file_is_read_again_on_sighup_and_a_broken_one_is_not_taken() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = password_file(dir.path());
-    let gateway = gateway(
-        dir.path(),
+    let setup = Harness::builder();
+    let file = password_file(setup.dir());
+    let h = gateway(
+        setup,
         &format!("password_file = {:?}", file.display().to_string()),
     );
-    let login = |password| connack(gateway.port, Version::V5, Some(("alice", Some(password))));
+    let login = |password| connack(h.gateway.port, Version::V5, Some(("alice", Some(password))));
     assert_eq!(login("pw-alice"), Some(0));
 
     set_password(&file, "alice", "pw-new");
-    gateway.reload();
+    h.gateway.reload();
     common::block_until("the new password works", || login("pw-new") == Some(0));
     assert_eq!(login("pw-alice"), Some(0x87), "the old one is refused");
 
     // A file other users can read is refused; the one in use stays.
     std::fs::set_permissions(&file, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     set_password(&file, "alice", "pw-exposed");
-    gateway.reload();
+    h.gateway.reload();
     common::block_until("the refusal is logged", || {
-        gateway.log().contains("cannot be read again")
+        h.gateway.log().contains("cannot be read again")
     });
     assert_eq!(login("pw-new"), Some(0));
     assert_eq!(login("pw-exposed"), Some(0x87));
@@ -209,10 +208,7 @@ fn a_network_listener_needs_a_password_file_or_an_explicit_allow_anonymous() {
     let dir = tempfile::tempdir().unwrap();
     let check = |broker: &str| {
         let path = write_config(dir.path(), &format!("[broker]\n{broker}\n"));
-        Command::new(env!("CARGO_BIN_EXE_outpost"))
-            .args(["config", "check", path.to_str().unwrap()])
-            .output()
-            .unwrap()
+        outpost_in_test_env(&["config", "check", path.to_str().unwrap()])
     };
     let refused = check("listen = [\"0.0.0.0:1883\"]");
     assert!(!refused.status.success());
@@ -223,12 +219,14 @@ fn a_network_listener_needs_a_password_file_or_an_explicit_allow_anonymous() {
     );
     // `run` refuses it before binding anything.
     let path = write_config(dir.path(), "[broker]\nlisten = [\"0.0.0.0:1883\"]\n");
-    let run = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["run", "--config", path.to_str().unwrap()])
-        .arg("--data")
-        .arg(dir.path().join("data"))
-        .output()
-        .unwrap();
+    let data = dir.path().join("data");
+    let run = outpost_in_test_env(&[
+        "run",
+        "--config",
+        path.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("allow_anonymous"));
 
@@ -408,28 +406,28 @@ fn acl_file(dir: &Path, text: &str) -> std::path::PathBuf {
 
 #[test]
 fn an_acl_written_for_mosquitto_gives_the_same_deliveries_on_both_versions() {
-    let dir = tempfile::tempdir().unwrap();
-    let passwords = acl_users(dir.path());
-    let acl = acl_file(dir.path(), ACL);
-    let gateway = gateway(
-        dir.path(),
+    let setup = Harness::builder();
+    let passwords = acl_users(setup.dir());
+    let acl = acl_file(setup.dir(), ACL);
+    // The harness's upstream, which the gateway does not use, is the Mosquitto to compare
+    // with: a listener of its own with the same password file and ACL.
+    let mosquitto_port = common::free_port();
+    let setup = setup
+        .upstream_config(&format!(
+            "listener {mosquitto_port} 127.0.0.1\nallow_anonymous true\npassword_file {}\n\
+             acl_file {}\n",
+            passwords.display(),
+            acl.display()
+        ))
+        .upstream();
+    let h = gateway(
+        setup,
         &format!(
             "password_file = {:?}\nallow_anonymous = true\nacl_file = {:?}",
             passwords.display().to_string(),
             acl.display().to_string()
         ),
     );
-    let mosquitto_port = common::free_port();
-    let mut mosquitto = Mosquitto::with_config(
-        dir.path(),
-        &format!(
-            "listener {mosquitto_port} 127.0.0.1\nallow_anonymous true\npassword_file {}\n\
-             acl_file {}\n",
-            passwords.display(),
-            acl.display()
-        ),
-    );
-    mosquitto.start();
 
     let mut denied_publishes = 0;
     for version in Version::BOTH {
@@ -463,7 +461,7 @@ fn an_acl_written_for_mosquitto_gives_the_same_deliveries_on_both_versions() {
             ["public/p", "public/r"],
             "Mosquitto, anonymous"
         );
-        let seen = acl_matrix(gateway.port, version);
+        let seen = acl_matrix(h.gateway.port, version);
         if version == Version::V4 {
             // 3.1.1 cannot say "not authorized": both acknowledge and drop.
             assert!(seen.refused.iter().all(|(_, _, refused)| !refused));
@@ -476,12 +474,12 @@ fn an_acl_written_for_mosquitto_gives_the_same_deliveries_on_both_versions() {
 
     // Wills on 3.1.1 (an abrupt close fires them, so only the allowed one can be waited for;
     // the refused one is dropped at CONNECT and counted there).
-    let mut alice = login(gateway.port, Version::V4, "alice-wills", Some("alice"));
+    let mut alice = login(h.gateway.port, Version::V4, "alice-wills", Some("alice"));
     alice.subscribe("clients/#", 1);
     alice.subscribe("public/#", 1);
     for (id, topic) in [("w4", "public/y"), ("w3", "clients/w3/state")] {
         Client::connect(
-            gateway.port,
+            h.gateway.port,
             &Connect::new(Version::V4, id).will(Publish::new(topic, "gone").qos(1)),
         )
         .0
@@ -494,7 +492,7 @@ fn an_acl_written_for_mosquitto_gives_the_same_deliveries_on_both_versions() {
     // SUBSCRIBE is checked too (Mosquitto's acl_file does not): per filter, 0x80 on 3.1.1 and
     // 0x87 on 5; `#` reaches no `outpost/` topic.
     for version in Version::BOTH {
-        let mut alice = login(gateway.port, version, "alice-subs", Some("alice"));
+        let mut alice = login(h.gateway.port, version, "alice-subs", Some("alice"));
         let no = if version == Version::V4 { 0x80 } else { 0x87 };
         assert_eq!(
             alice.subscribe_with(
@@ -505,9 +503,9 @@ fn an_acl_written_for_mosquitto_gives_the_same_deliveries_on_both_versions() {
             "{version:?}"
         );
     }
-    let mut alice = login(gateway.port, Version::V4, "alice-all", Some("alice"));
+    let mut alice = login(h.gateway.port, Version::V4, "alice-all", Some("alice"));
     alice.subscribe("#", 0);
-    let mut ops = login(gateway.port, Version::V4, "ops", Some("ops"));
+    let mut ops = login(h.gateway.port, Version::V4, "ops", Some("ops"));
     ops.subscribe(&format!("outpost/{GATEWAY}/metrics"), 0);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -533,11 +531,11 @@ fn an_acl_written_for_mosquitto_gives_the_same_deliveries_on_both_versions() {
 
 #[test]
 fn kept_sessions_keep_their_owner_across_a_restart_and_the_acl_is_read_again_on_sighup() {
-    let dir = tempfile::tempdir().unwrap();
-    let passwords = acl_users(dir.path());
-    let acl = acl_file(dir.path(), ACL);
-    let mut gateway = gateway(
-        dir.path(),
+    let setup = Harness::builder();
+    let passwords = acl_users(setup.dir());
+    let acl = acl_file(setup.dir(), ACL);
+    let mut h = gateway(
+        setup,
         &format!(
             "password_file = {:?}\nacl_file = {:?}",
             passwords.display().to_string(),
@@ -550,7 +548,7 @@ fn kept_sessions_keep_their_owner_across_a_restart_and_the_acl_is_read_again_on_
             .login("bob", Some("pw-bob"))
             .persistent()
     };
-    let mut bob = Client::connect(gateway.port, &bob_kept()).0;
+    let mut bob = Client::connect(h.gateway.port, &bob_kept()).0;
     bob.subscribe("dev/bob/#", 1);
     bob.disconnect();
     let publish = |port: u16, topic: &str| {
@@ -558,15 +556,15 @@ fn kept_sessions_keep_their_owner_across_a_restart_and_the_acl_is_read_again_on_
         assert_eq!(writer.publish_done(&Publish::new(topic, "x").qos(1)), 0);
         writer.disconnect();
     };
-    publish(gateway.port, "dev/bob/1");
+    publish(h.gateway.port, "dev/bob/1");
 
     // kill -9 and start again: the session is still bob's, so what is published for it while
     // he is away is checked against his rights (`dev/%u/#`), not an anonymous client's.
-    gateway.kill();
-    gateway.start();
-    publish(gateway.port, "dev/bob/2");
-    let mut bob = Client::connect(gateway.port, &bob_kept()).0;
-    publish(gateway.port, "dev/bob/fence");
+    h.gateway.kill();
+    h.gateway.start();
+    publish(h.gateway.port, "dev/bob/2");
+    let mut bob = Client::connect(h.gateway.port, &bob_kept()).0;
+    publish(h.gateway.port, "dev/bob/fence");
     let got: Vec<String> = bob
         .receive_until("dev/bob/fence")
         .into_iter()
@@ -574,16 +572,18 @@ fn kept_sessions_keep_their_owner_across_a_restart_and_the_acl_is_read_again_on_
         .collect();
     assert_eq!(got, ["dev/bob/1", "dev/bob/2"]);
     bob.disconnect();
-    publish(gateway.port, "dev/bob/3");
+    publish(h.gateway.port, "dev/bob/3");
 
     // A version that does not parse is not taken: the rules in force stay.
     std::fs::write(&acl, format!("{ACL}topic dney x\n")).unwrap();
-    gateway.reload();
+    h.gateway.reload();
     common::block_until("the refusal is logged", || {
-        gateway.log().contains("the ACL file cannot be read again")
+        h.gateway
+            .log()
+            .contains("the ACL file cannot be read again")
     });
     let may_subscribe = |filter: &str| {
-        let mut probe = login(gateway.port, v, "bob-probe", Some("bob"));
+        let mut probe = login(h.gateway.port, v, "bob-probe", Some("bob"));
         let codes = probe.subscribe_with(&[(filter, 1)], &[]);
         probe.disconnect();
         codes == [1]
@@ -597,10 +597,10 @@ fn kept_sessions_keep_their_owner_across_a_restart_and_the_acl_is_read_again_on_
         "user bob\ntopic read dev/bob/fence\n",
     );
     std::fs::write(&acl, narrower).unwrap();
-    gateway.reload();
+    h.gateway.reload();
     common::block_until("the new rules are in force", || !may_subscribe("dev/bob/x"));
-    let mut bob = Client::connect(gateway.port, &bob_kept()).0;
-    publish(gateway.port, "dev/bob/fence");
+    let mut bob = Client::connect(h.gateway.port, &bob_kept()).0;
+    publish(h.gateway.port, "dev/bob/fence");
     let got = bob.receive_until("dev/bob/fence");
     assert!(got.is_empty(), "{got:?}");
 }
@@ -624,10 +624,7 @@ fn config_check_names_an_acl_line_it_cannot_parse_and_run_refuses_it() {
             data.to_str().unwrap(),
         ],
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-            .args(&args)
-            .output()
-            .unwrap();
+        let out = outpost_in_test_env(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?}: {stderr}");
         assert!(
@@ -636,20 +633,17 @@ fn config_check_names_an_acl_line_it_cannot_parse_and_run_refuses_it() {
         );
     }
     std::fs::remove_file(&acl).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(["config", "check", config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = outpost_in_test_env(&["config", "check", config.to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("acl"));
 }
 
 #[test]
 fn with_require_client_id_match_no_device_takes_over_another_session() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = password_file(dir.path());
-    let gateway = gateway(
-        dir.path(),
+    let setup = Harness::builder();
+    let file = password_file(setup.dir());
+    let h = gateway(
+        setup,
         &format!(
             "password_file = {:?}\nallow_anonymous = true\nrequire_client_id_match = true",
             file.display().to_string()
@@ -665,14 +659,14 @@ fn with_require_client_id_match_no_device_takes_over_another_session() {
             if let Some(user) = user {
                 connect = connect.login(user, Some(&format!("pw-{user}")));
             }
-            match Client::try_connect(gateway.port, &connect).1 {
+            match Client::try_connect(h.gateway.port, &connect).1 {
                 Some(Packet::ConnAck { code, .. }) => code,
                 other => panic!("{id:?} {user:?}: expected CONNACK, got {other:?}"),
             }
         };
         // bob holds his session, subscribed.
         let mut bob = Client::connect(
-            gateway.port,
+            h.gateway.port,
             &Connect::new(version, "bob")
                 .login("bob", Some("pw-bob"))
                 .persistent(),
@@ -686,7 +680,7 @@ fn with_require_client_id_match_no_device_takes_over_another_session() {
         assert_eq!(try_as("", None), 0, "anonymous, the id assigned");
         // bob's session was never taken over: his connection is open and still delivers.
         let mut alice = Client::connect(
-            gateway.port,
+            h.gateway.port,
             &Connect::new(version, "alice").login("alice", Some("pw-alice")),
         )
         .0;
@@ -696,40 +690,30 @@ fn with_require_client_id_match_no_device_takes_over_another_session() {
     }
 }
 
-/// Runs the `outpost` command line with `args`.
-fn outpost(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(args)
-        .output()
-        .expect("run outpost")
-}
-
 #[test]
 fn only_admins_use_the_control_topics_and_replies_reach_only_the_requester() {
-    let dir = tempfile::tempdir().unwrap();
-    let passwords = acl_users(dir.path());
-    let mut upstream = Mosquitto::new(dir.path());
-    upstream.start();
-    let config = write_config(
-        dir.path(),
-        &format!(
-            "gateway_id = \"{GATEWAY}\"\n\n[broker]\npassword_file = {:?}\nallow_anonymous = true\n\
-             admins = [\"ops\"]\n\n[handlers]\nmetrics_interval_ms = 200\n\n\
-             [[upstream]]\nname = \"cloud\"\nurl = \"{}\"\n\n\
-             [[route]]\nname = \"json-in\"\nfilter = \"json/#\"\npayload = \"json\"\n",
-            passwords.display().to_string(),
-            upstream.url()
-        ),
-    );
-    let mut gateway = Gateway::new(dir.path(), &["--config", config.to_str().unwrap()]);
-    gateway.start();
-    let port = gateway.port;
+    let setup = Harness::builder();
+    let passwords = acl_users(setup.dir());
+    let mut h = setup
+        .upstream()
+        .config_with(|url| {
+            format!(
+                "gateway_id = \"{GATEWAY}\"\n\n[broker]\npassword_file = {:?}\nallow_anonymous = true\n\
+                 admins = [\"ops\"]\n\n[handlers]\nmetrics_interval_ms = 200\n\n\
+                 [[upstream]]\nname = \"cloud\"\nurl = \"{}\"\n\n\
+                 [[route]]\nname = \"json-in\"\nfilter = \"json/#\"\npayload = \"json\"\n",
+                passwords.display().to_string(),
+                url
+            )
+        })
+        .start_blocking();
+    let port = h.gateway.port;
     let mut device = login(port, Version::V5, "alice-dev", Some("alice"));
     for n in 0..2 {
         device.publish_done(&Publish::new(&format!("json/a/{n}"), "not json").qos(1));
     }
     common::block_until("two dead letters", || {
-        gateway.dead_letters().values().sum::<u64>() == 2
+        h.gateway.dead_letters().values().sum::<u64>() == 2
     });
     let broker = format!("mqtt://127.0.0.1:{port}");
     let cli = |args: &[&str], login: Option<(&str, &str)>| {
@@ -739,7 +723,7 @@ fn only_admins_use_the_control_topics_and_replies_reach_only_the_requester() {
         if let Some((user, password)) = login {
             all.extend(["--username", user, "--password", password]);
         }
-        outpost(&all)
+        outpost_in_test_env(&all)
     };
 
     // The attacks, as a logged-in device (alice) and as an anonymous one, on both versions.
@@ -782,7 +766,7 @@ fn only_admins_use_the_control_topics_and_replies_reach_only_the_requester() {
         }
     }
     assert_eq!(
-        gateway.dead_letters().values().sum::<u64>(),
+        h.gateway.dead_letters().values().sum::<u64>(),
         2,
         "nothing purged"
     );
@@ -802,7 +786,7 @@ fn only_admins_use_the_control_topics_and_replies_reach_only_the_requester() {
         Some(2),
         "{reply}"
     );
-    let modules = outpost(&[
+    let modules = outpost_in_test_env(&[
         "module",
         "list",
         "--broker",
@@ -818,22 +802,21 @@ fn only_admins_use_the_control_topics_and_replies_reach_only_the_requester() {
     let purged = cli(&["purge", "--all"], Some(("ops", "pw-ops")));
     assert!(purged.status.success(), "{purged:?}");
     assert_eq!(String::from_utf8_lossy(&purged.stdout).trim(), "purged 2");
-    assert!(gateway.stop());
+    assert!(h.gateway.stop());
 }
 
 #[test]
 fn the_cli_takes_only_the_reply_that_answers_its_request() {
     // A stand-in gateway on a real broker answers each request three times: a forged "no dead
     // letters" without the request's nonce, one from another gateway, then the real one.
-    let dir = tempfile::tempdir().unwrap();
-    let mut broker = Mosquitto::new(dir.path());
-    broker.start();
+    let h = Harness::builder().upstream().build_blocking();
+    let broker = &h.upstream;
     let mut responder = Client::clean(broker.port, Version::V4, "stand-in");
     responder.subscribe("outpost/gw-x/deadletters/+", 1);
     let cli = std::thread::spawn({
         let url = broker.url();
         move || {
-            outpost(&[
+            outpost_in_test_env(&[
                 "deadletters",
                 "list",
                 "--broker",
@@ -874,8 +857,8 @@ fn the_cli_takes_only_the_reply_that_answers_its_request() {
 fn one_address_gets_its_connections_and_its_rate_and_no_more() {
     for version in Version::BOTH {
         // A gateway per version: closed connections leave their place in their own time.
-        let dir = tempfile::tempdir().unwrap();
-        let limited = gateway(dir.path(), "max_connections_per_source = 3");
+        let h = gateway(Harness::builder(), "max_connections_per_source = 3");
+        let limited = &h.gateway;
         let busy = match version {
             Version::V4 => 0x03,
             Version::V5 => 0x97,
@@ -892,8 +875,8 @@ fn one_address_gets_its_connections_and_its_rate_and_no_more() {
         drop(open);
     }
 
-    let dir = tempfile::tempdir().unwrap();
-    let limited = gateway(dir.path(), "max_connection_rate_per_source = 1");
+    let h = gateway(Harness::builder(), "max_connection_rate_per_source = 1");
+    let limited = &h.gateway;
     for version in Version::BOTH {
         let too_fast = match version {
             Version::V4 => 0x03,

@@ -69,6 +69,28 @@ fn upstream_pki(dir: &Path, hosts: &[&str], validity: Validity) -> Ca {
     ca
 }
 
+/// An upstream that requires a client certificate: [`upstream_pki`] in `dir` for `hosts`,
+/// valid as `validity` says, the gateway's client certificate (`gw`, from the same CA) in
+/// `dir/client.pem` and `dir/client.key`, and [`tls_upstream`] on them.
+async fn mtls_upstream(
+    dir: &Path,
+    hosts: &[&str],
+    validity: Validity,
+) -> (Ca, Mosquitto, u16, Subscriber) {
+    let ca = upstream_pki(dir, hosts, validity);
+    write_leaf(dir, "client", &ca.leaf("gw", &[], true, Validity::Valid));
+    let (mosquitto, port, subscriber) = tls_upstream(dir, true).await;
+    (ca, mosquitto, port, subscriber)
+}
+
+/// The gateway's upstream table for `mqtts://<host>:<port>` with the CA of `ca.pem` and the
+/// client certificate of `client.pem` and `client.key`, then `extra`.
+fn mtls_table(host: &str, port: u16, extra: &str) -> String {
+    format!(
+        "url = \"mqtts://{host}:{port}\"\ncafile = \"ca.pem\"\ncertfile = \"client.pem\"\nkeyfile = \"client.key\"\n{extra}"
+    )
+}
+
 /// The upstream's operator replaces its server certificate: Mosquitto is stopped, the new one
 /// written, and Mosquitto started again.
 fn renew_server_certificate(mosquitto: &mut Mosquitto, dir: &Path, leaf: &Leaf) {
@@ -275,9 +297,8 @@ async fn unknown_ca_waits_then_delivers_when_the_cafile_is_fixed_on_disk() {
     let tmp = tempfile::tempdir().unwrap();
     let other = Ca::new("some other ca");
     let dir = tmp.path();
-    let ca = upstream_pki(dir, &["localhost"], Validity::Valid);
-    write_leaf(dir, "client", &ca.leaf("gw", &[], true, Validity::Valid));
-    let (_mosquitto, port, subscriber) = tls_upstream(dir, true).await;
+    let (ca, _mosquitto, port, subscriber) =
+        mtls_upstream(dir, &["localhost"], Validity::Valid).await;
 
     // The gateway trusts the wrong CA.
     write_file(&dir.join("gateway-ca.pem"), &other.pem(), 0o644);
@@ -326,13 +347,8 @@ async fn refused_client_certificate_waits_then_delivers_after_sighup_with_a_good
     let (_mosquitto, port, subscriber) = tls_upstream(dir, true).await;
 
     write_leaf(dir, "client", &rogue.leaf("gw", &[], true, Validity::Valid));
-    let (gw, metrics) = tls_gateway(
-        dir,
-        &format!(
-            "url = \"mqtts://127.0.0.1:{port}\"\ncafile = \"ca.pem\"\ncertfile = \"client.pem\"\nkeyfile = \"client.key\"\nprotocol = \"5\"\n"
-        ),
-    )
-    .await;
+    let (gw, metrics) =
+        tls_gateway(dir, &mtls_table("127.0.0.1", port, "protocol = \"5\"\n")).await;
     let _device = publish(&gw, "d1", 0, 40).await;
     let link = metrics
         .wait_for_cause("tls-client-certificate-refused")
@@ -412,17 +428,11 @@ async fn refused_password_waits_then_delivers_when_the_password_file_is_fixed() 
 async fn expired_and_not_yet_valid_server_certificates_wait_then_deliver_once_renewed() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let ca = upstream_pki(dir, &["localhost"], Validity::Expired);
-    write_leaf(dir, "client", &ca.leaf("gw", &[], true, Validity::Valid));
-    let (mut mosquitto, port, subscriber) = tls_upstream(dir, true).await;
+    let (ca, mut mosquitto, port, subscriber) =
+        mtls_upstream(dir, &["localhost"], Validity::Expired).await;
 
-    let (gw, metrics) = tls_gateway(
-        dir,
-        &format!(
-            "url = \"mqtts://localhost:{port}\"\ncafile = \"ca.pem\"\ncertfile = \"client.pem\"\nkeyfile = \"client.key\"\nprotocol = \"5\"\n"
-        ),
-    )
-    .await;
+    let (gw, metrics) =
+        tls_gateway(dir, &mtls_table("localhost", port, "protocol = \"5\"\n")).await;
     let _device = publish(&gw, "d1", 0, 20).await;
     let link = metrics.wait_for_cause("tls-expired").await;
     assert!(
@@ -461,18 +471,11 @@ async fn expired_and_not_yet_valid_server_certificates_wait_then_deliver_once_re
 async fn wrong_host_name_waits_then_delivers_once_the_certificate_names_the_host() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let ca = upstream_pki(dir, &["broker.example.com"], Validity::Valid);
-    write_leaf(dir, "client", &ca.leaf("gw", &[], true, Validity::Valid));
-    let (mut mosquitto, port, subscriber) = tls_upstream(dir, true).await;
+    let (ca, mut mosquitto, port, subscriber) =
+        mtls_upstream(dir, &["broker.example.com"], Validity::Valid).await;
 
     // By IP address: the certificate has no IP SAN for it.
-    let (gw, metrics) = tls_gateway(
-        dir,
-        &format!(
-            "url = \"mqtts://127.0.0.1:{port}\"\ncafile = \"ca.pem\"\ncertfile = \"client.pem\"\nkeyfile = \"client.key\"\n"
-        ),
-    )
-    .await;
+    let (gw, metrics) = tls_gateway(dir, &mtls_table("127.0.0.1", port, "")).await;
     let _device = publish(&gw, "d1", 0, 20).await;
     let link = metrics.wait_for_cause("tls-wrong-host").await;
     let said = link["last_error"].as_str().unwrap().to_string();

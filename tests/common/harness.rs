@@ -32,7 +32,8 @@
 //! ```
 //!
 //! A test without a runtime (a `#[test]` that drives raw sockets) uses
-//! [`HarnessBuilder::start_blocking`]: the same set-up, without subscribers.
+//! [`HarnessBuilder::start_blocking`] (or [`HarnessBuilder::build_blocking`]): the same
+//! set-up, without subscribers.
 
 use std::path::{Path, PathBuf};
 
@@ -77,6 +78,7 @@ impl Harness {
             stop_upstream: false,
             config: None,
             args: Vec::new(),
+            program: None,
             tmp,
         }
     }
@@ -125,6 +127,8 @@ pub struct HarnessBuilder {
     config: Option<PathBuf>,
     /// The arguments of `outpost run` after `--listen` and `--data`, in the order asked for.
     args: Vec<String>,
+    /// What runs the gateway instead of the test's own binary ([`HarnessBuilder::program`]).
+    program: Option<Vec<String>>,
     tmp: TempDir,
 }
 
@@ -229,6 +233,14 @@ impl HarnessBuilder {
         self
     }
 
+    /// Runs the gateway as `program` (the command before `run`: an emulator and its options,
+    /// then a cross-built `outpost`) instead of the test's own binary; see
+    /// [`Gateway::with_program`].
+    pub fn program(mut self, program: &[String]) -> Self {
+        self.program = Some(program.to_vec());
+        self
+    }
+
     /// Starts the upstream and the subscribers as asked, and the gateway.
     pub async fn start(self) -> Harness {
         let mut harness = self.build().await;
@@ -253,15 +265,20 @@ impl HarnessBuilder {
 
     /// [`HarnessBuilder::start`] for a test without a runtime (a plain `#[test]`): the same
     /// set-up, but subscribers (which need a runtime) cannot be asked for.
-    pub fn start_blocking(mut self) -> Harness {
-        assert!(
-            self.subscribers.is_empty(),
-            "subscribers need a runtime: use start().await"
-        );
-        self.start_upstreams();
-        let mut harness = self.assemble(Vec::new());
+    pub fn start_blocking(self) -> Harness {
+        let mut harness = self.build_blocking();
         harness.gateway.start();
         harness
+    }
+
+    /// Like [`HarnessBuilder::start_blocking`], but leaves the gateway to the test to start.
+    pub fn build_blocking(mut self) -> Harness {
+        assert!(
+            self.subscribers.is_empty(),
+            "subscribers need a runtime: use start().await or build().await"
+        );
+        self.start_upstreams();
+        self.assemble(Vec::new())
     }
 
     fn start_upstreams(&mut self) {
@@ -280,7 +297,10 @@ impl HarnessBuilder {
             self.upstream.stop();
         }
         let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
-        let gateway = Gateway::new(self.tmp.path(), &args);
+        let gateway = match &self.program {
+            Some(program) => Gateway::with_program(self.tmp.path(), program, &args),
+            None => Gateway::new(self.tmp.path(), &args),
+        };
         let received = subscribers
             .first()
             .map(|(_, subscriber)| subscriber.received.clone())

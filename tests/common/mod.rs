@@ -710,11 +710,22 @@ pub fn write_config(dir: &Path, text: &str) -> PathBuf {
 /// Runs `outpost <args>` to its end with `RUST_LOG=warn` (only warnings and errors logged,
 /// so that a command's own lines are all there is besides them).
 pub fn outpost(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_outpost"))
-        .args(args)
+    outpost_command(args)
         .env("RUST_LOG", "warn")
         .output()
         .expect("run outpost")
+}
+
+/// Runs `outpost <args>` to its end in the test's own environment: `RUST_LOG` as the test was
+/// given it, or, where it is unset, each command's own default level.
+pub fn outpost_in_test_env(args: &[&str]) -> std::process::Output {
+    outpost_command(args).output().expect("run outpost")
+}
+
+fn outpost_command(args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_outpost"));
+    command.args(args);
+    command
 }
 
 /// What a command printed on its standard output.

@@ -877,13 +877,22 @@ impl Client {
     /// The next packet from the connection.
     fn read_packet(&mut self) -> Option<Packet> {
         let mut byte1 = [0u8; 1];
-        match self.stream.read(&mut byte1) {
-            Ok(0) => return None,
-            Ok(_) => {}
-            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) => {
-                return None
+        loop {
+            match self.stream.read(&mut byte1) {
+                Ok(0) => return None,
+                Ok(_) => break,
+                // Not the peer: a signal woke this thread. A child of the test process that
+                // exits while another thread spawns one (signals blocked there) has its SIGCHLD
+                // handed to some other thread, and a read with a timeout then fails with EINTR
+                // although SIGCHLD is ignored. `read_exact` below retries the same way.
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe) =>
+                {
+                    return None
+                }
+                Err(e) => panic!("{}: no packet and no close within {WAIT:?}: {e}", self.name),
             }
-            Err(e) => panic!("{}: no packet and no close within {WAIT:?}: {e}", self.name),
         }
         let mut len = 0usize;
         for shift in 0..4 {
