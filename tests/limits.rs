@@ -86,6 +86,37 @@ async fn full_outbox_under_reject_new_stops_acknowledging_then_resumes() {
     assert!(h.gateway.dead_letters().is_empty());
 }
 
+/// Stopping with the outbox full under reject-new and nothing left in the journal ends at once
+/// and loses nothing: the pipeline has nothing it could move, and waiting for outbox room would
+/// wait for the uplinks, which stop after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_with_a_full_outbox_under_reject_new_stops_when_told() {
+    let mut h = Harness::builder()
+        .subscriber("telemetry/#")
+        .stop_upstream()
+        .config("[store]\noutbox_max_rows = 20\noutbox_policy = \"reject-new\"\n")
+        .upstream_arg()
+        .start()
+        .await;
+    let device = Device::connect(h.gateway.port, "dev-full").await;
+    publish_numbered(&device, "telemetry/dev-full/env", 20, 0).await;
+    device.wait_acked(20).await;
+    eventually("the outbox full and the journal empty", || {
+        h.gateway.outbox_depth() == 20 && h.gateway.journal_depth() == 0
+    })
+    .await;
+    drop(device);
+    assert!(
+        h.gateway.stop(),
+        "exits 0 on SIGTERM (not killed at the stop deadline)"
+    );
+
+    h.upstream.start();
+    h.gateway.start();
+    eventually("all 20 delivered", || h.received.len() >= 20).await;
+    assert_eq!(seqs(&h.received.all()), (1..=20).collect::<Vec<u64>>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_outbox_under_drop_oldest_evicts_to_dead_letters() {
     let mut h = Harness::builder()
