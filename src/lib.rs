@@ -32,7 +32,8 @@
 //! - [`control`]: the control topics on the gateway's broker (dead letters, modules, metrics).
 //! - [`client`]: the operator's side of those topics (`outpost deadletters`, `outpost module`).
 //! - [`gateway`]: builds the stages from a validated [`config`] and owns their lifecycle.
-//! - [`metrics`], [`event`], [`signing`], [`files`], [`notify`]: shared vocabulary and support.
+//! - [`metrics`], [`event`], [`signing`], [`files`], [`pem`], [`notify`]: shared vocabulary and
+//!   support.
 //!
 //! The binary's operator tools (`outpost bench`, `outpost demo`) live in `src/cli/`, outside
 //! the library.
@@ -55,4 +56,5 @@ pub mod event;
 pub mod files;
 pub mod metrics;
 pub mod notify;
+pub mod pem;
 pub mod signing;

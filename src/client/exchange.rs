@@ -37,8 +37,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config::{parse_broker_url, BrokerAddress, Endpoint, MqttVersion, UpstreamConfig};
+use crate::pem::CredentialError;
 use crate::uplink::client::{self, Client, ConnectSettings, LinkEvent};
-use crate::uplink::credentials::{self, CredentialError};
+use crate::uplink::credentials;
 use crate::uplink::{LinkFailure, TlsFailure};
 
 /// Keep-alive asked for in CONNECT.
