@@ -1,5 +1,5 @@
 //! The operator's MQTT exchange with a gateway: the one short-lived connection that `outpost
-//! deadletters` ([`crate::control::dead_letters::request`]) and `outpost module` ([`crate::client::modules`])
+//! deadletters` ([`crate::client::dead_letters`]) and `outpost module` ([`crate::client::modules`])
 //! make to a gateway's broker, or to an upstream broker its gateways are connected to, to
 //! subscribe to where the answers come, publish a request and read the answers.
 //!
