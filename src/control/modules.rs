@@ -47,7 +47,6 @@ use tracing::{info, warn};
 use crate::handlers::registry::{Applied, ModuleEntry, Origin, Registry};
 use crate::metrics::Metrics;
 use crate::signing::{self, CommandOp};
-use crate::uplink::{RemoteRequest, UpstreamReply};
 
 /// The client id of the module control plane's in-process link to the broker.
 pub const CLIENT_ID: &str = "outpost-modules";
@@ -73,6 +72,43 @@ pub fn metrics_topic(gateway_id: &str) -> String {
 /// The base of fleet group `group`'s module topics.
 pub fn fleet_base(fleet_prefix: &str, group: &str) -> String {
     format!("{fleet_prefix}/{group}/modules")
+}
+
+/// A module request that arrived through an upstream broker: what an uplink forwards from
+/// its control subscriptions ([`ModuleControl::upstream_filters`]) without reading it.
+pub struct RemoteRequest {
+    /// The link it came from.
+    pub link: String,
+    /// Its topic on the upstream broker.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Publishes a reply on the same connection (QoS 0: at most once).
+    pub reply: UpstreamReply,
+}
+
+/// Publishes replies on the upstream connection a [`RemoteRequest`] arrived on. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct UpstreamReply(Arc<PublishFn>);
+
+/// Queues a payload on a topic of one upstream connection, or says why it cannot.
+type PublishFn = dyn Fn(&str, Vec<u8>) -> Result<(), String> + Send + Sync;
+
+impl UpstreamReply {
+    /// Replies through `publish`, which queues a payload on a topic of the connection (QoS 0,
+    /// not retained) or says why it cannot.
+    pub fn new(
+        publish: impl Fn(&str, Vec<u8>) -> Result<(), String> + Send + Sync + 'static,
+    ) -> UpstreamReply {
+        UpstreamReply(Arc::new(publish))
+    }
+
+    /// Queues `payload` on `topic`. Fails when the connection is gone or its request queue is
+    /// full; a reply is informational and may be lost.
+    pub fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        (self.0)(topic, payload)
+    }
 }
 
 /// What a request asks for.
@@ -422,5 +458,29 @@ mod tests {
             )
         );
         assert_eq!(list_json(&[]).to_string(), r#"{"modules":[]}"#);
+    }
+
+    #[test]
+    fn a_status_goes_back_through_the_connection_the_request_came_on() {
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = sent.clone();
+        let reply = UpstreamReply::new(move |topic, payload| {
+            log.lock().unwrap().push((topic.to_string(), payload));
+            Ok(())
+        });
+        reply_upstream(
+            &reply.clone(),
+            "outpost/gw/modules/status",
+            &json!({"ok": true}),
+        );
+        assert_eq!(
+            *sent.lock().unwrap(),
+            vec![(
+                "outpost/gw/modules/status".to_string(),
+                br#"{"ok":true}"#.to_vec()
+            )]
+        );
+        let gone = UpstreamReply::new(|_, _| Err("the connection is gone".into()));
+        assert!(gone.publish("t", Vec::new()).is_err());
     }
 }
