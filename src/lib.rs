@@ -32,8 +32,9 @@
 //! - [`control`]: the control topics on the gateway's broker (dead letters, modules, metrics).
 //! - [`client`]: the operator's side of those topics (`outpost deadletters`, `outpost module`).
 //! - [`gateway`]: builds the stages from a validated [`config`] and owns their lifecycle.
-//! - [`metrics`], [`event`], [`signing`], [`files`], [`pem`], [`notify`]: shared vocabulary and
-//!   support.
+//! - [`metrics`], [`event`], [`signing`], [`files`], [`notify`]: shared vocabulary and support.
+//! - [`pem`]: support for credential files (certificates, keys, passwords), read and checked
+//!   alike for the edge's listeners, the uplinks and the operator's commands.
 //!
 //! The binary's operator tools (`outpost bench`, `outpost demo`) live in `src/cli/`, outside
 //! the library.
