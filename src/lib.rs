@@ -37,6 +37,8 @@
 //! - [`gateway`]: starts the stages of a [`plan`] in path order, stops them in reverse, and
 //!   owns their lifecycle; [`shutdown`] is the signal that tells a stage's tasks to stop.
 //! - [`metrics`], [`event`], [`signing`], [`files`], [`notify`]: shared vocabulary and support.
+//! - [`pem`]: support for credential files (certificates, keys, passwords), read and checked
+//!   alike for the edge's listeners, the uplinks and the operator's commands.
 //!
 //! The binary's operator tools (`outpost bench`, `outpost demo`) live in `src/cli/`, outside
 //! the library.
@@ -61,4 +63,5 @@ pub mod event;
 pub mod files;
 pub mod metrics;
 pub mod notify;
+pub mod pem;
 pub mod signing;

@@ -666,7 +666,8 @@ async fn wait_for_stop_signal(
 }
 
 fn deadletters(command: DeadLettersCommand, o: DeadLettersOptions) -> anyhow::Result<()> {
-    use outpost::control::dead_letters::{self as control, Request, Verb};
+    use outpost::client::dead_letters as client;
+    use outpost::control::dead_letters::{Request, Verb};
     let (verb, id) = match command {
         DeadLettersCommand::List => (Verb::List, o.id),
         DeadLettersCommand::Show { number } => {
@@ -693,7 +694,7 @@ fn deadletters(command: DeadLettersCommand, o: DeadLettersOptions) -> anyhow::Re
         login: o.username.as_deref().zip(o.password.as_deref()),
         tls: o.tls.files(),
     };
-    let reply = tokio_runtime()?.block_on(control::request(
+    let reply = tokio_runtime()?.block_on(client::request(
         broker,
         &o.gateway_id,
         verb,
@@ -703,7 +704,7 @@ fn deadletters(command: DeadLettersCommand, o: DeadLettersOptions) -> anyhow::Re
     if o.json {
         println!("{}", serde_json::to_string_pretty(&reply)?);
     }
-    if let Some(error) = control::reply_error(&reply) {
+    if let Some(error) = client::reply_error(&reply) {
         anyhow::bail!("gateway {} refused the request: {error}", o.gateway_id);
     }
     let found = reply["dead_letters"].as_array().map_or(0, Vec::len);
@@ -715,10 +716,7 @@ fn deadletters(command: DeadLettersCommand, o: DeadLettersOptions) -> anyhow::Re
         );
     }
     if !o.json {
-        print!(
-            "{}",
-            control::render(verb, &reply, outpost::event::now_ms())
-        );
+        print!("{}", client::render(verb, &reply, outpost::event::now_ms()));
     }
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! The operator's MQTT exchange with a gateway: the one short-lived connection that `outpost
-//! deadletters` ([`crate::control::dead_letters::request`]) and `outpost module` ([`crate::client::modules`])
+//! deadletters` ([`crate::client::dead_letters`]) and `outpost module` ([`crate::client::modules`])
 //! make to a gateway's broker, or to an upstream broker its gateways are connected to, to
 //! subscribe to where the answers come, publish a request and read the answers.
 //!
@@ -37,8 +37,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::config::{parse_broker_url, BrokerAddress, Endpoint, MqttVersion, UpstreamConfig};
+use crate::pem::CredentialError;
 use crate::uplink::client::{self, Client, ConnectSettings, LinkEvent};
-use crate::uplink::credentials::{self, CredentialError};
+use crate::uplink::credentials;
 use crate::uplink::{LinkFailure, TlsFailure};
 
 /// Keep-alive asked for in CONNECT.

@@ -43,6 +43,7 @@ use serde_json::{Map, Value};
 
 use crate::client::exchange as operator;
 use crate::config::{parse_broker_url, Endpoint};
+use crate::control::modules as control;
 use crate::signing::{self, CommandOp, SignedCommand, SignedModule};
 
 /// The default first levels of fleet topics: `outpost/fleet/<group>/modules/...`.
@@ -133,15 +134,15 @@ impl Target {
     /// The base of its request topics: `outpost/<id>/modules` or `<prefix>/<group>/modules`.
     pub fn base(&self) -> String {
         match self {
-            Target::Gateway(id) => module_base(id),
-            Target::Fleet { prefix, group } => format!("{prefix}/{group}/modules"),
+            Target::Gateway(id) => control::base(id),
+            Target::Fleet { prefix, group } => control::fleet_base(prefix, group),
         }
     }
 
     /// The filter for its statuses: the gateway's status topic, or [`FLEET_STATUS_FILTER`].
     pub fn status_filter(&self) -> String {
         match self {
-            Target::Gateway(id) => status_topic(id),
+            Target::Gateway(id) => control::status_topic(id),
             Target::Fleet { .. } => FLEET_STATUS_FILTER.to_string(),
         }
     }
@@ -166,16 +167,6 @@ fn check_level(what: &str, value: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// The base of gateway `gateway_id`'s module topics: `outpost/<gateway_id>/modules`.
-pub fn module_base(gateway_id: &str) -> String {
-    format!("outpost/{gateway_id}/modules")
-}
-
-/// Where gateway `gateway_id` publishes its statuses: `outpost/<gateway_id>/modules/status`.
-pub fn status_topic(gateway_id: &str) -> String {
-    format!("{}/status", module_base(gateway_id))
 }
 
 /// One request, ready to publish: its target, topic and exact payload.

@@ -1,6 +1,7 @@
 //! The control plane for dead letters: MQTT topics on the gateway's own broker through which an
-//! operator lists, shows, replays and purges dead letters, and the client side of those topics
-//! that the `outpost deadletters` command uses.
+//! operator lists, shows, replays and purges dead letters. This is the gateway's side and the
+//! topics' contract (the verbs, the request and its validation); the operator's side, which
+//! the `outpost deadletters` command uses, is [`crate::client::dead_letters`].
 //!
 //! Requests are published to `outpost/<gateway_id>/deadletters/<verb>`:
 //!
@@ -38,8 +39,8 @@
 //!
 //! - A reply goes to the requesting client only (its subscriptions that match the reply
 //!   topic), never to other subscribers of that topic, and carries `"gateway"` (who answers)
-//!   and the request's `"nonce"` (which request it answers), so that [`request`] believes only
-//!   the answer to its own request.
+//!   and the request's `"nonce"` (which request it answers), so that the requester
+//!   ([`crate::client::dead_letters::request`]) believes only the answer to its own request.
 //!
 //! Who may ask is the broker's business: once `broker.admins` or an ACL is configured, only
 //! admins (and clients an ACL rule names these topics for) may publish requests or read
@@ -52,15 +53,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use rand::RngExt;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use crate::client::exchange as operator;
-use crate::config::{parse_broker_url, Endpoint};
 use crate::edge::LocalLink;
 use crate::store::{DeadLetter, DeadLetterFilter, Store, StoreError};
 
@@ -79,9 +80,6 @@ pub const MAX_REPLY_BYTES: usize = 4 * 1024 * 1024;
 /// Attempts after the first when the database is busy (pauses of 5 ms doubling: about 1.3 s
 /// in all).
 const BUSY_RETRIES: usize = 8;
-
-/// The largest reply the client accepts: MQTT's own packet size limit.
-const MAX_INCOMING_PACKET: usize = 268_435_455 + 5;
 
 /// A dead-letter operation; the last level of its request topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -530,7 +528,7 @@ fn letter_json(letter: &DeadLetter, with_payload: bool) -> Value {
         if with_payload {
             match std::str::from_utf8(payload) {
                 Ok(text) => map.insert("payload".into(), json!(text)),
-                Err(_) => map.insert("payload_base64".into(), json!(base64(payload))),
+                Err(_) => map.insert("payload_base64".into(), json!(STANDARD.encode(payload))),
             };
         }
     }
@@ -548,264 +546,6 @@ fn summary(body: &Value) -> String {
     } else {
         body.to_string()
     }
-}
-
-/// Standard base64 (RFC 4648 section 4, with padding).
-fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Sends one request to gateway `gateway_id` through the broker of `broker`
-/// (`mqtt://HOST[:PORT]`, or `mqtts://HOST[:PORT]` with its TLS files) and returns its reply,
-/// whatever its `ok`.
-///
-/// It connects ([`crate::client::exchange`]: TCP or TLS, with the endpoint's login) with a fresh
-/// client id, subscribes to a reply topic of its own (`outpost/<gateway_id>/replies/<random>`),
-/// waits for the SUBACK, publishes the request with QoS 1, `reply_to` set to that topic and an
-/// unguessable `nonce`, and waits for the reply that [`answers`] it (anything else on the reply
-/// topic is ignored, with a warning). Fails with a clear message when the options cannot be
-/// used, the broker cannot be reached or refuses the login or the subscription, or no reply
-/// arrives within `timeout` (connecting included).
-pub async fn request(
-    broker: impl Into<Endpoint<'_>>,
-    gateway_id: &str,
-    verb: Verb,
-    request: &Request,
-    timeout: Duration,
-) -> anyhow::Result<Value> {
-    let broker = broker.into();
-    let address = parse_broker_url(broker.url).map_err(anyhow::Error::msg)?;
-    if gateway_id.is_empty()
-        || !gateway_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
-        anyhow::bail!(
-            "gateway id {gateway_id:?} must be non-empty and use only letters, digits, '-', '_' and '.'"
-        );
-    }
-    let token = format!("{:016x}", rand::rng().random::<u64>());
-    let reply_topic = format!("outpost/{gateway_id}/replies/{token}");
-    // Unguessable, and seen only by the gateway (and whoever may read its request topics):
-    // a reply that does not carry it was not made for this request.
-    let nonce = format!("{:032x}", rand::rng().random::<u128>());
-    let mut body = request.clone();
-    body.reply_to = Some(reply_topic.clone());
-    body.nonce = Some(nonce.clone());
-    let body = serde_json::to_vec(&body)?;
-
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut session = operator::connect(broker, MAX_INCOMING_PACKET, timeout).await?;
-    let exchange = async {
-        session
-            .subscribe(std::slice::from_ref(&reply_topic))
-            .await?;
-        session
-            .publish(request_topic(gateway_id, verb), body, false)
-            .await?;
-        loop {
-            let operator::Event::Message { topic, payload } = session.next().await? else {
-                continue;
-            };
-            if topic != reply_topic {
-                continue;
-            }
-            match serde_json::from_slice::<Value>(&payload).ok() {
-                Some(reply) if answers(&reply, gateway_id, &nonce) => {
-                    return anyhow::Ok(reply);
-                }
-                // Someone else's message on the reply topic: not believed, and the real reply
-                // is still awaited.
-                _ => eprintln!(
-                    "warning: ignored a message on {reply_topic} that is not gateway \
-                     {gateway_id}'s reply to this request (forged, or stale)"
-                ),
-            }
-        }
-    };
-    let reply = tokio::time::timeout_at(deadline, exchange)
-        .await
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "no answer from gateway {gateway_id} at {address} within {} s",
-                timeout.as_secs_f64()
-            )
-        })??;
-    // The reply is already in hand: leaving politely is best effort.
-    session.close().await;
-    Ok(reply)
-}
-
-/// Whether `reply` is gateway `gateway_id`'s answer to the request that carried `nonce`.
-pub fn answers(reply: &Value, gateway_id: &str, nonce: &str) -> bool {
-    reply.get("gateway").and_then(Value::as_str) == Some(gateway_id)
-        && reply.get("nonce").and_then(Value::as_str) == Some(nonce)
-}
-
-/// The error a reply reports, if it is not `"ok": true`.
-pub fn reply_error(reply: &Value) -> Option<String> {
-    if reply.get("ok").and_then(Value::as_bool) == Some(true) {
-        return None;
-    }
-    Some(
-        reply
-            .get("error")
-            .and_then(Value::as_str)
-            .map(str::to_owned)
-            .unwrap_or_else(|| format!("unexpected reply: {reply}")),
-    )
-}
-
-/// A successful reply for people: a table for `list`, one block per dead letter for `show`,
-/// one line for `replay` and `purge`.
-pub fn render(verb: Verb, reply: &Value, now_ms: u64) -> String {
-    match verb {
-        Verb::Replay => format!(
-            "replayed {}\n",
-            reply.get("replayed").and_then(Value::as_u64).unwrap_or(0)
-        ),
-        Verb::Purge => format!(
-            "purged {}\n",
-            reply.get("purged").and_then(Value::as_u64).unwrap_or(0)
-        ),
-        Verb::List | Verb::Show => {
-            let letters = reply
-                .get("dead_letters")
-                .and_then(Value::as_array)
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            let mut out = if letters.is_empty() {
-                "no dead letters\n".to_string()
-            } else if verb == Verb::List {
-                table(letters, now_ms)
-            } else {
-                letters
-                    .iter()
-                    .map(|l| block(l, now_ms))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            };
-            if reply.get("truncated").and_then(Value::as_bool) == Some(true) {
-                out.push_str("(more dead letters match; narrow the filter or lower --limit)\n");
-            }
-            out
-        }
-    }
-}
-
-fn text(letter: &Value, field: &str) -> String {
-    match letter.get(field) {
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(Value::String(_)) => "-".into(),
-        Some(Value::Null) | None => "-".into(),
-        Some(other) => other.to_string(),
-    }
-}
-
-fn age(letter: &Value, now_ms: u64) -> String {
-    let Some(created) = letter.get("created_ms").and_then(Value::as_u64) else {
-        return "-".into();
-    };
-    let secs = now_ms.saturating_sub(created) / 1000;
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 2 * 3600 => format!("{}m", s / 60),
-        s if s < 2 * 86400 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86400),
-    }
-}
-
-fn table(letters: &[Value], now_ms: u64) -> String {
-    let header = ["ID", "REASON", "ROUTE", "ATTEMPTS", "TOPIC", "AGE"];
-    let rows: Vec<[String; 6]> = letters
-        .iter()
-        .map(|l| {
-            [
-                text(l, "id"),
-                text(l, "reason"),
-                text(l, "route"),
-                text(l, "attempts"),
-                text(l, "topic"),
-                age(l, now_ms),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let mut l = String::new();
-        for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-            if i + 1 == cells.len() {
-                l.push_str(cell);
-            } else {
-                l.push_str(&format!("{cell:<w$}  "));
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
-    }
-    out
-}
-
-fn block(letter: &Value, now_ms: u64) -> String {
-    let mut out = format!("dead letter {}\n", text(letter, "id"));
-    for (label, field) in [
-        ("reason", "reason"),
-        ("detail", "detail"),
-        ("stage", "stage"),
-        ("route", "route"),
-        ("module", "module"),
-        ("version", "module_version"),
-        ("link", "link"),
-        ("message id", "msg_id"),
-        ("attempts", "attempts"),
-        ("topic", "topic"),
-        ("device", "device"),
-        ("client id", "client_id"),
-        ("event id", "event_id"),
-    ] {
-        // Continuation lines of a multi-line value (a trap's message) line up under its first.
-        let value = text(letter, field).replace('\n', &format!("\n{:14}", ""));
-        out.push_str(&format!("  {:<12}{value}\n", format!("{label}:")));
-    }
-    out.push_str(&format!("  {:<12}{}\n", "age:", age(letter, now_ms)));
-    let bytes = text(letter, "payload_bytes");
-    if let Some(payload) = letter.get("payload").and_then(Value::as_str) {
-        out.push_str(&format!("  {:<12}{bytes} bytes, text\n", "payload:"));
-        for l in payload.lines() {
-            out.push_str(&format!("    {l}\n"));
-        }
-    } else if let Some(payload) = letter.get("payload_base64").and_then(Value::as_str) {
-        out.push_str(&format!("  {:<12}{bytes} bytes, base64\n", "payload:"));
-        out.push_str(&format!("    {payload}\n"));
-    }
-    out
 }
 
 #[cfg(test)]
@@ -928,19 +668,24 @@ mod tests {
     }
 
     #[test]
-    fn base64_matches_rfc_4648_vectors() {
-        for (input, expected) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
+    fn binary_payloads_are_standard_base64_with_padding() {
+        for (payload, expected) in [
+            (&[0xff][..], "/w=="),
+            (&[0xff, 0x00][..], "/wA="),
+            (&[0xfb, 0xff, 0xbf][..], "+/+/"),
+            (&[0x80, b'f', b'o', b'o', b'b'][..], "gGZvb2I="),
         ] {
-            assert_eq!(base64(input.as_bytes()), expected);
+            let letter = DeadLetter {
+                id: 1,
+                created_ms: 0,
+                letter: letter("trap", "a", payload),
+            };
+            let value = letter_json(&letter, true);
+            assert_eq!(value["payload_base64"], expected, "{payload:?}");
+            assert!(value.get("payload").is_none());
+            assert_eq!(value["payload_bytes"], payload.len());
+            assert!(letter_json(&letter, false).get("payload_base64").is_none());
         }
-        assert_eq!(base64(&[0xfb, 0xff, 0xbf]), "+/+/");
     }
 
     #[tokio::test]
@@ -1041,30 +786,5 @@ mod tests {
         assert_eq!(reply["dead_letters"].as_array().unwrap().len(), 1);
         assert_eq!(reply["dead_letters"][0]["id"], 2);
         assert_eq!(reply["truncated"], true);
-    }
-
-    #[test]
-    fn renders_a_table_and_counts() {
-        let reply = json!({"ok": true, "truncated": false, "dead_letters": [
-            {"id": 12, "reason": "trap", "route": "r1", "attempts": 2,
-             "topic": "telemetry/d/x", "created_ms": 1_000},
-        ]});
-        let out = render(Verb::List, &reply, 91_000);
-        let lines: Vec<&str> = out.lines().collect();
-        assert_eq!(lines[0], "ID  REASON  ROUTE  ATTEMPTS  TOPIC          AGE");
-        assert_eq!(lines[1], "12  trap    r1     2         telemetry/d/x  90s");
-        assert_eq!(
-            render(Verb::List, &json!({"ok": true, "dead_letters": []}), 0),
-            "no dead letters\n"
-        );
-        assert_eq!(
-            render(Verb::Replay, &json!({"ok": true, "replayed": 3}), 0),
-            "replayed 3\n"
-        );
-        assert_eq!(reply_error(&reply), None);
-        assert_eq!(
-            reply_error(&json!({"ok": false, "error": "nope"})).as_deref(),
-            Some("nope")
-        );
     }
 }

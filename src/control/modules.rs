@@ -44,10 +44,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::handlers::registry::Registry;
+use crate::handlers::registry::{Applied, ModuleEntry, Origin, Registry};
 use crate::metrics::Metrics;
 use crate::signing::{self, CommandOp};
-use crate::uplink::{RemoteRequest, UpstreamReply};
 
 /// The client id of the module control plane's in-process link to the broker.
 pub const CLIENT_ID: &str = "outpost-modules";
@@ -73,6 +72,43 @@ pub fn metrics_topic(gateway_id: &str) -> String {
 /// The base of fleet group `group`'s module topics.
 pub fn fleet_base(fleet_prefix: &str, group: &str) -> String {
     format!("{fleet_prefix}/{group}/modules")
+}
+
+/// A module request that arrived through an upstream broker: what an uplink forwards from
+/// its control subscriptions ([`ModuleControl::upstream_filters`]) without reading it.
+pub struct RemoteRequest {
+    /// The link it came from.
+    pub link: String,
+    /// Its topic on the upstream broker.
+    pub topic: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
+    /// Publishes a reply on the same connection (QoS 0: at most once).
+    pub reply: UpstreamReply,
+}
+
+/// Publishes replies on the upstream connection a [`RemoteRequest`] arrived on. Cheap to
+/// clone.
+#[derive(Clone)]
+pub struct UpstreamReply(Arc<PublishFn>);
+
+/// Queues a payload on a topic of one upstream connection, or says why it cannot.
+type PublishFn = dyn Fn(&str, Vec<u8>) -> Result<(), String> + Send + Sync;
+
+impl UpstreamReply {
+    /// Replies through `publish`, which queues a payload on a topic of the connection (QoS 0,
+    /// not retained) or says why it cannot.
+    pub fn new(
+        publish: impl Fn(&str, Vec<u8>) -> Result<(), String> + Send + Sync + 'static,
+    ) -> UpstreamReply {
+        UpstreamReply(Arc::new(publish))
+    }
+
+    /// Queues `payload` on `topic`. Fails when the connection is gone or its request queue is
+    /// full; a reply is informational and may be lost.
+    pub fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
+        (self.0)(topic, payload)
+    }
 }
 
 /// What a request asks for.
@@ -229,13 +265,14 @@ impl ModuleControl {
         };
         body["request_sha256"] = json!(request_sha256);
         let outcome = tokio::task::spawn_blocking(move || match request {
-            Request::List => registry.list().map(|modules| json!({ "modules": modules })),
+            Request::List => registry.list().map(|modules| list_json(&modules)),
             Request::Deploy(name) => registry.deploy(&name, &payload).map(applied_json),
             Request::Command(name, op) => registry.command(&name, op, &payload).map(applied_json),
             Request::Status => Ok(json!({})),
         })
         .await
-        .unwrap_or_else(|e| Err(format!("internal error: {e}")));
+        .map_err(|e| format!("internal error: {e}"))
+        .and_then(|outcome| outcome.map_err(|e| e.to_string()));
         match outcome {
             Ok(details) => {
                 body["ok"] = json!(true);
@@ -254,7 +291,56 @@ impl ModuleControl {
     }
 }
 
-fn applied_json(applied: crate::handlers::registry::Applied) -> Value {
+/// The details of a `list` status: `"modules"`, one object per module (see [`module_json`]).
+fn list_json(modules: &[ModuleEntry]) -> Value {
+    json!({ "modules": modules.iter().map(module_json).collect::<Vec<_>>() })
+}
+
+/// One module of a `list` status: `name`, `declared`, `loaded`, `quarantined` always;
+/// `quarantine_left_ms` while quarantined; `source` (`deployed` with `version`, `sha256` and
+/// `key`, or `config` with `path`), `module_hash` and `fuel` when loaded; `deployed_ms` and
+/// `previous_version` when the database has a deployment.
+fn module_json(entry: &ModuleEntry) -> Value {
+    let mut json = json!({
+        "name": entry.name,
+        "declared": entry.declared,
+        "loaded": entry.running.is_some(),
+        "quarantined": entry.quarantine_left.is_some(),
+    });
+    if let Some(left) = entry.quarantine_left {
+        json["quarantine_left_ms"] = json!(left.as_millis() as u64);
+    }
+    if let Some(running) = &entry.running {
+        match &running.origin {
+            Origin::Deployed {
+                version,
+                sha256,
+                signer,
+            } => {
+                json["source"] = json!("deployed");
+                json["version"] = json!(version);
+                json["sha256"] = json!(sha256);
+                json["key"] = json!(signer);
+            }
+            Origin::File(path) => {
+                json["source"] = json!("config");
+                json["path"] = json!(path.display().to_string());
+            }
+        }
+        json["module_hash"] = json!(running.module_hash);
+        json["fuel"] = json!(running.fuel);
+    }
+    if let Some(deployment) = &entry.deployment {
+        json["deployed_ms"] = json!(deployment.deployed_ms);
+        if let Some(previous) = &deployment.previous_version {
+            json["previous_version"] = json!(previous);
+        }
+    }
+    json
+}
+
+/// The details of a deploy, rollback or remove status.
+fn applied_json(applied: Applied) -> Value {
     let mut body = json!({
         "key": applied.key,
         "unchanged": applied.unchanged,
@@ -290,6 +376,7 @@ async fn tick(ticker: &mut Option<tokio::time::Interval>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::handlers::registry::{Deployment, Running};
 
     #[test]
     fn request_topics_parse() {
@@ -313,5 +400,87 @@ mod tests {
         assert!(parse_request("a/b/c").is_err());
         assert!(parse_request("").is_err());
         assert!(parse_request("/deploy").is_err());
+    }
+
+    #[test]
+    fn module_lists_render_as_they_always_have() {
+        let deployed = ModuleEntry {
+            name: "enrich".into(),
+            declared: true,
+            quarantine_left: Some(Duration::from_micros(1_500_900)),
+            running: Some(Running {
+                origin: Origin::Deployed {
+                    version: "1.2.0".into(),
+                    sha256: "ab12".into(),
+                    signer: "k1".into(),
+                },
+                module_hash: "h1".into(),
+                fuel: 42,
+            }),
+            deployment: Some(Deployment {
+                deployed_ms: 1_700_000_000_000,
+                previous_version: Some("1.1.0".into()),
+            }),
+        };
+        let from_file = ModuleEntry {
+            name: "threshold".into(),
+            declared: true,
+            quarantine_left: None,
+            running: Some(Running {
+                origin: Origin::File("/etc/outpost/threshold.wasm".into()),
+                module_hash: "h2".into(),
+                fuel: 0,
+            }),
+            deployment: None,
+        };
+        let removed = ModuleEntry {
+            name: "gone".into(),
+            declared: false,
+            quarantine_left: None,
+            running: None,
+            deployment: Some(Deployment {
+                deployed_ms: 5,
+                previous_version: None,
+            }),
+        };
+        assert_eq!(
+            list_json(&[deployed, from_file, removed]).to_string(),
+            concat!(
+                r#"{"modules":["#,
+                r#"{"declared":true,"deployed_ms":1700000000000,"fuel":42,"key":"k1","loaded":true,"#,
+                r#""module_hash":"h1","name":"enrich","previous_version":"1.1.0","#,
+                r#""quarantine_left_ms":1500,"quarantined":true,"sha256":"ab12","source":"deployed","#,
+                r#""version":"1.2.0"},"#,
+                r#"{"declared":true,"fuel":0,"loaded":true,"module_hash":"h2","name":"threshold","#,
+                r#""path":"/etc/outpost/threshold.wasm","quarantined":false,"source":"config"},"#,
+                r#"{"declared":false,"deployed_ms":5,"loaded":false,"name":"gone","quarantined":false}"#,
+                r#"]}"#
+            )
+        );
+        assert_eq!(list_json(&[]).to_string(), r#"{"modules":[]}"#);
+    }
+
+    #[test]
+    fn a_status_goes_back_through_the_connection_the_request_came_on() {
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = sent.clone();
+        let reply = UpstreamReply::new(move |topic, payload| {
+            log.lock().unwrap().push((topic.to_string(), payload));
+            Ok(())
+        });
+        reply_upstream(
+            &reply.clone(),
+            "outpost/gw/modules/status",
+            &json!({"ok": true}),
+        );
+        assert_eq!(
+            *sent.lock().unwrap(),
+            vec![(
+                "outpost/gw/modules/status".to_string(),
+                br#"{"ok":true}"#.to_vec()
+            )]
+        );
+        let gone = UpstreamReply::new(|_, _| Err("the connection is gone".into()));
+        assert!(gone.publish("t", Vec::new()).is_err());
     }
 }

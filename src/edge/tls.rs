@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateRevocationListDer, PrivateKeyDer};
+use rustls::pki_types::CertificateRevocationListDer;
 use rustls::server::WebPkiClientVerifier;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -37,9 +37,9 @@ use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
 
 use crate::config::BrokerTlsConfig;
-use crate::uplink::credentials::{self, CertificateFacts, CredentialError};
+use crate::pem::{self, CertificateFacts, CredentialError, KeyPairFiles};
 
-pub use crate::uplink::credentials::MAX_FILE_BYTES;
+pub use crate::pem::MAX_FILE_BYTES;
 
 /// A certificate revocation list's facts, for warnings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,10 +66,10 @@ pub struct ServerFiles {
 
 impl ServerFiles {
     /// Warnings, one line each: certificates (server or CA) that expired or expire within
-    /// [`credentials::EXPIRY_WARNING_DAYS`] days of `now`, and revocation lists past their
+    /// [`pem::EXPIRY_WARNING_DAYS`] days of `now`, and revocation lists past their
     /// nextUpdate (every client certificate of their CA is refused until they are renewed).
     pub fn warnings(&self, now: SystemTime) -> Vec<String> {
-        let mut warnings = credentials::expiry_warnings(
+        let mut warnings = pem::expiry_warnings(
             std::iter::once(&self.server_certificate).chain(&self.ca_certificates),
             now,
         );
@@ -114,20 +114,10 @@ pub fn load(config: &BrokerTlsConfig) -> Result<ServerFiles, CredentialError> {
         None => WebPkiClientVerifier::no_client_auth(),
         Some(path) => {
             let field = key("cafile");
-            let bytes = credentials::read_public(&field, path)?;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in credentials::certificates(&field, path, &bytes)? {
-                ca_certificates.push(credentials::facts(&field, path, &cert));
-                roots
-                    .add(cert)
-                    .map_err(|e| CredentialError::NoCertificate {
-                        key: field.clone(),
-                        path: path.clone(),
-                        detail: format!("not a CA certificate rustls can use: {e}"),
-                    })?;
-            }
+            let ca = pem::read_ca(&field, path)?;
+            ca_certificates = ca.certificates;
             let mut builder =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+                WebPkiClientVerifier::builder_with_provider(Arc::new(ca.roots), provider.clone());
             if !crl_ders.is_empty() {
                 builder = builder
                     .with_crls(crl_ders)
@@ -156,53 +146,24 @@ pub fn load(config: &BrokerTlsConfig) -> Result<ServerFiles, CredentialError> {
         }
     };
 
-    let (cert_field, key_field) = (key("certfile"), key("keyfile"));
-    let (cert_path, key_path) = (&config.certfile, &config.keyfile);
-    let cert_bytes = credentials::read_public(&cert_field, cert_path)?;
-    let key_bytes = credentials::read_secret(&key_field, key_path)?;
-    let chain = credentials::certificates(&cert_field, cert_path, &cert_bytes)?;
-    let server_certificate = match chain.first() {
-        Some(first) => credentials::facts(&cert_field, cert_path, first),
-        // `certificates` returns at least one; refuse rather than panic.
-        None => {
-            return Err(CredentialError::NoCertificate {
-                key: cert_field,
-                path: cert_path.clone(),
-                detail: "no certificate in it".to_string(),
-            })
-        }
+    let (cert_key, key_key) = (key("certfile"), key("keyfile"));
+    let files = KeyPairFiles {
+        cert_key: &cert_key,
+        cert_path: &config.certfile,
+        key_key: &key_key,
+        key_path: &config.keyfile,
     };
-    let private =
-        PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| CredentialError::NoKey {
-            key: key_field.clone(),
-            path: key_path.clone(),
-            detail: credentials::pem_problem(&e),
-        })?;
+    let pair = files.read()?;
+    let server_certificate = pair.certificate;
     let server = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| CredentialError::Tls {
-            key: cert_field.clone(),
+            key: cert_key.clone(),
             detail: e.to_string(),
         })?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, private)
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => CredentialError::KeyMismatch {
-                key: key_field.clone(),
-                key_path: key_path.clone(),
-                cert_path: cert_path.clone(),
-            },
-            rustls::Error::InvalidCertificate(problem) => CredentialError::Unusable {
-                key: cert_field.clone(),
-                path: cert_path.clone(),
-                detail: credentials::certificate_problem(&problem),
-            },
-            other => CredentialError::NoKey {
-                key: key_field.clone(),
-                path: key_path.clone(),
-                detail: other.to_string(),
-            },
-        })?;
+        .with_single_cert(pair.chain, pair.key)
+        .map_err(|e| files.refusal(e))?;
     Ok(ServerFiles {
         config: Arc::new(server),
         server_certificate,
@@ -222,10 +183,10 @@ fn revocation_lists(
         path: path.to_path_buf(),
         detail,
     };
-    let bytes = credentials::read_public(key, path)?;
+    let bytes = pem::read_public(key, path)?;
     let crls = CertificateRevocationListDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| problem(credentials::pem_problem(&e)))?;
+        .map_err(|e| problem(pem::pem_problem(&e)))?;
     if crls.is_empty() {
         return Err(problem("no revocation list in it".to_string()));
     }
@@ -415,12 +376,13 @@ pub fn watch_tls_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pem::tests::write;
     use rcgen::{
         BasicConstraints, CertificateParams, CertificateRevocationListParams, CertifiedIssuer,
         DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose,
         RevokedCertParams, SerialNumber,
     };
-    use std::os::unix::fs::PermissionsExt;
+    use rustls::pki_types::PrivateKeyDer;
     use std::path::Path;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -506,14 +468,6 @@ mod tests {
             .pem()
             .unwrap()
         }
-    }
-
-    fn write(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
-        let path = dir.join(name);
-        let _ = std::fs::remove_file(&path);
-        std::fs::write(&path, text).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-        path
     }
 
     /// A server certificate of `ca` and its key in `dir`; a configuration with them.

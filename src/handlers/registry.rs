@@ -25,23 +25,120 @@
 //! - A deployed module that cannot be loaded at start (say, a wasmtime upgrade refuses it) does
 //!   not stop the gateway: it is logged, and the name falls back to its file, if any.
 //!
-//! The registry does no networking; the control plane (`deploy.rs`) feeds it requests.
+//! The registry does no networking and renders nothing: the control plane
+//! ([`crate::control::modules`]) feeds it requests and turns its answers ([`Applied`],
+//! [`ModuleEntry`], [`RegistryError`]) into status messages.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use tracing::{error, info, warn};
 
 use crate::config::ModuleConfig;
 use crate::event::now_ms;
 use crate::handlers::breaker::Breaker;
-use crate::handlers::runtime::{Handler, Runtime};
+use crate::handlers::runtime::{Handler, LoadError, Runtime};
 use crate::metrics::Metrics;
-use crate::signing::{self, SignedCommand, SignedModule, VerifyingKey};
-use crate::store::{CommandRefused, Deployed, Store, StoredModule};
+use crate::signing::{self, SignedCommand, SignedModule, VerifyError, VerifyingKey};
+use crate::store::{CommandRefused, Deployed, Store, StoreError, StoredModule};
+
+/// Why the registry refused a deploy, rollback, remove or list. The texts are what the
+/// operator reads as a status's `"reason"`; nothing was changed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// No key is trusted, so no signed request can be accepted.
+    #[error(
+        "no trusted keys are configured ([deploy] trusted_keys): this gateway accepts no {refused}"
+    )]
+    NoTrustedKeys {
+        /// What is refused: `deploys` or `commands`.
+        refused: &'static str,
+    },
+    /// The payload of a deploy is not a well-formed signed module (or is too large).
+    #[error("not a signed module: {0}")]
+    NotAModule(signing::EnvelopeError),
+    /// The payload of a rollback or remove is not a well-formed signed command.
+    #[error("not a signed command: {0}")]
+    NotACommand(signing::CommandError),
+    /// The signature does not verify under a trusted key, or is for another module or
+    /// version.
+    #[error("signature refused: {0}")]
+    Signature(VerifyError),
+    /// The command is signed for another module than the one on its topic.
+    #[error("signature refused: command is signed for module {signed:?}, not {name:?}")]
+    OtherModule {
+        /// The module it is signed for.
+        signed: String,
+        /// The module on its topic.
+        name: String,
+    },
+    /// The command is signed for another operation than the one on its topic.
+    #[error("signature refused: command is signed as {signed:?}, not {asked:?}")]
+    OtherOp {
+        /// The operation it is signed for.
+        signed: &'static str,
+        /// The operation on its topic.
+        asked: &'static str,
+    },
+    /// Issued before a request already accepted for the module, or too far in the future.
+    #[error(transparent)]
+    Order(VerifyError),
+    /// The module does not compile or is not a handler component.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The verified module could not be stored.
+    #[error("cannot store the module: {0}")]
+    StoreModule(StoreError),
+    /// The store refused the operation (stale, or nothing to act on) or failed.
+    #[error(transparent)]
+    Refused(#[from] CommandRefused),
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A rollback of a module that keeps no previous version.
+    #[error("module {name:?} has no previous version to roll back to")]
+    NoPrevious {
+        /// The module.
+        name: String,
+    },
+}
+
+/// One module name the gateway knows, as a `list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleEntry {
+    /// The name routes use.
+    pub name: String,
+    /// Whether the configuration declares it (`[[module]]`).
+    pub declared: bool,
+    /// How long its circuit breaker keeps it quarantined still; `None`: not quarantined.
+    pub quarantine_left: Option<Duration>,
+    /// What it runs now; `None`: nothing (declared without a file, or removed).
+    pub running: Option<Running>,
+    /// Its deployment in the database, if it has one.
+    pub deployment: Option<Deployment>,
+}
+
+/// What a module name runs now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Running {
+    /// Where the handler came from.
+    pub origin: Origin,
+    /// The handler's version hash ([`Handler::version`]).
+    pub module_hash: String,
+    /// The fuel its invocations have used so far.
+    pub fuel: u64,
+}
+
+/// A module's deployment, as the database keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deployment {
+    /// When the active version was deployed, ms since the Unix epoch.
+    pub deployed_ms: u64,
+    /// The version a rollback would return to, if one is kept.
+    pub previous_version: Option<String>,
+}
 
 /// Where a module name's current handler came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,18 +284,18 @@ impl Registry {
 
     /// Verifies, compiles, stores and activates the signed module in `payload`, deployed as
     /// `name` (see the module guarantees). Blocking and CPU-heavy.
-    pub fn deploy(&self, name: &str, payload: &[u8]) -> Result<Applied, String> {
+    pub fn deploy(&self, name: &str, payload: &[u8]) -> Result<Applied, RegistryError> {
         if self.trusted.is_empty() {
-            return Err("no trusted keys are configured ([deploy] trusted_keys): this gateway accepts no deploys".into());
+            return Err(RegistryError::NoTrustedKeys { refused: "deploys" });
         }
         let signed = SignedModule::from_bytes_limited(payload, self.max_module_bytes)
-            .map_err(|e| format!("not a signed module: {e}"))?;
+            .map_err(RegistryError::NotAModule)?;
         let key = signed
             .verify_against(&self.trusted)
-            .map_err(|e| format!("signature refused: {e}"))?;
+            .map_err(RegistryError::Signature)?;
         signed
             .expect_identity(name, None)
-            .map_err(|e| format!("signature refused: {e}"))?;
+            .map_err(RegistryError::Signature)?;
         let manifest = signed.manifest().clone();
         let issued_ms = manifest.issued_ms();
         if let Some(Origin::Deployed {
@@ -222,10 +319,7 @@ impl Registry {
         // order again in the transaction that activates it.
         self.check_order(name, issued_ms)?;
         let started = Instant::now();
-        let handler = self
-            .runtime
-            .load(name, signed.wasm())
-            .map_err(|e| e.to_string())?;
+        let handler = self.runtime.load(name, signed.wasm())?;
         let compile = started.elapsed();
         record_compile(&self.metrics, compile);
         let artifact = match handler.artifact() {
@@ -248,8 +342,8 @@ impl Registry {
             .store
             .deploy_module(&stored, issued_ms)
             .map_err(|e| match e {
-                CommandRefused::Store(e) => format!("cannot store the module: {e}"),
-                refused => refused.to_string(),
+                CommandRefused::Store(e) => RegistryError::StoreModule(e),
+                refused => RegistryError::Refused(refused),
             })?;
         let applied = |previous, unchanged| Applied {
             name: name.to_string(),
@@ -278,43 +372,39 @@ impl Registry {
         name: &str,
         op: signing::CommandOp,
         payload: &[u8],
-    ) -> Result<Applied, String> {
+    ) -> Result<Applied, RegistryError> {
         if self.trusted.is_empty() {
-            return Err("no trusted keys are configured ([deploy] trusted_keys): this gateway accepts no commands".into());
+            return Err(RegistryError::NoTrustedKeys {
+                refused: "commands",
+            });
         }
-        let command =
-            SignedCommand::from_json(payload).map_err(|e| format!("not a signed command: {e}"))?;
+        let command = SignedCommand::from_json(payload).map_err(RegistryError::NotACommand)?;
         let key = command
             .verify_against(&self.trusted)
-            .map_err(|e| format!("signature refused: {e}"))?;
+            .map_err(RegistryError::Signature)?;
         if command.name != name {
-            return Err(format!(
-                "signature refused: command is signed for module {:?}, not {name:?}",
-                command.name
-            ));
+            return Err(RegistryError::OtherModule {
+                signed: command.name,
+                name: name.to_string(),
+            });
         }
         if command.op != op {
-            return Err(format!(
-                "signature refused: command is signed as {:?}, not {:?}",
-                command.op.as_str(),
-                op.as_str()
-            ));
+            return Err(RegistryError::OtherOp {
+                signed: command.op.as_str(),
+                asked: op.as_str(),
+            });
         }
         self.check_order(name, command.issued_ms)?;
-        let refused = |e: CommandRefused| e.to_string();
         match op {
             signing::CommandOp::Rollback => {
                 let previous = self
                     .store
-                    .module_in_slot(name, "previous")
-                    .map_err(|e| e.to_string())?
-                    .ok_or_else(|| {
-                        format!("module {name:?} has no previous version to roll back to")
+                    .module_in_slot(name, "previous")?
+                    .ok_or_else(|| RegistryError::NoPrevious {
+                        name: name.to_string(),
                     })?;
                 let (loaded, compiled) = self.load_stored(&previous)?;
-                self.store
-                    .rollback_module(name, command.issued_ms)
-                    .map_err(refused)?;
+                self.store.rollback_module(name, command.issued_ms)?;
                 let before = self.current_version(name);
                 self.breaker.reset(name);
                 self.set_live(name, Some(loaded));
@@ -331,10 +421,7 @@ impl Registry {
                 })
             }
             signing::CommandOp::Remove => {
-                let removed = self
-                    .store
-                    .remove_module(name, command.issued_ms)
-                    .map_err(refused)?;
+                let removed = self.store.remove_module(name, command.issued_ms)?;
                 let fallback = self.files.get(name).cloned();
                 let now = fallback.as_ref().map(|l| version_of(&l.origin));
                 self.breaker.reset(name);
@@ -356,18 +443,15 @@ impl Registry {
 
     /// Refuses a request for `name` issued at `issued_ms` that is out of order (not after the
     /// last one accepted) or from the future ([`signing::check_issued`]).
-    fn check_order(&self, name: &str, issued_ms: u64) -> Result<(), String> {
-        let last = self
-            .store
-            .newest_issued_ms(name)
-            .map_err(|e| e.to_string())?;
-        signing::check_issued(name, issued_ms, last, now_ms()).map_err(|e| e.to_string())
+    fn check_order(&self, name: &str, issued_ms: u64) -> Result<(), RegistryError> {
+        let last = self.store.newest_issued_ms(name)?;
+        signing::check_issued(name, issued_ms, last, now_ms()).map_err(RegistryError::Order)
     }
 
-    /// Every module name the gateway knows (declared, from a file, or deployed), with what it
-    /// runs now, as JSON for the status topic.
-    pub fn list(&self) -> Result<Value, String> {
-        let summaries = self.store.module_summaries().map_err(|e| e.to_string())?;
+    /// Every module name the gateway knows (declared, from a file, or deployed), in name
+    /// order, with what it runs now.
+    pub fn list(&self) -> Result<Vec<ModuleEntry>, RegistryError> {
+        let summaries = self.store.module_summaries()?;
         let quarantined: BTreeMap<String, Duration> = self
             .breaker
             .quarantined(Instant::now())
@@ -377,51 +461,27 @@ impl Registry {
         let mut names: BTreeSet<String> = self.declared.clone();
         names.extend(live.keys().cloned());
         names.extend(summaries.iter().map(|s| s.name.clone()));
-        let modules: Vec<Value> = names
-            .iter()
-            .map(|name| {
-                let summary = summaries.iter().find(|s| &s.name == name);
-                let loaded = live.get(name);
-                let mut entry = json!({
-                    "name": name,
-                    "declared": self.declared.contains(name),
-                    "loaded": loaded.is_some(),
-                    "quarantined": quarantined.contains_key(name),
-                });
-                if let Some(left) = quarantined.get(name) {
-                    entry["quarantine_left_ms"] = json!(left.as_millis() as u64);
-                }
-                match loaded.map(|l| &l.origin) {
-                    Some(Origin::Deployed {
-                        version,
-                        sha256,
-                        signer,
-                    }) => {
-                        entry["source"] = json!("deployed");
-                        entry["version"] = json!(version);
-                        entry["sha256"] = json!(sha256);
-                        entry["key"] = json!(signer);
-                    }
-                    Some(Origin::File(path)) => {
-                        entry["source"] = json!("config");
-                        entry["path"] = json!(path.display().to_string());
-                    }
-                    None => {}
-                }
-                if let Some(l) = loaded {
-                    entry["module_hash"] = json!(l.handler.version());
-                    entry["fuel"] = json!(l.handler.total_fuel());
-                }
-                if let Some(s) = summary {
-                    entry["deployed_ms"] = json!(s.deployed_ms);
-                    if let Some(previous) = &s.previous_version {
-                        entry["previous_version"] = json!(previous);
-                    }
-                }
-                entry
+        let entries = names
+            .into_iter()
+            .map(|name| ModuleEntry {
+                declared: self.declared.contains(&name),
+                quarantine_left: quarantined.get(&name).copied(),
+                running: live.get(&name).map(|l| Running {
+                    origin: l.origin.clone(),
+                    module_hash: l.handler.version().to_string(),
+                    fuel: l.handler.total_fuel(),
+                }),
+                deployment: summaries
+                    .iter()
+                    .find(|s| s.name == name)
+                    .map(|s| Deployment {
+                        deployed_ms: s.deployed_ms,
+                        previous_version: s.previous_version.clone(),
+                    }),
+                name,
             })
             .collect();
-        Ok(json!(modules))
+        Ok(entries)
     }
 
     fn origin(&self, name: &str) -> Option<Origin> {
@@ -459,7 +519,10 @@ impl Registry {
     /// Loads a stored module from its artifact when the artifact was made by this runtime,
     /// otherwise compiles it (and stores the new artifact). Returns the compile time when it
     /// compiled.
-    fn load_stored(&self, stored: &StoredModule) -> Result<(Loaded, Option<Duration>), String> {
+    fn load_stored(
+        &self,
+        stored: &StoredModule,
+    ) -> Result<(Loaded, Option<Duration>), RegistryError> {
         let origin = origin_of(stored);
         if let Some((key, artifact)) = &stored.artifact {
             if key == self.runtime.artifact_key() {
@@ -484,10 +547,7 @@ impl Registry {
             }
         }
         let started = Instant::now();
-        let handler = self
-            .runtime
-            .load(&stored.name, &stored.wasm)
-            .map_err(|e| e.to_string())?;
+        let handler = self.runtime.load(&stored.name, &stored.wasm)?;
         let compile = started.elapsed();
         record_compile(&self.metrics, compile);
         match handler.artifact() {
@@ -527,4 +587,68 @@ fn version_of(origin: &Origin) -> String {
 fn record_compile(metrics: &Metrics, took: Duration) {
     Metrics::add(&metrics.module_compiles, 1);
     Metrics::add(&metrics.module_compile_us, took.as_micros() as u64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_read_as_the_status_reasons_always_have() {
+        for (error, text) in [
+            (
+                RegistryError::NoTrustedKeys { refused: "deploys" },
+                "no trusted keys are configured ([deploy] trusted_keys): this gateway accepts no deploys",
+            ),
+            (
+                RegistryError::NoTrustedKeys {
+                    refused: "commands",
+                },
+                "no trusted keys are configured ([deploy] trusted_keys): this gateway accepts no commands",
+            ),
+            (
+                RegistryError::OtherModule {
+                    signed: "a".into(),
+                    name: "b".into(),
+                },
+                r#"signature refused: command is signed for module "a", not "b""#,
+            ),
+            (
+                RegistryError::OtherOp {
+                    signed: signing::CommandOp::Remove.as_str(),
+                    asked: signing::CommandOp::Rollback.as_str(),
+                },
+                r#"signature refused: command is signed as "remove", not "rollback""#,
+            ),
+            (
+                RegistryError::NoPrevious { name: "m".into() },
+                r#"module "m" has no previous version to roll back to"#,
+            ),
+            (
+                RegistryError::Refused(CommandRefused::Nothing("no module \"m\"".into())),
+                r#"no module "m""#,
+            ),
+        ] {
+            assert_eq!(error.to_string(), text);
+        }
+        let order = signing::check_issued("m", 5, Some(5), 10).unwrap_err();
+        assert_eq!(
+            RegistryError::Order(order.clone()).to_string(),
+            order.to_string()
+        );
+        assert_eq!(
+            RegistryError::Signature(order.clone()).to_string(),
+            format!("signature refused: {order}")
+        );
+        let envelope = SignedModule::from_bytes(b"not an envelope").unwrap_err();
+        assert_eq!(
+            RegistryError::NotAModule(envelope.clone()).to_string(),
+            format!("not a signed module: {envelope}")
+        );
+        let command = SignedCommand::from_json(b"{}").unwrap_err();
+        assert_eq!(
+            RegistryError::NotACommand(command.clone()).to_string(),
+            format!("not a signed command: {command}")
+        );
+    }
 }

@@ -75,6 +75,7 @@ use credentials::Credentials;
 use window::Window;
 
 use crate::config::{parse_broker_url, BrokerAddress, MqttVersion, UpstreamConfig};
+use crate::control::modules::{RemoteRequest, UpstreamReply};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::store::{Delivered, OutboxRow, Store};
@@ -92,32 +93,6 @@ const READ_BATCH_BYTES: usize = 1024 * 1024;
 /// Incoming packets from an upstream without control subscriptions are acknowledgements
 /// only; this is plenty.
 const MAX_INCOMING_PACKET: usize = 64 * 1024;
-
-/// A request that arrived on an uplink's control subscriptions, for the module control plane.
-pub struct RemoteRequest {
-    /// The link it came from.
-    pub link: String,
-    /// Its topic on the upstream broker.
-    pub topic: String,
-    /// Its payload.
-    pub payload: Vec<u8>,
-    /// Publishes a reply on the same connection (QoS 0: at most once).
-    pub reply: UpstreamReply,
-}
-
-/// Publishes replies on the upstream connection a [`RemoteRequest`] arrived on.
-#[derive(Clone)]
-pub struct UpstreamReply(Client);
-
-impl UpstreamReply {
-    /// Queues `payload` on `topic` with QoS 0 (not retained). Fails when the connection is
-    /// gone or its request queue is full; a reply is informational and may be lost.
-    pub fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), String> {
-        self.0
-            .try_publish(topic.to_string(), payload, false, None)
-            .map(|_| ())
-    }
-}
 
 /// What an uplink subscribes to on its upstream for the module control plane, and where the
 /// requests go.
@@ -245,11 +220,17 @@ impl Uplink {
         let Some(control) = &self.control else {
             return;
         };
+        let client = client.clone();
+        let reply = UpstreamReply::new(move |topic, payload| {
+            client
+                .try_publish(topic.to_string(), payload, false, None)
+                .map(|_| ())
+        });
         let request = RemoteRequest {
             link: self.config.name.clone(),
             topic,
             payload,
-            reply: UpstreamReply(client.clone()),
+            reply,
         };
         if let Err(e) = control.requests.try_send(request) {
             let topic = match &e {

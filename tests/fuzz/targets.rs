@@ -20,6 +20,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use outpost::client::dead_letters as client;
 use outpost::config::Config;
 use outpost::control::dead_letters::{self as control, Request, Verb};
 use outpost::geo::{GeoJsonOptions, Geography, Location, Shape};
@@ -1813,10 +1814,10 @@ pub fn check_control_reply(data: &[u8]) -> Result<Outcome, String> {
     let Ok(reply) = serde_json::from_slice::<Value>(data) else {
         return Ok(Outcome::refused("not json"));
     };
-    let error = control::reply_error(&reply);
+    let error = client::reply_error(&reply);
     for verb in Verb::ALL {
         for now in [0, 1_700_000_000_000, u64::MAX] {
-            let _ = control::render(verb, &reply, now);
+            let _ = client::render(verb, &reply, now);
         }
     }
     // The shape of the reply: its kind, how many letters, and which known fields the first
