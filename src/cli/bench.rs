@@ -92,53 +92,93 @@ const HOSTILE_PREFIX: &str = "hostile/";
 /// Where the hostile device publishes (under [`HOSTILE_FILTER`], outside `telemetry/#`).
 const HOSTILE_TOPIC: &str = "hostile/bench-hostile/data";
 
-/// What to run, from the command line.
-#[derive(Debug, Clone)]
+/// What to run: the flags of `outpost bench` without a mode, with their defaults. The doc
+/// comments of the fields are the flags' help texts.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct Options {
-    /// Simulated devices (one MQTT connection each).
+    /// Number of simulated devices (one MQTT connection each).
+    #[arg(long, default_value_t = 50)]
     pub devices: usize,
-    /// Total publishes of the throughput phase, spread over the devices.
+    /// Total publishes of the throughput phase.
+    #[arg(long, default_value_t = 200_000)]
     pub messages: u64,
-    /// Size of each publish's payload (JSON with `seq` and `sent_us`, padded to this size).
+    /// Payload size in bytes (JSON with a sequence number and the send time, padded).
+    #[arg(long, default_value_t = 100)]
     pub payload_bytes: usize,
     /// Unacknowledged QoS 1 publishes each device keeps in flight.
+    #[arg(long, default_value_t = 100)]
     pub inflight: u16,
-    /// At most this many publishes per second in all (spread evenly over the devices); 0 for
-    /// as fast as the inflight windows allow.
+    /// At most this many publishes per second in all (0: as fast as the windows allow);
+    /// use a sustainable rate to measure latency without queueing.
+    #[arg(long, default_value_t = 0)]
     pub rate: u64,
-    /// Outbox depths at which the backlog phase measures.
+    /// Outbox depths at which the backlog phase measures, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
     pub backlog: Vec<u64>,
     /// Publishes per backlog measurement.
+    #[arg(long, default_value_t = 50_000)]
     pub window: u64,
     /// Skip the throughput phase.
+    #[arg(long)]
     pub skip_throughput: bool,
     /// Skip the backlog phase.
+    #[arg(long)]
     pub skip_backlog: bool,
     /// Messages queued with the upstream unreachable before the drain phase makes it
-    /// reachable; 0 skips the phase.
+    /// reachable and measures live traffic while they drain (0: skip the phase).
+    #[arg(long, default_value_t = 100_000)]
     pub drain: u64,
     /// Skip the drain phase.
+    #[arg(long)]
     pub skip_drain: bool,
-    /// Run this handler component on the route (it must return each payload unchanged).
+    /// Run this WebAssembly handler on the route (one that returns each event unchanged,
+    /// such as the `passthrough` guest) to measure a handler route instead of forwarding.
+    #[arg(long, value_name = "WASM")]
     pub handler: Option<PathBuf>,
-    /// Add a second route, `hostile/#`, running this handler component, and one more device
-    /// publishing [`Options::hostile_payload`] to it during the throughput phase (see the
-    /// module documentation).
-    pub hostile: Option<PathBuf>,
-    /// What the hostile device publishes (for the `faulty` guest: `loop`, `grow`, `trap`, ...).
+    /// In the throughput phase, add a second route (`hostile/#`) running this WebAssembly
+    /// handler (default: the `faulty` test guest built with this binary) and one more device
+    /// publishing --hostile-payload to it, to measure what a misbehaving module costs the
+    /// other route.
+    // `Some(None)` is the flag without a file: see [`Options::hostile_module`].
+    #[arg(long, value_name = "WASM", num_args = 0..=1)]
+    pub hostile: Option<Option<PathBuf>>,
+    /// What the hostile device publishes (for `faulty`: loop, grow, trap, error, ...).
+    #[arg(
+        long,
+        value_name = "TEXT",
+        default_value = "loop",
+        requires = "hostile"
+    )]
     pub hostile_payload: String,
-    /// Most hostile publishes per second; 0 for no limit but [`Options::hostile_pending`].
+    /// Most hostile publishes per second (0: no limit but --hostile-pending).
+    #[arg(long, value_name = "N", default_value_t = 10, requires = "hostile")]
     pub hostile_rate: u64,
-    /// Most hostile events unfinished in the gateway at once (published, not yet
-    /// dead-lettered or delivered); 0 for no limit but [`Options::hostile_rate`].
+    /// Most hostile events unfinished in the gateway at once, that is published but not
+    /// yet dead-lettered or delivered (0: no limit but --hostile-rate). The default keeps a
+    /// looping module busy all the time even when its events wait behind a full journal.
+    #[arg(long, value_name = "N", default_value_t = 10, requires = "hostile")]
     pub hostile_pending: u64,
-    /// Make the circuit breaker never trip (`handlers.breaker_failures` = `u32::MAX`): a
-    /// failing module then runs on every event.
+    /// Turn the handlers' circuit breaker off (handlers.breaker_failures = 4294967295), so
+    /// that a failing module runs on every event: the worst case.
+    #[arg(long)]
     pub no_breaker: bool,
-    /// Where the gateway's databases go (a fresh subdirectory per phase, removed afterwards).
+    /// Directory for the gateway's databases (default: a fresh one under the temp dir).
+    #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Also write the report as JSON here.
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+impl Options {
+    /// The hostile neighbour's handler component, if `--hostile` was given: its file, or
+    /// without one the `faulty` test guest built with this binary.
+    fn hostile_module(&self) -> Option<PathBuf> {
+        let default = || outpost::handlers::examples::guest_path("faulty");
+        self.hostile
+            .clone()
+            .map(|path| path.unwrap_or_else(default))
+    }
 }
 
 /// The whole report, as printed and as written with `--json`.
@@ -418,7 +458,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         backlog_window: options.window,
         drain_backlog: if options.skip_drain { 0 } else { options.drain },
         handler: options.handler.as_ref().map(|p| p.display().to_string()),
-        hostile: options.hostile.as_ref().map(|p| HostileSettings {
+        hostile: options.hostile_module().map(|p| HostileSettings {
             module: p.display().to_string(),
             payload: options.hostile_payload.clone(),
             rate: options.hostile_rate,
@@ -455,7 +495,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             None => "forwarded unchanged".to_string(),
         }
     );
-    if let Some(path) = &options.hostile {
+    if let Some(path) = options.hostile_module() {
         println!(
             "  neighbour {HOSTILE_FILTER} -> handler {} (throughput phase): one device publishing {:?}, {}, {}; the route dead-letters after 1 attempt and while quarantined",
             path.display(),
@@ -551,8 +591,8 @@ fn check_options(options: &Options) -> anyhow::Result<()> {
     if let Some(path) = &options.handler {
         check_wasm("--handler", path)?;
     }
-    if let Some(path) = &options.hostile {
-        check_wasm("--hostile", path)?;
+    if let Some(path) = options.hostile_module() {
+        check_wasm("--hostile", &path)?;
         if options.skip_throughput {
             bail!("--hostile runs in the throughput phase: do not skip it");
         }
@@ -1149,7 +1189,7 @@ fn waits_at_caps(metrics: &Metrics) -> u64 {
 /// The gateway as the benchmark runs it: defaults (passthrough `telemetry/#`, one upstream),
 /// devices on `port`, data in `data_dir`, the handler settings of [`handler_config`]; with
 /// `options.handler`, the route runs that component (which must return each event's payload
-/// unchanged, like `modules/passthrough`). With `hostile` and `options.hostile`, a second
+/// unchanged, like `modules/passthrough`). With `hostile` and `--hostile`, a second
 /// route [`HOSTILE_FILTER`] runs that component, gives up on an event after one attempt, and
 /// dead-letters its events while the module is quarantined.
 fn gateway_config(
@@ -1182,10 +1222,10 @@ fn gateway_config(
             route.topic = Some("{output}".into());
         }
     }
-    if let Some(path) = options.hostile.as_ref().filter(|_| hostile) {
+    if let Some(path) = options.hostile_module().filter(|_| hostile) {
         config.modules.push(ModuleConfig {
             name: HOSTILE_ROUTE.into(),
-            path: Some(path.clone()),
+            path: Some(path),
         });
         let mut route = RouteConfig::new(HOSTILE_ROUTE, HOSTILE_FILTER);
         route.handler = Some(HOSTILE_ROUTE.into());
@@ -2263,9 +2303,31 @@ mod tests {
         assert_eq!(waited.peak_lead, 1);
     }
 
+    /// `outpost bench`'s flags alone, as the binary parses them.
+    #[derive(clap::Parser)]
+    struct BenchCommand {
+        #[command(flatten)]
+        options: Options,
+    }
+
+    fn parse(args: &[&str]) -> Options {
+        let argv = std::iter::once("bench").chain(args.iter().copied());
+        <BenchCommand as clap::Parser>::try_parse_from(argv)
+            .expect("valid flags")
+            .options
+    }
+
     /// The options `outpost bench` parses by default, with a hostile neighbour at `hostile`.
     fn options_with(hostile: Option<PathBuf>) -> Options {
         Options {
+            hostile: hostile.map(Some),
+            ..parse(&[])
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_the_documented_ones() {
+        let defaults = Options {
             devices: 50,
             messages: 200_000,
             payload_bytes: 100,
@@ -2278,14 +2340,30 @@ mod tests {
             drain: 100_000,
             skip_drain: false,
             handler: None,
-            hostile,
+            hostile: None,
             hostile_payload: "loop".into(),
             hostile_rate: 10,
             hostile_pending: 10,
             no_breaker: false,
             data: None,
             json: None,
-        }
+        };
+        assert_eq!(parse(&[]), defaults);
+        assert_eq!(parse(&[]).hostile_module(), None);
+    }
+
+    #[test]
+    fn hostile_without_a_file_is_the_faulty_guest() {
+        let faulty = outpost::handlers::examples::guest_path("faulty");
+        assert_eq!(parse(&["--hostile"]).hostile_module(), Some(faulty));
+        let given = parse(&["--hostile", "x.wasm", "--hostile-rate", "3"]);
+        assert_eq!(given.hostile_module(), Some(PathBuf::from("x.wasm")));
+        assert_eq!(given.hostile_rate, 3);
+        let backlog = parse(&["--backlog", "5,7"]).backlog;
+        assert_eq!(backlog, vec![5, 7]);
+        // The hostile neighbour's settings need the neighbour.
+        let argv = ["bench", "--hostile-rate", "3"];
+        assert!(<BenchCommand as clap::Parser>::try_parse_from(argv).is_err());
     }
 
     #[test]
