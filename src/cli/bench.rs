@@ -693,7 +693,7 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
     fleet.release(total);
     let quarantine_watch = hostile.as_ref().map(|h| {
         h.go();
-        tokio::spawn(first_quarantine(metrics.clone(), fleet.acked.clone()))
+        tokio::spawn(first_quarantine(metrics.clone(), fleet.crowd.acked.clone()))
     });
     let waited = wait_all(
         start,
@@ -738,7 +738,7 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let io_end = write_bytes();
-    let device_connection_errors = fleet.errors.load(Ordering::Relaxed);
+    let device_connection_errors = fleet.crowd.errors();
     let ack_latency_us = Latency::of_sorted(&fleet.ack_latencies());
 
     fleet.stop().await;
@@ -874,31 +874,23 @@ fn dead_letters_by_reason(store: &Store, route: &str) -> anyhow::Result<BTreeMap
     Ok(by_reason)
 }
 
-/// Phase 2: upstream unreachable; fill the outbox to each depth and measure a window there.
-async fn backlog_phase(
+/// Starts a gateway as [`gateway_config`] makes it, forwarding to `upstream_port` (listened on
+/// or not), with outbox caps of at least `rows` rows (and their bytes), and connects the
+/// devices to it. Returns the clock the devices stamp their publishes with.
+async fn start_with_room(
     options: &Options,
-    depths: &[u64],
     data_dir: &Path,
-) -> anyhow::Result<Vec<BacklogPoint>> {
-    println!();
-    println!(
-        "backlog: upstream unreachable; rates over {} messages at outbox depths {:?}",
-        options.window, depths
-    );
-    // A port nothing listens on: the uplink's connection attempts are refused.
-    let closed_port = free_port()?;
+    upstream_port: u16,
+    rows: u64,
+) -> anyhow::Result<(Gateway, Fleet, Instant)> {
     let gateway_port = free_port()?;
     let mut config = gateway_config(
         data_dir,
         gateway_port,
-        format!("mqtt://127.0.0.1:{closed_port}"),
+        format!("mqtt://127.0.0.1:{upstream_port}"),
         options,
         false,
     );
-    // Room in the outbox for every publish of this phase (the default caps would hold new
-    // data back at a million rows or 256 MiB, which is a different measurement).
-    let most = depths.last().copied().unwrap_or(0) + options.window * depths.len() as u64;
-    let rows = most + most / 10;
     let mib = rows.saturating_mul(options.payload_bytes as u64 + 64) / (1024 * 1024) + 1;
     let store = &mut config.store;
     store.outbox_max_rows = store
@@ -912,6 +904,27 @@ async fn backlog_phase(
         .context("starting the gateway")?;
     let clock = Instant::now();
     let fleet = Fleet::connect(gateway_port, options, clock).await?;
+    Ok((gateway, fleet, clock))
+}
+
+/// Phase 2: upstream unreachable; fill the outbox to each depth and measure a window there.
+async fn backlog_phase(
+    options: &Options,
+    depths: &[u64],
+    data_dir: &Path,
+) -> anyhow::Result<Vec<BacklogPoint>> {
+    println!();
+    println!(
+        "backlog: upstream unreachable; rates over {} messages at outbox depths {:?}",
+        options.window, depths
+    );
+    // A port nothing listens on: the uplink's connection attempts are refused.
+    let closed_port = free_port()?;
+    // Room in the outbox for every publish of this phase (the default caps would hold new
+    // data back at a million rows or 256 MiB, which is a different measurement).
+    let most = depths.last().copied().unwrap_or(0) + options.window * depths.len() as u64;
+    let (gateway, fleet, _) =
+        start_with_room(options, data_dir, closed_port, most + most / 10).await?;
     let metrics = gateway.metrics.clone();
 
     let mut points = Vec::new();
@@ -1013,31 +1026,11 @@ async fn drain_phase(
     // The upstream's port: closed while the backlog is queued, then the stand-in upstream
     // starts listening on it.
     let upstream_port = free_port()?;
-    let gateway_port = free_port()?;
-    let mut config = gateway_config(
-        data_dir,
-        gateway_port,
-        format!("mqtt://127.0.0.1:{upstream_port}"),
-        options,
-        false,
-    );
     // Room for the backlog and for the live rows that queue behind it (at a saturating live
     // load the outbox grows while the backlog drains): caps are not what this measures.
     // Reaching them anyway is reported (`waits_at_caps`).
     let rows = backlog.saturating_add(10_000_000);
-    let mib = rows.saturating_mul(options.payload_bytes as u64 + 64) / (1024 * 1024) + 1;
-    let store = &mut config.store;
-    store.outbox_max_rows = store
-        .outbox_max_rows
-        .max(i64::try_from(rows).unwrap_or(i64::MAX));
-    store.outbox_max_mib = store
-        .outbox_max_mib
-        .max(i64::try_from(mib).unwrap_or(i64::MAX));
-    let gateway = Gateway::start(config)
-        .await
-        .context("starting the gateway")?;
-    let clock = Instant::now();
-    let fleet = Fleet::connect(gateway_port, options, clock).await?;
+    let (gateway, fleet, clock) = start_with_room(options, data_dir, upstream_port, rows).await?;
     let metrics = gateway.metrics.clone();
 
     // The backlog, as fast as the windows allow even with --rate (the rate is for the live
@@ -1125,7 +1118,7 @@ async fn drain_phase(
     }
     let outbox_empty = Instant::now();
     let cap_waits = waits_at_caps(&metrics).saturating_sub(waits_before);
-    let device_connection_errors = fleet.errors.load(Ordering::Relaxed);
+    let device_connection_errors = fleet.crowd.errors();
 
     fleet.stop().await;
     gateway.shutdown().await;
@@ -1372,18 +1365,9 @@ struct Gate {
 /// The simulated devices. Each publish takes the next global sequence number (a ticket) and
 /// waits until the gate's limit is above it, so exactly `limit` publishes are sent in all.
 struct Fleet {
+    crowd: Crowd,
     next: Arc<AtomicU64>,
-    acked: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-    /// Whether the devices record each PUBACK's latency now.
-    recording: Arc<AtomicBool>,
-    /// Per device, publish-to-PUBACK latencies in microseconds (one lock per device, so the
-    /// devices do not contend).
-    ack_latencies: Vec<Arc<Mutex<Vec<u64>>>>,
     gate: watch::Sender<Gate>,
-    clients: Vec<AsyncClient>,
-    publishers: Vec<JoinHandle<anyhow::Result<()>>>,
-    drivers: Vec<JoinHandle<()>>,
 }
 
 impl Fleet {
@@ -1392,17 +1376,10 @@ impl Fleet {
     async fn connect(port: u16, options: &Options, clock: Instant) -> anyhow::Result<Fleet> {
         let (gate, _) = watch::channel(Gate::default());
         let mut fleet = Fleet {
+            crowd: Crowd::new(false),
             next: Arc::new(AtomicU64::new(0)),
-            acked: Arc::new(AtomicU64::new(0)),
-            errors: Arc::new(AtomicU64::new(0)),
-            recording: Arc::new(AtomicBool::new(false)),
-            ack_latencies: Vec::new(),
             gate,
-            clients: Vec::new(),
-            publishers: Vec::new(),
-            drivers: Vec::new(),
         };
-        let connected = Arc::new(AtomicU64::new(0));
         // Each device's share of the rate, as the time between two of its publishes.
         let period = (options.rate > 0)
             .then(|| Duration::from_secs_f64(options.devices as f64 / options.rate as f64));
@@ -1413,42 +1390,23 @@ impl Fleet {
                 // A short request queue: the send time is stamped just before the window has
                 // room, not long before.
                 .set_request_channel_capacity(8);
-            let (client, eventloop) = AsyncClient::new(mqtt, 8);
-            let latencies = Arc::new(Mutex::new(Vec::new()));
-            fleet.drivers.push(tokio::spawn(drive(
-                eventloop,
-                Counters {
-                    acked: fleet.acked.clone(),
-                    errors: fleet.errors.clone(),
-                    connected: connected.clone(),
-                    recording: fleet.recording.clone(),
-                    ack_latencies: latencies.clone(),
-                },
-            )));
-            fleet.ack_latencies.push(latencies);
             // Devices start their pacing at staggered offsets, not all on the same tick.
             let pacing = period.map(|p| (p, p.mul_f64(device as f64 / options.devices as f64)));
-            fleet.publishers.push(tokio::spawn(publish_loop(
-                client.clone(),
-                device,
-                options.payload_bytes,
-                pacing,
-                clock,
-                fleet.next.clone(),
-                fleet.gate.subscribe(),
-            )));
-            fleet.clients.push(client);
+            let (next, gate) = (fleet.next.clone(), fleet.gate.subscribe());
+            fleet.crowd.add(mqtt, |client| {
+                publish_loop(
+                    client,
+                    device,
+                    options.payload_bytes,
+                    pacing,
+                    clock,
+                    next,
+                    gate,
+                )
+            });
         }
-        let deadline = Instant::now() + STALL;
-        while connected.load(Ordering::Relaxed) < options.devices as u64 {
-            if Instant::now() > deadline {
-                bail!(
-                    "only {} of {} devices connected",
-                    connected.load(Ordering::Relaxed),
-                    options.devices
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Err(connected) = fleet.crowd.wait_connected(STALL).await {
+            bail!("only {connected} of {} devices connected", options.devices);
         }
         Ok(fleet)
     }
@@ -1476,12 +1434,114 @@ impl Fleet {
 
     /// PUBACKs received so far.
     fn acked(&self) -> u64 {
-        self.acked.load(Ordering::Relaxed)
+        self.crowd.acked()
     }
 
     /// Starts or stops recording the publish-to-PUBACK latency of each PUBACK received.
     fn record_ack_latency(&self, on: bool) {
-        self.recording.store(on, Ordering::Relaxed);
+        self.crowd.recording.store(on, Ordering::Relaxed);
+    }
+
+    /// The publish-to-PUBACK latencies recorded so far, ascending, in microseconds.
+    fn ack_latencies(&self) -> Vec<u64> {
+        self.crowd.ack_latencies()
+    }
+
+    /// Stops publishing and disconnects every device.
+    async fn stop(mut self) {
+        self.gate.send_modify(|g| g.stop = true);
+        for publisher in std::mem::take(&mut self.crowd.publishers) {
+            if tokio::time::timeout(Duration::from_secs(5), publisher)
+                .await
+                .is_err()
+            {
+                eprintln!("  a device did not stop publishing within 5 s");
+            }
+        }
+        self.crowd.disconnect().await;
+    }
+}
+
+/// Simulated devices, whatever they publish: each device's client, the task that drives its
+/// event loop and the task that publishes for it, and what the event loops count. Shared by
+/// the in-process benchmark and the load generator of [`external`].
+struct Crowd {
+    acked: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    connected: Arc<AtomicU64>,
+    /// Whether the devices record each PUBACK's latency now.
+    recording: Arc<AtomicBool>,
+    /// Per device, publish-to-PUBACK latencies in microseconds (one lock per device, so the
+    /// devices do not contend).
+    ack_latencies: Vec<Arc<Mutex<Vec<u64>>>>,
+    clients: Vec<AsyncClient>,
+    publishers: Vec<JoinHandle<anyhow::Result<()>>>,
+    drivers: Vec<JoinHandle<()>>,
+}
+
+impl Crowd {
+    /// No devices yet; PUBACK latencies are recorded from the start if `recording`.
+    fn new(recording: bool) -> Crowd {
+        Crowd {
+            acked: Arc::new(AtomicU64::new(0)),
+            errors: Arc::new(AtomicU64::new(0)),
+            connected: Arc::new(AtomicU64::new(0)),
+            recording: Arc::new(AtomicBool::new(recording)),
+            ack_latencies: Vec::new(),
+            clients: Vec::new(),
+            publishers: Vec::new(),
+            drivers: Vec::new(),
+        }
+    }
+
+    /// Adds a device that connects with `mqtt`: starts driving its event loop, and runs the
+    /// publishing task that `publisher` makes of its client.
+    fn add<P>(&mut self, mqtt: MqttOptions, publisher: impl FnOnce(AsyncClient) -> P)
+    where
+        P: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (client, eventloop) = AsyncClient::new(mqtt, 8);
+        let latencies = Arc::new(Mutex::new(Vec::new()));
+        self.drivers.push(tokio::spawn(drive(
+            eventloop,
+            Counters {
+                acked: self.acked.clone(),
+                errors: self.errors.clone(),
+                connected: self.connected.clone(),
+                recording: self.recording.clone(),
+                ack_latencies: latencies.clone(),
+            },
+        )));
+        self.ack_latencies.push(latencies);
+        self.publishers
+            .push(tokio::spawn(publisher(client.clone())));
+        self.clients.push(client);
+    }
+
+    /// Waits until every device has had a CONNACK; after `within`, gives up with how many had.
+    async fn wait_connected(&self, within: Duration) -> Result<(), u64> {
+        let deadline = Instant::now() + within;
+        let wanted = self.clients.len() as u64;
+        loop {
+            let connected = self.connected.load(Ordering::Relaxed);
+            if connected >= wanted {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(connected);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// PUBACKs received so far.
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Connection errors so far (each failed poll of an event loop).
+    fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
     }
 
     /// The publish-to-PUBACK latencies recorded so far, ascending, in microseconds.
@@ -1496,16 +1556,11 @@ impl Fleet {
         all
     }
 
-    /// Stops publishing and disconnects every device.
-    async fn stop(self) {
-        self.gate.send_modify(|g| g.stop = true);
-        for publisher in self.publishers {
-            if tokio::time::timeout(Duration::from_secs(5), publisher)
-                .await
-                .is_err()
-            {
-                eprintln!("  a device did not stop publishing within 5 s");
-            }
+    /// Ends the publishing tasks still running, disconnects every device and, once the
+    /// DISCONNECTs had time to go out, ends the event loops.
+    async fn disconnect(self) {
+        for publisher in &self.publishers {
+            publisher.abort();
         }
         for client in &self.clients {
             let _ = client.try_disconnect();
@@ -1531,13 +1586,9 @@ enum HostileGate {
 
 /// The one device publishing to the hostile route.
 struct HostileDevice {
+    crowd: Crowd,
     sent: Arc<AtomicU64>,
-    acked: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
     gate: watch::Sender<HostileGate>,
-    client: AsyncClient,
-    publisher: JoinHandle<anyhow::Result<()>>,
-    driver: JoinHandle<()>,
 }
 
 /// What the hostile device sent, once stopped.
@@ -1559,50 +1610,26 @@ impl HostileDevice {
         mqtt.set_keep_alive(Duration::from_secs(30))
             .set_inflight(16)
             .set_request_channel_capacity(8);
-        let (client, eventloop) = AsyncClient::new(mqtt, 8);
         let (gate, gate_rx) = watch::channel(HostileGate::Wait);
-        let connected = Arc::new(AtomicU64::new(0));
-        let acked = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(AtomicU64::new(0));
         let sent = Arc::new(AtomicU64::new(0));
-        let driver = tokio::spawn(drive(
-            eventloop,
-            Counters {
-                acked: acked.clone(),
-                errors: errors.clone(),
-                connected: connected.clone(),
-                recording: Arc::new(AtomicBool::new(false)),
-                ack_latencies: Arc::new(Mutex::new(Vec::new())),
-            },
-        ));
-        let publisher = tokio::spawn(hostile_loop(
-            client.clone(),
-            options.hostile_payload.as_bytes().to_vec(),
-            (options.hostile_rate > 0)
-                .then(|| Duration::from_secs_f64(1.0 / options.hostile_rate as f64)),
-            options.hostile_pending,
-            sent.clone(),
-            finished,
-            gate_rx,
-        ));
-        let deadline = Instant::now() + STALL;
-        while connected.load(Ordering::Relaxed) == 0 {
-            if Instant::now() > deadline {
-                publisher.abort();
-                driver.abort();
-                bail!("the hostile device did not connect");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut crowd = Crowd::new(false);
+        crowd.add(mqtt, |client| {
+            hostile_loop(
+                client,
+                options.hostile_payload.as_bytes().to_vec(),
+                (options.hostile_rate > 0)
+                    .then(|| Duration::from_secs_f64(1.0 / options.hostile_rate as f64)),
+                options.hostile_pending,
+                sent.clone(),
+                finished,
+                gate_rx,
+            )
+        });
+        if crowd.wait_connected(STALL).await.is_err() {
+            crowd.disconnect().await;
+            bail!("the hostile device did not connect");
         }
-        Ok(HostileDevice {
-            sent,
-            acked,
-            errors,
-            gate,
-            client,
-            publisher,
-            driver,
-        })
+        Ok(HostileDevice { crowd, sent, gate })
     }
 
     /// Starts publishing.
@@ -1612,34 +1639,32 @@ impl HostileDevice {
 
     /// Hostile publishes acknowledged by the gateway so far.
     fn acked(&self) -> u64 {
-        self.acked.load(Ordering::Relaxed)
+        self.crowd.acked()
     }
 
     /// Stops publishing, disconnects, and says what was sent.
-    async fn stop(self) -> HostileCounts {
+    async fn stop(mut self) -> HostileCounts {
         self.gate.send_replace(HostileGate::Stop);
-        match tokio::time::timeout(Duration::from_secs(5), self.publisher).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => eprintln!("  the hostile device failed: {e:#}"),
-            Ok(Err(e)) => eprintln!("  the hostile device failed: {e}"),
-            Err(_) => eprintln!("  the hostile device did not stop publishing within 5 s"),
+        for publisher in std::mem::take(&mut self.crowd.publishers) {
+            match tokio::time::timeout(Duration::from_secs(5), publisher).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => eprintln!("  the hostile device failed: {e:#}"),
+                Ok(Err(e)) => eprintln!("  the hostile device failed: {e}"),
+                Err(_) => eprintln!("  the hostile device did not stop publishing within 5 s"),
+            }
         }
         // Its last publish may still wait for its PUBACK.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.acked.load(Ordering::Relaxed) < self.sent.load(Ordering::Relaxed)
-            && Instant::now() < deadline
-        {
+        while self.acked() < self.sent.load(Ordering::Relaxed) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // Counted before the disconnect, which ends the connection with an error.
         let counts = HostileCounts {
             sent: self.sent.load(Ordering::Relaxed),
-            acked: self.acked.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
+            acked: self.acked(),
+            errors: self.crowd.errors(),
         };
-        let _ = self.client.try_disconnect();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        self.driver.abort();
+        self.crowd.disconnect().await;
         counts
     }
 }

@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{drive, proc_field, stat_cpu_secs, Counters, Latency, POLL, USER_HZ};
+use super::{drive, proc_field, stat_cpu_secs, Counters, Crowd, Latency, POLL, USER_HZ};
 
 /// How long connecting (every device, every subscriber) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -924,13 +924,8 @@ async fn count(
 
 /// Publishing devices: each publishes its share of the sequence numbers once released.
 struct Devices {
-    acked: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-    ack_latencies: Vec<Arc<Mutex<Vec<u64>>>>,
+    crowd: Crowd,
     go: watch::Sender<bool>,
-    clients: Vec<AsyncClient>,
-    publishers: Vec<JoinHandle<anyhow::Result<()>>>,
-    drivers: Vec<JoinHandle<()>>,
 }
 
 /// What one device publishes.
@@ -975,18 +970,11 @@ impl Devices {
         clock: Instant,
     ) -> anyhow::Result<Devices> {
         let (go, _) = watch::channel(false);
-        let connected = Arc::new(AtomicU64::new(0));
         let mut devices = Devices {
-            acked: Arc::new(AtomicU64::new(0)),
-            errors: Arc::new(AtomicU64::new(0)),
-            ack_latencies: Vec::new(),
+            crowd: Crowd::new(true),
             go,
-            clients: Vec::new(),
-            publishers: Vec::new(),
-            drivers: Vec::new(),
         };
-        let recording = Arc::new(AtomicBool::new(true));
-        let wanted = shares.len() as u64;
+        let wanted = shares.len();
         for share in shares {
             let mut mqtt = MqttOptions::new(
                 format!("{id_prefix}-{}", share.device),
@@ -998,37 +986,14 @@ impl Devices {
                 .set_inflight(inflight)
                 .set_max_packet_size(MAX_PACKET, MAX_PACKET)
                 .set_request_channel_capacity(8);
-            let (client, eventloop) = AsyncClient::new(mqtt, 8);
-            let latencies = Arc::new(Mutex::new(Vec::new()));
-            devices.drivers.push(tokio::spawn(drive(
-                eventloop,
-                Counters {
-                    acked: devices.acked.clone(),
-                    errors: devices.errors.clone(),
-                    connected: connected.clone(),
-                    recording: recording.clone(),
-                    ack_latencies: latencies.clone(),
-                },
-            )));
-            devices.ack_latencies.push(latencies);
-            devices.publishers.push(tokio::spawn(publish_share(
-                client.clone(),
-                share,
-                payload_bytes,
-                run,
-                clock,
-                devices.go.subscribe(),
-            )));
-            devices.clients.push(client);
+            let go = devices.go.subscribe();
+            devices.crowd.add(mqtt, |client| {
+                publish_share(client, share, payload_bytes, run, clock, go)
+            });
         }
-        let deadline = Instant::now() + CONNECT_TIMEOUT;
-        while connected.load(Ordering::Relaxed) < wanted {
-            if Instant::now() > deadline {
-                let got = connected.load(Ordering::Relaxed);
-                devices.stop().await;
-                bail!("only {got} of {wanted} devices connected to {broker}");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if let Err(got) = devices.crowd.wait_connected(CONNECT_TIMEOUT).await {
+            devices.stop().await;
+            bail!("only {got} of {wanted} devices connected to {broker}");
         }
         Ok(devices)
     }
@@ -1039,33 +1004,12 @@ impl Devices {
     }
 
     fn acked(&self) -> u64 {
-        self.acked.load(Ordering::Relaxed)
-    }
-
-    /// Every publish-to-PUBACK latency recorded, ascending, in microseconds.
-    fn ack_latencies(&self) -> Vec<u64> {
-        let mut all = Vec::new();
-        for device in &self.ack_latencies {
-            if let Ok(samples) = device.lock() {
-                all.extend_from_slice(&samples);
-            }
-        }
-        all.sort_unstable();
-        all
+        self.crowd.acked()
     }
 
     /// Disconnects every device.
     async fn stop(self) {
-        for publisher in &self.publishers {
-            publisher.abort();
-        }
-        for client in &self.clients {
-            let _ = client.try_disconnect();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        for driver in self.drivers {
-            driver.abort();
-        }
+        self.crowd.disconnect().await;
     }
 }
 
@@ -1260,8 +1204,8 @@ async fn load(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     )
     .await;
     let acked = devices.acked();
-    let device_errors = devices.errors.load(Ordering::Relaxed);
-    let ack_latencies = devices.ack_latencies();
+    let device_errors = devices.crowd.errors();
+    let ack_latencies = devices.crowd.ack_latencies();
     devices.stop().await;
     let (tally, counter_errors) = counter.stop().await?;
 
@@ -1357,7 +1301,7 @@ async fn fanout(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     )
     .await;
     let acked = devices.acked();
-    let device_errors = devices.errors.load(Ordering::Relaxed);
+    let device_errors = devices.crowd.errors();
     devices.stop().await;
     let mut per_subscriber = Vec::new();
     let mut latencies = Vec::new();
