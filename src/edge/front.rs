@@ -37,7 +37,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,8 +63,13 @@ use crate::journal::{Committed, Journal};
 use crate::metrics::Metrics;
 use crate::store::NewJournalEntry;
 use end::{connack_refusal, Closing, End, LoginRefusal, Lost, Refusal, Violation};
+use events::{InternalEvent, PublishRefusal};
 
 mod end;
+mod events;
+
+/// The target of the front's log lines (its events log under it too, as they always did).
+const LOG_TARGET: &str = module_path!();
 
 /// Bytes of MQTT framing allowed on top of the largest payload.
 const PACKET_OVERHEAD: usize = 64 * 1024;
@@ -219,11 +224,6 @@ impl SourceLimits {
     }
 }
 
-/// Rate-limits one warning: true for the 1st, 1,001st, 2,001st... call.
-fn every_thousandth(counter: &AtomicU64) -> bool {
-    counter.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000)
-}
-
 impl Front {
     /// Accepts device connections until the task running this is aborted, which also closes
     /// every connection it accepted. Each connection is admitted by its source's limits, then
@@ -259,33 +259,19 @@ impl Front {
         let source = match self.sources.admit(peer.ip()) {
             Ok(source) => source,
             Err((why, first)) => {
-                let (counter, key, code) = match why {
-                    sources::Refused::TooMany => (
-                        &self.metrics.edge_refused_per_source,
-                        "broker.max_connections_per_source",
-                        reason::QUOTA_EXCEEDED,
-                    ),
-                    sources::Refused::TooFast => (
-                        &self.metrics.edge_refused_connection_rate,
-                        "broker.max_connection_rate_per_source",
-                        reason::CONNECTION_RATE_EXCEEDED,
-                    ),
+                let code = match why {
+                    sources::Refused::TooMany => reason::QUOTA_EXCEEDED,
+                    sources::Refused::TooFast => reason::CONNECTION_RATE_EXCEEDED,
                 };
-                Metrics::add(counter, 1);
-                if first {
-                    warn!(source = %peer.ip(), limit = key,
-                        "refusing device connections from this address (logged once per address)");
-                }
+                let source = peer.ip();
+                events::SourceRefused { source, why, first }.emit(&self.metrics);
                 self.refuse(socket, peer, tls, counters, code, connections);
                 return;
             }
         };
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            Metrics::add(&self.metrics.edge_connections_refused, 1);
-            if every_thousandth(&counters.refusals) {
-                warn!(%peer, limit = "broker.max_connections",
-                    "connection limit reached: refusing device connections");
-            }
+            let seen = &counters.refusals;
+            events::ConnectionLimitReached { peer, seen }.emit(&self.metrics);
             self.refuse(
                 socket,
                 peer,
@@ -371,12 +357,8 @@ impl Front {
         match tls.handshake(socket).await {
             Ok(done) => Some(done),
             Err(error) => {
-                Metrics::add(&self.metrics.edge_tls_handshakes_failed, 1);
-                if every_thousandth(failed) {
-                    warn!(%peer, %error, "device TLS handshake failed (logged once per 1,000)");
-                } else {
-                    debug!(%peer, %error, "device TLS handshake failed");
-                }
+                let (error, seen) = (&error, failed);
+                events::HandshakeFailed { peer, error, seen }.emit(&self.metrics);
                 None
             }
         }
@@ -492,20 +474,13 @@ impl Front {
     async fn answer<W: AsyncWrite + Unpin>(&self, end: &End, device: &mut W) {
         let answer = match end {
             End::Refused { answer, reason } => {
-                Metrics::add(&self.metrics.edge_rejected, 1);
-                // A device that keeps breaking the rules must not fill the log.
-                if every_thousandth(&self.refused_connections) {
-                    warn!(%reason, "device connection refused (logged once per 1,000)");
-                } else {
-                    debug!(%reason, "device connection refused");
-                }
+                let seen = &self.refused_connections;
+                events::ConnectionRefused { reason, seen }.emit(&self.metrics);
                 answer.as_ref()
             }
             End::Unauthorized { answer, reason } => {
-                Metrics::add(&self.metrics.edge_logins_refused, 1);
-                if every_thousandth(&self.refused_logins) {
-                    warn!(%reason, "device login refused (logged once per 1,000)");
-                }
+                let seen = &self.refused_logins;
+                events::LoginRefused { reason, seen }.emit(&self.metrics);
                 Some(answer)
             }
             End::Closed { answer, .. } => answer.as_ref(),
@@ -784,7 +759,7 @@ impl Session {
         let attachment = match attached {
             Ok(attachment) => attachment,
             Err(broker::AttachError::Sessions(refused)) => {
-                Metrics::add(&self.front.metrics.broker_sessions_refused, 1);
+                // Counted as `broker_sessions_refused` with the refusal (`events`).
                 let code = match version {
                     Version::V4 => return_code::SERVER_UNAVAILABLE,
                     Version::V5 => reason::QUOTA_EXCEEDED,
@@ -821,8 +796,7 @@ impl Session {
         {
             return true;
         }
-        Metrics::add(&self.front.metrics.acl_denied_wills, 1);
-        debug!(%client_id, %topic, "will dropped: the ACL does not let the client write its topic");
+        events::WillDenied { client_id, topic }.emit(&self.front.metrics);
         false
     }
 
@@ -1138,7 +1112,7 @@ impl Session {
             ));
         }
         if self.origin == Origin::Device && checks::reserved_publish_topic(&topic) {
-            self.refuse_publish(qos, id, &topic, "to a reserved topic");
+            self.refuse_publish(qos, id, &topic, PublishRefusal::ReservedTopic);
             return Ok(());
         }
         if self.origin == Origin::Device
@@ -1148,8 +1122,7 @@ impl Session {
                 &topic,
             )
         {
-            Metrics::add(&self.front.metrics.acl_denied_publishes, 1);
-            self.refuse_publish(qos, id, &topic, "not granted by broker.acl_file");
+            self.refuse_publish(qos, id, &topic, PublishRefusal::NotGranted);
             return Ok(());
         }
         let topic: Arc<str> = Arc::from(topic);
@@ -1210,11 +1183,14 @@ impl Session {
     /// acknowledged as Mosquitto 2 acknowledges it (MQTT 5: PUBACK or PUBREC with 0x87 "not
     /// authorized", which ends a QoS 2 flow; 3.1.1 has no way to say it, so the flow looks
     /// successful to the client).
-    fn refuse_publish(&mut self, qos: u8, id: u16, topic: &str, why: &str) {
-        Metrics::add(&self.front.metrics.edge_publishes_refused, 1);
-        if every_thousandth(&self.front.refused_publishes) {
-            warn!(%topic, username = ?self.username, "publish refused, {why} (logged once per 1,000)");
+    fn refuse_publish(&mut self, qos: u8, id: u16, topic: &str, why: PublishRefusal) {
+        events::PublishRefused {
+            why,
+            topic,
+            username: &self.username,
+            seen: &self.front.refused_publishes,
         }
+        .emit(&self.front.metrics);
         let kind = match qos {
             1 => packets::ack::PUBACK,
             2 => packets::ack::PUBREC,
