@@ -84,14 +84,7 @@ enum Command {
     },
     /// Run the gateway with example handlers, simulated devices and a stand-in upstream; take
     /// the upstream away, bring it back, and print a summary.
-    Demo {
-        /// Seconds of each phase (before, during and after the outage).
-        #[arg(long, default_value_t = 6)]
-        phase_secs: u64,
-        /// Number of simulated devices (at most the number of cities known).
-        #[arg(long, default_value_t = 12)]
-        devices: usize,
-    },
+    Demo(demo::Options),
     /// Measure the gateway end to end: simulated devices publish QoS 1 as fast as they can
     /// through an in-process gateway to a stand-in upstream; then, with the upstream
     /// unreachable, the rate as the outbox grows; then a backlog drains while the devices keep
@@ -103,77 +96,8 @@ enum Command {
         /// Mosquitto) instead of measuring an in-process gateway.
         #[command(subcommand)]
         external: Option<bench::external::Mode>,
-        /// Number of simulated devices (one MQTT connection each).
-        #[arg(long, default_value_t = 50)]
-        devices: usize,
-        /// Total publishes of the throughput phase.
-        #[arg(long, default_value_t = 200_000)]
-        messages: u64,
-        /// Payload size in bytes (JSON with a sequence number and the send time, padded).
-        #[arg(long, default_value_t = 100)]
-        payload_bytes: usize,
-        /// Unacknowledged QoS 1 publishes each device keeps in flight.
-        #[arg(long, default_value_t = 100)]
-        inflight: u16,
-        /// At most this many publishes per second in all (0: as fast as the windows allow);
-        /// use a sustainable rate to measure latency without queueing.
-        #[arg(long, default_value_t = 0)]
-        rate: u64,
-        /// Outbox depths at which the backlog phase measures, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
-        backlog: Vec<u64>,
-        /// Publishes per backlog measurement.
-        #[arg(long, default_value_t = 50_000)]
-        window: u64,
-        /// Skip the throughput phase.
-        #[arg(long)]
-        skip_throughput: bool,
-        /// Skip the backlog phase.
-        #[arg(long)]
-        skip_backlog: bool,
-        /// Messages queued with the upstream unreachable before the drain phase makes it
-        /// reachable and measures live traffic while they drain (0: skip the phase).
-        #[arg(long, default_value_t = 100_000)]
-        drain: u64,
-        /// Skip the drain phase.
-        #[arg(long)]
-        skip_drain: bool,
-        /// Run this WebAssembly handler on the route (one that returns each event unchanged,
-        /// such as the `passthrough` guest) to measure a handler route instead of forwarding.
-        #[arg(long, value_name = "WASM")]
-        handler: Option<PathBuf>,
-        /// In the throughput phase, add a second route (`hostile/#`) running this WebAssembly
-        /// handler (default: the `faulty` test guest built with this binary) and one more device
-        /// publishing --hostile-payload to it, to measure what a misbehaving module costs the
-        /// other route.
-        #[arg(long, value_name = "WASM", num_args = 0..=1)]
-        hostile: Option<Option<PathBuf>>,
-        /// What the hostile device publishes (for `faulty`: loop, grow, trap, error, ...).
-        #[arg(
-            long,
-            value_name = "TEXT",
-            default_value = "loop",
-            requires = "hostile"
-        )]
-        hostile_payload: String,
-        /// Most hostile publishes per second (0: no limit but --hostile-pending).
-        #[arg(long, value_name = "N", default_value_t = 10, requires = "hostile")]
-        hostile_rate: u64,
-        /// Most hostile events unfinished in the gateway at once, that is published but not
-        /// yet dead-lettered or delivered (0: no limit but --hostile-rate). The default keeps a
-        /// looping module busy all the time even when its events wait behind a full journal.
-        #[arg(long, value_name = "N", default_value_t = 10, requires = "hostile")]
-        hostile_pending: u64,
-        /// Turn the handlers' circuit breaker off (handlers.breaker_failures = 4294967295), so
-        /// that a failing module runs on every event: the worst case.
-        #[arg(long)]
-        no_breaker: bool,
-        /// Directory for the gateway's databases (default: a fresh one under the temp dir).
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// Also write the report as JSON to this file.
-        #[arg(long)]
-        json: Option<PathBuf>,
+        #[command(flatten)]
+        options: bench::Options,
     },
 }
 
@@ -435,7 +359,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo's and the benchmark's progress lines say what matters.
     let default_level = match cli.command {
-        Command::Demo { .. } | Command::Bench { .. } => "error",
+        Command::Demo(_) | Command::Bench { .. } => "error",
         Command::Deadletters { .. } => "warn",
         Command::Module { .. } => "warn",
         _ => "info",
@@ -524,60 +448,15 @@ fn main() -> ExitCode {
         Command::Module {
             command: ModuleCommand::Remove { name, key, target },
         } => module_command(outpost::signing::CommandOp::Remove, &name, &key, &target),
-        Command::Demo {
-            phase_secs,
-            devices,
-        } => tokio_runtime().and_then(|rt| rt.block_on(demo::run(phase_secs, devices))),
+        Command::Demo(options) => tokio_runtime().and_then(|rt| rt.block_on(demo::run(options))),
         Command::Bench {
             external: Some(mode),
             ..
         } => tokio_runtime().and_then(|rt| rt.block_on(bench::external::run(mode))),
         Command::Bench {
             external: None,
-            devices,
-            messages,
-            payload_bytes,
-            inflight,
-            rate,
-            backlog,
-            window,
-            skip_throughput,
-            skip_backlog,
-            drain,
-            skip_drain,
-            handler,
-            hostile,
-            hostile_payload,
-            hostile_rate,
-            hostile_pending,
-            no_breaker,
-            data,
-            json,
-        } => tokio_runtime().and_then(|rt| {
-            rt.block_on(bench::run(bench::Options {
-                devices,
-                messages,
-                payload_bytes,
-                inflight,
-                rate,
-                backlog,
-                window,
-                skip_throughput,
-                skip_backlog,
-                drain,
-                skip_drain,
-                handler,
-                hostile: hostile.map(|path| {
-                    path.unwrap_or_else(|| outpost::handlers::examples::guest_path("faulty"))
-                }),
-                hostile_payload,
-                hostile_rate,
-                hostile_pending,
-                no_breaker,
-                data,
-                json,
-            }))
-        }),
+            options,
+        } => tokio_runtime().and_then(|rt| rt.block_on(bench::run(options))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -92,53 +92,93 @@ const HOSTILE_PREFIX: &str = "hostile/";
 /// Where the hostile device publishes (under [`HOSTILE_FILTER`], outside `telemetry/#`).
 const HOSTILE_TOPIC: &str = "hostile/bench-hostile/data";
 
-/// What to run, from the command line.
-#[derive(Debug, Clone)]
+/// What to run: the flags of `outpost bench` without a mode, with their defaults. The doc
+/// comments of the fields are the flags' help texts.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct Options {
-    /// Simulated devices (one MQTT connection each).
+    /// Number of simulated devices (one MQTT connection each).
+    #[arg(long, default_value_t = 50)]
     pub devices: usize,
-    /// Total publishes of the throughput phase, spread over the devices.
+    /// Total publishes of the throughput phase.
+    #[arg(long, default_value_t = 200_000)]
     pub messages: u64,
-    /// Size of each publish's payload (JSON with `seq` and `sent_us`, padded to this size).
+    /// Payload size in bytes (JSON with a sequence number and the send time, padded).
+    #[arg(long, default_value_t = 100)]
     pub payload_bytes: usize,
     /// Unacknowledged QoS 1 publishes each device keeps in flight.
+    #[arg(long, default_value_t = 100)]
     pub inflight: u16,
-    /// At most this many publishes per second in all (spread evenly over the devices); 0 for
-    /// as fast as the inflight windows allow.
+    /// At most this many publishes per second in all (0: as fast as the windows allow);
+    /// use a sustainable rate to measure latency without queueing.
+    #[arg(long, default_value_t = 0)]
     pub rate: u64,
-    /// Outbox depths at which the backlog phase measures.
+    /// Outbox depths at which the backlog phase measures, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000")]
     pub backlog: Vec<u64>,
     /// Publishes per backlog measurement.
+    #[arg(long, default_value_t = 50_000)]
     pub window: u64,
     /// Skip the throughput phase.
+    #[arg(long)]
     pub skip_throughput: bool,
     /// Skip the backlog phase.
+    #[arg(long)]
     pub skip_backlog: bool,
     /// Messages queued with the upstream unreachable before the drain phase makes it
-    /// reachable; 0 skips the phase.
+    /// reachable and measures live traffic while they drain (0: skip the phase).
+    #[arg(long, default_value_t = 100_000)]
     pub drain: u64,
     /// Skip the drain phase.
+    #[arg(long)]
     pub skip_drain: bool,
-    /// Run this handler component on the route (it must return each payload unchanged).
+    /// Run this WebAssembly handler on the route (one that returns each event unchanged,
+    /// such as the `passthrough` guest) to measure a handler route instead of forwarding.
+    #[arg(long, value_name = "WASM")]
     pub handler: Option<PathBuf>,
-    /// Add a second route, `hostile/#`, running this handler component, and one more device
-    /// publishing [`Options::hostile_payload`] to it during the throughput phase (see the
-    /// module documentation).
-    pub hostile: Option<PathBuf>,
-    /// What the hostile device publishes (for the `faulty` guest: `loop`, `grow`, `trap`, ...).
+    /// In the throughput phase, add a second route (`hostile/#`) running this WebAssembly
+    /// handler (default: the `faulty` test guest built with this binary) and one more device
+    /// publishing --hostile-payload to it, to measure what a misbehaving module costs the
+    /// other route.
+    // `Some(None)` is the flag without a file: see [`Options::hostile_module`].
+    #[arg(long, value_name = "WASM", num_args = 0..=1)]
+    pub hostile: Option<Option<PathBuf>>,
+    /// What the hostile device publishes (for `faulty`: loop, grow, trap, error, ...).
+    #[arg(
+        long,
+        value_name = "TEXT",
+        default_value = "loop",
+        requires = "hostile"
+    )]
     pub hostile_payload: String,
-    /// Most hostile publishes per second; 0 for no limit but [`Options::hostile_pending`].
+    /// Most hostile publishes per second (0: no limit but --hostile-pending).
+    #[arg(long, value_name = "N", default_value_t = 10, requires = "hostile")]
     pub hostile_rate: u64,
-    /// Most hostile events unfinished in the gateway at once (published, not yet
-    /// dead-lettered or delivered); 0 for no limit but [`Options::hostile_rate`].
+    /// Most hostile events unfinished in the gateway at once, that is published but not
+    /// yet dead-lettered or delivered (0: no limit but --hostile-rate). The default keeps a
+    /// looping module busy all the time even when its events wait behind a full journal.
+    #[arg(long, value_name = "N", default_value_t = 10, requires = "hostile")]
     pub hostile_pending: u64,
-    /// Make the circuit breaker never trip (`handlers.breaker_failures` = `u32::MAX`): a
-    /// failing module then runs on every event.
+    /// Turn the handlers' circuit breaker off (handlers.breaker_failures = 4294967295), so
+    /// that a failing module runs on every event: the worst case.
+    #[arg(long)]
     pub no_breaker: bool,
-    /// Where the gateway's databases go (a fresh subdirectory per phase, removed afterwards).
+    /// Directory for the gateway's databases (default: a fresh one under the temp dir).
+    #[arg(long)]
     pub data: Option<PathBuf>,
-    /// Also write the report as JSON here.
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+impl Options {
+    /// The hostile neighbour's handler component, if `--hostile` was given: its file, or
+    /// without one the `faulty` test guest built with this binary.
+    fn hostile_module(&self) -> Option<PathBuf> {
+        let default = || outpost::handlers::examples::guest_path("faulty");
+        self.hostile
+            .clone()
+            .map(|path| path.unwrap_or_else(default))
+    }
 }
 
 /// The whole report, as printed and as written with `--json`.
@@ -418,7 +458,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
         backlog_window: options.window,
         drain_backlog: if options.skip_drain { 0 } else { options.drain },
         handler: options.handler.as_ref().map(|p| p.display().to_string()),
-        hostile: options.hostile.as_ref().map(|p| HostileSettings {
+        hostile: options.hostile_module().map(|p| HostileSettings {
             module: p.display().to_string(),
             payload: options.hostile_payload.clone(),
             rate: options.hostile_rate,
@@ -455,7 +495,7 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             None => "forwarded unchanged".to_string(),
         }
     );
-    if let Some(path) = &options.hostile {
+    if let Some(path) = options.hostile_module() {
         println!(
             "  neighbour {HOSTILE_FILTER} -> handler {} (throughput phase): one device publishing {:?}, {}, {}; the route dead-letters after 1 attempt and while quarantined",
             path.display(),
@@ -551,8 +591,8 @@ fn check_options(options: &Options) -> anyhow::Result<()> {
     if let Some(path) = &options.handler {
         check_wasm("--handler", path)?;
     }
-    if let Some(path) = &options.hostile {
-        check_wasm("--hostile", path)?;
+    if let Some(path) = options.hostile_module() {
+        check_wasm("--hostile", &path)?;
         if options.skip_throughput {
             bail!("--hostile runs in the throughput phase: do not skip it");
         }
@@ -653,7 +693,7 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
     fleet.release(total);
     let quarantine_watch = hostile.as_ref().map(|h| {
         h.go();
-        tokio::spawn(first_quarantine(metrics.clone(), fleet.acked.clone()))
+        tokio::spawn(first_quarantine(metrics.clone(), fleet.crowd.acked.clone()))
     });
     let waited = wait_all(
         start,
@@ -698,7 +738,7 @@ async fn throughput_phase(options: &Options, data_dir: &Path) -> anyhow::Result<
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let io_end = write_bytes();
-    let device_connection_errors = fleet.errors.load(Ordering::Relaxed);
+    let device_connection_errors = fleet.crowd.errors();
     let ack_latency_us = Latency::of_sorted(&fleet.ack_latencies());
 
     fleet.stop().await;
@@ -836,31 +876,23 @@ fn dead_letters_by_reason(store: &Store, route: &str) -> anyhow::Result<BTreeMap
     Ok(by_reason)
 }
 
-/// Phase 2: upstream unreachable; fill the outbox to each depth and measure a window there.
-async fn backlog_phase(
+/// Starts a gateway as [`gateway_config`] makes it, forwarding to `upstream_port` (listened on
+/// or not), with outbox caps of at least `rows` rows (and their bytes), and connects the
+/// devices to it. Returns the clock the devices stamp their publishes with.
+async fn start_with_room(
     options: &Options,
-    depths: &[u64],
     data_dir: &Path,
-) -> anyhow::Result<Vec<BacklogPoint>> {
-    println!();
-    println!(
-        "backlog: upstream unreachable; rates over {} messages at outbox depths {:?}",
-        options.window, depths
-    );
-    // A port nothing listens on: the uplink's connection attempts are refused.
-    let closed_port = free_port()?;
+    upstream_port: u16,
+    rows: u64,
+) -> anyhow::Result<(Gateway, Fleet, Instant)> {
     let gateway_port = free_port()?;
     let mut config = gateway_config(
         data_dir,
         gateway_port,
-        format!("mqtt://127.0.0.1:{closed_port}"),
+        format!("mqtt://127.0.0.1:{upstream_port}"),
         options,
         false,
     );
-    // Room in the outbox for every publish of this phase (the default caps would hold new
-    // data back at a million rows or 256 MiB, which is a different measurement).
-    let most = depths.last().copied().unwrap_or(0) + options.window * depths.len() as u64;
-    let rows = most + most / 10;
     let mib = rows.saturating_mul(options.payload_bytes as u64 + 64) / (1024 * 1024) + 1;
     let store = &mut config.store;
     store.outbox_max_rows = store
@@ -874,6 +906,27 @@ async fn backlog_phase(
         .context("starting the gateway")?;
     let clock = Instant::now();
     let fleet = Fleet::connect(gateway_port, options, clock).await?;
+    Ok((gateway, fleet, clock))
+}
+
+/// Phase 2: upstream unreachable; fill the outbox to each depth and measure a window there.
+async fn backlog_phase(
+    options: &Options,
+    depths: &[u64],
+    data_dir: &Path,
+) -> anyhow::Result<Vec<BacklogPoint>> {
+    println!();
+    println!(
+        "backlog: upstream unreachable; rates over {} messages at outbox depths {:?}",
+        options.window, depths
+    );
+    // A port nothing listens on: the uplink's connection attempts are refused.
+    let closed_port = free_port()?;
+    // Room in the outbox for every publish of this phase (the default caps would hold new
+    // data back at a million rows or 256 MiB, which is a different measurement).
+    let most = depths.last().copied().unwrap_or(0) + options.window * depths.len() as u64;
+    let (gateway, fleet, _) =
+        start_with_room(options, data_dir, closed_port, most + most / 10).await?;
     let metrics = gateway.metrics.clone();
 
     let mut points = Vec::new();
@@ -975,31 +1028,11 @@ async fn drain_phase(
     // The upstream's port: closed while the backlog is queued, then the stand-in upstream
     // starts listening on it.
     let upstream_port = free_port()?;
-    let gateway_port = free_port()?;
-    let mut config = gateway_config(
-        data_dir,
-        gateway_port,
-        format!("mqtt://127.0.0.1:{upstream_port}"),
-        options,
-        false,
-    );
     // Room for the backlog and for the live rows that queue behind it (at a saturating live
     // load the outbox grows while the backlog drains): caps are not what this measures.
     // Reaching them anyway is reported (`waits_at_caps`).
     let rows = backlog.saturating_add(10_000_000);
-    let mib = rows.saturating_mul(options.payload_bytes as u64 + 64) / (1024 * 1024) + 1;
-    let store = &mut config.store;
-    store.outbox_max_rows = store
-        .outbox_max_rows
-        .max(i64::try_from(rows).unwrap_or(i64::MAX));
-    store.outbox_max_mib = store
-        .outbox_max_mib
-        .max(i64::try_from(mib).unwrap_or(i64::MAX));
-    let gateway = Gateway::start(config)
-        .await
-        .context("starting the gateway")?;
-    let clock = Instant::now();
-    let fleet = Fleet::connect(gateway_port, options, clock).await?;
+    let (gateway, fleet, clock) = start_with_room(options, data_dir, upstream_port, rows).await?;
     let metrics = gateway.metrics.clone();
 
     // The backlog, as fast as the windows allow even with --rate (the rate is for the live
@@ -1087,7 +1120,7 @@ async fn drain_phase(
     }
     let outbox_empty = Instant::now();
     let cap_waits = waits_at_caps(&metrics).saturating_sub(waits_before);
-    let device_connection_errors = fleet.errors.load(Ordering::Relaxed);
+    let device_connection_errors = fleet.crowd.errors();
 
     fleet.stop().await;
     gateway.shutdown().await;
@@ -1151,7 +1184,7 @@ fn waits_at_caps(metrics: &Metrics) -> u64 {
 /// The gateway as the benchmark runs it: defaults (passthrough `telemetry/#`, one upstream),
 /// devices on `port`, data in `data_dir`, the handler settings of [`handler_config`]; with
 /// `options.handler`, the route runs that component (which must return each event's payload
-/// unchanged, like `modules/passthrough`). With `hostile` and `options.hostile`, a second
+/// unchanged, like `modules/passthrough`). With `hostile` and `--hostile`, a second
 /// route [`HOSTILE_FILTER`] runs that component, gives up on an event after one attempt, and
 /// dead-letters its events while the module is quarantined.
 fn gateway_config(
@@ -1184,10 +1217,10 @@ fn gateway_config(
             route.topic = Some("{output}".into());
         }
     }
-    if let Some(path) = options.hostile.as_ref().filter(|_| hostile) {
+    if let Some(path) = options.hostile_module().filter(|_| hostile) {
         config.modules.push(ModuleConfig {
             name: HOSTILE_ROUTE.into(),
-            path: Some(path.clone()),
+            path: Some(path),
         });
         let mut route = RouteConfig::new(HOSTILE_ROUTE, HOSTILE_FILTER);
         route.handler = Some(HOSTILE_ROUTE.into());
@@ -1334,18 +1367,9 @@ struct Gate {
 /// The simulated devices. Each publish takes the next global sequence number (a ticket) and
 /// waits until the gate's limit is above it, so exactly `limit` publishes are sent in all.
 struct Fleet {
+    crowd: Crowd,
     next: Arc<AtomicU64>,
-    acked: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-    /// Whether the devices record each PUBACK's latency now.
-    recording: Arc<AtomicBool>,
-    /// Per device, publish-to-PUBACK latencies in microseconds (one lock per device, so the
-    /// devices do not contend).
-    ack_latencies: Vec<Arc<Mutex<Vec<u64>>>>,
     gate: watch::Sender<Gate>,
-    clients: Vec<AsyncClient>,
-    publishers: Vec<JoinHandle<anyhow::Result<()>>>,
-    drivers: Vec<JoinHandle<()>>,
 }
 
 impl Fleet {
@@ -1354,17 +1378,10 @@ impl Fleet {
     async fn connect(port: u16, options: &Options, clock: Instant) -> anyhow::Result<Fleet> {
         let (gate, _) = watch::channel(Gate::default());
         let mut fleet = Fleet {
+            crowd: Crowd::new(false),
             next: Arc::new(AtomicU64::new(0)),
-            acked: Arc::new(AtomicU64::new(0)),
-            errors: Arc::new(AtomicU64::new(0)),
-            recording: Arc::new(AtomicBool::new(false)),
-            ack_latencies: Vec::new(),
             gate,
-            clients: Vec::new(),
-            publishers: Vec::new(),
-            drivers: Vec::new(),
         };
-        let connected = Arc::new(AtomicU64::new(0));
         // Each device's share of the rate, as the time between two of its publishes.
         let period = (options.rate > 0)
             .then(|| Duration::from_secs_f64(options.devices as f64 / options.rate as f64));
@@ -1375,42 +1392,23 @@ impl Fleet {
                 // A short request queue: the send time is stamped just before the window has
                 // room, not long before.
                 .set_request_channel_capacity(8);
-            let (client, eventloop) = AsyncClient::new(mqtt, 8);
-            let latencies = Arc::new(Mutex::new(Vec::new()));
-            fleet.drivers.push(tokio::spawn(drive(
-                eventloop,
-                Counters {
-                    acked: fleet.acked.clone(),
-                    errors: fleet.errors.clone(),
-                    connected: connected.clone(),
-                    recording: fleet.recording.clone(),
-                    ack_latencies: latencies.clone(),
-                },
-            )));
-            fleet.ack_latencies.push(latencies);
             // Devices start their pacing at staggered offsets, not all on the same tick.
             let pacing = period.map(|p| (p, p.mul_f64(device as f64 / options.devices as f64)));
-            fleet.publishers.push(tokio::spawn(publish_loop(
-                client.clone(),
-                device,
-                options.payload_bytes,
-                pacing,
-                clock,
-                fleet.next.clone(),
-                fleet.gate.subscribe(),
-            )));
-            fleet.clients.push(client);
+            let (next, gate) = (fleet.next.clone(), fleet.gate.subscribe());
+            fleet.crowd.add(mqtt, |client| {
+                publish_loop(
+                    client,
+                    device,
+                    options.payload_bytes,
+                    pacing,
+                    clock,
+                    next,
+                    gate,
+                )
+            });
         }
-        let deadline = Instant::now() + STALL;
-        while connected.load(Ordering::Relaxed) < options.devices as u64 {
-            if Instant::now() > deadline {
-                bail!(
-                    "only {} of {} devices connected",
-                    connected.load(Ordering::Relaxed),
-                    options.devices
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        if let Err(connected) = fleet.crowd.wait_connected(STALL).await {
+            bail!("only {connected} of {} devices connected", options.devices);
         }
         Ok(fleet)
     }
@@ -1438,12 +1436,114 @@ impl Fleet {
 
     /// PUBACKs received so far.
     fn acked(&self) -> u64 {
-        self.acked.load(Ordering::Relaxed)
+        self.crowd.acked()
     }
 
     /// Starts or stops recording the publish-to-PUBACK latency of each PUBACK received.
     fn record_ack_latency(&self, on: bool) {
-        self.recording.store(on, Ordering::Relaxed);
+        self.crowd.recording.store(on, Ordering::Relaxed);
+    }
+
+    /// The publish-to-PUBACK latencies recorded so far, ascending, in microseconds.
+    fn ack_latencies(&self) -> Vec<u64> {
+        self.crowd.ack_latencies()
+    }
+
+    /// Stops publishing and disconnects every device.
+    async fn stop(mut self) {
+        self.gate.send_modify(|g| g.stop = true);
+        for publisher in std::mem::take(&mut self.crowd.publishers) {
+            if tokio::time::timeout(Duration::from_secs(5), publisher)
+                .await
+                .is_err()
+            {
+                eprintln!("  a device did not stop publishing within 5 s");
+            }
+        }
+        self.crowd.disconnect().await;
+    }
+}
+
+/// Simulated devices, whatever they publish: each device's client, the task that drives its
+/// event loop and the task that publishes for it, and what the event loops count. Shared by
+/// the in-process benchmark and the load generator of [`external`].
+struct Crowd {
+    acked: Arc<AtomicU64>,
+    errors: Arc<AtomicU64>,
+    connected: Arc<AtomicU64>,
+    /// Whether the devices record each PUBACK's latency now.
+    recording: Arc<AtomicBool>,
+    /// Per device, publish-to-PUBACK latencies in microseconds (one lock per device, so the
+    /// devices do not contend).
+    ack_latencies: Vec<Arc<Mutex<Vec<u64>>>>,
+    clients: Vec<AsyncClient>,
+    publishers: Vec<JoinHandle<anyhow::Result<()>>>,
+    drivers: Vec<JoinHandle<()>>,
+}
+
+impl Crowd {
+    /// No devices yet; PUBACK latencies are recorded from the start if `recording`.
+    fn new(recording: bool) -> Crowd {
+        Crowd {
+            acked: Arc::new(AtomicU64::new(0)),
+            errors: Arc::new(AtomicU64::new(0)),
+            connected: Arc::new(AtomicU64::new(0)),
+            recording: Arc::new(AtomicBool::new(recording)),
+            ack_latencies: Vec::new(),
+            clients: Vec::new(),
+            publishers: Vec::new(),
+            drivers: Vec::new(),
+        }
+    }
+
+    /// Adds a device that connects with `mqtt`: starts driving its event loop, and runs the
+    /// publishing task that `publisher` makes of its client.
+    fn add<P>(&mut self, mqtt: MqttOptions, publisher: impl FnOnce(AsyncClient) -> P)
+    where
+        P: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        let (client, eventloop) = AsyncClient::new(mqtt, 8);
+        let latencies = Arc::new(Mutex::new(Vec::new()));
+        self.drivers.push(tokio::spawn(drive(
+            eventloop,
+            Counters {
+                acked: self.acked.clone(),
+                errors: self.errors.clone(),
+                connected: self.connected.clone(),
+                recording: self.recording.clone(),
+                ack_latencies: latencies.clone(),
+            },
+        )));
+        self.ack_latencies.push(latencies);
+        self.publishers
+            .push(tokio::spawn(publisher(client.clone())));
+        self.clients.push(client);
+    }
+
+    /// Waits until every device has had a CONNACK; after `within`, gives up with how many had.
+    async fn wait_connected(&self, within: Duration) -> Result<(), u64> {
+        let deadline = Instant::now() + within;
+        let wanted = self.clients.len() as u64;
+        loop {
+            let connected = self.connected.load(Ordering::Relaxed);
+            if connected >= wanted {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(connected);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// PUBACKs received so far.
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Connection errors so far (each failed poll of an event loop).
+    fn errors(&self) -> u64 {
+        self.errors.load(Ordering::Relaxed)
     }
 
     /// The publish-to-PUBACK latencies recorded so far, ascending, in microseconds.
@@ -1458,16 +1558,11 @@ impl Fleet {
         all
     }
 
-    /// Stops publishing and disconnects every device.
-    async fn stop(self) {
-        self.gate.send_modify(|g| g.stop = true);
-        for publisher in self.publishers {
-            if tokio::time::timeout(Duration::from_secs(5), publisher)
-                .await
-                .is_err()
-            {
-                eprintln!("  a device did not stop publishing within 5 s");
-            }
+    /// Ends the publishing tasks still running, disconnects every device and, once the
+    /// DISCONNECTs had time to go out, ends the event loops.
+    async fn disconnect(self) {
+        for publisher in &self.publishers {
+            publisher.abort();
         }
         for client in &self.clients {
             let _ = client.try_disconnect();
@@ -1493,13 +1588,9 @@ enum HostileGate {
 
 /// The one device publishing to the hostile route.
 struct HostileDevice {
+    crowd: Crowd,
     sent: Arc<AtomicU64>,
-    acked: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
     gate: watch::Sender<HostileGate>,
-    client: AsyncClient,
-    publisher: JoinHandle<anyhow::Result<()>>,
-    driver: JoinHandle<()>,
 }
 
 /// What the hostile device sent, once stopped.
@@ -1521,50 +1612,26 @@ impl HostileDevice {
         mqtt.set_keep_alive(Duration::from_secs(30))
             .set_inflight(16)
             .set_request_channel_capacity(8);
-        let (client, eventloop) = AsyncClient::new(mqtt, 8);
         let (gate, gate_rx) = watch::channel(HostileGate::Wait);
-        let connected = Arc::new(AtomicU64::new(0));
-        let acked = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(AtomicU64::new(0));
         let sent = Arc::new(AtomicU64::new(0));
-        let driver = tokio::spawn(drive(
-            eventloop,
-            Counters {
-                acked: acked.clone(),
-                errors: errors.clone(),
-                connected: connected.clone(),
-                recording: Arc::new(AtomicBool::new(false)),
-                ack_latencies: Arc::new(Mutex::new(Vec::new())),
-            },
-        ));
-        let publisher = tokio::spawn(hostile_loop(
-            client.clone(),
-            options.hostile_payload.as_bytes().to_vec(),
-            (options.hostile_rate > 0)
-                .then(|| Duration::from_secs_f64(1.0 / options.hostile_rate as f64)),
-            options.hostile_pending,
-            sent.clone(),
-            finished,
-            gate_rx,
-        ));
-        let deadline = Instant::now() + STALL;
-        while connected.load(Ordering::Relaxed) == 0 {
-            if Instant::now() > deadline {
-                publisher.abort();
-                driver.abort();
-                bail!("the hostile device did not connect");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut crowd = Crowd::new(false);
+        crowd.add(mqtt, |client| {
+            hostile_loop(
+                client,
+                options.hostile_payload.as_bytes().to_vec(),
+                (options.hostile_rate > 0)
+                    .then(|| Duration::from_secs_f64(1.0 / options.hostile_rate as f64)),
+                options.hostile_pending,
+                sent.clone(),
+                finished,
+                gate_rx,
+            )
+        });
+        if crowd.wait_connected(STALL).await.is_err() {
+            crowd.disconnect().await;
+            bail!("the hostile device did not connect");
         }
-        Ok(HostileDevice {
-            sent,
-            acked,
-            errors,
-            gate,
-            client,
-            publisher,
-            driver,
-        })
+        Ok(HostileDevice { crowd, sent, gate })
     }
 
     /// Starts publishing.
@@ -1574,34 +1641,32 @@ impl HostileDevice {
 
     /// Hostile publishes acknowledged by the gateway so far.
     fn acked(&self) -> u64 {
-        self.acked.load(Ordering::Relaxed)
+        self.crowd.acked()
     }
 
     /// Stops publishing, disconnects, and says what was sent.
-    async fn stop(self) -> HostileCounts {
+    async fn stop(mut self) -> HostileCounts {
         self.gate.send_replace(HostileGate::Stop);
-        match tokio::time::timeout(Duration::from_secs(5), self.publisher).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => eprintln!("  the hostile device failed: {e:#}"),
-            Ok(Err(e)) => eprintln!("  the hostile device failed: {e}"),
-            Err(_) => eprintln!("  the hostile device did not stop publishing within 5 s"),
+        for publisher in std::mem::take(&mut self.crowd.publishers) {
+            match tokio::time::timeout(Duration::from_secs(5), publisher).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => eprintln!("  the hostile device failed: {e:#}"),
+                Ok(Err(e)) => eprintln!("  the hostile device failed: {e}"),
+                Err(_) => eprintln!("  the hostile device did not stop publishing within 5 s"),
+            }
         }
         // Its last publish may still wait for its PUBACK.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while self.acked.load(Ordering::Relaxed) < self.sent.load(Ordering::Relaxed)
-            && Instant::now() < deadline
-        {
+        while self.acked() < self.sent.load(Ordering::Relaxed) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // Counted before the disconnect, which ends the connection with an error.
         let counts = HostileCounts {
             sent: self.sent.load(Ordering::Relaxed),
-            acked: self.acked.load(Ordering::Relaxed),
-            errors: self.errors.load(Ordering::Relaxed),
+            acked: self.acked(),
+            errors: self.crowd.errors(),
         };
-        let _ = self.client.try_disconnect();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        self.driver.abort();
+        self.crowd.disconnect().await;
         counts
     }
 }
@@ -2265,9 +2330,31 @@ mod tests {
         assert_eq!(waited.peak_lead, 1);
     }
 
+    /// `outpost bench`'s flags alone, as the binary parses them.
+    #[derive(clap::Parser)]
+    struct BenchCommand {
+        #[command(flatten)]
+        options: Options,
+    }
+
+    fn parse(args: &[&str]) -> Options {
+        let argv = std::iter::once("bench").chain(args.iter().copied());
+        <BenchCommand as clap::Parser>::try_parse_from(argv)
+            .expect("valid flags")
+            .options
+    }
+
     /// The options `outpost bench` parses by default, with a hostile neighbour at `hostile`.
     fn options_with(hostile: Option<PathBuf>) -> Options {
         Options {
+            hostile: hostile.map(Some),
+            ..parse(&[])
+        }
+    }
+
+    #[test]
+    fn the_defaults_are_the_documented_ones() {
+        let defaults = Options {
             devices: 50,
             messages: 200_000,
             payload_bytes: 100,
@@ -2280,14 +2367,30 @@ mod tests {
             drain: 100_000,
             skip_drain: false,
             handler: None,
-            hostile,
+            hostile: None,
             hostile_payload: "loop".into(),
             hostile_rate: 10,
             hostile_pending: 10,
             no_breaker: false,
             data: None,
             json: None,
-        }
+        };
+        assert_eq!(parse(&[]), defaults);
+        assert_eq!(parse(&[]).hostile_module(), None);
+    }
+
+    #[test]
+    fn hostile_without_a_file_is_the_faulty_guest() {
+        let faulty = outpost::handlers::examples::guest_path("faulty");
+        assert_eq!(parse(&["--hostile"]).hostile_module(), Some(faulty));
+        let given = parse(&["--hostile", "x.wasm", "--hostile-rate", "3"]);
+        assert_eq!(given.hostile_module(), Some(PathBuf::from("x.wasm")));
+        assert_eq!(given.hostile_rate, 3);
+        let backlog = parse(&["--backlog", "5,7"]).backlog;
+        assert_eq!(backlog, vec![5, 7]);
+        // The hostile neighbour's settings need the neighbour.
+        let argv = ["bench", "--hostile-rate", "3"];
+        assert!(<BenchCommand as clap::Parser>::try_parse_from(argv).is_err());
     }
 
     #[test]

@@ -67,9 +67,23 @@ struct Upstream {
     other: AtomicU64,
 }
 
-pub async fn run(phase_secs: u64, device_count: usize) -> anyhow::Result<()> {
-    let devices = devices(device_count.max(1));
-    let phase = Duration::from_secs(phase_secs.max(1));
+/// The flags of `outpost demo`, with their defaults. The doc comments of the fields are the
+/// flags' help texts.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Options {
+    /// Seconds of each phase (before, during and after the outage).
+    #[arg(long, default_value_t = 6)]
+    pub phase_secs: u64,
+    /// Number of simulated devices (at most the number of cities known).
+    #[arg(long, default_value_t = 12)]
+    pub devices: usize,
+}
+
+/// Runs the demo and prints its summary; fails if the gateway cannot start or the stand-in
+/// upstream cannot listen.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let devices = devices(options.devices.max(1));
+    let phase = Duration::from_secs(options.phase_secs.max(1));
     let data = tempfile_dir()?;
     std::fs::write(
         data.join("enrich.wasm"),

@@ -37,7 +37,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,6 +62,14 @@ use super::DevicePublish;
 use crate::journal::{Committed, Journal};
 use crate::metrics::Metrics;
 use crate::store::NewJournalEntry;
+use end::{connack_refusal, Closing, End, LoginRefusal, Lost, Refusal, Violation};
+use events::{InternalEvent, PublishRefusal};
+
+mod end;
+mod events;
+
+/// The target of the front's log lines (its events log under it too, as they always did).
+const LOG_TARGET: &str = module_path!();
 
 /// Bytes of MQTT framing allowed on top of the largest payload.
 const PACKET_OVERHEAD: usize = 64 * 1024;
@@ -154,53 +162,6 @@ pub struct Front {
     pub require_client_id_match: bool,
 }
 
-/// How a device connection ended.
-#[derive(Debug)]
-enum End {
-    /// The device broke a rule of the protocol or of the gateway: answered with `answer`
-    /// (a CONNACK refusal, or on MQTT 5 a DISCONNECT with a reason code) and closed.
-    Refused {
-        answer: Option<Bytes>,
-        reason: String,
-    },
-    /// The broker closed it (its session was taken over): `answer` is MQTT 5's DISCONNECT.
-    Closed {
-        answer: Option<Bytes>,
-        reason: String,
-    },
-    /// The login was refused: answered with the CONNACK `answer` and closed (counted apart,
-    /// and logged at most once per 1,000, so that guessing fills neither the log nor memory).
-    Unauthorized { answer: Bytes, reason: String },
-    /// Anything else: I/O, the journal.
-    Lost(String),
-}
-
-impl std::fmt::Display for End {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            End::Refused { reason, .. } => write!(f, "refused: {reason}"),
-            End::Unauthorized { reason, .. } => write!(f, "login refused: {reason}"),
-            End::Closed { reason, .. } => write!(f, "closed: {reason}"),
-            End::Lost(reason) => f.write_str(reason),
-        }
-    }
-}
-
-/// A CONNACK refusing a connection with this code.
-fn connack_refusal(version: Version, code: u8) -> Bytes {
-    match version {
-        Version::V4 => Bytes::from(vec![0x20, 0x02, 0x00, code]),
-        Version::V5 => Bytes::from(vec![0x20, 0x03, 0x00, code, 0x00]),
-    }
-}
-
-/// A refusal of a packet after CONNECT: on MQTT 5 a DISCONNECT with `code` (MQTT 5 §3.14),
-/// on 3.1.1 (which has no server DISCONNECT) just the close.
-fn close_with(version: Version, code: u8, reason: String) -> End {
-    let answer = (version == Version::V5).then(|| Bytes::from(vec![0xE0, 0x02, code, 0x00]));
-    End::Refused { answer, reason }
-}
-
 /// What one listener counts to rate-limit its warnings.
 #[derive(Debug, Default)]
 struct ServeCounters {
@@ -263,11 +224,6 @@ impl SourceLimits {
     }
 }
 
-/// Rate-limits one warning: true for the 1st, 1,001st, 2,001st... call.
-fn every_thousandth(counter: &AtomicU64) -> bool {
-    counter.fetch_add(1, Ordering::Relaxed).is_multiple_of(1000)
-}
-
 impl Front {
     /// Accepts device connections until the task running this is aborted, which also closes
     /// every connection it accepted. Each connection is admitted by its source's limits, then
@@ -303,33 +259,19 @@ impl Front {
         let source = match self.sources.admit(peer.ip()) {
             Ok(source) => source,
             Err((why, first)) => {
-                let (counter, key, code) = match why {
-                    sources::Refused::TooMany => (
-                        &self.metrics.edge_refused_per_source,
-                        "broker.max_connections_per_source",
-                        reason::QUOTA_EXCEEDED,
-                    ),
-                    sources::Refused::TooFast => (
-                        &self.metrics.edge_refused_connection_rate,
-                        "broker.max_connection_rate_per_source",
-                        reason::CONNECTION_RATE_EXCEEDED,
-                    ),
+                let code = match why {
+                    sources::Refused::TooMany => reason::QUOTA_EXCEEDED,
+                    sources::Refused::TooFast => reason::CONNECTION_RATE_EXCEEDED,
                 };
-                Metrics::add(counter, 1);
-                if first {
-                    warn!(source = %peer.ip(), limit = key,
-                        "refusing device connections from this address (logged once per address)");
-                }
+                let source = peer.ip();
+                events::SourceRefused { source, why, first }.emit(&self.metrics);
                 self.refuse(socket, peer, tls, counters, code, connections);
                 return;
             }
         };
         let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            Metrics::add(&self.metrics.edge_connections_refused, 1);
-            if every_thousandth(&counters.refusals) {
-                warn!(%peer, limit = "broker.max_connections",
-                    "connection limit reached: refusing device connections");
-            }
+            let seen = &counters.refusals;
+            events::ConnectionLimitReached { peer, seen }.emit(&self.metrics);
             self.refuse(
                 socket,
                 peer,
@@ -415,12 +357,8 @@ impl Front {
         match tls.handshake(socket).await {
             Ok(done) => Some(done),
             Err(error) => {
-                Metrics::add(&self.metrics.edge_tls_handshakes_failed, 1);
-                if every_thousandth(failed) {
-                    warn!(%peer, %error, "device TLS handshake failed (logged once per 1,000)");
-                } else {
-                    debug!(%peer, %error, "device TLS handshake failed");
-                }
+                let (error, seen) = (&error, failed);
+                events::HandshakeFailed { peer, error, seen }.emit(&self.metrics);
                 None
             }
         }
@@ -500,11 +438,7 @@ impl Front {
             Ok(info)
         })
         .await
-        .unwrap_or_else(|_| {
-            Err(End::Lost(
-                "no CONNECT within broker.connect_timeout_ms".into(),
-            ))
-        });
+        .unwrap_or_else(|_| Err(End::Lost(Lost::NoConnect)));
         let attached = connect.and_then(|info| session.attach(&info));
         let (connection, connack) = match attached {
             Ok(attached) => attached,
@@ -540,20 +474,13 @@ impl Front {
     async fn answer<W: AsyncWrite + Unpin>(&self, end: &End, device: &mut W) {
         let answer = match end {
             End::Refused { answer, reason } => {
-                Metrics::add(&self.metrics.edge_rejected, 1);
-                // A device that keeps breaking the rules must not fill the log.
-                if every_thousandth(&self.refused_connections) {
-                    warn!(%reason, "device connection refused (logged once per 1,000)");
-                } else {
-                    debug!(%reason, "device connection refused");
-                }
+                let seen = &self.refused_connections;
+                events::ConnectionRefused { reason, seen }.emit(&self.metrics);
                 answer.as_ref()
             }
             End::Unauthorized { answer, reason } => {
-                Metrics::add(&self.metrics.edge_logins_refused, 1);
-                if every_thousandth(&self.refused_logins) {
-                    warn!(%reason, "device login refused (logged once per 1,000)");
-                }
+                let seen = &self.refused_logins;
+                events::LoginRefused { reason, seen }.emit(&self.metrics);
                 Some(answer)
             }
             End::Closed { answer, .. } => answer.as_ref(),
@@ -569,11 +496,8 @@ impl Front {
 async fn write_within<W: AsyncWrite + Unpin>(device: &mut W, bytes: &[u8]) -> Result<(), End> {
     match tokio::time::timeout(WRITE_TIMEOUT, device.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(End::Lost(format!("device write: {e}"))),
-        Err(_) => Err(End::Lost(format!(
-            "the device read nothing for {} s",
-            WRITE_TIMEOUT.as_secs()
-        ))),
+        Ok(Err(e)) => Err(End::Lost(Lost::Write(e))),
+        Err(_) => Err(End::Lost(Lost::WriteStalled(WRITE_TIMEOUT.as_secs()))),
     }
 }
 
@@ -662,9 +586,9 @@ impl Session {
             let n = device
                 .read_buf(input)
                 .await
-                .map_err(|e| End::Lost(format!("device read: {e}")))?;
+                .map_err(|e| End::Lost(Lost::Read(e)))?;
             if n == 0 {
-                return Err(End::Lost("device closed before CONNECT".into()));
+                return Err(End::Lost(Lost::ClosedBeforeConnect));
             }
         }
     }
@@ -676,7 +600,7 @@ impl Session {
         if !checks::flags_valid(frame.byte1) {
             return Err(End::Refused {
                 answer: None,
-                reason: "protocol: CONNECT with invalid flags".into(),
+                reason: Violation::ConnectFlags.into(),
             });
         }
         if self.origin == Origin::Device
@@ -689,11 +613,7 @@ impl Session {
             };
             return Err(End::Refused {
                 answer: Some(connack_refusal(info.version, code)),
-                reason: format!(
-                    "client id {:?} is reserved for the gateway (prefix {:?})",
-                    info.client_id,
-                    checks::RESERVED_CLIENT_ID_PREFIX
-                ),
+                reason: Refusal::ReservedClientId(info.client_id.clone()),
             });
         }
         if info.version == Version::V4 && info.client_id.is_empty() && !info.clean_start {
@@ -703,14 +623,14 @@ impl Session {
                     Version::V4,
                     return_code::IDENTIFIER_REJECTED,
                 )),
-                reason: "an empty client id without Clean Session".into(),
+                reason: Refusal::EmptyClientIdWithoutCleanSession,
             });
         }
         if let Some(will) = &info.will {
             if !checks::valid_topic_name(&will.topic) {
                 return Err(End::Refused {
                     answer: None,
-                    reason: format!("protocol: invalid will topic {:?}", will.topic),
+                    reason: Violation::WillTopic(will.topic.clone()).into(),
                 });
             }
         }
@@ -740,7 +660,10 @@ impl Session {
                     };
                     End::Unauthorized {
                         answer: connack_refusal(info.version, code),
-                        reason: format!("{refusal} (client id {:?})", info.client_id),
+                        reason: LoginRefusal::Credentials {
+                            refusal,
+                            client_id: info.client_id.clone(),
+                        },
                     }
                 })?,
         };
@@ -771,10 +694,10 @@ impl Session {
         };
         Err(End::Unauthorized {
             answer: connack_refusal(info.version, code),
-            reason: format!(
-                "client id {:?} is not the username {:?} (broker.require_client_id_match)",
-                info.client_id, self.username
-            ),
+            reason: LoginRefusal::ClientIdMismatch {
+                client_id: info.client_id.clone(),
+                username: self.username.clone(),
+            },
         })
     }
 
@@ -792,7 +715,10 @@ impl Session {
                 };
                 Err(End::Unauthorized {
                     answer: connack_refusal(info.version, code),
-                    reason: format!("{why} (client id {:?})", info.client_id),
+                    reason: LoginRefusal::Certificate {
+                        why: why.clone(),
+                        client_id: info.client_id.clone(),
+                    },
                 })
             }
         })
@@ -833,14 +759,14 @@ impl Session {
         let attachment = match attached {
             Ok(attachment) => attachment,
             Err(broker::AttachError::Sessions(refused)) => {
-                Metrics::add(&self.front.metrics.broker_sessions_refused, 1);
+                // Counted as `broker_sessions_refused` with the refusal (`events`).
                 let code = match version {
                     Version::V4 => return_code::SERVER_UNAVAILABLE,
                     Version::V5 => reason::QUOTA_EXCEEDED,
                 };
                 return Err(End::Refused {
                     answer: Some(connack_refusal(version, code)),
-                    reason: format!("{refused} (broker.max_sessions)"),
+                    reason: Refusal::Sessions(refused),
                 });
             }
         };
@@ -870,8 +796,7 @@ impl Session {
         {
             return true;
         }
-        Metrics::add(&self.front.metrics.acl_denied_wills, 1);
-        debug!(%client_id, %topic, "will dropped: the ACL does not let the client write its topic");
+        events::WillDenied { client_id, topic }.emit(&self.front.metrics);
         false
     }
 
@@ -929,16 +854,16 @@ impl Session {
                     .then(|| Bytes::copy_from_slice(&packets::disconnect(code)));
                 return Err(End::Closed {
                     answer,
-                    reason: "its session was taken over by a new connection".into(),
+                    reason: Closing::TakenOver,
                 });
             }
             if out.len() < WRITE_BATCH {
                 if let Some(stored) = connection.take(&mut out, WRITE_BATCH) {
                     // A kept session's QoS 2 message goes out only once its packet id is on
                     // disk (see `Connection::take`): a short wait for one group commit.
-                    stored.await.map_err(|_| {
-                        End::Lost("the broker's state stopped before a delivery was stored".into())
-                    })?;
+                    stored
+                        .await
+                        .map_err(|_| End::Lost(Lost::BrokerStateStopped))?;
                 }
             }
             let more = out.len() >= WRITE_BATCH;
@@ -952,21 +877,21 @@ impl Session {
             let room = input.capacity() - input.len();
             tokio::select! {
                 read = reader.read_buf(&mut input) => {
-                    let n = read.map_err(|e| End::Lost(format!("device read: {e}")))?;
+                    let n = read.map_err(|e| End::Lost(Lost::Read(e)))?;
                     busy = n >= room.max(1);
                     if n == 0 {
-                        return Err(End::Lost("the device closed the connection".into()));
+                        return Err(End::Lost(Lost::DeviceClosed));
                     }
                     deadline = keep_alive.map(|limit| Instant::now() + limit);
                 }
                 _ = connection.ready() => {}
                 opened = wait_for_head(&mut self.acks) => {
-                    opened.map_err(|_| End::Lost("journal stopped before the publish was durable".into()))?;
+                    opened.map_err(|_| End::Lost(Lost::JournalStopped))?;
                 }
                 _ = sleep_until(deadline) => {
                     let answer = (self.version == Version::V5)
                         .then(|| Bytes::copy_from_slice(&packets::disconnect(reason::KEEP_ALIVE_TIMEOUT)));
-                    return Err(End::Closed { answer, reason: "keep-alive timeout".into() });
+                    return Err(End::Closed { answer, reason: Closing::KeepAlive });
                 }
                 _ = std::future::ready(()), if more => {}
             }
@@ -1005,32 +930,25 @@ impl Session {
 
     /// The refusal of a packet that cannot be framed or parsed.
     fn refuse_frame(&self, error: FrameError) -> End {
-        let code = match error {
-            FrameError::TooLarge { .. } => reason::PACKET_TOO_LARGE,
-            _ => reason::MALFORMED_PACKET,
+        if self.connected {
+            return End::violation(self.version, error.into());
+        }
+        let answer = match error {
+            // Only MQTT 5 has authentication methods.
+            FrameError::AuthenticationMethod { .. } => Some(connack_refusal(
+                Version::V5,
+                reason::BAD_AUTHENTICATION_METHOD,
+            )),
+            // In 3.1.1's format, which every level understands (Mosquitto answers so).
+            FrameError::UnsupportedLevel { .. } => Some(connack_refusal(
+                Version::V4,
+                return_code::UNACCEPTABLE_PROTOCOL_VERSION,
+            )),
+            _ => None,
         };
-        match (self.connected.then_some(self.version), &error) {
-            (Some(version), _) => close_with(version, code, format!("protocol: {error}")),
-            (None, FrameError::AuthenticationMethod { .. }) => End::Refused {
-                // Only MQTT 5 has authentication methods.
-                answer: Some(connack_refusal(
-                    Version::V5,
-                    reason::BAD_AUTHENTICATION_METHOD,
-                )),
-                reason: format!("protocol: {error}"),
-            },
-            (None, FrameError::UnsupportedLevel { .. }) => End::Refused {
-                // In 3.1.1's format, which every level understands (Mosquitto answers so).
-                answer: Some(connack_refusal(
-                    Version::V4,
-                    return_code::UNACCEPTABLE_PROTOCOL_VERSION,
-                )),
-                reason: format!("protocol: {error}"),
-            },
-            (None, _) => End::Refused {
-                answer: None,
-                reason: format!("protocol: {error}"),
-            },
+        End::Refused {
+            answer,
+            reason: Violation::Frame(error).into(),
         }
     }
 
@@ -1045,28 +963,16 @@ impl Session {
         out: &mut BytesMut,
     ) -> Result<Option<(Ending, Option<Expiry>)>, End> {
         let version = self.version;
-        let protocol_error =
-            |what: String| close_with(version, reason::PROTOCOL_ERROR, format!("protocol: {what}"));
         if !checks::client_may_send(frame.kind(), version) {
-            return Err(protocol_error(format!(
-                "packet type {} may not be sent by a client",
-                frame.kind()
-            )));
+            return Err(End::violation(version, Violation::PacketType(frame.kind())));
         }
         if !checks::flags_valid(frame.byte1) {
-            return Err(close_with(
-                version,
-                reason::MALFORMED_PACKET,
-                format!(
-                    "protocol: fixed header {:#04x} has invalid flags",
-                    frame.byte1
-                ),
-            ));
+            return Err(End::violation(version, Violation::HeaderFlags(frame.byte1)));
         }
         let packet_id =
             |this: &Self| frame::packet_id(frame, &packet).map_err(|e| this.refuse_frame(e));
         match frame.kind() {
-            kind::CONNECT => return Err(protocol_error("second CONNECT on one connection".into())),
+            kind::CONNECT => return Err(End::violation(version, Violation::SecondConnect)),
             kind::PUBLISH => self.publish(connection, frame, packet.clone()).await?,
             kind::PUBREL => {
                 let id = packet_id(self)?;
@@ -1101,12 +1007,10 @@ impl Session {
                     .iter()
                     .find(|s| !valid_filter(version, &s.filter))
                 {
-                    // Malformed, as Mosquitto 2 answers (0x8F is for well-formed filters
-                    // a server declines).
-                    return Err(close_with(
+                    // Malformed, as Mosquitto 2 answers (see `Violation::code`).
+                    return Err(End::violation(
                         version,
-                        reason::MALFORMED_PACKET,
-                        format!("protocol: invalid topic filter {:?}", bad.filter),
+                        Violation::TopicFilter(bad.filter.clone()),
                     ));
                 }
                 let filters: Vec<(String, u8)> = subscribe
@@ -1122,11 +1026,7 @@ impl Session {
                 let (id, filters) = frame::parse_unsubscribe(frame, &packet, version)
                     .map_err(|e| self.refuse_frame(e))?;
                 if let Some(bad) = filters.iter().find(|f| !valid_filter(version, f)) {
-                    return Err(close_with(
-                        version,
-                        reason::MALFORMED_PACKET,
-                        format!("protocol: invalid topic filter {bad:?}"),
-                    ));
+                    return Err(End::violation(version, Violation::TopicFilter(bad.clone())));
                 }
                 let codes: Vec<u8> = connection
                     .unsubscribe(&filters)
@@ -1141,10 +1041,7 @@ impl Session {
                 let (code, expiry) = frame::parse_disconnect(frame, &packet, version)
                     .map_err(|e| self.refuse_frame(e))?;
                 if self.expiry_zero && expiry.is_some_and(|e| e > 0) {
-                    return Err(protocol_error(
-                        "DISCONNECT sets a session expiry after CONNECT's 0 (MQTT 5 §3.14.2.2.2)"
-                            .into(),
-                    ));
+                    return Err(End::violation(version, Violation::ExpiryAfterZero));
                 }
                 // 0x04: Disconnect with Will Message.
                 let ending = if code == 0x04 {
@@ -1155,7 +1052,7 @@ impl Session {
                 let expiry = expiry.map(|secs| Expiry::from_connect(Some(Some(secs)), false));
                 return Ok(Some((ending, expiry)));
             }
-            other => return Err(protocol_error(format!("packet type {other} is not served"))),
+            other => return Err(End::violation(version, Violation::NotServed(other))),
         }
         Ok(None)
     }
@@ -1182,12 +1079,10 @@ impl Session {
         let publish =
             frame::parse_publish(frame, packet, version).map_err(|e| self.refuse_frame(e))?;
         if !publish.topic.is_empty() && !checks::valid_topic_name(&publish.topic) {
-            // A protocol error, as Mosquitto 2 answers ([MQTT-3.3.2-2]; 0x90 is for
-            // well-formed names a receiver declines).
-            return Err(close_with(
+            // A protocol error, as Mosquitto 2 answers (see `Violation::code`).
+            return Err(End::violation(
                 version,
-                reason::PROTOCOL_ERROR,
-                format!("protocol: invalid topic name {:?}", publish.topic),
+                Violation::TopicName(publish.topic.clone()),
             ));
         }
         let topic = self.resolve_topic(&publish, version)?;
@@ -1211,17 +1106,13 @@ impl Session {
             && qos > 0
             && self.inflight() >= usize::from(self.front.max_inflight)
         {
-            return Err(close_with(
+            return Err(End::violation(
                 version,
-                reason::RECEIVE_MAXIMUM_EXCEEDED,
-                format!(
-                    "protocol: more than the Receive Maximum of {} unacknowledged publishes",
-                    self.front.max_inflight
-                ),
+                Violation::ReceiveMaximum(self.front.max_inflight),
             ));
         }
         if self.origin == Origin::Device && checks::reserved_publish_topic(&topic) {
-            self.refuse_publish(qos, id, &topic, "to a reserved topic");
+            self.refuse_publish(qos, id, &topic, PublishRefusal::ReservedTopic);
             return Ok(());
         }
         if self.origin == Origin::Device
@@ -1231,8 +1122,7 @@ impl Session {
                 &topic,
             )
         {
-            Metrics::add(&self.front.metrics.acl_denied_publishes, 1);
-            self.refuse_publish(qos, id, &topic, "not granted by broker.acl_file");
+            self.refuse_publish(qos, id, &topic, PublishRefusal::NotGranted);
             return Ok(());
         }
         let topic: Arc<str> = Arc::from(topic);
@@ -1250,7 +1140,7 @@ impl Session {
                 journal
                     .append(entry, qos > 0)
                     .await
-                    .map_err(|e| End::Lost(e.to_string()))?
+                    .map_err(|e| End::Lost(Lost::Journal(e)))?
             }
             (Origin::Device, Some(Sink::Tap(events))) => {
                 let event = DevicePublish {
@@ -1261,7 +1151,7 @@ impl Session {
                 events
                     .send(event)
                     .await
-                    .map_err(|_| End::Lost("the tap closed".into()))?;
+                    .map_err(|_| End::Lost(Lost::TapClosed))?;
                 None
             }
         };
@@ -1293,11 +1183,14 @@ impl Session {
     /// acknowledged as Mosquitto 2 acknowledges it (MQTT 5: PUBACK or PUBREC with 0x87 "not
     /// authorized", which ends a QoS 2 flow; 3.1.1 has no way to say it, so the flow looks
     /// successful to the client).
-    fn refuse_publish(&mut self, qos: u8, id: u16, topic: &str, why: &str) {
-        Metrics::add(&self.front.metrics.edge_publishes_refused, 1);
-        if every_thousandth(&self.front.refused_publishes) {
-            warn!(%topic, username = ?self.username, "publish refused, {why} (logged once per 1,000)");
+    fn refuse_publish(&mut self, qos: u8, id: u16, topic: &str, why: PublishRefusal) {
+        events::PublishRefused {
+            why,
+            topic,
+            username: &self.username,
+            seen: &self.front.refused_publishes,
         }
+        .emit(&self.front.metrics);
         let kind = match qos {
             1 => packets::ack::PUBACK,
             2 => packets::ack::PUBREC,
@@ -1315,43 +1208,30 @@ impl Session {
     }
 
     fn resolve_topic(&mut self, publish: &frame::Publish, version: Version) -> Result<String, End> {
-        let alias_error = |what: String| close_with(version, reason::TOPIC_ALIAS_INVALID, what);
+        let refuse = |violation| End::violation(version, violation);
         match publish.topic_alias {
-            // Malformed, as Mosquitto 2 answers it (MQTT 5 §3.3.2.3.4 leaves the code open).
-            Some(0) => Err(close_with(
-                version,
-                reason::MALFORMED_PACKET,
-                "protocol: topic alias 0".into(),
-            )),
-            Some(alias) if alias > TOPIC_ALIAS_MAX => Err(alias_error(format!(
-                "protocol: topic alias {alias} above {TOPIC_ALIAS_MAX}"
-            ))),
-            Some(alias) if publish.topic.is_empty() => {
-                self.aliases.get(&alias).cloned().ok_or_else(|| {
-                    close_with(
-                        version,
-                        reason::PROTOCOL_ERROR,
-                        format!("protocol: unknown topic alias {alias}"),
-                    )
-                })
-            }
+            // Malformed, as Mosquitto 2 answers it (see `Violation::code`).
+            Some(0) => Err(refuse(Violation::AliasZero)),
+            Some(alias) if alias > TOPIC_ALIAS_MAX => Err(refuse(Violation::AliasAbove {
+                alias,
+                max: TOPIC_ALIAS_MAX,
+            })),
+            Some(alias) if publish.topic.is_empty() => self
+                .aliases
+                .get(&alias)
+                .cloned()
+                .ok_or_else(|| refuse(Violation::UnknownAlias(alias))),
             Some(alias) => {
                 let added = publish.topic.len();
                 let removed = self.aliases.get(&alias).map_or(0, String::len);
                 if self.alias_bytes + added - removed > MAX_ALIAS_BYTES {
-                    return Err(alias_error(format!(
-                        "protocol: topic aliases would hold more than {MAX_ALIAS_BYTES} bytes"
-                    )));
+                    return Err(refuse(Violation::AliasBytes(MAX_ALIAS_BYTES)));
                 }
                 self.alias_bytes = self.alias_bytes + added - removed;
                 self.aliases.insert(alias, publish.topic.clone());
                 Ok(publish.topic.clone())
             }
-            None if publish.topic.is_empty() => Err(close_with(
-                version,
-                reason::PROTOCOL_ERROR,
-                "protocol: PUBLISH with an empty topic and no alias".into(),
-            )),
+            None if publish.topic.is_empty() => Err(refuse(Violation::EmptyTopic)),
             None => Ok(publish.topic.clone()),
         }
     }

@@ -42,7 +42,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{drive, proc_field, stat_cpu_secs, Counters, Latency, POLL, USER_HZ};
+use super::{drive, proc_field, stat_cpu_secs, Counters, Crowd, Latency, POLL, USER_HZ};
 
 /// How long connecting (every device, every subscriber) may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -281,6 +281,97 @@ enum Ended {
     Timeout,
 }
 
+/// How a publishing mode's devices fared: the part every publishing mode's report shares
+/// (flattened into it, so the JSON keys stay in place).
+#[derive(Debug, Serialize)]
+struct Acks {
+    ended: Ended,
+    /// PUBACKs the devices received.
+    acked: u64,
+    /// From the release of the load to the last PUBACK, when every publish was acknowledged.
+    publish_secs: Option<f64>,
+    /// Publishes asked for / `publish_secs`: acknowledged QoS 1 publishes per second.
+    acked_per_sec: Option<f64>,
+}
+
+impl Acks {
+    /// `acked` of `total` publishes released at `start`, the last acknowledged at `acked_at`
+    /// if all were; the measurement ended as `ended`.
+    fn new(
+        ended: Ended,
+        acked: u64,
+        total: u64,
+        start: Instant,
+        acked_at: Option<Instant>,
+    ) -> Acks {
+        let publish_secs = acked_at.map(|at| at.duration_since(start).as_secs_f64());
+        Acks {
+            ended,
+            acked,
+            publish_secs,
+            acked_per_sec: rate(total, publish_secs),
+        }
+    }
+
+    /// Prints how the measurement ended, and the acknowledged rate as `label` (of `total`).
+    fn print(&self, label: &str, total: u64) {
+        println!("results ({:?})", self.ended);
+        println!(
+            "  {label:<25}{:>9} msg/s  ({} of {} PUBACKs in {} s)",
+            opt(self.acked_per_sec, 0),
+            self.acked,
+            total,
+            opt(self.publish_secs, 2)
+        );
+    }
+}
+
+/// What the watched processes and the machine did over a measurement (flattened into the
+/// reports, so the JSON keys stay in place).
+#[derive(Debug, Serialize)]
+struct Resources {
+    watch: Vec<WatchReport>,
+    machine: MachineLoad,
+}
+
+impl Resources {
+    fn print(&self) {
+        print_watch(&self.watch);
+        print_machine(&self.machine);
+    }
+}
+
+/// The start of a measurement: when, and the watched processes and the machine then.
+struct Window {
+    started_unix: u64,
+    before: Vec<Sample>,
+    machine_before: Option<f64>,
+    start: Instant,
+}
+
+impl Window {
+    /// Samples the watched processes and the machine, and starts the clock.
+    fn open(common: &Common) -> Window {
+        Window {
+            started_unix: unix_now(),
+            before: sample(&common.watch),
+            machine_before: machine_busy_secs(),
+            start: Instant::now(),
+        }
+    }
+
+    /// What the processes and the machine did from the start to the end `waited` saw, with
+    /// `messages` messages to share the costs.
+    fn resources(&self, waited: &Waited, messages: u64) -> Resources {
+        let secs = waited.end_at.duration_since(self.start).as_secs_f64();
+        let watch = watch_report(&self.before, &waited.end, secs, messages);
+        Resources {
+            machine: machine_load(self.machine_before, waited.machine_end, secs, &watch),
+            watch,
+        }
+    }
+}
+
 /// `load`'s report.
 #[derive(Debug, Serialize)]
 struct LoadReport {
@@ -293,13 +384,8 @@ struct LoadReport {
     payload_bytes: usize,
     inflight_per_device: u16,
     started_unix: u64,
-    ended: Ended,
-    /// PUBACKs the devices received.
-    acked: u64,
-    /// From the release of the load to the last PUBACK, when every publish was acknowledged.
-    publish_secs: Option<f64>,
-    /// `messages / publish_secs`: acknowledged QoS 1 publishes per second.
-    acked_per_sec: Option<f64>,
+    #[serde(flatten)]
+    acks: Acks,
     /// From the release of the load to the last arrival upstream.
     delivered_secs: Option<f64>,
     /// Distinct messages arrived / `delivered_secs`.
@@ -314,8 +400,8 @@ struct LoadReport {
     device_connection_errors: u64,
     counter_connection_errors: u64,
     /// The watched processes from the release of the load to the end of the measurement.
-    watch: Vec<WatchReport>,
-    machine: MachineLoad,
+    #[serde(flatten)]
+    resources: Resources,
 }
 
 /// `fanout`'s report.
@@ -329,10 +415,8 @@ struct FanoutReport {
     payload_bytes: usize,
     inflight: u16,
     started_unix: u64,
-    ended: Ended,
-    acked: u64,
-    publish_secs: Option<f64>,
-    acked_per_sec: Option<f64>,
+    #[serde(flatten)]
+    acks: Acks,
     /// Deliveries expected in all: `messages * subscribers`.
     expected_deliveries: u64,
     /// Distinct messages received, summed over the subscribers.
@@ -349,8 +433,8 @@ struct FanoutReport {
     delivery_latency_us: Latency,
     device_connection_errors: u64,
     subscriber_connection_errors: u64,
-    watch: Vec<WatchReport>,
-    machine: MachineLoad,
+    #[serde(flatten)]
+    resources: Resources,
 }
 
 /// `retained`'s report.
@@ -362,11 +446,10 @@ struct RetainedReport {
     filter: String,
     payload_bytes: usize,
     started_unix: u64,
-    ended: Ended,
-    /// Retained publishes acknowledged, and how long they took (release to the last PUBACK).
-    acked: u64,
-    publish_secs: Option<f64>,
-    acked_per_sec: Option<f64>,
+    /// How the subscriber's measurement ended; the retained publishes acknowledged, and how
+    /// long they took (release to the last PUBACK).
+    #[serde(flatten)]
+    acks: Acks,
     /// From the new subscriber's SUBSCRIBE (written to its socket) to its SUBACK.
     suback_ms: Option<f64>,
     /// From the SUBSCRIBE to the first and to the last retained message received.
@@ -378,8 +461,8 @@ struct RetainedReport {
     complete: bool,
     arrivals: Arrivals,
     subscriber_connection_errors: u64,
-    watch: Vec<WatchReport>,
-    machine: MachineLoad,
+    #[serde(flatten)]
+    resources: Resources,
 }
 
 /// `idle`'s report.
@@ -841,13 +924,8 @@ async fn count(
 
 /// Publishing devices: each publishes its share of the sequence numbers once released.
 struct Devices {
-    acked: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-    ack_latencies: Vec<Arc<Mutex<Vec<u64>>>>,
+    crowd: Crowd,
     go: watch::Sender<bool>,
-    clients: Vec<AsyncClient>,
-    publishers: Vec<JoinHandle<anyhow::Result<()>>>,
-    drivers: Vec<JoinHandle<()>>,
 }
 
 /// What one device publishes.
@@ -892,18 +970,11 @@ impl Devices {
         clock: Instant,
     ) -> anyhow::Result<Devices> {
         let (go, _) = watch::channel(false);
-        let connected = Arc::new(AtomicU64::new(0));
         let mut devices = Devices {
-            acked: Arc::new(AtomicU64::new(0)),
-            errors: Arc::new(AtomicU64::new(0)),
-            ack_latencies: Vec::new(),
+            crowd: Crowd::new(true),
             go,
-            clients: Vec::new(),
-            publishers: Vec::new(),
-            drivers: Vec::new(),
         };
-        let recording = Arc::new(AtomicBool::new(true));
-        let wanted = shares.len() as u64;
+        let wanted = shares.len();
         for share in shares {
             let mut mqtt = MqttOptions::new(
                 format!("{id_prefix}-{}", share.device),
@@ -915,37 +986,14 @@ impl Devices {
                 .set_inflight(inflight)
                 .set_max_packet_size(MAX_PACKET, MAX_PACKET)
                 .set_request_channel_capacity(8);
-            let (client, eventloop) = AsyncClient::new(mqtt, 8);
-            let latencies = Arc::new(Mutex::new(Vec::new()));
-            devices.drivers.push(tokio::spawn(drive(
-                eventloop,
-                Counters {
-                    acked: devices.acked.clone(),
-                    errors: devices.errors.clone(),
-                    connected: connected.clone(),
-                    recording: recording.clone(),
-                    ack_latencies: latencies.clone(),
-                },
-            )));
-            devices.ack_latencies.push(latencies);
-            devices.publishers.push(tokio::spawn(publish_share(
-                client.clone(),
-                share,
-                payload_bytes,
-                run,
-                clock,
-                devices.go.subscribe(),
-            )));
-            devices.clients.push(client);
+            let go = devices.go.subscribe();
+            devices.crowd.add(mqtt, |client| {
+                publish_share(client, share, payload_bytes, run, clock, go)
+            });
         }
-        let deadline = Instant::now() + CONNECT_TIMEOUT;
-        while connected.load(Ordering::Relaxed) < wanted {
-            if Instant::now() > deadline {
-                let got = connected.load(Ordering::Relaxed);
-                devices.stop().await;
-                bail!("only {got} of {wanted} devices connected to {broker}");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if let Err(got) = devices.crowd.wait_connected(CONNECT_TIMEOUT).await {
+            devices.stop().await;
+            bail!("only {got} of {wanted} devices connected to {broker}");
         }
         Ok(devices)
     }
@@ -956,33 +1004,12 @@ impl Devices {
     }
 
     fn acked(&self) -> u64 {
-        self.acked.load(Ordering::Relaxed)
-    }
-
-    /// Every publish-to-PUBACK latency recorded, ascending, in microseconds.
-    fn ack_latencies(&self) -> Vec<u64> {
-        let mut all = Vec::new();
-        for device in &self.ack_latencies {
-            if let Ok(samples) = device.lock() {
-                all.extend_from_slice(&samples);
-            }
-        }
-        all.sort_unstable();
-        all
+        self.crowd.acked()
     }
 
     /// Disconnects every device.
     async fn stop(self) {
-        for publisher in &self.publishers {
-            publisher.abort();
-        }
-        for client in &self.clients {
-            let _ = client.try_disconnect();
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        for driver in self.drivers {
-            driver.abort();
-        }
+        self.crowd.disconnect().await;
     }
 }
 
@@ -1164,10 +1191,8 @@ async fn load(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     )
     .await?;
 
-    let started_unix = unix_now();
-    let before = sample(&common.watch);
-    let machine_before = machine_busy_secs();
-    let start = Instant::now();
+    let window = Window::open(common);
+    let start = window.start;
     let start_us = start.duration_since(clock).as_micros() as u64;
     devices.release();
     let waited = wait(
@@ -1179,19 +1204,14 @@ async fn load(args: &LoadArgs) -> anyhow::Result<LoadReport> {
     )
     .await;
     let acked = devices.acked();
-    let device_errors = devices.errors.load(Ordering::Relaxed);
-    let ack_latencies = devices.ack_latencies();
+    let device_errors = devices.crowd.errors();
+    let ack_latencies = devices.crowd.ack_latencies();
     devices.stop().await;
     let (tally, counter_errors) = counter.stop().await?;
 
-    let publish_secs = waited
-        .acked_at
-        .map(|at| at.duration_since(start).as_secs_f64());
     let delivered_secs = secs_between(start_us, tally.last_us);
     let mut latencies = tally.latencies_us.clone();
     latencies.sort_unstable();
-    let window = waited.end_at.duration_since(start).as_secs_f64();
-    let watch = watch_report(&before, &waited.end, window, args.messages);
     Ok(LoadReport {
         mode: "load",
         target: common.target.to_string(),
@@ -1201,11 +1221,8 @@ async fn load(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         messages: args.messages,
         payload_bytes: args.payload_bytes,
         inflight_per_device: args.inflight,
-        started_unix,
-        ended: waited.ended,
-        acked,
-        publish_secs,
-        acked_per_sec: rate(args.messages, publish_secs),
+        started_unix: window.started_unix,
+        acks: Acks::new(waited.ended, acked, args.messages, start, waited.acked_at),
         delivered_secs,
         delivered_per_sec: rate(tally.arrivals.unique, delivered_secs),
         complete: tally.complete(),
@@ -1214,8 +1231,7 @@ async fn load(args: &LoadArgs) -> anyhow::Result<LoadReport> {
         delivery_latency_us: Latency::of_sorted(&latencies),
         device_connection_errors: device_errors,
         counter_connection_errors: counter_errors,
-        machine: machine_load(machine_before, waited.machine_end, window, &watch),
-        watch,
+        resources: window.resources(&waited, args.messages),
     })
 }
 
@@ -1272,10 +1288,8 @@ async fn fanout(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     .await?;
     let expected = args.messages * args.subscribers as u64;
 
-    let started_unix = unix_now();
-    let before = sample(&common.watch);
-    let machine_before = machine_busy_secs();
-    let start = Instant::now();
+    let window = Window::open(common);
+    let start = window.start;
     let start_us = start.duration_since(clock).as_micros() as u64;
     devices.release();
     let waited = wait(
@@ -1287,7 +1301,7 @@ async fn fanout(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     )
     .await;
     let acked = devices.acked();
-    let device_errors = devices.errors.load(Ordering::Relaxed);
+    let device_errors = devices.crowd.errors();
     devices.stop().await;
     let mut per_subscriber = Vec::new();
     let mut latencies = Vec::new();
@@ -1304,12 +1318,7 @@ async fn fanout(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
     }
     latencies.sort_unstable();
     let delivered: u64 = per_subscriber.iter().map(|a| a.unique).sum();
-    let publish_secs = waited
-        .acked_at
-        .map(|at| at.duration_since(start).as_secs_f64());
     let delivered_secs = secs_between(start_us, last_us);
-    let window = waited.end_at.duration_since(start).as_secs_f64();
-    let watch = watch_report(&before, &waited.end, window, expected);
     Ok(FanoutReport {
         mode: "fanout",
         target: common.target.to_string(),
@@ -1318,11 +1327,8 @@ async fn fanout(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         messages: args.messages,
         payload_bytes: args.payload_bytes,
         inflight: args.inflight,
-        started_unix,
-        ended: waited.ended,
-        acked,
-        publish_secs,
-        acked_per_sec: rate(args.messages, publish_secs),
+        started_unix: window.started_unix,
+        acks: Acks::new(waited.ended, acked, args.messages, start, waited.acked_at),
         expected_deliveries: expected,
         delivered,
         delivered_secs,
@@ -1332,8 +1338,7 @@ async fn fanout(args: &FanoutArgs) -> anyhow::Result<FanoutReport> {
         delivery_latency_us: Latency::of_sorted(&latencies),
         device_connection_errors: device_errors,
         subscriber_connection_errors: subscriber_errors,
-        machine: machine_load(machine_before, waited.machine_end, window, &watch),
-        watch,
+        resources: window.resources(&waited, expected),
     })
 }
 
@@ -1370,17 +1375,12 @@ async fn retained(args: &RetainedArgs) -> anyhow::Result<RetainedReport> {
         clock,
     )
     .await?;
-    let started_unix = unix_now();
-    let before = sample(&common.watch);
-    let machine_before = machine_busy_secs();
-    let start = Instant::now();
+    let window = Window::open(common);
+    let start = window.start;
     devices.release();
     let published = wait(common, start, (args.count, 0), &|| devices.acked(), &|| 0).await;
     let acked = devices.acked();
     devices.stop().await;
-    let publish_secs = published
-        .acked_at
-        .map(|at| at.duration_since(start).as_secs_f64());
     if published.ended != Ended::Complete {
         bail!(
             "only {acked} of {} retained publishes were acknowledged ({:?})",
@@ -1409,19 +1409,14 @@ async fn retained(args: &RetainedArgs) -> anyhow::Result<RetainedReport> {
         known(subscribe_us).and_then(|from| secs_between(from, to).map(|s| s * 1e3))
     };
     let last_ms = ms(tally.last_us);
-    let window = waited.end_at.duration_since(start).as_secs_f64();
-    let watch = watch_report(&before, &waited.end, window, args.count);
     Ok(RetainedReport {
         mode: "retained",
         target: common.target.to_string(),
         count: args.count,
         filter,
         payload_bytes: args.payload_bytes,
-        started_unix,
-        ended: waited.ended,
-        acked,
-        publish_secs,
-        acked_per_sec: rate(args.count, publish_secs),
+        started_unix: window.started_unix,
+        acks: Acks::new(waited.ended, acked, args.count, start, published.acked_at),
         suback_ms: ms(known(suback_us)),
         first_ms: ms(tally.first_us),
         last_ms,
@@ -1429,8 +1424,7 @@ async fn retained(args: &RetainedArgs) -> anyhow::Result<RetainedReport> {
         complete: tally.complete(),
         arrivals: tally.arrivals.clone(),
         subscriber_connection_errors: errors,
-        machine: machine_load(machine_before, waited.machine_end, window, &watch),
-        watch,
+        resources: window.resources(&waited, args.count),
     })
 }
 
@@ -1607,46 +1601,44 @@ fn print_latency(name: &str, l: &Latency) {
     );
 }
 
+/// The publishers' and the subscribers' connection errors (label, count), if there were any.
+fn print_connection_errors(publishers: (&str, u64), subscribers: (&str, u64)) {
+    if publishers.1 + subscribers.1 > 0 {
+        println!(
+            "  connection errors        {} {}, {} {}",
+            publishers.0, publishers.1, subscribers.0, subscribers.1
+        );
+    }
+}
+
+/// The line that says whether everything arrived, without its end.
+fn complete_line(complete: bool) -> String {
+    format!(
+        "  complete                 {:>9}",
+        if complete { "yes" } else { "NO" }
+    )
+}
+
 fn print_load(r: &LoadReport) {
-    println!("results ({:?})", r.ended);
-    println!(
-        "  acknowledged QoS 1       {:>9} msg/s  ({} of {} PUBACKs in {} s)",
-        opt(r.acked_per_sec, 0),
-        r.acked,
-        r.messages,
-        opt(r.publish_secs, 2)
-    );
+    r.acks.print("acknowledged QoS 1", r.messages);
     println!(
         "  delivered upstream       {:>9} msg/s  (last arrival after {} s)",
         opt(r.delivered_per_sec, 0),
         opt(r.delivered_secs, 2)
     );
-    print!(
-        "  complete                 {:>9}  ",
-        if r.complete { "yes" } else { "NO" }
-    );
+    print!("{}  ", complete_line(r.complete));
     print_arrivals("", &r.arrivals);
     print_latency("publish->PUBACK", &r.ack_latency_us);
     print_latency("publish->upstream", &r.delivery_latency_us);
-    if r.device_connection_errors + r.counter_connection_errors > 0 {
-        println!(
-            "  connection errors        devices {}, counting subscriber {}",
-            r.device_connection_errors, r.counter_connection_errors
-        );
-    }
-    print_watch(&r.watch);
-    print_machine(&r.machine);
+    print_connection_errors(
+        ("devices", r.device_connection_errors),
+        ("counting subscriber", r.counter_connection_errors),
+    );
+    r.resources.print();
 }
 
 fn print_fanout(r: &FanoutReport) {
-    println!("results ({:?})", r.ended);
-    println!(
-        "  acknowledged QoS 1       {:>9} msg/s  ({} of {} PUBACKs in {} s)",
-        opt(r.acked_per_sec, 0),
-        r.acked,
-        r.messages,
-        opt(r.publish_secs, 2)
-    );
+    r.acks.print("acknowledged QoS 1", r.messages);
     println!(
         "  delivered, all subscribers {:>7} msg/s  ({} of {} in {} s)",
         opt(r.delivered_per_sec, 0),
@@ -1654,33 +1646,20 @@ fn print_fanout(r: &FanoutReport) {
         r.expected_deliveries,
         opt(r.delivered_secs, 2)
     );
-    println!(
-        "  complete                 {:>9}",
-        if r.complete { "yes" } else { "NO" }
-    );
+    println!("{}", complete_line(r.complete));
     for (i, a) in r.per_subscriber.iter().enumerate() {
         print_arrivals(&format!("    subscriber {i:>2}: "), a);
     }
     print_latency("publish->subscriber", &r.delivery_latency_us);
-    if r.device_connection_errors + r.subscriber_connection_errors > 0 {
-        println!(
-            "  connection errors        device {}, subscribers {}",
-            r.device_connection_errors, r.subscriber_connection_errors
-        );
-    }
-    print_watch(&r.watch);
-    print_machine(&r.machine);
+    print_connection_errors(
+        ("device", r.device_connection_errors),
+        ("subscribers", r.subscriber_connection_errors),
+    );
+    r.resources.print();
 }
 
 fn print_retained(r: &RetainedReport) {
-    println!("results ({:?})", r.ended);
-    println!(
-        "  retained publishes       {:>9} msg/s  ({} of {} PUBACKs in {} s)",
-        opt(r.acked_per_sec, 0),
-        r.acked,
-        r.count,
-        opt(r.publish_secs, 2)
-    );
+    r.acks.print("retained publishes", r.count);
     println!(
         "  new subscriber           SUBACK {} ms, first {} ms, last {} ms after its SUBSCRIBE ({} msg/s)",
         opt(r.suback_ms, 1),
@@ -1688,14 +1667,10 @@ fn print_retained(r: &RetainedReport) {
         opt(r.last_ms, 1),
         opt(r.received_per_sec, 0)
     );
-    print!(
-        "  complete                 {:>9}  ",
-        if r.complete { "yes" } else { "NO" }
-    );
+    print!("{}  ", complete_line(r.complete));
     print_arrivals("", &r.arrivals);
     println!("  retain flag set on       {:>9}", r.arrivals.retained_flag);
-    print_watch(&r.watch);
-    print_machine(&r.machine);
+    r.resources.print();
 }
 
 fn print_idle(r: &IdleReport) {
@@ -1746,6 +1721,174 @@ mod tests {
         assert!(parse_watch("=12").is_err());
         assert!(parse_watch("edge=x").is_err());
         assert!(parse_watch("edge=-1").is_err());
+    }
+
+    /// The top-level keys of `report`'s JSON, in the order written.
+    fn keys<R: Serialize>(report: &R) -> Vec<String> {
+        let text = serde_json::to_string_pretty(report).expect("serializable");
+        // Top-level keys are the lines indented by exactly two spaces.
+        text.lines()
+            .filter_map(|l| l.strip_prefix("  \""))
+            .filter_map(|l| l.split_once('"').map(|(k, _)| k.to_string()))
+            .collect()
+    }
+
+    fn acks() -> Acks {
+        let now = Instant::now();
+        Acks::new(Ended::Complete, 3, 3, now, Some(now))
+    }
+
+    fn resources() -> Resources {
+        Resources {
+            watch: Vec::new(),
+            machine: machine_load(None, None, 0.0, &[]),
+        }
+    }
+
+    #[test]
+    fn reports_keep_their_json_keys_in_order() {
+        let load = LoadReport {
+            mode: "load",
+            target: String::new(),
+            count_at: String::new(),
+            count_filter: String::new(),
+            devices: 1,
+            messages: 3,
+            payload_bytes: 1,
+            inflight_per_device: 1,
+            started_unix: 0,
+            acks: acks(),
+            delivered_secs: None,
+            delivered_per_sec: None,
+            complete: true,
+            arrivals: Arrivals::default(),
+            ack_latency_us: Latency::of_sorted(&[]),
+            delivery_latency_us: Latency::of_sorted(&[]),
+            device_connection_errors: 0,
+            counter_connection_errors: 0,
+            resources: resources(),
+        };
+        assert_eq!(
+            keys(&load),
+            [
+                "mode",
+                "target",
+                "count_at",
+                "count_filter",
+                "devices",
+                "messages",
+                "payload_bytes",
+                "inflight_per_device",
+                "started_unix",
+                "ended",
+                "acked",
+                "publish_secs",
+                "acked_per_sec",
+                "delivered_secs",
+                "delivered_per_sec",
+                "complete",
+                "arrivals",
+                "ack_latency_us",
+                "delivery_latency_us",
+                "device_connection_errors",
+                "counter_connection_errors",
+                "watch",
+                "machine"
+            ]
+        );
+        let fanout = FanoutReport {
+            mode: "fanout",
+            target: String::new(),
+            topic: String::new(),
+            subscribers: 1,
+            messages: 3,
+            payload_bytes: 1,
+            inflight: 1,
+            started_unix: 0,
+            acks: acks(),
+            expected_deliveries: 3,
+            delivered: 3,
+            delivered_secs: None,
+            delivered_per_sec: None,
+            complete: true,
+            per_subscriber: Vec::new(),
+            delivery_latency_us: Latency::of_sorted(&[]),
+            device_connection_errors: 0,
+            subscriber_connection_errors: 0,
+            resources: resources(),
+        };
+        assert_eq!(
+            keys(&fanout),
+            [
+                "mode",
+                "target",
+                "topic",
+                "subscribers",
+                "messages",
+                "payload_bytes",
+                "inflight",
+                "started_unix",
+                "ended",
+                "acked",
+                "publish_secs",
+                "acked_per_sec",
+                "expected_deliveries",
+                "delivered",
+                "delivered_secs",
+                "delivered_per_sec",
+                "complete",
+                "per_subscriber",
+                "delivery_latency_us",
+                "device_connection_errors",
+                "subscriber_connection_errors",
+                "watch",
+                "machine"
+            ]
+        );
+        let retained = RetainedReport {
+            mode: "retained",
+            target: String::new(),
+            count: 3,
+            filter: String::new(),
+            payload_bytes: 1,
+            started_unix: 0,
+            acks: acks(),
+            suback_ms: None,
+            first_ms: None,
+            last_ms: None,
+            received_per_sec: None,
+            complete: true,
+            arrivals: Arrivals::default(),
+            subscriber_connection_errors: 0,
+            resources: resources(),
+        };
+        assert_eq!(
+            keys(&retained),
+            [
+                "mode",
+                "target",
+                "count",
+                "filter",
+                "payload_bytes",
+                "started_unix",
+                "ended",
+                "acked",
+                "publish_secs",
+                "acked_per_sec",
+                "suback_ms",
+                "first_ms",
+                "last_ms",
+                "received_per_sec",
+                "complete",
+                "arrivals",
+                "subscriber_connection_errors",
+                "watch",
+                "machine"
+            ]
+        );
+        assert!(serde_json::to_string(&retained)
+            .expect("serializable")
+            .contains(r#""ended":"complete","acked":3,"publish_secs":0.0,"acked_per_sec":null"#));
     }
 
     #[test]
