@@ -26,6 +26,7 @@ use tracing::{info, warn};
 
 use crate::config::{BrokerConfig, Config, UpstreamConfig};
 use crate::control::dead_letters::{self as control, Control};
+use crate::control::modules::RemoteRequest;
 use crate::control::modules::{self as deploy, ModuleControl};
 use crate::edge::acl::Acl;
 use crate::edge::auth::Authenticator;
@@ -44,7 +45,7 @@ use crate::shutdown::{Shutdown, Trigger};
 use crate::signing::VerifyingKey;
 use crate::store::Store;
 use crate::uplink::credentials::Credentials;
-use crate::uplink::{RemoteRequest, Uplink, UplinkControl};
+use crate::uplink::{Uplink, UplinkControl};
 
 /// A running gateway.
 pub struct Gateway {

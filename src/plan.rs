@@ -31,10 +31,11 @@ use crate::edge::passwords::PasswordFile;
 use crate::edge::tls::ServerFiles;
 use crate::geo::locator::{GeoPlan, NoLocation, LOCAL_LINK};
 use crate::handlers::runtime::RuntimeConfig;
+use crate::pem::CredentialError;
 use crate::pipeline::RoutePolicy;
 use crate::routing::RouteTable;
 use crate::signing::VerifyingKey;
-use crate::uplink::credentials::{self, CredentialError, Credentials};
+use crate::uplink::credentials::{self, Credentials};
 
 /// Why a configuration cannot be planned. Each variant shows its cause's message unchanged.
 #[derive(Debug, thiserror::Error)]
