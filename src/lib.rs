@@ -13,8 +13,8 @@
 //! 1. [`edge`]: the embedded MQTT broker. `front` accepts device connections (TLS, logins,
 //!    limits) and parses packets (`frame`); `broker` keeps sessions, subscriptions, retained
 //!    messages and local deliveries.
-//! 2. [`journal`]: every device publish is written here (durably) before its PUBACK.
-//! 3. [`pipeline`]: reads the journal, decides per route what to do with each event, runs
+//! 2. `journal`: every device publish is written here (durably) before its PUBACK.
+//! 3. `pipeline`: reads the journal, decides per route what to do with each event, runs
 //!    handlers, and commits the results to the outbox, retries and dead letters in one
 //!    transaction.
 //!    - [`routing`]: the route table (topic filters, output templates) and the `when`
@@ -35,33 +35,42 @@
 //! - [`plan`]: turns a configuration into what the gateway runs (route table, geography,
 //!   policies, runtime settings, links, files read), or the first error in it.
 //! - [`gateway`]: starts the stages of a [`plan`] in path order, stops them in reverse, and
-//!   owns their lifecycle; [`shutdown`] is the signal that tells a stage's tasks to stop.
-//! - [`metrics`], [`event`], [`signing`], [`files`], [`notify`]: shared vocabulary and support.
-//! - [`pem`]: support for credential files (certificates, keys, passwords), read and checked
+//!   owns their lifecycle; `shutdown` is the signal that tells a stage's tasks to stop.
+//! - [`metrics`], [`event`], [`signing`], [`topic`], [`files`], [`notify`]: shared vocabulary
+//!   and support.
+//! - `pem`: support for credential files (certificates, keys, passwords), read and checked
 //!   alike for the edge's listeners, the uplinks and the operator's commands.
 //!
 //! The binary's operator tools (`outpost bench`, `outpost demo`) live in `src/cli/`, outside
 //! the library.
 
+// The data path, in the order an event visits it (see `# Layout`).
 pub mod edge;
+pub(crate) mod journal;
+pub(crate) mod pipeline;
+
+// The pipeline's tools.
 pub mod geo;
 pub mod handlers;
-pub mod journal;
-pub mod pipeline;
 pub mod routing;
+
+// Where results wait, and where they go.
 pub mod store;
 pub mod uplink;
 
+// Beside the path.
 pub mod client;
 pub mod config;
 pub mod control;
 pub mod gateway;
 pub mod plan;
-pub mod shutdown;
+pub(crate) mod shutdown;
 
+// Shared vocabulary and support.
 pub mod event;
 pub mod files;
 pub mod metrics;
 pub mod notify;
-pub mod pem;
+pub(crate) mod pem;
 pub mod signing;
+pub mod topic;

@@ -9,4 +9,4 @@
 //! wakes the stages it changed work for. The operator's side of these topics is [`crate::client`].
 
 pub mod dead_letters;
-pub mod modules;
+pub(crate) mod modules;

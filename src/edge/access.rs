@@ -67,6 +67,7 @@ impl Rules {
     }
 
     /// Whether anything is checked at all (an ACL or admins are configured).
+    #[cfg(test)]
     pub fn enforced(&self) -> bool {
         self.acl.is_some() || !self.admins.is_empty()
     }

@@ -8,6 +8,7 @@
 //! only ever see packet types a client is allowed to send.
 
 use super::frame::{kind, Version};
+pub use crate::topic::{filter_matches, valid_topic_name};
 
 /// Client ids starting with this are the gateway's own (its control plane's in-process
 /// sessions: `outpost-control`, `outpost-modules`, `outpost-pipeline`); a device that asks for
@@ -96,12 +97,6 @@ pub fn flags_valid(byte1: u8) -> bool {
     }
 }
 
-/// Whether `topic` may be published to: not empty, no wildcard characters, no NUL, at most
-/// 65,535 bytes (3.1.1 §4.7.3, [MQTT-3.3.2-2]).
-pub fn valid_topic_name(topic: &str) -> bool {
-    !topic.is_empty() && topic.len() <= usize::from(u16::MAX) && !topic.contains(['+', '#', '\0'])
-}
-
 /// Whether `filter` may be subscribed to on MQTT 5: not empty, no NUL, `#` only as the whole
 /// last level, `+` only as a whole level (§4.7.1); a shared subscription
 /// `$share/GROUP/FILTER` needs a non-empty group without wildcards and a valid filter after it
@@ -161,30 +156,6 @@ pub fn valid_plain_filter(filter: &str) -> bool {
 /// The publish is acknowledged (on MQTT 5 with 0x87 "not authorized") and dropped.
 pub fn reserved_publish_topic(topic: &str) -> bool {
     topic.starts_with("$SYS") || topic.starts_with("$share")
-}
-
-/// Whether the topic name `topic` matches the topic filter `filter` (3.1.1 §4.7.1, MQTT 5
-/// §4.7.1): `+` is one level, `#` the rest of them (also none: `a/#` matches `a`), other
-/// levels match themselves, and a wildcard in the first level never matches a topic starting
-/// with `$` (§4.7.2). A topic that is not a valid topic name matches nothing; `filter` is
-/// taken to be valid ([`valid_topic_filter`], without a `$share/` prefix).
-pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    if !valid_topic_name(topic) {
-        return false;
-    }
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut filter_levels = filter.split('/');
-    let mut topic_levels = topic.split('/');
-    loop {
-        match (filter_levels.next(), topic_levels.next()) {
-            (Some("#"), _) | (None, None) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(f), Some(t)) if f == t => {}
-            _ => return false,
-        }
-    }
 }
 
 /// Whether a device may not use this client id (it is one of the gateway's own).

@@ -19,7 +19,7 @@
 //! restart); nothing reaches the broker except through the
 //! front's checks or the gateway's own in-process links (there is no internal listener).
 
-pub mod access;
+pub(crate) mod access;
 pub mod acl;
 pub mod auth;
 mod broker;

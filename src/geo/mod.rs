@@ -33,7 +33,7 @@
 //! section 3.1.9 asks (Natural Earth's data already is).
 
 pub mod locator;
-pub mod residency;
+pub(crate) mod residency;
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;

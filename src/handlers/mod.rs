@@ -13,6 +13,6 @@
 
 pub mod breaker;
 pub mod examples;
-pub mod kv;
-pub mod registry;
+pub(crate) mod kv;
+pub(crate) mod registry;
 pub mod runtime;

@@ -234,7 +234,7 @@ impl TopicFilter {
     pub fn matches(&self, topic: &str) -> bool {
         // The broker's rule, so that a route and a local subscription with the same filter
         // always see the same publishes.
-        crate::edge::filter_matches(&self.text, topic)
+        crate::topic::filter_matches(&self.text, topic)
     }
 
     /// The filter exactly as written.

@@ -57,9 +57,9 @@
 
 pub mod client;
 pub mod credentials;
-pub mod envelope;
-pub mod reload;
-pub mod window;
+pub(crate) mod envelope;
+pub(crate) mod reload;
+pub(crate) mod window;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

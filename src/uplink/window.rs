@@ -75,11 +75,13 @@ impl Window {
     }
 
     /// Bytes in flight.
+    #[cfg(test)]
     pub fn bytes(&self) -> usize {
         self.bytes
     }
 
     /// The most rows it takes.
+    #[cfg(test)]
     pub fn max_rows(&self) -> usize {
         self.max_rows
     }
