@@ -89,8 +89,9 @@ impl Gateway {
     }
 
     /// Re-reads every uplink's credential files (TLS certificates, keys, CA, password files),
-    /// and the broker's password file and TLS files; what `SIGHUP` does. A link whose files changed and load reconnects with them; one whose
-    /// new files do not load keeps its old ones and says why.
+    /// and the broker's password, ACL and TLS files; what `SIGHUP` does. A link whose files
+    /// changed and load reconnects with them; one whose new files do not load keeps its old
+    /// ones and says why.
     pub fn reload(&self) {
         self.reloads.send_modify(|n| *n = n.wrapping_add(1));
     }
