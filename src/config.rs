@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::handlers::breaker::QuarantinePolicy;
 use crate::routing::RouteSpec;
 
 /// The documented default configuration, as printed by `outpost config default`.
@@ -892,6 +891,17 @@ pub struct ModuleConfig {
     /// deployed version takes precedence over the file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<PathBuf>,
+}
+
+/// What a route does with its events while its module is quarantined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QuarantinePolicy {
+    /// They wait durably (as retries due when the cool-down ends), without spending attempts.
+    #[default]
+    Wait,
+    /// They become dead letters with reason `quarantined` (replayable).
+    DeadLetter,
 }
 
 /// One route: which events, which handler, which upstream, which output topic.

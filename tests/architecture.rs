@@ -42,8 +42,9 @@ const ALLOWED: &[(&str, &[&str])] = &[
     // The database, and the journal on it (the buffer between the edge and the pipeline).
     ("store", &["event", "metrics"]),
     ("journal", &["store", "metrics"]),
-    // The typed configuration: support, and the settings types the stages define for it
-    // (store limits, route specs, the quarantine policy); none of those imports the config.
+    // The typed configuration: support, and the settings types the stages below it define
+    // for it (store limits, the journal's default, route specs); none of those imports the
+    // config.
     (
         "config",
         &[
@@ -53,7 +54,6 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "journal",
             "routing",
             "routing::predicate",
-            "handlers::breaker",
         ],
     ),
     // The data path: each stage knows the stages before it, never one after.

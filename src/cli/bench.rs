@@ -59,12 +59,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
+use outpost::config::QuarantinePolicy;
 use outpost::config::{
     BrokerConfig, Config, HandlerConfig, ModuleConfig, RouteConfig, UpstreamConfig,
 };
 use outpost::edge::{DevicePublish, Edge};
 use outpost::gateway::Gateway;
-use outpost::handlers::breaker::QuarantinePolicy;
 use outpost::metrics::Metrics;
 use outpost::store::{DeadLetterFilter, Store};
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Outgoing, Packet, QoS};

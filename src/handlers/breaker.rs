@@ -20,19 +20,6 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
-/// What a route does with its events while its module is quarantined.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum QuarantinePolicy {
-    /// They wait durably (as retries due when the cool-down ends), without spending attempts.
-    #[default]
-    Wait,
-    /// They become dead letters with reason `quarantined` (replayable).
-    DeadLetter,
-}
-
 /// Whether an invocation of a module may run now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {

@@ -17,8 +17,9 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info, warn};
 
+use crate::config::QuarantinePolicy;
 use crate::event::{now_ms, Event, Output};
-use crate::handlers::breaker::{Admission, QuarantinePolicy, Transition};
+use crate::handlers::breaker::{Admission, Transition};
 use crate::handlers::runtime::{Handler, HandlerFailure, InvokeLimits};
 use crate::metrics::Metrics;
 use crate::routing::Route;

@@ -56,9 +56,10 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::{debug, error, warn};
 
+use crate::config::QuarantinePolicy;
 use crate::config::{PayloadFormat, RetryConfig};
 use crate::geo::locator::Locator;
-use crate::handlers::breaker::{Breaker, QuarantinePolicy};
+use crate::handlers::breaker::Breaker;
 use crate::handlers::registry::Registry;
 use crate::metrics::Metrics;
 use crate::routing::RouteTable;
